@@ -1,0 +1,81 @@
+"""The clip index: a deterministic list of clips and of the frames their features need.
+
+Clip ids are stable across reruns and machines (`{scene}-{start:06d}`, characters limited to
+[A-Za-z0-9_-] so that WebDataset keys stay whole). Overlapping clips share feature frames: the
+frame table lists each (scene, frame) once, and every clip points into it with 7 rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .sources.base import FrameRef, Source
+from .store.geometry import Geometry
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_name(name: str) -> str:
+    """A scene name reduced to [A-Za-z0-9_-] (runs of anything else become one '_')."""
+    return _UNSAFE.sub("_", name).strip("_") or "scene"
+
+
+@dataclass(frozen=True)
+class Clip:
+    clip_id: str
+    scene: str
+    start: int  # position of the clip's first frame in the scene's frame list
+    frames: tuple[FrameRef, ...]  # the clip's K frames, in order
+    feature_rows: tuple[int, ...]  # rows of ClipIndex.frames for frames 0, 4, ..., K-1
+
+    @property
+    def timestamps(self) -> list[float]:
+        return [f.timestamp for f in self.frames]
+
+
+@dataclass
+class ClipIndex:
+    clips: list[Clip]
+    frames: list[tuple[str, FrameRef]]  # unique feature frames (scene, frame), in first-use order
+    skipped: dict[str, int]  # why windows were not made into clips -> how many
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+
+def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progress: bool = True) -> ClipIndex:
+    """Slide a K-frame window over every scene (the source may veto windows, e.g. on time gaps)."""
+    if stride < 1:
+        raise ValueError("stride must be >= 1")
+    clips: list[Clip] = []
+    frame_rows: dict[tuple[str, int], int] = {}
+    frames: list[tuple[str, FrameRef]] = []
+    seen_ids: dict[str, str] = {}
+    skipped: dict[str, int] = {}
+    k = geometry.clip_frames
+    for scene in tqdm(source.scenes(), desc=f"index {source.name}", unit="scene", disable=not progress):
+        scene_frames = source.frames(scene)
+        sid = safe_name(scene)
+        if seen_ids.setdefault(sid, scene) != scene:
+            raise ValueError(f"scenes {seen_ids[sid]!r} and {scene!r} reduce to the same id {sid!r}")
+        all_starts = range(0, len(scene_frames) - k + 1, stride)
+        starts = source.clip_windows(scene, scene_frames, k, stride)
+        if len(starts) < len(all_starts):
+            reason = getattr(source, "skip_reason", "rejected by the source")
+            skipped[reason] = skipped.get(reason, 0) + len(all_starts) - len(starts)
+        for start in starts:
+            window = tuple(scene_frames[start : start + k])
+            if len(window) != k:
+                raise ValueError(f"{source.name}: window at {start} of scene {scene!r} is shorter than {k}")
+            rows = []
+            for offset in geometry.feature_frame_offsets:
+                key = (scene, window[offset].index)
+                if key not in frame_rows:
+                    frame_rows[key] = len(frames)
+                    frames.append((scene, window[offset]))
+                rows.append(frame_rows[key])
+            clips.append(Clip(f"{sid}-{start:06d}", scene, start, window, tuple(rows)))
+    return ClipIndex(clips, frames, skipped)

@@ -1,0 +1,27 @@
+"""Dataset adapters, one module each, all behind `base.Source`.
+
+`get_source(name, root, split, **options)` builds one by name; adapters register themselves in
+`SOURCES` by module path so that importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import FrameRef, Source, SourceError
+
+# name -> "module:Class"; each module is imported only when its source is asked for.
+SOURCES = {
+    "synthetic": "pipeline.sources.synthetic:SyntheticSource",
+    "videos": "pipeline.sources.videos:VideoFolderSource",
+}
+
+
+def get_source(name: str, root: str | None = None, split: str = "train", **options) -> Source:
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
+    module, cls = SOURCES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(root=root, split=split, **options)
+
+
+__all__ = ["FrameRef", "Source", "SourceError", "SOURCES", "get_source"]

@@ -1,0 +1,65 @@
+"""The one small interface every dataset adapter implements.
+
+A source is a list of scenes; a scene is a time-ordered list of frames; a frame can be opened as
+RGB uint8. Adapters know nothing of clips, encoders or stores: the clip index and the cache job
+are built on this interface alone, so adding a dataset touches nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class SourceError(RuntimeError):
+    """A source cannot be read: the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One frame of a scene. `index` is its position in the scene's time order (0, 1, 2, ...);
+    `timestamp` is in seconds; `path` names the file (or `file#frame` inside a video) for errors."""
+
+    index: int
+    timestamp: float
+    path: str
+
+
+class Source(ABC):
+    """A dataset split seen as scenes of time-ordered frames.
+
+    Subclasses set `name` (dataset name), `split`, `root` and `fps` (the dataset's own frame
+    rate: clips keep it), and implement the three methods below. Everything must be
+    deterministic: the same root gives the same scenes and frames in the same order.
+    """
+
+    name: str = "source"
+    split: str = "train"
+    root: str = ""
+    fps: float = 10.0
+
+    @abstractmethod
+    def scenes(self) -> list[str]:
+        """Scene names, sorted; each unique within the source."""
+
+    @abstractmethod
+    def frames(self, scene: str) -> list[FrameRef]:
+        """The scene's frames in time order, `index` counting from 0."""
+
+    @abstractmethod
+    def read_frame(self, scene: str, frame: FrameRef) -> np.ndarray:
+        """The frame as an RGB uint8 array [H, W, 3] at its native resolution.
+        Raises SourceError naming `frame.path` when it cannot be read."""
+
+    def clip_windows(self, scene: str, frames: list[FrameRef], length: int, stride: int) -> list[int]:
+        """Start positions of the clips this scene allows (indices into `frames`).
+
+        The default slides a window of `length` frames by `stride`. Adapters override it where the
+        dataset says otherwise (a gap in time, a fixed evaluation window)."""
+        return list(range(0, len(frames) - length + 1, stride))
+
+    def describe(self) -> dict:
+        """What goes into a store's manifest about where the frames came from."""
+        return {"dataset": self.name, "split": self.split, "source_root": str(self.root), "fps": float(self.fps)}

@@ -1,0 +1,85 @@
+"""Store format v1: names, the manifest, errors, and the compatibility rule.
+
+The manifest lives in the root group's attributes. A store is readable as finished only when
+`complete` is true: the writer sets it last, after every array and every failure is written.
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "re2pix-store"
+FORMAT_VERSION = 1
+VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
+
+# Encoder description keys that may differ between compatible stores: the same weights can be
+# loaded from a hub id or from a local folder; what must match is their sha256 and how they ran.
+_ENCODER_KEYS_FREE = {"name", "weights_id", "revision", "device", "dtype_note"}
+
+
+class StoreError(RuntimeError):
+    """Base class: a store cannot be used as asked. Messages name the store."""
+
+
+class NotAStoreError(StoreError):
+    pass
+
+
+class StoreVersionError(StoreError):
+    pass
+
+
+class IncompleteStoreError(StoreError):
+    pass
+
+
+class IncompatibleStoresError(StoreError):
+    def __init__(self, field: str, a: str, va, b: str, vb):
+        self.field = field
+        super().__init__(f"stores are incompatible: {field} differs ({a}: {_short(va)}; {b}: {_short(vb)}). "
+                         "Features under different encoders, PCA bases or clip geometry must not be mixed.")
+
+
+def _short(v, n: int = 80) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def check_manifest(manifest: dict, where: str, allow_incomplete: bool = False) -> None:
+    """Refuse what is not a v1-readable, finished store, naming `where` and the reason."""
+    if manifest.get("format") != FORMAT_NAME:
+        raise NotAStoreError(f"{where} is not a re2pix store: its attributes have no "
+                             f"format={FORMAT_NAME!r} (found keys {sorted(manifest)[:8]})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise NotAStoreError(f"{where}: format_version is missing or not an integer ({version!r})")
+    if version > FORMAT_VERSION:
+        raise StoreVersionError(f"{where} has store format version {version}, newer than this re2pix "
+                                f"reads ({FORMAT_VERSION}): upgrade re2pix to read it")
+    if not allow_incomplete and not manifest.get("complete", False):
+        raise IncompleteStoreError(f"{where} was never finished (complete=false): the job that wrote it "
+                                   "stopped early; rerun the same cache command to resume it")
+
+
+def compatibility_view(manifest: dict) -> dict:
+    """The fields that must be equal for two stores to be read together, flattened to dotted paths."""
+    view = {"pca.fingerprint": manifest.get("pca", {}).get("fingerprint")}
+    for k, v in manifest.get("geometry", {}).items():
+        view[f"geometry.{k}"] = v
+    for enc, desc in sorted(manifest.get("encoders", {}).items()):
+        for k, v in sorted(desc.items()):
+            if k not in _ENCODER_KEYS_FREE:
+                view[f"encoders.{enc}.{k}"] = v
+    for k, v in manifest.get("latent_norm", {}).items():
+        view[f"latent_norm.{k}"] = v
+    return view
+
+
+def check_compatible(manifests: list[dict], names: list[str]) -> None:
+    """Raise IncompatibleStoresError naming the first field where any store differs from the first."""
+    if len(manifests) < 2:
+        return
+    ref = compatibility_view(manifests[0])
+    for m, name in zip(manifests[1:], names[1:]):
+        other = compatibility_view(m)
+        for key in sorted(set(ref) | set(other)):
+            if ref.get(key) != other.get(key):
+                raise IncompatibleStoresError(key, names[0], ref.get(key), name, other.get(key))

@@ -1,0 +1,42 @@
+"""Where a store lives: a local path or an fsspec URL (file://, s3://, gs://, https://...)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+import zarr
+
+
+def is_url(location: str) -> bool:
+    return "://" in str(location)
+
+
+def writable_location(location: str) -> str:
+    """zarr's FsspecStore does not create local folders: write file:// URLs as plain paths."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def open_group(location: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    location = str(location) if mode == "r" else writable_location(location)
+    kwargs = {"storage_options": storage_options} if storage_options and is_url(location) else {}
+    return zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
+
+
+def filesystem(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and root path of a store, for the small JSON files beside its arrays."""
+    location = writable_location(location)
+    if not is_url(location):
+        location = os.path.abspath(location)
+    return fsspec.core.url_to_fs(location, **(storage_options or {}))
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file or nothing: readers never see half of it."""
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)

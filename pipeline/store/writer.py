@@ -1,0 +1,264 @@
+"""Writing a store: create every array at full size, fill rows from any number of workers, record
+each finished work unit atomically, then finalize.
+
+Rows: with V cached variants (orig, hflip), clip c's variant v is clip row c*V+v and frame f's is
+frame row f*V+v. Each frame row is its own Zarr shard and each clip row its own chunk, so workers
+that own disjoint rows never write the same object (Zarr loses writes when two processes share a
+shard). Only the driver writes group attributes and the small metadata arrays.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+
+import numpy as np
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .. import __version__
+from ..clips import ClipIndex
+from .basis import PCABasis
+from .format import FORMAT_NAME, FORMAT_VERSION, VARIANT_SUFFIX, StoreError, check_manifest, compatibility_view
+from .geometry import Geometry
+from .location import filesystem, open_group, write_atomic
+
+COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+
+
+def compressor(name: str):
+    # Blosc's shuffle groups the bytes of float16 values: 1.15x vs zstd's 1.08x on PCA features,
+    # but only with a block of >= 1 MiB (the default block size loses the gain). Both are v3 codecs.
+    if name == "blosc-zstd":
+        return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=2, blocksize=1 << 20)
+    if name == "zstd":
+        return ZstdCodec(level=3)
+    if name == "none":
+        return None
+    raise ValueError(f"unknown compression {name!r}; choose from {COMPRESSIONS}")
+
+
+def digest(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreWriter:
+    """Handle on an unfinished store. `create` (driver) makes it; `open` (any worker) attaches."""
+
+    def __init__(self, location: str, storage_options: dict | None = None):
+        self.location = str(location)
+        self.storage_options = storage_options
+        self.group = open_group(location, mode="r+", storage_options=storage_options)
+        self.manifest = dict(self.group.attrs)
+        check_manifest(self.manifest, self.location, allow_incomplete=True)
+        self.geometry = Geometry.from_dict(self.manifest["geometry"])
+        self.variants = list(self.manifest["variants"])
+        self.fs, self.root = filesystem(location, storage_options)
+
+    # ---- creation (driver) -------------------------------------------------------------------
+    @classmethod
+    def create(cls, location: str, *, index: ClipIndex, geometry: Geometry, basis: PCABasis,
+               source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
+               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "blosc-zstd",
+               extra: dict | None = None, storage_options: dict | None = None,
+               overwrite: bool = False) -> "StoreWriter":
+        """Make a new store, or attach to the unfinished one at `location` if it was started with the
+        same manifest (a rerun after a kill resumes). A finished store is left alone unless
+        `overwrite`; an unfinished store made with other settings is refused, naming the field."""
+        if basis.num_components != geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
+            raise ValueError(f"PCA basis is {basis.num_components}x{basis.feature_dim}, geometry wants "
+                             f"{geometry.num_pca_channels}x{geometry.feature_dim}")
+        if not index.clips:
+            raise StoreError(f"{location}: the clip index is empty; nothing to store")
+        bad = [v for v in variants if v not in VARIANT_SUFFIX]
+        if bad or variants[0] != "orig":
+            raise ValueError(f"variants must start with 'orig' and be among {list(VARIANT_SUFFIX)}: {variants}")
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "pipeline_version": __version__,
+            **source_info, "geometry": geometry.to_dict(), "encoders": encoders,
+            "pca": {"fingerprint": basis.fingerprint, "num_components": basis.num_components,
+                    "feature_dim": basis.feature_dim},
+            "latent_norm": latent_norm, "variants": list(variants), "clip_stride": clip_stride,
+            "compression": compression, "channel_chunk": channel_chunk,
+            "counts": {"clips": len(index.clips), "frames": len(index.frames),
+                       "rows": len(index.clips) * len(variants)},
+            "clip_index_digest": _index_digest(index), "skipped_windows": index.skipped,
+            **(extra or {}), "complete": False,
+        }
+        try:
+            existing = dict(open_group(location, mode="r", storage_options=storage_options).attrs)
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            existing = None
+        if existing and existing.get("format") == FORMAT_NAME and not overwrite:
+            if existing.get("complete"):
+                raise StoreError(f"{location} is already a finished store; pass --overwrite to replace it")
+            _check_resumable(existing, manifest, location)
+            return cls(location, storage_options)
+        if existing and not overwrite:
+            raise StoreError(f"{location} exists and is not a re2pix store; pick another path or --overwrite")
+
+        g = open_group(location, mode="w", storage_options=storage_options)
+        manifest["created"] = _now()
+        _write_metadata(g, index, geometry, basis, variants, channel_chunk, compression)
+        g.attrs.update(manifest)
+        return cls(location, storage_options)
+
+    # ---- rows (any worker) -------------------------------------------------------------------
+    def write_features(self, frame_row: int, features: np.ndarray) -> str:
+        """features [H, W, C] PCA-projected, stored as float16. Returns the digest of what was stored."""
+        f = np.asarray(features, np.float16)
+        expected = self.group["frames/features"].shape[1:]
+        if f.shape != expected:
+            raise ValueError(f"features for frame row {frame_row} have shape {f.shape}, store wants {expected}")
+        self.group["frames/features"][frame_row] = f
+        return digest(f)
+
+    def write_latents(self, clip_row: int, latents: np.ndarray) -> str:
+        """latents [16, 7, h, w], normalized, stored as float16."""
+        z = np.asarray(latents, np.float16)
+        expected = self.group["clips/latents"].shape[1:]
+        if z.shape != expected:
+            raise ValueError(f"latents for clip row {clip_row} have shape {z.shape}, store wants {expected}")
+        self.group["clips/latents"][clip_row] = z
+        return digest(z)
+
+    # ---- progress ----------------------------------------------------------------------------
+    def done_units(self) -> set[str]:
+        return {p.rsplit("/", 1)[-1][: -len(".json")] for p in self.fs.glob(f"{self.root}/progress/*.json")}
+
+    def mark_unit_done(self, unit: str, *, clip_rows, frame_rows, failures=(), digests=None) -> None:
+        """Record, in one atomic write, that a unit's rows are on disk (call after writing them)."""
+        record = {"unit": unit, "clip_rows": sorted(int(r) for r in clip_rows),
+                  "frame_rows": sorted(int(r) for r in frame_rows), "failures": list(failures),
+                  "digests": dict(sorted((digests or {}).items()))}
+        write_atomic(self.fs, f"{self.root}/progress/{unit}.json", json.dumps(record, sort_keys=True).encode())
+
+    def unit_records(self) -> list[dict]:
+        paths = sorted(self.fs.glob(f"{self.root}/progress/*.json"))
+        return [json.loads(self.fs.cat_file(p)) for p in paths]
+
+    def finalize(self, expected_units=None) -> dict:
+        """Mark valid clips, write the failures table, then set complete=true (last)."""
+        records = self.unit_records()
+        if expected_units is not None:
+            missing = set(expected_units) - {r["unit"] for r in records}
+            if missing:
+                raise StoreError(f"{self.location}: {len(missing)} work units are not done "
+                                 f"(e.g. {sorted(missing)[:3]}); rerun to resume")
+        clip_done = np.zeros(self.group["clips/id"].shape[0], bool)
+        frame_done = np.zeros(self.group["frames/scene"].shape[0], bool)
+        failures = []
+        for r in records:
+            clip_done[r["clip_rows"]] = True
+            frame_done[r["frame_rows"]] = True
+            failures += r["failures"]
+        ids = self.group["clips/id"][...]
+        failed_ids = {f["clip_id"] for f in failures}
+        feature_rows = self.group["clips/feature_rows"][...]
+        valid = clip_done & frame_done[feature_rows].all(axis=1) & ~np.isin(ids, list(failed_ids))
+        # a clip is usable only if every variant of it is
+        v = len(self.variants)
+        valid = np.repeat(valid.reshape(-1, v).all(axis=1), v)
+        self.group["clips/valid"][...] = valid
+        failures = sorted(failures, key=lambda f: (f["clip_id"], f.get("file", "")))
+        fg = self.group.require_group("failures")
+        for key in ("clip_id", "file", "reason"):
+            col = np.array([str(f.get(key, "")) for f in failures], dtype=object)
+            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True)
+            if len(failures):
+                a[...] = col
+        counts = dict(self.manifest["counts"], valid_clips=int(valid.sum()) // v,
+                      failed_clips=len(failed_ids), done_units=len(records))
+        self.group.attrs.update({"counts": counts, "finished": _now(), "complete": True})
+        self.manifest = dict(self.group.attrs)
+        return counts
+
+    # ---- Stage 1 rollouts (written later by the rollout job) ----------------------------------
+    def create_pred_features(self, checkpoint_fingerprint: str, overwrite: bool = False):
+        """clips/pred_features [rows, future_latents, H, W, C] float16 for Stage 2's mixed supervision."""
+        g = self.geometry
+        name = "clips/pred_features"
+        if name in self.group and not overwrite:
+            arr = self.group[name]
+            if arr.attrs.get("checkpoint_fingerprint") != checkpoint_fingerprint:
+                raise StoreError(f"{self.location} holds rollouts of checkpoint "
+                                 f"{arr.attrs.get('checkpoint_fingerprint', '?')[:12]}; pass --overwrite "
+                                 f"to replace them with {checkpoint_fingerprint[:12]}")
+            return arr
+        rows = self.group["clips/id"].shape[0]
+        h, w = g.feature_hw
+        c = g.num_pca_channels
+        cc = min(self.manifest["channel_chunk"], c)
+        arr = self.group.create_array(
+            name, shape=(rows, g.future_latents, h, w, c), dtype="float16", chunks=(1, 1, h, w, cc),
+            shards=(1, g.future_latents, h, w, c), compressors=compressor(self.manifest["compression"]),
+            fill_value=0, overwrite=True)
+        arr.attrs.update({"checkpoint_fingerprint": checkpoint_fingerprint, "complete": False})
+        return arr
+
+    def write_pred_features(self, clip_row: int, pred: np.ndarray) -> None:
+        self.group["clips/pred_features"][clip_row] = np.asarray(pred, np.float16)
+
+    def finish_pred_features(self) -> None:
+        self.group["clips/pred_features"].attrs["complete"] = True
+
+
+def _index_digest(index: ClipIndex) -> str:
+    h = hashlib.sha256()
+    for c in index.clips:
+        h.update(f"{c.clip_id}|{c.feature_rows}|{[f.index for f in c.frames]}\n".encode())
+    return h.hexdigest()
+
+
+def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
+    a, b = compatibility_view(existing), compatibility_view(manifest)
+    for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split"):
+        a[key], b[key] = existing.get(key), manifest.get(key)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise StoreError(f"{location} is an unfinished store started with other settings ({key}: "
+                             f"{a.get(key)!r} there, {b.get(key)!r} now); pass --overwrite to start again")
+
+
+def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, variants, channel_chunk: int,
+                    compression: str) -> None:
+    v = len(variants)
+    nf, nc = len(index.frames), len(index.clips)
+    h, w = geometry.feature_hw
+    c = geometry.num_pca_channels
+    comp = compressor(compression)
+
+    basis.save(g.require_group("pca"))
+
+    fg = g.require_group("frames")
+    # one shard per frame (a frame is one object on disk), channel chunks inside it so that reading
+    # the first c PCA channels touches about c/C of the bytes
+    fg.create_array("features", shape=(nf * v, h, w, c), dtype="float16", chunks=(1, h, w, min(channel_chunk, c)),
+                    shards=(1, h, w, c), compressors=comp, fill_value=0)
+    _column(fg, "scene", [s for s, _ in index.frames for _ in range(v)], str)
+    _column(fg, "index", [f.index for _, f in index.frames for _ in range(v)], "int64")
+    _column(fg, "timestamp", [f.timestamp for _, f in index.frames for _ in range(v)], "float64")
+    _column(fg, "path", [f.path for _, f in index.frames for _ in range(v)], str)
+    _column(fg, "variant", [i for _ in index.frames for i in range(v)], "int8")
+
+    cg = g.require_group("clips")
+    cg.create_array("latents", shape=(nc * v, *geometry.latents_shape), dtype="float16",
+                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0)
+    _column(cg, "id", [c.clip_id + VARIANT_SUFFIX[var] for c in index.clips for var in variants], str)
+    _column(cg, "scene", [c.scene for c in index.clips for _ in variants], str)
+    _column(cg, "start", [c.start for c in index.clips for _ in variants], "int64")
+    _column(cg, "variant", [i for _ in index.clips for i in range(v)], "int8")
+    _column(cg, "timestamps", [c.timestamps for c in index.clips for _ in variants], "float64")
+    _column(cg, "feature_rows", [[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)], "int64")
+    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False)
+
+
+def _column(group, name: str, values, dtype) -> None:
+    a = np.array(values, dtype=object if dtype is str else dtype)
+    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None)
+    arr[...] = a
