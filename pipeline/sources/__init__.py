@@ -14,6 +14,10 @@ from .base import FrameRef, Source, SourceError
 SOURCES = {
     "synthetic": "pipeline.sources.synthetic:SyntheticSource",
     "videos": "pipeline.sources.videos:VideoFolderSource",
+    "nuscenes": "pipeline.sources.nuscenes:NuScenesSource",
+    "cityscapes": "pipeline.sources.cityscapes:CityscapesSource",
+    "kitti": "pipeline.sources.kitti:KittiSource",
+    "covla": "pipeline.sources.covla:CovlaSource",
 }
 
 
