@@ -1,0 +1,130 @@
+"""WAN2.1 VAE: RGB clips -> normalized posterior-mean latents, and back.
+
+Latent normalization follows diffusers' Wan pipelines (WanImageToVideoPipeline.prepare_latents
+encodes with `latent_dist.mode()` and stores `(z - latents_mean) * (1 / latents_std)`;
+WanPipeline decodes `z / (1 / latents_std) + latents_mean`), with latents_mean / latents_std
+the per-channel lists in the VAE config. Pixels are scaled to [-1, 1] (x / 127.5 - 1) as
+diffusers' VideoProcessor does. The VAE is causal: latent 0 = frame 0, latent t = frames 4t-3 .. 4t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from .dinov2 import resize, to_nchw_float
+from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
+
+DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+# tiny preset: same architecture (z_dim 16, 8x spatial, 4x temporal, default latents_mean/std) from a
+# small random config; 96 x 160 input -> 12 x 20 latents, matches geometry.TINY
+TINY_CONFIG = {"base_dim": 4, "num_res_blocks": 1}
+TINY_SEED = 0
+PRESETS = {"tiny": {"input_hw": (96, 160)}, "default": {"input_hw": (432, 768)}}
+
+
+class WanVAEEncoder:
+    """Frozen WAN2.1 VAE. `encoder(clips)` -> latents [B, 16, 1 + (T-1)/4, H/8, W/8] float32 on `device`."""
+
+    name = "wan2.1_vae"
+
+    def __init__(self, vae: AutoencoderKLWan, *, input_hw=(432, 768), device="cpu",
+                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None):
+        cfg = vae.config
+        self.spatial_downsample = int(cfg.scale_factor_spatial)
+        self.temporal_downsample = int(cfg.scale_factor_temporal)
+        self.latent_channels = int(cfg.z_dim)
+        self.input_hw = tuple(int(s) for s in input_hw)
+        if any(s % self.spatial_downsample for s in self.input_hw):
+            raise ValueError(f"input_hw {self.input_hw} must be multiples of {self.spatial_downsample}")
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.latents_mean = [float(v) for v in cfg.latents_mean]
+        self.latents_std = [float(v) for v in cfg.latents_std]
+        shape = (1, self.latent_channels, 1, 1, 1)
+        self._mean = torch.tensor(self.latents_mean, device=self.device).view(shape)
+        self._std = torch.tensor(self.latents_std, device=self.device).view(shape)
+        self.weights_id, self.revision = weights_id, revision
+        self._sha256 = None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def preprocess(self, clips) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> [B, 3, T, *input_hw] in [-1, 1]."""
+        clips = clips if isinstance(clips, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(clips))
+        if clips.ndim != 5:
+            raise ValueError(f"expected uint8 RGB clips [B, T, H, W, 3], got {tuple(clips.shape)}")
+        b, t = clips.shape[:2]
+        if (t - 1) % self.temporal_downsample:
+            raise ValueError(f"clip length {t} must be 1 + {self.temporal_downsample}k (causal VAE)")
+        x = resize(to_nchw_float(clips.reshape(b * t, *clips.shape[2:]), self.device), self.input_hw)
+        x = x.reshape(b, t, 3, *self.input_hw).permute(0, 2, 1, 3, 4)
+        return x * 2.0 - 1.0
+
+    @torch.inference_mode()
+    def __call__(self, clips) -> torch.Tensor:
+        x = self.preprocess(clips)
+        with self._autocast():
+            z = self.vae.encode(x).latent_dist.mean  # posterior mean, never a sample
+        return ((z.float() - self._mean) / self._std).contiguous()  # [B, 16, t, h, w]
+
+    @torch.inference_mode()
+    def decode(self, latents) -> torch.Tensor:
+        """Normalized latents [B, 16, t, h, w] -> uint8 frames [B, 1 + 4(t-1), 8h, 8w, 3] on `device`."""
+        z = torch.as_tensor(latents).to(self.device, torch.float32) * self._std + self._mean
+        with self._autocast():
+            x = self.vae.decode(z).sample  # [B, 3, T, H, W] in [-1, 1]
+        x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 4, 1).contiguous()
+
+    def describe(self) -> dict:
+        """What the store manifest records about this encoder."""
+        if self._sha256 is None:
+            self._sha256 = state_dict_sha256(self.vae)
+        d = {"name": self.name, "weights_id": self.weights_id, "revision": self.revision,
+             "sha256": self._sha256, "input_size": list(self.input_hw),
+             "resize": "bilinear-antialias-nocrop", "normalization": {"name": "minus_one_to_one"},
+             "posterior": "mean", "latent_normalization": "(z - latents_mean) / latents_std",
+             "latent_channels": self.latent_channels, "spatial_downsample": self.spatial_downsample,
+             "temporal_downsample": self.temporal_downsample,
+             "latents_mean": self.latents_mean, "latents_std": self.latents_std}
+        if self.weights_id == "tiny":
+            d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
+        return d
+
+
+def tiny_vae_model() -> AutoencoderKLWan:
+    """The tiny preset's VAE: deterministic random weights (same seed -> same sha256)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return AutoencoderKLWan(**TINY_CONFIG)
+
+
+def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfolder: str | None = "vae",
+             autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
+             revision: str | None = None, cache_dir: str | None = None) -> WanVAEEncoder:
+    """spec: "tiny", a hub id (looked up in the local HF cache unless allow_download) or a local folder.
+
+    A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself.
+    input_hw defaults to the preset's: tiny (96, 160), else (432, 768).
+    """
+    input_hw = input_hw or PRESETS["tiny" if spec == "tiny" else "default"]["input_hw"]
+    if spec == "tiny":
+        vae, weights_id, rev = tiny_vae_model(), "tiny", None
+    else:
+        patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
+        local, weights_id, rev = resolve_weights(spec, flag="--vae", allow_patterns=patterns,
+                                                 allow_download=allow_download, revision=revision,
+                                                 cache_dir=cache_dir)
+        if subfolder and (local / subfolder / "config.json").is_file():
+            local = local / subfolder
+        try:
+            vae = AutoencoderKLWan.from_pretrained(local, local_files_only=True).float()
+        except (OSError, ValueError) as e:
+            raise EncoderWeightsError(f"could not load the WAN2.1 VAE from {local} (for {spec!r}): {e}") from e
+    return WanVAEEncoder(vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype,
+                         weights_id=weights_id, revision=rev)
