@@ -1,0 +1,110 @@
+"""Store tools: `python -m jobs.store {info,verify,check,export-wds} ...`.
+
+    info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
+    verify URL          re-hash every row against the digests recorded when it was written
+    check URL URL ...   are these stores compatible (can one training run read them together)?
+    export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.store.format import StoreError
+from pipeline.store.reader import Store, open_stores
+
+
+def _size(location: str) -> str:
+    from pipeline.store.location import filesystem
+    fs, root = filesystem(location)
+    try:
+        total = fs.du(root)
+    except (OSError, NotImplementedError):
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if total < 1024:
+            return f"{total:.1f} {unit}"
+        total /= 1024
+    return f"{total:.1f} PB"
+
+
+def info(store: Store) -> str:
+    m, g = store.manifest, store.geometry
+    enc = m.get("encoders", {})
+    lines = [
+        f"store      {store.location}  ({_size(store.location)} on disk)",
+        f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
+        f"({m.get('created', '?')} .. {m.get('finished', '?')})",
+        f"dataset    {m.get('dataset')} / {m.get('split')} at {m.get('fps')} fps from {m.get('source_root')}",
+        f"clips      {len(store)} usable of {m['counts']['clips']} indexed ({m['counts'].get('failed_clips', 0)} "
+        f"failed), variants {store.variants}, stride {m.get('clip_stride')}",
+        f"frames     {m['counts']['frames']} feature frames (shared by overlapping clips)",
+        f"geometry   {g.clip_frames} frames ({g.context_frames} context) -> latents {list(g.latents_shape)}, "
+        f"features {list(g.features_shape)}",
+    ]
+    for name, d in sorted(enc.items()):
+        lines.append(f"encoder    {name}: {d.get('weights_id')} sha256 {str(d.get('sha256', '?'))[:12]} "
+                     f"input {d.get('input_size')}")
+    lines.append(f"pca        {m['pca']['num_components']} of {m['pca']['feature_dim']} dims, fingerprint "
+                 f"{m['pca']['fingerprint'][:16]}")
+    lines.append(f"storage    compression {m.get('compression')}, channel chunk {m.get('channel_chunk')}")
+    if store.pred_features_fingerprint:
+        state = "complete" if store.has_pred_features else "unfinished"
+        lines.append(f"rollouts   clips/pred_features from checkpoint {store.pred_features_fingerprint[:12]} ({state})")
+    for f in store.failures()[:10]:
+        lines.append(f"failed     {f['clip_id']}: {f['file']}: {f['reason']}")
+    if len(store.failures()) > 10:
+        lines.append(f"failed     ... and {len(store.failures()) - 10} more (`info --json` lists all)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.store", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("info", help="describe a store")
+    a.add_argument("store")
+    a.add_argument("--json", action="store_true", help="print the manifest and failures as JSON")
+    a.add_argument("--allow-incomplete", action="store_true", help="describe an unfinished store too")
+    a = sub.add_parser("verify", help="re-hash rows against their recorded digests")
+    a.add_argument("store")
+    a = sub.add_parser("check", help="check that stores can be read together")
+    a.add_argument("stores", nargs="+")
+    a = sub.add_parser("export-wds", help="export WebDataset shards")
+    a.add_argument("store")
+    a.add_argument("out")
+    a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
+    a.add_argument("--shard-size-mb", type=float, default=300.0)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "info":
+            store = Store(args.store, allow_incomplete=args.allow_incomplete)
+            if args.json:
+                print(json.dumps({"manifest": store.manifest, "failures": store.failures()}, indent=1))
+            else:
+                print(info(store))
+        elif args.cmd == "verify":
+            store = Store(args.store)
+            bad = store.verify()
+            for b in bad:
+                print(f"MISMATCH {b}")
+            print(f"{store.location}: {'OK' if not bad else f'{len(bad)} rows differ from their digests'}")
+            return 1 if bad else 0
+        elif args.cmd == "check":
+            stores = open_stores(args.stores)
+            print(f"compatible: {len(stores)} stores, {sum(len(s) for s in stores)} clips, "
+                  f"PCA {stores[0].pca_fingerprint[:12]}")
+        elif args.cmd == "export-wds":
+            from pipeline.store.wds import export_webdataset
+            shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb)
+            print(f"wrote {len(shards)} shards and manifest.json to {args.out}")
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

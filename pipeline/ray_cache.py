@@ -1,0 +1,205 @@
+"""The Ray Data plan of the cache job: decode+resize (CPU tasks) -> DINOv2 + PCA (actor pool) ->
+WAN2.1 VAE (actor pool) -> store writer (CPU tasks). One row per work unit; stages hand each other
+flat numpy arrays. On CPU-only machines every stage takes a fraction of a CPU so that the read
+stage always gets one (an actor pool that takes every CPU starves it and the job hangs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frames import hflip, resize_frames
+from .sources.base import FrameRef, Source
+from .store.basis import PCABasis
+from .store.geometry import Geometry
+from .units import UnitPlan
+
+
+@dataclass
+class StageResources:
+    """Where the encoders run. `gpus` > 0 gives each encoder actor that many GPUs."""
+    gpus: float = 0.0
+    dino_actors: int = 1
+    vae_actors: int = 1
+    encoder_cpus: float = 0.5  # per actor, CPU-only machines
+    task_cpus: float = 0.25  # decode and write tasks
+    torch_threads: int = 1  # intra-op threads per encoder actor on CPU
+
+    def actor_kwargs(self) -> dict:
+        return {"num_gpus": self.gpus} if self.gpus > 0 else {"num_cpus": self.encoder_cpus}
+
+
+def _autocast(device: str):
+    import torch
+    return torch.bfloat16 if device.startswith("cuda") else None  # bf16 on GPU, float32 on CPU
+
+
+def _first(column):
+    """The single row of a batch_size=1 batch (ragged tensor columns arrive as object arrays)."""
+    return column[0]
+
+
+def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool) -> dict:
+    """Read and resize a unit's frames. A frame that cannot be read fails every clip that needs it."""
+    images, failures, bad = {}, [], {}
+    for pos, (scene, index, ts, path) in enumerate(plan.frames):
+        try:
+            images[pos] = np.asarray(source.read_frame(scene, FrameRef(index, ts, path)))
+        except Exception as e:  # noqa: BLE001 -- any reader error fails only this frame's clips
+            bad[pos] = f"{type(e).__name__}: {e}"
+    ok_clips = []
+    for clip, clip_id, pos in plan.clips:
+        broken = [p for p in pos if p in bad]
+        if broken:
+            failures.append({"clip_id": clip_id, "file": plan.frames[broken[0]][3], "reason": bad[broken[0]]})
+        else:
+            ok_clips.append((clip, pos))
+    own_ok = [(row, p) for row, p in plan.own if p not in bad]
+    flip = "hflip" in variants
+
+    def prepared(positions, hw):
+        if not positions:
+            return np.zeros((0, *hw, 3), np.uint8)
+        x = resize_frames(np.stack([_rgb(images[p], plan.frames[p][3]) for p in positions]), hw)
+        return np.concatenate([x, hflip(x)]) if flip else x  # variant-major: all orig, then all hflip
+
+    out = {"plan": plan.to_json(), "failures": json.dumps(failures),
+           "own_rows": json.dumps([r for r, _ in own_ok]),
+           "dino_frames": prepared([p for _, p in own_ok], geometry.dino_input_hw)}
+    if with_clips:
+        needed = sorted({p for _, pos in ok_clips for p in pos})
+        local = {p: i for i, p in enumerate(needed)}
+        out["vae_frames"] = prepared(needed, geometry.vae_input_hw)
+        out["clips"] = json.dumps([[clip, [local[p] for p in pos]] for clip, pos in ok_clips])
+    return out
+
+
+def _rgb(img: np.ndarray, path: str) -> np.ndarray:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"{path}: source returned {img.dtype} {img.shape}, expected uint8 [H, W, 3]")
+    return img
+
+
+class DecodeStage:
+    """Ray task body (map_batches, batch_size=1): plan -> resized uint8 frames."""
+
+    def __init__(self, source: Source, geometry: Geometry, variants: list[str], with_clips: bool = True):
+        self.source, self.geometry, self.variants, self.with_clips = source, geometry, variants, with_clips
+
+    def __call__(self, batch: dict) -> dict:
+        out = read_unit(UnitPlan.from_json(str(_first(batch["plan"]))), self.source, self.geometry,
+                        self.variants, self.with_clips)
+        return {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
+
+
+class Projector:
+    """DINOv2 features -> standardized -> PCA components, in torch on the encoder's device."""
+
+    def __init__(self, basis: PCABasis, device):
+        import torch
+        comps = torch.from_numpy(basis.components / basis.std[None, :])  # [C, D]
+        self.weight = comps.T.contiguous().to(device)  # [D, C]
+        self.bias = torch.from_numpy(basis.mean).to(device) @ self.weight  # [C]
+
+    def __call__(self, features):  # [..., D] float32 -> [..., C] float32
+        return features @ self.weight - self.bias
+
+
+class DinoStage:
+    """Actor: DINOv2 on a unit's frames. mode 'features': PCA-project to float16 rows for the store;
+    mode 'moments': sums and outer products for fitting the PCA basis."""
+
+    def __init__(self, dinov2_spec: str, geometry: Geometry, basis: PCABasis | None, device: str,
+                 batch_frames: int, torch_threads: int, allow_download: bool = False):
+        import torch
+        from .encoders import load_dinov2
+        if device == "cpu":
+            torch.set_num_threads(torch_threads)
+        self.encoder = load_dinov2(dinov2_spec, input_hw=geometry.dino_input_hw, device=device,
+                                   autocast_dtype=_autocast(device), allow_download=allow_download)
+        self.projector = Projector(basis, device) if basis is not None else None
+        self.batch_frames = batch_frames
+
+    def features(self, frames: np.ndarray):
+        import torch
+        for start in range(0, len(frames), self.batch_frames):
+            yield self.encoder(frames[start : start + self.batch_frames]).to(torch.float32)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        frames = _first(batch["dino_frames"])
+        out = {k: v for k, v in batch.items() if k != "dino_frames"}
+        if self.projector is None:  # PCA fitting pass: exact, mergeable moments in float64
+            from .pca import PCAAccumulator
+            acc = PCAAccumulator(self.encoder.feature_dim)
+            for f in self.features(frames):
+                acc.update(f.cpu().numpy())
+            out.update(count=np.array([acc.count]), mean=acc.mean[None], m2=acc.m2[None])
+            return out
+        h, w = frames.shape[1] // self.encoder.patch_size, frames.shape[2] // self.encoder.patch_size
+        parts = [self.projector(f).to(torch.float16).cpu().numpy() for f in self.features(frames)]
+        c = self.projector.weight.shape[1]
+        out["features"] = (np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16))[None]
+        return out
+
+
+class VaeStage:
+    """Actor: WAN2.1 VAE posterior means of a unit's clips, normalized, float16."""
+
+    def __init__(self, vae_spec: str, geometry: Geometry, device: str, batch_clips: int, torch_threads: int,
+                 num_variants: int, allow_download: bool = False):
+        import torch
+        from .encoders import load_vae
+        if device == "cpu":
+            torch.set_num_threads(torch_threads)
+        self.encoder = load_vae(vae_spec, input_hw=geometry.vae_input_hw, device=device,
+                                autocast_dtype=_autocast(device), allow_download=allow_download)
+        self.geometry, self.batch_clips, self.num_variants = geometry, batch_clips, num_variants
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        frames = _first(batch["vae_frames"])
+        clips = json.loads(str(_first(batch["clips"])))
+        out = {k: v for k, v in batch.items() if k != "vae_frames"}
+        n = len(frames) // self.num_variants  # frames are variant-major
+        stacks = [frames[v * n + np.asarray(pos)] for v in range(self.num_variants) for _, pos in clips]
+        latents = []
+        for start in range(0, len(stacks), self.batch_clips):
+            z = self.encoder(np.stack(stacks[start : start + self.batch_clips]))
+            latents.append(z.to(torch.float16).cpu().numpy())
+        out["latents"] = (np.concatenate(latents) if latents
+                          else np.zeros((0, *self.geometry.latents_shape), np.float16))[None]
+        return out
+
+
+class WriteStage:
+    """Ray task body: write a unit's rows, then its completion marker (atomically, last)."""
+
+    def __init__(self, location: str, storage_options: dict | None = None):
+        self.location, self.storage_options = location, storage_options
+
+    def __call__(self, batch: dict) -> dict:
+        from .store.writer import StoreWriter
+        writer = StoreWriter(self.location, self.storage_options)
+        v = len(writer.variants)
+        plan = UnitPlan.from_json(str(_first(batch["plan"])))
+        own_rows = json.loads(str(_first(batch["own_rows"])))
+        clips = [c for c, _ in json.loads(str(_first(batch["clips"])))]
+        features, latents = _first(batch["features"]), _first(batch["latents"])
+        digests, frame_rows, clip_rows = {}, [], []
+        for var in range(v):  # stage outputs are variant-major; store rows are clip-major
+            for j, row in enumerate(own_rows):
+                r = row * v + var
+                digests[f"features/{r}"] = writer.write_features(r, features[var * len(own_rows) + j])
+                frame_rows.append(r)
+            for j, clip in enumerate(clips):
+                r = clip * v + var
+                digests[f"latents/{r}"] = writer.write_latents(r, latents[var * len(clips) + j])
+                clip_rows.append(r)
+        failures = json.loads(str(_first(batch["failures"])))
+        writer.mark_unit_done(plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures,
+                              digests=digests)
+        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)]}
