@@ -43,3 +43,19 @@ info: install
 
 clean:
 	rm -rf runs/demo
+
+bench: install
+	$(PY) -m jobs.bench cache $(ARGS)
+
+# STAGE=1|2|baseline|all (all: Stage 1 -> rollout -> Stage 2 -> Baseline); reruns continue the run in $(RUN)/train
+train: install
+	$(PY) -m jobs.train --preset $(PRESET) --stage $(STAGE) --store $(STORE) --run-dir $(RUN)/train \
+		$(if $(wildcard $(VAL_STORE)),--val-store $(VAL_STORE)) --resume $(ARGS)
+
+rollout: install
+	$(PY) -m jobs.rollout --preset $(PRESET) --checkpoint $(RUN)/train/stage1 --store $(STORE) $(ARGS)
+
+# the whole product on the built-in synthetic set, tiny models, CPU
+demo: install
+	$(PY) -m jobs.cache --preset tiny --out $(STORE) --source-options '{"num_scenes": 12, "frames_per_scene": 49}'
+	$(PY) -m jobs.store info $(STORE)

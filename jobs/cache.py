@@ -26,7 +26,7 @@ class CacheConfig:
     split: str = "train"
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
     out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL"})
-    geometry: str = field(default="tiny", metadata={"help": "tiny or paper (pipeline.store.geometry)"})
+    geometry: str = field(default="tiny", metadata={"help": "tiny, paper, or JSON overrides of the paper's"})
     dinov2: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
     vae: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
@@ -64,11 +64,21 @@ def _resources(ray):
     return StageResources(gpus=1.0 if gpus else 0.0), ("cuda" if gpus else "cpu")
 
 
+def resolve_geometry(spec: str):
+    """'tiny', 'paper', or a JSON object of fields that differ from the paper's geometry."""
+    from pipeline.store.geometry import GEOMETRIES, PAPER, Geometry
+    if spec in GEOMETRIES:
+        return GEOMETRIES[spec]
+    try:
+        return Geometry.from_dict({**PAPER.to_dict(), **json.loads(spec)})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise SystemExit(f"--geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
+
+
 def build_index(cfg: CacheConfig):
     from pipeline.clips import ClipIndex, build_clip_index
     from pipeline.sources import get_source
-    from pipeline.store.geometry import GEOMETRIES
-    geometry = GEOMETRIES[cfg.geometry]
+    geometry = resolve_geometry(cfg.geometry)
     source = get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
     index = build_clip_index(source, geometry, stride=cfg.stride, progress=cfg.progress)
     if cfg.max_clips is not None and len(index.clips) > cfg.max_clips:
@@ -97,9 +107,7 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray):
     from tqdm.auto import tqdm
     with tqdm(total=sum(len(u.own) for u in units), desc="pca sample", unit="frame", disable=not cfg.progress) as bar:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            part = PCAAccumulator(geometry.feature_dim)
-            part.count, part.mean, part.m2 = int(batch["count"][0]), batch["mean"][0], batch["m2"][0]
-            acc.merge(part)
+            acc.merge(PCAAccumulator.from_moments(batch["count"][0], batch["mean"][0], batch["m2"][0]))
             bar.update(len(json.loads(str(batch["own_rows"][0]))))
     return acc.to_basis(geometry.num_pca_channels)
 
@@ -159,6 +167,8 @@ def run_cache(cfg: CacheConfig) -> dict:
     if done:
         print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
+    first_row_at = last_row_at = None
+    steady_clips, stage_seconds = 0, {}
     if todo:
         ds = ray.data.from_items([{"plan": u.to_json()} for u in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, True), batch_size=1,
@@ -177,14 +187,26 @@ def run_cache(cfg: CacheConfig) -> dict:
         failed = 0
         with tqdm(total=total, desc="cache", unit="clip", disable=not cfg.progress) as bar:
             for row in ds.iter_rows():
-                bar.update(int(row["clips"]) + int(row["failed"]))
+                n = int(row["clips"]) + int(row["failed"])
+                bar.update(n)
                 failed += int(row["failed"])
                 if failed:
                     bar.set_postfix(failed=failed)
+                last_row_at = time.time()
+                if first_row_at is None:
+                    first_row_at = last_row_at
+                else:
+                    steady_clips += n
+                for k, v in row.items():
+                    if k.startswith("t_"):
+                        stage_seconds[k[2:]] = stage_seconds.get(k[2:], 0.0) + float(v)
     counts = writer.finalize([u.unit_id for u in units])
     summary = {"store": cfg.out, "clips": counts["clips"], "valid_clips": counts["valid_clips"],
                "failed_clips": counts["failed_clips"], "frames": counts["frames"], "variants": variants,
-               "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
+               "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped,
+               # throughput once every actor is up: clips after the first finished unit / time since it
+               "steady_clips_per_s": steady_clips / (last_row_at - first_row_at) if steady_clips else None,
+               "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()}}
     return summary
 
 

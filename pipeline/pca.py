@@ -34,6 +34,13 @@ class PCAAccumulator:
         self.mean = np.zeros(self.dim, np.float64)  # [D]
         self.m2 = np.zeros((self.dim, self.dim), np.float64)  # [D, D] centered scatter
 
+    @classmethod
+    def from_moments(cls, count: int, mean, m2) -> "PCAAccumulator":
+        """An accumulator holding moments computed elsewhere (e.g. on a GPU worker)."""
+        acc = cls(len(mean))
+        acc.count, acc.mean, acc.m2 = int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64)
+        return acc
+
     def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         n_a, n = self.count, self.count + n_b
         if n_b == 0:

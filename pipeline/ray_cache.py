@@ -7,6 +7,7 @@ stage always gets one (an actor pool that takes every CPU starves it and the job
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,9 +91,12 @@ class DecodeStage:
         self.source, self.geometry, self.variants, self.with_clips = source, geometry, variants, with_clips
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         out = read_unit(UnitPlan.from_json(str(_first(batch["plan"]))), self.source, self.geometry,
                         self.variants, self.with_clips)
-        return {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
+        out = {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
+        out["t_decode"] = np.array([time.perf_counter() - t0])
+        return out
 
 
 class Projector:
@@ -130,19 +134,26 @@ class DinoStage:
 
     def __call__(self, batch: dict) -> dict:
         import torch
+        t0 = time.perf_counter()
         frames = _first(batch["dino_frames"])
         out = {k: v for k, v in batch.items() if k != "dino_frames"}
         if self.projector is None:  # PCA fitting pass: exact, mergeable moments in float64
             from .pca import PCAAccumulator
             acc = PCAAccumulator(self.encoder.feature_dim)
             for f in self.features(frames):
-                acc.update(f.cpu().numpy())
-            out.update(count=np.array([acc.count]), mean=acc.mean[None], m2=acc.m2[None])
+                # the D x D scatter on the encoder's device (a 3072-d product is slow on a CPU)
+                x = f.reshape(-1, acc.dim).to(torch.float64)
+                mean = x.mean(0)
+                acc.merge(PCAAccumulator.from_moments(x.shape[0], mean.cpu().numpy(),
+                                                      ((x - mean).T @ (x - mean)).cpu().numpy()))
+            out.update(count=np.array([acc.count]), mean=acc.mean[None], m2=acc.m2[None],
+                       t_dino=np.array([time.perf_counter() - t0]))
             return out
         h, w = frames.shape[1] // self.encoder.patch_size, frames.shape[2] // self.encoder.patch_size
         parts = [self.projector(f).to(torch.float16).cpu().numpy() for f in self.features(frames)]
         c = self.projector.weight.shape[1]
         out["features"] = (np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16))[None]
+        out["t_dino"] = np.array([time.perf_counter() - t0])
         return out
 
 
@@ -161,6 +172,7 @@ class VaeStage:
 
     def __call__(self, batch: dict) -> dict:
         import torch
+        t0 = time.perf_counter()
         frames = _first(batch["vae_frames"])
         clips = json.loads(str(_first(batch["clips"])))
         out = {k: v for k, v in batch.items() if k != "vae_frames"}
@@ -172,6 +184,7 @@ class VaeStage:
             latents.append(z.to(torch.float16).cpu().numpy())
         out["latents"] = (np.concatenate(latents) if latents
                           else np.zeros((0, *self.geometry.latents_shape), np.float16))[None]
+        out["t_vae"] = np.array([time.perf_counter() - t0])
         return out
 
 
@@ -183,6 +196,7 @@ class WriteStage:
 
     def __call__(self, batch: dict) -> dict:
         from .store.writer import StoreWriter
+        t0 = time.perf_counter()
         writer = StoreWriter(self.location, self.storage_options)
         v = len(writer.variants)
         plan = UnitPlan.from_json(str(_first(batch["plan"])))
@@ -202,4 +216,6 @@ class WriteStage:
         failures = json.loads(str(_first(batch["failures"])))
         writer.mark_unit_done(plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures,
                               digests=digests)
-        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)]}
+        timings = {k: np.asarray(v, np.float64) for k, v in batch.items() if k.startswith("t_")}
+        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)], **timings,
+                "t_write": np.array([time.perf_counter() - t0])}

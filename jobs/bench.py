@@ -1,0 +1,195 @@
+"""Benchmarks (`make bench`): figures, not tests. Each prints what it measured and on what.
+
+    python -m jobs.bench cache     Ray cache job vs a plain single-process loop doing the same work;
+                                   share of worker time inside the encoders; peak memory vs clip count
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_options(clips: int, height=144, width=256) -> dict:
+    # 49-frame scenes give 7 clips each at stride 4
+    return {"num_scenes": max(1, math.ceil(clips / 7)), "frames_per_scene": 49, "height": height, "width": width}
+
+
+def run_loop(cfg, basis_path: str) -> dict:
+    """The same decode -> DINOv2 -> PCA -> VAE -> write work as the Ray job, in one process."""
+    import torch
+
+    from jobs.cache import build_index, encoder_descriptions
+    from pipeline.pca import load_basis
+    from pipeline.ray_cache import DecodeStage, DinoStage, VaeStage, WriteStage
+    from pipeline.store.writer import StoreWriter
+    from pipeline.units import plan_units
+
+    torch.set_num_threads(os.cpu_count())
+    source, geometry, index = build_index(cfg)
+    basis = load_basis(basis_path)
+    encoders, latent_norm = encoder_descriptions(cfg, geometry)
+    StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
+                       encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
+    decode = DecodeStage(source, geometry, ["orig"])
+    dino = DinoStage(cfg.dinov2, geometry, basis, "cpu", cfg.batch_frames, os.cpu_count())
+    vae = VaeStage(cfg.vae, geometry, "cpu", cfg.batch_clips, os.cpu_count(), 1)
+    write = WriteStage(cfg.out)
+    t0, clips, stage = time.time(), 0, {}
+    for unit in plan_units(index, cfg.unit_clips):
+        row = write(vae(dino(decode({"plan": [unit.to_json()]}))))
+        clips += int(row["clips"][0])
+        for k, v in row.items():
+            if k.startswith("t_"):
+                stage[k[2:]] = stage.get(k[2:], 0.0) + float(v[0])
+    seconds = time.time() - t0
+    return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "stage_seconds": stage}
+
+
+def encoder_share(stage: dict) -> float:
+    total = sum(stage.values())
+    return (stage.get("dino", 0) + stage.get("vae", 0)) / total if total else float("nan")
+
+
+def compare(label: str, make_cfg, basis_path: str, note: str) -> dict:
+    from jobs.cache import run_cache
+    loop = run_loop(make_cfg("loop"), basis_path)
+    job = run_cache(make_cfg("ray"))
+    steady = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
+    print(f"\n[{label}] {note}")
+    print(f"  plain loop      {loop['clips']:4d} clips  {loop['clips_per_s']:.3f} clips/s  "
+          f"(encoders {100 * encoder_share(loop['stage_seconds']):.0f}% of its time)")
+    print(f"  ray job         {job['valid_clips']:4d} clips  {steady:.3f} clips/s once actors are up, "
+          f"{job['valid_clips'] / job['seconds']:.3f} clips/s end to end ({job['seconds']:.0f} s incl. start-up)")
+    print(f"  ray / loop      {100 * steady / loop['clips_per_s']:.0f}% (goal >= 90%)")
+    print(f"  worker time in the encoders: {100 * encoder_share(job['stage_seconds']):.0f}% "
+          f"(per stage, s: {json.dumps(job['stage_seconds'])})")
+    return {"loop": loop, "ray": job}
+
+
+def peak_memory(clips: int, workdir: Path, basis_path: str) -> float:
+    """Peak proportional set size (MiB) of a cache job and all its Ray processes, in a fresh cluster."""
+    import psutil
+    out = workdir / f"mem{clips}.zarr"
+    cmd = [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--pca", basis_path, "--no-progress",
+           "--source-options", json.dumps(synthetic_options(clips)), "--max-clips", str(clips), "--out", str(out),
+           "--overwrite"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    peak, done = 0.0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            for p in psutil.process_iter(["pid"]):
+                try:
+                    if os.getsid(p.pid) == proc.pid:  # the job's whole session: driver, raylet, workers
+                        total += p.memory_full_info().pss
+                except (psutil.Error, OSError):
+                    pass
+            peak = max(peak, total / 2**20)
+            time.sleep(0.5)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    proc.wait()
+    done.set()
+    t.join()
+    if proc.returncode:
+        raise SystemExit(f"cache job for {clips} clips failed with status {proc.returncode}")
+    return peak
+
+
+def save_real_size_encoders(folder: Path) -> tuple[str, str]:
+    """DINOv2-Reg ViT-B/14 and the WAN2.1 VAE at their real sizes, random weights, saved as local folders
+    (no weights can be downloaded here); loaded back through the real local-folder code path."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    torch.manual_seed(0)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=518, num_register_tokens=4))
+    dino.save_pretrained(folder / "dinov2")
+    AutoencoderKLWan().save_pretrained(folder / "vae")
+    return str(folder / "dinov2"), str(folder / "vae")
+
+
+def bench_cache(args) -> None:
+    import numpy as np
+
+    from jobs.cache import CacheConfig, _ray_init, build_index, resolve_geometry
+    from pipeline.pca import save_basis
+    from pipeline.store.basis import PCABasis
+
+    work = Path(tempfile.mkdtemp(prefix="re2pix-bench-"))
+
+    def random_basis(geometry, path):
+        rng = np.random.default_rng(0)
+        q, _ = np.linalg.qr(rng.standard_normal((geometry.feature_dim, geometry.num_pca_channels)))
+        basis = PCABasis(np.zeros(geometry.feature_dim, np.float32), np.ones(geometry.feature_dim, np.float32),
+                         q.T.astype(np.float32), np.ones(geometry.num_pca_channels, np.float32))
+        save_basis(basis, str(path))
+        return str(path)
+
+    print(f"machine: {os.cpu_count()} CPUs, no GPU" if not _has_gpu() else f"machine: {os.cpu_count()} CPUs + GPU")
+    _ray_init()
+    tiny = lambda kind: CacheConfig(  # noqa: E731
+        geometry="tiny", source_options=synthetic_options(args.clips), max_clips=args.clips,
+        out=str(work / f"tiny-{kind}.zarr"), unit_clips=4, channel_chunk=16, overwrite=True, progress=False)
+    tiny_basis = random_basis(resolve_geometry("tiny"), work / "tiny-basis.zarr")
+    compare("tiny encoders", tiny, tiny_basis, f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
+            "VAE 96x160, DINOv2 112x196, random-weight tiny models")
+
+    if args.real_clips:
+        dino_dir, vae_dir = save_real_size_encoders(work / "weights")
+        geometry = json.dumps({"vae_input_hw": [144, 256], "dino_input_hw": [140, 252]})
+        real = lambda kind: CacheConfig(  # noqa: E731
+            geometry=geometry, dinov2=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
+            max_clips=args.real_clips, out=str(work / f"real-{kind}.zarr"), unit_clips=1, overwrite=True,
+            progress=False, batch_frames=7)
+        real_basis = random_basis(resolve_geometry(geometry), work / "real-basis.zarr")
+        compare("real-size encoders", real, real_basis,
+                f"{args.real_clips} clips, DINOv2-Reg ViT-B/14 (86M) and WAN2.1 VAE (127M), random weights, "
+                "at reduced resolution: VAE 144x256, DINOv2 140x252 (432x768 is 9x the pixels)")
+    import ray
+    ray.shutdown()  # the memory runs start clusters of their own
+    peaks = {n: peak_memory(n, work, tiny_basis) for n in args.memory_clips}
+    first, last = peaks[args.memory_clips[0]], peaks[args.memory_clips[-1]]
+    print("\n[peak memory] whole job (driver, raylet, workers), proportional set size")
+    for n, mib in peaks.items():
+        print(f"  {n:4d} tiny clips  {mib:7.0f} MiB")
+    print(f"  growth {100 * (last / first - 1):+.1f}% from {args.memory_clips[0]} to {args.memory_clips[-1]} clips "
+          "(goal: flat, within 10%)")
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    c = sub.add_parser("cache", help="the cache job against a plain loop")
+    c.add_argument("--clips", type=int, default=56)
+    c.add_argument("--real-clips", type=int, default=2, help="clips with real-size encoders (0 to skip)")
+    c.add_argument("--memory-clips", type=int, nargs="+", default=[50, 200])
+    args = p.parse_args(argv)
+    if args.bench == "cache":
+        bench_cache(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
