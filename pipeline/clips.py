@@ -61,11 +61,9 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
         sid = safe_name(scene)
         if seen_ids.setdefault(sid, scene) != scene:
             raise ValueError(f"scenes {seen_ids[sid]!r} and {scene!r} reduce to the same id {sid!r}")
-        all_starts = range(0, len(scene_frames) - k + 1, stride)
-        starts = source.clip_windows(scene, scene_frames, k, stride)
-        if len(starts) < len(all_starts):
-            reason = getattr(source, "skip_reason", "rejected by the source")
-            skipped[reason] = skipped.get(reason, 0) + len(all_starts) - len(starts)
+        starts, reasons = source.clip_windows(scene, scene_frames, k, stride)
+        for reason, n in reasons.items():
+            skipped[reason] = skipped.get(reason, 0) + n
         for start in starts:
             window = tuple(scene_frames[start : start + k])
             if len(window) != k:

@@ -32,7 +32,8 @@ class Source(ABC):
 
     Subclasses set `name` (dataset name), `split`, `root` and `fps` (the dataset's own frame
     rate: clips keep it), and implement the three methods below. Everything must be
-    deterministic: the same root gives the same scenes and frames in the same order.
+    deterministic: the same root gives the same scenes and frames in the same order. Sources are
+    pickled to Ray workers: keep open files and decoders out of their pickled state.
     """
 
     name: str = "source"
@@ -53,12 +54,14 @@ class Source(ABC):
         """The frame as an RGB uint8 array [H, W, 3] at its native resolution.
         Raises SourceError naming `frame.path` when it cannot be read."""
 
-    def clip_windows(self, scene: str, frames: list[FrameRef], length: int, stride: int) -> list[int]:
-        """Start positions of the clips this scene allows (indices into `frames`).
+    def clip_windows(self, scene: str, frames: list[FrameRef], length: int,
+                     stride: int) -> tuple[list[int], dict[str, int]]:
+        """Start positions of the clips this scene allows (indices into `frames`), and how many
+        windows were not made, by reason (reported in the cache summary and the manifest).
 
         The default slides a window of `length` frames by `stride`. Adapters override it where the
         dataset says otherwise (a gap in time, a fixed evaluation window)."""
-        return list(range(0, len(frames) - length + 1, stride))
+        return list(range(0, len(frames) - length + 1, stride)), {}
 
     def describe(self) -> dict:
         """What goes into a store's manifest about where the frames came from."""

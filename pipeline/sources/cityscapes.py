@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from .base import FrameRef, Source, SourceError
-from .nuscenes import read_rgb
+from .common import read_rgb
 
 _NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 EVAL_START, EVAL_LENGTH = 3, 25  # snippet frames 3..27
@@ -28,7 +28,6 @@ EVAL_START, EVAL_LENGTH = 3, 25  # snippet frames 3..27
 class CityscapesSource(Source):
     name = "cityscapes"
     fps = 17.0
-    skip_reason = "rejected by the source"
 
     def __init__(self, root, split="train", eval_clip=None):
         if root is None:
@@ -86,12 +85,10 @@ class CityscapesSource(Source):
         if length != EVAL_LENGTH:
             raise ValueError(f"the Cityscapes evaluation clip is {EVAL_LENGTH} frames (snippet frames 3-27), "
                              f"not {length}; pass eval_clip=False for sliding windows")
-        # build_clip_index reads skip_reason right after this call, so it can name this scene's case.
+        sliding = len(range(0, len(frames) - length + 1, stride))
         if len(frames) < EVAL_START + EVAL_LENGTH:
-            self.skip_reason = f"snippet shorter than {EVAL_START + EVAL_LENGTH} frames"
-            return []
-        self.skip_reason = "not the evaluation window (snippet frames 3-27)"
-        return [EVAL_START]
+            return [], ({f"snippet shorter than {EVAL_START + EVAL_LENGTH} frames": sliding} if sliding else {})
+        return [EVAL_START], ({"not the evaluation window (snippet frames 3-27)": sliding - 1} if sliding > 1 else {})
 
     def describe(self) -> dict:
         return {**super().describe(), "eval_clip": self.eval_clip}

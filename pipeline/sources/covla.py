@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from .base import FrameRef, Source, SourceError
-from .nuscenes import load_split_file, read_rgb
+from .common import load_split_file, read_rgb
 
 _OPEN_VIDEOS = 2
 

@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 
 from .base import FrameRef, Source, SourceError
-from .nuscenes import read_rgb
+from .common import read_rgb
 
 _DATE = re.compile(r"^\d{4}_\d{2}_\d{2}$")
 _DRIVE = re.compile(r"^\d{4}_\d{2}_\d{2}_drive_\d{4}_sync$")

@@ -4,9 +4,6 @@ Layout: `{root}/{version}/{scene,sample,sample_data,calibrated_sensor,sensor}.js
 they name (`samples/CAM_FRONT/*.jpg`, `sweeps/CAM_FRONT/*.jpg`). The official devkit is not used
 (it pins numpy<2); its split lists are, when it imports. Frames are unevenly spaced and some are
 missing, so clips never span a gap of more than 1.5 nominal frame intervals.
-
-Also home to the small helpers the other dataset adapters share (`read_rgb`, `load_split_file`,
-`gap_free_windows`).
 """
 
 from __future__ import annotations
@@ -20,59 +17,14 @@ import numpy as np
 from PIL import Image
 
 from .base import FrameRef, Source, SourceError
+from .common import gap_free_windows, load_split_file, read_rgb
 
 VERSIONS = ("v1.0-trainval", "v1.0-mini")  # preferred first
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3]; SourceError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise SourceError(f"{path}: cannot read image ({e})") from None
-
-
-def load_split_file(path: str, split: str) -> list[str]:
-    """Scene names of `split` from a JSON {"train": [...], "val": [...]} or a text file with one
-    name per line (the whole file is the requested split; blank lines and # comments ignored)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read split file ({e.strerror or e})") from None
-    if str(path).endswith(".json"):
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise SourceError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict) or split not in data:
-            keys = sorted(data) if isinstance(data, dict) else []
-            raise SourceError(f"{path}: no list for split {split!r} (expected a JSON object; keys: {keys})")
-        names = data[split]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise SourceError(f"{path}: split {split!r} must be a list of scene names")
-        return names
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def gap_free_windows(frames: list[FrameRef], length: int, stride: int, max_gap_s: float) -> list[int]:
-    """Window starts (sliding by `stride`) whose consecutive frames are never more than `max_gap_s` apart."""
-    gaps = [i for i in range(len(frames) - 1) if frames[i + 1].timestamp - frames[i].timestamp > max_gap_s]
-    starts = []
-    for s in range(0, len(frames) - length + 1, stride):
-        k = bisect_left(gaps, s)  # first gap at or after s; the window holds gaps s .. s+length-2
-        if k == len(gaps) or gaps[k] > s + length - 2:
-            starts.append(s)
-    return starts
 
 
 class NuScenesSource(Source):
     name = "nuscenes"
     fps = 12.0
-    skip_reason = "time gap > 1.5 frame intervals"
 
     def __init__(self, root, split="train", version=None, split_file=None, channel="CAM_FRONT", max_gap=1.5):
         if root is None:
@@ -167,7 +119,8 @@ class NuScenesSource(Source):
         return read_rgb(frame.path)
 
     def clip_windows(self, scene, frames, length, stride):
-        return gap_free_windows(frames, length, stride, self.max_gap / self.fps)
+        return gap_free_windows(frames, length, stride, self.max_gap / self.fps,
+                                f"time gap > {self.max_gap:g} frame intervals")
 
     def describe(self) -> dict:
         return {**super().describe(), "version": self.version, "channel": self.channel,
