@@ -127,7 +127,7 @@ def save_real_size_encoders(folder: Path) -> tuple[str, str]:
 def bench_cache(args) -> None:
     import numpy as np
 
-    from jobs.cache import CacheConfig, _ray_init, build_index, resolve_geometry
+    from jobs.cache import CacheConfig, _ray_init, resolve_geometry
     from pipeline.pca import save_basis
     from pipeline.store.basis import PCABasis
 
@@ -143,7 +143,7 @@ def bench_cache(args) -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, no GPU" if not _has_gpu() else f"machine: {os.cpu_count()} CPUs + GPU")
     _ray_init()
-    tiny = lambda kind: CacheConfig(  # noqa: E731
+    tiny = lambda kind: CacheConfig(
         geometry="tiny", source_options=synthetic_options(args.clips), max_clips=args.clips,
         out=str(work / f"tiny-{kind}.zarr"), unit_clips=4, channel_chunk=16, overwrite=True, progress=False)
     tiny_basis = random_basis(resolve_geometry("tiny"), work / "tiny-basis.zarr")
@@ -153,7 +153,7 @@ def bench_cache(args) -> None:
     if args.real_clips:
         dino_dir, vae_dir = save_real_size_encoders(work / "weights")
         geometry = json.dumps({"vae_input_hw": [144, 256], "dino_input_hw": [140, 252]})
-        real = lambda kind: CacheConfig(  # noqa: E731
+        real = lambda kind: CacheConfig(
             geometry=geometry, dinov2=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
             max_clips=args.real_clips, out=str(work / f"real-{kind}.zarr"), unit_clips=1, overwrite=True,
             progress=False, batch_frames=7)

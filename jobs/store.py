@@ -35,14 +35,14 @@ def info(store: Store) -> str:
     enc = m.get("encoders", {})
     lines = [
         f"store      {store.location}  ({_size(store.location)} on disk)",
-        f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
-        f"({m.get('created', '?')} .. {m.get('finished', '?')})",
+        (f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
+        f"({m.get('created', '?')} .. {m.get('finished', '?')})"),
         f"dataset    {m.get('dataset')} / {m.get('split')} at {m.get('fps')} fps from {m.get('source_root')}",
-        f"clips      {len(store)} usable of {m['counts']['clips']} indexed ({m['counts'].get('failed_clips', 0)} "
-        f"failed), variants {store.variants}, stride {m.get('clip_stride')}",
+        (f"clips      {len(store)} usable of {m['counts']['clips']} indexed ({m['counts'].get('failed_clips', 0)} "
+        f"failed), variants {store.variants}, stride {m.get('clip_stride')}"),
         f"frames     {m['counts']['frames']} feature frames (shared by overlapping clips)",
-        f"geometry   {g.clip_frames} frames ({g.context_frames} context) -> latents {list(g.latents_shape)}, "
-        f"features {list(g.features_shape)}",
+        (f"geometry   {g.clip_frames} frames ({g.context_frames} context) -> latents {list(g.latents_shape)}, "
+        f"features {list(g.features_shape)}"),
     ]
     for name, d in sorted(enc.items()):
         lines.append(f"encoder    {name}: {d.get('weights_id')} sha256 {str(d.get('sha256', '?'))[:12]} "

@@ -35,7 +35,7 @@ class PCAAccumulator:
         self.m2 = np.zeros((self.dim, self.dim), np.float64)  # [D, D] centered scatter
 
     @classmethod
-    def from_moments(cls, count: int, mean, m2) -> "PCAAccumulator":
+    def from_moments(cls, count: int, mean, m2) -> PCAAccumulator:
         """An accumulator holding moments computed elsewhere (e.g. on a GPU worker)."""
         acc = cls(len(mean))
         acc.count, acc.mean, acc.m2 = int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64)

@@ -119,6 +119,7 @@ class DinoStage:
     def __init__(self, dinov2_spec: str, geometry: Geometry, basis: PCABasis | None, device: str,
                  batch_frames: int, torch_threads: int, allow_download: bool = False):
         import torch
+
         from .encoders import load_dinov2
         if device == "cpu":
             torch.set_num_threads(torch_threads)
@@ -163,6 +164,7 @@ class VaeStage:
     def __init__(self, vae_spec: str, geometry: Geometry, device: str, batch_clips: int, torch_threads: int,
                  num_variants: int, allow_download: bool = False):
         import torch
+
         from .encoders import load_vae
         if device == "cpu":
             torch.set_num_threads(torch_threads)

@@ -24,7 +24,7 @@ class UnitPlan:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, s: str) -> "UnitPlan":
+    def from_json(cls, s: str) -> UnitPlan:
         return cls(**json.loads(s))
 
 

@@ -6,13 +6,19 @@ import tarfile
 import numpy as np
 import pytest
 import zarr
+from store_factory import ENCODERS, make_store
 
-from pipeline.store.format import (FORMAT_VERSION, IncompatibleStoresError, IncompleteStoreError, NotAStoreError,
-                                   StoreError, StoreVersionError)
+from pipeline.store.format import (
+    FORMAT_VERSION,
+    IncompatibleStoresError,
+    IncompleteStoreError,
+    NotAStoreError,
+    StoreError,
+    StoreVersionError,
+)
+from pipeline.store.geometry import TINY
 from pipeline.store.reader import Store, open_stores
 from pipeline.store.wds import export_webdataset, iter_webdataset, shard_urls
-from pipeline.store.geometry import TINY
-from store_factory import ENCODERS, make_store
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def test_round_trip_is_exact_for_float16(store_path):
 
 
 def test_channel_prefix_reads_return_the_prefix_and_touch_fewer_bytes(store_path, monkeypatch):
-    path, index, written = store_path
+    path, _index, _written = store_path
     store = Store(str(path))
     full = store.read_features(1)
     np.testing.assert_array_equal(store.read_features(1, channels=16), full[..., :16])
@@ -73,7 +79,7 @@ def test_overlapping_clips_share_frames(store_path):
 
 
 def test_open_by_file_url(store_path):
-    path, index, written = store_path
+    path, _index, written = store_path
     store = Store(f"file://{path}")
     np.testing.assert_array_equal(store.read_latents(2), written[("latents", 2)])
 
@@ -94,7 +100,7 @@ def test_newer_format_version_is_refused(tmp_path):
 
 
 def test_unfinished_store_is_not_readable_as_finished(tmp_path):
-    w, index, _ = make_store(tmp_path / "s.zarr", scenes=1, frames=25, finalize=False)
+    w, _index, _ = make_store(tmp_path / "s.zarr", scenes=1, frames=25, finalize=False)
     with pytest.raises(IncompleteStoreError, match="never finished"):
         Store(str(tmp_path / "s.zarr"))
     with pytest.raises(StoreError, match="not done"):
@@ -140,7 +146,7 @@ def test_rerun_of_an_unfinished_store_with_other_settings_is_refused(tmp_path):
 
 
 def test_flip_variants_are_rows_of_the_same_clip(tmp_path):
-    _, index, written = make_store(tmp_path / "s.zarr", scenes=1, frames=25, variants=("orig", "hflip"))
+    _, _index, written = make_store(tmp_path / "s.zarr", scenes=1, frames=25, variants=("orig", "hflip"))
     store = Store(str(tmp_path / "s.zarr"))
     assert len(store) == 1 and store.variants == ["orig", "hflip"]
     np.testing.assert_array_equal(store.read_latents(0, variant=1), written[("latents", 1)])
@@ -158,7 +164,7 @@ def test_verify_detects_a_changed_row(tmp_path):
 
 
 def test_webdataset_export_reads_back_equal_to_zarr(tmp_path, store_path):
-    path, index, _ = store_path
+    path, _index, _ = store_path
     store = Store(str(path))
     shards = export_webdataset(store, str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
     assert len(shards) > 1 and shard_urls(str(tmp_path / "wds")) == shards

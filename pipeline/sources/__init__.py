@@ -28,4 +28,4 @@ def get_source(name: str, root: str | None = None, split: str = "train", **optio
     return getattr(importlib.import_module(module), cls)(root=root, split=split, **options)
 
 
-__all__ = ["FrameRef", "Source", "SourceError", "SOURCES", "get_source"]
+__all__ = ["SOURCES", "FrameRef", "Source", "SourceError", "get_source"]

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from bisect import bisect_left
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image
 
 from .base import FrameRef, Source, SourceError
 from .common import gap_free_windows, load_split_file, read_rgb

@@ -67,7 +67,7 @@ class PCABasis:
                             "feature_dim": self.feature_dim})
 
     @classmethod
-    def load(cls, group) -> "PCABasis":
+    def load(cls, group) -> PCABasis:
         missing = [n for n in BASIS_ARRAYS if n not in group]
         if missing:
             raise ValueError(f"PCA basis at {group.store_path} lacks arrays {missing}")

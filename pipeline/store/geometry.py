@@ -72,7 +72,7 @@ class Geometry:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
+    def from_dict(cls, d: dict) -> Geometry:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

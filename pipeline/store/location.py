@@ -16,7 +16,7 @@ def is_url(location: str) -> bool:
 def writable_location(location: str) -> str:
     """zarr's FsspecStore does not create local folders: write file:// URLs as plain paths."""
     location = str(location)
-    return location[len("file://"):] if location.startswith("file://") else location
+    return location.removeprefix("file://")
 
 
 def open_group(location: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:

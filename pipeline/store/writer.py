@@ -19,7 +19,14 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from .. import __version__
 from ..clips import ClipIndex
 from .basis import PCABasis
-from .format import FORMAT_NAME, FORMAT_VERSION, VARIANT_SUFFIX, StoreError, check_manifest, compatibility_view
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    VARIANT_SUFFIX,
+    StoreError,
+    check_manifest,
+    compatibility_view,
+)
 from .geometry import Geometry
 from .location import filesystem, open_group, write_atomic
 
@@ -66,7 +73,7 @@ class StoreWriter:
                source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
                clip_stride: int = 1, channel_chunk: int = 128, compression: str = "blosc-zstd",
                extra: dict | None = None, storage_options: dict | None = None,
-               overwrite: bool = False) -> "StoreWriter":
+               overwrite: bool = False) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
         same manifest (a rerun after a kill resumes). A finished store is left alone unless
         `overwrite`; an unfinished store made with other settings is refused, naming the field."""
