@@ -9,6 +9,7 @@ TORCH_INDEX ?=
 DATASET ?= synthetic
 DATA_ROOT ?=
 SPLIT ?= train
+SPLIT_FILE ?=
 PRESET ?= tiny
 RUN ?= runs/demo
 STORE ?= $(RUN)/store.zarr
@@ -36,7 +37,8 @@ lint: install
 
 cache: install
 	$(PY) -m jobs.cache --preset $(PRESET) --dataset $(DATASET) --split $(SPLIT) --out $(STORE) \
-		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(SPLIT_FILE),--source-options '{"split_file": "$(SPLIT_FILE)"}') $(ARGS)
 
 info: install
 	$(PY) -m jobs.store info $(STORE)

@@ -144,3 +144,18 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
     np.testing.assert_array_equal(a.group["frames/features"][...], b.group["frames/features"][...])
     np.testing.assert_array_equal(a.group["clips/latents"][...], b.group["clips/latents"][...])
     assert a.verify() == []
+
+
+def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_address, tmp_path):
+    from fake_datasets import make_nuscenes
+    tree = make_nuscenes(tmp_path / "nuscenes", scenes=3, frames_per_scene=26)
+    store = tmp_path / "nuscenes.zarr"
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    run = subprocess.run(["make", "--no-print-directory", "cache", "DATASET=nuscenes", f"DATA_ROOT={tmp_path / 'nuscenes'}",
+                          "SPLIT=train", f"SPLIT_FILE={tree['split_file']}", f"STORE={store}",
+                          f"ARGS=--pca {cached[0]} --no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = Store(str(store)).manifest
+    assert (m["dataset"], m["split"], m["fps"]) == ("nuscenes", "train", 12.0)
+    assert len(Store(str(store))) == 2  # train = every scene but the last: one 25-frame window each
