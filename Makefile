@@ -61,3 +61,13 @@ rollout: install
 demo: install
 	$(PY) -m jobs.cache --preset tiny --out $(STORE) --source-options '{"num_scenes": 12, "frames_per_scene": 49}'
 	$(PY) -m jobs.store info $(STORE)
+
+# see the future of one clip (or ARGS="--video drive.mp4"): PNG grid + mp4 under $(RUN)/predict
+predict: install
+	$(PY) -m jobs.predict --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
+		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/predict $(ARGS)
+
+# Re2Pix vs Baseline on the validation store: table on screen, JSON in $(RUN)/eval/results.json
+evaluate: install
+	$(PY) -m jobs.evaluate --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
+		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/eval/results.json $(ARGS)

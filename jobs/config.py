@@ -6,17 +6,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 
 PRESETS = Path(__file__).parent / "presets"
 
 
-def _parse_type(tp):
-    origin = typing.get_origin(tp)
+def _unwrap_optional(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
-        return _parse_type(args[0])
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _parse_type(tp):
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
     if tp in (int, float, str):
         return tp
     if origin in (list, tuple) or tp in (list, tuple, dict) or origin is dict:
@@ -42,7 +48,7 @@ def parse_config(cls, job: str, argv=None, description: str = "", default_preset
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
-        if tp is bool:
+        if _unwrap_optional(tp) is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(flag, dest=f.name, type=_parse_type(tp), default=None, help=help_text)

@@ -1,0 +1,552 @@
+"""See the future: `python -m jobs.predict --preset tiny --store runs/demo/val.zarr --clip 0`.
+
+Input: a clip of a store (`--store S --clip i`, or `--clip-id ID`), or a video file / folder of frames
+(`--video PATH`). For a video the encoders run here (never in the trainer): frames resized as the
+cache job does, DINOv2 on frames 0, 4, 8, 12 (and 16, 20, 24 when present) projected with the PCA
+basis of `--store` (or `--pca` with `--geometry`), and the WAN2.1 VAE on frames 0-24 when the video
+has 25 frames (the causal VAE then gives the same context latents as the cache job and a ground-truth
+row) or on frames 0-12 when it has 13-24 (4 context latents, no ground truth).
+
+Then Stage 1 rolls out the features of latents 4-6 from the 4 context feature maps, Stage 2 samples
+latents 4-6 conditioned on [context features, forecast features] (Re2Pix) and without features
+(Baseline, when `--baseline` holds a checkpoint; its row is omitted otherwise), both from the same
+initial noise (`--seed`), and the VAE decodes [z0..z3, ẑ4..ẑ6] as one sequence into 25 frames, of
+which 13-24 are the prediction (DESIGN, eq. 8).
+
+Writes OUT/NAME.png (the paper's figure: context frames and their DINOv2 features bordered green,
+then ground truth, Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB of
+their first three PCA components, scaled per component between the 1st and 99th percentiles over
+the clip), OUT/NAME.mp4 (all 25 frames, the rows side by side) and OUT/NAME.json (what was run, and
+PSNR / SSIM per predicted frame against the ground truth when there is one). For a store clip the
+ground truth is the VAE reconstruction of the stored latents (a store holds latents, not pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.config import parse_config
+
+log = logging.getLogger("re2pix.predict")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class PredictConfig:
+    store: str | None = field(default="runs/demo/val.zarr",
+                              metadata={"help": "store to take the clip from (and, for --video, the PCA basis)"})
+    clip: int = field(default=0, metadata={"help": "clip number in the store"})
+    clip_id: str | None = field(default=None, metadata={"help": "clip by its id instead of --clip"})
+    video: str | None = field(default=None, metadata={"help": "a video file or a folder of frames (>= 13 frames)"})
+    pca: str | None = field(default=None, metadata={"help": "--video without --store: PCA basis path/URL"})
+    geometry: str = field(default="tiny", metadata={"help": "--video without --store: tiny or paper"})
+    dinov2: str | None = field(default=None, metadata={"help": "DINOv2 spec (default: the store's weights id)"})
+    vae: str | None = field(default=None, metadata={"help": "VAE spec (default: the store's weights id)"})
+    allow_download: bool = False
+    allow_weights_mismatch: bool = field(default=False, metadata={
+        "help": "use encoders whose sha256 differs from the store's record"})
+    stage1: str = field(default="runs/demo/train/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
+    stage2: str = field(default="runs/demo/train/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
+    baseline: str | None = field(default="runs/demo/train/baseline", metadata={
+        "help": "Baseline run dir or checkpoint; its row is left out when it holds none ('' for none)"})
+    weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
+    steps: int = field(default=35, metadata={"help": "sampler steps"})
+    solver: str = field(default="heun", metadata={"help": "heun or euler"})
+    seed: int = 0
+    guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
+    guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
+    out: str = field(default="runs/demo/predict", metadata={"help": "output folder"})
+    name: str | None = field(default=None, metadata={"help": "output file stem (default: clip id / video name)"})
+    grid_frames: str = field(default="features", metadata={
+        "help": "'features': the frames with feature maps (0, 4, ..., 24); 'all': every frame"})
+    cell_height: int | None = field(default=None, metadata={"help": "grid cell height in px (default: frame size)"})
+    fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
+    device: str = "auto"
+    threads: int = 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    task: str  # stage1, stage2, baseline
+    fingerprint: str
+    checkpoint: str
+
+    def describe(self) -> dict:
+        return {"task": self.task, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint}
+
+
+def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu") -> LoadedModel:
+    """A trained model from a trainer run dir (its latest checkpoint) or a checkpoint folder.
+
+    Reads the trainer's format (model/checkpoint.py): meta.json names the task and the model config,
+    the weights are model/ema.safetensors and must hash to the fingerprint meta.json recorded."""
+    from model.checkpoint import load_weights, read_meta, resolve_checkpoint, weights_fingerprint
+    from model.stage1 import MaskedFeatureTransformer, Stage1Config
+    from model.stage2 import DiTConfig, Re2PixDiT
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    task = meta.get("task")
+    if task not in tasks:
+        raise SystemExit(f"{ckpt} holds a {task} checkpoint; expected {' or '.join(tasks)}")
+    if weights == "auto":
+        weights = "ema" if "ema_fingerprint" in meta else "model"
+    state = load_weights(ckpt, weights)
+    fingerprint = weights_fingerprint(state)
+    if fingerprint != meta.get(f"{weights}_fingerprint"):
+        raise SystemExit(f"{ckpt}/{weights}.safetensors does not match the fingerprint in its meta.json: damaged")
+    if task == "stage1":
+        model = MaskedFeatureTransformer(Stage1Config.from_dict(meta["model_config"]))
+    else:
+        model = Re2PixDiT(DiTConfig.from_dict(meta["model_config"]))
+    model.load_state_dict(state)
+    return LoadedModel(model.to(device).eval(), task, fingerprint, str(ckpt))
+
+
+def has_checkpoint(path: str | None) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    return (p / "meta.json").exists() or (p / "latest.json").exists()
+
+
+@dataclass
+class Models:
+    stage1: LoadedModel
+    stage2: LoadedModel
+    baseline: LoadedModel | None
+
+    @classmethod
+    def load(cls, stage1: str, stage2: str, baseline: str | None, weights="auto", device="cpu") -> Models:
+        base = None
+        if has_checkpoint(baseline):
+            base = load_model(baseline, ("baseline",), weights, device)
+        elif baseline:
+            log.warning("no Baseline checkpoint at %s: its row is left out", baseline)
+        return cls(load_model(stage1, ("stage1",), weights, device),
+                   load_model(stage2, ("stage2",), weights, device), base)
+
+    def check(self, geometry, channels: int) -> None:
+        s1, s2 = self.stage1.model.config, self.stage2.model.cfg
+        if tuple(s1.feature_hw) != tuple(geometry.feature_hw) or s1.context_frames != geometry.context_latents:
+            raise SystemExit(f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data has "
+                             f"{geometry.context_latents} of {tuple(geometry.feature_hw)}")
+        if max(s1.num_pca_channels, s2.feature_channels) > channels:
+            raise SystemExit(f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; "
+                             f"the data has {channels}")
+        for m in [self.stage2] + ([self.baseline] if self.baseline else []):
+            if m.model.cfg.latent_channels != geometry.latent_channels:
+                raise SystemExit(f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the data "
+                                 f"{geometry.latent_channels}")
+
+    def describe(self) -> dict:
+        out = {"stage1": self.stage1.describe(), "stage2": self.stage2.describe()}
+        if self.baseline:
+            out["baseline"] = self.baseline.describe()
+        return out
+
+
+@dataclass
+class Sampler:
+    steps: int = 35
+    solver: str = "heun"
+    guidance_channels: int | None = None
+    guidance_weight: float = 0.0
+
+    def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
+        """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
+        from model.diffusion import sample
+        guided = features is not None and self.guidance_weight != 0.0
+        return sample(model, context_latents, features, num_steps=self.steps, solver=self.solver,
+                      num_future=noise.shape[2], initial_noise=noise,
+                      guidance_channels=self.guidance_channels if guided else None,
+                      guidance_weight=self.guidance_weight if guided else 0.0)
+
+
+def forecast_features(models: Models, context: torch.Tensor, future: int) -> torch.Tensor:
+    """Stage 1 rollout: context [B, 4, H, W, >=c1] -> [B, future, H, W, c1] float32."""
+    from model.stage1 import rollout
+    c1 = models.stage1.model.config.num_pca_channels
+    with torch.no_grad():
+        return rollout(models.stage1.model, context[..., :c1].float(), steps=future).float()
+
+
+def stage2_features(context: torch.Tensor, forecast: torch.Tensor, channels: int) -> torch.Tensor:
+    """Re2Pix conditioning [B, 4 + F, H, W, channels]: ground-truth context features and Stage 1's
+    forecast, cut or zero-padded to the DiT's channels (zero channels = nested truncation)."""
+    forecast = forecast[..., :channels]
+    if forecast.shape[-1] < channels:
+        forecast = torch.nn.functional.pad(forecast, (0, channels - forecast.shape[-1]))
+    return torch.cat([context[..., :channels].float(), forecast.float()], dim=1)
+
+
+def sample_models(models: Models, sampler: Sampler, context_latents: torch.Tensor, features: torch.Tensor,
+                  noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"re2pix": [B, 16, 7, h, w], "baseline": ...} from the same initial noise [B, 16, F, h, w]."""
+    out = {"re2pix": sampler(models.stage2.model, context_latents, features, noise)}
+    if models.baseline is not None:
+        out["baseline"] = sampler(models.baseline.model, context_latents, None, noise)
+    return out
+
+
+# --------------------------------------------------------------------------- encoders and the VAE
+
+
+class LatentCodec:
+    """The VAE with the store's latent normalization: latents in the store's space in and out."""
+
+    def __init__(self, vae, latent_norm: dict | None):
+        self.vae = vae
+        shape = (1, -1, 1, 1, 1)
+        own_mean, own_std = torch.tensor(vae.latents_mean), torch.tensor(vae.latents_std)
+        mean = torch.tensor(latent_norm["mean"]) if latent_norm else own_mean
+        std = torch.tensor(latent_norm["std"]) if latent_norm else own_std
+        # store-normalized z -> raw -> the VAE's own normalization: z * a + b
+        self.a = (std / own_std).view(shape)
+        self.b = ((mean - own_mean) / own_std).view(shape)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """[B, 16, T, h, w] store-normalized -> uint8 frames [B, 1 + 4 (T - 1), H, W, 3]."""
+        z = latents.float().cpu() * self.a + self.b
+        return self.vae.decode(z).cpu().numpy()
+
+    def encode(self, clips: np.ndarray) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> store-normalized latents [B, 16, t, h, w] (through float16, as stored)."""
+        z = self.vae(clips).float().cpu()
+        return ((z - self.b) / self.a).half().float()
+
+
+def load_vae_for(spec: str | None, manifest: dict | None, geometry, device, allow_download=False,
+                 allow_mismatch=False):
+    from pipeline.encoders import load_vae
+    return _checked(load_vae(spec or _weights_id(manifest, "vae"), input_hw=geometry.vae_input_hw, device=device,
+                             allow_download=allow_download), manifest, "vae", allow_mismatch)
+
+
+def load_dinov2_for(spec: str | None, manifest: dict | None, geometry, device, allow_download=False,
+                    allow_mismatch=False):
+    from pipeline.encoders import load_dinov2
+    enc = load_dinov2(spec or _weights_id(manifest, "dinov2"), input_hw=geometry.dino_input_hw, device=device,
+                      allow_download=allow_download)
+    if enc.feature_dim != geometry.feature_dim:
+        raise SystemExit(f"DINOv2 {spec} gives {enc.feature_dim}-d features; the data has {geometry.feature_dim}")
+    return _checked(enc, manifest, "dinov2", allow_mismatch)
+
+
+def _weights_id(manifest: dict | None, name: str) -> str:
+    wid = ((manifest or {}).get("encoders", {}).get(name) or {}).get("weights_id")
+    if not wid:
+        raise SystemExit(f"no --{name} given and no store records which {name} made it")
+    return wid
+
+
+def _checked(encoder, manifest: dict | None, name: str, allow_mismatch: bool):
+    want = ((manifest or {}).get("encoders", {}).get(name) or {}).get("sha256")
+    if want and encoder.describe()["sha256"] != want:
+        msg = (f"the {name} weights loaded ({encoder.weights_id}, sha256 {encoder.describe()['sha256'][:12]}) are "
+               f"not the ones the store was made with (sha256 {want[:12]})")
+        if not allow_mismatch:
+            raise SystemExit(msg + ": pass the same weights, or --allow-weights-mismatch")
+        log.warning("%s", msg)
+    return encoder
+
+
+def encode_features(dino, basis, frames: np.ndarray, geometry) -> np.ndarray:
+    """uint8 frames [N, H, W, 3] -> PCA features [N, h, w, C] float32 (resized and rounded through
+    float16 exactly as the cache job stores them)."""
+    from pipeline.frames import resize_frames
+    raw = dino(resize_frames(frames, geometry.dino_input_hw)).float().cpu().numpy()
+    return basis.project(raw).astype(np.float16).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class ClipInput:
+    name: str
+    features: np.ndarray  # [7 or 4, H, W, C] float32: ground-truth PCA features of frames 0, 4, ...
+    latents: np.ndarray  # [16, 7 or 4, h, w] float32, store-normalized
+    frames: np.ndarray | None  # uint8 [25 or 13, H, W, 3] at the VAE size (video input); None for a store clip
+    fps: float
+    source: dict
+
+
+@dataclass
+class DataSpace:
+    geometry: object
+    basis: object
+    manifest: dict | None
+    fps: float
+
+    @property
+    def latent_norm(self) -> dict | None:
+        return (self.manifest or {}).get("latent_norm")
+
+
+def open_space(cfg: PredictConfig):
+    """(DataSpace, Store or None) from --store, or from --pca and --geometry."""
+    from pipeline.store.geometry import GEOMETRIES
+    if cfg.store:
+        from pipeline.store.reader import Store
+        store = Store(cfg.store)
+        basis = store.basis if cfg.video else None
+        return DataSpace(store.geometry, basis, store.manifest, float(store.manifest.get("fps") or 10.0)), store
+    if not cfg.video or not cfg.pca:
+        raise SystemExit("give --store (a clip of it, or its PCA basis for --video), or --video with --pca")
+    from pipeline.pca import load_basis
+    geometry = GEOMETRIES[cfg.geometry]
+    basis = load_basis(cfg.pca)
+    if basis.num_components < geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
+        raise SystemExit(f"--pca {cfg.pca} has {basis.num_components} components of {basis.feature_dim}-d "
+                         f"features; geometry {cfg.geometry} needs {geometry.num_pca_channels} of {geometry.feature_dim}")
+    return DataSpace(geometry, basis, None, 10.0), None
+
+
+def store_clip(store, clip: int, clip_id: str | None = None) -> ClipInput:
+    if clip_id is not None:
+        if clip_id not in store.clip_ids:
+            raise SystemExit(f"{store.location} has no clip {clip_id!r}")
+        clip = store.clip_ids.index(clip_id)
+    arrays = store.read_clip(clip)
+    return ClipInput(arrays.clip_id, arrays.features.astype(np.float32), arrays.latents.astype(np.float32), None,
+                     float(store.manifest.get("fps") or 10.0),
+                     {"store": store.location, "clip": clip, "clip_id": arrays.clip_id})
+
+
+def read_video(path: str, max_frames: int) -> tuple[np.ndarray, float | None]:
+    """The first `max_frames` frames of a video file or an image folder (natural name order): uint8
+    [N, H, W, 3], and the video's frame rate (None for a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        import re
+
+        from PIL import Image
+
+        def natural(q):
+            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", q.name)]
+
+        files = sorted((q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES), key=natural)[:max_frames]
+        return np.stack([np.asarray(Image.open(q).convert("RGB")) for q in files]) if files else np.zeros(0), None
+    if not p.is_file():
+        raise SystemExit(f"--video {path}: no such file or folder")
+    import av
+    frames = []
+    try:
+        with av.open(str(p)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == max_frames:
+                    break
+    except (av.error.FFmpegError, IndexError) as e:
+        raise SystemExit(f"--video {path}: cannot decode ({e})") from e
+    return (np.stack(frames) if frames else np.zeros(0)), (float(rate) if rate else None)
+
+
+def video_clip(path: str, space: DataSpace, dino, codec: LatentCodec) -> ClipInput:
+    """Encode a video here: 25 frames (with ground truth) or 13 (context only)."""
+    from pipeline.frames import resize_frames
+    g = space.geometry
+    frames, rate = read_video(path, g.clip_frames)
+    n = len(frames)
+    if n < g.context_frames:
+        raise SystemExit(f"--video {path} has {n} frames; prediction needs at least {g.context_frames} "
+                         f"(context), {g.clip_frames} for a ground-truth row")
+    n = g.clip_frames if n >= g.clip_frames else g.context_frames
+    frames = resize_frames(frames[:n], g.vae_input_hw)
+    latents = codec.encode(frames[None])[0].numpy()  # [16, 7 or 4, h, w]
+    features = encode_features(dino, space.basis, frames[:: g.temporal_downsample], g)  # [7 or 4, H, W, C]
+    return ClipInput(Path(path).stem, features, latents, frames, rate or space.fps,
+                     {"video": str(path), "frames_used": n})
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class Prediction:
+    clip: ClipInput
+    forecast: np.ndarray  # [3, H, W, c1] Stage 1 features of latents 4-6
+    latents: dict  # name -> [16, 7, h, w] float32 (re2pix, baseline)
+    frames: dict  # "ground truth", "Baseline", "Re2Pix" -> uint8 [25 (or 13 for GT), H, W, 3]
+    ground_truth: str | None  # "vae_reconstruction", "video" or None
+
+
+def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: LatentCodec, geometry,
+                 seed: int = 0) -> Prediction:
+    m, fut = geometry.context_latents, geometry.future_latents
+    device = next(models.stage2.model.parameters()).device
+    context = torch.from_numpy(clip.features[None, :m]).to(device)  # [1, 4, H, W, C]
+    forecast = forecast_features(models, context, fut)  # [1, 3, H, W, c1]
+    features = stage2_features(context, forecast, models.stage2.model.cfg.feature_channels)
+    z_ctx = torch.from_numpy(clip.latents[None, :, :m]).to(device)
+    gen = torch.Generator().manual_seed(seed)  # the same noise on every device
+    noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)
+    sampled = sample_models(models, sampler, z_ctx, features, noise)
+    frames, gt = {}, None
+    if clip.frames is not None:
+        frames["ground truth"], gt = clip.frames, "video"
+    elif clip.latents.shape[1] == geometry.latent_frames:
+        frames["ground truth"], gt = codec.decode(torch.from_numpy(clip.latents[None]))[0], "vae_reconstruction"
+    names = {"baseline": "Baseline", "re2pix": "Re2Pix"}
+    for key in ("baseline", "re2pix"):
+        if key in sampled:
+            frames[names[key]] = codec.decode(sampled[key])[0]
+    return Prediction(clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()},
+                      frames, gt)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _cell_hw(frame_hw, cell_height):
+    if not cell_height:
+        return tuple(frame_hw)
+    return int(cell_height), max(1, round(frame_hw[1] * cell_height / frame_hw[0]))
+
+
+def figure(pred: Prediction, geometry, grid_frames: str = "features", cell_height: int | None = None):
+    """The paper-style grid (module docstring) as uint8 [H, W, 3]."""
+    from pipeline.figures import CONTEXT_BORDER, PREDICTED_BORDER, Row, Section, features_to_rgb, make_grid
+    if grid_frames not in ("features", "all"):
+        raise SystemExit(f"--grid-frames must be 'features' or 'all', got {grid_frames!r}")
+    g, r = geometry, geometry.temporal_downsample
+    m = g.context_latents
+    feats = np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]])  # [7, H, W, 3]
+    rgb = features_to_rgb(feats)  # one colour scale for the whole clip
+    step = r if grid_frames == "features" else 1
+    ctx_cols = list(range(0, g.context_frames, step))
+    fut_cols = [k for k in range(g.context_frames, g.clip_frames) if grid_frames == "all" or k % r == 0]
+
+    def feature_cells(cols):
+        return [rgb[k // r] if k % r == 0 else None for k in cols]
+
+    gt = pred.frames.get("ground truth")
+    ctx_rows = [Row("context frames", [gt[k] if gt is not None else pred.frames["Re2Pix"][k] for k in ctx_cols]),
+                Row("DINOv2 features\n(PCA 1-3)", feature_cells(ctx_cols))]
+    fut_rows = []
+    if gt is not None and len(gt) == g.clip_frames:
+        label = "ground truth" + ("\n(VAE reconstruction)" if pred.ground_truth == "vae_reconstruction" else "")
+        fut_rows.append(Row(label, [gt[k] for k in fut_cols]))
+    for name in ("Baseline", "Re2Pix"):
+        if name in pred.frames:
+            fut_rows.append(Row(name, [pred.frames[name][k] for k in fut_cols]))
+    fut_rows.append(Row("forecast features\n(Stage 1, PCA 1-3)", feature_cells(fut_cols)))
+    sections = [Section(f"context: frames 0-{g.context_frames - 1}", ctx_rows, CONTEXT_BORDER,
+                        [f"frame {k}" for k in ctx_cols]),
+                Section(f"predicted: frames {g.context_frames}-{g.clip_frames - 1}", fut_rows, PREDICTED_BORDER,
+                        [f"frame {k}" for k in fut_cols])]
+    frame_hw = pred.frames["Re2Pix"].shape[1:3]
+    return make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
+
+
+def video(pred: Prediction, geometry, cell_height: int | None = None) -> np.ndarray:
+    """Panels [25, H, W, 3]: ground truth | Baseline | Re2Pix | features, frame by frame."""
+    from pipeline.figures import features_to_rgb, frame_panels
+    g, r = geometry, geometry.temporal_downsample
+    m = g.context_latents
+    rgb = features_to_rgb(np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]]))
+    columns = [(name, list(pred.frames[name])) for name in ("ground truth", "Baseline", "Re2Pix")
+               if name in pred.frames]
+    columns.append(("features", [rgb[-(-k // r)] for k in range(g.clip_frames)]))
+    frame_hw = pred.frames["Re2Pix"].shape[1:3]
+    return frame_panels(columns, g.context_frames, cell_hw=_cell_hw(frame_hw, cell_height))
+
+
+def figure_rows(pred: Prediction, geometry) -> list[str]:
+    """The predicted section's rows, top to bottom (a ground truth shorter than a clip has none)."""
+    rows = [k for k, v in pred.frames.items() if k != "ground truth" or len(v) == geometry.clip_frames]
+    return rows + ["forecast features"]
+
+
+def frame_scores(pred: Prediction, geometry) -> dict:
+    """PSNR / SSIM per predicted frame against the ground truth (when there is one)."""
+    from model.video_metrics import psnr, ssim
+    gt = pred.frames.get("ground truth")
+    if gt is None or len(gt) < geometry.clip_frames:
+        return {}
+    s = slice(geometry.context_frames, geometry.clip_frames)
+    out = {}
+    for name in ("Baseline", "Re2Pix"):
+        if name in pred.frames:
+            out[name.lower()] = {"psnr": [round(float(v), 4) for v in psnr(pred.frames[name][s], gt[s])],
+                                 "ssim": [round(float(v), 5) for v in ssim(pred.frames[name][s], gt[s])]}
+    return out
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def run_predict(cfg: PredictConfig) -> dict:
+    from pipeline.figures import save_png, write_mp4
+    t0 = time.time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    space, store = open_space(cfg)
+    models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
+    models.check(space.geometry, space.geometry.num_pca_channels)
+    vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
+    codec = LatentCodec(vae, space.latent_norm)
+    if cfg.video:
+        dino = load_dinov2_for(cfg.dinov2, space.manifest, space.geometry, device, cfg.allow_download,
+                               cfg.allow_weights_mismatch)
+        clip = video_clip(cfg.video, space, dino, codec)
+    else:
+        clip = store_clip(store, cfg.clip, cfg.clip_id)
+    sampler = Sampler(cfg.steps, cfg.solver, cfg.guidance_channels, cfg.guidance_weight)
+    with torch.no_grad():
+        pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
+    name = cfg.name or clip.name
+    out = Path(cfg.out)
+    png = save_png(out / f"{name}.png", figure(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
+    mp4 = write_mp4(out / f"{name}.mp4", video(pred, space.geometry, cfg.cell_height), fps=cfg.fps or clip.fps)
+    summary = {"name": name, "source": clip.source, "png": str(png), "mp4": str(mp4),
+               "ground_truth": pred.ground_truth, "rows": ["context"] + figure_rows(pred, space.geometry),
+               "frames": {"context": [0, space.geometry.context_frames - 1],
+                          "predicted": [space.geometry.context_frames, space.geometry.clip_frames - 1]},
+               "models": models.describe(), "sampler": {**asdict(sampler), "seed": cfg.seed},
+               "scores": frame_scores(pred, space.geometry), "seconds": round(time.time() - t0, 2)}
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    summary["json"] = str(out / f"{name}.json")
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg, _ = parse_config(PredictConfig, "predict", argv, description=__doc__)
+    from pipeline.encoders import EncoderWeightsError
+    from pipeline.store.format import StoreError
+    try:
+        summary = run_predict(cfg)
+    except (StoreError, EncoderWeightsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, s in summary["scores"].items():
+        print(f"{name:9s} PSNR {np.mean(s['psnr']):.2f} dB  SSIM {np.mean(s['ssim']):.4f}  "
+              f"(frames {summary['frames']['predicted'][0]}-{summary['frames']['predicted'][1]} vs "
+              f"{summary['ground_truth']})")
+    print(f"wrote {summary['png']}, {summary['mp4']} and {summary['json']} in {summary['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Write Stage 1's predicted future features into stores, for Stage 2's mixed supervision:
+`python -m jobs.rollout --checkpoint runs/demo/train/stage1 --store runs/demo/store.zarr`.
+
+For every clip row (every flip variant, so a flipped latent never meets unflipped predictions) the
+trained Stage 1 rolls out latent frames 4, 5, 6 from the clip's ground-truth features 0-3 with its
+sliding 4-frame window, and the result goes to clips/pred_features [rows, 3, H, W, C] float16 with the
+checkpoint's weight fingerprint in its attributes (channels past the ones the model predicts are
+zero: the array attribute `channels` says how many it predicted).
+
+Resumable: rows are done in chunks of --chunk-rows; each finished chunk is recorded atomically as
+progress/rollout-{fingerprint[:16]}/chunk-NNNNNN.json (a folder beside the cache job's unit
+records, which stay the only *.json directly under progress/). A rerun skips recorded chunks and
+marks the array complete when every chunk is there. Under torchrun the chunks are split over ranks.
+Rollouts of another checkpoint are refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from jobs.config import parse_config
+
+log = logging.getLogger("re2pix.rollout")
+
+
+@dataclass
+class RolloutConfig:
+    checkpoint: str = field(default="runs/demo/train/stage1",
+                            metadata={"help": "a Stage 1 run dir (its latest checkpoint) or a checkpoint folder"})
+    store: str = field(default="runs/demo/store.zarr", metadata={"help": "store path/URL, several separated by commas"})
+    weights: str = field(default="auto", metadata={"help": "auto (EMA when the checkpoint has it), ema or model"})
+    batch_size: int = 8
+    chunk_rows: int = field(default=64, metadata={"help": "clip rows per progress record (the resume unit)"})
+    device: str = "auto"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
+    overwrite: bool = field(default=False, metadata={"help": "replace rollouts of another checkpoint, start over"})
+    progress: bool = True
+    storage_options: dict = field(default_factory=dict)
+
+
+def load_stage1(checkpoint: str, weights: str = "auto", device="cpu"):
+    """(model in eval mode, fingerprint of the loaded weights, checkpoint folder)."""
+    from model.checkpoint import load_weights, read_meta, resolve_checkpoint, weights_fingerprint
+    from model.tasks import Stage1Task
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    if meta.get("task") != "stage1":
+        raise SystemExit(f"{ckpt} is a {meta.get('task')} checkpoint; the rollout needs a Stage 1 one")
+    if weights == "auto":
+        weights = "ema" if "ema_fingerprint" in meta else "model"
+    state = load_weights(ckpt, weights)
+    fingerprint = weights_fingerprint(state)
+    if fingerprint != meta.get(f"{weights}_fingerprint"):
+        raise SystemExit(f"{ckpt}/{weights}.safetensors does not match the fingerprint its meta.json recorded: "
+                         "the checkpoint is damaged")
+    model = Stage1Task.from_config(meta["model_config"]).build_model()
+    model.load_state_dict(state)
+    return model.to(device).eval(), fingerprint, ckpt
+
+
+def _marker_dir(root: str, fingerprint: str) -> str:
+    return f"{root}/progress/rollout-{fingerprint[:16]}"
+
+
+def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, runtime) -> dict:
+    """Write (or finish writing) the rollouts of one store; returns a summary."""
+    from model.loop import autocast
+    from model.stage1 import rollout
+    from pipeline.store.format import StoreError
+    from pipeline.store.location import write_atomic
+    from pipeline.store.reader import Store
+    from pipeline.store.writer import StoreWriter, digest
+
+    storage = cfg.storage_options or None
+    store = Store(location, storage)
+    mcfg = model.config
+    g = store.geometry
+    if tuple(mcfg.feature_hw) != tuple(g.feature_hw) or mcfg.num_pca_channels > store.num_channels:
+        raise SystemExit(f"the Stage 1 model takes {mcfg.num_pca_channels} channels on a {tuple(mcfg.feature_hw)} "
+                         f"grid; {location} holds {store.num_channels} on {g.feature_hw}")
+    if mcfg.context_frames != g.context_latents:
+        raise SystemExit(f"the model has {mcfg.context_frames} context frames, the store {g.context_latents}")
+    summary = {"store": location, "fingerprint": fingerprint, "rows": len(store) * store.num_variants, "written": 0}
+    if store.has_pred_features and store.pred_features_fingerprint == fingerprint and not cfg.overwrite:
+        log.info("%s already holds the rollouts of %s", location, fingerprint[:12])
+        return summary
+
+    existing = store.pred_features_fingerprint
+    if existing not in (None, fingerprint) and not cfg.overwrite:  # every rank refuses alike
+        raise StoreError(f"{location} holds rollouts of checkpoint {existing[:12]}; pass --overwrite to replace "
+                         f"them with {fingerprint[:12]}")
+    writer = StoreWriter(location, storage)
+    fs, marks = writer.fs, _marker_dir(writer.root, fingerprint)
+    if runtime.is_main:
+        if cfg.overwrite and fs.exists(marks):  # start over
+            fs.rm(marks, recursive=True)
+        # refuses rollouts of another checkpoint, finished or not, unless --overwrite
+        arr = writer.create_pred_features(fingerprint, overwrite=cfg.overwrite)
+        arr.attrs.update({"channels": mcfg.num_pca_channels, "chunk_rows": cfg.chunk_rows})
+    runtime.barrier()
+
+    work = [(i, v) for i in range(len(store)) for v in range(store.num_variants)]  # every clip row
+    chunks = [work[k: k + cfg.chunk_rows] for k in range(0, len(work), cfg.chunk_rows)]
+    done = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{marks}/chunk-*.json")}
+    mine = [k for k in range(len(chunks)) if k % runtime.world == runtime.rank and f"chunk-{k:06d}.json" not in done]
+    c, C, n = mcfg.num_pca_channels, store.num_channels, mcfg.context_frames
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc=f"rollout {location}", unit="row",
+               disable=not (cfg.progress and runtime.is_main))
+    t0 = time.perf_counter()
+    for k in mine:
+        digests = {}
+        for b in range(0, len(chunks[k]), cfg.batch_size):
+            rows = chunks[k][b: b + cfg.batch_size]
+            feats = np.stack([store.read_features(i, channels=c, variant=v)[:n] for i, v in rows])  # [B, 4, H, W, c]
+            context = torch.from_numpy(feats).float().to(runtime.device)
+            with torch.no_grad(), autocast(runtime, cfg.amp):
+                pred = rollout(model, context, steps=g.future_latents)  # [B, 3, H, W, c]
+            pred = pred.float().cpu().numpy().astype(np.float16)
+            if c < C:  # the channels the model does not predict are zero
+                pred = np.concatenate([pred, np.zeros((*pred.shape[:-1], C - c), np.float16)], axis=-1)
+            for (i, v), p in zip(rows, pred):
+                row = store.row(i, v)
+                writer.write_pred_features(row, p)
+                digests[str(row)] = digest(p)
+            bar.update(len(rows))
+        record = {"chunk": k, "fingerprint": fingerprint, "rows": sorted(int(r) for r in digests), "digests": digests}
+        write_atomic(fs, f"{marks}/chunk-{k:06d}.json", json.dumps(record, sort_keys=True).encode())
+        summary["written"] += len(chunks[k])
+    bar.close()
+    runtime.barrier()
+    if runtime.is_main:
+        done = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{marks}/chunk-*.json")}
+        missing = [k for k in range(len(chunks)) if f"chunk-{k:06d}.json" not in done]
+        if missing:
+            raise StoreError(f"{location}: rollout chunks {missing[:5]} are not done; rerun to resume")
+        writer.finish_pred_features()
+    runtime.barrier()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
+    from model.loop import init_runtime
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    runtime = runtime or init_runtime(cfg.device)
+    model, fingerprint, ckpt = load_stage1(cfg.checkpoint, cfg.weights, runtime.device)
+    if runtime.is_main:
+        log.info("rollout of %s (weights %s)", ckpt, fingerprint[:12])
+    return [rollout_store(model, fingerprint, s.strip(), cfg, runtime) for s in cfg.store.split(",") if s.strip()]
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg, _ = parse_config(RolloutConfig, "rollout", argv, description=__doc__)
+    results = run_rollout(cfg)
+    for r in results:
+        print(f"{r['store']}: {r['rows']} rows, {r['written']} written now, checkpoint {r['fingerprint']}")
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

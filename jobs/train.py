@@ -1,0 +1,268 @@
+"""Train Re2Pix from stores: `python -m jobs.train --preset tiny --stage 1 --store runs/demo/store.zarr`.
+
+Stages: `1` (Stage 1 masked feature transformer), `2` (Stage 2 semantic DiT; its mixed supervision
+reads the rollouts in clips/pred_features), `baseline` (the same DiT without features, also
+`--stage 2 --no-semantics`), `all` (Stage 1 -> rollout of Stage 1 into every Zarr store -> Stage 2 ->
+Baseline). Each stage trains in RUN_DIR/{stage1,stage2,baseline}; `--resume` continues every stage
+from its latest checkpoint (a finished stage is only evaluated) and makes `all` resumable as a whole.
+
+Per-stage settings live in the preset's "stage1" and "stage2" objects (see StageConfig); override
+single keys with `--stage1 '{"steps": 200}'`, or for every stage trained now with --steps, --lr,
+--batch-size, --channels. `--store` takes several compatible stores separated by commas, or a
+WebDataset export (its folder with manifest.json, or shard paths/brace patterns). Without
+`--val-store`, whole scenes at the end of the (last) store are held out for evaluation.
+
+Multi-GPU: `torchrun --nproc_per_node 8 -m jobs.train --preset paper --stage 1 --store ...`;
+batch_size is the global batch per optimizer step (split over ranks and accumulation steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jobs.config import load_preset, parse_config
+
+log = logging.getLogger("re2pix.train")
+
+STAGES = ("1", "2", "baseline", "all")
+
+
+@dataclass
+class StageConfig:
+    """One stage's model size and optimization. Fields a stage does not use are ignored by it."""
+
+    model: str = "tiny"  # model preset: tiny or paper (model/stage1.py, model/stage2.py)
+    model_overrides: dict = field(default_factory=dict)
+    channels: int | None = None  # PCA channels read and modelled; None: all the store holds
+    batch_size: int = 8  # global clips per optimizer step
+    grad_accum: int = 1
+    steps: int = 100
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | linear | constant after the warmup
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    pred_p: float = 0.1  # Stage 2: probability of predicted future features (mixed supervision)
+    nested_dropout: bool = True  # Stage 2
+    sample_steps: int = 10  # Stage 2 evaluation: sampler steps
+    sample_solver: str = "heun"
+    sample_clips: int = 4  # Stage 2 evaluation: clips sampled per rank
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> StageConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise SystemExit(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = field(default="1", metadata={"help": "1, 2, baseline or all (1 -> rollout -> 2 -> baseline)"})
+    store: str = field(default="runs/demo/store.zarr",
+                       metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"})
+    val_store: str | None = field(default=None, metadata={"help": "evaluate on this store (else hold out scenes)"})
+    run_dir: str = field(default="runs/demo/train", metadata={"help": "checkpoints and logs, one folder per stage"})
+    stage1: dict = field(default_factory=dict, metadata={"help": "JSON: Stage 1 settings (StageConfig keys)"})
+    stage2: dict = field(default_factory=dict, metadata={"help": "JSON: Stage 2 and Baseline settings"})
+    steps: int | None = field(default=None, metadata={"help": "override steps of every stage trained now"})
+    lr: float | None = None
+    batch_size: int | None = None
+    channels: int | None = None
+    semantics: bool = field(default=True, metadata={"help": "--no-semantics: --stage 2 trains the Baseline"})
+    val_clips: int = field(default=8, metadata={"help": "clips held out for evaluation when no --val-store"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    prefetch_factor: int = 2
+    device: str = "auto"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
+    seed: int = 0
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoints"})
+    compile: bool = False
+    amp: bool = True
+    progress: bool = True
+    rollout_batch_size: int = 8
+    rollout_chunk_rows: int = 64
+    storage_options: dict = field(default_factory=dict)
+
+
+def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
+    sc = StageConfig.from_dict(getattr(cfg, which), f"the {which} settings")
+    for name in ("steps", "lr", "batch_size", "channels"):
+        if getattr(cfg, name) is not None:
+            setattr(sc, name, getattr(cfg, name))
+    return sc
+
+
+def _sources(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
+    """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
+    few training batches of a WebDataset)."""
+    from model.data import ClipStream, split_by_scene
+    from pipeline.store.format import check_compatible
+    from pipeline.store.reader import Store
+    if cfg.val_store:
+        val = ClipStream(_sources(cfg.val_store), batch_size=1, remainder="keep", loop=False, **stream_kwargs)
+        check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
+        return None, val.sources, None
+    if probe.webdataset:
+        log.warning("no --val-store: evaluating on the first 2 training batches of the WebDataset")
+        return None, probe.sources, "first"
+    last = Store(probe.sources[-1], cfg.storage_options or None)
+    train, held = split_by_scene(last, cfg.val_clips)
+    if len(held) == 0:
+        log.warning("no --val-store and too few scenes to hold one out: evaluating on training clips")
+        return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips))
+    offset = probe.num_clips - len(last)  # held-out scenes come from the last store
+    return np.concatenate([np.arange(offset), offset + train]), probe.sources, offset + held
+
+
+def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
+    """Train one stage ('stage1', 'stage2' or 'baseline'); returns the loop's summary."""
+    from model.data import ClipStream, has_pred_features
+    from model.loop import LoopConfig, train
+    from model.tasks import Stage1Task, Stage2Task
+
+    sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
+    sources = _sources(cfg.store)
+    storage = cfg.storage_options or None
+    common = {"channels": sc.channels, "storage_options": storage, "rank": runtime.rank, "world": runtime.world}
+    probe = ClipStream(sources, batch_size=1, remainder="keep", loop=False, **common)
+    channels, geometry = probe.channels, probe.geometry
+    if stage == "stage1":
+        task = Stage1Task(sc.model, geometry, channels, sc.model_overrides)
+    else:
+        task = Stage2Task(sc.model, geometry, channels, sc.model_overrides, semantic=stage == "stage2",
+                          pred_p=sc.pred_p, nested_dropout=sc.nested_dropout, sample_steps=sc.sample_steps,
+                          sample_solver=sc.sample_solver, sample_clips=sc.sample_clips)
+    per_rank, rem = divmod(sc.batch_size, runtime.world * sc.grad_accum)
+    if rem or per_rank < 1:
+        raise SystemExit(f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
+                         f"{sc.grad_accum} accumulation steps")
+    train_idx, val_sources, val_idx = _split(cfg, probe, common)
+    stream = ClipStream(sources, batch_size=per_rank, clips=train_idx, with_pred=task.needs_pred_features,
+                        seed=cfg.seed, **common)
+
+    def make_val():
+        with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
+        if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
+            import itertools
+            val = ClipStream(val_sources, batch_size=per_rank, shuffle=False, remainder="keep", loop=False,
+                             with_pred=with_pred, **common)
+            return itertools.islice(iter(val), 2)
+        val = ClipStream(val_sources, batch_size=per_rank, clips=val_idx, shuffle=False, random_variant=False,
+                         remainder="keep", loop=False, with_pred=with_pred, **common)
+        return iter(val)
+
+    loop_cfg = LoopConfig(
+        steps=sc.steps, lr=sc.lr, schedule=sc.schedule, warmup_steps=sc.warmup_steps,
+        final_lr_ratio=sc.final_lr_ratio, betas=tuple(sc.betas), weight_decay=sc.weight_decay,
+        grad_clip=sc.grad_clip, grad_accum=sc.grad_accum, ema_decay=sc.ema_decay, compile=cfg.compile,
+        amp=cfg.amp, log_every=sc.log_every, eval_every=sc.eval_every, ckpt_every=sc.ckpt_every,
+        keep_checkpoints=sc.keep_checkpoints, seed=cfg.seed, progress=cfg.progress,
+        extra={"stage": stage, "store": sources, "val_store": cfg.val_store, "stage_config": asdict(sc)})
+    return train(task, loop_cfg, stream, Path(cfg.run_dir) / stage, runtime=runtime, make_val=make_val,
+                 resume=cfg.resume, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor)
+
+
+def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
+    """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
+    from jobs.rollout import RolloutConfig, run_rollout
+    from model.data import is_webdataset
+    storage = cfg.storage_options or None
+    stores = _sources(cfg.store) + (_sources(cfg.val_store) if cfg.val_store else [])
+    webdataset = [s for s in stores if is_webdataset(s, storage)]
+    if webdataset:
+        raise SystemExit(f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
+                         "the Zarr store and export the shards again, then train --stage 2")
+    rcfg = RolloutConfig(checkpoint=str(Path(cfg.run_dir) / "stage1"), store=",".join(stores),
+                         batch_size=cfg.rollout_batch_size, chunk_rows=cfg.rollout_chunk_rows,
+                         device=cfg.device, threads=cfg.threads, amp=cfg.amp, progress=cfg.progress,
+                         storage_options=cfg.storage_options)
+    return run_rollout(rcfg, runtime)
+
+
+def run(cfg: TrainConfig) -> dict:
+    from model.loop import init_runtime
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.threads > 0:
+        import torch
+        torch.set_num_threads(cfg.threads)
+    runtime = init_runtime(cfg.device)
+    results = {}
+    try:
+        if cfg.stage in ("1", "all"):
+            results["stage1"] = train_stage(cfg, "stage1", runtime)
+        if cfg.stage == "all":
+            results["rollout"] = rollout_stores(cfg, runtime)
+        if cfg.stage in ("2", "all") and cfg.semantics:
+            results["stage2"] = train_stage(cfg, "stage2", runtime)
+        if cfg.stage in ("baseline", "all") or (cfg.stage == "2" and not cfg.semantics):
+            results["baseline"] = train_stage(cfg, "baseline", runtime)
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if runtime.is_main:
+        print_summary(results)
+    return results
+
+
+def print_summary(results: dict) -> None:
+    """Each stage's final evaluation as a table: one row per metric, columns all / per future frame."""
+    for stage, summary in results.items():
+        if stage == "rollout":
+            for r in summary:
+                print(f"rollout -> {r['store']}: {r['rows']} rows ({r['written']} written now), "
+                      f"checkpoint {r['fingerprint'][:12]}")
+            continue
+        print(f"{stage}: step {summary['step']}, train loss {summary['loss']:.4g}, checkpoint {summary['checkpoint']}")
+        rows: dict[str, dict[str, float]] = {}
+        for key, value in summary["eval"].items():
+            parts = key.split("/")
+            frame = next((p for p in parts if p[0] == "t" and p[1:].isdigit()), "all")
+            name = " ".join(p for p in parts if p != frame)
+            rows.setdefault(name, {})[frame] = value
+        columns = ["all"] + sorted({c for r in rows.values() for c in r} - {"all"})
+        print("  " + f"{'':28s}" + "".join(f"{c:>10s}" for c in columns))
+        for name in sorted(rows, key=lambda n: (n.startswith("copy_last"), n)):
+            cells = "".join(f"{rows[name][c]:10.4g}" if c in rows[name] else f"{'':10s}" for c in columns)
+            print(f"  {name:28s}{cells}")
+
+
+def parse(argv=None) -> TrainConfig:
+    cfg, args = parse_config(TrainConfig, "train", argv, description=__doc__)
+    preset = load_preset("train", args.preset)
+    for key in ("stage1", "stage2"):  # CLI JSON merges into the preset's object, key by key
+        cli = getattr(args, key)
+        if cli is not None:
+            setattr(cfg, key, {**preset.get(key, {}), **cli})
+    return cfg
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg = parse(argv)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

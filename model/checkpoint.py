@@ -1,0 +1,133 @@
+"""Checkpoints of a training run, written so that a kill at any moment leaves a loadable one.
+
+Layout under a run directory:
+
+    checkpoints/step-000500/model.safetensors   weights (float32 as trained)
+                           ema.safetensors     EMA weights, when the run keeps them
+                           state.pt            optimizer, LR scheduler, step, data position (tensors and
+                                               plain values only: loaded with torch.load(weights_only=True))
+                           meta.json           task, model config, step, weight fingerprints, run config
+    latest.json                                {"checkpoint": "checkpoints/step-000500", "step": 500}
+
+A checkpoint folder is filled under a temporary name and renamed into place; `latest.json` is
+replaced atomically after it. The fingerprint is a sha256 over the weight tensors (names, dtypes,
+shapes, bytes): the rollout job records it beside the predictions it writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, state: dict, meta: dict,
+                    ema: torch.nn.Module | None = None, keep: int = 2) -> Path:
+    """Write checkpoints/step-{step}, point latest.json at it, keep the newest `keep` checkpoints.
+    Returns the checkpoint folder. Call on one rank only."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    weights = _tensors(unwrap(model))
+    meta = dict(meta, step=step, model_fingerprint=weights_fingerprint(weights))
+    save_file(weights, str(tmp / "model.safetensors"))
+    if ema is not None:
+        ema_weights = _tensors(ema)
+        save_file(ema_weights, str(tmp / "ema.safetensors"))
+        meta["ema_fingerprint"] = weights_fingerprint(ema_weights)
+    meta["fingerprint"] = meta.get("ema_fingerprint", meta["model_fingerprint"])  # what inference uses
+    torch.save(dict(state, step=step), tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if final.exists():  # a rerun from an older checkpoint reached this step again
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json_atomic(run_dir / LATEST, {"checkpoint": f"checkpoints/{final.name}", "step": step})
+    if keep > 0:  # the newest `keep`, counting this one
+        older = sorted(p for p in root.glob("step-*") if p != final)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a kill during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The checkpoint latest.json points at, or None for a run that has not saved one."""
+    path = Path(run_dir) / LATEST
+    if not path.exists():
+        return None
+    ckpt = Path(run_dir) / json.loads(path.read_text())["checkpoint"]
+    if not (ckpt / "meta.json").exists():
+        raise FileNotFoundError(f"{path} points at {ckpt}, which is missing or incomplete")
+    return ckpt
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, given it or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with "
+                                f"{LATEST}: train first (make train)")
+    return ckpt
+
+
+def read_meta(ckpt) -> dict:
+    return json.loads((Path(ckpt) / "meta.json").read_text())
+
+
+def load_weights(ckpt, which: str = "model", device="cpu") -> dict[str, torch.Tensor]:
+    """The `model` or `ema` weights of a checkpoint (safetensors: no code is ever unpickled)."""
+    path = Path(ckpt) / f"{which}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} has no {which} weights ({path.name})")
+    return load_file(str(path), device=str(device))
+
+
+def load_state(ckpt) -> dict:
+    """Optimizer, scheduler, step and data position, loaded with weights_only=True."""
+    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)

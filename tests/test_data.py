@@ -1,0 +1,175 @@
+"""ClipStream: DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
+variants, pred_features, refusal of incompatible stores, WebDataset exports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from store_factory import ENCODERS, make_store
+
+from model.data import ClipStream, make_loader, split_by_scene
+from pipeline.store.format import IncompatibleStoresError, StoreError
+from pipeline.store.reader import Store
+from pipeline.store.wds import export_webdataset
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    # 7 clips (one scene, windows at 0, 4, ..., 24), each cached plain and flipped
+    make_store(root / "a.zarr", scenes=1, frames=49, variants=("orig", "hflip"), channel_chunk=16)
+    make_store(root / "b.zarr", scenes=1, frames=33, seed=1, channel_chunk=16)  # 3 clips, same basis
+    make_store(root / "pca.zarr", scenes=1, frames=25, basis_seed=1)  # another PCA basis
+    other = {**ENCODERS, "dinov2": {**ENCODERS["dinov2"], "sha256": "c" * 64}}
+    make_store(root / "enc.zarr", scenes=1, frames=25, encoders=other)  # other DINOv2 weights
+    return root
+
+
+def _epoch(stream, epoch, workers=0):
+    stream.set_position(epoch, 0)
+    out = []
+    for batch in make_loader(stream, workers=workers):
+        if batch["epoch"] != epoch:
+            break
+        out.append(batch)
+    return out
+
+
+def _ddp_worker(rank, root, out_dir, remainder):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
+    stream = ClipStream([f"{root}/a.zarr", f"{root}/b.zarr"], batch_size=2, seed=3, remainder=remainder)
+    record = {"batches_per_epoch": stream.batches_per_epoch, "epochs": []}
+    loader = iter(make_loader(stream, workers=2))
+    for _ in range(3):  # three epochs, with a collective per batch as DDP does
+        clips = []
+        for _ in range(stream.batches_per_epoch):
+            batch = next(loader)
+            clips.append(batch["clip"].tolist())
+            dist.all_reduce(torch.ones(1))
+        record["epochs"].append(clips)
+    dist.barrier()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_path, remainder):
+    # 10 clips over 2 ranks x batches of 2: uneven (10 = 2 * 2 * 2 + 2)
+    torch.multiprocessing.start_processes(_ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2,
+                                          start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["batches_per_epoch"] == ranks[1]["batches_per_epoch"] == (2 if remainder == "drop" else 3)
+    dropped = []
+    for epoch in range(3):
+        mine = [[c for batch in r["epochs"][epoch] for c in batch] for r in ranks]
+        assert all(len(m) == 2 * ranks[0]["batches_per_epoch"] for m in mine)
+        if remainder == "drop":
+            assert not set(mine[0]) & set(mine[1]), "ranks must not share clips within an epoch"
+            assert len(set(mine[0]) | set(mine[1])) == 8
+            dropped.append(set(range(10)) - set(mine[0]) - set(mine[1]))
+        else:  # every clip is seen; the 2 padding clips repeat the start of the epoch's order
+            assert set(mine[0]) | set(mine[1]) == set(range(10))
+            assert len(mine[0]) + len(mine[1]) == 12
+    if remainder == "drop":
+        assert len({frozenset(d) for d in dropped}) > 1, "the dropped remainder must change between epochs"
+
+
+def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores):
+    stream = ClipStream(str(stores / "a.zarr"), batch_size=2, seed=7)
+    assert stream.batches_per_epoch == 3  # 7 clips: one dropped per epoch
+    straight = [b for e in range(3) for b in _epoch(stream, e, workers=0)]
+    with_workers = [b for e in range(3) for b in _epoch(stream, e, workers=2)]
+    assert [b["clip"].tolist() for b in straight] == [b["clip"].tolist() for b in with_workers]
+    for a, b in zip(straight, with_workers):
+        torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=0)
+        assert a["variant"].tolist() == b["variant"].tolist()
+    # resume in the middle of epoch 1: the next batches are the ones the straight run saw
+    stream.load_state_dict({"epoch": 1, "batch": 2, "batches_per_epoch": 3})
+    resumed = iter(make_loader(stream, workers=2))
+    for expected in straight[5:9]:
+        got = next(resumed)
+        assert (got["epoch"], got["batch"]) == (expected["epoch"], expected["batch"])
+        assert got["clip"].tolist() == expected["clip"].tolist()
+        torch.testing.assert_close(got["latents"], expected["latents"], rtol=0, atol=0)
+    assert stream.advance(1, 2) == (2, 0) and stream.advance(1, 0) == (1, 1)
+    # each epoch is another permutation
+    assert straight[0]["clip"].tolist() + straight[1]["clip"].tolist() != \
+        straight[3]["clip"].tolist() + straight[4]["clip"].tolist()
+
+
+def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_prefix(stores):
+    store = Store(str(stores / "a.zarr"))
+    assert store.num_variants == 2
+    stream = ClipStream(str(stores / "a.zarr"), batch_size=7, channels=16, seed=0, remainder="pad")
+    variants = set()
+    for epoch in range(4):
+        (batch,) = _epoch(stream, epoch)
+        assert batch["features"].shape == (7, 7, 8, 14, 16) and batch["features"].dtype == torch.float32
+        assert batch["latents"].shape == (7, 16, 7, 12, 20)
+        for j, (i, v) in enumerate(zip(batch["clip"].tolist(), batch["variant"].tolist())):
+            variants.add(v)
+            np.testing.assert_array_equal(batch["features"][j].numpy(), store.read_features(i, variant=v)[..., :16])
+            np.testing.assert_array_equal(batch["latents"][j].numpy(), store.read_latents(i, variant=v))
+            assert batch["clip_id"][j] == store.clip_meta(i, v)["clip_id"]
+    assert variants == {0, 1}
+    with pytest.raises(ValueError, match="holds 64"):
+        ClipStream(str(stores / "a.zarr"), batch_size=1, channels=65)
+
+
+def test_incompatible_stores_are_refused_naming_the_field(stores):
+    with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
+        ClipStream([str(stores / "a.zarr"), str(stores / "pca.zarr")], batch_size=1)
+    with pytest.raises(IncompatibleStoresError, match=r"encoders\.dinov2\.sha256"):
+        ClipStream([str(stores / "a.zarr"), str(stores / "enc.zarr")], batch_size=1)
+
+
+def test_missing_rollouts_are_a_clear_error_when_required(stores):
+    with pytest.raises(StoreError, match="pred_features.*rollout"):
+        ClipStream(str(stores / "a.zarr"), batch_size=1, with_pred=True)
+
+
+def test_held_out_split_keeps_whole_scenes(tmp_path):
+    make_store(tmp_path / "s.zarr", scenes=3, frames=33)  # 3 clips per scene
+    store = Store(str(tmp_path / "s.zarr"))
+    train, held = split_by_scene(store, 4)
+    assert len(held) == 6 and len(train) == 3  # two whole scenes reach 4 clips
+    scenes = [store.clip_meta(i)["scene"] for i in range(len(store))]
+    assert not {scenes[i] for i in train} & {scenes[i] for i in held}
+    assert len(split_by_scene(store, 100)[1]) == 0  # would leave nothing to train on
+
+
+def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp_path):
+    store = Store(str(stores / "a.zarr"))
+    export_webdataset(store, str(tmp_path / "wds"), channels=32, shard_size_mb=0.05, progress=False)
+    streams = [ClipStream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
+                          shuffle_buffer=4) for r in range(2)]
+    assert streams[0].webdataset and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
+    for s in streams:
+        batches = _epoch(s, 0)
+        assert len(batches) == 3  # resampled: every rank gets exactly an epoch's batches
+        assert batches[0]["features"].shape == (2, 7, 8, 14, 16)
+        for b in batches:
+            for j, cid in enumerate(b["clip_id"]):
+                i = store.clip_ids.index(cid.removesuffix("-hflip"))
+                v = 1 if cid.endswith("-hflip") else 0
+                assert b["variant"][j] == v
+                np.testing.assert_array_equal(b["features"][j].numpy(), store.read_features(i, 16, v))
+    # a resume reseeds from the position: reproducible
+    s = streams[0]
+    s.set_position(4, 1)
+    first = next(iter(s))
+    s.set_position(4, 1)
+    again = next(iter(s))
+    assert (first["epoch"], first["batch"]) == (4, 1) and first["clip_id"] == again["clip_id"]
+    # evaluation: every sample once over the ranks
+    seen = []
+    for r in range(2):
+        ev = ClipStream(str(tmp_path / "wds"), batch_size=3, rank=r, world=2, loop=False, remainder="keep")
+        seen += [cid for b in ev for cid in b["clip_id"]]
+    assert sorted(seen) == sorted(store.clip_meta(i, v)["clip_id"] for i in range(len(store)) for v in range(2))
+    with pytest.raises(ValueError, match="holds 32"):
+        ClipStream(str(tmp_path / "wds"), batch_size=1, channels=64)

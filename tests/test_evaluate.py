@@ -1,0 +1,215 @@
+"""jobs/evaluate.py (the JSON schema, mean ± std over sampling runs, refusals) and the DPT heads."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from store_factory import make_store
+from test_predict import write_runs
+
+from model.dpt import (
+    MOVING_CLASSES,
+    DPTConfig,
+    DPTHead,
+    depth_metrics,
+    load_head,
+    miou,
+    save_head,
+    segmentation_confusion,
+    split_blocks,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- DPT heads
+
+
+def test_dpt_head_paper_configuration():
+    head = DPTHead(DPTConfig.paper("segmentation"))
+    assert [p.in_channels for p in head.projects] == [768] * 4
+    assert [p.out_channels for p in head.projects] == [128, 256, 512, 512]
+    assert [getattr(head.scratch, f"layer{i}_rn").out_channels for i in range(1, 5)] == [256] * 4
+    assert head.scratch.output_conv2[-1].out_channels == 19
+    assert DPTHead(DPTConfig.paper("depth")).scratch.output_conv2[-1].out_channels == 256
+
+
+def test_dpt_head_shapes_and_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    head = DPTHead(DPTConfig.tiny("segmentation")).eval()
+    feats = torch.randn(2, 8, 14, 4 * 32)  # [B, h, w, 4 blocks x 32]: the tiny DINOv2's features
+    blocks = split_blocks(feats)
+    assert [tuple(b.shape) for b in blocks] == [(2, 32, 8, 14)] * 4
+    logits = head(blocks)
+    assert logits.shape == (2, 19, 8 * 14, 14 * 14)  # the DINOv2 input resolution
+    assert head.predict(blocks, size=(30, 50)).shape == (2, 30, 50)
+    path = save_head(tmp_path / "seg.safetensors", head)
+    again = load_head(path, task="segmentation")
+    assert torch.equal(again(blocks), logits)
+    with pytest.raises(ValueError, match="not a depth"):
+        load_head(path, task="depth")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a re2pix DPT head"):
+        load_head(tmp_path / "other.safetensors")
+
+
+def test_depth_head_decodes_expected_bin_centre():
+    cfg = DPTConfig.tiny("depth", num_classes=4, depth_min=1.0, depth_max=5.0, depth_spacing="linear")
+    assert torch.allclose(cfg.bin_centres(), torch.tensor([1.5, 2.5, 3.5, 4.5]))
+    log_cfg = DPTConfig.tiny("depth", num_classes=2, depth_min=1.0, depth_max=100.0)
+    assert torch.allclose(log_cfg.bin_centres(), torch.tensor([10 ** 0.5, 10 ** 1.5]))
+    head = DPTHead(cfg)
+    with torch.no_grad():  # constant logits: the expectation is the mean centre
+        head.scratch.output_conv2[-1].weight.zero_()
+        head.scratch.output_conv2[-1].bias.zero_()
+    out = head.predict(split_blocks(torch.randn(1, 8, 14, 128)))
+    assert torch.allclose(out, torch.full_like(out, 3.0))
+
+
+def test_segmentation_and_depth_metrics_known_values():
+    label = torch.tensor([[0, 0, 1, 1], [11, 11, 255, 2]])
+    pred = torch.tensor([[0, 1, 1, 1], [11, 12, 5, 2]])
+    conf = segmentation_confusion(pred, label, 19)
+    assert int(conf.sum()) == 7  # the 255 pixel is ignored
+    # IoU: class 0 1/2, class 1 2/3, class 2 1, class 11 1/2, class 12 0/1
+    assert math.isclose(miou(conf), (0.5 + 2 / 3 + 1 + 0.5 + 0) / 5)
+    assert math.isclose(miou(conf, MOVING_CLASSES), (0.5 + 0) / 2)
+    d = depth_metrics(torch.tensor([1.0, 2.0, 4.0, 9.0]), torch.tensor([1.0, 4.0, 4.0, 0.0]))
+    assert float(d["count"]) == 3  # depth 0 is invalid
+    assert math.isclose(float(d["absrel_sum"]) / 3, 0.5 / 3)
+    assert math.isclose(float(d["delta1_sum"]) / 3, 2 / 3)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class _MeanColour(torch.nn.Module):
+    """Stands in for a TorchScript Inception (StyleGAN3 / clean-fid call convention)."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+class _MeanClip(torch.nn.Module):
+    """Stands in for StyleGAN-V's TorchScript I3D."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, 1:].sub(x[:, :, :-1]).abs()
+                          .mean(dim=(2, 3, 4))], dim=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pipeline.encoders import load_dinov2, load_vae
+    root = tmp_path_factory.mktemp("evaluate")
+    encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
+    make_store(root / "store.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips
+    runs = write_runs(root / "runs", stage1_channels=64, stage2_channels=64)
+    torch.manual_seed(1)
+    save_head(root / "seg.safetensors", DPTHead(DPTConfig.tiny("segmentation")))
+    save_head(root / "depth.safetensors", DPTHead(DPTConfig.tiny("depth", depth_min=1.0, depth_max=50.0)))
+    (root / "labels").mkdir()
+    (root / "depth").mkdir()
+    rng = np.random.default_rng(0)
+    seg = rng.integers(0, 19, (48, 80)).astype(np.uint8)
+    seg[:4] = 255
+    Image.fromarray(seg).save(root / "labels" / "scene-00-000000.png")  # the second clip has no label
+    for cid in ("scene-00-000000", "scene-00-000004"):
+        np.save(root / "depth" / f"{cid}.npy", rng.uniform(1, 50, (48, 80)).astype(np.float32))
+    torch.jit.script(_MeanColour()).save(str(root / "inception.pt"))
+    torch.jit.script(_MeanClip()).save(str(root / "i3d.pt"))
+    return root, runs
+
+
+def config(setup, **kw):
+    from jobs.evaluate import EvaluateConfig
+    root, runs = setup
+    values = dict(store=str(root / "store.zarr"), samples=2, steps=2, threads=1, progress=False,
+                  out=str(root / "results.json"), **runs)
+    values.update(kw)
+    return EvaluateConfig(**values)
+
+
+def test_evaluation_json_schema_and_mean_std_over_runs(setup):
+    from jobs.evaluate import format_table, run_evaluate
+    root, _ = setup
+    r = run_evaluate(config(setup, seg_head=str(root / "seg.safetensors"), labels=str(root / "labels"),
+                            depth_head=str(root / "depth.safetensors"), depth_labels=str(root / "depth"),
+                            fid_weights=str(root / "inception.pt"), fvd_weights=str(root / "i3d.pt")))
+    on_disk = json.loads((root / "results.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert on_disk == json.loads(json.dumps(r))
+    assert {"schema", "store", "clips", "clip_ids", "samples", "models", "stage1", "reference", "sampler",
+            "checkpoints", "skipped", "reference_metrics", "annotated_frame"} <= set(r)
+    assert r["schema"] == "re2pix-evaluation/1" and r["clips"] == 2 and r["samples"] == 2
+    assert r["reference"]["pixels"] == "vae_reconstruction" and "latents, not pixels" in r["reference"]["note"]
+    assert set(r["models"]) == {"re2pix", "baseline"}
+    for name, metrics in r["models"].items():
+        want = {"latent_mse", "latent_mse/t4", "latent_mse/t6", "psnr", "ssim", "psnr/f13", "psnr/f24",
+                "ssim/f13", "ssim/f24", "fid", "fvd", "seg/miou_all", "seg/miou_moving", "depth/absrel",
+                "depth/delta1"}
+        assert want <= set(metrics), (name, want - set(metrics))
+        for key, v in metrics.items():
+            assert len(v["runs"]) == 2, key
+            assert math.isclose(v["mean"], np.mean(v["runs"]), rel_tol=1e-12, abs_tol=1e-12)
+            assert math.isclose(v["std"], np.std(v["runs"], ddof=1), rel_tol=1e-9, abs_tol=1e-12)
+        assert metrics["latent_mse"]["std"] > 0  # the runs differ: independent samples
+        assert 0 <= metrics["seg/miou_all"]["mean"] <= 1 and 0 <= metrics["depth/delta1"]["mean"] <= 1
+        assert metrics["fid"]["mean"] >= 0 and metrics["fvd"]["mean"] >= 0
+    s1 = r["stage1"]
+    assert {"mse", "cos", "t4/mse", "t6/cos", "mse@8", "cos@64", "copy_last/mse", "seg/miou_all",
+            "depth/absrel"} <= set(s1)
+    assert {"seg/miou_all", "depth/delta1"} <= set(r["reference_metrics"])
+    assert "1 of 2 clips have no label" in r["skipped"]["seg_labels"]
+    assert "fid" not in r["skipped"] and "fvd" not in r["skipped"]
+    table = format_table(r)
+    assert "re2pix" in table and "baseline" in table and "±" in table and "fid" in table
+
+
+def test_refuses_fid_and_fvd_without_weights(setup):
+    from jobs.evaluate import main, run_evaluate
+    with pytest.raises(SystemExit, match="--fid-weights"):
+        run_evaluate(config(setup, fid=True))
+    with pytest.raises(SystemExit, match="--fvd-weights"):
+        run_evaluate(config(setup, fvd=True))
+    with pytest.raises(SystemExit, match="--fid-weights"):
+        main(["--store", config(setup).store, "--fid"])
+
+
+def test_skips_are_explained_and_results_do_not_depend_on_batch_size(setup, tmp_path):
+    from jobs.evaluate import run_evaluate
+    root, _ = setup
+    a = run_evaluate(config(setup, decode=False, batch_size=1, baseline="", out=str(tmp_path / "a.json"),
+                            seg_head=str(root / "seg.safetensors")))
+    assert set(a["models"]) == {"re2pix"} and "baseline" in a["skipped"]
+    assert "no segmentation labels" in a["skipped"]["seg"] and "--labels" in a["skipped"]["seg"]
+    assert "no --fid-weights" in a["skipped"]["fid"] and "--no-decode" in a["skipped"]["pixels"]
+    assert a["reference"]["pixels"] is None and "psnr" not in a["models"]["re2pix"]
+    b = run_evaluate(config(setup, decode=False, batch_size=2, baseline="", out=None))
+    assert a["models"]["re2pix"]["latent_mse"] == b["models"]["re2pix"]["latent_mse"]
+    assert a["stage1"]["mse"] == pytest.approx(b["stage1"]["mse"], rel=1e-6)
+
+
+def test_cityscapes_labels_come_from_gtfine_of_the_annotated_frame(tmp_path):
+    from jobs.evaluate import EvaluateConfig, Labels
+    city = tmp_path / "gtFine" / "val" / "frankfurt"
+    city.mkdir(parents=True)
+    ids = np.array([[7, 26, 24], [0, 33, 23]], np.uint8)  # road, car, person | unlabeled, bicycle, sky
+    # snippet frames 100..129: the clip starts at snippet frame 3 (103); clip frame 16 is frame 119
+    Image.fromarray(ids).save(city / "frankfurt_000001_000119_gtFine_labelIds.png")
+    labels = Labels(EvaluateConfig(), {"dataset": "cityscapes", "split": "val", "source_root": str(tmp_path)})
+    assert labels.has_seg and not labels.has_depth
+    got = labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 3})
+    assert got.tolist() == [[0, 13, 11], [255, 18, 10]]
+    assert labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 4}) is None  # not annotated
+    assert not Labels(EvaluateConfig(), {"dataset": "synthetic"}).has_seg

@@ -1,0 +1,190 @@
+"""jobs/predict.py with tiny everything: from a store clip and from a video (file and frame folder)."""
+
+import dataclasses
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from store_factory import make_store
+
+from model.checkpoint import save_checkpoint
+from model.stage1 import MaskedFeatureTransformer, Stage1Config
+from model.stage2 import DiTConfig, Re2PixDiT
+from pipeline.figures import GridLayout, GridStyle, write_mp4
+from pipeline.store.geometry import TINY
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _jsonable(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _perturb(model, seed):
+    """Fresh models predict zeros (zero-initialised outputs): give them random, non-trivial weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def write_runs(root, stage1_channels=64, stage2_channels=64):
+    """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py)."""
+    s1 = _perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
+    save_checkpoint(root / "stage1", 1, model=s1, state={},
+                    meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))})
+    for task, semantic in (("stage2", True), ("baseline", False)):
+        m = _perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
+        save_checkpoint(root / task, 1, model=m, state={},
+                        meta={"task": task, "model_config": dataclasses.asdict(m.cfg)})
+    return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pipeline.encoders import load_dinov2, load_vae
+    root = tmp_path_factory.mktemp("predict")
+    encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
+    make_store(root / "store.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips
+    return root, write_runs(root / "runs", stage1_channels=32, stage2_channels=64)
+
+
+def config(setup, **kw):
+    from jobs.predict import PredictConfig
+    root, runs = setup
+    values = dict(store=str(root / "store.zarr"), steps=2, out=str(root / "out"), threads=1, **runs)
+    values.update(kw)
+    return PredictConfig(**values)
+
+
+def grid_size(sections, cell_hw=(96, 160)):
+    layout = GridLayout(tuple(sections), cell_hw, GridStyle())
+    return layout.height, layout.width
+
+
+def test_predict_store_clip_writes_grid_video_and_summary(setup):
+    from jobs.predict import run_predict
+    s = run_predict(config(setup, clip=1, name="clip1"))
+    assert s["ground_truth"] == "vae_reconstruction" and s["source"]["clip"] == 1
+    assert s["rows"] == ["context", "ground truth", "Baseline", "Re2Pix", "forecast features"]
+    grid = np.asarray(Image.open(s["png"]))
+    assert grid.shape[:2] == grid_size([(2, 4), (4, 3)])  # context 2 x 4 (frames 0, 4, 8, 12), future 4 x 3
+    with av.open(s["mp4"]) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 25
+    with open(s["json"]) as f:
+        summary = json.load(f)
+    assert set(summary["models"]) == {"stage1", "stage2", "baseline"}
+    for name in ("re2pix", "baseline"):
+        assert len(summary["scores"][name]["psnr"]) == 12 and len(summary["scores"][name]["ssim"]) == 12
+    assert summary["sampler"]["steps"] == 2 and summary["frames"]["predicted"] == [13, 24]
+
+
+def test_prediction_decodes_context_and_future_as_one_sequence(setup):
+    from jobs.predict import LatentCodec, Models, Sampler, load_vae_for, open_space, predict_clip, store_clip
+    cfg = config(setup)
+    space, store = open_space(cfg)
+    models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
+    codec = LatentCodec(load_vae_for(None, space.manifest, space.geometry, "cpu"), space.latent_norm)
+    clip = store_clip(store, 0)
+    pred = predict_clip(clip, models, Sampler(steps=2), codec, space.geometry, seed=3)
+    gt = pred.frames["ground truth"]
+    assert gt.shape == (25, 96, 160, 3)
+    for name in ("Re2Pix", "Baseline"):
+        assert pred.frames[name].shape == (25, 96, 160, 3)
+        # the causal decoder sees the true context latents first: frames 0-12 are the reconstruction's
+        assert np.array_equal(pred.frames[name][:13], gt[:13])
+        assert not np.array_equal(pred.frames[name][13:], gt[13:])
+        key = name.lower()
+        assert np.array_equal(pred.latents[key][:, :4], clip.latents[:, :4])  # context held fixed
+    assert not np.array_equal(pred.frames["Re2Pix"][13:], pred.frames["Baseline"][13:])
+    assert pred.forecast.shape == (3, *TINY.feature_hw, 32)  # Stage 1 models 32 of the 64 channels
+    again = predict_clip(clip, models, Sampler(steps=2), codec, space.geometry, seed=3)
+    assert np.array_equal(again.latents["re2pix"], pred.latents["re2pix"])  # seeded
+
+
+def test_missing_baseline_leaves_its_row_out(setup, tmp_path):
+    from jobs.predict import run_predict
+    s = run_predict(config(setup, baseline=str(tmp_path / "no-run"), out=str(tmp_path), name="nb"))
+    assert s["rows"] == ["context", "ground truth", "Re2Pix", "forecast features"]
+    assert set(s["scores"]) == {"re2pix"} and "baseline" not in s["models"]
+    assert np.asarray(Image.open(s["png"])).shape[:2] == grid_size([(2, 4), (3, 3)])
+
+
+def _moving_frames(n, hw=(120, 200)):
+    yy, xx = np.mgrid[0: hw[0], 0: hw[1]]
+    return np.stack([np.stack([(xx * 2 + 6 * k) % 256, (yy * 3) % 256, np.full_like(xx, 90 + 4 * k)], -1)
+                     for k in range(n)]).astype(np.uint8)
+
+
+def test_predict_from_video_file_encodes_here(setup, tmp_path):
+    from jobs.predict import run_predict
+    path = write_mp4(tmp_path / "drive.mp4", _moving_frames(30), fps=12)
+    s = run_predict(config(setup, video=str(path), out=str(tmp_path / "out"), grid_frames="all"))
+    assert s["ground_truth"] == "video" and s["source"] == {"video": str(path), "frames_used": 25}
+    assert s["name"] == "drive"
+    # every frame: context 2 x 13, future 4 x 12
+    assert np.asarray(Image.open(s["png"])).shape[:2] == grid_size([(2, 13), (4, 12)])
+    with av.open(s["mp4"]) as c:
+        stream = c.streams.video[0]
+        assert abs(float(stream.average_rate) - 12) < 1e-6  # the video's own rate
+        assert sum(1 for _ in c.decode(stream)) == 25
+
+
+def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
+    from jobs.predict import LatentCodec, load_dinov2_for, load_vae_for, open_space, video_clip
+    from pipeline.frames import resize_frames
+    write_mp4(tmp_path / "v.mp4", _moving_frames(25), fps=10)
+    cfg = config(setup, video=str(tmp_path / "v.mp4"))
+    space, _ = open_space(cfg)
+    vae = load_vae_for(None, space.manifest, space.geometry, "cpu")
+    dino = load_dinov2_for(None, space.manifest, space.geometry, "cpu")
+    clip = video_clip(cfg.video, space, dino, LatentCodec(vae, space.latent_norm))
+    frames = clip.frames
+    assert frames.shape == (25, 96, 160, 3) and clip.latents.shape == (16, 7, 12, 20)
+    assert clip.features.shape == (7, 8, 14, 64)
+    raw = dino(resize_frames(frames[::4], TINY.dino_input_hw)).numpy()
+    want = space.basis.project(raw).astype(np.float16).astype(np.float32)
+    assert np.array_equal(clip.features, want)
+    # store latents are (z - mean) / std with the store's normalization (0 / 1 here): the raw VAE latents
+    z = vae(frames[None]).float() * torch.tensor(vae.latents_std).view(1, -1, 1, 1, 1) \
+        + torch.tensor(vae.latents_mean).view(1, -1, 1, 1, 1)
+    assert torch.allclose(torch.from_numpy(clip.latents), z[0].half().float(), atol=1e-2, rtol=1e-2)
+
+
+def test_predict_from_13_frame_folder_has_no_ground_truth_row(setup, tmp_path):
+    from jobs.predict import run_predict
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k, f in enumerate(_moving_frames(13)):
+        Image.fromarray(f).save(folder / f"f{k}.png")  # natural order: f2 before f10
+    s = run_predict(config(setup, video=str(folder), out=str(tmp_path / "out"), baseline=""))
+    assert s["ground_truth"] == "video" and s["source"]["frames_used"] == 13
+    assert s["rows"] == ["context", "Re2Pix", "forecast features"]
+    assert s["scores"] == {}
+    assert np.asarray(Image.open(s["png"])).shape[:2] == grid_size([(2, 4), (2, 3)])
+
+
+def test_refusals(setup, tmp_path):
+    from jobs.predict import run_predict
+    folder = tmp_path / "short"
+    folder.mkdir()
+    for k, f in enumerate(_moving_frames(9)):
+        Image.fromarray(f).save(folder / f"{k:03d}.png")
+    with pytest.raises(SystemExit, match="at least 13"):
+        run_predict(config(setup, video=str(folder)))
+    with pytest.raises(SystemExit, match="--pca"):
+        run_predict(config(setup, store=None, video=str(folder)))
+    with pytest.raises(SystemExit, match="expected stage2"):
+        run_predict(config(setup, stage2=setup[1]["baseline"]))
+    with pytest.raises(SystemExit, match="no clip"):
+        run_predict(config(setup, clip_id="nope"))
