@@ -395,7 +395,7 @@ def split_by_scene(store: Store, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) clip indices of one store: whole scenes from the end are held out until at
     least `holdout` clips are, so overlapping windows of one scene never fall on both sides. Returns
     an empty held-out set when that would leave no scene to train on."""
-    scene_col = store.group["clips/scene"][...]
+    scene_col = store.clip_table["scene"]
     scenes = np.array([str(scene_col[store.row(i)]) for i in range(len(store))])
     order = list(dict.fromkeys(scenes))
     held: list[str] = []

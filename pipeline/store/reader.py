@@ -74,8 +74,7 @@ class Store:
 
     @cached_property
     def clip_ids(self) -> list[str]:
-        ids = self.group["clips/id"][...]
-        return [str(ids[r]) for r in self._clip_rows]
+        return [str(self.clip_table["id"][r]) for r in self._clip_rows]
 
     @cached_property
     def basis(self) -> PCABasis:
@@ -121,11 +120,16 @@ class Store:
                              "(make rollout)")
         return self.group["clips/pred_features"][self.row(i, variant), :, :, :, : self._channels(channels)]
 
-    def clip_meta(self, i: int, variant: int = 0) -> dict:
-        r = self.row(i, variant)
+    @cached_property
+    def clip_table(self) -> dict[str, np.ndarray]:
+        """Per-row clip metadata (id, scene, start, timestamps), read once: rows, not clip numbers."""
         c = self.group["clips"]
-        return {"clip_id": str(c["id"][r]), "scene": str(c["scene"][r]), "start": int(c["start"][r]),
-                "timestamps": c["timestamps"][r].tolist(), "variant": self.variants[variant]}
+        return {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+
+    def clip_meta(self, i: int, variant: int = 0) -> dict:
+        r, t = self.row(i, variant), self.clip_table
+        return {"clip_id": str(t["id"][r]), "scene": str(t["scene"][r]), "start": int(t["start"][r]),
+                "timestamps": t["timestamps"][r].tolist(), "variant": self.variants[variant]}
 
     def read_clip(self, i: int, channels: int | None = None, variant: int = 0,
                   with_pred: bool = False) -> ClipArrays:

@@ -135,6 +135,7 @@ class StoreWriter:
         return digest(z)
 
     # ---- progress ----------------------------------------------------------------------------
+    # progress/*.json are the cache job's unit markers; other jobs (rollout) keep theirs in sub-folders
     def done_units(self) -> set[str]:
         return {p.rsplit("/", 1)[-1][: -len(".json")] for p in self.fs.glob(f"{self.root}/progress/*.json")}
 
@@ -209,7 +210,12 @@ class StoreWriter:
         return arr
 
     def write_pred_features(self, clip_row: int, pred: np.ndarray) -> None:
-        self.group["clips/pred_features"][clip_row] = np.asarray(pred, np.float16)
+        """pred [3, H, W, C]: Stage 1's rollout for latents 4-6 of one clip row."""
+        arr = self.group["clips/pred_features"]
+        p = np.asarray(pred, np.float16)
+        if p.shape != arr.shape[1:]:
+            raise ValueError(f"pred_features for clip row {clip_row} have shape {p.shape}, store wants {arr.shape[1:]}")
+        arr[clip_row] = p
 
     def finish_pred_features(self) -> None:
         self.group["clips/pred_features"].attrs["complete"] = True
