@@ -47,7 +47,7 @@ clean:
 	rm -rf runs/demo
 
 bench: install
-	$(PY) -m jobs.bench cache $(ARGS)
+	$(PY) -m jobs.bench all $(ARGS)
 
 # STAGE=1|2|baseline|all (all: Stage 1 -> rollout -> Stage 2 -> Baseline); reruns continue the run in $(RUN)/train
 train: install
@@ -59,8 +59,7 @@ rollout: install
 
 # the whole product on the built-in synthetic set, tiny models, CPU
 demo: install
-	$(PY) -m jobs.cache --preset tiny --out $(STORE) --source-options '{"num_scenes": 12, "frames_per_scene": 49}'
-	$(PY) -m jobs.store info $(STORE)
+	$(PY) -m jobs.demo --run runs/demo $(ARGS)
 
 # see the future of one clip (or ARGS="--video drive.mp4"): PNG grid + mp4 under $(RUN)/predict
 predict: install
@@ -71,3 +70,8 @@ predict: install
 evaluate: install
 	$(PY) -m jobs.evaluate --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
 		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/eval/results.json $(ARGS)
+
+# a PCA basis on its own, to share: teams caching with `ARGS="--pca $(RUN)/basis.zarr"` get compatible stores
+pca: install
+	$(PY) -m jobs.pca --preset $(PRESET) --dataset $(DATASET) --split $(SPLIT) --out $(RUN)/basis.zarr \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)

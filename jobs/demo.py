@@ -1,0 +1,87 @@
+"""The whole product in one command (`make demo`), on the built-in synthetic driving set, tiny models, CPU:
+
+cache a train and a val store (Ray, tiny DINOv2 + WAN VAE) -> train Stage 1 -> roll it out into the
+store -> train Stage 2 (Re2Pix) and the Baseline -> evaluate both on val -> predict one val clip and
+draw it. Each step is the same job a user runs by hand; the summary names every file it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def step(title: str, args: list[str], timings: dict) -> None:
+    print(f"\n=== {title}: python -m {' '.join(args)}", flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", *args], check=True)
+    timings[title] = time.time() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
+    p.add_argument("--run", default="runs/demo", help="everything goes under this folder (replaced)")
+    p.add_argument("--train-scenes", type=int, default=8, help="synthetic scenes of 49 frames: 7 clips each")
+    p.add_argument("--val-scenes", type=int, default=2)
+    p.add_argument("--eval-clips", type=int, default=8)
+    p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if run.exists():
+        shutil.rmtree(run)
+    store, val = run / "store.zarr", run / "val.zarr"
+    t0, timings = time.time(), {}
+    scenes = lambda n: json.dumps({"num_scenes": n, "frames_per_scene": 49})  # noqa: E731
+    step("cache train", ["jobs.cache", "--preset", "tiny", "--split", "train", "--out", str(store),
+                         "--source-options", scenes(args.train_scenes)], timings)
+    step("cache val", ["jobs.cache", "--preset", "tiny", "--split", "val", "--out", str(val), "--pca", str(store),
+                       "--source-options", scenes(args.val_scenes)], timings)
+    step("store info", ["jobs.store", "info", str(store)], timings)
+    step("train (Stage 1 -> rollout -> Stage 2 -> Baseline)",
+         ["jobs.train", "--preset", "tiny", "--stage", "all", "--store", str(store), "--val-store", str(val),
+          "--run-dir", str(run / "train")], timings)
+    results = run / "eval" / "results.json"
+    step("evaluate", ["jobs.evaluate", "--preset", "tiny", "--store", str(val), "--stage1", str(run / "train/stage1"),
+                      "--stage2", str(run / "train/stage2"), "--baseline", str(run / "train/baseline"),
+                      "--samples", str(args.samples), "--max-clips", str(args.eval_clips), "--out", str(results)],
+         timings)
+    step("predict", ["jobs.predict", "--preset", "tiny", "--store", str(val), "--clip", "0",
+                     "--stage1", str(run / "train/stage1"), "--stage2", str(run / "train/stage2"),
+                     "--baseline", str(run / "train/baseline"), "--out", str(run / "predict")], timings)
+    print(summary(run, results, timings, time.time() - t0))
+    return 0
+
+
+def summary(run: Path, results: Path, timings: dict, total: float) -> str:
+    r = json.loads(results.read_text())
+    lines = ["", "=" * 72, f"re2pix demo finished in {total / 60:.1f} min", ""]
+    lines += [f"  {title:<52s} {sec:6.0f} s" for title, sec in timings.items()]
+    lines += ["", f"Re2Pix vs Baseline on {r['clips']} val clips x {r['samples']} samples (mean +- std over samples):"]
+    models = r["models"]
+    for metric in ("latent_mse", "psnr", "ssim"):
+        row = [f"  {metric:<12s}"]
+        for name in ("re2pix", "baseline"):
+            m = models.get(name, {}).get(metric)
+            row.append(f"{name} {m['mean']:.4f} +- {m['std']:.4f}" if m and m["mean"] is not None else f"{name} -")
+        lines.append("   ".join(row))
+    s1 = r.get("stage1", {})
+    if s1:
+        keys = [k for k in s1 if k.endswith("mse") and "/" not in k][:1] or list(s1)[:1]
+        lines.append(f"  stage 1      {', '.join(f'{k} {s1[k]:.4f}' for k in keys)}")
+    pictures = sorted((run / "predict").glob("*.png"))
+    lines += ["", "files:",
+              f"  stores           {run / 'store.zarr'}, {run / 'val.zarr'}",
+              f"  checkpoints      {run / 'train'}/{{stage1,stage2,baseline}} (metrics.jsonl in each)",
+              f"  evaluation       {results}",
+              *[f"  picture          {pic}" for pic in pictures],
+              *[f"  video            {v}" for v in sorted((run / "predict").glob("*.mp4"))]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
