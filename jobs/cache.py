@@ -21,7 +21,8 @@ from jobs.config import parse_config
 
 @dataclass
 class CacheConfig:
-    dataset: str = field(default="synthetic", metadata={"help": "synthetic, videos, nuscenes, cityscapes, kitti, covla"})
+    dataset: str = field(default="synthetic",
+                         metadata={"help": "synthetic, videos, nuscenes, cityscapes, kitti, covla"})
     data_root: str | None = field(default=None, metadata={"help": "dataset folder (not needed for synthetic)"})
     split: str = "train"
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})

@@ -151,7 +151,8 @@ def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_
     tree = make_nuscenes(tmp_path / "nuscenes", scenes=3, frames_per_scene=26)
     store = tmp_path / "nuscenes.zarr"
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    run = subprocess.run(["make", "--no-print-directory", "cache", "DATASET=nuscenes", f"DATA_ROOT={tmp_path / 'nuscenes'}",
+    run = subprocess.run(["make", "--no-print-directory", "cache", "DATASET=nuscenes",
+                          f"DATA_ROOT={tmp_path / 'nuscenes'}",
                           "SPLIT=train", f"SPLIT_FILE={tree['split_file']}", f"STORE={store}",
                           f"ARGS=--pca {cached[0]} --no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300, check=False)

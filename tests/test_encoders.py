@@ -44,7 +44,8 @@ def test_dinov2_features_are_layernormed_patch_tokens_of_chosen_blocks(dino):
     # by hand: resize, ImageNet-normalize, HF hidden_states -> final layernorm -> drop CLS + 4 registers
     pv = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, size=(112, 196),
                        mode="bilinear", antialias=True)
-    pv = (pv - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pv = (pv - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     m = dino.model
     with torch.no_grad():
         out = m(pixel_values=pv, output_hidden_states=True)

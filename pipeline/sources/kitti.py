@@ -45,7 +45,8 @@ class KittiSource(Source):
             raise SourceError(f"kitti: unknown split {split!r} (val, test and all each take every drive)")
         self.root, self.split, self.camera = str(root), split, camera
         try:
-            dates = sorted(d for d in os.listdir(self.root) if _DATE.match(d) and os.path.isdir(os.path.join(self.root, d)))
+            dates = sorted(d for d in os.listdir(self.root)
+                           if _DATE.match(d) and os.path.isdir(os.path.join(self.root, d)))
         except OSError as e:
             raise SourceError(f"{self.root}: cannot list the folder ({e.strerror or e})") from None
         self._drives = {}

@@ -107,7 +107,8 @@ class Store:
     def read_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
         """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames."""
         rows = self._feature_rows[self.row(i, variant)]
-        return self._features.get_orthogonal_selection((rows, slice(None), slice(None), slice(0, self._channels(channels))))
+        c = self._channels(channels)
+        return self._features.get_orthogonal_selection((rows, slice(None), slice(None), slice(0, c)))
 
     def read_latents(self, i: int, variant: int = 0) -> np.ndarray:
         """[16, 7, h, w] float16."""
