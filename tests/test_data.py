@@ -14,8 +14,6 @@ from pipeline.store.format import IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):

@@ -26,14 +26,6 @@ from model.stage2 import DiTConfig, Re2PixDiT
 SIGMAS = torch.tensor([0.005, 0.3, 1.0, 4.0, 80.0, 250.0, 1e5])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add contention on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class IdealVelocity(torch.nn.Module):
     """Returns F = eps - z for known z and eps, and records what it was given."""

@@ -13,15 +13,6 @@ from pipeline.encoders import EncoderWeightsError, load_dinov2, load_vae
 from pipeline.store.geometry import TINY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The 2 cores are shared with other workers: 2 threads here oversubscribe them (4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dino():
     return load_dinov2("tiny")

@@ -3,7 +3,6 @@
 import av
 import numpy as np
 import pytest
-import torch
 
 from pipeline.figures import (
     CONTEXT_BORDER,
@@ -18,14 +17,6 @@ from pipeline.figures import (
     save_png,
     write_mp4,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def cell(value, hw=(12, 20)):

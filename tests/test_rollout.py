@@ -19,7 +19,6 @@ from model.stage1 import rollout
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 
-torch.set_num_threads(1)
 TINY1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2,
          "log_every": 1}
 

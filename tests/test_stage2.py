@@ -22,14 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER_BASELINE_PARAMS = 782e6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add contention on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Move every weight off its (partly zero) initialisation so outputs depend on all inputs."""

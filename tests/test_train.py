@@ -19,7 +19,6 @@ from model.tasks import Stage1Task
 from pipeline.store.format import IncompatibleStoresError
 
 ROOT = Path(__file__).resolve().parents[1]
-torch.set_num_threads(1)
 
 # Stage 1 with dropout (the global RNG), EMA, gradient accumulation, warmup + cosine: every piece of
 # state a resume has to restore

@@ -18,14 +18,6 @@ from model.video_metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def frames(seed=0, shape=(3, 24, 32, 3)):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
