@@ -2,6 +2,9 @@
 
     python -m jobs.bench cache     Ray cache job vs a plain single-process loop doing the same work;
                                    share of worker time inside the encoders; peak memory vs clip count
+    python -m jobs.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
+                                   at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
+    python -m jobs.bench all       cache, then loader (`make bench`)
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from jobs import bench_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,13 +186,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
-    c = sub.add_parser("cache", help="the cache job against a plain loop")
-    c.add_argument("--clips", type=int, default=56)
-    c.add_argument("--real-clips", type=int, default=2, help="clips with real-size encoders (0 to skip)")
-    c.add_argument("--memory-clips", type=int, nargs="+", default=[50, 200])
+
+    def cache_arguments(c):
+        c.add_argument("--clips", type=int, default=56)
+        c.add_argument("--real-clips", type=int, default=2, help="clips with real-size encoders (0 to skip)")
+        c.add_argument("--memory-clips", type=int, nargs="+", default=[50, 200])
+
+    cache_arguments(sub.add_parser("cache", help="the cache job against a plain loop"))
+    bench_loader.add_arguments(sub.add_parser("loader", help="the trainer's loader against plain reads; "
+                                              "cached vs online cost per sample"))
+    a = sub.add_parser("all", help="cache, then loader (loader options take a --loader- prefix)")
+    cache_arguments(a)
+    bench_loader.add_arguments(a, prefix="loader-")
     args = p.parse_args(argv)
-    if args.bench == "cache":
+    if args.bench in ("cache", "all"):
         bench_cache(args)
+    if args.bench == "loader":
+        bench_loader.bench_loader(args)
+    if args.bench == "all":
+        print("\n" + "=" * 100 + "\n")
+        bench_loader.bench_loader(bench_loader.loader_args(args, prefix="loader-"))
     return 0
 
 
