@@ -157,7 +157,11 @@ class EMA:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Move a batch to the device; stored float16 arrays become float32 there."""
+    def move(v):
+        v = v.to(device, non_blocking=True)
+        return v.float() if v.is_floating_point() else v
+    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def autocast(runtime: Runtime, enabled: bool):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from store_factory import ENCODERS, make_store
 
 from model.data import ClipStream, make_loader, split_by_scene
+from model.loop import to_device
 from pipeline.store.format import IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
@@ -106,7 +107,8 @@ def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_p
     variants = set()
     for epoch in range(4):
         (batch,) = _epoch(stream, epoch)
-        assert batch["features"].shape == (7, 7, 8, 14, 16) and batch["features"].dtype == torch.float32
+        assert batch["features"].shape == (7, 7, 8, 14, 16) and batch["features"].dtype == torch.float16
+        assert to_device(batch, torch.device("cpu"))["features"].dtype == torch.float32  # cast on the device
         assert batch["latents"].shape == (7, 16, 7, 12, 20)
         for j, (i, v) in enumerate(zip(batch["clip"].tolist(), batch["variant"].tolist())):
             variants.add(v)
