@@ -48,19 +48,9 @@ class RolloutConfig:
 
 def load_stage1(checkpoint: str, weights: str = "auto", device="cpu"):
     """(model in eval mode, fingerprint of the loaded weights, checkpoint folder)."""
-    from model.checkpoint import load_weights, read_meta, resolve_checkpoint, weights_fingerprint
+    from model.checkpoint import load_verified
     from model.tasks import Stage1Task
-    ckpt = resolve_checkpoint(checkpoint)
-    meta = read_meta(ckpt)
-    if meta.get("task") != "stage1":
-        raise SystemExit(f"{ckpt} is a {meta.get('task')} checkpoint; the rollout needs a Stage 1 one")
-    if weights == "auto":
-        weights = "ema" if "ema_fingerprint" in meta else "model"
-    state = load_weights(ckpt, weights)
-    fingerprint = weights_fingerprint(state)
-    if fingerprint != meta.get(f"{weights}_fingerprint"):
-        raise SystemExit(f"{ckpt}/{weights}.safetensors does not match the fingerprint its meta.json recorded: "
-                         "the checkpoint is damaged")
+    ckpt, meta, state, fingerprint = load_verified(checkpoint, ("stage1",), weights)
     model = Stage1Task.from_config(meta["model_config"]).build_model()
     model.load_state_dict(state)
     return model.to(device).eval(), fingerprint, ckpt
@@ -162,7 +152,13 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg, _ = parse_config(RolloutConfig, "rollout", argv, description=__doc__)
-    results = run_rollout(cfg)
+    from model.checkpoint import CheckpointError
+    from pipeline.store.format import StoreError
+    try:
+        results = run_rollout(cfg)
+    except (CheckpointError, StoreError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for r in results:
         print(f"{r['store']}: {r['rows']} rows, {r['written']} written now, checkpoint {r['fingerprint']}")
     import torch.distributed as dist

@@ -131,3 +131,25 @@ def load_weights(ckpt, which: str = "model", device="cpu") -> dict[str, torch.Te
 def load_state(ckpt) -> dict:
     """Optimizer, scheduler, step and data position, loaded with weights_only=True."""
     return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is of the wrong kind or does not match the fingerprint it recorded."""
+
+
+def load_verified(path, tasks: tuple[str, ...], weights: str = "auto") -> tuple[Path, dict, dict, str]:
+    """(checkpoint folder, meta, weights, fingerprint) of a run dir or checkpoint whose task is one of
+    `tasks`. `weights`: "model", "ema", or "auto" (EMA when the run kept one). The weights must hash
+    to the fingerprint meta.json recorded: a damaged or swapped file is refused."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if meta.get("task") not in tasks:
+        raise CheckpointError(f"{ckpt} holds a {meta.get('task')} checkpoint; expected {' or '.join(tasks)}")
+    if weights == "auto":
+        weights = "ema" if "ema_fingerprint" in meta else "model"
+    state = load_weights(ckpt, weights)
+    fingerprint = weights_fingerprint(state)
+    if fingerprint != meta.get(f"{weights}_fingerprint"):
+        raise CheckpointError(f"{ckpt}/{weights}.safetensors does not match the fingerprint its meta.json "
+                              "recorded: the checkpoint is damaged")
+    return ckpt, meta, state, fingerprint
