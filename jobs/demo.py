@@ -1,8 +1,9 @@
 """The whole product in one command (`make demo`), on the built-in synthetic driving set, tiny models, CPU:
 
-cache a train and a val store (Ray, tiny DINOv2 + WAN VAE) -> train Stage 1 -> roll it out into the
-store -> train Stage 2 (Re2Pix) and the Baseline -> evaluate both on val -> predict one val clip and
-draw it. Each step is the same job a user runs by hand; the summary names every file it wrote.
+cache a train and a val store (Ray, tiny DINOv2 + the small trained demo WAN VAE, `--vae`) -> train
+Stage 1 -> roll it out into the store -> train Stage 2 (Re2Pix) and the Baseline -> evaluate both on
+val -> predict one val clip and draw it (context and ground truth rows: the synthetic source's frames).
+Each step is the same job a user runs by hand; the summary names every file it wrote.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=2)
     p.add_argument("--eval-clips", type=int, default=8)
     p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
+    p.add_argument("--vae", default="demo", help="VAE spec for both stores: 'demo' (small, trained on the "
+                   "synthetic set: `python -m jobs.train_demo_vae`), 'tiny' (random weights) or as jobs.cache")
     args = p.parse_args(argv)
     run = Path(args.run)
     if run.exists():
@@ -38,9 +41,9 @@ def main(argv=None) -> int:
     t0, timings = time.time(), {}
     scenes = lambda n: json.dumps({"num_scenes": n, "frames_per_scene": 49})  # noqa: E731
     step("cache train", ["jobs.cache", "--preset", "tiny", "--split", "train", "--out", str(store),
-                         "--source-options", scenes(args.train_scenes)], timings)
+                         "--vae", args.vae, "--source-options", scenes(args.train_scenes)], timings)
     step("cache val", ["jobs.cache", "--preset", "tiny", "--split", "val", "--out", str(val), "--pca", str(store),
-                       "--source-options", scenes(args.val_scenes)], timings)
+                       "--vae", args.vae, "--source-options", scenes(args.val_scenes)], timings)
     step("store info", ["jobs.store", "info", str(store)], timings)
     step("train (Stage 1 -> rollout -> Stage 2 -> Baseline)",
          ["jobs.train", "--preset", "tiny", "--stage", "all", "--store", str(store), "--val-store", str(val),

@@ -17,8 +17,18 @@ Writes OUT/NAME.png (the paper's figure: context frames and their DINOv2 feature
 then ground truth, Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB of
 their first three PCA components, scaled per component between the 1st and 99th percentiles over
 the clip), OUT/NAME.mp4 (all 25 frames, the rows side by side) and OUT/NAME.json (what was run, and
-PSNR / SSIM per predicted frame against the ground truth when there is one). For a store clip the
-ground truth is the VAE reconstruction of the stored latents (a store holds latents, not pixels).
+PSNR / SSIM per predicted frame against the ground truth when there is one).
+
+A store holds latents, not pixels. For a store clip the ground truth (and the context row) are the
+clip's ORIGINAL frames whenever the store's source can be reopened from its manifest (dataset, split,
+source_root and the adapter's options: the synthetic generator's settings under "generator", else the
+cache job's --source-options; a source_root must be an existing path or builtin): read, checked against
+the stored timestamps and resized to the VAE input size exactly as the cache job resized them
+(JSON "ground_truth": "source_frames"). Otherwise they are the VAE reconstruction of the stored latents
+("vae_reconstruction", labelled so in the picture; "ground_truth_source" says why). With source frames
+the JSON scores are against them ("scores"), and also against the VAE reconstruction
+("scores_vs_vae_reconstruction": what the latent-space models can reach) together with the
+reconstruction's own PSNR / SSIM against the source ("vae_reconstruction": the VAE's ceiling).
 """
 
 from __future__ import annotations
@@ -92,21 +102,15 @@ def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu"
 
     Reads the trainer's format (model/checkpoint.py): meta.json names the task and the model config,
     the weights are model/ema.safetensors and must hash to the fingerprint meta.json recorded."""
-    from model.checkpoint import load_weights, read_meta, resolve_checkpoint, weights_fingerprint
+    from model.checkpoint import CheckpointError, load_verified
     from model.stage1 import MaskedFeatureTransformer, Stage1Config
     from model.stage2 import DiTConfig, Re2PixDiT
 
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    task = meta.get("task")
-    if task not in tasks:
-        raise SystemExit(f"{ckpt} holds a {task} checkpoint; expected {' or '.join(tasks)}")
-    if weights == "auto":
-        weights = "ema" if "ema_fingerprint" in meta else "model"
-    state = load_weights(ckpt, weights)
-    fingerprint = weights_fingerprint(state)
-    if fingerprint != meta.get(f"{weights}_fingerprint"):
-        raise SystemExit(f"{ckpt}/{weights}.safetensors does not match the fingerprint in its meta.json: damaged")
+    try:
+        ckpt, meta, state, fingerprint = load_verified(path, tasks, weights)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from e
+    task = meta["task"]
     if task == "stage1":
         model = MaskedFeatureTransformer(Stage1Config.from_dict(meta["model_config"]))
     else:
@@ -279,9 +283,10 @@ class ClipInput:
     name: str
     features: np.ndarray  # [7 or 4, H, W, C] float32: ground-truth PCA features of frames 0, 4, ...
     latents: np.ndarray  # [16, 7 or 4, h, w] float32, store-normalized
-    frames: np.ndarray | None  # uint8 [25 or 13, H, W, 3] at the VAE size (video input); None for a store clip
-    fps: float
+    frames: np.ndarray | None  # uint8 [25 or 13, H, W, 3] at the VAE size (video input, or a store clip's
+    fps: float                 # source frames when its source reopens); None otherwise
     source: dict
+    frames_kind: str = "video"  # what `frames` are: "video" or "source_frames"
 
 
 @dataclass
@@ -315,15 +320,59 @@ def open_space(cfg: PredictConfig):
     return DataSpace(geometry, basis, None, 10.0), None
 
 
-def store_clip(store, clip: int, clip_id: str | None = None) -> ClipInput:
+def store_clip(store, clip: int, clip_id: str | None = None, source_frames: bool = True) -> ClipInput:
+    """A clip of the store; with `source_frames`, its original frames too when the source reopens."""
     if clip_id is not None:
         if clip_id not in store.clip_ids:
             raise SystemExit(f"{store.location} has no clip {clip_id!r}")
         clip = store.clip_ids.index(clip_id)
     arrays = store.read_clip(clip)
-    return ClipInput(arrays.clip_id, arrays.features.astype(np.float32), arrays.latents.astype(np.float32), None,
-                     float(store.manifest.get("fps") or 10.0),
-                     {"store": store.location, "clip": clip, "clip_id": arrays.clip_id})
+    frames, origin = None, {"opened": False, "reason": "not asked for"}
+    if source_frames:
+        frames, origin = source_clip_frames(store.manifest, arrays.meta, store.geometry)
+    info = {"store": store.location, "clip": clip, "clip_id": arrays.clip_id, "ground_truth_source": origin}
+    return ClipInput(arrays.clip_id, arrays.features.astype(np.float32), arrays.latents.astype(np.float32), frames,
+                     float(store.manifest.get("fps") or 10.0), info, "source_frames")
+
+
+def reopen_source(manifest: dict):
+    """The store's source from its manifest, or (None, why not)."""
+    from pipeline.sources import SOURCES, get_source
+    dataset, split, root = manifest.get("dataset"), manifest.get("split"), manifest.get("source_root")
+    if dataset not in SOURCES or not split:
+        return None, f"dataset {dataset!r} is not a known source"
+    root = None if not root or str(root).startswith("builtin:") else str(root)
+    if root is not None and not Path(root).exists():
+        return None, f"source_root {root} does not exist here"
+    options = dict((manifest.get("cache_config") or {}).get("source_options") or {})
+    options.update(manifest.get("generator") or {})  # what the adapter says it was built with
+    try:
+        return get_source(dataset, root, split, **options), None
+    except Exception as e:  # noqa: BLE001 - any failure just means: no source frames
+        return None, f"cannot open {dataset} at {root}: {type(e).__name__}: {e}"
+
+
+def source_clip_frames(manifest: dict, meta: dict, geometry) -> tuple[np.ndarray | None, dict]:
+    """The clip's original frames, uint8 [25, *vae_input_hw, 3] resized as the cache job resizes (and
+    mirrored for a flip variant), or None; and a record of where they came from (or why not)."""
+    from pipeline.frames import hflip, resize_frames
+    source, why = reopen_source(manifest)
+    where = {"dataset": manifest.get("dataset"), "split": manifest.get("split"),
+             "source_root": manifest.get("source_root"), "scene": meta.get("scene")}
+    if source is None:
+        return None, {"opened": False, "reason": why, **where}
+    try:
+        start, n = int(meta["start"]), geometry.clip_frames
+        refs = source.frames(meta["scene"])[start:start + n]
+        stamps = meta.get("timestamps") or []
+        if len(refs) != n or (len(stamps) == n and not np.allclose([r.timestamp for r in refs], stamps, atol=1e-3)):
+            return None, {"opened": False, "reason": "the source's frames no longer match the store's clip", **where}
+        frames = resize_frames(np.stack([source.read_frame(meta["scene"], r) for r in refs]), geometry.vae_input_hw)
+    except Exception as e:  # noqa: BLE001
+        return None, {"opened": False, "reason": f"{type(e).__name__}: {e}", **where}
+    if meta.get("variant") in ("flip", "hflip"):
+        frames = hflip(frames)
+    return frames, {"opened": True, **where, "frames": [refs[0].index, refs[-1].index]}
 
 
 def read_video(path: str, max_frames: int) -> tuple[np.ndarray, float | None]:
@@ -383,7 +432,8 @@ class Prediction:
     forecast: np.ndarray  # [3, H, W, c1] Stage 1 features of latents 4-6
     latents: dict  # name -> [16, 7, h, w] float32 (re2pix, baseline)
     frames: dict  # "ground truth", "Baseline", "Re2Pix" -> uint8 [25 (or 13 for GT), H, W, 3]
-    ground_truth: str | None  # "vae_reconstruction", "video" or None
+    ground_truth: str | None  # "source_frames", "vae_reconstruction", "video" or None
+    reconstruction: np.ndarray | None = None  # store clip: the VAE decoding of its stored latents [25, H, W, 3]
 
 
 def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: LatentCodec, geometry,
@@ -397,17 +447,19 @@ def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: Laten
     gen = torch.Generator().manual_seed(seed)  # the same noise on every device
     noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)
     sampled = sample_models(models, sampler, z_ctx, features, noise)
-    frames, gt = {}, None
+    frames, gt, recon = {}, None, None
+    if "store" in clip.source and clip.latents.shape[1] == geometry.latent_frames:
+        recon = codec.decode(torch.from_numpy(clip.latents[None]))[0]
     if clip.frames is not None:
-        frames["ground truth"], gt = clip.frames, "video"
-    elif clip.latents.shape[1] == geometry.latent_frames:
-        frames["ground truth"], gt = codec.decode(torch.from_numpy(clip.latents[None]))[0], "vae_reconstruction"
+        frames["ground truth"], gt = clip.frames, clip.frames_kind
+    elif recon is not None:
+        frames["ground truth"], gt = recon, "vae_reconstruction"
     names = {"baseline": "Baseline", "re2pix": "Re2Pix"}
     for key in ("baseline", "re2pix"):
         if key in sampled:
             frames[names[key]] = codec.decode(sampled[key])[0]
     return Prediction(clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()},
-                      frames, gt)
+                      frames, gt, recon)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -473,10 +525,11 @@ def figure_rows(pred: Prediction, geometry) -> list[str]:
     return rows + ["forecast features"]
 
 
-def frame_scores(pred: Prediction, geometry) -> dict:
-    """PSNR / SSIM per predicted frame against the ground truth (when there is one)."""
+def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") -> dict:
+    """PSNR / SSIM per predicted frame against the ground truth (when there is one), or with
+    reference="vae_reconstruction" against the VAE decoding of the stored latents."""
     from model.video_metrics import psnr, ssim
-    gt = pred.frames.get("ground truth")
+    gt = pred.frames.get("ground truth") if reference == "ground truth" else pred.reconstruction
     if gt is None or len(gt) < geometry.clip_frames:
         return {}
     s = slice(geometry.context_frames, geometry.clip_frames)
@@ -486,6 +539,16 @@ def frame_scores(pred: Prediction, geometry) -> dict:
             out[name.lower()] = {"psnr": [round(float(v), 4) for v in psnr(pred.frames[name][s], gt[s])],
                                  "ssim": [round(float(v), 5) for v in ssim(pred.frames[name][s], gt[s])]}
     return out
+
+
+def reconstruction_scores(pred: Prediction) -> dict:
+    """Mean PSNR / SSIM of the VAE reconstruction against the source frames, context and predicted
+    frames: the most a decoded prediction can reach."""
+    from model.video_metrics import psnr, ssim
+    if pred.ground_truth != "source_frames" or pred.reconstruction is None:
+        return {}
+    gt, rec = pred.frames["ground truth"], pred.reconstruction
+    return {"psnr": round(float(psnr(rec, gt).mean()), 4), "ssim": round(float(ssim(rec, gt).mean()), 5)}
 
 
 # --------------------------------------------------------------------------- the job
@@ -524,7 +587,11 @@ def run_predict(cfg: PredictConfig) -> dict:
                "frames": {"context": [0, space.geometry.context_frames - 1],
                           "predicted": [space.geometry.context_frames, space.geometry.clip_frames - 1]},
                "models": models.describe(), "sampler": {**asdict(sampler), "seed": cfg.seed},
-               "scores": frame_scores(pred, space.geometry), "seconds": round(time.time() - t0, 2)}
+               "scores": frame_scores(pred, space.geometry)}
+    if pred.ground_truth == "source_frames":
+        summary["scores_vs_vae_reconstruction"] = frame_scores(pred, space.geometry, "vae_reconstruction")
+        summary["vae_reconstruction"] = reconstruction_scores(pred)
+    summary["seconds"] = round(time.time() - t0, 2)
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     summary["json"] = str(out / f"{name}.json")
     return summary
@@ -544,6 +611,10 @@ def main(argv=None) -> int:
         print(f"{name:9s} PSNR {np.mean(s['psnr']):.2f} dB  SSIM {np.mean(s['ssim']):.4f}  "
               f"(frames {summary['frames']['predicted'][0]}-{summary['frames']['predicted'][1]} vs "
               f"{summary['ground_truth']})")
+    if summary.get("vae_reconstruction"):
+        r = summary["vae_reconstruction"]
+        print(f"VAE reconstruction of the stored latents vs the source frames: PSNR {r['psnr']:.2f} dB  "
+              f"SSIM {r['ssim']:.4f} (the ceiling)")
     print(f"wrote {summary['png']}, {summary['mp4']} and {summary['json']} in {summary['seconds']} s")
     return 0
 

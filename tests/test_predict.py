@@ -188,3 +188,43 @@ def test_refusals(setup, tmp_path):
         run_predict(config(setup, stage2=setup[1]["baseline"]))
     with pytest.raises(SystemExit, match="no clip"):
         run_predict(config(setup, clip_id="nope"))
+
+
+def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path, monkeypatch):
+    import store_factory
+
+    from jobs.predict import run_predict, store_clip
+    from pipeline.frames import resize_frames
+    from pipeline.sources import get_source
+    from pipeline.store.reader import Store
+
+    def synthetic(scenes, frames):
+        return get_source("synthetic", None, "val", num_scenes=scenes, frames_per_scene=frames, seed=3)
+
+    monkeypatch.setattr(store_factory, "CountingSource", synthetic)
+    from pipeline.encoders import load_dinov2, load_vae
+    encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
+    make_store(tmp_path / "syn.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips: frames 0-24 and 4-28
+    src = synthetic(1, 29)
+    want = resize_frames(np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[4:29]]),
+                         TINY.vae_input_hw)
+    clip = store_clip(Store(str(tmp_path / "syn.zarr")), 1)
+    assert clip.frames_kind == "source_frames" and np.array_equal(clip.frames, want)
+    assert clip.source["ground_truth_source"]["opened"] and clip.source["ground_truth_source"]["frames"] == [4, 28]
+
+    s = run_predict(config(setup, store=str(tmp_path / "syn.zarr"), clip=1, out=str(tmp_path / "out"), name="syn"))
+    assert s["ground_truth"] == "source_frames"
+    assert s["rows"] == ["context", "ground truth", "Baseline", "Re2Pix", "forecast features"]
+    assert len(s["scores"]["re2pix"]["psnr"]) == 12 and len(s["scores_vs_vae_reconstruction"]["re2pix"]["psnr"]) == 12
+    assert set(s["vae_reconstruction"]) == {"psnr", "ssim"}
+    grid = np.asarray(Image.open(s["png"]))
+    layout = GridLayout(((2, 4), (4, 3)), (96, 160), GridStyle())
+    for (section, row, col), frame in {(0, 0, 1): 4, (0, 0, 3): 12, (1, 0, 0): 16, (1, 0, 2): 24}.items():
+        y, x = layout.cell_origin(section, row, col)  # context row: frames 0, 4, 8, 12; ground truth: 16, 20, 24
+        assert np.array_equal(grid[y: y + 96, x: x + 160], want[frame])
+
+    # a store whose source cannot be reopened keeps the VAE reconstruction, and says why
+    s = run_predict(config(setup, clip=0, out=str(tmp_path / "out"), name="counting"))
+    assert s["ground_truth"] == "vae_reconstruction"
+    why = s["source"]["ground_truth_source"]
+    assert not why["opened"] and "counting" in why["reason"]

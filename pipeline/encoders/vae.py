@@ -9,6 +9,8 @@ diffusers' VideoProcessor does. The VAE is causal: latent 0 = frame 0, latent t 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
@@ -21,7 +23,12 @@ DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # small random config; 96 x 160 input -> 12 x 20 latents, matches geometry.TINY
 TINY_CONFIG = {"base_dim": 4, "num_res_blocks": 1}
 TINY_SEED = 0
-PRESETS = {"tiny": {"input_hw": (96, 160)}, "default": {"input_hw": (432, 768)}}
+# demo preset: the same architecture at a small width, TRAINED on the synthetic driving set by
+# `python -m jobs.train_demo_vae` (weights + config with its own latents_mean/std in weights/), so that
+# the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents, matches geometry.TINY
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
+PRESETS = {"tiny": {"input_hw": (96, 160)}, "demo": {"input_hw": (96, 160)},
+           "default": {"input_hw": (432, 768)}}
 
 
 class WanVAEEncoder:
@@ -94,6 +101,9 @@ class WanVAEEncoder:
              "latents_mean": self.latents_mean, "latents_std": self.latents_std}
         if self.weights_id == "tiny":
             d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
+        if self.weights_id == "demo":
+            d["config"] = {k: self.vae.config[k] for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult",
+                                                             "num_res_blocks", "temperal_downsample")}
         return d
 
 
@@ -104,17 +114,39 @@ def tiny_vae_model() -> AutoencoderKLWan:
         return AutoencoderKLWan(**TINY_CONFIG)
 
 
+def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
+    """The demo preset's trained VAE from weights/demo_wan_vae.{safetensors,json} (no pickle)."""
+    import json
+
+    from safetensors.torch import load_file
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file() or not meta.is_file():
+        raise EncoderWeightsError(f"the demo VAE's weights are missing ({weights}, {meta.name}): train them "
+                                  "with `python -m jobs.train_demo_vae` (about 25 min on one CPU core)")
+    try:
+        config = json.loads(meta.read_text())["config"]
+        vae = AutoencoderKLWan(**config)
+        vae.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise EncoderWeightsError(f"could not load the demo VAE from {weights}: {e}; retrain it with "
+                                  "`python -m jobs.train_demo_vae`") from e
+    return vae.float()
+
+
 def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfolder: str | None = "vae",
              autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
              revision: str | None = None, cache_dir: str | None = None) -> WanVAEEncoder:
-    """spec: "tiny", a hub id (looked up in the local HF cache unless allow_download) or a local folder.
+    """spec: "tiny" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
+    (looked up in the local HF cache unless allow_download) or a local folder.
 
     A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself.
-    input_hw defaults to the preset's: tiny (96, 160), else (432, 768).
+    input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
     """
-    input_hw = input_hw or PRESETS["tiny" if spec == "tiny" else "default"]["input_hw"]
+    input_hw = input_hw or PRESETS[spec if spec in ("tiny", "demo") else "default"]["input_hw"]
     if spec == "tiny":
         vae, weights_id, rev = tiny_vae_model(), "tiny", None
+    elif spec == "demo":
+        vae, weights_id, rev = demo_vae_model(), "demo", None
     else:
         patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
         local, weights_id, rev = resolve_weights(spec, flag="--vae", allow_patterns=patterns,

@@ -1,0 +1,82 @@
+"""The demo VAE preset (`--vae demo`): trained weights shipped in pipeline/encoders/weights/."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.store.geometry import TINY
+
+# jobs/train_demo_vae.py measured VAL_PSNR_DB (see weights/demo_wan_vae.json "training.val") on the
+# synthetic val split at seed 0, scene-0000 and scene-0001, frames 0-24 and 24-48, posterior mean.
+# The clip here is scene-0000 frames 0-24 of that set; 3 dB below the measurement leaves room for
+# another torch build / CPU while still failing for random or wrongly loaded weights (~11-14 dB).
+PSNR_MARGIN_DB = 3.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from pipeline.encoders import load_vae
+    return load_vae("demo")
+
+
+@pytest.fixture(scope="module")
+def val_clip():
+    from pipeline.frames import resize_frames
+    from pipeline.sources import get_source
+    # the demo's val scenes (a scene depends on its length: 49 frames, as the training job renders them)
+    src = get_source("synthetic", None, "val", num_scenes=1, frames_per_scene=49, seed=0)
+    frames = np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[:25]])  # 144 x 256
+    return frames, resize_frames(frames, TINY.vae_input_hw)
+
+
+def test_demo_vae_record():
+    from pipeline.encoders.vae import DEMO_WEIGHTS
+    weights = DEMO_WEIGHTS.with_suffix(".safetensors")
+    assert weights.stat().st_size < 5e6
+    meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    cfg = meta["config"]
+    assert cfg["z_dim"] == 16 and len(cfg["latents_mean"]) == len(cfg["latents_std"]) == 16
+    assert meta["training"]["steps"] > 0 and meta["training"]["val"]["psnr_db"] > 20
+
+
+def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
+    from pipeline.encoders.vae import DEMO_WEIGHTS
+    frames, small = val_clip
+    d = demo.describe()
+    assert d["weights_id"] == "demo" and d["input_size"] == [96, 160] and len(d["sha256"]) == 64
+    assert demo.latents_std == json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["config"]["latents_std"]
+    z = demo(frames[None])  # native 144 x 256, resized inside as the cache job does
+    assert tuple(z.shape) == (1, *TINY.latents_shape) == (1, 16, 7, 12, 20)
+    per_channel = z.transpose(0, 1).reshape(16, -1)
+    assert 0.3 < float(z.std()) < 3 and abs(float(z.mean())) < 1
+    assert bool(((per_channel.std(1) > 0.1) & (per_channel.std(1) < 5)).all())
+    rec = demo.decode(z)[0].numpy()
+    assert rec.shape == (25, 96, 160, 3)
+    mse = np.mean((rec.astype(np.float64) - small.astype(np.float64)) ** 2)
+    psnr = 10 * math.log10(255 ** 2 / mse)
+    measured = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["training"]["val"]["psnr_per_clip"][0]
+    assert psnr > measured - PSNR_MARGIN_DB, (psnr, measured)
+
+
+def test_missing_demo_weights_say_how_to_make_them(tmp_path):
+    from pipeline.encoders import EncoderWeightsError
+    from pipeline.encoders.vae import demo_vae_model
+    with pytest.raises(EncoderWeightsError, match="python -m jobs.train_demo_vae"):
+        demo_vae_model(tmp_path / "demo_wan_vae")
+
+
+def test_tiny_still_means_random_weights():
+    from pipeline.encoders import load_vae
+    d = load_vae("tiny").describe()
+    assert d["weights_id"] == "tiny" and d["config"]["base_dim"] == 4
