@@ -45,6 +45,9 @@ class CacheConfig:
     decode_actors: int = field(default=1, metadata={"help": "CPU actors reading and resizing frames"})
     dino_actors: int = 1
     vae_actors: int = 1
+    dino_threads: int = field(default=1, metadata={"help": "torch threads per DINOv2 actor (CPU-only machines)"})
+    vae_threads: int = field(default=0, metadata={"help": "torch threads per VAE actor on CPU; 0: every CPU "
+                                                           "(the VAE is ~97% of the work at real size)"})
     overwrite: bool = False
     progress: bool = True
 
@@ -59,10 +62,12 @@ def _ray_init():
     return ray
 
 
-def _resources(ray):
+def _resources(ray, cfg: CacheConfig):
     from pipeline.ray_cache import StageResources
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return StageResources(gpus=1.0 if gpus else 0.0), ("cuda" if gpus else "cpu")
+    if ray.cluster_resources().get("GPU", 0):
+        return StageResources(gpus=1.0), "cuda"
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads or cpus), "cpu"
 
 
 def resolve_geometry(spec: str):
@@ -96,13 +101,13 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray):
     from pipeline.pca import PCAAccumulator
     from pipeline.ray_cache import DecodeStage, DinoStage
     from pipeline.units import plan_frames
-    res, device = _resources(ray)
+    res, device = _resources(ray, cfg)
     units = plan_frames(index, cfg.pca_frames)
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, ["orig"], False), batch_size=1,
                         num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=1))
     ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, None, device, cfg.batch_frames,
-                                                         res.torch_threads, cfg.allow_download),
+                                                         res.dino_threads, cfg.allow_download),
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.dino_actors), **res.actor_kwargs())
     acc = PCAAccumulator(geometry.feature_dim)
     from tqdm.auto import tqdm
@@ -139,7 +144,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         raise SystemExit(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
                          f"(skipped windows: {index.skipped or 'none'})")
     ray = _ray_init()
-    res, device = _resources(ray)
+    res, device = _resources(ray, cfg)
     encoders, latent_norm = encoder_descriptions(cfg, geometry)
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
 
@@ -168,18 +173,17 @@ def run_cache(cfg: CacheConfig) -> dict:
     if done:
         print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
-    first_row_at = last_row_at = None
-    steady_clips, stage_seconds = 0, {}
+    rows, stage_seconds = [], {}  # (time a unit was written, its clips, when its encoders were ready)
     if todo:
         ds = ray.data.from_items([{"plan": u.to_json()} for u in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, True), batch_size=1,
                             num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
         ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, basis, device, cfg.batch_frames,
-                                                             res.torch_threads, cfg.allow_download),
+                                                             res.dino_threads, cfg.allow_download),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.dino_actors),
                             **res.actor_kwargs())
         ds = ds.map_batches(VaeStage, fn_constructor_args=(cfg.vae, geometry, device, cfg.batch_clips,
-                                                            res.torch_threads, len(variants), cfg.allow_download),
+                                                            res.vae_threads, len(variants), cfg.allow_download),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.vae_actors),
                             **res.actor_kwargs())
         ds = ds.map_batches(WriteStage, fn_constructor_args=(cfg.out,), batch_size=1, num_cpus=res.task_cpus,
@@ -194,10 +198,7 @@ def run_cache(cfg: CacheConfig) -> dict:
                 if failed:
                     bar.set_postfix(failed=failed)
                 last_row_at = time.time()
-                if first_row_at is None:
-                    first_row_at = last_row_at
-                else:
-                    steady_clips += n
+                rows.append((last_row_at, n, max(float(v) for k, v in row.items() if k.startswith("ready_"))))
                 for k, v in row.items():
                     if k.startswith("t_"):
                         stage_seconds[k[2:]] = stage_seconds.get(k[2:], 0.0) + float(v)
@@ -206,9 +207,18 @@ def run_cache(cfg: CacheConfig) -> dict:
                "failed_clips": counts["failed_clips"], "frames": counts["frames"], "variants": variants,
                "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped,
                # throughput once every actor is up: clips after the first finished unit / time since it
-               "steady_clips_per_s": steady_clips / (last_row_at - first_row_at) if steady_clips else None,
+               "steady_clips_per_s": _steady_rate(rows),
                "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()}}
     return summary
+
+
+def _steady_rate(rows) -> float | None:
+    """Clips/s once every encoder actor had loaded its model (Ray and actor start-up excluded)."""
+    if not rows:
+        return None
+    ready = max(r for _, _, r in rows)
+    done = [(t, n) for t, n, _ in rows if t > ready]
+    return sum(n for _, n in done) / (done[-1][0] - ready) if done else None
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,8 @@ class StageResources:
     vae_actors: int = 1
     encoder_cpus: float = 0.5  # per actor, CPU-only machines
     task_cpus: float = 0.25  # decode and write tasks
-    torch_threads: int = 1  # intra-op threads per encoder actor on CPU
+    dino_threads: int = 1  # intra-op threads per encoder actor on CPU: the VAE does ~97% of the work
+    vae_threads: int = 1  # at real size, so on a CPU-only machine it gets every core (see jobs.cache)
 
     def actor_kwargs(self) -> dict:
         return {"num_gpus": self.gpus} if self.gpus > 0 else {"num_cpus": self.encoder_cpus}
@@ -127,6 +128,7 @@ class DinoStage:
                                    autocast_dtype=_autocast(device), allow_download=allow_download)
         self.projector = Projector(basis, device) if basis is not None else None
         self.batch_frames = batch_frames
+        self.ready_at = time.time()  # model loaded: the job's steady state starts once every actor is
 
     def features(self, frames: np.ndarray):
         import torch
@@ -155,6 +157,7 @@ class DinoStage:
         c = self.projector.weight.shape[1]
         out["features"] = (np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16))[None]
         out["t_dino"] = np.array([time.perf_counter() - t0])
+        out["ready_dino"] = np.array([self.ready_at])
         return out
 
 
@@ -171,6 +174,7 @@ class VaeStage:
         self.encoder = load_vae(vae_spec, input_hw=geometry.vae_input_hw, device=device,
                                 autocast_dtype=_autocast(device), allow_download=allow_download)
         self.geometry, self.batch_clips, self.num_variants = geometry, batch_clips, num_variants
+        self.ready_at = time.time()
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -187,6 +191,7 @@ class VaeStage:
         out["latents"] = (np.concatenate(latents) if latents
                           else np.zeros((0, *self.geometry.latents_shape), np.float16))[None]
         out["t_vae"] = np.array([time.perf_counter() - t0])
+        out["ready_vae"] = np.array([self.ready_at])
         return out
 
 
@@ -218,6 +223,6 @@ class WriteStage:
         failures = json.loads(str(_first(batch["failures"])))
         writer.mark_unit_done(plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures,
                               digests=digests)
-        timings = {k: np.asarray(v, np.float64) for k, v in batch.items() if k.startswith("t_")}
+        timings = {k: np.asarray(v, np.float64) for k, v in batch.items() if k.startswith(("t_", "ready_"))}
         return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)], **timings,
                 "t_write": np.array([time.perf_counter() - t0])}
