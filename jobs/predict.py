@@ -316,7 +316,8 @@ def open_space(cfg: PredictConfig):
     basis = load_basis(cfg.pca)
     if basis.num_components < geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
         raise SystemExit(f"--pca {cfg.pca} has {basis.num_components} components of {basis.feature_dim}-d "
-                         f"features; geometry {cfg.geometry} needs {geometry.num_pca_channels} of {geometry.feature_dim}")
+                         f"features; geometry {cfg.geometry} needs {geometry.num_pca_channels} "
+                         f"of {geometry.feature_dim}")
     return DataSpace(geometry, basis, None, 10.0), None
 
 
