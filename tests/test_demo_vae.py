@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.store.geometry import TINY
 
@@ -15,13 +14,6 @@ from pipeline.store.geometry import TINY
 # another torch build / CPU while still failing for random or wrongly loaded weights (~11-14 dB).
 PSNR_MARGIN_DB = 3.0
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ from pipeline.figures import GridLayout, GridStyle, write_mp4
 from pipeline.store.geometry import TINY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _jsonable(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
