@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..frames import resize
 from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
 
 if TYPE_CHECKING:  # transformers is imported only when a model is built or loaded
@@ -38,13 +38,6 @@ def to_nchw_float(frames, device) -> torch.Tensor:
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB frames [B, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
     return frames.to(device).permute(0, 3, 1, 2).float() / 255.0  # move as uint8, convert on device
-
-
-def resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, *hw], bilinear with antialiasing, no crop (aspect ratio may change)."""
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    return F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
 
 
 class DinoV2Encoder:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from .dinov2 import resize, to_nchw_float
+from ..frames import resize
+from .dinov2 import to_nchw_float
 from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
 
 DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
