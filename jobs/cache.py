@@ -96,19 +96,26 @@ def build_index(cfg: CacheConfig):
     return source, geometry, index
 
 
+def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, variants, with_clips: bool):
+    """The plan's first stages: one row per unit -> decoded, resized frames -> DINOv2 (projected
+    with `basis`, or moments for fitting one when it is None). Returns (dataset, resources, device)."""
+    from pipeline.ray_cache import DecodeStage, DinoStage
+    res, device = _resources(ray, cfg)
+    ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips), batch_size=1,
+                        num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
+    ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, basis, device, cfg.batch_frames,
+                                                         res.dino_threads, cfg.allow_download),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.dino_actors), **res.actor_kwargs())
+    return ds, res, device
+
+
 def fit_basis(cfg: CacheConfig, source, geometry, index, ray):
     """First pass: DINOv2 on an even sample of feature frames, moments merged in float64."""
     from pipeline.pca import PCAAccumulator
-    from pipeline.ray_cache import DecodeStage, DinoStage
     from pipeline.units import plan_frames
-    res, device = _resources(ray, cfg)
     units = plan_frames(index, cfg.pca_frames)
-    ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, ["orig"], False), batch_size=1,
-                        num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=1))
-    ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, None, device, cfg.batch_frames,
-                                                         res.dino_threads, cfg.allow_download),
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=res.dino_actors), **res.actor_kwargs())
+    ds, _, _ = _decode_and_dino(ray, cfg, units, source, geometry, None, ["orig"], with_clips=False)
     acc = PCAAccumulator(geometry.feature_dim)
     from tqdm.auto import tqdm
     with tqdm(total=sum(len(u.own) for u in units), desc="pca sample", unit="frame", disable=not cfg.progress) as bar:
@@ -132,7 +139,7 @@ def encoder_descriptions(cfg: CacheConfig, geometry) -> tuple[dict, dict]:
 def run_cache(cfg: CacheConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from pipeline.ray_cache import DecodeStage, DinoStage, VaeStage, WriteStage
+    from pipeline.ray_cache import VaeStage, WriteStage
     from pipeline.store.basis import PCABasis
     from pipeline.store.location import open_group
     from pipeline.store.writer import StoreWriter
@@ -144,7 +151,6 @@ def run_cache(cfg: CacheConfig) -> dict:
         raise SystemExit(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
                          f"(skipped windows: {index.skipped or 'none'})")
     ray = _ray_init()
-    res, device = _resources(ray, cfg)
     encoders, latent_norm = encoder_descriptions(cfg, geometry)
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
 
@@ -175,13 +181,7 @@ def run_cache(cfg: CacheConfig) -> dict:
 
     rows, stage_seconds = [], {}  # (time a unit was written, its clips, when its encoders were ready)
     if todo:
-        ds = ray.data.from_items([{"plan": u.to_json()} for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, True), batch_size=1,
-                            num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
-        ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, basis, device, cfg.batch_frames,
-                                                             res.dino_threads, cfg.allow_download),
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.dino_actors),
-                            **res.actor_kwargs())
+        ds, res, device = _decode_and_dino(ray, cfg, todo, source, geometry, basis, variants, with_clips=True)
         ds = ds.map_batches(VaeStage, fn_constructor_args=(cfg.vae, geometry, device, cfg.batch_clips,
                                                             res.vae_threads, len(variants), cfg.allow_download),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.vae_actors),

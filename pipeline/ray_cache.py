@@ -23,8 +23,6 @@ from .units import UnitPlan
 class StageResources:
     """Where the encoders run. `gpus` > 0 gives each encoder actor that many GPUs."""
     gpus: float = 0.0
-    dino_actors: int = 1
-    vae_actors: int = 1
     encoder_cpus: float = 0.5  # per actor, CPU-only machines
     task_cpus: float = 0.25  # decode and write tasks
     dino_threads: int = 1  # intra-op threads per encoder actor on CPU: the VAE does ~97% of the work
