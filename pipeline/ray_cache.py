@@ -197,12 +197,12 @@ class WriteStage:
     """Ray task body: write a unit's rows, then its completion marker (atomically, last)."""
 
     def __init__(self, location: str, storage_options: dict | None = None):
-        self.location, self.storage_options = location, storage_options
+        from .store.writer import StoreWriter
+        self.writer = StoreWriter(location, storage_options)  # opened once per actor, not per unit
 
     def __call__(self, batch: dict) -> dict:
-        from .store.writer import StoreWriter
         t0 = time.perf_counter()
-        writer = StoreWriter(self.location, self.storage_options)
+        writer = self.writer
         v = len(writer.variants)
         plan = UnitPlan.from_json(str(_first(batch["plan"])))
         own_rows = json.loads(str(_first(batch["own_rows"])))
