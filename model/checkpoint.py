@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import Re2pixError
+
 LATEST = "latest.json"
 
 
@@ -133,7 +135,7 @@ def load_state(ckpt) -> dict:
     return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Re2pixError):
     """A checkpoint is of the wrong kind or does not match the fingerprint it recorded."""
 
 

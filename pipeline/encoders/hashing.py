@@ -11,10 +11,12 @@ import os
 import re
 from pathlib import Path
 
+from pipeline.errors import Re2pixError
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(Re2pixError):
     """An encoder's weights could not be found or loaded."""
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.errors import Re2pixError
 
-class SourceError(RuntimeError):
+
+class SourceError(Re2pixError):
     """A source cannot be read: the message names the file and the reason."""
 
 

@@ -6,6 +6,8 @@ The manifest lives in the root group's attributes. A store is readable as finish
 
 from __future__ import annotations
 
+from pipeline.errors import Re2pixError
+
 FORMAT_NAME = "re2pix-store"
 FORMAT_VERSION = 1
 VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
@@ -15,7 +17,7 @@ VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cache
 _ENCODER_KEYS_FREE = {"name", "weights_id", "revision", "device", "dtype_note"}
 
 
-class StoreError(RuntimeError):
+class StoreError(Re2pixError):
     """Base class: a store cannot be used as asked. Messages name the store."""
 
 
@@ -29,6 +31,16 @@ class StoreVersionError(StoreError):
 
 class IncompleteStoreError(StoreError):
     pass
+
+
+class DamagedStoreError(StoreError):
+    """A chunk the manifest says exists is missing, or fails its checksum or decoding.
+    `location`, `array` and `row` name where; readers raise it instead of handing out fill values."""
+
+    def __init__(self, location: str, array: str, row: int | None, reason: str):
+        self.location, self.array, self.row, self.reason = location, array, row, reason
+        where = f"{array}[{row}]" if row is not None else array
+        super().__init__(f"{location}: {where} is damaged ({reason}); run `python -m jobs.store verify {location}`")
 
 
 class IncompatibleStoresError(StoreError):

@@ -1,0 +1,42 @@
+"""One `main` wrapper for every job: project errors become one line and an exit status.
+
+    if __name__ == "__main__":
+        sys.exit(run(main))
+
+A `Re2pixError` prints `error: <message>` and exits with its `exit_code` (1, or 2 for too many
+failures); Ctrl-C exits 130 and SIGTERM 143, each with one line; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from pipeline.errors import Re2pixError
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so that `finally` blocks (Ray shutdown, temp files) run."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def run(main, argv=None, resume_hint: str | None = None) -> int:
+    """Call `main(argv)` and return its exit status. `resume_hint` is printed after an interruption."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return main(argv) or 0
+    except Re2pixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
