@@ -48,7 +48,7 @@ def test_channel_prefix_reads_return_the_prefix_and_touch_fewer_bytes(store_path
     store = Store(str(path))
     full = store.read_features(1)
     np.testing.assert_array_equal(store.read_features(1, channels=16), full[..., :16])
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(StoreError, match="channels must be in 1..64"):
         store.read_features(1, channels=store.num_channels + 1)
     # count bytes the Zarr store hands back for a prefix read against a full read
     import zarr.storage

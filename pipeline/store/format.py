@@ -10,6 +10,8 @@ from pipeline.errors import Re2pixError
 
 FORMAT_NAME = "re2pix-store"
 FORMAT_VERSION = 1
+# what a store's folder holds (README "The store"): all that --overwrite may remove
+STORE_LAYOUT = ("zarr.json", "pca", "frames", "clips", "failures", "progress")
 VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
 
 # Encoder description keys that may differ between compatible stores: the same weights can be
@@ -69,6 +71,15 @@ def check_manifest(manifest: dict, where: str, allow_incomplete: bool = False) -
     if not allow_incomplete and not manifest.get("complete", False):
         raise IncompleteStoreError(f"{where} was never finished (complete=false): the job that wrote it "
                                    "stopped early; rerun the same cache command to resume it")
+
+
+def geometry_of(manifest: dict, where: str):
+    """The manifest's clip geometry, bounds-checked before it sizes anything; refused naming `where`."""
+    from .geometry import Geometry
+    try:
+        return Geometry.from_dict(manifest.get("geometry"))
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{where}: the manifest's geometry is refused: {e}") from e
 
 
 def compatibility_view(manifest: dict) -> dict:

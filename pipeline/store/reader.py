@@ -16,9 +16,12 @@ from functools import cached_property
 import numpy as np
 
 from .basis import PCABasis
-from .format import StoreError, check_compatible, check_manifest
-from .geometry import Geometry
+from .format import DamagedStoreError, NotAStoreError, StoreError, check_compatible, check_manifest, geometry_of
 from .location import filesystem, open_group
+
+# What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
+# decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
+DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError)
 
 
 @dataclass
@@ -39,18 +42,50 @@ class Store:
         try:
             self.group = open_group(self.location, mode="r", storage_options=storage_options)
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-            from .format import NotAStoreError
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
         check_manifest(self.manifest, self.location, allow_incomplete=allow_incomplete)
-        self.geometry = Geometry.from_dict(self.manifest["geometry"])
+        self.geometry = geometry_of(self.manifest, self.location)
         self.variants: list[str] = list(self.manifest["variants"])
-        self._features = self.group["frames/features"]
-        self._latents = self.group["clips/latents"]
-        valid = self.group["clips/valid"][...]
+        try:
+            self._features = self.group["frames/features"]
+            self._latents = self.group["clips/latents"]
+            valid = self.group["clips/valid"][...]
+            self._feature_rows = self.group["clips/feature_rows"][...]
+        except KeyError as e:
+            raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
+        except DECODE_ERRORS as e:
+            raise DamagedStoreError(self.location, "clips/valid or clips/feature_rows", None, _reason(e)) from e
+        self._check_shapes(valid)
         v = self.num_variants
         self._clip_rows = np.flatnonzero(valid.reshape(-1, v).all(axis=1)) * v  # first row of each clip
-        self._feature_rows = self.group["clips/feature_rows"][...]
+
+    def _check_shapes(self, valid: np.ndarray) -> None:
+        """Every shape against the manifest's counts and geometry, before anything is read or allocated."""
+        g, counts, v = self.geometry, self.manifest.get("counts", {}), len(self.variants)
+        if not 0 < v <= 2 or not isinstance(counts.get("frames"), int) or not isinstance(counts.get("clips"), int):
+            raise StoreError(f"{self.location}: the manifest's variants {self.variants} or counts {counts} are "
+                             "not a store's")
+        rows, frames = counts["clips"] * v, counts["frames"] * v
+        want = {"frames/features": (frames, *g.features_shape[1:]), "clips/latents": (rows, *g.latents_shape),
+                "clips/valid": (rows,), "clips/feature_rows": (rows, g.latent_frames)}
+        got = {"frames/features": self._features.shape, "clips/latents": self._latents.shape,
+               "clips/valid": valid.shape, "clips/feature_rows": self._feature_rows.shape}
+        if "pca" in self.group and "components" in self.group["pca"]:
+            want["pca/components"] = (g.num_pca_channels, g.feature_dim)
+            got["pca/components"] = self.group["pca/components"].shape
+        for name in want:
+            if tuple(got[name]) != tuple(want[name]):
+                raise StoreError(f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
+                                 f"and geometry say {list(want[name])}: the store is damaged or forged")
+        used = self._feature_rows[valid]
+        if used.size and (used.min() < 0 or used.max() >= frames):
+            raise StoreError(f"{self.location}: clips/feature_rows points outside frames/features (0..{frames - 1})")
+        recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
+        if recorded is not None and recorded != self.pca_fingerprint:
+            raise StoreError(f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
+                             f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
+                             "read in the wrong space")
 
     def __len__(self) -> int:
         return len(self._clip_rows)
@@ -101,7 +136,8 @@ class Store:
     def _channels(self, channels: int | None) -> int:
         c = self.num_channels if channels is None else int(channels)
         if not 0 < c <= self.num_channels:
-            raise ValueError(f"channels must be in 1..{self.num_channels}, got {channels}")
+            raise StoreError(f"{self.location} holds {self.num_channels} PCA channels: channels must be in "
+                             f"1..{self.num_channels}, got {channels}")
         return c
 
     def read_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
@@ -111,20 +147,63 @@ class Store:
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
-        if step > 0 and np.all(np.diff(rows) == step):
-            return self._features[rows[0] : rows[-1] + 1 : step, :, :, :c]
-        return np.stack([self._features[r, :, :, :c] for r in rows])
+        try:
+            if step > 0 and np.all(np.diff(rows) == step):
+                out = self._features[rows[0] : rows[-1] + 1 : step, :, :, :c]
+            else:
+                out = np.stack([self._features[r, :, :, :c] for r in rows])
+        except DECODE_ERRORS:
+            for r in rows:  # name the row that fails
+                self._read_row(self._features, "frames/features", int(r), (slice(None), slice(None), slice(0, c)))
+            raise
+        for r, frame in zip(rows, out):
+            self._check_present(frame, "frames/features", int(r))
+        return out
 
     def read_latents(self, i: int, variant: int = 0) -> np.ndarray:
         """[16, 7, h, w] float16."""
-        return self._latents[self.row(i, variant)]
+        row = self.row(i, variant)
+        z = self._read_row(self._latents, "clips/latents", row, ())
+        self._check_present(z, "clips/latents", row)
+        return z
 
     def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
         """[3, H, W, c] float16: Stage 1's rollout for latents 4-6 (written by the rollout job)."""
         if not self.has_pred_features:
             raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
                              "(make rollout)")
-        return self.group["clips/pred_features"][self.row(i, variant), :, :, :, : self._channels(channels)]
+        arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
+        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)))
+        predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
+        for frame in p:
+            self._check_present(frame[..., :predicted], "clips/pred_features", row)
+        return p
+
+    def _read_row(self, arr, name: str, row: int, rest: tuple) -> np.ndarray:
+        try:
+            return arr[(row, *rest)]
+        except DECODE_ERRORS as e:
+            raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+
+    def _check_present(self, a: np.ndarray, name: str, row: int) -> None:
+        """Refuse a row holding a chunk that reads as fill values (zeros): its object is missing on disk.
+        The writer stores every chunk (write_empty_chunks), and no encoder output is an exact-zero chunk.
+        Cheap: one pixel per channel chunk decides, a whole chunk is scanned only when that pixel is zero."""
+        cc = self._channel_chunk(name, a.shape[-1])
+        if name == "clips/latents":
+            if not a.reshape(-1)[:4096].any() and not a.any():
+                raise DamagedStoreError(self.location, name, row, "its chunk is missing (reads as fill values)")
+            return
+        for k in range(0, a.shape[-1], cc):
+            block = a[..., k : k + cc]
+            if not block[(0,) * (block.ndim - 1)].any() and not block.any():
+                last = k + block.shape[-1] - 1
+                raise DamagedStoreError(self.location, name, row,
+                                        f"the chunk of channels {k}..{last} is missing (reads as fill values)")
+
+    def _channel_chunk(self, name: str, c: int) -> int:
+        chunk = self.manifest.get("channel_chunk")
+        return int(chunk) if isinstance(chunk, int) and chunk > 0 else c
 
     @cached_property
     def clip_table(self) -> dict[str, np.ndarray]:
@@ -165,6 +244,13 @@ class Store:
                 if digest(arr) != want:
                     bad.append(f"{kind} row {row} (unit {rec['unit']})")
         return bad
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).split("\n")[0][:160]
+    if "checksum" in text:
+        return "crc32c checksum mismatch: its bytes changed on disk"
+    return f"cannot decode: {type(e).__name__}: {text}"
 
 
 def open_stores(locations: list[str], storage_options: dict | None = None) -> list[Store]:
