@@ -29,7 +29,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_state, load_weights, read_meta, save_checkpoint
+from .checkpoint import (
+    check_run_dir,
+    find_resumable,
+    has_checkpoints,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
 from .data import ClipStream, make_loader
 from .metrics import Means
 
@@ -56,6 +65,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    strict_resume: bool = False  # a damaged latest checkpoint stops the run instead of falling back
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints (the job's own config)
@@ -240,11 +250,14 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     (this rank's share)."""
     runtime = runtime or init_runtime()
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)  # never take over a folder that is not a run
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not resume:
-        raise SystemExit(f"{run_dir} already holds checkpoints (latest {ckpt.name}): pass --resume to continue "
+    if has_checkpoints(run_dir) and not resume:
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue "
                          "that run, or choose another --run-dir")
+    ckpt, skipped = find_resumable(run_dir, cfg.strict_resume) if resume else (None, [])
+    for _, reason in skipped if runtime.is_main else ():
+        log.warning("skipping a damaged checkpoint, resuming from the one before it: %s", reason)
 
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(runtime.device)

@@ -165,3 +165,85 @@ def test_a_truncated_shard_is_damage_naming_its_row(store):
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\]"):
         Store(str(path)).read_features(0)
+
+
+# ---- finding 2: resume trusts damaged weights --------------------------------------------------------
+STAGE1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4, "depth": 1}, "batch_size": 2, "steps": 4,
+          "lr": 0.002, "log_every": 1, "ckpt_every": 2, "keep_checkpoints": 3}
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "store.zarr"
+    make_store(path, scenes=2, frames=29, channel_chunk=16)
+    return str(path)
+
+
+def _train_args(store, run_dir, *extra):
+    return ["--stage", "1", "--store", store, "--run-dir", str(run_dir), "--val-clips", "1", "--no-progress",
+            "--threads", "1", "--workers", "0", "--stage1", json.dumps(STAGE1), *extra]
+
+
+@pytest.fixture
+def trained(train_store, tmp_path):
+    from jobs.train import main as train_main
+    train_main(_train_args(train_store, tmp_path))
+    return tmp_path / "stage1"
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_resume_skips_a_damaged_latest_checkpoint_for_the_newest_intact_one(train_store, trained, damage, caplog):
+    from jobs.train import main as train_main
+    from model.checkpoint import read_meta, verify_checkpoint
+    weights = trained / "checkpoints" / "step-000004" / "model.safetensors"
+    if damage == "flipped byte":
+        _flip(weights, weights.stat().st_size - 10)
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level("INFO"):
+        train_main(_train_args(train_store, trained.parent, "--resume", "--steps", "6"))
+    warned = [r.getMessage() for r in caplog.records if "skipping a damaged checkpoint" in r.getMessage()]
+    assert len(warned) == 1 and "step-000004/model.safetensors" in warned[0]
+    assert any("resuming from" in r.getMessage() and "step-000002" in r.getMessage() for r in caplog.records)
+    for step in (4, 6):  # step 4 was trained again from step 2 and written afresh: nothing damaged is kept
+        meta = verify_checkpoint(trained / "checkpoints" / f"step-{step:06d}")
+        assert meta["step"] == step
+    assert read_meta(trained / "checkpoints" / "step-000006")["step"] == 6
+
+
+def test_strict_resume_stops_at_a_damaged_checkpoint_in_one_line(train_store, trained):
+    weights = trained / "checkpoints" / "step-000004" / "model.safetensors"
+    _flip(weights, weights.stat().st_size - 10)
+    proc = _job("jobs.train", *_train_args(train_store, trained.parent, "--resume", "--strict-resume"))
+    _one_line_error(proc, "step-000004/model.safetensors does not match the fingerprint")
+
+
+def test_a_pickled_state_file_is_refused_naming_the_file(trained):
+    import pickle
+
+    from model.checkpoint import CheckpointError, find_resumable
+    state = trained / "checkpoints" / "step-000004" / "state.pt"
+    import torch
+    torch.save({"step": 4, "evil": pickle.loads(pickle.dumps(os.getcwd))}, state)  # a function: code, not data
+    with pytest.raises(CheckpointError, match=r"step-000004/state.pt holds objects that weights-only loading"):
+        find_resumable(trained, strict=True)
+    assert find_resumable(trained)[0].name == "step-000002"
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_naming_the_file(trained):
+    import torch
+
+    from model.checkpoint import CheckpointError, load_verified
+    torch.save({"w": torch.zeros(2)}, trained / "checkpoints" / "step-000004" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"step-000004/model.safetensors is not a readable safetensors file"):
+        load_verified(trained, ("stage1",), "model")
+
+
+def test_training_refuses_a_run_folder_that_is_not_a_run(train_store, tmp_path):
+    from jobs.train import main as train_main
+    from model.checkpoint import CheckpointError
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "thesis.tex").write_text("years of work")
+    with pytest.raises(CheckpointError, match="is not empty and is not a re2pix run"):
+        train_main(_train_args(train_store, tmp_path))
+    assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["thesis.tex"]
