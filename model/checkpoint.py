@@ -164,8 +164,8 @@ def load_weights(ckpt, which: str = "model", device="cpu") -> dict[str, torch.Te
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); checkpoints hold no pickles: "
-                              "use one written by re2pix") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged, or "
+                              "not one written by re2pix (its weights are never pickles)") from e
 
 
 def load_state(ckpt) -> dict:

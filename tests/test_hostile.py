@@ -5,6 +5,7 @@ allocation unchecked. Each test states the finding it covers."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -247,3 +248,191 @@ def test_training_refuses_a_run_folder_that_is_not_a_run(train_store, tmp_path):
     with pytest.raises(CheckpointError, match="is not empty and is not a re2pix run"):
         train_main(_train_args(train_store, tmp_path))
     assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["thesis.tex"]
+
+
+# ---- finding 4: verify's blind spots ------------------------------------------------------------------
+def test_verify_checks_every_row_without_markers_and_lists_decode_errors_as_bad_rows(store):
+    path, index, _ = store
+    (path / "progress" / "unit-000000.json").unlink()  # no marker: rows are still checked
+    f_missing, f_truncated = int(index.clips[0].feature_rows[1]), int(index.clips[3].feature_rows[-1])
+    _chunk(path, "frames/features", f_missing).unlink()
+    p = _chunk(path, "frames/features", f_truncated)
+    p.write_bytes(p.read_bytes()[:100])
+    _flip(_chunk(path, "clips/latents", 2), 50)
+    a = zarr.open_array(str(path / "clips" / "latents"), mode="r+")
+    z = a[1]
+    z[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    a[1] = z
+    report = Store(str(path)).verify()
+    assert not report["ok"]
+    bad = {(b["array"], b["row"]): b["reason"] for b in report["bad_rows"]}
+    assert set(bad) == {("frames/features", f_missing), ("frames/features", f_truncated), ("clips/latents", 2),
+                        ("clips/latents", 1)}
+    assert "missing" in bad[("frames/features", f_missing)]
+    assert "crc32c" in bad[("clips/latents", 2)]
+    assert bad[("clips/latents", 1)] == "3 NaN/Inf values" and report["nonfinite"] == {"clips/latents": 3}
+    assert report["checked"] == {"frames/features": len(index.frames), "clips/latents": 4}
+
+    proc = _job("jobs.store", "verify", path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"BAD frames/features[{f_missing}]: the chunk of channels 0..15 is missing" in proc.stdout
+    assert "4 problems" in proc.stdout.splitlines()[-1]
+    proc = _job("jobs.store", "verify", path, "--json")
+    assert proc.returncode == 1 and len(json.loads(proc.stdout)["bad_rows"]) == 4
+
+
+def test_verify_and_check_compare_the_pca_basis_with_the_fingerprint(tmp_path):
+    make_store(tmp_path / "a.zarr", scenes=1, frames=25)
+    make_store(tmp_path / "b.zarr", scenes=1, frames=25)
+    comps = zarr.open_array(str(tmp_path / "a.zarr" / "pca" / "components"), mode="r+")
+    comps[0] = comps[1]  # same shape, other numbers: features would be read in another space
+    report = Store(str(tmp_path / "a.zarr")).verify()
+    assert [b["array"] for b in report["bad_rows"]] == ["pca"] and "the manifest's fingerprint" in \
+        report["bad_rows"][0]["reason"]
+    _one_line_error(_job("jobs.store", "check", tmp_path / "b.zarr", tmp_path / "a.zarr"),
+                    "a.zarr: pca: its arrays hash to")
+    assert _job("jobs.store", "check", tmp_path / "b.zarr", tmp_path / "b.zarr").returncode == 0
+
+
+def test_a_swapped_or_wrong_shaped_basis_is_refused_on_open(tmp_path):
+    import shutil
+    make_store(tmp_path / "a.zarr", scenes=1, frames=25)
+    make_store(tmp_path / "c.zarr", scenes=1, frames=25, basis_seed=3)
+    shutil.rmtree(tmp_path / "a.zarr" / "pca")
+    shutil.copytree(tmp_path / "c.zarr" / "pca", tmp_path / "a.zarr" / "pca")
+    with pytest.raises(StoreError, match="pca/ holds basis .* but the manifest says"):
+        Store(str(tmp_path / "a.zarr"))
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
+    g["pca"].create_array("components", shape=(8, 128), dtype="float32", overwrite=True)
+    _one_line_error(_job("jobs.store", "verify", tmp_path / "c.zarr"),
+                    "pca/components has shape [8, 128], but the manifest's counts and geometry say [64, 128]")
+
+
+# ---- findings 7 and 10: one line naming the file for every bad input --------------------------------
+def test_store_tools_report_project_errors_in_one_line(tmp_path, store):
+    path, _, _ = store
+    make_store(tmp_path / "other.zarr", scenes=1, frames=25, basis_seed=4)
+    _one_line_error(_job("jobs.store", "check", path, tmp_path / "other.zarr"), "pca.fingerprint differs")
+    _one_line_error(_job("jobs.store", "info", tmp_path / "nowhere.zarr"), "nowhere.zarr is not a re2pix store")
+
+
+def test_export_wds_with_too_many_channels_writes_nothing(store, tmp_path):
+    path, _, _ = store
+    out = tmp_path / "shards"
+    _one_line_error(_job("jobs.store", "export-wds", path, out, "--channels", 9999),
+                    "channels must be in 1..64, got 9999")
+    assert not out.exists()
+
+
+def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(store, tmp_path):
+    from pipeline.store.wds import export_webdataset, shard_urls
+    path, _, _ = store
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "photo.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(StoreError, match="not a re2pix WebDataset export"):
+        export_webdataset(Store(str(path)), str(out), overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["photo.jpg"]
+    first = export_webdataset(Store(str(path)), str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
+    (tmp_path / "wds" / "NOTES.txt").write_text("mine")
+    with pytest.raises(StoreError, match="already holds a WebDataset export; pass --overwrite"):
+        export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
+    again = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False, overwrite=True)
+    assert len(again) == 1 < len(first) and shard_urls(str(tmp_path / "wds")) == again
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "manifest.json", "shard-000000.tar"]
+
+
+def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
+    from pipeline.store.wds import export_webdataset
+    path, index, _ = store
+    _chunk(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
+    with pytest.raises(DamagedStoreError, match=r"clips/latents\[3\]"):
+        export_webdataset(Store(str(path)), str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
+    assert not (tmp_path / "wds").exists()
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _npy_bytes(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_hostile_npy_members_are_refused_naming_the_shard_and_the_member(tmp_path):
+    from pipeline.store.wds import iter_webdataset
+    good = {"c0.json": b"{}", "c0.latents.npy": _npy_bytes(np.zeros((16, 7, 12, 20), np.float16))}
+    cases = {
+        "pickle": ({**good, "c0.features.npy": _npy_bytes(np.array([{"x": 1}], dtype=object))}, "holds object values"),
+        "huge": ({**good, "c0.features.npy": _npy_bytes(np.zeros((7, 8, 14, 4), np.float16)).replace(
+            b"(7, 8, 14, 4)", b"(7, 8, 14, 4000000000)", 1)}, "bytes of data, its header says"),
+        "3d": ({**good, "c0.features.npy": _npy_bytes(np.zeros((7, 8, 14), np.float16))}, "has shape [7, 8, 14]"),
+        "garbage": ({**good, "c0.features.npy": b"not an npy"}, "is not a valid .npy file"),
+    }
+    for name, (members, reason) in cases.items():
+        shard = _tar(tmp_path / f"{name}.tar", members)
+        with pytest.raises(StoreError, match=rf"{name}.tar: member c0.features.npy .*{re.escape(reason)}"):
+            list(iter_webdataset([shard]))
+
+
+def test_a_shard_member_with_the_wrong_shape_for_its_manifest_is_refused(store, tmp_path):
+    from pipeline.store.wds import export_webdataset, iter_webdataset
+    path, _, _ = store
+    shards = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False)
+    members = {}
+    with tarfile.open(shards[0]) as tar:
+        for m in tar.getmembers():
+            members[m.name] = tar.extractfile(m).read()
+    first = sorted(members)[0].split(".")[0]
+    members[f"{first}.features.npy"] = _npy_bytes(np.zeros((7, 8, 14, 32), np.float16))  # 32 channels, not 16
+    _tar(Path(shards[0]), members)
+    with pytest.raises(StoreError, match=rf"shard-000000.tar: member {first}.features.npy has shape \[7, 8, 14, 32\], "
+                                         r"the export's manifest says \[7, 8, 14, 16\]"):
+        list(iter_webdataset(shards))
+
+
+# ---- finding 9: manifest values are trusted without bounds -----------------------------------------
+def test_a_webdataset_manifest_claiming_1e9_channels_is_refused_before_the_trainer_allocates(store, tmp_path,
+                                                                                           train_store):
+    from pipeline.store.wds import export_webdataset
+    path, _, _ = store
+    export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
+    manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
+    manifest["webdataset"]["channels"] = 10**9
+    (tmp_path / "wds" / "manifest.json").write_text(json.dumps(manifest))
+    proc = _job("jobs.train", *_train_args(str(tmp_path / "wds"), tmp_path / "run"))
+    _one_line_error(proc, "manifest.json: webdataset.channels is 1000000000, the geometry has 1..64")
+    manifest["webdataset"]["channels"] = 16
+    manifest["geometry"]["num_pca_channels"] = 10**9
+    (tmp_path / "wds" / "manifest.json").write_text(json.dumps(manifest))
+    from pipeline.store.wds import read_wds_manifest
+    with pytest.raises(StoreError, match="geometry is refused: geometry num_pca_channels=1000000000 is out of bounds"):
+        read_wds_manifest(str(tmp_path / "wds"))
+
+
+def test_store_array_shapes_are_checked_against_the_counts(store):
+    path, _, _ = store
+    g = zarr.open_group(str(path), mode="r+")
+    counts = dict(g.attrs["counts"], clips=10**6)
+    g.attrs["counts"] = counts
+    with pytest.raises(StoreError, match=r"clips/latents has shape \[4, 16, 7, 12, 20\], but the manifest's counts"):
+        Store(str(path))
+    g.attrs["counts"] = dict(counts, clips=4)
+    geometry = dict(g.attrs["geometry"], latent_channels=10**7)
+    g.attrs["geometry"] = geometry
+    with pytest.raises(StoreError, match="geometry latent_channels=10000000 is out of bounds"):
+        Store(str(path))
+
+
+def test_rollout_reports_a_damaged_checkpoint_in_one_line(trained, train_store):
+    weights = trained / "checkpoints" / "step-000004" / "model.safetensors"
+    _flip(weights, weights.stat().st_size - 10)  # a weight's byte: the file still parses
+    _one_line_error(_job("jobs.rollout", "--checkpoint", trained, "--store", train_store, "--no-progress"),
+                    "step-000004/model.safetensors does not match the fingerprint")

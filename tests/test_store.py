@@ -157,10 +157,14 @@ def test_flip_variants_are_rows_of_the_same_clip(tmp_path):
 
 def test_verify_detects_a_changed_row(tmp_path):
     make_store(tmp_path / "s.zarr", scenes=1, frames=25)
-    assert Store(str(tmp_path / "s.zarr")).verify() == []
+    report = Store(str(tmp_path / "s.zarr")).verify()
+    assert report["ok"] and report["bad_rows"] == [] and report["checked"] == {"frames/features": 7,
+                                                                               "clips/latents": 1}
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     g["clips/latents"][0, 0, 0, 0, 0] = 123.0
-    assert Store(str(tmp_path / "s.zarr")).verify() == ["latents row 0 (unit unit-000000)"]
+    report = Store(str(tmp_path / "s.zarr")).verify()
+    assert not report["ok"] and report["bad_rows"] == [
+        {"array": "clips/latents", "row": 0, "reason": "differs from the digest recorded when it was written"}]
 
 
 def test_webdataset_export_reads_back_equal_to_zarr(tmp_path, store_path):

@@ -233,17 +233,11 @@ class Store:
         fs, root = filesystem(self.location, self.storage_options)
         return [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/progress/*.json"))]
 
-    def verify(self) -> list[str]:
-        """Re-hash every row against the digests its work unit recorded; returns the mismatches."""
-        from .writer import digest  # writer pulls in the clip index; only verification needs it
-        bad = []
-        for rec in self.unit_records():
-            for key, want in rec["digests"].items():
-                kind, row = key.split("/")
-                arr = self._features[int(row)] if kind == "features" else self._latents[int(row)]
-                if digest(arr) != want:
-                    bad.append(f"{kind} row {row} (unit {rec['unit']})")
-        return bad
+    def verify(self, progress: bool = False) -> dict:
+        """Read every row this store says it holds and check it (pipeline/store/verify.py): a report
+        whose "bad_rows" lists (array, row, reason) for each problem, and "ok"."""
+        from .verify import verify_store
+        return verify_store(self, progress)
 
 
 def _reason(e: BaseException) -> str:
