@@ -436,3 +436,31 @@ def test_rollout_reports_a_damaged_checkpoint_in_one_line(trained, train_store):
     _flip(weights, weights.stat().st_size - 10)  # a weight's byte: the file still parses
     _one_line_error(_job("jobs.rollout", "--checkpoint", trained, "--store", train_store, "--no-progress"),
                     "step-000004/model.safetensors does not match the fingerprint")
+
+
+@pytest.mark.parametrize("array", ["clips/valid", "clips/feature_rows", "clips/id"])
+def test_a_missing_chunk_of_the_clip_table_is_damage_not_an_empty_or_shifted_store(store, array):
+    path, _, _ = store
+    path.joinpath(*array.split("/"), "c", *(["0", "0"] if array == "clips/feature_rows" else ["0"])).unlink()
+    with pytest.raises(DamagedStoreError, match=re.escape(array)):
+        s = Store(str(path))
+        s.clip_ids
+
+
+# ---- kill and corruption cases that already held: keep them holding ----------------------------------
+def test_a_checkpoint_half_written_by_a_kill_is_never_resumed_from(trained):
+    from model.checkpoint import find_resumable
+    half = trained / "checkpoints" / ".tmp-killed"  # a save killed before its rename
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert find_resumable(trained) == (trained / "checkpoints" / "step-000004", [])
+
+
+def test_an_unfinished_store_is_not_served_and_a_partial_marker_is_not_a_done_unit(tmp_path):
+    from pipeline.store.format import IncompleteStoreError
+    from pipeline.store.writer import StoreWriter
+    w, _, _ = make_store(tmp_path / "s.zarr", scenes=1, frames=25, finalize=False)
+    (tmp_path / "s.zarr" / "progress" / ".tmp-0123").write_bytes(b'{"unit": "unit-0000')  # killed mid-write
+    assert StoreWriter(str(tmp_path / "s.zarr")).done_units() == {"unit-000000"}
+    with pytest.raises(IncompleteStoreError, match="never finished"):
+        Store(str(tmp_path / "s.zarr"))

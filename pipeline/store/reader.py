@@ -22,6 +22,12 @@ from .location import filesystem, open_group
 # What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
 # decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
 DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError)
+_SHAPED = ("frames/features", "clips/latents", "clips/valid", "clips/feature_rows")
+_MAX_ROWS = 1 << 27  # clips or frames in one store: far above any dataset, far below an absurd allocation
+
+
+def _int_in(x, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
 @dataclass
@@ -48,29 +54,34 @@ class Store:
         self.geometry = geometry_of(self.manifest, self.location)
         self.variants: list[str] = list(self.manifest["variants"])
         try:
-            self._features = self.group["frames/features"]
-            self._latents = self.group["clips/latents"]
-            valid = self.group["clips/valid"][...]
-            self._feature_rows = self.group["clips/feature_rows"][...]
+            arrays = {name: self.group[name] for name in _SHAPED}
         except KeyError as e:
             raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
-        except DECODE_ERRORS as e:
-            raise DamagedStoreError(self.location, "clips/valid or clips/feature_rows", None, _reason(e)) from e
-        self._check_shapes(valid)
+        self._check_shapes(arrays)  # metadata only: nothing is read or allocated before the shapes are right
+        self._features, self._latents = arrays["frames/features"], arrays["clips/latents"]
+        valid = self._read_small(arrays["clips/valid"], "clips/valid")
+        self._feature_rows = self._read_small(arrays["clips/feature_rows"], "clips/feature_rows")
+        self._check_clip_table(valid)
         v = self.num_variants
         self._clip_rows = np.flatnonzero(valid.reshape(-1, v).all(axis=1)) * v  # first row of each clip
 
-    def _check_shapes(self, valid: np.ndarray) -> None:
+    def _read_small(self, arr, name: str) -> np.ndarray:
+        try:
+            return arr[...]
+        except DECODE_ERRORS as e:
+            raise DamagedStoreError(self.location, name, None, _reason(e)) from e
+
+    def _check_shapes(self, arrays: dict) -> None:
         """Every shape against the manifest's counts and geometry, before anything is read or allocated."""
-        g, counts, v = self.geometry, self.manifest.get("counts", {}), len(self.variants)
-        if not 0 < v <= 2 or not isinstance(counts.get("frames"), int) or not isinstance(counts.get("clips"), int):
+        g, counts, v = self.geometry, self.manifest.get("counts"), len(self.variants)
+        if not (0 < v <= 2 and isinstance(counts, dict) and _int_in(counts.get("frames"), 1, _MAX_ROWS)
+                and _int_in(counts.get("clips"), 1, _MAX_ROWS)):
             raise StoreError(f"{self.location}: the manifest's variants {self.variants} or counts {counts} are "
-                             "not a store's")
+                             f"not a store's (1..{_MAX_ROWS} clips and frames, 1 or 2 variants)")
         rows, frames = counts["clips"] * v, counts["frames"] * v
         want = {"frames/features": (frames, *g.features_shape[1:]), "clips/latents": (rows, *g.latents_shape),
                 "clips/valid": (rows,), "clips/feature_rows": (rows, g.latent_frames)}
-        got = {"frames/features": self._features.shape, "clips/latents": self._latents.shape,
-               "clips/valid": valid.shape, "clips/feature_rows": self._feature_rows.shape}
+        got = {name: arrays[name].shape for name in want}
         if "pca" in self.group and "components" in self.group["pca"]:
             want["pca/components"] = (g.num_pca_channels, g.feature_dim)
             got["pca/components"] = self.group["pca/components"].shape
@@ -78,14 +89,25 @@ class Store:
             if tuple(got[name]) != tuple(want[name]):
                 raise StoreError(f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
                                  f"and geometry say {list(want[name])}: the store is damaged or forged")
-        used = self._feature_rows[valid]
-        if used.size and (used.min() < 0 or used.max() >= frames):
-            raise StoreError(f"{self.location}: clips/feature_rows points outside frames/features (0..{frames - 1})")
         recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
         if recorded is not None and recorded != self.pca_fingerprint:
             raise StoreError(f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
                              f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
                              "read in the wrong space")
+
+    def _check_clip_table(self, valid: np.ndarray) -> None:
+        """The small arrays read at open must agree with the manifest: a missing chunk of them reads as
+        fill values (no clip valid, every clip on frame 0) and would silently change what is served."""
+        frames, v = self.manifest["counts"]["frames"] * len(self.variants), len(self.variants)
+        recorded = self.manifest["counts"].get("valid_clips")
+        if recorded is not None and int(valid.reshape(-1, v).all(axis=1).sum()) != recorded:
+            raise DamagedStoreError(self.location, "clips/valid", None, f"it marks {int(valid.sum()) // v} clips "
+                                    f"usable, the manifest counted {recorded}")
+        used = self._feature_rows[valid]
+        distinct = np.all(np.diff(np.sort(used, axis=1), axis=1) > 0)
+        if used.size and (used.min() < 0 or used.max() >= frames or not distinct):
+            raise DamagedStoreError(self.location, "clips/feature_rows", None, "a clip's rows must be distinct and "
+                                    f"lie in 0..{frames - 1} (a missing chunk reads as zeros)")
 
     def __len__(self) -> int:
         return len(self._clip_rows)
@@ -209,7 +231,13 @@ class Store:
     def clip_table(self) -> dict[str, np.ndarray]:
         """Per-row clip metadata (id, scene, start, timestamps), read once: rows, not clip numbers."""
         c = self.group["clips"]
-        return {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+        try:
+            table = {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+        except (KeyError, *DECODE_ERRORS) as e:
+            raise DamagedStoreError(self.location, "clips/id, scene, start or timestamps", None, _reason(e)) from e
+        if any(not str(table["id"][r]) for r in self._clip_rows):
+            raise DamagedStoreError(self.location, "clips/id", None, "usable clips have empty ids (fill values)")
+        return table
 
     def clip_meta(self, i: int, variant: int = 0) -> dict:
         r, t = self.row(i, variant), self.clip_table

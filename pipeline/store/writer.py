@@ -186,7 +186,8 @@ class StoreWriter:
         fg = self.group.require_group("failures")
         for key in ("clip_id", "file", "reason"):
             col = np.array([str(f.get(key, "")) for f in failures], dtype=object)
-            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True)
+            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True,
+                                compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
             if len(failures):
                 a[...] = col
         counts = dict(self.manifest["counts"], valid_clips=int(valid.sum()) // v,
@@ -313,10 +314,12 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
     _column(cg, "variant", [i for _ in index.clips for i in range(v)], "int8")
     _column(cg, "timestamps", [c.timestamps for c in index.clips for _ in variants], "float64")
     _column(cg, "feature_rows", [[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)], "int64")
-    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False)
+    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False, compressors=chunk_codecs("zstd"),
+                    config=ALL_CHUNKS)
 
 
 def _column(group, name: str, values, dtype) -> None:
     a = np.array(values, dtype=object if dtype is str else dtype)
-    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None)
+    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None,
+                             compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
     arr[...] = a
