@@ -109,7 +109,7 @@ class StoreWriter:
             "clip_index_digest": _index_digest(index), "skipped_windows": index.skipped,
             **(extra or {}), "complete": False,
         }
-        existing = _existing_store(location, storage_options)
+        existing = existing_store(location, storage_options)
         if existing is not None and not overwrite:
             if existing.get("complete"):
                 raise StoreError(f"{location} is already a finished store; pass --overwrite to replace it")
@@ -238,7 +238,7 @@ def _index_digest(index: ClipIndex) -> str:
     return h.hexdigest()
 
 
-def _existing_store(location: str, storage_options: dict | None) -> dict | None:
+def existing_store(location: str, storage_options: dict | None) -> dict | None:
     """The manifest of the re2pix store at `location`, or None where there is nothing (no folder, or an
     empty one). Anything else there is refused whatever the flags: a writer never clears a folder it
     did not make."""
