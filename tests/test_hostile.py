@@ -464,3 +464,12 @@ def test_an_unfinished_store_is_not_served_and_a_partial_marker_is_not_a_done_un
     assert StoreWriter(str(tmp_path / "s.zarr")).done_units() == {"unit-000000"}
     with pytest.raises(IncompleteStoreError, match="never finished"):
         Store(str(tmp_path / "s.zarr"))
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on_zeros(tmp_path, workers):
+    path = tmp_path / "s.zarr"
+    make_store(path, scenes=2, frames=29, channel_chunk=16)
+    _chunk(path, "clips/latents", 1).unlink()
+    proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
+    _one_line_error(proc, str(path), "clips/latents[1] is damaged (its chunk is missing")
