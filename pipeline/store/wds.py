@@ -8,7 +8,6 @@ manifest so readers can refuse incompatible shards. Arrays are .npy read with al
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import posixpath
@@ -163,15 +162,12 @@ def _check_member(name: str, shard: str) -> None:
         raise StoreError(f"{shard}: tar member {name!r} is not a plain file name; refusing the shard")
 
 
-@functools.lru_cache(maxsize=64)
 def _expected_shapes(folder: str) -> dict[str, tuple] | None:
     """The array shapes a shard's samples must have, from the manifest.json beside it (None for a bare shard)."""
-    try:
-        m = read_wds_manifest(folder)
-    except StoreError:
-        if filesystem(folder)[0].exists(f"{filesystem(folder)[1]}/manifest.json"):
-            raise
+    fs, root = filesystem(folder)
+    if not fs.exists(f"{root}/manifest.json"):  # read once per shard (a shard holds hundreds of MB)
         return None
+    m = read_wds_manifest(folder)
     g, c = geometry_of(m, folder), m["webdataset"]["channels"]
     h, w = g.feature_hw
     return {"latents.npy": g.latents_shape, "features.npy": (g.latent_frames, h, w, c),
