@@ -272,7 +272,7 @@ def _reason(e: BaseException) -> str:
     text = str(e).split("\n")[0][:160]
     if "checksum" in text:
         return "crc32c checksum mismatch: its bytes changed on disk"
-    return f"cannot decode: {type(e).__name__}: {text}"
+    return f"cannot read or decode it: {type(e).__name__}: {text}"
 
 
 def open_stores(locations: list[str], storage_options: dict | None = None) -> list[Store]:
