@@ -219,6 +219,9 @@ class Store:
         for k in range(0, a.shape[-1], cc):
             block = a[..., k : k + cc]
             if not block[(0,) * (block.ndim - 1)].any() and not block.any():
+                if k == 0 and not a.any():
+                    raise DamagedStoreError(self.location, name, row,
+                                            "all its chunks are missing (reads as fill values)")
                 last = k + block.shape[-1] - 1
                 raise DamagedStoreError(self.location, name, row,
                                         f"the chunk of channels {k}..{last} is missing (reads as fill values)")
