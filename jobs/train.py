@@ -1,6 +1,7 @@
 """Train Re2Pix from stores: `python -m jobs.train --preset tiny --stage 1 --store runs/demo/store.zarr`.
 
-Stages: `1` (Stage 1 masked feature transformer), `2` (Stage 2 semantic DiT; its mixed supervision
+Stages: `1` (Stage 1 masked feature transformer; `--stage1 '{"diffusion": true}'` forecasts by sampling
+a feature diffusion model instead, model/stage1_diffusion.py), `2` (Stage 2 semantic DiT; its mixed supervision
 reads the rollouts in clips/pred_features), `baseline` (the same DiT without features, also
 `--stage 2 --no-semantics`), `repa` / `videorepa` (the Baseline DiT plus REPA's or VideoREPA's alignment
 loss to the stored features, model/repa.py; settings in the "stage2" object, its "align" key),
@@ -64,6 +65,7 @@ class StageConfig:
     sample_solver: str = "heun"
     sample_clips: int = 4  # Stage 2 evaluation: clips sampled per rank
     align: dict = field(default_factory=dict)  # REPA / VideoREPA: model.repa.AlignConfig keys
+    diffusion: bool = False  # Stage 1: forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> StageConfig:
@@ -142,7 +144,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
     from model.data import ClipStream, has_pred_features
     from model.loop import LoopConfig, train
-    from model.tasks import AlignTask, Stage1Task, Stage2Task
+    from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
     sources = _sources(cfg.store)
@@ -151,7 +153,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     probe = ClipStream(sources, batch_size=1, remainder="keep", loop=False, **common)
     channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
-        task = Stage1Task(sc.model, geometry, channels, sc.model_overrides)
+        task = (Stage1DiffusionTask if sc.diffusion else Stage1Task)(sc.model, geometry, channels, sc.model_overrides)
     elif stage in ("repa", "videorepa"):
         task = AlignTask(stage, sc.model, geometry, channels, sc.model_overrides, sc.align,
                          sample_steps=sc.sample_steps, sample_solver=sc.sample_solver, sample_clips=sc.sample_clips)

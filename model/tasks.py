@@ -14,7 +14,7 @@ import torch
 
 from pipeline.store.geometry import Geometry
 
-from . import diffusion, repa, stage1, stage2
+from . import diffusion, repa, stage1, stage1_diffusion, stage2
 from .metrics import Means, feature_metrics
 
 
@@ -64,6 +64,51 @@ class Stage1Task:
             losses = [stage1.loss(model(feats[:, t - n: t]), feats[:, t], self.config.smooth_l1_beta)
                       for t in range(n, feats.shape[1])]
             means.update({"loss": torch.stack(losses).mean().expand(feats.shape[0])})
+        return means
+
+
+class Stage1DiffusionTask(Stage1Task):
+    """The diffusion Stage 1 (model/stage1_diffusion.py): the EDM loss of the next feature frame given 4
+    ground-truth context frames; evaluated like Stage 1 by a (sampled) autoregressive rollout, with the
+    EDM loss on every future frame as "loss"."""
+
+    name = "stage1_diffusion"
+
+    def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
+        data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
+                "context_frames": geometry.context_latents}
+        self.config = _preset(stage1_diffusion.DiffusionStage1Config, preset)(**{**data, **(overrides or {})})
+        self.future = geometry.future_latents
+
+    @classmethod
+    def from_config(cls, config: dict) -> Stage1DiffusionTask:
+        task = cls.__new__(cls)
+        task.config = stage1_diffusion.DiffusionStage1Config.from_dict(config)
+        task.future = None
+        return task
+
+    def build_model(self) -> stage1_diffusion.FeatureDiffusion:
+        return stage1_diffusion.FeatureDiffusion(self.config)
+
+    def loss(self, model, batch: dict, generator: torch.Generator):
+        context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
+        loss, _ = stage1_diffusion.training_loss(model, context, target, generator)
+        return loss, {}
+
+    def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
+        means = Means()
+        n = self.config.context_frames
+        for batch in batches:
+            feats = batch["features"]  # [B, 7, H, W, C]
+            context, future = feats[:, :n], feats[:, n:]
+            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # sampled: [B, 3, H, W, C]
+            means.update(feature_metrics(pred, future, first_frame=n))
+            copy = context[:, -1:].expand_as(future)
+            means.update({k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
+                         prefix="copy_last/")
+            losses = [stage1_diffusion.training_loss(model, feats[:, t - n: t], feats[:, t], generator)[1]
+                      ["loss_per_sample"] for t in range(n, feats.shape[1])]
+            means.update({"loss": torch.stack(losses).mean(dim=0)})
         return means
 
 
