@@ -46,6 +46,7 @@ __all__ = [
     "AlignedDiT",
     "Projector",
     "alignment_terms",
+    "from_model_config",
     "parameter_counts",
     "repa_loss",
     "target_tokens",
@@ -138,6 +139,12 @@ class AlignedDiT(nn.Module):
             return self.dit(x, c_noise, context_mask)
         out, hidden = self.dit(x, c_noise, context_mask, hidden_block=self.depth)
         return out, self.projector(hidden)
+
+
+def from_model_config(config: dict) -> AlignedDiT:
+    """The model of a REPA/VideoREPA checkpoint's meta "model_config" ({"dit": ..., "align": ...}). Its
+    ``.dit`` is a plain Baseline DiT: the sampler needs nothing else (``diffusion.sample(model.dit, ...)``)."""
+    return AlignedDiT(DiTConfig.from_dict(config["dit"]), AlignConfig.from_dict(config["align"]))
 
 
 def parameter_counts(model: AlignedDiT) -> dict[str, int]:

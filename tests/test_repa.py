@@ -10,12 +10,14 @@ from store_factory import make_store
 
 from jobs.train import main as train_main
 from jobs.train import parse, stage_config
-from model.checkpoint import latest_checkpoint, read_meta
+from model import diffusion
+from model.checkpoint import latest_checkpoint, load_weights, read_meta
 from model.loop import read_metrics
 from model.repa import (
     AlignConfig,
     AlignedDiT,
     alignment_terms,
+    from_model_config,
     parameter_counts,
     repa_loss,
     target_tokens,
@@ -224,8 +226,14 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     assert meta["task"] == method and meta["step"] == 3
     assert meta["model_config"]["align"] == {**AlignConfig.tiny(method=method).__dict__, "projector_dim": 32}
     assert not meta["model_config"]["dit"]["semantic"] and not meta["data"]["with_pred"]
-    assert meta["parameters"] == parameter_counts(AlignedDiT(DiTConfig.from_dict(meta["model_config"]["dit"]),
-                                                             AlignConfig(**meta["model_config"]["align"])))["total"]
+    model = from_model_config(meta["model_config"])
+    assert meta["parameters"] == parameter_counts(model)["total"]
+    model.load_state_dict(load_weights(latest_checkpoint(tmp_path / method), "model"))
+    base = Re2PixDiT(model.cfg)  # the checkpoint's DiT alone is a Baseline the sampler and predict can use
+    base.load_state_dict({k[len("dit."):]: v for k, v in model.state_dict().items() if k.startswith("dit.")})
+    context = torch.randn(1, 16, 4, 12, 20)  # the tiny store's latent grid
+    out = diffusion.sample(base, context, None, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 16, 7, 12, 20) and torch.isfinite(out).all()
     records = read_metrics(tmp_path / method)
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 3 and all({"denoising_loss", "align_loss", "align_cos"} <= set(r) for r in train)
