@@ -191,11 +191,13 @@ def trd_loss(projected: torch.Tensor, target: torch.Tensor, spatial_margin: floa
 
 def alignment_terms(projected: torch.Tensor, target: torch.Tensor, align: AlignConfig) -> dict[str, torch.Tensor]:
     """Per-sample [B] values: "align_loss" (the term weighted by lambda), "align_cos" (mean token cosine,
-    for both methods) and, for VideoREPA, the spatial and temporal TRD means."""
-    cos = -repa_loss(projected, target)
-    if align.method == "repa":
-        return {"align_loss": -cos, "align_cos": cos}
-    trd = trd_loss(projected, target, align.spatial_margin, align.temporal_margin)
+    for both methods) and, for VideoREPA, the spatial and temporal TRD means. Computed in float32, also
+    under autocast (which would run the Gram matrices' matmuls in bfloat16)."""
+    with torch.autocast(projected.device.type, enabled=False):
+        cos = -repa_loss(projected, target)
+        if align.method == "repa":
+            return {"align_loss": -cos, "align_cos": cos}
+        trd = trd_loss(projected, target, align.spatial_margin, align.temporal_margin)
     return {"align_loss": trd["trd"], "align_cos": cos, "trd_spatial": trd["trd_spatial"],
             "trd_temporal": trd["trd_temporal"]}
 

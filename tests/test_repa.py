@@ -247,3 +247,16 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     other = {**STAGE2, "align": {"projector_dim": 32, "weight": 1.0}}
     with pytest.raises(SystemExit, match="use another --run-dir"):
         train_main([*args[:-1], json.dumps(other), "--resume"])
+
+
+def test_alignment_terms_stay_float32_under_autocast():
+    g = torch.Generator().manual_seed(4)
+    projected = torch.randn(2, 3, 6, 8, generator=g).bfloat16()  # what the projector gives under autocast
+    target = torch.randn(2, 3, 6, 8, generator=g)
+    align = AlignConfig(method="videorepa", spatial_margin=0.0, temporal_margin=0.0)
+    expected = alignment_terms(projected.float(), target, align)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the Gram matmuls in bfloat16
+        got = alignment_terms(projected, target, align)
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6)
