@@ -1,7 +1,8 @@
-"""What the shared loop trains: Stage 1 (masked feature transformer), Stage 2 (semantic DiT), the
-Baseline (the same DiT without the feature branch), and REPA / VideoREPA (the Baseline DiT with an
-alignment loss to the features, model/repa.py). Each task builds its model from a preset name
-('tiny' or 'paper') plus overrides, with the sizes that come from the data (PCA channels read, feature
+"""What the shared loop trains: Stage 1 (masked feature transformer, or the feature diffusion model of
+model/stage1_diffusion.py), Stage 2 (semantic DiT), the Baseline (the same DiT without the feature
+branch), and REPA / VideoREPA (the Baseline DiT with an alignment loss to the features, model/repa.py).
+Each task builds its model from a preset name ('tiny', 'paper', or 'paper_large' for the 28-block DiT
+of Baseline-Large) plus overrides, with the sizes that come from the data (PCA channels read, feature
 grid, context frames) taken from the store, and computes the loss and the evaluation metrics.
 """
 
