@@ -5,7 +5,9 @@ For every clip row (every flip variant, so a flipped latent never meets unflippe
 trained Stage 1 rolls out latent frames 4, 5, 6 from the clip's ground-truth features 0-3 with its
 sliding 4-frame window, and the result goes to clips/pred_features [rows, 3, H, W, C] float16 with the
 checkpoint's weight fingerprint in its attributes (channels past the ones the model predicts are
-zero: the array attribute `channels` says how many it predicted).
+zero: the array attribute `channels` says how many it predicted). A diffusion Stage 1
+(`--stage1 '{"diffusion": true}'`, model/stage1_diffusion.py) writes sampled features, the same for a
+clip however the rows are batched or the job interrupted.
 
 Resumable: rows are done in chunks of --chunk-rows; each finished chunk is recorded atomically as
 progress/rollout-{fingerprint[:16]}/chunk-NNNNNN.json (a folder beside the cache job's unit
@@ -49,9 +51,10 @@ class RolloutConfig:
 def load_stage1(checkpoint: str, weights: str = "auto", device="cpu"):
     """(model in eval mode, fingerprint of the loaded weights, checkpoint folder)."""
     from model.checkpoint import load_verified
-    from model.tasks import Stage1Task
-    ckpt, meta, state, fingerprint = load_verified(checkpoint, ("stage1",), weights)
-    model = Stage1Task.from_config(meta["model_config"]).build_model()
+    from model.tasks import Stage1DiffusionTask, Stage1Task
+    ckpt, meta, state, fingerprint = load_verified(checkpoint, ("stage1", "stage1_diffusion"), weights)
+    task = Stage1DiffusionTask if meta["task"] == "stage1_diffusion" else Stage1Task  # the diffusion one samples
+    model = task.from_config(meta["model_config"]).build_model()
     model.load_state_dict(state)
     return model.to(device).eval(), fingerprint, ckpt
 

@@ -1,10 +1,14 @@
 """Train Re2Pix from stores: `python -m jobs.train --preset tiny --stage 1 --store runs/demo/store.zarr`.
 
-Stages: `1` (Stage 1 masked feature transformer), `2` (Stage 2 semantic DiT; its mixed supervision
+Stages: `1` (Stage 1 masked feature transformer; `--stage1 '{"diffusion": true}'` forecasts by sampling
+a feature diffusion model instead, model/stage1_diffusion.py), `2` (Stage 2 semantic DiT; its mixed supervision
 reads the rollouts in clips/pred_features), `baseline` (the same DiT without features, also
-`--stage 2 --no-semantics`), `all` (Stage 1 -> rollout of Stage 1 into every Zarr store -> Stage 2 ->
-Baseline). Each stage trains in RUN_DIR/{stage1,stage2,baseline}; `--resume` continues every stage
-from its latest checkpoint (a finished stage is only evaluated) and makes `all` resumable as a whole.
+`--stage 2 --no-semantics`), `repa` / `videorepa` (the Baseline DiT plus REPA's or VideoREPA's alignment
+loss to the stored features, model/repa.py; settings in the "stage2" object, its "align" key),
+`all` (Stage 1 -> rollout of Stage 1 into every Zarr store -> Stage 2 -> Baseline). Each stage trains in
+RUN_DIR/{stage1,stage2,baseline,repa,videorepa}; `--resume` continues every stage from its latest
+checkpoint (a finished stage is only evaluated) and makes `all` resumable as a whole. Baseline-Large
+(28 DiT blocks, 1.55B) is `--preset paper_large` (its stage is `baseline`).
 
 Per-stage settings live in the preset's "stage1" and "stage2" objects (see StageConfig); override
 single keys with `--stage1 '{"steps": 200}'`, or for every stage trained now with --steps, --lr,
@@ -31,7 +35,7 @@ from jobs.config import load_preset, parse_config
 
 log = logging.getLogger("re2pix.train")
 
-STAGES = ("1", "2", "baseline", "all")
+STAGES = ("1", "2", "baseline", "repa", "videorepa", "all")
 
 
 @dataclass
@@ -61,6 +65,8 @@ class StageConfig:
     sample_steps: int = 10  # Stage 2 evaluation: sampler steps
     sample_solver: str = "heun"
     sample_clips: int = 4  # Stage 2 evaluation: clips sampled per rank
+    align: dict = field(default_factory=dict)  # REPA / VideoREPA: model.repa.AlignConfig keys
+    diffusion: bool = False  # Stage 1: forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> StageConfig:
@@ -73,7 +79,8 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = field(default="1", metadata={"help": "1, 2, baseline or all (1 -> rollout -> 2 -> baseline)"})
+    stage: str = field(default="1", metadata={
+        "help": "1, 2, baseline, repa, videorepa or all (1 -> rollout -> 2 -> baseline)"})
     store: str = field(default="runs/demo/store.zarr",
                        metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"})
     val_store: str | None = field(default=None, metadata={"help": "evaluate on this store (else hold out scenes)"})
@@ -137,10 +144,10 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
 
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
-    """Train one stage ('stage1', 'stage2' or 'baseline'); returns the loop's summary."""
+    """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
     from model.data import ClipStream, has_pred_features
     from model.loop import LoopConfig, train
-    from model.tasks import Stage1Task, Stage2Task
+    from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
     sources = _sources(cfg.store)
@@ -149,7 +156,10 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     probe = ClipStream(sources, batch_size=1, remainder="keep", loop=False, **common)
     channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
-        task = Stage1Task(sc.model, geometry, channels, sc.model_overrides)
+        task = (Stage1DiffusionTask if sc.diffusion else Stage1Task)(sc.model, geometry, channels, sc.model_overrides)
+    elif stage in ("repa", "videorepa"):
+        task = AlignTask(stage, sc.model, geometry, channels, sc.model_overrides, sc.align,
+                         sample_steps=sc.sample_steps, sample_solver=sc.sample_solver, sample_clips=sc.sample_clips)
     else:
         task = Stage2Task(sc.model, geometry, channels, sc.model_overrides, semantic=stage == "stage2",
                           pred_p=sc.pred_p, nested_dropout=sc.nested_dropout, sample_steps=sc.sample_steps,
@@ -219,6 +229,8 @@ def run(cfg: TrainConfig) -> dict:
             results["stage2"] = train_stage(cfg, "stage2", runtime)
         if cfg.stage in ("baseline", "all") or (cfg.stage == "2" and not cfg.semantics):
             results["baseline"] = train_stage(cfg, "baseline", runtime)
+        if cfg.stage in ("repa", "videorepa"):
+            results[cfg.stage] = train_stage(cfg, cfg.stage, runtime)
     finally:
         import torch.distributed as dist
         if dist.is_initialized():

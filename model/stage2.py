@@ -47,6 +47,11 @@ and adds the paper's early semantic fusion. Its layout:
 
 Parameter count of ``DiTConfig.paper()`` (see :func:`parameter_breakdown`): 781,989,376 for the
 Baseline, the paper's "782M"; the semantic model adds the 1152 x 2048 feature embedding (2,359,296).
+``DiTConfig.paper_large()`` (Baseline-Large, paper table 1: "1.5B") doubles the depth to 28 blocks,
+Cosmos-Predict2-2B's own depth: 1,545,356,288 as the Baseline (27 blocks would give 1,490,830,080).
+
+``forward(..., hidden_block=k)`` also returns the tokens after block k (1-based, [B, T, S, dim]): the
+hook that REPA and VideoREPA (``model.repa``) align with the features.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ __all__ = [
     "RMSNorm",
     "Re2PixDiT",
     "apply_rope",
+    "features_to_grid",
     "grid_positions",
     "parameter_breakdown",
     "rope_angles",
@@ -127,6 +133,11 @@ class DiTConfig:
     def paper(cls, **overrides) -> DiTConfig:
         """The paper's DiT: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M)."""
         return cls(**overrides)
+
+    @classmethod
+    def paper_large(cls, **overrides) -> DiTConfig:
+        """Baseline-Large (paper table 1, "1.5B"): the paper's DiT with 28 blocks instead of 14."""
+        return cls(**{"num_layers": 28, **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> DiTConfig:
@@ -357,7 +368,7 @@ class Re2PixDiT(nn.Module):
             raise RuntimeError("this is the Baseline DiT (semantic=False): it has no feature branch")
         if features.ndim != 5:
             raise ValueError(f"features must be [B, T, Hf, Wf, C], got shape {tuple(features.shape)}")
-        b, t, hf, wf, c = features.shape
+        c = features.shape[-1]
         cf = self.cfg.feature_channels
         if c > cf:
             raise ValueError(f"features have {c} channels, the model takes at most {cf}")
@@ -365,13 +376,7 @@ class Re2PixDiT(nn.Module):
         maps = features.to(dtype)
         if c < cf:
             maps = F.pad(maps, (0, cf - c))
-        maps = rearrange(maps, "b t h w c -> (b t) c h w")
-        if (hf, wf) != tuple(grid):
-            maps = F.interpolate(
-                maps.float(), size=tuple(grid), mode="bilinear", align_corners=False, antialias=False
-            ).to(dtype)
-        maps = rearrange(maps, "(b t) c h w -> b t (h w) c", b=b, t=t)
-        return self.feature_embedder(maps)
+        return self.feature_embedder(features_to_grid(maps, grid))
 
     def forward(
         self,
@@ -379,8 +384,13 @@ class Re2PixDiT(nn.Module):
         c_noise: torch.Tensor,
         context_mask: torch.Tensor,
         features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        hidden_block: int | None = None,
+    ):
+        """F [B, 16, T, h, w]; with ``hidden_block=k`` the pair (F, tokens after block k [B, T, S, dim])."""
         cfg = self.cfg
+        if hidden_block is not None and not 1 <= hidden_block <= cfg.num_layers:
+            raise ValueError(f"hidden_block must be in [1, {cfg.num_layers}], got {hidden_block}")
         p = cfg.patch_spatial
         if x.ndim != 5 or x.shape[1] != cfg.latent_channels:
             raise ValueError(f"x must be [B, {cfg.latent_channels}, T, h, w], got {tuple(x.shape)}")
@@ -410,10 +420,29 @@ class Re2PixDiT(nn.Module):
 
         emb, base = self.t_embedder(c_noise)  # [B, T, dim], [B, T, 3 dim]
         angles = rope_angles(grid_positions(t, hs, ws, device=x.device), cfg.head_dim, cfg.rope_theta)
-        for block in self.blocks:
+        hidden = None
+        for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, emb, base, angles)
+            if depth == hidden_block:
+                hidden = tokens
         out = self.final_layer(tokens, emb, base)  # [B, T, S, p*p*16]
-        return rearrange(out, "b t (h w) (p q c) -> b c t (h p) (w q)", h=hs, w=ws, p=p, q=p)
+        out = rearrange(out, "b t (h w) (p q c) -> b c t (h p) (w q)", h=hs, w=ws, p=p, q=p)
+        return out if hidden_block is None else (out, hidden)
+
+
+def features_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Features [B, T, Hf, Wf, C] on the DiT's token grid (Hs, Ws): [B, T, Hs*Ws, C], tokens h-major as
+    the patch embedding flattens them. Bilinear, align_corners=False, antialias off (module docstring);
+    the interpolation runs in float32 and the result keeps the input's dtype."""
+    if features.ndim != 5:
+        raise ValueError(f"features must be [B, T, Hf, Wf, C], got shape {tuple(features.shape)}")
+    b, t, hf, wf, _ = features.shape
+    maps = rearrange(features, "b t h w c -> (b t) c h w")
+    if (hf, wf) != tuple(grid):
+        maps = F.interpolate(
+            maps.float(), size=tuple(grid), mode="bilinear", align_corners=False, antialias=False
+        ).to(features.dtype)
+    return rearrange(maps, "(b t) c h w -> b t (h w) c", b=b, t=t)
 
 
 def parameter_breakdown(model: Re2PixDiT) -> dict[str, int]:

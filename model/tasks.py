@@ -1,6 +1,8 @@
-"""What the shared loop trains: Stage 1 (masked feature transformer), Stage 2 (semantic DiT) and the
-Baseline (the same DiT without the feature branch). Each task builds its model from a preset name
-('tiny' or 'paper') plus overrides, with the sizes that come from the data (PCA channels read, feature
+"""What the shared loop trains: Stage 1 (masked feature transformer, or the feature diffusion model of
+model/stage1_diffusion.py), Stage 2 (semantic DiT), the Baseline (the same DiT without the feature
+branch), and REPA / VideoREPA (the Baseline DiT with an alignment loss to the features, model/repa.py).
+Each task builds its model from a preset name ('tiny', 'paper', or 'paper_large' for the 28-block DiT
+of Baseline-Large) plus overrides, with the sizes that come from the data (PCA channels read, feature
 grid, context frames) taken from the store, and computes the loss and the evaluation metrics.
 """
 
@@ -13,7 +15,7 @@ import torch
 
 from pipeline.store.geometry import Geometry
 
-from . import diffusion, stage1, stage2
+from . import diffusion, repa, stage1, stage1_diffusion, stage2
 from .metrics import Means, feature_metrics
 
 
@@ -63,6 +65,51 @@ class Stage1Task:
             losses = [stage1.loss(model(feats[:, t - n: t]), feats[:, t], self.config.smooth_l1_beta)
                       for t in range(n, feats.shape[1])]
             means.update({"loss": torch.stack(losses).mean().expand(feats.shape[0])})
+        return means
+
+
+class Stage1DiffusionTask(Stage1Task):
+    """The diffusion Stage 1 (model/stage1_diffusion.py): the EDM loss of the next feature frame given 4
+    ground-truth context frames; evaluated like Stage 1 by a (sampled) autoregressive rollout, with the
+    EDM loss on every future frame as "loss"."""
+
+    name = "stage1_diffusion"
+
+    def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
+        data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
+                "context_frames": geometry.context_latents}
+        self.config = _preset(stage1_diffusion.DiffusionStage1Config, preset)(**{**data, **(overrides or {})})
+        self.future = geometry.future_latents
+
+    @classmethod
+    def from_config(cls, config: dict) -> Stage1DiffusionTask:
+        task = cls.__new__(cls)
+        task.config = stage1_diffusion.DiffusionStage1Config.from_dict(config)
+        task.future = None
+        return task
+
+    def build_model(self) -> stage1_diffusion.FeatureDiffusion:
+        return stage1_diffusion.FeatureDiffusion(self.config)
+
+    def loss(self, model, batch: dict, generator: torch.Generator):
+        context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
+        loss, _ = stage1_diffusion.training_loss(model, context, target, generator)
+        return loss, {}
+
+    def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
+        means = Means()
+        n = self.config.context_frames
+        for batch in batches:
+            feats = batch["features"]  # [B, 7, H, W, C]
+            context, future = feats[:, :n], feats[:, n:]
+            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # sampled: [B, 3, H, W, C]
+            means.update(feature_metrics(pred, future, first_frame=n))
+            copy = context[:, -1:].expand_as(future)
+            means.update({k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
+                         prefix="copy_last/")
+            losses = [stage1_diffusion.training_loss(model, feats[:, t - n: t], feats[:, t], generator)[1]
+                      ["loss_per_sample"] for t in range(n, feats.shape[1])]
+            means.update({"loss": torch.stack(losses).mean(dim=0)})
         return means
 
 
@@ -136,9 +183,57 @@ class Stage2Task:
         return (out[:, :, m:] - latents[:, :, m:].float()).pow(2).mean(dim=(1, 2, 3, 4))
 
 
+class AlignTask(Stage2Task):
+    """REPA or VideoREPA (model/repa.py): the Baseline DiT trained with the denoising loss plus lambda
+    times the alignment of one block's projected tokens to the ground-truth features, which never enter
+    the DiT. Evaluated as the Baseline (same fixed-noise validation loss and samples), plus the
+    alignment terms on the validation clips."""
+
+    def __init__(self, method: str, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None,
+                 align: dict | None = None, *, sample_steps: int = 10, sample_solver: str = "heun",
+                 sample_clips: int = 4):
+        super().__init__(preset, geometry, channels, overrides, semantic=False, pred_p=0.0, nested_dropout=False,
+                         sample_steps=sample_steps, sample_solver=sample_solver, sample_clips=sample_clips)
+        self.name = method
+        self.align = _preset(repa.AlignConfig, preset)(**{**(align or {}), "method": method})
+
+    def build_model(self) -> repa.AlignedDiT:
+        return repa.AlignedDiT(self.config, self.align)
+
+    def model_config(self) -> dict:
+        return {"dit": _jsonable(dataclasses.asdict(self.config)), "align": dataclasses.asdict(self.align)}
+
+    def loss(self, model, batch: dict, generator: torch.Generator):
+        loss, logs = repa.training_loss(model, batch["latents"], batch["features"], self.align, self.context_latents,
+                                        generator, patch=self.config.patch_spatial)
+        return loss, {k: v.mean() for k, v in logs.items()}
+
+    def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
+        # the alignment terms draw their noise from a generator of their own, so that the Baseline's
+        # metrics see exactly the draws they see in a Baseline run
+        align_gen = torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
+        terms: list[dict] = []
+
+        def observed():
+            for batch in batches:
+                _, logs = repa.training_loss(model, batch["latents"], batch["features"], self.align,
+                                             self.context_latents, align_gen, patch=self.config.patch_spatial)
+                terms.append({k: v for k, v in logs.items() if k != "denoising_loss"})
+                yield batch
+
+        means = super().evaluate(model, observed(), generator)
+        for values in terms:
+            means.update(values)
+        return means
+
+
+MODEL_PRESETS = ("tiny", "paper", "paper_large")  # paper_large: Baseline-Large's DiT (stage2.DiTConfig only)
+
+
 def _preset(cls, preset: str):
-    if preset not in ("tiny", "paper"):
-        raise ValueError(f"model preset must be 'tiny' or 'paper', got {preset!r}")
+    if preset not in MODEL_PRESETS or not hasattr(cls, preset):
+        known = [p for p in MODEL_PRESETS if hasattr(cls, p)]
+        raise ValueError(f"model preset for {cls.__name__} must be one of {known}, got {preset!r}")
     return getattr(cls, preset)
 
 

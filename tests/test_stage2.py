@@ -175,3 +175,44 @@ def test_model_modules_stay_light():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+PAPER_BASELINE_LARGE_PARAMS = 1.5e9  # paper table 1: "Baseline-Large (1.5B)"
+
+
+def test_baseline_large_builds_at_paper_size_with_its_stated_count():
+    with torch.device("meta"):
+        large = Re2PixDiT(DiTConfig.paper_large(semantic=False))
+    cfg = large.cfg
+    # the paper's DiT with twice the blocks (Cosmos-Predict2-2B's 28), every other size unchanged
+    assert cfg.num_layers == 28 and (cfg.num_heads, cfg.dim, cfg.adaln_lora_rank) == (16, 2048, 256)
+    counts = parameter_breakdown(large)
+    assert counts["total"] == 1_545_356_288
+    assert abs(counts["total"] - PAPER_BASELINE_LARGE_PARAMS) / PAPER_BASELINE_LARGE_PARAMS < 0.04
+    with torch.device("meta"):
+        baseline = parameter_breakdown(Re2PixDiT(DiTConfig.paper(semantic=False)))
+    per_block = (baseline["blocks.attention"] + baseline["blocks.qk_norm"] + baseline["blocks.mlp"]
+                 + baseline["blocks.adaln_lora"]) // 14
+    assert counts["total"] - baseline["total"] == 14 * per_block  # only blocks were added
+    assert counts["total"] > 1.1e9  # more than Re2Pix as a whole (the paper's point of the row)
+
+
+def test_hidden_block_hook_returns_that_blocks_tokens_and_leaves_the_output_alone():
+    model = _randomize(Re2PixDiT(DiTConfig.tiny(num_layers=3)))
+    x, c_noise, mask, features = _inputs()
+    out = model(x, c_noise, mask, features)
+    hooked, hidden = model(x, c_noise, mask, features, hidden_block=2)
+    torch.testing.assert_close(hooked, out, rtol=0, atol=0)
+    # the same tokens by running the first two blocks by hand
+    tokens = model.x_embedder(
+        torch.cat([x, mask[:, None, :, None, None].float().expand(2, 1, 7, 8, 12)], 1)
+        .reshape(2, 17, 7, 4, 2, 6, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(2, 7, 24, 68)
+    ) + model.embed_features(features, (4, 6))
+    emb, base = model.t_embedder(c_noise)
+    angles = rope_angles(grid_positions(7, 4, 6), model.cfg.head_dim)
+    for block in model.blocks[:2]:
+        tokens = block(tokens, emb, base, angles)
+    torch.testing.assert_close(hidden, tokens)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="hidden_block"):
+            model(x, c_noise, mask, features, hidden_block=bad)
