@@ -12,13 +12,13 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
 - `latent_mse` (and per latent `t4`..`t6`): sampled vs stored future latents.
 - `psnr`, `ssim` (and per frame `f13`..`f24`): decoded frames 13-24 against the REFERENCE, the VAE
   reconstruction of the stored ground-truth latents (a store holds latents, not pixels: scores against
-  the original frames would add the VAE's own error to every model alike). SSIM as model/video_metrics.py.
+  the original frames would add the VAE's own error to every model alike). SSIM as inference/video_metrics.py.
 - `fid` (Inception-v3 pool features of all predicted frames vs the reference frames) and `fvd` (I3D
   features of the 12-frame predicted clips vs the reference clips) when --fid-weights / --fvd-weights
-  give the networks (model/video_metrics.py). `--fid` / `--fvd` without weights is an error.
+  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error.
 - `seg/miou_all`, `seg/miou_moving` (trainIds 11-18) and `depth/absrel`, `depth/delta1` on the
   annotated frame (`--annotated-frame`, Cityscapes: clip frame 16 = predicted frame 3) with DPT heads
-  (`--seg-head`, `--depth-head`, model/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
+  (`--seg-head`, `--depth-head`, inference/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
   its un-projected forecast features (when the frame has a feature map); for `reference` on the VAE
   reconstruction. Labels: `--labels DIR` ({clip_id}.png of trainIds, 255 ignored), `--depth-labels DIR`
   ({clip_id}.npy, in the depth head's units); Cityscapes stores find gtFine in their source root.
@@ -164,8 +164,8 @@ class Acc:
         self.confusion = c if self.confusion is None else self.confusion + c
 
     def values(self, fid_ref=None, fvd_ref=None) -> dict[str, float]:
-        from model.dpt import MOVING_CLASSES, miou
-        from model.video_metrics import frechet_distance, gaussian_stats
+        from inference.dpt import MOVING_CLASSES, miou
+        from inference.video_metrics import frechet_distance, gaussian_stats
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         if self.confusion is not None:
             out["seg/miou_all"] = miou(self.confusion)
@@ -198,7 +198,7 @@ class Semantic:
     """DPT heads on DINOv2 features of frames, or on un-projected PCA features."""
 
     def __init__(self, cfg: EvaluateConfig, labels: Labels, space, device, skipped: dict):
-        from model.dpt import load_head
+        from inference.dpt import load_head
         self.heads, self.labels, self.space = {}, labels, space
         self.missing: dict[str, set] = defaultdict(set)  # clip ids without a label, per head
         self.frame = cfg.annotated_frame
@@ -239,7 +239,7 @@ class Semantic:
     @torch.no_grad()
     def score(self, acc: Acc, features: torch.Tensor, clip_ids: list[str], metas: list[dict]) -> None:
         """features [B, h, w, D] of the annotated frame of each clip."""
-        from model.dpt import depth_metrics, segmentation_confusion, split_blocks
+        from inference.dpt import depth_metrics, segmentation_confusion, split_blocks
         for key, head in self.heads.items():
             dev = next(head.parameters()).device
             for b, (clip_id, meta) in enumerate(zip(clip_ids, metas)):
@@ -266,6 +266,7 @@ def _noise(seed: int, run: int, clips: list[int], shape) -> torch.Tensor:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
+    from inference.video_metrics import gaussian_stats, load_fid_network, load_fvd_network, psnr, ssim
     from jobs.predict import (
         DataSpace,
         LatentCodec,
@@ -278,7 +279,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         stage2_features,
     )
     from model.metrics import Means, feature_metrics
-    from model.video_metrics import gaussian_stats, load_fid_network, load_fvd_network, psnr, ssim
     from pipeline.store.reader import Store
 
     t0 = time.time()

@@ -474,7 +474,7 @@ def _cell_hw(frame_hw, cell_height):
 
 def figure(pred: Prediction, geometry, grid_frames: str = "features", cell_height: int | None = None):
     """The paper-style grid (module docstring) as uint8 [H, W, 3]."""
-    from pipeline.figures import CONTEXT_BORDER, PREDICTED_BORDER, Row, Section, features_to_rgb, make_grid
+    from inference.figures import CONTEXT_BORDER, PREDICTED_BORDER, Row, Section, features_to_rgb, make_grid
     if grid_frames not in ("features", "all"):
         raise SystemExit(f"--grid-frames must be 'features' or 'all', got {grid_frames!r}")
     g, r = geometry, geometry.temporal_downsample
@@ -509,7 +509,7 @@ def figure(pred: Prediction, geometry, grid_frames: str = "features", cell_heigh
 
 def video(pred: Prediction, geometry, cell_height: int | None = None) -> np.ndarray:
     """Panels [25, H, W, 3]: ground truth | Baseline | Re2Pix | features, frame by frame."""
-    from pipeline.figures import features_to_rgb, frame_panels
+    from inference.figures import features_to_rgb, frame_panels
     g, r = geometry, geometry.temporal_downsample
     m = g.context_latents
     rgb = features_to_rgb(np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]]))
@@ -529,7 +529,7 @@ def figure_rows(pred: Prediction, geometry) -> list[str]:
 def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") -> dict:
     """PSNR / SSIM per predicted frame against the ground truth (when there is one), or with
     reference="vae_reconstruction" against the VAE decoding of the stored latents."""
-    from model.video_metrics import psnr, ssim
+    from inference.video_metrics import psnr, ssim
     gt = pred.frames.get("ground truth") if reference == "ground truth" else pred.reconstruction
     if gt is None or len(gt) < geometry.clip_frames:
         return {}
@@ -545,7 +545,7 @@ def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") ->
 def reconstruction_scores(pred: Prediction) -> dict:
     """Mean PSNR / SSIM of the VAE reconstruction against the source frames, context and predicted
     frames: the most a decoded prediction can reach."""
-    from model.video_metrics import psnr, ssim
+    from inference.video_metrics import psnr, ssim
     if pred.ground_truth != "source_frames" or pred.reconstruction is None:
         return {}
     gt, rec = pred.frames["ground truth"], pred.reconstruction
@@ -560,7 +560,7 @@ def resolve_device(device: str) -> str:
 
 
 def run_predict(cfg: PredictConfig) -> dict:
-    from pipeline.figures import save_png, write_mp4
+    from inference.figures import save_png, write_mp4
     t0 = time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -10,7 +10,7 @@ from PIL import Image
 from store_factory import make_store
 from test_predict import write_runs
 
-from model.dpt import (
+from inference.dpt import (
     MOVING_CLASSES,
     DPTConfig,
     DPTHead,

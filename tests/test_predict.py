@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from store_factory import make_store
 
+from inference.figures import GridLayout, GridStyle, write_mp4
 from model.checkpoint import save_checkpoint
 from model.stage1 import MaskedFeatureTransformer, Stage1Config
 from model.stage2 import DiTConfig, Re2PixDiT
-from pipeline.figures import GridLayout, GridStyle, write_mp4
 from pipeline.store.geometry import TINY
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.video_metrics import (
+from inference.video_metrics import (
     FIDInceptionV3,
     frechet_distance,
     gaussian_stats,

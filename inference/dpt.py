@@ -200,7 +200,7 @@ def load_head(path, device="cpu", task: str | None = None) -> DPTHead:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path} is not a re2pix DPT head (safetensors metadata needs format={FORMAT!r} and a "
-                         "config; write heads with model.dpt.save_head)")
+                         "config; write heads with inference.dpt.save_head)")
     values = json.loads(meta["config"])
     unknown = set(values) - {f.name for f in fields(DPTConfig)}
     if unknown:
