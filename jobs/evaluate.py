@@ -266,11 +266,11 @@ def _noise(seed: int, run: int, clips: list[int], shape) -> torch.Tensor:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
+    from inference.stages import Models
     from inference.video_metrics import gaussian_stats, load_fid_network, load_fvd_network, psnr, ssim
     from jobs.predict import (
         DataSpace,
         LatentCodec,
-        Models,
         Sampler,
         forecast_features,
         load_vae_for,

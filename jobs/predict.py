@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.stages import Models
 from jobs.config import parse_config
 
 log = logging.getLogger("re2pix.predict")
@@ -83,83 +84,7 @@ class PredictConfig:
     threads: int = 0
 
 
-# --------------------------------------------------------------------------- models
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    task: str  # stage1, stage2, baseline
-    fingerprint: str
-    checkpoint: str
-
-    def describe(self) -> dict:
-        return {"task": self.task, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint}
-
-
-def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu") -> LoadedModel:
-    """A trained model from a trainer run dir (its latest checkpoint) or a checkpoint folder.
-
-    Reads the trainer's format (model/checkpoint.py): meta.json names the task and the model config,
-    the weights are model/ema.safetensors and must hash to the fingerprint meta.json recorded."""
-    from model.checkpoint import CheckpointError, load_verified
-    from model.stage1 import MaskedFeatureTransformer, Stage1Config
-    from model.stage2 import DiTConfig, Re2PixDiT
-
-    try:
-        ckpt, meta, state, fingerprint = load_verified(path, tasks, weights)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from e
-    task = meta["task"]
-    if task == "stage1":
-        model = MaskedFeatureTransformer(Stage1Config.from_dict(meta["model_config"]))
-    else:
-        model = Re2PixDiT(DiTConfig.from_dict(meta["model_config"]))
-    model.load_state_dict(state)
-    return LoadedModel(model.to(device).eval(), task, fingerprint, str(ckpt))
-
-
-def has_checkpoint(path: str | None) -> bool:
-    if not path:
-        return False
-    p = Path(path)
-    return (p / "meta.json").exists() or (p / "latest.json").exists()
-
-
-@dataclass
-class Models:
-    stage1: LoadedModel
-    stage2: LoadedModel
-    baseline: LoadedModel | None
-
-    @classmethod
-    def load(cls, stage1: str, stage2: str, baseline: str | None, weights="auto", device="cpu") -> Models:
-        base = None
-        if has_checkpoint(baseline):
-            base = load_model(baseline, ("baseline",), weights, device)
-        elif baseline:
-            log.warning("no Baseline checkpoint at %s: its row is left out", baseline)
-        return cls(load_model(stage1, ("stage1",), weights, device),
-                   load_model(stage2, ("stage2",), weights, device), base)
-
-    def check(self, geometry, channels: int) -> None:
-        s1, s2 = self.stage1.model.config, self.stage2.model.cfg
-        if tuple(s1.feature_hw) != tuple(geometry.feature_hw) or s1.context_frames != geometry.context_latents:
-            raise SystemExit(f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data has "
-                             f"{geometry.context_latents} of {tuple(geometry.feature_hw)}")
-        if max(s1.num_pca_channels, s2.feature_channels) > channels:
-            raise SystemExit(f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; "
-                             f"the data has {channels}")
-        for m in [self.stage2] + ([self.baseline] if self.baseline else []):
-            if m.model.cfg.latent_channels != geometry.latent_channels:
-                raise SystemExit(f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the data "
-                                 f"{geometry.latent_channels}")
-
-    def describe(self) -> dict:
-        out = {"stage1": self.stage1.describe(), "stage2": self.stage2.describe()}
-        if self.baseline:
-            out["baseline"] = self.baseline.describe()
-        return out
+# --------------------------------------------------------------------------- sampling
 
 
 @dataclass

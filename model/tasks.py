@@ -29,13 +29,6 @@ class Stage1Task:
         self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
 
-    @classmethod
-    def from_config(cls, config: dict) -> Stage1Task:
-        task = cls.__new__(cls)
-        task.config = stage1.Stage1Config(**config)
-        task.future = None
-        return task
-
     def build_model(self) -> stage1.MaskedFeatureTransformer:
         return stage1.MaskedFeatureTransformer(self.config)
 

@@ -11,7 +11,7 @@ from PIL import Image
 from store_factory import make_store
 
 from inference.figures import GridLayout, GridStyle, write_mp4
-from model.checkpoint import save_checkpoint
+from model.checkpoint import CheckpointError, save_checkpoint
 from model.stage1 import MaskedFeatureTransformer, Stage1Config
 from model.stage2 import DiTConfig, Re2PixDiT
 from pipeline.store.geometry import TINY
@@ -176,7 +176,7 @@ def test_refusals(setup, tmp_path):
         run_predict(config(setup, video=str(folder)))
     with pytest.raises(SystemExit, match="--pca"):
         run_predict(config(setup, store=None, video=str(folder)))
-    with pytest.raises(SystemExit, match="expected stage2"):
+    with pytest.raises(CheckpointError, match="expected stage2"):
         run_predict(config(setup, stage2=setup[1]["baseline"]))
     with pytest.raises(SystemExit, match="no clip"):
         run_predict(config(setup, clip_id="nope"))
