@@ -47,6 +47,11 @@ def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu"
     return LoadedModel(model.to(device).eval(), meta["task"], fingerprint, str(ckpt))
 
 
+def resolve_device(device: str) -> str:
+    """"auto": CUDA when there is a GPU, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def has_checkpoint(path: str | None) -> bool:
     if not path:
         return False

@@ -220,7 +220,7 @@ class Semantic:
                 self.heads[key] = head
         self.dino = None
         if self.heads and cfg.decode:
-            from jobs.predict import load_dinov2_for
+            from inference.encoders import load_dinov2_for
             self.dino = load_dinov2_for(cfg.dinov2, space.manifest, g, device, cfg.allow_download,
                                         cfg.allow_weights_mismatch)
 
@@ -257,27 +257,13 @@ class Semantic:
                         acc.depth[k] += float(v)
 
 
-def _noise(seed: int, run: int, clips: list[int], shape) -> torch.Tensor:
-    out = []
-    for c in clips:
-        s = int(np.random.SeedSequence([seed, run, c]).generate_state(1)[0])
-        out.append(torch.randn(shape, generator=torch.Generator().manual_seed(s)))
-    return torch.stack(out)
-
-
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    from inference.stages import Models
+    from inference.codec import LatentCodec
+    from inference.encoders import load_vae_for
+    from inference.sampling import Sampler, clip_noise, forecast_features, sample_models, stage2_features
+    from inference.stages import Models, resolve_device
     from inference.video_metrics import gaussian_stats, load_fid_network, load_fvd_network, psnr, ssim
-    from jobs.predict import (
-        DataSpace,
-        LatentCodec,
-        Sampler,
-        forecast_features,
-        load_vae_for,
-        resolve_device,
-        sample_models,
-        stage2_features,
-    )
+    from jobs.predict import DataSpace
     from model.metrics import Means, feature_metrics
     from pipeline.store.reader import Store
 
@@ -359,7 +345,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             if semantic.dino is not None:
                 semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
         for run in range(cfg.samples):
-            noise = _noise(cfg.seed, run, idx, (latents.shape[1], fut, *latents.shape[3:])).to(device)
+            noise = clip_noise(cfg.seed, run, idx, (latents.shape[1], fut, *latents.shape[3:])).to(device)
             with torch.no_grad():
                 sampled = sample_models(models, sampler, latents[:, :, :m], conditioning, noise)
             for name in names:

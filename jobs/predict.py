@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.stages import Models
+from inference.codec import LatentCodec, encode_features
+from inference.sampling import Sampler, forecast_features, sample_models, stage2_features
+from inference.stages import Models, resolve_device
 from jobs.config import parse_config
 
 log = logging.getLogger("re2pix.predict")
@@ -82,122 +84,6 @@ class PredictConfig:
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
     device: str = "auto"
     threads: int = 0
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-@dataclass
-class Sampler:
-    steps: int = 35
-    solver: str = "heun"
-    guidance_channels: int | None = None
-    guidance_weight: float = 0.0
-
-    def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
-        """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
-        from model.diffusion import sample
-        guided = features is not None and self.guidance_weight != 0.0
-        return sample(model, context_latents, features, num_steps=self.steps, solver=self.solver,
-                      num_future=noise.shape[2], initial_noise=noise,
-                      guidance_channels=self.guidance_channels if guided else None,
-                      guidance_weight=self.guidance_weight if guided else 0.0)
-
-
-def forecast_features(models: Models, context: torch.Tensor, future: int) -> torch.Tensor:
-    """Stage 1 rollout: context [B, 4, H, W, >=c1] -> [B, future, H, W, c1] float32."""
-    from model.stage1 import rollout
-    c1 = models.stage1.model.config.num_pca_channels
-    with torch.no_grad():
-        return rollout(models.stage1.model, context[..., :c1].float(), steps=future).float()
-
-
-def stage2_features(context: torch.Tensor, forecast: torch.Tensor, channels: int) -> torch.Tensor:
-    """Re2Pix conditioning [B, 4 + F, H, W, channels]: ground-truth context features and Stage 1's
-    forecast, cut or zero-padded to the DiT's channels (zero channels = nested truncation)."""
-    forecast = forecast[..., :channels]
-    if forecast.shape[-1] < channels:
-        forecast = torch.nn.functional.pad(forecast, (0, channels - forecast.shape[-1]))
-    return torch.cat([context[..., :channels].float(), forecast.float()], dim=1)
-
-
-def sample_models(models: Models, sampler: Sampler, context_latents: torch.Tensor, features: torch.Tensor,
-                  noise: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"re2pix": [B, 16, 7, h, w], "baseline": ...} from the same initial noise [B, 16, F, h, w]."""
-    out = {"re2pix": sampler(models.stage2.model, context_latents, features, noise)}
-    if models.baseline is not None:
-        out["baseline"] = sampler(models.baseline.model, context_latents, None, noise)
-    return out
-
-
-# --------------------------------------------------------------------------- encoders and the VAE
-
-
-class LatentCodec:
-    """The VAE with the store's latent normalization: latents in the store's space in and out."""
-
-    def __init__(self, vae, latent_norm: dict | None):
-        self.vae = vae
-        shape = (1, -1, 1, 1, 1)
-        own_mean, own_std = torch.tensor(vae.latents_mean), torch.tensor(vae.latents_std)
-        mean = torch.tensor(latent_norm["mean"]) if latent_norm else own_mean
-        std = torch.tensor(latent_norm["std"]) if latent_norm else own_std
-        # store-normalized z -> raw -> the VAE's own normalization: z * a + b
-        self.a = (std / own_std).view(shape)
-        self.b = ((mean - own_mean) / own_std).view(shape)
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """[B, 16, T, h, w] store-normalized -> uint8 frames [B, 1 + 4 (T - 1), H, W, 3]."""
-        z = latents.float().cpu() * self.a + self.b
-        return self.vae.decode(z).cpu().numpy()
-
-    def encode(self, clips: np.ndarray) -> torch.Tensor:
-        """uint8 [B, T, H, W, 3] -> store-normalized latents [B, 16, t, h, w] (through float16, as stored)."""
-        z = self.vae(clips).float().cpu()
-        return ((z - self.b) / self.a).half().float()
-
-
-def load_vae_for(spec: str | None, manifest: dict | None, geometry, device, allow_download=False,
-                 allow_mismatch=False):
-    from pipeline.encoders import load_vae
-    return _checked(load_vae(spec or _weights_id(manifest, "vae"), input_hw=geometry.vae_input_hw, device=device,
-                             allow_download=allow_download), manifest, "vae", allow_mismatch)
-
-
-def load_dinov2_for(spec: str | None, manifest: dict | None, geometry, device, allow_download=False,
-                    allow_mismatch=False):
-    from pipeline.encoders import load_dinov2
-    enc = load_dinov2(spec or _weights_id(manifest, "dinov2"), input_hw=geometry.dino_input_hw, device=device,
-                      allow_download=allow_download)
-    if enc.feature_dim != geometry.feature_dim:
-        raise SystemExit(f"DINOv2 {spec} gives {enc.feature_dim}-d features; the data has {geometry.feature_dim}")
-    return _checked(enc, manifest, "dinov2", allow_mismatch)
-
-
-def _weights_id(manifest: dict | None, name: str) -> str:
-    wid = ((manifest or {}).get("encoders", {}).get(name) or {}).get("weights_id")
-    if not wid:
-        raise SystemExit(f"no --{name} given and no store records which {name} made it")
-    return wid
-
-
-def _checked(encoder, manifest: dict | None, name: str, allow_mismatch: bool):
-    want = ((manifest or {}).get("encoders", {}).get(name) or {}).get("sha256")
-    if want and encoder.describe()["sha256"] != want:
-        msg = (f"the {name} weights loaded ({encoder.weights_id}, sha256 {encoder.describe()['sha256'][:12]}) are "
-               f"not the ones the store was made with (sha256 {want[:12]})")
-        if not allow_mismatch:
-            raise SystemExit(msg + ": pass the same weights, or --allow-weights-mismatch")
-        log.warning("%s", msg)
-    return encoder
-
-
-def encode_features(dino, basis, frames: np.ndarray, geometry) -> np.ndarray:
-    """uint8 frames [N, H, W, 3] -> PCA features [N, h, w, C] float32 (resized and rounded through
-    float16 exactly as the cache job stores them)."""
-    from pipeline.frames import resize_frames
-    raw = dino(resize_frames(frames, geometry.dino_input_hw)).float().cpu().numpy()
-    return basis.project(raw).astype(np.float16).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -480,10 +366,6 @@ def reconstruction_scores(pred: Prediction) -> dict:
 # --------------------------------------------------------------------------- the job
 
 
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def run_predict(cfg: PredictConfig) -> dict:
     from inference.figures import save_png, write_mp4
     t0 = time.time()
@@ -493,6 +375,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     space, store = open_space(cfg)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
+    from inference.encoders import load_dinov2_for, load_vae_for
     vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
     codec = LatentCodec(vae, space.latent_norm)
     if cfg.video:

@@ -82,7 +82,11 @@ def test_predict_store_clip_writes_grid_video_and_summary(setup):
 
 
 def test_prediction_decodes_context_and_future_as_one_sequence(setup):
-    from jobs.predict import LatentCodec, Models, Sampler, load_vae_for, open_space, predict_clip, store_clip
+    from inference.codec import LatentCodec
+    from inference.encoders import load_vae_for
+    from inference.sampling import Sampler
+    from inference.stages import Models
+    from jobs.predict import open_space, predict_clip, store_clip
     cfg = config(setup)
     space, store = open_space(cfg)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
@@ -133,7 +137,9 @@ def test_predict_from_video_file_encodes_here(setup, tmp_path):
 
 
 def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
-    from jobs.predict import LatentCodec, load_dinov2_for, load_vae_for, open_space, video_clip
+    from inference.codec import LatentCodec
+    from inference.encoders import load_dinov2_for, load_vae_for
+    from jobs.predict import open_space, video_clip
     from pipeline.frames import resize_frames
     write_mp4(tmp_path / "v.mp4", _moving_frames(25), fps=10)
     cfg = config(setup, video=str(tmp_path / "v.mp4"))
