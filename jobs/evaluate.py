@@ -260,10 +260,10 @@ class Semantic:
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     from inference.codec import LatentCodec
     from inference.encoders import load_vae_for
+    from inference.inputs import DataSpace
     from inference.sampling import Sampler, clip_noise, forecast_features, sample_models, stage2_features
     from inference.stages import Models, resolve_device
     from inference.video_metrics import gaussian_stats, load_fid_network, load_fvd_network, psnr, ssim
-    from jobs.predict import DataSpace
     from model.metrics import Means, feature_metrics
     from pipeline.store.reader import Store
 
@@ -284,7 +284,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     device = resolve_device(cfg.device)
     store = Store(cfg.store)
     g = store.geometry
-    space = DataSpace(g, store.basis, store.manifest, float(store.manifest.get("fps") or 10.0))
+    space = DataSpace.of_store(store)
     if store.manifest.get("split") not in ("val", "test"):
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)

@@ -43,13 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.codec import LatentCodec, encode_features
+from inference.codec import LatentCodec
+from inference.inputs import ClipInput, open_space, store_clip, video_clip
 from inference.sampling import Sampler, forecast_features, sample_models, stage2_features
 from inference.stages import Models, resolve_device
 from jobs.config import parse_config
 
 log = logging.getLogger("re2pix.predict")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -84,155 +84,6 @@ class PredictConfig:
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
     device: str = "auto"
     threads: int = 0
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class ClipInput:
-    name: str
-    features: np.ndarray  # [7 or 4, H, W, C] float32: ground-truth PCA features of frames 0, 4, ...
-    latents: np.ndarray  # [16, 7 or 4, h, w] float32, store-normalized
-    frames: np.ndarray | None  # uint8 [25 or 13, H, W, 3] at the VAE size (video input, or a store clip's
-    fps: float                 # source frames when its source reopens); None otherwise
-    source: dict
-    frames_kind: str = "video"  # what `frames` are: "video" or "source_frames"
-
-
-@dataclass
-class DataSpace:
-    geometry: object
-    basis: object
-    manifest: dict | None
-    fps: float
-
-    @property
-    def latent_norm(self) -> dict | None:
-        return (self.manifest or {}).get("latent_norm")
-
-
-def open_space(cfg: PredictConfig):
-    """(DataSpace, Store or None) from --store, or from --pca and --geometry."""
-    from pipeline.store.geometry import GEOMETRIES
-    if cfg.store:
-        from pipeline.store.reader import Store
-        store = Store(cfg.store)
-        basis = store.basis if cfg.video else None
-        return DataSpace(store.geometry, basis, store.manifest, float(store.manifest.get("fps") or 10.0)), store
-    if not cfg.video or not cfg.pca:
-        raise SystemExit("give --store (a clip of it, or its PCA basis for --video), or --video with --pca")
-    from pipeline.pca import load_basis
-    geometry = GEOMETRIES[cfg.geometry]
-    basis = load_basis(cfg.pca)
-    if basis.num_components < geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
-        raise SystemExit(f"--pca {cfg.pca} has {basis.num_components} components of {basis.feature_dim}-d "
-                         f"features; geometry {cfg.geometry} needs {geometry.num_pca_channels} "
-                         f"of {geometry.feature_dim}")
-    return DataSpace(geometry, basis, None, 10.0), None
-
-
-def store_clip(store, clip: int, clip_id: str | None = None, source_frames: bool = True) -> ClipInput:
-    """A clip of the store; with `source_frames`, its original frames too when the source reopens."""
-    if clip_id is not None:
-        if clip_id not in store.clip_ids:
-            raise SystemExit(f"{store.location} has no clip {clip_id!r}")
-        clip = store.clip_ids.index(clip_id)
-    arrays = store.read_clip(clip)
-    frames, origin = None, {"opened": False, "reason": "not asked for"}
-    if source_frames:
-        frames, origin = source_clip_frames(store.manifest, arrays.meta, store.geometry)
-    info = {"store": store.location, "clip": clip, "clip_id": arrays.clip_id, "ground_truth_source": origin}
-    return ClipInput(arrays.clip_id, arrays.features.astype(np.float32), arrays.latents.astype(np.float32), frames,
-                     float(store.manifest.get("fps") or 10.0), info, "source_frames")
-
-
-def reopen_source(manifest: dict):
-    """The store's source from its manifest, or (None, why not)."""
-    from pipeline.sources import SOURCES, get_source
-    dataset, split, root = manifest.get("dataset"), manifest.get("split"), manifest.get("source_root")
-    if dataset not in SOURCES or not split:
-        return None, f"dataset {dataset!r} is not a known source"
-    root = None if not root or str(root).startswith("builtin:") else str(root)
-    if root is not None and not Path(root).exists():
-        return None, f"source_root {root} does not exist here"
-    options = dict((manifest.get("cache_config") or {}).get("source_options") or {})
-    options.update(manifest.get("generator") or {})  # what the adapter says it was built with
-    try:
-        return get_source(dataset, root, split, **options), None
-    except Exception as e:  # noqa: BLE001 - any failure just means: no source frames
-        return None, f"cannot open {dataset} at {root}: {type(e).__name__}: {e}"
-
-
-def source_clip_frames(manifest: dict, meta: dict, geometry) -> tuple[np.ndarray | None, dict]:
-    """The clip's original frames, uint8 [25, *vae_input_hw, 3] resized as the cache job resizes (and
-    mirrored for a flip variant), or None; and a record of where they came from (or why not)."""
-    from pipeline.frames import hflip, resize_frames
-    source, why = reopen_source(manifest)
-    where = {"dataset": manifest.get("dataset"), "split": manifest.get("split"),
-             "source_root": manifest.get("source_root"), "scene": meta.get("scene")}
-    if source is None:
-        return None, {"opened": False, "reason": why, **where}
-    try:
-        start, n = int(meta["start"]), geometry.clip_frames
-        refs = source.frames(meta["scene"])[start:start + n]
-        stamps = meta.get("timestamps") or []
-        if len(refs) != n or (len(stamps) == n and not np.allclose([r.timestamp for r in refs], stamps, atol=1e-3)):
-            return None, {"opened": False, "reason": "the source's frames no longer match the store's clip", **where}
-        frames = resize_frames(np.stack([source.read_frame(meta["scene"], r) for r in refs]), geometry.vae_input_hw)
-    except Exception as e:  # noqa: BLE001
-        return None, {"opened": False, "reason": f"{type(e).__name__}: {e}", **where}
-    if meta.get("variant") in ("flip", "hflip"):
-        frames = hflip(frames)
-    return frames, {"opened": True, **where, "frames": [refs[0].index, refs[-1].index]}
-
-
-def read_video(path: str, max_frames: int) -> tuple[np.ndarray, float | None]:
-    """The first `max_frames` frames of a video file or an image folder (natural name order): uint8
-    [N, H, W, 3], and the video's frame rate (None for a folder)."""
-    p = Path(path)
-    if p.is_dir():
-        import re
-
-        from PIL import Image
-
-        def natural(q):
-            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", q.name)]
-
-        files = sorted((q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES), key=natural)[:max_frames]
-        return np.stack([np.asarray(Image.open(q).convert("RGB")) for q in files]) if files else np.zeros(0), None
-    if not p.is_file():
-        raise SystemExit(f"--video {path}: no such file or folder")
-    import av
-    frames = []
-    try:
-        with av.open(str(p)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == max_frames:
-                    break
-    except (av.error.FFmpegError, IndexError) as e:
-        raise SystemExit(f"--video {path}: cannot decode ({e})") from e
-    return (np.stack(frames) if frames else np.zeros(0)), (float(rate) if rate else None)
-
-
-def video_clip(path: str, space: DataSpace, dino, codec: LatentCodec) -> ClipInput:
-    """Encode a video here: 25 frames (with ground truth) or 13 (context only)."""
-    from pipeline.frames import resize_frames
-    g = space.geometry
-    frames, rate = read_video(path, g.clip_frames)
-    n = len(frames)
-    if n < g.context_frames:
-        raise SystemExit(f"--video {path} has {n} frames; prediction needs at least {g.context_frames} "
-                         f"(context), {g.clip_frames} for a ground-truth row")
-    n = g.clip_frames if n >= g.clip_frames else g.context_frames
-    frames = resize_frames(frames[:n], g.vae_input_hw)
-    latents = codec.encode(frames[None])[0].numpy()  # [16, 7 or 4, h, w]
-    features = encode_features(dino, space.basis, frames[:: g.temporal_downsample], g)  # [7 or 4, H, W, C]
-    return ClipInput(Path(path).stem, features, latents, frames, rate or space.fps,
-                     {"video": str(path), "frames_used": n})
 
 
 # --------------------------------------------------------------------------- prediction
@@ -372,7 +223,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    space, store = open_space(cfg)
+    space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
     from inference.encoders import load_dinov2_for, load_vae_for

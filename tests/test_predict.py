@@ -10,10 +10,13 @@ import torch
 from PIL import Image
 from store_factory import make_store
 
+from inference import InferenceError
 from inference.figures import GridLayout, GridStyle, write_mp4
 from model.checkpoint import CheckpointError, save_checkpoint
 from model.stage1 import MaskedFeatureTransformer, Stage1Config
 from model.stage2 import DiTConfig, Re2PixDiT
+from pipeline.sources import SourceError
+from pipeline.store.format import StoreError
 from pipeline.store.geometry import TINY
 
 
@@ -84,11 +87,12 @@ def test_predict_store_clip_writes_grid_video_and_summary(setup):
 def test_prediction_decodes_context_and_future_as_one_sequence(setup):
     from inference.codec import LatentCodec
     from inference.encoders import load_vae_for
+    from inference.inputs import open_space, store_clip
     from inference.sampling import Sampler
     from inference.stages import Models
-    from jobs.predict import open_space, predict_clip, store_clip
+    from jobs.predict import predict_clip
     cfg = config(setup)
-    space, store = open_space(cfg)
+    space, store = open_space(cfg.store)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
     codec = LatentCodec(load_vae_for(None, space.manifest, space.geometry, "cpu"), space.latent_norm)
     clip = store_clip(store, 0)
@@ -139,11 +143,11 @@ def test_predict_from_video_file_encodes_here(setup, tmp_path):
 def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
     from inference.codec import LatentCodec
     from inference.encoders import load_dinov2_for, load_vae_for
-    from jobs.predict import open_space, video_clip
+    from inference.inputs import open_space, video_clip
     from pipeline.frames import resize_frames
     write_mp4(tmp_path / "v.mp4", _moving_frames(25), fps=10)
     cfg = config(setup, video=str(tmp_path / "v.mp4"))
-    space, _ = open_space(cfg)
+    space, _ = open_space(cfg.store, video=True)
     vae = load_vae_for(None, space.manifest, space.geometry, "cpu")
     dino = load_dinov2_for(None, space.manifest, space.geometry, "cpu")
     clip = video_clip(cfg.video, space, dino, LatentCodec(vae, space.latent_norm))
@@ -178,20 +182,21 @@ def test_refusals(setup, tmp_path):
     folder.mkdir()
     for k, f in enumerate(_moving_frames(9)):
         Image.fromarray(f).save(folder / f"{k:03d}.png")
-    with pytest.raises(SystemExit, match="at least 13"):
+    with pytest.raises(SourceError, match="at least 13"):
         run_predict(config(setup, video=str(folder)))
-    with pytest.raises(SystemExit, match="--pca"):
+    with pytest.raises(InferenceError, match="--pca"):
         run_predict(config(setup, store=None, video=str(folder)))
     with pytest.raises(CheckpointError, match="expected stage2"):
         run_predict(config(setup, stage2=setup[1]["baseline"]))
-    with pytest.raises(SystemExit, match="no clip"):
+    with pytest.raises(StoreError, match="no clip"):
         run_predict(config(setup, clip_id="nope"))
 
 
 def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path, monkeypatch):
     import store_factory
 
-    from jobs.predict import run_predict, store_clip
+    from inference.inputs import store_clip
+    from jobs.predict import run_predict
     from pipeline.frames import resize_frames
     from pipeline.sources import get_source
     from pipeline.store.reader import Store
