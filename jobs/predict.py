@@ -44,8 +44,11 @@ import numpy as np
 import torch
 
 from inference.codec import LatentCodec
-from inference.inputs import ClipInput, open_space, store_clip, video_clip
-from inference.sampling import Sampler, forecast_features, sample_models, stage2_features
+from inference.encoders import load_dinov2_for, load_vae_for
+from inference.figures import figure_rows, prediction_grid, prediction_video, save_png, write_mp4
+from inference.inputs import open_space, store_clip, video_clip
+from inference.prediction import frame_scores, predict_clip, reconstruction_scores
+from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
 from jobs.config import parse_config
 
@@ -86,139 +89,7 @@ class PredictConfig:
     threads: int = 0
 
 
-# --------------------------------------------------------------------------- prediction
-
-
-@dataclass
-class Prediction:
-    clip: ClipInput
-    forecast: np.ndarray  # [3, H, W, c1] Stage 1 features of latents 4-6
-    latents: dict  # name -> [16, 7, h, w] float32 (re2pix, baseline)
-    frames: dict  # "ground truth", "Baseline", "Re2Pix" -> uint8 [25 (or 13 for GT), H, W, 3]
-    ground_truth: str | None  # "source_frames", "vae_reconstruction", "video" or None
-    reconstruction: np.ndarray | None = None  # store clip: the VAE decoding of its stored latents [25, H, W, 3]
-
-
-def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: LatentCodec, geometry,
-                 seed: int = 0) -> Prediction:
-    m, fut = geometry.context_latents, geometry.future_latents
-    device = next(models.stage2.model.parameters()).device
-    context = torch.from_numpy(clip.features[None, :m]).to(device)  # [1, 4, H, W, C]
-    forecast = forecast_features(models, context, fut)  # [1, 3, H, W, c1]
-    features = stage2_features(context, forecast, models.stage2.model.cfg.feature_channels)
-    z_ctx = torch.from_numpy(clip.latents[None, :, :m]).to(device)
-    gen = torch.Generator().manual_seed(seed)  # the same noise on every device
-    noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)
-    sampled = sample_models(models, sampler, z_ctx, features, noise)
-    frames, gt, recon = {}, None, None
-    if "store" in clip.source and clip.latents.shape[1] == geometry.latent_frames:
-        recon = codec.decode(torch.from_numpy(clip.latents[None]))[0]
-    if clip.frames is not None:
-        frames["ground truth"], gt = clip.frames, clip.frames_kind
-    elif recon is not None:
-        frames["ground truth"], gt = recon, "vae_reconstruction"
-    names = {"baseline": "Baseline", "re2pix": "Re2Pix"}
-    for key in ("baseline", "re2pix"):
-        if key in sampled:
-            frames[names[key]] = codec.decode(sampled[key])[0]
-    return Prediction(clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()},
-                      frames, gt, recon)
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-def _cell_hw(frame_hw, cell_height):
-    if not cell_height:
-        return tuple(frame_hw)
-    return int(cell_height), max(1, round(frame_hw[1] * cell_height / frame_hw[0]))
-
-
-def figure(pred: Prediction, geometry, grid_frames: str = "features", cell_height: int | None = None):
-    """The paper-style grid (module docstring) as uint8 [H, W, 3]."""
-    from inference.figures import CONTEXT_BORDER, PREDICTED_BORDER, Row, Section, features_to_rgb, make_grid
-    if grid_frames not in ("features", "all"):
-        raise SystemExit(f"--grid-frames must be 'features' or 'all', got {grid_frames!r}")
-    g, r = geometry, geometry.temporal_downsample
-    m = g.context_latents
-    feats = np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]])  # [7, H, W, 3]
-    rgb = features_to_rgb(feats)  # one colour scale for the whole clip
-    step = r if grid_frames == "features" else 1
-    ctx_cols = list(range(0, g.context_frames, step))
-    fut_cols = [k for k in range(g.context_frames, g.clip_frames) if grid_frames == "all" or k % r == 0]
-
-    def feature_cells(cols):
-        return [rgb[k // r] if k % r == 0 else None for k in cols]
-
-    gt = pred.frames.get("ground truth")
-    ctx_rows = [Row("context frames", [gt[k] if gt is not None else pred.frames["Re2Pix"][k] for k in ctx_cols]),
-                Row("DINOv2 features\n(PCA 1-3)", feature_cells(ctx_cols))]
-    fut_rows = []
-    if gt is not None and len(gt) == g.clip_frames:
-        label = "ground truth" + ("\n(VAE reconstruction)" if pred.ground_truth == "vae_reconstruction" else "")
-        fut_rows.append(Row(label, [gt[k] for k in fut_cols]))
-    for name in ("Baseline", "Re2Pix"):
-        if name in pred.frames:
-            fut_rows.append(Row(name, [pred.frames[name][k] for k in fut_cols]))
-    fut_rows.append(Row("forecast features\n(Stage 1, PCA 1-3)", feature_cells(fut_cols)))
-    sections = [Section(f"context: frames 0-{g.context_frames - 1}", ctx_rows, CONTEXT_BORDER,
-                        [f"frame {k}" for k in ctx_cols]),
-                Section(f"predicted: frames {g.context_frames}-{g.clip_frames - 1}", fut_rows, PREDICTED_BORDER,
-                        [f"frame {k}" for k in fut_cols])]
-    frame_hw = pred.frames["Re2Pix"].shape[1:3]
-    return make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
-
-
-def video(pred: Prediction, geometry, cell_height: int | None = None) -> np.ndarray:
-    """Panels [25, H, W, 3]: ground truth | Baseline | Re2Pix | features, frame by frame."""
-    from inference.figures import features_to_rgb, frame_panels
-    g, r = geometry, geometry.temporal_downsample
-    m = g.context_latents
-    rgb = features_to_rgb(np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]]))
-    columns = [(name, list(pred.frames[name])) for name in ("ground truth", "Baseline", "Re2Pix")
-               if name in pred.frames]
-    columns.append(("features", [rgb[-(-k // r)] for k in range(g.clip_frames)]))
-    frame_hw = pred.frames["Re2Pix"].shape[1:3]
-    return frame_panels(columns, g.context_frames, cell_hw=_cell_hw(frame_hw, cell_height))
-
-
-def figure_rows(pred: Prediction, geometry) -> list[str]:
-    """The predicted section's rows, top to bottom (a ground truth shorter than a clip has none)."""
-    rows = [k for k, v in pred.frames.items() if k != "ground truth" or len(v) == geometry.clip_frames]
-    return rows + ["forecast features"]
-
-
-def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") -> dict:
-    """PSNR / SSIM per predicted frame against the ground truth (when there is one), or with
-    reference="vae_reconstruction" against the VAE decoding of the stored latents."""
-    from inference.video_metrics import psnr, ssim
-    gt = pred.frames.get("ground truth") if reference == "ground truth" else pred.reconstruction
-    if gt is None or len(gt) < geometry.clip_frames:
-        return {}
-    s = slice(geometry.context_frames, geometry.clip_frames)
-    out = {}
-    for name in ("Baseline", "Re2Pix"):
-        if name in pred.frames:
-            out[name.lower()] = {"psnr": [round(float(v), 4) for v in psnr(pred.frames[name][s], gt[s])],
-                                 "ssim": [round(float(v), 5) for v in ssim(pred.frames[name][s], gt[s])]}
-    return out
-
-
-def reconstruction_scores(pred: Prediction) -> dict:
-    """Mean PSNR / SSIM of the VAE reconstruction against the source frames, context and predicted
-    frames: the most a decoded prediction can reach."""
-    from inference.video_metrics import psnr, ssim
-    if pred.ground_truth != "source_frames" or pred.reconstruction is None:
-        return {}
-    gt, rec = pred.frames["ground truth"], pred.reconstruction
-    return {"psnr": round(float(psnr(rec, gt).mean()), 4), "ssim": round(float(ssim(rec, gt).mean()), 5)}
-
-
-# --------------------------------------------------------------------------- the job
-
-
 def run_predict(cfg: PredictConfig) -> dict:
-    from inference.figures import save_png, write_mp4
     t0 = time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -226,7 +97,6 @@ def run_predict(cfg: PredictConfig) -> dict:
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
-    from inference.encoders import load_dinov2_for, load_vae_for
     vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
     codec = LatentCodec(vae, space.latent_norm)
     if cfg.video:
@@ -240,8 +110,9 @@ def run_predict(cfg: PredictConfig) -> dict:
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name
     out = Path(cfg.out)
-    png = save_png(out / f"{name}.png", figure(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
-    mp4 = write_mp4(out / f"{name}.mp4", video(pred, space.geometry, cfg.cell_height), fps=cfg.fps or clip.fps)
+    png = save_png(out / f"{name}.png", prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
+    mp4 = write_mp4(out / f"{name}.mp4", prediction_video(pred, space.geometry, cfg.cell_height),
+                    fps=cfg.fps or clip.fps)
     summary = {"name": name, "source": clip.source, "png": str(png), "mp4": str(mp4),
                "ground_truth": pred.ground_truth, "rows": ["context"] + figure_rows(pred, space.geometry),
                "frames": {"context": [0, space.geometry.context_frames - 1],

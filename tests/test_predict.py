@@ -88,9 +88,9 @@ def test_prediction_decodes_context_and_future_as_one_sequence(setup):
     from inference.codec import LatentCodec
     from inference.encoders import load_vae_for
     from inference.inputs import open_space, store_clip
+    from inference.prediction import predict_clip
     from inference.sampling import Sampler
     from inference.stages import Models
-    from jobs.predict import predict_clip
     cfg = config(setup)
     space, store = open_space(cfg.store)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
