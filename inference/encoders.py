@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.encoders import EncoderWeightsError
+
+from . import InferenceError
+
 log = logging.getLogger("re2pix.inference")
 
 
@@ -21,14 +25,14 @@ def load_dinov2_for(spec: str | None, manifest: dict | None, geometry, device, a
     enc = load_dinov2(spec or _weights_id(manifest, "dinov2"), input_hw=geometry.dino_input_hw, device=device,
                       allow_download=allow_download)
     if enc.feature_dim != geometry.feature_dim:
-        raise SystemExit(f"DINOv2 {spec} gives {enc.feature_dim}-d features; the data has {geometry.feature_dim}")
+        raise InferenceError(f"DINOv2 {spec} gives {enc.feature_dim}-d features; the data has {geometry.feature_dim}")
     return _checked(enc, manifest, "dinov2", allow_mismatch)
 
 
 def _weights_id(manifest: dict | None, name: str) -> str:
     wid = ((manifest or {}).get("encoders", {}).get(name) or {}).get("weights_id")
     if not wid:
-        raise SystemExit(f"no --{name} given and no store records which {name} made it")
+        raise InferenceError(f"no --{name} given and no store records which {name} made it")
     return wid
 
 
@@ -38,6 +42,6 @@ def _checked(encoder, manifest: dict | None, name: str, allow_mismatch: bool):
         msg = (f"the {name} weights loaded ({encoder.weights_id}, sha256 {encoder.describe()['sha256'][:12]}) are "
                f"not the ones the store was made with (sha256 {want[:12]})")
         if not allow_mismatch:
-            raise SystemExit(msg + ": pass the same weights, or --allow-weights-mismatch")
+            raise EncoderWeightsError(msg + ": pass the same weights, or --allow-weights-mismatch")
         log.warning("%s", msg)
     return encoder

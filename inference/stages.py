@@ -15,6 +15,8 @@ import torch
 
 from model.checkpoint import CheckpointError, load_verified
 
+from . import InferenceError
+
 log = logging.getLogger("re2pix.inference")
 
 
@@ -80,15 +82,15 @@ class Models:
     def check(self, geometry, channels: int) -> None:
         s1, s2 = self.stage1.model.config, self.stage2.model.cfg
         if tuple(s1.feature_hw) != tuple(geometry.feature_hw) or s1.context_frames != geometry.context_latents:
-            raise SystemExit(f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data has "
-                             f"{geometry.context_latents} of {tuple(geometry.feature_hw)}")
+            raise InferenceError(f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data "
+                                 f"has {geometry.context_latents} of {tuple(geometry.feature_hw)}")
         if max(s1.num_pca_channels, s2.feature_channels) > channels:
-            raise SystemExit(f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; "
-                             f"the data has {channels}")
+            raise InferenceError(f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; "
+                                 f"the data has {channels}")
         for m in [self.stage2] + ([self.baseline] if self.baseline else []):
             if m.model.cfg.latent_channels != geometry.latent_channels:
-                raise SystemExit(f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the data "
-                                 f"{geometry.latent_channels}")
+                raise InferenceError(f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the "
+                                     f"data {geometry.latent_channels}")
 
     def describe(self) -> dict:
         out = {"stage1": self.stage1.describe(), "stage2": self.stage2.describe()}

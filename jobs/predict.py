@@ -50,6 +50,7 @@ from inference.inputs import open_space, store_clip, video_clip
 from inference.prediction import frame_scores, predict_clip, reconstruction_scores
 from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
+from jobs.cli import run
 from jobs.config import parse_config
 
 log = logging.getLogger("re2pix.predict")
@@ -131,13 +132,7 @@ def run_predict(cfg: PredictConfig) -> dict:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg, _ = parse_config(PredictConfig, "predict", argv, description=__doc__)
-    from pipeline.encoders import EncoderWeightsError
-    from pipeline.store.format import StoreError
-    try:
-        summary = run_predict(cfg)
-    except (StoreError, EncoderWeightsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = run_predict(cfg)
     for name, s in summary["scores"].items():
         print(f"{name:9s} PSNR {np.mean(s['psnr']):.2f} dB  SSIM {np.mean(s['ssim']):.4f}  "
               f"(frames {summary['frames']['predicted'][0]}-{summary['frames']['predicted'][1]} vs "
@@ -151,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

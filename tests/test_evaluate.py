@@ -47,11 +47,11 @@ def test_dpt_head_shapes_and_checkpoint_round_trip(tmp_path):
     path = save_head(tmp_path / "seg.safetensors", head)
     again = load_head(path, task="segmentation")
     assert torch.equal(again(blocks), logits)
-    with pytest.raises(ValueError, match="not a depth"):
+    with pytest.raises(InferenceError, match="not a depth"):
         load_head(path, task="depth")
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a re2pix DPT head"):
+    with pytest.raises(InferenceError, match="not a re2pix DPT head"):
         load_head(tmp_path / "other.safetensors")
 
 

@@ -192,6 +192,17 @@ def test_refusals(setup, tmp_path):
         run_predict(config(setup, clip_id="nope"))
 
 
+def test_command_line_error_is_one_line_and_status_1(setup, capsys):
+    from jobs.cli import run
+    from jobs.predict import main
+    cfg = config(setup)
+    argv = ["--store", cfg.store, "--clip-id", "nope", "--stage1", cfg.stage1, "--stage2", cfg.stage2,
+            "--baseline", "", "--steps", "2", "--out", cfg.out]
+    assert run(main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no clip 'nope'" in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path, monkeypatch):
     import store_factory
 
