@@ -1,6 +1,5 @@
 """Stage 2 DiT: sizes, RoPE, early fusion, Baseline behaviour."""
 
-
 import pytest
 import torch
 
