@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(PY) -m ruff check pipeline model jobs tests
+	$(PY) -m ruff check pipeline model inference jobs tests
 
 cache: install
 	$(PY) -m jobs.cache --preset $(PRESET) --dataset $(DATASET) --split $(SPLIT) --out $(STORE) \

@@ -48,17 +48,6 @@ class RolloutConfig:
     storage_options: dict = field(default_factory=dict)
 
 
-def load_stage1(checkpoint: str, weights: str = "auto", device="cpu"):
-    """(model in eval mode, fingerprint of the loaded weights, checkpoint folder)."""
-    from model.checkpoint import load_verified
-    from model.tasks import Stage1DiffusionTask, Stage1Task
-    ckpt, meta, state, fingerprint = load_verified(checkpoint, ("stage1", "stage1_diffusion"), weights)
-    task = Stage1DiffusionTask if meta["task"] == "stage1_diffusion" else Stage1Task  # the diffusion one samples
-    model = task.from_config(meta["model_config"]).build_model()
-    model.load_state_dict(state)
-    return model.to(device).eval(), fingerprint, ckpt
-
-
 def _marker_dir(root: str, fingerprint: str) -> str:
     return f"{root}/progress/rollout-{fingerprint[:16]}"
 
@@ -142,14 +131,16 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
 
 
 def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
+    from inference.stages import load_model
     from model.loop import init_runtime
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     runtime = runtime or init_runtime(cfg.device)
-    model, fingerprint, ckpt = load_stage1(cfg.checkpoint, cfg.weights, runtime.device)
+    stage1 = load_model(cfg.checkpoint, ("stage1", "stage1_diffusion"), cfg.weights, runtime.device)
     if runtime.is_main:
-        log.info("rollout of %s (weights %s)", ckpt, fingerprint[:12])
-    return [rollout_store(model, fingerprint, s.strip(), cfg, runtime) for s in cfg.store.split(",") if s.strip()]
+        log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
+    return [rollout_store(stage1.model, stage1.fingerprint, s.strip(), cfg, runtime)
+            for s in cfg.store.split(",") if s.strip()]
 
 
 def main(argv=None) -> int:

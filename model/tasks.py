@@ -31,13 +31,6 @@ class Stage1Task:
         self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
 
-    @classmethod
-    def from_config(cls, config: dict) -> Stage1Task:
-        task = cls.__new__(cls)
-        task.config = stage1.Stage1Config(**config)
-        task.future = None
-        return task
-
     def build_model(self) -> stage1.MaskedFeatureTransformer:
         return stage1.MaskedFeatureTransformer(self.config)
 
@@ -80,13 +73,6 @@ class Stage1DiffusionTask(Stage1Task):
                 "context_frames": geometry.context_latents}
         self.config = _preset(stage1_diffusion.DiffusionStage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
-
-    @classmethod
-    def from_config(cls, config: dict) -> Stage1DiffusionTask:
-        task = cls.__new__(cls)
-        task.config = stage1_diffusion.DiffusionStage1Config.from_dict(config)
-        task.future = None
-        return task
 
     def build_model(self) -> stage1_diffusion.FeatureDiffusion:
         return stage1_diffusion.FeatureDiffusion(self.config)

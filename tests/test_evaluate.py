@@ -10,7 +10,8 @@ from PIL import Image
 from store_factory import make_store
 from test_predict import write_runs
 
-from model.dpt import (
+from inference import InferenceError
+from inference.dpt import (
     MOVING_CLASSES,
     DPTConfig,
     DPTHead,
@@ -46,11 +47,11 @@ def test_dpt_head_shapes_and_checkpoint_round_trip(tmp_path):
     path = save_head(tmp_path / "seg.safetensors", head)
     again = load_head(path, task="segmentation")
     assert torch.equal(again(blocks), logits)
-    with pytest.raises(ValueError, match="not a depth"):
+    with pytest.raises(InferenceError, match="not a depth"):
         load_head(path, task="depth")
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a re2pix DPT head"):
+    with pytest.raises(InferenceError, match="not a re2pix DPT head"):
         load_head(tmp_path / "other.safetensors")
 
 
@@ -132,7 +133,8 @@ def config(setup, **kw):
 
 
 def test_evaluation_json_schema_and_mean_std_over_runs(setup):
-    from jobs.evaluate import format_table, run_evaluate
+    from inference.evaluation import format_table
+    from jobs.evaluate import run_evaluate
     root, _ = setup
     r = run_evaluate(config(setup, seg_head=str(root / "seg.safetensors"), labels=str(root / "labels"),
                             depth_head=str(root / "depth.safetensors"), depth_labels=str(root / "depth"),
@@ -169,11 +171,11 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
 
 def test_refuses_fid_and_fvd_without_weights(setup):
     from jobs.evaluate import main, run_evaluate
-    with pytest.raises(SystemExit, match="--fid-weights"):
+    with pytest.raises(InferenceError, match="--fid-weights"):
         run_evaluate(config(setup, fid=True))
-    with pytest.raises(SystemExit, match="--fvd-weights"):
+    with pytest.raises(InferenceError, match="--fvd-weights"):
         run_evaluate(config(setup, fvd=True))
-    with pytest.raises(SystemExit, match="--fid-weights"):
+    with pytest.raises(InferenceError, match="--fid-weights"):
         main(["--store", config(setup).store, "--fid"])
 
 
@@ -192,15 +194,17 @@ def test_skips_are_explained_and_results_do_not_depend_on_batch_size(setup, tmp_
 
 
 def test_cityscapes_labels_come_from_gtfine_of_the_annotated_frame(tmp_path):
-    from jobs.evaluate import EvaluateConfig, Labels
+    from inference.labels import Labels
+    from jobs.evaluate import EvaluateConfig
     city = tmp_path / "gtFine" / "val" / "frankfurt"
     city.mkdir(parents=True)
     ids = np.array([[7, 26, 24], [0, 33, 23]], np.uint8)  # road, car, person | unlabeled, bicycle, sky
     # snippet frames 100..129: the clip starts at snippet frame 3 (103); clip frame 16 is frame 119
     Image.fromarray(ids).save(city / "frankfurt_000001_000119_gtFine_labelIds.png")
-    labels = Labels(EvaluateConfig(), {"dataset": "cityscapes", "split": "val", "source_root": str(tmp_path)})
+    labels = Labels({"dataset": "cityscapes", "split": "val", "source_root": str(tmp_path)},
+                    EvaluateConfig().annotated_frame)
     assert labels.has_seg and not labels.has_depth
     got = labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 3})
     assert got.tolist() == [[0, 13, 11], [255, 18, 10]]
     assert labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 4}) is None  # not annotated
-    assert not Labels(EvaluateConfig(), {"dataset": "synthetic"}).has_seg
+    assert not Labels({"dataset": "synthetic"}, EvaluateConfig().annotated_frame).has_seg

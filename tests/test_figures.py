@@ -4,7 +4,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.figures import (
+from inference.figures import (
     CONTEXT_BORDER,
     PREDICTED_BORDER,
     GridLayout,

@@ -10,10 +10,13 @@ import torch
 from PIL import Image
 from store_factory import make_store
 
-from model.checkpoint import save_checkpoint
+from inference import InferenceError
+from inference.figures import GridLayout, GridStyle, write_mp4
+from model.checkpoint import CheckpointError, save_checkpoint
 from model.stage1 import MaskedFeatureTransformer, Stage1Config
 from model.stage2 import DiTConfig, Re2PixDiT
-from pipeline.figures import GridLayout, GridStyle, write_mp4
+from pipeline.sources import SourceError
+from pipeline.store.format import StoreError
 from pipeline.store.geometry import TINY
 
 
@@ -82,9 +85,14 @@ def test_predict_store_clip_writes_grid_video_and_summary(setup):
 
 
 def test_prediction_decodes_context_and_future_as_one_sequence(setup):
-    from jobs.predict import LatentCodec, Models, Sampler, load_vae_for, open_space, predict_clip, store_clip
+    from inference.codec import LatentCodec
+    from inference.encoders import load_vae_for
+    from inference.inputs import open_space, store_clip
+    from inference.prediction import predict_clip
+    from inference.sampling import Sampler
+    from inference.stages import Models
     cfg = config(setup)
-    space, store = open_space(cfg)
+    space, store = open_space(cfg.store)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
     codec = LatentCodec(load_vae_for(None, space.manifest, space.geometry, "cpu"), space.latent_norm)
     clip = store_clip(store, 0)
@@ -133,11 +141,13 @@ def test_predict_from_video_file_encodes_here(setup, tmp_path):
 
 
 def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
-    from jobs.predict import LatentCodec, load_dinov2_for, load_vae_for, open_space, video_clip
+    from inference.codec import LatentCodec
+    from inference.encoders import load_dinov2_for, load_vae_for
+    from inference.inputs import open_space, video_clip
     from pipeline.frames import resize_frames
     write_mp4(tmp_path / "v.mp4", _moving_frames(25), fps=10)
     cfg = config(setup, video=str(tmp_path / "v.mp4"))
-    space, _ = open_space(cfg)
+    space, _ = open_space(cfg.store, video=True)
     vae = load_vae_for(None, space.manifest, space.geometry, "cpu")
     dino = load_dinov2_for(None, space.manifest, space.geometry, "cpu")
     clip = video_clip(cfg.video, space, dino, LatentCodec(vae, space.latent_norm))
@@ -172,20 +182,32 @@ def test_refusals(setup, tmp_path):
     folder.mkdir()
     for k, f in enumerate(_moving_frames(9)):
         Image.fromarray(f).save(folder / f"{k:03d}.png")
-    with pytest.raises(SystemExit, match="at least 13"):
+    with pytest.raises(SourceError, match="at least 13"):
         run_predict(config(setup, video=str(folder)))
-    with pytest.raises(SystemExit, match="--pca"):
+    with pytest.raises(InferenceError, match="--pca"):
         run_predict(config(setup, store=None, video=str(folder)))
-    with pytest.raises(SystemExit, match="expected stage2"):
+    with pytest.raises(CheckpointError, match="expected stage2"):
         run_predict(config(setup, stage2=setup[1]["baseline"]))
-    with pytest.raises(SystemExit, match="no clip"):
+    with pytest.raises(StoreError, match="no clip"):
         run_predict(config(setup, clip_id="nope"))
+
+
+def test_command_line_error_is_one_line_and_status_1(setup, capsys):
+    from jobs.cli import run
+    from jobs.predict import main
+    cfg = config(setup)
+    argv = ["--store", cfg.store, "--clip-id", "nope", "--stage1", cfg.stage1, "--stage2", cfg.stage2,
+            "--baseline", "", "--steps", "2", "--out", cfg.out]
+    assert run(main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no clip 'nope'" in err[-1] and "Traceback" not in "".join(err)
 
 
 def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path, monkeypatch):
     import store_factory
 
-    from jobs.predict import run_predict, store_clip
+    from inference.inputs import store_clip
+    from jobs.predict import run_predict
     from pipeline.frames import resize_frames
     from pipeline.sources import get_source
     from pipeline.store.reader import Store

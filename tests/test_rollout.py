@@ -9,8 +9,8 @@ import torch
 from store_factory import make_store
 
 import pipeline.store.location
+from inference.stages import load_model
 from jobs.cli import run
-from jobs.rollout import load_stage1
 from jobs.rollout import main as rollout_main
 from jobs.train import main as train_main
 from jobs.train import parse as train_parse
@@ -76,7 +76,8 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
     assert written == [8]  # 12 rows in chunks of 4: the first chunk was recorded before the kill
 
     store = Store(store_path)
-    model, fingerprint, _ = load_stage1(str(ckpt))
+    stage1 = load_model(str(ckpt), ("stage1",))
+    model, fingerprint = stage1.model, stage1.fingerprint
     assert store.has_pred_features and store.pred_features_fingerprint == fingerprint
     assert fingerprint == read_meta(latest_checkpoint(ckpt))["fingerprint"]
     g = store.geometry
@@ -102,7 +103,7 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
     written.clear()
     _rollout(store_path, other, "--overwrite")
     assert written == [12]
-    assert Store(store_path).pred_features_fingerprint == load_stage1(str(other))[1]
+    assert Store(store_path).pred_features_fingerprint == load_model(str(other), ("stage1",)).fingerprint
 
 
 def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):

@@ -1,17 +1,12 @@
 """Stage 1 masked feature transformer: shapes, masking, size, rollout, batching, and that it learns."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.stage1 import MaskedFeatureTransformer, Stage1Config, loss, rollout, stage1_batch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _randomize_output(model: MaskedFeatureTransformer, seed: int = 0) -> MaskedFeatureTransformer:
@@ -287,12 +282,3 @@ def test_tiny_model_overfits_translating_clips():
         assert mse_rollout < mse_rollout_copy
     finally:
         torch.set_num_threads(threads)
-
-
-def test_stage1_imports_no_heavy_modules():
-    code = (
-        "import sys, model.stage1\n"
-        "bad = [m for m in ('transformers', 'diffusers', 'ray', 'pipeline.encoders') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

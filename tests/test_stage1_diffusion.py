@@ -9,7 +9,7 @@ import pytest
 import torch
 from store_factory import make_store
 
-from jobs.rollout import load_stage1
+from inference.stages import load_model
 from jobs.rollout import main as rollout_main
 from jobs.train import main as train_main
 from model import diffusion
@@ -113,7 +113,8 @@ def test_trainer_trains_it_and_the_rollout_job_writes_sampled_features(store, tm
     assert {"loss", "mse", "cos", "t4/mse", "copy_last/mse"} <= set(evals[-1])
     assert rollout_main(["--checkpoint", str(tmp_path / "stage1"), "--store", store, "--no-progress",
                          "--batch-size", "4"]) == 0
-    model, fingerprint, _ = load_stage1(str(tmp_path / "stage1"))
+    loaded = load_model(str(tmp_path / "stage1"), ("stage1_diffusion",))
+    model, fingerprint = loaded.model, loaded.fingerprint
     assert isinstance(model, FeatureDiffusion)
     s = Store(store)
     assert s.has_pred_features and s.pred_features_fingerprint == fingerprint

@@ -1,9 +1,5 @@
 """Stage 2 DiT: sizes, RoPE, early fusion, Baseline behaviour."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,7 +14,6 @@ from model.stage2 import (
     rope_split,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER_BASELINE_PARAMS = 782e6
 
 
@@ -167,14 +162,6 @@ def test_context_mask_and_noise_level_condition_the_output():
     other[:, 6] = 0.9
     assert (model(x, other, mask, features) - out).abs().max() > 1e-3
 
-
-def test_model_modules_stay_light():
-    code = (
-        "import sys, model.stage2, model.diffusion\n"
-        "bad = [m for m in ('transformers', 'diffusers', 'ray', 'pipeline.encoders') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 PAPER_BASELINE_LARGE_PARAMS = 1.5e9  # paper table 1: "Baseline-Large (1.5B)"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from store_factory import make_store
 
+from inference.stages import load_model
 from jobs.train import main as train_main
 from model.checkpoint import latest_checkpoint, load_state, load_weights, read_meta, weights_fingerprint
 from model.loop import LoopConfig, lr_factor, read_metrics
@@ -88,8 +89,7 @@ def test_checkpoints_are_safetensors_plus_a_weights_only_state(store, tmp_path):
     state = load_state(ckpt)  # torch.load(weights_only=True)
     assert state["step"] == 4 and state["optimizer"]["state"] and state["data"]["epoch"] >= 1
     # the model rebuilds from meta.json alone
-    model = Stage1Task.from_config(meta["model_config"]).build_model()
-    model.load_state_dict(load_weights(ckpt, "model"))
+    assert load_model(ckpt, ("stage1",), weights="model").fingerprint == meta["model_fingerprint"]
     # a resumed finished run only re-reports
     train_main(_args(store, tmp_path, "--workers", "0", "--steps", "4", "--resume"))
     assert len([r for r in read_metrics(run) if r["kind"] == "train"]) == 4

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.video_metrics import (
+from inference import InferenceError
+from inference.video_metrics import (
     FIDInceptionV3,
     frechet_distance,
     gaussian_stats,
@@ -125,9 +126,9 @@ def test_fid_inception_loads_its_state_dict_and_gives_2048_features(tmp_path):
     feats = fid_net(frames(5, (2, 40, 60, 3)))
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64 and torch.isfinite(feats).all()
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not pytorch-fid"):
+    with pytest.raises(InferenceError, match="not pytorch-fid"):
         load_fid_network(tmp_path / "other.pth")
-    with pytest.raises(FileNotFoundError, match="--fid-weights"):
+    with pytest.raises(InferenceError, match="--fid-weights"):
         load_fid_network(tmp_path / "missing.pth")
 
 
@@ -149,5 +150,5 @@ def test_fvd_network_is_torchscript_with_i3d_convention(tmp_path):
     assert torch.allclose(feats[0], torch.tensor([-1.0, -1, -1, -1], dtype=torch.float64))  # [-1, 1] input
     assert torch.allclose(feats[1], torch.ones(4, dtype=torch.float64))
     torch.save({"a": torch.zeros(1)}, tmp_path / "state.pth")
-    with pytest.raises(ValueError, match="TorchScript"):
+    with pytest.raises(InferenceError, match="TorchScript"):
         load_fvd_network(tmp_path / "state.pth")

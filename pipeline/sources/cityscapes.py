@@ -8,6 +8,9 @@ documentation says 17 Hz, which we keep.
 Evaluation (split "val", `eval_clip=True` by default there): one clip per snippet, snippet frames
 3-27 (13 context frames 3-15, 12 predicted frames 16-27; the annotated snippet frame 19 is clip
 frame 16). Elsewhere windows slide.
+
+Annotations (the semantic evaluation): `{root}/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png`,
+or `..._labelIds.png` mapped to trainIds with `TRAIN_IDS`.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .base import FrameRef, Source, SourceError
 from .common import read_rgb
 
 _NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 EVAL_START, EVAL_LENGTH = 3, 25  # snippet frames 3..27
+# labelIds -> trainIds (cityscapesscripts' labels.py); every other labelId is 255 (ignored)
+TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
 class CityscapesSource(Source):
@@ -99,3 +107,24 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError as e:
         raise SourceError(f"{path}: cannot list the folder ({e.strerror or e})") from None
+
+
+def gtfine_root(root, split: str) -> Path | None:
+    """`{root}/gtFine/{split}` when the dataset root holds the fine annotations, else None."""
+    folder = Path(root) / "gtFine" / str(split)
+    return folder if folder.is_dir() else None
+
+
+def gtfine_train_ids(gtfine, scene: str, frame: int) -> np.ndarray | None:
+    """The trainIds [H, W] uint8 of snippet frame `frame` (counted from the first frame of `scene`, a
+    `{city}_{seq}_{first frame:06d}` snippet) under a `gtfine_root`; None when that frame has no annotation."""
+    city, seq, first = scene.rsplit("_", 2)
+    stem = Path(gtfine) / city / f"{city}_{seq}_{int(first) + frame:06d}_gtFine_"
+    if Path(f"{stem}labelTrainIds.png").exists():
+        return np.asarray(Image.open(f"{stem}labelTrainIds.png"))
+    if Path(f"{stem}labelIds.png").exists():
+        table = np.full(256, 255, np.uint8)
+        for label_id, train_id in TRAIN_IDS.items():
+            table[label_id] = train_id
+        return table[np.asarray(Image.open(f"{stem}labelIds.png"))]
+    return None

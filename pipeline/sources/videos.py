@@ -2,7 +2,9 @@
 
 Layout: `root/<split>/` if that folder exists, else `root/` itself. Each video file directly in it
 (`.mp4 .mov .mkv .avi`) is a scene named by its stem; each sub-folder holding images (`.png .jpg
-.jpeg`, in natural name order: `f2` before `f10`) is a scene named by the folder.
+.jpeg`, in natural name order: `f2` before `f10`) is a scene named by the folder. A root that is one
+video file, or one folder of images with no scenes in it, is a source of that one scene (how
+`jobs.predict --video` reads its input).
 
 Video frames are listed by demuxing (no decoding): presentation timestamps are the packets' pts
 (`pts * time_base` seconds), sorted, from the first keyframe on. Reading decodes sequentially: each
@@ -35,6 +37,10 @@ _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
 def _natural(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)], path.name
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural)
 
 
 def _rate(stream) -> float | None:
@@ -114,21 +120,26 @@ class VideoFolderSource(Source):
 
     def __init__(self, root, split="train", fps=None, extensions=(".mp4", ".mov", ".mkv", ".avi"),
                  buffer_frames=32):
-        if root is None or not Path(root).is_dir():
+        if root is None or not Path(root).exists():
             raise SourceError(f"videos: root folder {root!r} does not exist")
         self.root, self.split, self.buffer_frames = str(root), split, max(int(buffer_frames), 1)
-        folder = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
         exts = tuple(e.lower() for e in extensions)
         self._scenes: dict[str, tuple[str, object]] = {}  # name -> ("video", path) | ("images", [paths])
-        for entry in sorted(folder.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_file() and entry.suffix.lower() in exts:
-                self._add(entry.stem, ("video", entry))
-            elif entry.is_dir():
-                images = [p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-                if images:
-                    self._add(entry.name, ("images", sorted(images, key=_natural)))
+        if Path(root).is_file():  # one video file: a source of that one scene
+            if Path(root).suffix.lower() not in exts:
+                raise SourceError(f"videos: {root} is not a video file ({' '.join(exts)})")
+            self._add(Path(root).stem, ("video", Path(root)))
+        else:
+            folder = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
+            for entry in sorted(folder.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_file() and entry.suffix.lower() in exts:
+                    self._add(entry.stem, ("video", entry))
+                elif entry.is_dir() and (images := _images(entry)):
+                    self._add(entry.name, ("images", images))
+            if not self._scenes and (images := _images(folder)):  # one folder of frames: that one scene
+                self._add(folder.name, ("images", images))
         self._image_fps = float(fps) if fps else DEFAULT_FPS
         self.fps = self._image_fps
         if not fps:  # the first readable video's rate (an unreadable one fails later, in frames())

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import InferenceError
+
 __all__ = [
     "MOVING_CLASSES",
     "DPTConfig",
@@ -195,19 +197,19 @@ def load_head(path, device="cpu", task: str | None = None) -> DPTHead:
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DPT head {path}: no such file")
+        raise InferenceError(f"DPT head {path}: no such file")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a re2pix DPT head (safetensors metadata needs format={FORMAT!r} and a "
-                         "config; write heads with model.dpt.save_head)")
+        raise InferenceError(f"{path} is not a re2pix DPT head (safetensors metadata needs format={FORMAT!r} and a "
+                         "config; write heads with inference.dpt.save_head)")
     values = json.loads(meta["config"])
     unknown = set(values) - {f.name for f in fields(DPTConfig)}
     if unknown:
-        raise ValueError(f"{path}: unknown DPT config fields {sorted(unknown)}")
+        raise InferenceError(f"{path}: unknown DPT config fields {sorted(unknown)}")
     head = DPTHead(DPTConfig(**values))
     if task is not None and head.cfg.task != task:
-        raise ValueError(f"{path} is a {head.cfg.task} head, not a {task} one")
+        raise InferenceError(f"{path} is a {head.cfg.task} head, not a {task} one")
     head.load_state_dict(load_file(str(path)))
     return head.to(device).eval()
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import InferenceError
+
 __all__ = [
     "FIDInceptionV3",
     "FeatureNet",
@@ -351,7 +353,7 @@ def load_fid_network(path, device="cpu") -> FeatureNet:
     """The FID Inception from a user-given file (module docstring); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--fid-weights {path}: no such file")
+        raise InferenceError(f"--fid-weights {path}: no such file")
     if _is_torchscript(path):
         return FeatureNet(torch.jit.load(str(path), map_location=device).eval(), "fid", "torchscript", path, device)
     if path.suffix == ".safetensors":
@@ -361,14 +363,14 @@ def load_fid_network(path, device="cpu") -> FeatureNet:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"--fid-weights {path}: neither TorchScript nor a tensor state dict ({e})") from e
+            raise InferenceError(f"--fid-weights {path}: neither TorchScript nor a tensor state dict ({e})") from e
     if not isinstance(state, dict):
-        raise TypeError(f"--fid-weights {path}: expected a state dict of tensors, got {type(state).__name__}")
+        raise InferenceError(f"--fid-weights {path}: expected a state dict of tensors, got {type(state).__name__}")
     net = FIDInceptionV3()
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"--fid-weights {path} is not pytorch-fid's Inception-v3: missing {missing[:3]}, "
+        raise InferenceError(f"--fid-weights {path} is not pytorch-fid's Inception-v3: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return FeatureNet(net.to(device).eval(), "fid", "inception", path, device)
 
@@ -377,9 +379,9 @@ def load_fvd_network(path, device="cpu") -> FeatureNet:
     """The FVD I3D: a TorchScript file (StyleGAN-V's i3d_torchscript.pt convention)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--fvd-weights {path}: no such file")
+        raise InferenceError(f"--fvd-weights {path}: no such file")
     if not _is_torchscript(path):
-        raise ValueError(f"--fvd-weights {path} is not a TorchScript file: FVD takes the I3D as TorchScript "
+        raise InferenceError(f"--fvd-weights {path} is not a TorchScript file: FVD takes the I3D as TorchScript "
                          "(e.g. StyleGAN-V's i3d_torchscript.pt)")
     return FeatureNet(torch.jit.load(str(path), map_location=device).eval(), "fvd", "torchscript", path, device,
                       batch=4)

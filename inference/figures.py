@@ -1,4 +1,5 @@
-"""Figures of predictions: a labelled PNG grid in the paper's style (appendix 7) and an mp4 writer.
+"""Figures of predictions: a labelled PNG grid in the paper's style (appendix 7), an mp4 writer, and
+the grid and the side-by-side video of one prediction (`prediction_grid`, `prediction_video`).
 
 A grid is a stack of sections (e.g. "context", bordered green, and "predicted", bordered blue); a
 section is a title band followed by rows; a row is a text label followed by cells (frames, or None
@@ -20,9 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from . import InferenceError
+
+if TYPE_CHECKING:
+    from .prediction import Prediction
 
 CONTEXT_BORDER = (46, 170, 70)  # green: context frames (paper appendix 7)
 PREDICTED_BORDER = (40, 96, 220)  # blue: predicted frames
@@ -225,3 +232,66 @@ def write_mp4(path, frames: np.ndarray, fps: float = 10.0, crf: int = 18) -> Pat
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# --------------------------------------------------------------------------- a prediction
+
+
+def _cell_hw(frame_hw, cell_height):
+    if not cell_height:
+        return tuple(frame_hw)
+    return int(cell_height), max(1, round(frame_hw[1] * cell_height / frame_hw[0]))
+
+
+def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", cell_height: int | None = None):
+    """The paper's figure as uint8 [H, W, 3]: context frames and their DINOv2 features bordered green,
+    then ground truth, Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB
+    of their first three PCA components, on one colour scale for the whole clip."""
+    if grid_frames not in ("features", "all"):
+        raise InferenceError(f"--grid-frames must be 'features' or 'all', got {grid_frames!r}")
+    g, r = geometry, geometry.temporal_downsample
+    m = g.context_latents
+    feats = np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]])  # [7, H, W, 3]
+    rgb = features_to_rgb(feats)  # one colour scale for the whole clip
+    step = r if grid_frames == "features" else 1
+    ctx_cols = list(range(0, g.context_frames, step))
+    fut_cols = [k for k in range(g.context_frames, g.clip_frames) if grid_frames == "all" or k % r == 0]
+
+    def feature_cells(cols):
+        return [rgb[k // r] if k % r == 0 else None for k in cols]
+
+    gt = pred.frames.get("ground truth")
+    ctx_rows = [Row("context frames", [gt[k] if gt is not None else pred.frames["Re2Pix"][k] for k in ctx_cols]),
+                Row("DINOv2 features\n(PCA 1-3)", feature_cells(ctx_cols))]
+    fut_rows = []
+    if gt is not None and len(gt) == g.clip_frames:
+        label = "ground truth" + ("\n(VAE reconstruction)" if pred.ground_truth == "vae_reconstruction" else "")
+        fut_rows.append(Row(label, [gt[k] for k in fut_cols]))
+    for name in ("Baseline", "Re2Pix"):
+        if name in pred.frames:
+            fut_rows.append(Row(name, [pred.frames[name][k] for k in fut_cols]))
+    fut_rows.append(Row("forecast features\n(Stage 1, PCA 1-3)", feature_cells(fut_cols)))
+    sections = [Section(f"context: frames 0-{g.context_frames - 1}", ctx_rows, CONTEXT_BORDER,
+                        [f"frame {k}" for k in ctx_cols]),
+                Section(f"predicted: frames {g.context_frames}-{g.clip_frames - 1}", fut_rows, PREDICTED_BORDER,
+                        [f"frame {k}" for k in fut_cols])]
+    frame_hw = pred.frames["Re2Pix"].shape[1:3]
+    return make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
+
+
+def prediction_video(pred: Prediction, geometry, cell_height: int | None = None) -> np.ndarray:
+    """Panels [25, H, W, 3]: ground truth | Baseline | Re2Pix | features, frame by frame."""
+    g, r = geometry, geometry.temporal_downsample
+    m = g.context_latents
+    rgb = features_to_rgb(np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]]))
+    columns = [(name, list(pred.frames[name])) for name in ("ground truth", "Baseline", "Re2Pix")
+               if name in pred.frames]
+    columns.append(("features", [rgb[-(-k // r)] for k in range(g.clip_frames)]))
+    frame_hw = pred.frames["Re2Pix"].shape[1:3]
+    return frame_panels(columns, g.context_frames, cell_hw=_cell_hw(frame_hw, cell_height))
+
+
+def figure_rows(pred: Prediction, geometry) -> list[str]:
+    """The predicted section's rows, top to bottom (a ground truth shorter than a clip has none)."""
+    rows = [k for k, v in pred.frames.items() if k != "ground truth" or len(v) == geometry.clip_frames]
+    return rows + ["forecast features"]

@@ -1,0 +1,185 @@
+"""Evaluating Re2Pix and the Baseline on the clips of a store (what jobs/evaluate.py runs; its docstring
+names every metric and the JSON schema).
+
+For each batch of clips: Stage 1 rolls out the future features once (it is deterministic), then each
+of `samples` sampling runs draws Re2Pix and the Baseline from the same per-clip noise and the VAE
+decodes them. The pixel reference is the VAE reconstruction of the stored latents.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .sampling import Sampler, clip_noise, forecast_features, sample_models, stage2_features
+from .semantic import Semantic
+from .stages import Models
+
+
+class Acc:
+    """Sums of one model in one sampling run."""
+
+    def __init__(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.confusion = None
+        self.depth = defaultdict(float)
+        self.fid, self.fvd = [], []
+
+    def add(self, key: str, values) -> None:
+        v = torch.as_tensor(values).double().reshape(-1)
+        self.sums[key] += float(v.sum())
+        self.counts[key] += v.numel()
+
+    def add_confusion(self, c: torch.Tensor) -> None:
+        self.confusion = c if self.confusion is None else self.confusion + c
+
+    def values(self, fid_ref=None, fvd_ref=None) -> dict[str, float]:
+        from .dpt import MOVING_CLASSES, miou
+        from .video_metrics import frechet_distance, gaussian_stats
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        if self.confusion is not None:
+            out["seg/miou_all"] = miou(self.confusion)
+            out["seg/miou_moving"] = miou(self.confusion, MOVING_CLASSES)
+        if self.depth.get("count"):
+            out["depth/absrel"] = self.depth["absrel_sum"] / self.depth["count"]
+            out["depth/delta1"] = self.depth["delta1_sum"] / self.depth["count"]
+        if self.fid and fid_ref is not None:
+            out["fid"] = frechet_distance(*fid_ref, *gaussian_stats(torch.cat(self.fid)))
+        if self.fvd and fvd_ref is not None:
+            out["fvd"] = frechet_distance(*fvd_ref, *gaussian_stats(torch.cat(self.fvd)))
+        return out
+
+
+def summarize(runs: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for one run) across sampling runs, and every run."""
+    a = np.asarray(runs, np.float64)
+    std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return {"mean": finite(a.mean()), "std": finite(std), "runs": [finite(v) for v in a]}
+
+
+def finite(v):
+    """A JSON number: a value that is not finite (PSNR of identical frames) becomes None."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Semantic, *, clips: int,
+                   samples: int, seed: int, batch_size: int, device, fid_net=None, fvd_net=None,
+                   ssim_channels: str = "rgb", progress: bool = True) -> dict:
+    """The metrics of the first `clips` clips: {"clip_ids", "stage1", "models": {name: {metric: summary}},
+    "reference_metrics", "missing_labels": {head: clip ids}}. `codec` None: no decoding (feature and
+    latent metrics only)."""
+    from tqdm.auto import tqdm
+
+    from model.metrics import Means, feature_metrics
+
+    from .video_metrics import gaussian_stats, psnr, ssim
+
+    g = store.geometry
+    m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
+    names = ["re2pix"] + (["baseline"] if models.baseline else [])
+    c_read = max(models.stage1.model.config.num_pca_channels, models.stage2.model.cfg.feature_channels)
+    accs = {name: [Acc() for _ in range(samples)] for name in names}
+    stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
+    ref_fid, ref_fvd, clip_ids = [], [], []
+    bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)
+    for start in range(0, clips, batch_size):
+        idx = list(range(start, min(clips, start + batch_size)))
+        arrays = [store.read_clip(i, channels=c_read) for i in idx]
+        ids = [c.clip_id for c in arrays]
+        metas = [store.clip_meta(i) for i in idx]
+        clip_ids += ids
+        feats = torch.from_numpy(np.stack([c.features for c in arrays])).float().to(device)  # [B, 7, H, W, c]
+        latents = torch.from_numpy(np.stack([c.latents for c in arrays])).float().to(device)  # [B, 16, 7, h, w]
+        forecast = forecast_features(models, feats[:, :m], fut)  # [B, 3, H, W, c1]
+        c1 = forecast.shape[-1]
+        stage1_means.update(feature_metrics(forecast, feats[:, m:, ..., :c1], first_frame=m))
+        copy = feats[:, m - 1: m, ..., :c1].expand_as(forecast)
+        stage1_means.update({k: v for k, v in feature_metrics(copy, feats[:, m:, ..., :c1], m).items() if "@" not in k},
+                            prefix="copy_last/")
+        if semantic.active and a % g.temporal_downsample == 0 and a // g.temporal_downsample >= m:
+            semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
+        conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.feature_channels)
+        if codec is not None:
+            reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
+            future_ref = reference[:, ctx_frames:]
+            if fid_net:
+                ref_fid.append(fid_net(future_ref.reshape(-1, *future_ref.shape[2:])))
+            if fvd_net:
+                ref_fvd.append(fvd_net(future_ref))
+            if semantic.dino is not None:
+                semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
+        for run in range(samples):
+            noise = clip_noise(seed, run, idx, (latents.shape[1], fut, *latents.shape[3:])).to(device)
+            with torch.no_grad():
+                sampled = sample_models(models, sampler, latents[:, :, :m], conditioning, noise)
+            for name in names:
+                acc, z = accs[name][run], sampled[name]
+                err = (z[:, :, m:] - latents[:, :, m:]).pow(2)  # [B, 16, 3, h, w]
+                acc.add("latent_mse", err.mean(dim=(1, 2, 3, 4)))
+                for t in range(fut):
+                    acc.add(f"latent_mse/t{m + t}", err[:, :, t].mean(dim=(1, 2, 3)))
+                if codec is None:
+                    continue
+                frames = codec.decode(z)  # [B, 25, H, W, 3]
+                pred = frames[:, ctx_frames:]
+                p, s = psnr(pred, future_ref), ssim(pred, future_ref, ssim_channels)  # [B, 12]
+                acc.add("psnr", p.mean(dim=1))
+                acc.add("ssim", s.mean(dim=1))
+                for k in range(pred.shape[1]):
+                    acc.add(f"psnr/f{ctx_frames + k}", p[:, k])
+                    acc.add(f"ssim/f{ctx_frames + k}", s[:, k])
+                if fid_net:
+                    acc.fid.append(fid_net(pred.reshape(-1, *pred.shape[2:])))
+                if fvd_net:
+                    acc.fvd.append(fvd_net(pred))
+                if semantic.dino is not None:
+                    semantic.score(acc, semantic.frames_features(frames[:, a]), ids, metas)
+            bar.update(len(idx))
+    bar.close()
+
+    fid_ref = gaussian_stats(torch.cat(ref_fid)) if ref_fid else None
+    fvd_ref = gaussian_stats(torch.cat(ref_fvd)) if ref_fvd else None
+    per_model = {}
+    for name in names:
+        per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
+        keys = sorted({k for r in per_run for k in r})
+        per_model[name] = {k: summarize([r.get(k, float("nan")) for r in per_run]) for k in keys}
+    return {"clip_ids": clip_ids,
+            "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
+            "models": per_model,
+            "reference_metrics": {k: finite(v) for k, v in ref_acc.values().items()},
+            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()}}
+
+
+def _row_keys(metrics: dict) -> list[str]:
+    order = ["latent_mse", "psnr", "ssim", "fid", "fvd", "seg/miou_all", "seg/miou_moving", "depth/absrel",
+             "depth/delta1"]
+    return [k for k in order if k in metrics]
+
+
+def format_table(results: dict, per_frame: bool = False) -> str:
+    """The results JSON as a table: one row per metric, mean ± std over sampling runs per model."""
+    names = list(results["models"])
+    first = results["models"][names[0]]
+    keys = _row_keys(first) + ([k for k in first if re.match(r"(psnr|ssim)/f\d+$", k)] if per_frame else [])
+    lines = [(f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
+              f"(mean ± std over sampling runs; pixels vs {results['reference']['pixels']})"),
+             f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names)]
+    for k in keys:
+        cells = []
+        for n in names:
+            v = results["models"][n].get(k)
+            cells.append("-" if v is None or v["mean"] is None else f"{v['mean']:.4g} ± {v['std']:.2g}")
+        lines.append(f"{k:18s}" + "".join(f"{c:>24s}" for c in cells))
+    s1 = results["stage1"]
+    lines.append("stage 1 features:  " + "  ".join(
+        f"{k} {s1[k]:.4g}" for k in ("mse", "cos", "copy_last/mse", "copy_last/cos", "seg/miou_all",
+                                      "depth/absrel") if s1.get(k) is not None))
+    for k, why in results["skipped"].items():
+        lines.append(f"skipped {k}: {why}")
+    return "\n".join(lines)
