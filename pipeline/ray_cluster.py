@@ -64,6 +64,19 @@ def recorded_local_address() -> str | None:
     return address if address and _alive(address) else None
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _stay_on_loopback() -> None:
+    """Ray swaps a given 127.0.0.1 for the host's address (and binds a private cluster there) unless
+    told it is not a multi-machine cluster: tell it, for loopback addresses and private clusters."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as constants
+    constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+
+
 def quiet_ray(verbose: bool) -> None:
     """Silence Ray's own notices (C++ log lines, progress-bar warnings) unless --verbose."""
     if verbose:
@@ -93,8 +106,11 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
         kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": verbose,
                   "runtime_env": {"env_vars": forwarded_env()}}
         if kind == "private":
-            kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None)
+            kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None,
+                          _node_ip_address="127.0.0.1")  # a one-machine cluster listens on loopback only
             address = "local"
+        if kind == "private" or _is_loopback(address):
+            _stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, **kwargs)
         if threading.current_thread() is threading.main_thread():
