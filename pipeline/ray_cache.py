@@ -32,13 +32,15 @@ class StageResources:
     """What each actor asks Ray for. `gpus` > 0: encoder actors are GPU actors (also with device cpu)."""
     gpus: float = 0.0  # per encoder actor
     encoder_cpus: float = 0.5  # per encoder actor when no GPU is asked for
+    gpu_encoder_cpus: float = 0.25  # per GPU encoder actor: its CPU work is feeding the GPU
     task_cpus: float = 0.25  # decode and write actors
     encoder_memory: int = 0  # bytes Ray reserves per encoder actor (0: none declared)
     dino_threads: int = 1  # intra-op torch threads for DINOv2 on CPU
     vae_threads: int = 0  # for the VAE on CPU; 0: every CPU of the node the actor runs on
 
     def actor_kwargs(self) -> dict:
-        kw = {"num_gpus": self.gpus} if self.gpus > 0 else {"num_cpus": self.encoder_cpus}
+        kw = ({"num_gpus": self.gpus, "num_cpus": self.gpu_encoder_cpus} if self.gpus > 0
+              else {"num_cpus": self.encoder_cpus})
         return {**kw, **({"memory": self.encoder_memory} if self.encoder_memory else {})}
 
 

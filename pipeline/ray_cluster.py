@@ -69,7 +69,7 @@ def _is_loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _stay_on_loopback() -> None:
+def stay_on_loopback() -> None:
     """Ray swaps a given 127.0.0.1 for the host's address (and binds a private cluster there) unless
     told it is not a multi-machine cluster: tell it, for loopback addresses and private clusters."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -110,7 +110,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
                           _node_ip_address="127.0.0.1")  # a one-machine cluster listens on loopback only
             address = "local"
         if kind == "private" or _is_loopback(address):
-            _stay_on_loopback()
+            stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, **kwargs)
         if threading.current_thread() is threading.main_thread():

@@ -18,9 +18,13 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One local Ray cluster for the whole test session (start-up costs seconds)."""
+    """One local Ray cluster for the whole test session (start-up costs seconds), on 127.0.0.1 only."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+    from pipeline.ray_cluster import stay_on_loopback
+    stay_on_loopback()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
