@@ -77,6 +77,17 @@ def stay_on_loopback() -> None:
     constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
 
 
+def leftover_processes() -> list[str]:
+    """Ray processes whose node is gone (re-parented to init): what a SIGKILLed driver of a private
+    cluster leaves behind (Ray ends its workers, raylet and GCS, but not always its agents)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid", "ppid", "name"]):
+        if (p.info["name"] or "").startswith("ray::") and p.info["ppid"] == 1:
+            found.append(f"{p.info['pid']} ({p.info['name']})")
+    return found
+
+
 def quiet_ray(verbose: bool) -> None:
     """Silence Ray's own notices (C++ log lines, progress-bar warnings) unless --verbose."""
     if verbose:
@@ -109,6 +120,9 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
             kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None,
                           _node_ip_address="127.0.0.1")  # a one-machine cluster listens on loopback only
             address = "local"
+        if kind == "private" and (left := leftover_processes()):
+            print(f"note: Ray processes left by an earlier killed job, not used: {', '.join(left)} "
+                  "(end them with `kill PID`)", file=sys.stderr)
         if kind == "private" or _is_loopback(address):
             stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 def ray_processes(tmpdir: str) -> list[str]:
     """Processes of a Ray cluster whose session lives under `tmpdir`."""
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "name"]):
         try:
-            if any(tmpdir in a for a in p.info["cmdline"] or []):
-                found.append(f"{p.pid} {' '.join(p.info['cmdline'])[:120]}")
+            if p.environ().get("RAY_TMPDIR") == tmpdir and p.pid != os.getpid():
+                found.append(f"{p.pid} {p.info['name']}")
         except psutil.Error:
             pass
     return found
@@ -37,6 +37,9 @@ def ray_processes(tmpdir: str) -> list[str]:
 def ray_tmpdir():
     d = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
     yield d
+    deadline = time.time() + 20
+    while ray_processes(d) and time.time() < deadline:
+        time.sleep(0.5)
     assert not ray_processes(d), "Ray processes left behind"
 
 
@@ -64,7 +67,9 @@ def test_a_stopped_clusters_address_does_not_stop_the_job_and_sigterm_stops_it_c
     assert "ray: using a private local Ray cluster" in err
     assert "terminated: rerun the same command to resume" in err
     assert "Traceback" not in err
-    time.sleep(2)
+    deadline = time.time() + 20
+    while ray_processes(ray_tmpdir) and time.time() < deadline:
+        time.sleep(0.5)
     assert not ray_processes(ray_tmpdir)
 
     resumed = subprocess.run(cache_args(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
