@@ -76,3 +76,14 @@ def test_killed_job_into_s3_resumes_on_its_first_rerun(local_store, s3_server, r
     assert store.verify() == []
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already complete, nothing to do" in again.stdout, again.stderr[-2000:]
+
+
+def test_train_stage1_from_the_s3_store(local_store, s3_server, tmp_path):
+    from jobs.train import main as train_main
+    url = f"s3://{s3_server.bucket()}/train.zarr"
+    run_cache(tiny_config(url, storage_options=s3_server.storage_options, pca=str(local_store)))
+    stage1 = {"model": "tiny", "batch_size": 2, "steps": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 2}
+    assert train_main(["--stage", "1", "--store", url, "--storage-options", json.dumps(s3_server.storage_options),
+                       "--run-dir", str(tmp_path / "run"), "--val-clips", "1", "--no-progress", "--threads", "1",
+                       "--workers", "0", "--stage1", json.dumps(stage1)]) in (0, None)
+    assert list((tmp_path / "run" / "stage1").rglob("*.safetensors"))
