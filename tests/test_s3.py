@@ -55,6 +55,7 @@ def test_cache_into_s3_with_storage_options_equals_a_local_store(local_store, s3
     assert secret not in json.dumps(store.manifest) and secret not in json.dumps(summary)
 
 
+@pytest.mark.slow
 def test_killed_job_into_s3_resumes_on_its_first_rerun(local_store, s3_server, ray_address, tmp_path):
     """Credentials and endpoint only in the environment (AWS_*): the job forwards them to its workers.
     SIGKILL after the first marker lands; the first rerun must see every marker (fresh listings)."""
