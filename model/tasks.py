@@ -45,7 +45,7 @@ class Stage1Task:
     def loss(self, model, batch: dict, generator: torch.Generator):
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         pred = model(context)  # [B, H, W, C]
-        return stage1.loss(pred, target, self.config.smooth_l1_beta), {}
+        return stage1.loss(pred, target, self.config.smooth_l1_beta)
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         """Rollout metrics per future frame (model/metrics.py), the teacher-forced loss on every
@@ -103,8 +103,7 @@ class Stage2Task:
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         feats = self._features(batch, generator, train=True)
-        loss, _ = diffusion.training_loss(model, batch["latents"], feats, self.context_latents, generator)
-        return loss, {}
+        return diffusion.training_loss(model, batch["latents"], feats, self.context_latents, generator)[0]
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         means = Means()

@@ -1,4 +1,4 @@
-"""ClipStream: DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
+"""Clip streams (model/data.py): DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
 variants, pred_features, refusal of incompatible stores, WebDataset exports."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from store_factory import ENCODERS, make_store
 
-from model.data import ClipStream, make_loader, split_by_scene
-from model.loop import to_device
+from model.data import make_loader, open_stream, split_by_scene
+from model.runtime import to_device
 from pipeline.store.format import IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
@@ -40,7 +40,7 @@ def _epoch(stream, epoch, workers=0):
 
 def _ddp_worker(rank, root, out_dir, remainder):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
-    stream = ClipStream([f"{root}/a.zarr", f"{root}/b.zarr"], batch_size=2, seed=3, remainder=remainder)
+    stream = open_stream([f"{root}/a.zarr", f"{root}/b.zarr"], batch_size=2, seed=3, remainder=remainder)
     record = {"batches_per_epoch": stream.batches_per_epoch, "epochs": []}
     loader = iter(make_loader(stream, workers=2))
     for _ in range(3):  # three epochs, with a collective per batch as DDP does
@@ -78,7 +78,7 @@ def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_pat
 
 
 def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores):
-    stream = ClipStream(str(stores / "a.zarr"), batch_size=2, seed=7)
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7)
     assert stream.batches_per_epoch == 3  # 7 clips: one dropped per epoch
     straight = [b for e in range(3) for b in _epoch(stream, e, workers=0)]
     with_workers = [b for e in range(3) for b in _epoch(stream, e, workers=2)]
@@ -103,7 +103,7 @@ def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores
 def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_prefix(stores):
     store = Store(str(stores / "a.zarr"))
     assert store.num_variants == 2
-    stream = ClipStream(str(stores / "a.zarr"), batch_size=7, channels=16, seed=0, remainder="pad")
+    stream = open_stream(str(stores / "a.zarr"), batch_size=7, channels=16, seed=0, remainder="pad")
     variants = set()
     for epoch in range(4):
         (batch,) = _epoch(stream, epoch)
@@ -117,19 +117,19 @@ def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_p
             assert batch["clip_id"][j] == store.clip_meta(i, v)["clip_id"]
     assert variants == {0, 1}
     with pytest.raises(ValueError, match="holds 64"):
-        ClipStream(str(stores / "a.zarr"), batch_size=1, channels=65)
+        open_stream(str(stores / "a.zarr"), batch_size=1, channels=65)
 
 
 def test_incompatible_stores_are_refused_naming_the_field(stores):
     with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
-        ClipStream([str(stores / "a.zarr"), str(stores / "pca.zarr")], batch_size=1)
+        open_stream([str(stores / "a.zarr"), str(stores / "pca.zarr")], batch_size=1)
     with pytest.raises(IncompatibleStoresError, match=r"encoders\.dinov2\.sha256"):
-        ClipStream([str(stores / "a.zarr"), str(stores / "enc.zarr")], batch_size=1)
+        open_stream([str(stores / "a.zarr"), str(stores / "enc.zarr")], batch_size=1)
 
 
 def test_missing_rollouts_are_a_clear_error_when_required(stores):
     with pytest.raises(StoreError, match="pred_features.*rollout"):
-        ClipStream(str(stores / "a.zarr"), batch_size=1, with_pred=True)
+        open_stream(str(stores / "a.zarr"), batch_size=1, with_pred=True)
 
 
 def test_held_out_split_keeps_whole_scenes(tmp_path):
@@ -145,9 +145,9 @@ def test_held_out_split_keeps_whole_scenes(tmp_path):
 def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp_path):
     store = Store(str(stores / "a.zarr"))
     export_webdataset(store, str(tmp_path / "wds"), channels=32, shard_size_mb=0.05, progress=False)
-    streams = [ClipStream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
+    streams = [open_stream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
                           shuffle_buffer=4) for r in range(2)]
-    assert streams[0].webdataset and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
+    assert streams[0].kind == "webdataset" and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
     for s in streams:
         batches = _epoch(s, 0)
         assert len(batches) == 3  # resampled: every rank gets exactly an epoch's batches
@@ -168,8 +168,8 @@ def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp
     # evaluation: every sample once over the ranks
     seen = []
     for r in range(2):
-        ev = ClipStream(str(tmp_path / "wds"), batch_size=3, rank=r, world=2, loop=False, remainder="keep")
+        ev = open_stream(str(tmp_path / "wds"), batch_size=3, rank=r, world=2, loop=False, remainder="keep")
         seen += [cid for b in ev for cid in b["clip_id"]]
     assert sorted(seen) == sorted(store.clip_meta(i, v)["clip_id"] for i in range(len(store)) for v in range(2))
     with pytest.raises(ValueError, match="holds 32"):
-        ClipStream(str(tmp_path / "wds"), batch_size=1, channels=64)
+        open_stream(str(tmp_path / "wds"), batch_size=1, channels=64)

@@ -12,7 +12,14 @@ import torch
 from store_factory import make_store
 
 from jobs.train import main as train_main
-from model.checkpoint import latest_checkpoint, load_state, load_weights, read_meta, weights_fingerprint
+from model.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    weights_fingerprint,
+)
 from model.loop import LoopConfig, lr_factor, read_metrics
 from model.metrics import feature_metrics
 from model.tasks import Stage1Task
@@ -62,7 +69,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_step_for_step(store, t
         train_main(_args(store, tmp_path / "killed", "--workers", "0"))
     monkeypatch.setattr(Stage1Task, "loss", real_loss)
     assert latest_checkpoint(tmp_path / "killed" / "stage1").name == "step-000004"
-    with pytest.raises(SystemExit, match="--resume"):  # a run dir with checkpoints is not overwritten
+    with pytest.raises(CheckpointError, match="--resume"):  # a run dir with checkpoints is not overwritten
         train_main(_args(store, tmp_path / "killed", "--workers", "0"))
 
     train_main(_args(store, tmp_path / "killed", "--resume", "--workers", "1"))  # another worker count too

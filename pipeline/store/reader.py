@@ -104,27 +104,35 @@ class Store:
             raise ValueError(f"channels must be in 1..{self.num_channels}, got {channels}")
         return c
 
-    def read_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
-        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames."""
+    def read_features(self, i: int, channels: int | None = None, variant: int = 0,
+                      out: np.ndarray | None = None) -> np.ndarray:
+        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames. `out`: a
+        C-contiguous array of that shape to decode into (a slot of a batch buffer), returned."""
         rows = self._feature_rows[self.row(i, variant)]
         c = self._channels(channels)
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
         if step > 0 and np.all(np.diff(rows) == step):
-            return self._features[rows[0] : rows[-1] + 1 : step, :, :, :c]
-        return np.stack([self._features[r, :, :, :c] for r in rows])
+            return _read(self._features, (slice(rows[0], rows[-1] + 1, step), slice(None), slice(None), slice(c)), out)
+        if out is None:
+            return np.stack([self._features[r, :, :, :c] for r in rows])
+        for k, r in enumerate(rows):
+            _read(self._features, (int(r), slice(None), slice(None), slice(c)), out[k])
+        return out
 
-    def read_latents(self, i: int, variant: int = 0) -> np.ndarray:
-        """[16, 7, h, w] float16."""
-        return self._latents[self.row(i, variant)]
+    def read_latents(self, i: int, variant: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """[16, 7, h, w] float16 (`out`: as in read_features)."""
+        return _read(self._latents, (self.row(i, variant),), out)
 
-    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
+    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0,
+                           out: np.ndarray | None = None) -> np.ndarray:
         """[3, H, W, c] float16: Stage 1's rollout for latents 4-6 (written by the rollout job)."""
         if not self.has_pred_features:
             raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
                              "(make rollout)")
-        return self.group["clips/pred_features"][self.row(i, variant), :, :, :, : self._channels(channels)]
+        selection = (self.row(i, variant), Ellipsis, slice(self._channels(channels)))
+        return _read(self.group["clips/pred_features"], selection, out)
 
     @cached_property
     def clip_table(self) -> dict[str, np.ndarray]:
@@ -165,6 +173,15 @@ class Store:
                 if digest(arr) != want:
                     bad.append(f"{kind} row {row} (unit {rec['unit']})")
         return bad
+
+
+def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
+    """A basic selection of a Zarr array, decoded into `out` when given (no copy of the result)."""
+    if out is None:
+        return array[selection]
+    from zarr.core.buffer.cpu import NDBuffer
+    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+    return out
 
 
 def open_stores(locations: list[str], storage_options: dict | None = None) -> list[Store]:
