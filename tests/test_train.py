@@ -23,7 +23,8 @@ from model.checkpoint import (
 from model.loop import LoopConfig, lr_factor, read_metrics
 from model.metrics import feature_metrics
 from model.tasks import Stage1Task
-from pipeline.store.format import IncompatibleStoresError
+from pipeline.store.format import DamagedStoreError, IncompatibleStoresError
+from pipeline.store.reader import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,3 +150,21 @@ def test_a_val_store_under_another_pca_basis_is_refused(store, tmp_path):
     make_store(tmp_path / "val.zarr", scenes=1, frames=25, basis_seed=1)
     with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
         train_main(_args(store, tmp_path / "run", "--val-store", str(tmp_path / "val.zarr")))
+
+
+def test_a_damaged_clip_stops_training_or_is_skipped_and_counted_in_the_log(store, tmp_path, monkeypatch):
+    real = Store.read_features
+
+    def read_features(self, i, channels=None, variant=0, out=None):
+        if i == 0:  # what the reader raises for a missing or damaged chunk
+            raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
+        return real(self, i, channels, variant, out=out)
+    monkeypatch.setattr(Store, "read_features", read_features)
+    with pytest.raises(DamagedStoreError, match=r"frames/features\[0\] is damaged"):
+        train_main(_args(store, tmp_path / "stop", "--workers", "0"))
+    train_main(_args(store, tmp_path / "skip", "--workers", "0", "--on-bad-clip", "skip"))
+    records = [r for r in read_metrics(tmp_path / "skip" / "stage1") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    counts = [r["skipped_clips"] for r in records]
+    assert counts == sorted(counts) and counts[-1] >= 1  # clip 0 is in every epoch's batches
+    assert all(0 <= r["data_share"] <= 1 and r["data_wait_s"] >= 0 for r in records)  # the data budget
