@@ -40,7 +40,7 @@ class CacheConfig:
     batch_clips: int = 1
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
     max_failures: int = -1
-    compression: str = "blosc-zstd"
+    compression: str = "none"
     channel_chunk: int = 128
     decode_actors: int = field(default=1, metadata={"help": "CPU actors reading and resizing frames"})
     dino_actors: int = 1

@@ -163,17 +163,17 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
                          f"{sc.grad_accum} accumulation steps")
     train_idx, val_sources, val_idx = _split(cfg, probe, common)
     stream = open_stream(sources, batch_size=per_rank, clips=train_idx, with_pred=task.needs_pred_features,
-                        seed=cfg.seed, **common)
+                         window=task.train_window, latents=task.needs_latents, seed=cfg.seed, **common)
 
     def make_val():
         with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
         if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
             import itertools
             val = open_stream(val_sources, batch_size=per_rank, shuffle=False, remainder="keep", loop=False,
-                             with_pred=with_pred, **common)
+                              with_pred=with_pred, latents=task.needs_latents, **common)
             return itertools.islice(iter(val), 2)
         val = open_stream(val_sources, batch_size=per_rank, clips=val_idx, shuffle=False, random_variant=False,
-                         remainder="keep", loop=False, with_pred=with_pred, **common)
+                          remainder="keep", loop=False, with_pred=with_pred, latents=task.needs_latents, **common)
         return iter(val)
 
     loop_cfg = LoopConfig(

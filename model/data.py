@@ -27,11 +27,12 @@ prints it as one line); `"skip"` logs the clip once, counts it in `skipped`, and
 the next readable clip of the rank's epoch (training batches keep their size and count), or leaves
 it out (evaluation); in a WebDataset, the rest of the damaged shard is skipped.
 
-Every batch is a dict: features [B, 7, H, W, c] float16 (the first c PCA channels), latents
-[B, 16, 7, h, w] float16, pred_features [B, 3, H, W, c] float16 when asked for (as stored; the loop
-casts them to float32 on the device), clip [B] int64 (index into the concatenated stores; -1 for
-WebDataset), variant [B] int64, clip_id (list of str), skipped (clips skipped while building it) and
-the batch's position `epoch`, `batch` (ints). Arrays are decoded straight into the batch's tensors:
+Every batch is a dict: features [B, 7, H, W, c] float16 (the first c PCA channels; [B, window, ...]
+with a window, its first frame in window_start [B] int64), latents [B, 16, 7, h, w] float16 (unless
+latents=False), pred_features [B, 3, H, W, c] float16 when asked for (as stored; the loop casts them
+to float32 on the device), clip [B] int64 (index into the concatenated stores; -1 for WebDataset),
+variant [B] int64, clip_id (list of str), skipped (clips skipped while building it) and the batch's
+position `epoch`, `batch` (ints). Arrays are decoded straight into the batch's tensors:
 in shared memory inside a DataLoader worker (handed over without a copy), pinned for an
 asynchronous copy to the GPU when asked.
 
@@ -106,14 +107,17 @@ class ClipStream(IterableDataset):
     """Batches of clips for one DDP rank (see module doc); ZarrStream and WebDatasetStream read them.
 
     batch_size is per rank (one micro-batch). channels: read only the first c PCA channels (None:
-    all). with_pred: also read Stage 1 rollouts (clear error if a source has none). loop: repeat over
-    epochs forever (training) or stop after one epoch (evaluation, rollouts).
+    all). window: read only `window` consecutive feature frames of each clip, at a start drawn per clip
+    and epoch (Stage 1 training: its context frames and target); None: all 7. latents: read them
+    (Stage 1 does not need them). with_pred: also read Stage 1 rollouts (clear error if a source has
+    none). loop: repeat over epochs forever (training) or stop after one epoch (evaluation, rollouts).
     """
 
     kind = ""
 
-    def __init__(self, sources: list[str], *, batch_size: int, channels: int | None = None, with_pred: bool = False,
-                 shuffle: bool = True, seed: int = 0, remainder: str = "drop", loop: bool = True,
+    def __init__(self, sources: list[str], *, batch_size: int, channels: int | None = None, window: int | None = None,
+                 latents: bool = True, with_pred: bool = False, shuffle: bool = True, seed: int = 0,
+                 remainder: str = "drop", loop: bool = True,
                  rank: int | None = None, world: int | None = None, storage_options: dict | None = None,
                  on_bad_clip: str = "stop"):
         if not sources:
@@ -130,6 +134,7 @@ class ClipStream(IterableDataset):
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.sources, self.storage_options = list(sources), storage_options
         self.batch_size, self.with_pred, self.shuffle, self.seed = batch_size, with_pred, shuffle, seed
+        self.window, self.latents = window, latents
         self.remainder, self.loop, self.on_bad_clip = remainder, loop, on_bad_clip
         self.position = (0, 0)  # (epoch, batch) of the next batch to hand out
         self.skipped = 0  # damaged clips skipped so far (on_bad_clip="skip")
@@ -141,6 +146,9 @@ class ClipStream(IterableDataset):
             raise ValueError(f"asked for {channels} feature channels; the {self.kind} source holds "
                              f"{self.store_channels}")
         self.channels = c
+        frames = self.geometry.latent_frames
+        if window is not None and not 0 < window <= frames:
+            raise ValueError(f"window must be in 1..{frames} feature frames, got {window}")
         self._plan_sizes()
         if self.batches_per_epoch < 1:
             raise ValueError(f"{self.num_clips} clips cannot fill one batch of {batch_size} on each of "
@@ -240,7 +248,17 @@ class ClipStream(IterableDataset):
         return {"kind": self.kind, "sources": self.sources, "clips": self.num_clips, "channels": self.channels,
                 "with_pred": self.with_pred, "batch_size": self.batch_size, "rank": self.rank, "world": self.world,
                 "batches_per_epoch": self.batches_per_epoch, "remainder": self.remainder,
-                "remainder_clips_per_epoch": self.dropped_per_epoch, "on_bad_clip": self.on_bad_clip}
+                "remainder_clips_per_epoch": self.dropped_per_epoch, "on_bad_clip": self.on_bad_clip,
+                "window": self.window, "latents": self.latents}
+
+    def _window_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n window starts (0 without a window: the whole clip)."""
+        if self.window is None:
+            return np.zeros(n, np.int64)
+        return rng.integers(0, self.geometry.latent_frames - self.window + 1, n)
+
+    def _frames(self) -> int:
+        return self.geometry.latent_frames if self.window is None else self.window
 
 
 class ZarrStream(ClipStream):
@@ -288,20 +306,21 @@ class ZarrStream(ClipStream):
             self._pid = os.getpid()
         return self._stores
 
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's (clips, variants) for an epoch, in batch order."""
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (clips, variants, window starts) for an epoch, in batch order."""
         rng = np.random.default_rng([self.seed, epoch])
         order = self.clips[rng.permutation(self.num_clips)] if self.shuffle else self.clips
         nv = self.store_variants[np.searchsorted(self.offsets, order, side="right") - 1]
         variants = ((rng.random(len(order)) * nv).astype(np.int64) if self.random_variant
                     else np.zeros(len(order), np.int64))
+        starts = self._window_starts(rng, len(order))
         w, r = self.world, self.rank
         if self.remainder == "keep":
             idx = np.arange(r, len(order), w)
         else:
             used = self.batches_per_epoch * w * self.batch_size
             idx = np.resize(np.arange(len(order)), used)[r::w]  # drop: first `used`; pad: wraps around
-        return order[idx], variants[idx]
+        return order[idx], variants[idx], starts[idx]
 
     def _batches(self, worker: int, workers: int):
         plan_epoch, plan = None, None
@@ -310,60 +329,65 @@ class ZarrStream(ClipStream):
             if k % workers == worker:
                 if epoch != plan_epoch:
                     plan_epoch, plan = epoch, self.epoch_plan(epoch)
-                clips, variants = plan
                 start, stop = b * self.batch_size, (b + 1) * self.batch_size
-                if start >= len(clips):  # "keep": a rank with fewer clips has run out
+                if start >= len(plan[0]):  # "keep": a rank with fewer clips has run out
                     return
                 # training: a damaged clip's slot takes the next readable clip of the epoch (wrapping)
-                spare = _wrapped(clips, variants, stop) if self.loop else ()
-                batch = self.read_batch(clips[start:stop], variants[start:stop], spare)
+                spare = _wrapped(plan, stop) if self.loop else ()
+                batch = self.read_batch(*(a[start:stop] for a in plan), spare=spare)
                 if batch is not None:
                     yield epoch, b, batch
             epoch, b = self.advance(epoch, b)
             if b == 0 and not self.loop:
                 return
 
-    def read_batch(self, clips: np.ndarray, variants: np.ndarray, spare=()) -> dict | None:
-        """One batch of clips[j] (flip variant variants[j]), decoded into the batch's tensors. A damaged
-        clip is replaced by the next readable (clip, variant) of `spare`, or left out; None if none is left."""
+    def read_batch(self, clips: np.ndarray, variants: np.ndarray, starts: np.ndarray, spare=()) -> dict | None:
+        """One batch of clips[j] (flip variant variants[j], window from starts[j]), decoded into the
+        batch's tensors. A damaged clip is replaced by the next readable (clip, variant, start) of
+        `spare`, or left out; None if none is left."""
         g, c, b = self.geometry, self.channels, len(clips)
-        feats = self._buffer((b, *g.features_shape[:-1], c))  # [B, 7, H, W, c]
-        lats = self._buffer((b, *g.latents_shape))  # [B, 16, 7, h, w]
+        feats = self._buffer((b, self._frames(), *g.feature_hw, c))  # [B, 7 (or window), H, W, c]
+        lats = self._buffer((b, *g.latents_shape)) if self.latents else None  # [B, 16, 7, h, w]
         preds = self._buffer((b, g.future_latents, *g.feature_hw, c)) if self.with_pred else None  # [B, 3, H, W, c]
         spare = iter(spare)
         taken, ids, skipped = [], [], 0
-        for clip, variant in zip(clips, variants):
-            while True:
-                cid = self._read_clip(int(clip), int(variant), feats[len(ids)], lats[len(ids)],
-                                      preds[len(ids)] if preds is not None else None)
+        for item in zip(clips, variants, starts):
+            while item is not None:
+                n = len(ids)
+                cid = self._read_clip(*(int(x) for x in item), feats[n], None if lats is None else lats[n],
+                                      None if preds is None else preds[n])
                 if cid is not None:
-                    taken.append((clip, variant))
+                    taken.append(item)
                     ids.append(cid)
                     break
                 skipped += 1
-                clip, variant = next(spare, (None, None))
-                if clip is None:
-                    break
+                item = next(spare, None)
         if not ids:
             if self.loop:
                 raise StoreError(f"no readable clip left in this epoch of {self.sources}: every one is damaged")
             return None
         n = len(ids)
-        batch = {"features": feats[:n], "latents": lats[:n], "clip": torch.as_tensor([t[0] for t in taken]),
-                 "variant": torch.as_tensor([t[1] for t in taken]), "clip_id": ids, "skipped": skipped}
+        clips, variants, starts = (torch.as_tensor(np.array(x, dtype=np.int64)) for x in zip(*taken))
+        batch = {"features": feats[:n], "clip": clips, "variant": variants, "clip_id": ids, "skipped": skipped}
+        if lats is not None:
+            batch["latents"] = lats[:n]
         if preds is not None:
             batch["pred_features"] = preds[:n]
+        if self.window is not None:
+            batch["window_start"] = starts
         return batch
 
-    def _read_clip(self, clip: int, variant: int, feats, lats, preds) -> str | None:
+    def _read_clip(self, clip: int, variant: int, start: int, feats, lats, preds) -> str | None:
         """Decode one clip into batch slots; its id, or None when it is damaged and skipped."""
         if (clip, variant) in self._bad:
             return None
         k = int(np.searchsorted(self.offsets, clip, side="right") - 1)
         store, i = self._open()[k], clip - int(self.offsets[k])
         try:
-            store.read_features(i, self.channels, variant, out=feats.numpy())
-            store.read_latents(i, variant, out=lats.numpy())
+            store.read_features(i, self.channels, variant, out=feats.numpy(),
+                                frames=None if self.window is None else slice(start, start + self.window))
+            if lats is not None:
+                store.read_latents(i, variant, out=lats.numpy())
             if preds is not None:
                 store.read_pred_features(i, self.channels, variant, out=preds.numpy())
         except DamagedStoreError as e:
@@ -413,22 +437,27 @@ class WebDatasetStream(ClipStream):
         start = epoch * self.batches_per_epoch + b
         if not self.loop:  # evaluation: every shard once, in order, split over ranks and workers
             urls = self.urls[self.rank::self.world][worker::workers]
+            rng = np.random.default_rng([self.seed, 0, self.rank, worker])
             for j, group in enumerate(_chunks(self._samples(urls), self.batch_size)):
-                yield 0, j, self._batch(group)
+                yield 0, j, self._batch(group, rng)
             return
         rng = np.random.default_rng([self.seed, start, self.rank, worker])
         resampled = self._samples(self.urls[rng.integers(len(self.urls))] for _ in itertools.count())
         samples = _shuffled(resampled, self.shuffle_buffer if self.shuffle else 1, rng)
         for k, group in enumerate(_chunks(samples, self.batch_size)):
             g = start + worker + k * workers
-            yield g // self.batches_per_epoch, g % self.batches_per_epoch, self._batch(group)
+            yield g // self.batches_per_epoch, g % self.batches_per_epoch, self._batch(group, rng)
 
-    def _batch(self, group) -> dict:
+    def _batch(self, group, rng: np.random.Generator) -> dict:
         c, b = self.channels, len(group)
+        starts = self._window_starts(rng, b)
+        frames = [slice(int(t), int(t) + self._frames()) for t in starts]
         if self.with_pred and any(s.pred_features is None for s in group):
             raise StoreError(f"a shard sample has no pred_features although its manifest says so: "
                              f"{[s.clip_id for s in group if s.pred_features is None][:3]}")
-        arrays = {"features": [s.features[..., :c] for s in group], "latents": [s.latents for s in group]}
+        arrays = {"features": [s.features[f, ..., :c] for s, f in zip(group, frames)]}
+        if self.latents:
+            arrays["latents"] = [s.latents for s in group]
         if self.with_pred:
             arrays["pred_features"] = [s.pred_features[..., :c] for s in group]
         batch = {k: self._stack(v) for k, v in arrays.items()}
@@ -437,6 +466,8 @@ class WebDatasetStream(ClipStream):
                      variant=torch.as_tensor([variants.index(s.meta["variant"]) if s.meta.get("variant") in variants
                                               else 0 for s in group], dtype=torch.int64),
                      skipped=self._pending_skips)
+        if self.window is not None:
+            batch["window_start"] = torch.as_tensor(starts, dtype=torch.int64)
         self._pending_skips = 0
         return batch
 
@@ -446,10 +477,11 @@ class WebDatasetStream(ClipStream):
         return out
 
 
-def _wrapped(clips: np.ndarray, variants: np.ndarray, start: int):
-    """(clip, variant) pairs from `start` on, wrapping around once."""
-    for j in range(start, start + len(clips)):
-        yield clips[j % len(clips)], variants[j % len(clips)]
+def _wrapped(plan: tuple[np.ndarray, ...], start: int):
+    """The plan's (clip, variant, window start) from `start` on, wrapping around once."""
+    n = len(plan[0])
+    for j in range(start, start + n):
+        yield tuple(a[j % n] for a in plan)
 
 
 def _chunks(it, n: int):

@@ -22,12 +22,18 @@ class Stage1Task:
 
     name = "stage1"
     needs_pred_features = False
+    needs_latents = False
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
         data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
                 "context_frames": geometry.context_latents}
         self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
+
+    @property
+    def train_window(self) -> int:
+        """Feature frames a training sample uses (context + target): the loader reads only those."""
+        return self.config.context_frames + 1
 
     @classmethod
     def from_config(cls, config: dict) -> Stage1Task:
@@ -43,6 +49,7 @@ class Stage1Task:
         return _jsonable(dataclasses.asdict(self.config))
 
     def loss(self, model, batch: dict, generator: torch.Generator):
+        # a window of train_window frames from the loader (the target is its last), or whole clips
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         pred = model(context)  # [B, H, W, C]
         return stage1.loss(pred, target, self.config.smooth_l1_beta)
@@ -72,6 +79,8 @@ class Stage2Task:
     Baseline. Evaluated by the validation loss (fixed noise) and the error of sampled future latents."""
 
     needs_pred_features: bool
+    needs_latents = True
+    train_window = None  # every feature frame of a clip
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None, *,
                  semantic: bool = True, pred_p: float = 0.1, nested_dropout: bool = True,

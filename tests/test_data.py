@@ -179,10 +179,10 @@ def _damage_clip(monkeypatch, bad_clip: int):
     """Store.read_latents raises DamagedStoreError for one clip, as the reader does for a missing chunk."""
     real = Store.read_latents
 
-    def read_latents(self, i, variant=0, out=None):
+    def read_latents(self, i, variant=0, **kwargs):
         if i == bad_clip:
             raise DamagedStoreError(self.location, "clips/latents", self.row(i, variant), "chunk missing")
-        return real(self, i, variant, out=out)
+        return real(self, i, variant, **kwargs)
     monkeypatch.setattr(Store, "read_latents", read_latents)
 
 
@@ -221,3 +221,19 @@ def test_a_deleted_chunk_file_reaches_the_stream_as_a_damaged_store_error(tmp_pa
     skipping = open_stream(str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False,
                            on_bad_clip="skip")
     assert [c for b in skipping for c in b["clip"].tolist()] == [0, 2] and skipping.skipped == 1
+
+
+def test_stage1_reads_only_its_window_of_frames_and_no_latents(stores):
+    store = Store(str(stores / "a.zarr"))
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, channels=16, seed=5, window=5, latents=False)
+    straight = _epoch(stream, 0, workers=0) + _epoch(stream, 1, workers=0)
+    with_workers = _epoch(stream, 0, workers=2) + _epoch(stream, 1, workers=2)
+    starts = set()
+    for a, b in zip(straight, with_workers, strict=True):
+        assert "latents" not in a and a["features"].shape == (2, 5, 8, 14, 16)
+        assert a["window_start"].tolist() == b["window_start"].tolist()  # drawn by the plan, not the worker
+        torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=0)
+        for j, (i, v, t) in enumerate(zip(a["clip"].tolist(), a["variant"].tolist(), a["window_start"].tolist())):
+            starts.add(t)
+            np.testing.assert_array_equal(a["features"][j].numpy(), store.read_features(i, 16, v)[t: t + 5])
+    assert starts <= {0, 1, 2} and len(starts) > 1  # the three 5-frame windows of a 7-frame clip

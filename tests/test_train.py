@@ -155,10 +155,10 @@ def test_a_val_store_under_another_pca_basis_is_refused(store, tmp_path):
 def test_a_damaged_clip_stops_training_or_is_skipped_and_counted_in_the_log(store, tmp_path, monkeypatch):
     real = Store.read_features
 
-    def read_features(self, i, channels=None, variant=0, out=None):
+    def read_features(self, i, channels=None, variant=0, **kwargs):
         if i == 0:  # what the reader raises for a missing or damaged chunk
             raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
-        return real(self, i, channels, variant, out=out)
+        return real(self, i, channels, variant, **kwargs)
     monkeypatch.setattr(Store, "read_features", read_features)
     with pytest.raises(DamagedStoreError, match=r"frames/features\[0\] is damaged"):
         train_main(_args(store, tmp_path / "stop", "--workers", "0"))

@@ -105,10 +105,13 @@ class Store:
         return c
 
     def read_features(self, i: int, channels: int | None = None, variant: int = 0,
-                      out: np.ndarray | None = None) -> np.ndarray:
-        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames. `out`: a
-        C-contiguous array of that shape to decode into (a slot of a batch buffer), returned."""
+                      out: np.ndarray | None = None, frames: slice | None = None) -> np.ndarray:
+        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames (`frames`: only
+        those of a slice of them). `out`: a C-contiguous array of that shape to decode into (a slot of a
+        batch buffer), returned."""
         rows = self._feature_rows[self.row(i, variant)]
+        if frames is not None:
+            rows = rows[frames]
         c = self._channels(channels)
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
