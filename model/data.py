@@ -139,6 +139,7 @@ class ClipStream(IterableDataset):
         self.position = (0, 0)  # (epoch, batch) of the next batch to hand out
         self.skipped = 0  # damaged clips skipped so far (on_bad_clip="skip")
         self.pin_memory = False
+        self._pool: dict[str, torch.Tensor] | None = None  # reused batch tensors (batches(reuse=True))
         self.manifest, self.store_channels, self.num_clips = self._open_sources()
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         c = self.store_channels if channels is None else int(channels)
@@ -219,25 +220,37 @@ class ClipStream(IterableDataset):
                 self._record(batch)
             yield batch
 
-    def batches(self, workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False):
+    def batches(self, workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False, reuse: bool = False):
         """The training loop's batches from self.position on: read here (workers=0) or in `workers`
-        DataLoader processes; pinned for asynchronous host-to-GPU copies when asked. state_dict()
-        follows the batches handed out."""
+        DataLoader processes; pinned for asynchronous host-to-GPU copies when asked (torch's pinned
+        allocator reuses blocks once their copies are done). reuse (workers=0, not pinned): decode every
+        batch into the same tensors, so a batch is valid until the next is asked for (the loop's
+        to_device copies it to float32 first); this saves the kernel's zeroing of fresh pages, a
+        quarter of a clip's read. state_dict() follows the batches handed out."""
         self.pin_memory = pin_memory
         if workers == 0:
-            yield from self
+            self._pool = {} if reuse and not pin_memory else None
+            try:
+                yield from self
+            finally:
+                self._pool = None
             return
         for batch in make_loader(self, workers, prefetch_factor, pin_memory):
             self._record(batch)
             yield batch
 
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialized float16 batch tensor to decode into: in shared memory inside a DataLoader
-        worker (the DataLoader then hands it over without a copy), pinned when asked in this process."""
+        worker (the DataLoader then hands it over without a copy), pinned when asked in this process,
+        or this stream's `name` tensor again (batches(reuse=True))."""
         if get_worker_info() is not None:
             storage = torch.UntypedStorage._new_shared(2 * math.prod(shape))
             return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
-        return torch.empty(shape, dtype=torch.float16, pin_memory=self.pin_memory)
+        if self._pool is None:
+            return torch.empty(shape, dtype=torch.float16, pin_memory=self.pin_memory)
+        if name not in self._pool or self._pool[name].shape != shape:
+            self._pool[name] = torch.empty(shape, dtype=torch.float16)
+        return self._pool[name]
 
     def _damaged(self, what: str, error: DamagedStoreError) -> None:
         if self.on_bad_clip == "stop":
@@ -346,9 +359,10 @@ class ZarrStream(ClipStream):
         batch's tensors. A damaged clip is replaced by the next readable (clip, variant, start) of
         `spare`, or left out; None if none is left."""
         g, c, b = self.geometry, self.channels, len(clips)
-        feats = self._buffer((b, self._frames(), *g.feature_hw, c))  # [B, 7 (or window), H, W, c]
-        lats = self._buffer((b, *g.latents_shape)) if self.latents else None  # [B, 16, 7, h, w]
-        preds = self._buffer((b, g.future_latents, *g.feature_hw, c)) if self.with_pred else None  # [B, 3, H, W, c]
+        feats = self._buffer("features", (b, self._frames(), *g.feature_hw, c))  # [B, 7 (or window), H, W, c]
+        lats = self._buffer("latents", (b, *g.latents_shape)) if self.latents else None  # [B, 16, 7, h, w]
+        preds = (self._buffer("pred_features", (b, g.future_latents, *g.feature_hw, c))  # [B, 3, H, W, c]
+                 if self.with_pred else None)
         spare = iter(spare)
         taken, ids, skipped = [], [], 0
         for item in zip(clips, variants, starts):
@@ -460,7 +474,7 @@ class WebDatasetStream(ClipStream):
             arrays["latents"] = [s.latents for s in group]
         if self.with_pred:
             arrays["pred_features"] = [s.pred_features[..., :c] for s in group]
-        batch = {k: self._stack(v) for k, v in arrays.items()}
+        batch = {k: self._stack(k, v) for k, v in arrays.items()}
         variants = self.manifest.get("variants", ["orig"])
         batch.update(clip=torch.full((b,), -1, dtype=torch.int64), clip_id=[s.clip_id for s in group],
                      variant=torch.as_tensor([variants.index(s.meta["variant"]) if s.meta.get("variant") in variants
@@ -471,8 +485,8 @@ class WebDatasetStream(ClipStream):
         self._pending_skips = 0
         return batch
 
-    def _stack(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        out = self._buffer((len(arrays), *arrays[0].shape))
+    def _stack(self, name: str, arrays: list[np.ndarray]) -> torch.Tensor:
+        out = self._buffer(name, (len(arrays), *arrays[0].shape))
         np.stack(arrays, out=out.numpy())
         return out
 

@@ -4,6 +4,8 @@ A `Task` says what is trained (build the model, compute the loss of a batch, eva
 does the rest: DDP under `torchrun` (NCCL on GPU, gloo on CPU), bf16 autocast on GPU, gradient
 accumulation, Adam with warmup then cosine or linear decay, gradient clipping, EMA, torch.compile,
 checkpoints (model/checkpoint.py), a tqdm bar, a JSONL metrics file and TensorBoard when installed.
+Each train record holds the data budget: data_wait_s (seconds per step spent waiting for batches)
+and data_share (of the wall time), and the clips skipped as damaged so far (skipped_clips).
 
 Exact resume: every source of randomness is a function of (seed, step): the data order comes from
 the stream's position, and before each micro-batch the global torch RNG and the task's generator
@@ -162,8 +164,6 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-
-
 # ---- the pieces of a run -----------------------------------------------------------------------------
 @dataclass
 class Trainee:
@@ -318,7 +318,8 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
 
     bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and runtime.is_main))
-    batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda")
+    gpu = runtime.device.type == "cuda"
+    batches = stream.batches(workers, prefetch_factor, pin_memory=gpu, reuse=not gpu)  # to_device copies
     trainee.net.train()
     window = Window(clips_per_step)
     for step in range(start, cfg.steps):

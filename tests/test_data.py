@@ -1,6 +1,7 @@
 """Clip streams (model/data.py): DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
 variants, pred_features, refusal of incompatible stores, WebDataset exports."""
 
+import itertools
 import json
 
 import numpy as np
@@ -237,3 +238,37 @@ def test_stage1_reads_only_its_window_of_frames_and_no_latents(stores):
             starts.add(t)
             np.testing.assert_array_equal(a["features"][j].numpy(), store.read_features(i, 16, v)[t: t + 5])
     assert starts <= {0, 1, 2} and len(starts) > 1  # the three 5-frame windows of a 7-frame clip
+
+
+def test_reused_batch_tensors_hold_the_same_batches_as_fresh_ones(stores):
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7)
+    fresh = [{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in itertools.islice(stream.batches(), 6)]
+    stream.set_position(0, 0)
+    reused = stream.batches(reuse=True)
+    first = next(reused)
+    for expected in fresh[1:]:
+        got = next(reused)
+        assert got["features"].data_ptr() == first["features"].data_ptr()  # decoded into the same tensor
+        for k, v in expected.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    reused.close()
+
+
+def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stores, tmp_path, monkeypatch):
+    import pipeline.store.wds as wds
+    store = Store(str(stores / "a.zarr"))
+    export_webdataset(store, str(tmp_path / "wds"), channels=16, shard_size_mb=0.05, progress=False)
+    real, bad = wds.iter_shard, wds.shard_urls(str(tmp_path / "wds"))[1]
+
+    def iter_shard(url):
+        if url == bad:  # what the reader raises for a truncated or corrupt member
+            raise DamagedStoreError(url, "tar member", 0, "truncated")
+        yield from real(url)
+    monkeypatch.setattr(wds, "iter_shard", iter_shard)
+    options = {"batch_size": 2, "loop": False, "remainder": "keep"}
+    with pytest.raises(DamagedStoreError, match="truncated"):
+        list(open_stream(str(tmp_path / "wds"), **options))
+    skipping = open_stream(str(tmp_path / "wds"), on_bad_clip="skip", **options)
+    seen = [cid for b in skipping for cid in b["clip_id"]]
+    per_shard = [len(list(real(u))) for u in wds.shard_urls(str(tmp_path / "wds"))]
+    assert skipping.skipped == 1 and len(seen) == sum(per_shard) - per_shard[1] and len(per_shard) > 2
