@@ -249,14 +249,14 @@ def measure_limit(raw_dir: Path, store, seconds: float) -> dict:
 
 
 def measure_loader(location: str, channels: int, workers: int, seconds: float, batch_size: int, **reads) -> dict:
-    """The trainer's loader: ClipStream.batches() as the loop calls it on this machine (on GPU: pinned
-    batches; on CPU: reused ones); `reads`: what the stream reads (Stage 1: window=5, latents=False)."""
+    """The trainer's loader: ClipStream.batches() as the loop calls it (reused batch tensors; pinned on
+    GPU); `reads`: what the stream reads (Stage 1: window=5, latents=False)."""
     import torch
 
     from model.data import open_stream
     stream = open_stream(location, batch_size=batch_size, channels=channels, seed=0, **reads)
     gpu = torch.cuda.is_available()
-    batches = stream.batches(workers=workers, pin_memory=gpu, reuse=not gpu)
+    batches = stream.batches(workers=workers, pin_memory=gpu, reuse=True)
     first = next(batches)  # start-up (worker processes, store handles) is not timed
     assert first["features"].shape[-1] == channels
     out = timed(lambda: len(next(batches)["clip"]), seconds, children=workers > 0)

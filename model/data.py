@@ -140,6 +140,9 @@ class ClipStream(IterableDataset):
         self.skipped = 0  # damaged clips skipped so far (on_bad_clip="skip")
         self.pin_memory = False
         self._pool: dict[str, torch.Tensor] | None = None  # reused batch tensors (batches(reuse=True))
+        self._in_use: torch.Tensor | None = None  # workers' reused sets: 1 while a batch in it is out
+        self._sets: dict[int, dict[str, torch.Tensor]] = {}  # a worker's sets
+        self._set: int | None = None  # the set the batch being built goes into (-1: fresh tensors)
         self.manifest, self.store_channels, self.num_clips = self._open_sources()
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         c = self.store_channels if channels is None else int(channels)
@@ -216,6 +219,10 @@ class ClipStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for epoch, b, batch in self._batches(worker, workers):
             batch.update(epoch=epoch, batch=b)
+            if self._set is not None:  # a worker's reused set: batches() releases it
+                if self._set >= 0:
+                    batch["buffer_set"] = self._set
+                self._set = None
             if info is None:  # read here: this is the stream the loop asks for its state
                 self._record(batch)
             yield batch
@@ -223,10 +230,13 @@ class ClipStream(IterableDataset):
     def batches(self, workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False, reuse: bool = False):
         """The training loop's batches from self.position on: read here (workers=0) or in `workers`
         DataLoader processes; pinned for asynchronous host-to-GPU copies when asked (torch's pinned
-        allocator reuses blocks once their copies are done). reuse (workers=0, not pinned): decode every
-        batch into the same tensors, so a batch is valid until the next is asked for (the loop's
-        to_device copies it to float32 first); this saves the kernel's zeroing of fresh pages, a
-        quarter of a clip's read. state_dict() follows the batches handed out."""
+        allocator reuses blocks once their copies are done). state_dict() follows the batches handed out.
+
+        reuse: decode batches into tensors used again, so a batch is valid until the next is asked for
+        (the loop's to_device copies it first); this saves the kernel's zeroing of fresh pages, about a
+        quarter of a clip's read. Here: one set of tensors. In workers: each keeps prefetch_factor + 2
+        sets in shared memory and reuses one once this process has moved past the batch in it (a flag
+        per set, in shared memory: set by the worker, cleared here); with none free it takes fresh ones."""
         self.pin_memory = pin_memory
         if workers == 0:
             self._pool = {} if reuse and not pin_memory else None
@@ -235,22 +245,45 @@ class ClipStream(IterableDataset):
             finally:
                 self._pool = None
             return
-        for batch in make_loader(self, workers, prefetch_factor, pin_memory):
-            self._record(batch)
-            yield batch
+        if reuse:
+            self._in_use = torch.zeros(workers * (prefetch_factor + 2), dtype=torch.int8).share_memory_()
+        held = None  # the set of the batch handed out last
+        try:
+            for batch in make_loader(self, workers, prefetch_factor, pin_memory):
+                self._record(batch)
+                if held is not None:
+                    self._in_use[held] = 0
+                held = batch.pop("buffer_set", None)
+                if pin_memory and held is not None:  # already copied into pinned memory
+                    self._in_use[held], held = 0, None
+                yield batch
+        finally:
+            self._in_use = None
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialized float16 batch tensor to decode into: in shared memory inside a DataLoader
         worker (the DataLoader then hands it over without a copy), pinned when asked in this process,
-        or this stream's `name` tensor again (batches(reuse=True))."""
-        if get_worker_info() is not None:
-            storage = torch.UntypedStorage._new_shared(2 * math.prod(shape))
-            return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
-        if self._pool is None:
-            return torch.empty(shape, dtype=torch.float16, pin_memory=self.pin_memory)
-        if name not in self._pool or self._pool[name].shape != shape:
-            self._pool[name] = torch.empty(shape, dtype=torch.float16)
-        return self._pool[name]
+        or one used before (batches(reuse=True))."""
+        info = get_worker_info()
+        if info is None:
+            if self._pool is None:
+                return torch.empty(shape, dtype=torch.float16, pin_memory=self.pin_memory)
+            pool = self._pool
+        else:
+            if self._in_use is None:
+                return _shared(shape)
+            if self._set is None:  # the batch's first tensor: claim one of this worker's free sets
+                per = len(self._in_use) // info.num_workers
+                free = [k for k in range(info.id * per, (info.id + 1) * per) if self._in_use[k] == 0]
+                self._set = free[0] if free else -1
+                if free:
+                    self._in_use[free[0]] = 1
+            if self._set < 0:
+                return _shared(shape)
+            pool = self._sets.setdefault(self._set, {})
+        if name not in pool or tuple(pool[name].shape) != shape:
+            pool[name] = torch.empty(shape, dtype=torch.float16) if info is None else _shared(shape)
+        return pool[name]
 
     def _damaged(self, what: str, error: DamagedStoreError) -> None:
         if self.on_bad_clip == "stop":
@@ -489,6 +522,12 @@ class WebDatasetStream(ClipStream):
         out = self._buffer(name, (len(arrays), *arrays[0].shape))
         np.stack(arrays, out=out.numpy())
         return out
+
+
+def _shared(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialized float16 tensor in shared memory: a DataLoader worker hands it over by handle."""
+    storage = torch.UntypedStorage._new_shared(2 * math.prod(shape))
+    return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
 
 
 def _wrapped(plan: tuple[np.ndarray, ...], start: int):

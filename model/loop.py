@@ -318,8 +318,7 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
 
     bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and runtime.is_main))
-    gpu = runtime.device.type == "cuda"
-    batches = stream.batches(workers, prefetch_factor, pin_memory=gpu, reuse=not gpu)  # to_device copies
+    batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
     trainee.net.train()
     window = Window(clips_per_step)
     for step in range(start, cfg.steps):

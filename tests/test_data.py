@@ -242,16 +242,19 @@ def test_stage1_reads_only_its_window_of_frames_and_no_latents(stores):
 
 def test_reused_batch_tensors_hold_the_same_batches_as_fresh_ones(stores):
     stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7)
-    fresh = [{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in itertools.islice(stream.batches(), 6)]
-    stream.set_position(0, 0)
-    reused = stream.batches(reuse=True)
-    first = next(reused)
-    for expected in fresh[1:]:
-        got = next(reused)
-        assert got["features"].data_ptr() == first["features"].data_ptr()  # decoded into the same tensor
-        for k, v in expected.items():
-            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
-    reused.close()
+    fresh = [{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in itertools.islice(stream.batches(), 9)]
+    for workers in (0, 2):
+        stream.set_position(0, 0)
+        reused = stream.batches(workers=workers, prefetch_factor=1, reuse=True)
+        first = next(reused)
+        for expected in fresh[1:]:
+            got = next(reused)
+            if workers == 0:
+                assert got["features"].data_ptr() == first["features"].data_ptr()  # decoded into the same tensor
+            assert "buffer_set" not in got
+            for k, v in expected.items():
+                torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+        reused.close()
 
 
 def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stores, tmp_path, monkeypatch):
