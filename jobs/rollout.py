@@ -152,13 +152,7 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg, _ = parse_config(RolloutConfig, "rollout", argv, description=__doc__)
-    from model.checkpoint import CheckpointError
-    from pipeline.store.format import StoreError
-    try:
-        results = run_rollout(cfg)
-    except (CheckpointError, StoreError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    results = run_rollout(cfg)
     for r in results:
         print(f"{r['store']}: {r['rows']} rows, {r['written']} written now, checkpoint {r['fingerprint']}")
     import torch.distributed as dist
@@ -168,4 +162,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import run
+    sys.exit(run(main, resume_hint="rerun the same command to resume"))

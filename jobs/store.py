@@ -1,7 +1,8 @@
 """Store tools: `python -m jobs.store {info,verify,check,export-wds} ...`.
 
     info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
-    verify URL          re-hash every row against the digests recorded when it was written
+    verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
+                        the PCA basis against its fingerprint; lists bad rows (array, row, reason), exit 1
     check URL URL ...   are these stores compatible (can one training run read them together)?
     export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels)
 """
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli import run
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store, open_stores
 
@@ -60,6 +62,32 @@ def info(store: Store) -> str:
     return "\n".join(lines)
 
 
+def verify(store: Store, as_json: bool) -> int:
+    report = store.verify(progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        for b in report["bad_rows"]:
+            where = f"{b['array']}[{b['row']}]" if b["row"] is not None else b["array"]
+            print(f"BAD {where}: {b['reason']}")
+        rows = ", ".join(f"{n} {a}" for a, n in report["checked"].items())
+        verdict = "OK" if report["ok"] else f"{len(report['bad_rows'])} problems"
+        print(f"{store.location}: {verdict} (checked {rows}; {report['rows_without_digest']} rows had no recorded "
+              "digest and were checked for decoding, presence and finite values only)")
+    return 0 if report["ok"] else 1
+
+
+def check(locations: list[str]) -> str:
+    from pipeline.store.verify import basis_problems
+    stores = open_stores(locations)
+    for s in stores:  # the fingerprint is what makes stores compatible: it must describe the basis they hold
+        problems = basis_problems(s)
+        if problems:
+            raise StoreError(f"{s.location}: {problems[0]['array']}: {problems[0]['reason']}")
+    return (f"compatible: {len(stores)} stores, {sum(len(s) for s in stores)} clips, "
+            f"PCA {stores[0].pca_fingerprint[:12]}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.store", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +96,9 @@ def main(argv=None) -> int:
     a.add_argument("store")
     a.add_argument("--json", action="store_true", help="print the manifest and failures as JSON")
     a.add_argument("--allow-incomplete", action="store_true", help="describe an unfinished store too")
-    a = sub.add_parser("verify", help="re-hash rows against their recorded digests")
+    a = sub.add_parser("verify", help="read and check every row; exit 1 when any is bad")
     a.add_argument("store")
+    a.add_argument("--json", action="store_true", help="print the report as JSON (bad_rows: array, row, reason)")
     a = sub.add_parser("check", help="check that stores can be read together")
     a.add_argument("stores", nargs="+")
     a = sub.add_parser("export-wds", help="export WebDataset shards")
@@ -77,34 +106,25 @@ def main(argv=None) -> int:
     a.add_argument("out")
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
     a.add_argument("--shard-size-mb", type=float, default=300.0)
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "info":
-            store = Store(args.store, allow_incomplete=args.allow_incomplete)
-            if args.json:
-                print(json.dumps({"manifest": store.manifest, "failures": store.failures()}, indent=1))
-            else:
-                print(info(store))
-        elif args.cmd == "verify":
-            store = Store(args.store)
-            bad = store.verify()
-            for b in bad:
-                print(f"MISMATCH {b}")
-            print(f"{store.location}: {'OK' if not bad else f'{len(bad)} rows differ from their digests'}")
-            return 1 if bad else 0
-        elif args.cmd == "check":
-            stores = open_stores(args.stores)
-            print(f"compatible: {len(stores)} stores, {sum(len(s) for s in stores)} clips, "
-                  f"PCA {stores[0].pca_fingerprint[:12]}")
-        elif args.cmd == "export-wds":
-            from pipeline.store.wds import export_webdataset
-            shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb)
-            print(f"wrote {len(shards)} shards and manifest.json to {args.out}")
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "info":
+        store = Store(args.store, allow_incomplete=args.allow_incomplete)
+        if args.json:
+            print(json.dumps({"manifest": store.manifest, "failures": store.failures()}, indent=1))
+        else:
+            print(info(store))
+    elif args.cmd == "verify":
+        return verify(Store(args.store), args.json)
+    elif args.cmd == "check":
+        print(check(args.stores))
+    elif args.cmd == "export-wds":
+        from pipeline.store.wds import export_webdataset
+        shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb,
+                                   overwrite=args.overwrite)
+        print(f"wrote {len(shards)} shards and manifest.json to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

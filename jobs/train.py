@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.cli import run as run_main
 from jobs.config import load_preset, parse_config
 
 log = logging.getLogger("re2pix.train")
@@ -96,6 +97,8 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoints"})
+    strict_resume: bool = field(default=False, metadata={
+        "help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"})
     compile: bool = False
     amp: bool = True
     progress: bool = True
@@ -181,7 +184,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         final_lr_ratio=sc.final_lr_ratio, betas=tuple(sc.betas), weight_decay=sc.weight_decay,
         grad_clip=sc.grad_clip, grad_accum=sc.grad_accum, ema_decay=sc.ema_decay, compile=cfg.compile,
         amp=cfg.amp, log_every=sc.log_every, eval_every=sc.eval_every, ckpt_every=sc.ckpt_every,
-        keep_checkpoints=sc.keep_checkpoints, seed=cfg.seed, progress=cfg.progress,
+        keep_checkpoints=sc.keep_checkpoints, strict_resume=cfg.strict_resume, seed=cfg.seed, progress=cfg.progress,
         extra={"stage": stage, "store": sources, "val_store": cfg.val_store, "stage_config": asdict(sc)})
     return train(task, loop_cfg, stream, Path(cfg.run_dir) / stage, runtime=runtime, make_val=make_val,
                  resume=cfg.resume, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor)
@@ -274,4 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, resume_hint="rerun the same command with --resume to continue"))

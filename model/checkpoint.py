@@ -19,16 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import Re2pixError
 
 LATEST = "latest.json"
+RUN_MARKS = (LATEST, "checkpoints", "metrics.jsonl")  # any of these makes a folder a re2pix run
+
+
+class CheckpointError(Re2pixError):
+    """A checkpoint is of the wrong kind, unreadable, or does not match the fingerprint it recorded."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,10 +107,30 @@ def latest_checkpoint(run_dir) -> Path | None:
     path = Path(run_dir) / LATEST
     if not path.exists():
         return None
-    ckpt = Path(run_dir) / json.loads(path.read_text())["checkpoint"]
+    try:
+        ckpt = Path(run_dir) / json.loads(path.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from e
     if not (ckpt / "meta.json").exists():
-        raise FileNotFoundError(f"{path} points at {ckpt}, which is missing or incomplete")
+        raise CheckpointError(f"{path} points at {ckpt}, which is missing or incomplete")
     return ckpt
+
+
+def check_run_dir(run_dir) -> None:
+    """Refuse a non-empty folder that is not a re2pix run: training writes and prunes files in its run
+    folder, so it must never take over someone else's."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_MARKS):
+        shown = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+        raise CheckpointError(f"{run_dir} is not empty and is not a re2pix run (it holds {shown}, and no "
+                              f"{LATEST}, checkpoints/ or metrics.jsonl): choose a new or empty --run-dir")
+
+
+def has_checkpoints(run_dir) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / LATEST).exists() or any((run_dir / "checkpoints").glob("step-*"))
 
 
 def resolve_checkpoint(path) -> Path:
@@ -113,30 +140,84 @@ def resolve_checkpoint(path) -> Path:
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with "
-                                f"{LATEST}: train first (make train)")
+        raise CheckpointError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with "
+                              f"{LATEST}: train first (make train)")
     return ckpt
 
 
 def read_meta(ckpt) -> dict:
-    return json.loads((Path(ckpt) / "meta.json").read_text())
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a checkpoint's meta.json (a JSON object)")
+    return meta
 
 
 def load_weights(ckpt, which: str = "model", device="cpu") -> dict[str, torch.Tensor]:
     """The `model` or `ema` weights of a checkpoint (safetensors: no code is ever unpickled)."""
     path = Path(ckpt) / f"{which}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{ckpt} has no {which} weights ({path.name})")
-    return load_file(str(path), device=str(device))
+        raise CheckpointError(f"{ckpt} has no {which} weights ({path.name})")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged, or "
+                              "not one written by re2pix (its weights are never pickles)") from e
 
 
 def load_state(ckpt) -> dict:
     """Optimizer, scheduler, step and data position, loaded with weights_only=True."""
-    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
+    path = Path(ckpt) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects that weights-only loading refuses (only tensors and plain "
+                              "values are loaded, never code): not a re2pix checkpoint") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
 
 
-class CheckpointError(Re2pixError):
-    """A checkpoint is of the wrong kind or does not match the fingerprint it recorded."""
+def verify_checkpoint(ckpt) -> dict:
+    """Load every file of a checkpoint and check each weights file against the fingerprint meta.json
+    recorded; returns the meta. Raises CheckpointError naming the file and the reason."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    for which in ("model", "ema"):
+        recorded = meta.get(f"{which}_fingerprint")
+        if recorded is None and which == "ema":
+            continue
+        if weights_fingerprint(load_weights(ckpt, which)) != recorded:
+            raise CheckpointError(f"{ckpt}/{which}.safetensors does not match the fingerprint its meta.json "
+                                  "recorded: the checkpoint is damaged")
+    load_state(ckpt)
+    return meta
+
+
+def find_resumable(run_dir, strict: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint of a run, [(checkpoint, reason)] for the newer ones that are not).
+    None for a run without checkpoints. A damaged checkpoint is skipped for the one before it unless
+    `strict`, which stops with the damage; a run whose every checkpoint is damaged stops too."""
+    run_dir = Path(run_dir)
+    candidates = sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)  # step-NNNNNN: newest first
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            if strict:
+                raise
+            skipped.append((ckpt, str(e)))
+            continue
+        return ckpt, skipped
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); "
+                              "choose another --run-dir to start over")
+    if (run_dir / LATEST).exists():
+        raise CheckpointError(f"{run_dir / LATEST} exists but {run_dir / 'checkpoints'} holds no checkpoint")
+    return None, skipped
 
 
 def load_verified(path, tasks: tuple[str, ...], weights: str = "auto") -> tuple[Path, dict, dict, str]:

@@ -31,7 +31,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_state, load_weights, read_meta, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_run_dir,
+    find_resumable,
+    has_checkpoints,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
 from .data import ClipStream
 from .metrics import Means
 from .runtime import Runtime, autocast, init_runtime, to_device
@@ -59,6 +69,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
+    strict_resume: bool = False  # a damaged latest checkpoint stops the run instead of falling back
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints (the job's own config)
@@ -189,12 +200,15 @@ def build(task: Task, cfg: LoopConfig, runtime: Runtime) -> Trainee:
                    torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg)))
 
 
-def resume_point(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint this run continues from (None: a fresh run); the one place that chooses it."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (latest {ckpt.name}): pass --resume to "
-                              "continue that run, or choose another --run-dir")
+def resume_point(run_dir: Path, resume: bool, strict: bool, runtime: Runtime) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh run): the newest intact one (a damaged
+    one is skipped with a warning, or stops the run when strict); the one place that chooses it."""
+    if has_checkpoints(run_dir) and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or "
+                              "choose another --run-dir")
+    ckpt, skipped = find_resumable(run_dir, strict) if resume else (None, [])
+    for _, reason in skipped if runtime.is_main else ():
+        log.warning("skipping a damaged checkpoint, resuming from the one before it: %s", reason)
     return ckpt
 
 
@@ -298,8 +312,9 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     make_val: returns a fresh iterable of validation batches (this rank's share)."""
     runtime = runtime or init_runtime()
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)  # never take over a folder that is not a run
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resume_point(run_dir, resume)
+    ckpt = resume_point(run_dir, resume, cfg.strict_resume, runtime)
     trainee = build(task, cfg, runtime)
     start, summary = restore(ckpt, task, trainee, stream, runtime.device) if ckpt else (0, {})
     if ckpt and runtime.is_main:

@@ -47,7 +47,7 @@ def test_store_holds_every_clip_with_the_right_shapes(cached):
     assert clip.features.shape == TINY.features_shape and clip.latents.shape == TINY.latents_shape
     assert np.isfinite(clip.features).all() and np.isfinite(clip.latents).all()
     assert store.manifest["dataset"] == "synthetic" and store.manifest["encoders"]["dinov2"]["sha256"]
-    assert store.verify() == []
+    assert store.verify()["bad_rows"] == []
 
 
 def test_overlapping_clips_do_not_store_a_frame_twice(cached):
@@ -143,7 +143,7 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
     assert a.clip_ids == b.clip_ids and len(a) == 4
     np.testing.assert_array_equal(a.group["frames/features"][...], b.group["frames/features"][...])
     np.testing.assert_array_equal(a.group["clips/latents"][...], b.group["clips/latents"][...])
-    assert a.verify() == []
+    assert a.verify()["bad_rows"] == []
 
 
 def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_address, tmp_path):

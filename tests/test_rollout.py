@@ -9,6 +9,7 @@ import torch
 from store_factory import make_store
 
 import pipeline.store.location
+from jobs.cli import run
 from jobs.rollout import load_stage1
 from jobs.rollout import main as rollout_main
 from jobs.train import main as train_main
@@ -38,8 +39,8 @@ def trained(tmp_path_factory):
 
 
 def _rollout(store, ckpt, *extra):
-    return rollout_main(["--checkpoint", str(ckpt), "--store", store, "--chunk-rows", "4", "--batch-size", "3",
-                         "--no-progress", *extra])
+    return run(rollout_main, ["--checkpoint", str(ckpt), "--store", store, "--chunk-rows", "4", "--batch-size", "3",
+                              "--no-progress", *extra])
 
 
 def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(trained, monkeypatch, capsys):
@@ -54,8 +55,7 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
         return real(fs, path, data)
 
     monkeypatch.setattr(pipeline.store.location, "write_atomic", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        _rollout(store_path, ckpt)
+    assert _rollout(store_path, ckpt) == 130  # interrupted
     monkeypatch.setattr(pipeline.store.location, "write_atomic", real)
     store = Store(store_path)
     assert not store.has_pred_features
@@ -93,7 +93,7 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
             preds.append(pred)
         assert not np.array_equal(preds[0], preds[1])  # each variant from its own features
     np.testing.assert_array_equal(store.read_pred_features(2, channels=16), store.read_pred_features(2)[..., :16])
-    assert store.verify() == []  # the rollout's progress records leave the cache job's alone
+    assert store.verify()["bad_rows"] == []  # the rollout's progress records leave the cache job's alone
 
     # another checkpoint's rollouts are refused unless --overwrite
     other = _train_stage1(store_path, ckpt.parent.parent / "other", seed=1)

@@ -48,7 +48,7 @@ def test_channel_prefix_reads_return_the_prefix_and_touch_fewer_bytes(store_path
     store = Store(str(path))
     full = store.read_features(1)
     np.testing.assert_array_equal(store.read_features(1, channels=16), full[..., :16])
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(StoreError, match="channels must be in 1..64"):
         store.read_features(1, channels=store.num_channels + 1)
     # count bytes the Zarr store hands back for a prefix read against a full read
     import zarr.storage
@@ -157,10 +157,14 @@ def test_flip_variants_are_rows_of_the_same_clip(tmp_path):
 
 def test_verify_detects_a_changed_row(tmp_path):
     make_store(tmp_path / "s.zarr", scenes=1, frames=25)
-    assert Store(str(tmp_path / "s.zarr")).verify() == []
+    report = Store(str(tmp_path / "s.zarr")).verify()
+    assert report["ok"] and report["bad_rows"] == [] and report["checked"] == {"frames/features": 7,
+                                                                               "clips/latents": 1}
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     g["clips/latents"][0, 0, 0, 0, 0] = 123.0
-    assert Store(str(tmp_path / "s.zarr")).verify() == ["latents row 0 (unit unit-000000)"]
+    report = Store(str(tmp_path / "s.zarr")).verify()
+    assert not report["ok"] and report["bad_rows"] == [
+        {"array": "clips/latents", "row": 0, "reason": "differs from the digest recorded when it was written"}]
 
 
 def test_webdataset_export_reads_back_equal_to_zarr(tmp_path, store_path):

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 BASIS_ARRAYS = ("mean", "std", "components", "explained_variance")
 
@@ -62,7 +63,9 @@ class PCABasis:
         """Write the arrays into a zarr group (e.g. a store's `pca/`, or a standalone basis store)."""
         for name in BASIS_ARRAYS:
             a = np.asarray(getattr(self, name), np.float32)
-            group.create_array(name, shape=a.shape, dtype="float32", overwrite=True)[...] = a
+            # zstd + a crc32c checksum (Zarr v3 codecs): a changed byte fails the read
+            group.create_array(name, shape=a.shape, dtype="float32", overwrite=True,
+                               compressors=(ZstdCodec(level=3), Crc32cCodec()))[...] = a
         group.attrs.update({"fingerprint": self.fingerprint, "num_components": self.num_components,
                             "feature_dim": self.feature_dim})
 

@@ -10,6 +10,8 @@ from pipeline.errors import Re2pixError
 
 FORMAT_NAME = "re2pix-store"
 FORMAT_VERSION = 1
+# what a store's folder holds (README "The store"): all that --overwrite may remove
+STORE_LAYOUT = ("zarr.json", "pca", "frames", "clips", "failures", "progress")
 VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
 
 # Encoder description keys that may differ between compatible stores: the same weights can be
@@ -19,6 +21,19 @@ _ENCODER_KEYS_FREE = {"name", "weights_id", "revision", "device", "dtype_note"}
 
 class StoreError(Re2pixError):
     """Base class: a store cannot be used as asked. Messages name the store."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_from_worker(message, type(self).__name__))
+
+
+def _from_worker(message: str, name: str) -> str:
+    """torch's DataLoader re-raises a worker's exception as `type(message)` where the message is
+    "Caught X in DataLoader worker process N. Original Traceback ...": keep the one line the error had."""
+    message = str(message)
+    if not message.startswith(f"Caught {name} in DataLoader worker"):
+        return message
+    last = [ln.split(f"{name}: ", 1)[1] for ln in message.splitlines() if f"{name}: " in ln]
+    return last[-1] if last else message.splitlines()[0]
 
 
 class NotAStoreError(StoreError):
@@ -37,8 +52,11 @@ class DamagedStoreError(StoreError):
     """A chunk the manifest says exists is missing, or fails its checksum or decoding.
     `location`, `array` and `row` name where; readers raise it instead of handing out fill values."""
 
-    def __init__(self, location: str, array: str, row: int | None, reason: str):
+    def __init__(self, location: str, array: str | None = None, row: int | None = None, reason: str | None = None):
         self.location, self.array, self.row, self.reason = location, array, row, reason
+        if array is None:  # one message: re-raised from a DataLoader worker (see _from_worker)
+            super().__init__(location)
+            return
         where = f"{array}[{row}]" if row is not None else array
         super().__init__(f"{location}: {where} is damaged ({reason}); run `python -m jobs.store verify {location}`")
 
@@ -69,6 +87,15 @@ def check_manifest(manifest: dict, where: str, allow_incomplete: bool = False) -
     if not allow_incomplete and not manifest.get("complete", False):
         raise IncompleteStoreError(f"{where} was never finished (complete=false): the job that wrote it "
                                    "stopped early; rerun the same cache command to resume it")
+
+
+def geometry_of(manifest: dict, where: str):
+    """The manifest's clip geometry, bounds-checked before it sizes anything; refused naming `where`."""
+    from .geometry import Geometry
+    try:
+        return Geometry.from_dict(manifest.get("geometry"))
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{where}: the manifest's geometry is refused: {e}") from e
 
 
 def compatibility_view(manifest: dict) -> dict:

@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+# upper bounds on every field (far above any real video model), and on the values in one stored row
+_LIMITS = {"clip_frames": 4097, "context_frames": 4096, "temporal_downsample": 64, "spatial_downsample": 1024,
+           "vae_input_hw": 16384, "latent_channels": 4096, "dino_input_hw": 16384, "patch_size": 1024,
+           "feature_dim": 65536, "num_pca_channels": 65536}
+_MAX_ROW_ELEMENTS = 1 << 30
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -24,6 +37,13 @@ class Geometry:
     num_pca_channels: int = 1152
 
     def __post_init__(self):
+        for f in fields(self):  # bounds first: a manifest is read from elsewhere and sizes every allocation
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if len(values) != (2 if f.name.endswith("_hw") else 1) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _LIMITS[f.name] for x in values):
+                raise ValueError(f"geometry {f.name}={value!r} is out of bounds (positive integers up to "
+                                 f"{_LIMITS[f.name]})")
         r = self.temporal_downsample
         if (self.clip_frames - 1) % r or (self.context_frames - 1) % r:
             raise ValueError(f"clip_frames-1 and context_frames-1 must be multiples of {r} (causal VAE)")
@@ -35,6 +55,9 @@ class Geometry:
             raise ValueError(f"vae_input_hw {self.vae_input_hw} must be multiples of {2 * self.spatial_downsample}")
         if self.num_pca_channels > self.feature_dim:
             raise ValueError("num_pca_channels cannot exceed feature_dim")
+        row = max(_prod(self.features_shape[1:]), _prod(self.latents_shape))
+        if row > _MAX_ROW_ELEMENTS:
+            raise ValueError(f"geometry makes rows of {row:,} values, more than {_MAX_ROW_ELEMENTS:,}")
 
     @property
     def latent_frames(self) -> int:  # 7: latent 0 = frame 0, latent t = frames 4t-3 .. 4t
@@ -74,6 +97,8 @@ class Geometry:
     @classmethod
     def from_dict(cls, d: dict) -> Geometry:
         names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"geometry must be an object, got {type(d).__name__}")
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown geometry fields {sorted(unknown)}")

@@ -16,9 +16,18 @@ from functools import cached_property
 import numpy as np
 
 from .basis import PCABasis
-from .format import StoreError, check_compatible, check_manifest
-from .geometry import Geometry
+from .format import DamagedStoreError, NotAStoreError, StoreError, check_compatible, check_manifest, geometry_of
 from .location import filesystem, open_group
+
+# What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
+# decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
+DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError)
+_SHAPED = ("frames/features", "clips/latents", "clips/valid", "clips/feature_rows")
+_MAX_ROWS = 1 << 27  # clips or frames in one store: far above any dataset, far below an absurd allocation
+
+
+def _int_in(x, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
 @dataclass
@@ -39,18 +48,66 @@ class Store:
         try:
             self.group = open_group(self.location, mode="r", storage_options=storage_options)
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-            from .format import NotAStoreError
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
         check_manifest(self.manifest, self.location, allow_incomplete=allow_incomplete)
-        self.geometry = Geometry.from_dict(self.manifest["geometry"])
+        self.geometry = geometry_of(self.manifest, self.location)
         self.variants: list[str] = list(self.manifest["variants"])
-        self._features = self.group["frames/features"]
-        self._latents = self.group["clips/latents"]
-        valid = self.group["clips/valid"][...]
+        try:
+            arrays = {name: self.group[name] for name in _SHAPED}
+        except KeyError as e:
+            raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
+        self._check_shapes(arrays)  # metadata only: nothing is read or allocated before the shapes are right
+        self._features, self._latents = arrays["frames/features"], arrays["clips/latents"]
+        valid = self._read_small(arrays["clips/valid"], "clips/valid")
+        self._feature_rows = self._read_small(arrays["clips/feature_rows"], "clips/feature_rows")
+        self._check_clip_table(valid)
         v = self.num_variants
         self._clip_rows = np.flatnonzero(valid.reshape(-1, v).all(axis=1)) * v  # first row of each clip
-        self._feature_rows = self.group["clips/feature_rows"][...]
+
+    def _read_small(self, arr, name: str) -> np.ndarray:
+        try:
+            return arr[...]
+        except DECODE_ERRORS as e:
+            raise DamagedStoreError(self.location, name, None, _reason(e)) from e
+
+    def _check_shapes(self, arrays: dict) -> None:
+        """Every shape against the manifest's counts and geometry, before anything is read or allocated."""
+        g, counts, v = self.geometry, self.manifest.get("counts"), len(self.variants)
+        if not (0 < v <= 2 and isinstance(counts, dict) and _int_in(counts.get("frames"), 1, _MAX_ROWS)
+                and _int_in(counts.get("clips"), 1, _MAX_ROWS)):
+            raise StoreError(f"{self.location}: the manifest's variants {self.variants} or counts {counts} are "
+                             f"not a store's (1..{_MAX_ROWS} clips and frames, 1 or 2 variants)")
+        rows, frames = counts["clips"] * v, counts["frames"] * v
+        want = {"frames/features": (frames, *g.features_shape[1:]), "clips/latents": (rows, *g.latents_shape),
+                "clips/valid": (rows,), "clips/feature_rows": (rows, g.latent_frames)}
+        got = {name: arrays[name].shape for name in want}
+        if "pca" in self.group and "components" in self.group["pca"]:
+            want["pca/components"] = (g.num_pca_channels, g.feature_dim)
+            got["pca/components"] = self.group["pca/components"].shape
+        for name in want:
+            if tuple(got[name]) != tuple(want[name]):
+                raise StoreError(f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
+                                 f"and geometry say {list(want[name])}: the store is damaged or forged")
+        recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
+        if recorded is not None and recorded != self.pca_fingerprint:
+            raise StoreError(f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
+                             f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
+                             "read in the wrong space")
+
+    def _check_clip_table(self, valid: np.ndarray) -> None:
+        """The small arrays read at open must agree with the manifest: a missing chunk of them reads as
+        fill values (no clip valid, every clip on frame 0) and would silently change what is served."""
+        frames, v = self.manifest["counts"]["frames"] * len(self.variants), len(self.variants)
+        recorded = self.manifest["counts"].get("valid_clips")
+        if recorded is not None and int(valid.reshape(-1, v).all(axis=1).sum()) != recorded:
+            raise DamagedStoreError(self.location, "clips/valid", None, f"it marks {int(valid.sum()) // v} clips "
+                                    f"usable, the manifest counted {recorded}")
+        used = self._feature_rows[valid]
+        distinct = np.all(np.diff(np.sort(used, axis=1), axis=1) > 0)
+        if used.size and (used.min() < 0 or used.max() >= frames or not distinct):
+            raise DamagedStoreError(self.location, "clips/feature_rows", None, "a clip's rows must be distinct and "
+                                    f"lie in 0..{frames - 1} (a missing chunk reads as zeros)")
 
     def __len__(self) -> int:
         return len(self._clip_rows)
@@ -101,7 +158,8 @@ class Store:
     def _channels(self, channels: int | None) -> int:
         c = self.num_channels if channels is None else int(channels)
         if not 0 < c <= self.num_channels:
-            raise ValueError(f"channels must be in 1..{self.num_channels}, got {channels}")
+            raise StoreError(f"{self.location} holds {self.num_channels} PCA channels: channels must be in "
+                             f"1..{self.num_channels}, got {channels}")
         return c
 
     def read_features(self, i: int, channels: int | None = None, variant: int = 0,
@@ -116,17 +174,29 @@ class Store:
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
-        if step > 0 and np.all(np.diff(rows) == step):
-            return _read(self._features, (slice(rows[0], rows[-1] + 1, step), slice(None), slice(None), slice(c)), out)
-        if out is None:
-            return np.stack([self._features[r, :, :, :c] for r in rows])
-        for k, r in enumerate(rows):
-            _read(self._features, (int(r), slice(None), slice(None), slice(c)), out[k])
+        try:
+            if step > 0 and np.all(np.diff(rows) == step):
+                out = _read(self._features, (slice(rows[0], rows[-1] + 1, step), slice(None), slice(None),
+                                             slice(0, c)), out)
+            elif out is None:
+                out = np.stack([self._features[r, :, :, :c] for r in rows])
+            else:
+                for k, r in enumerate(rows):
+                    _read(self._features, (int(r), slice(None), slice(None), slice(0, c)), out[k])
+        except DECODE_ERRORS:
+            for r in rows:  # name the row that fails
+                self._read_row(self._features, "frames/features", int(r), (slice(None), slice(None), slice(0, c)))
+            raise
+        for r, frame in zip(rows, out):
+            self._check_present(frame, "frames/features", int(r))
         return out
 
     def read_latents(self, i: int, variant: int = 0, out: np.ndarray | None = None) -> np.ndarray:
         """[16, 7, h, w] float16 (`out`: as in read_features)."""
-        return _read(self._latents, (self.row(i, variant),), out)
+        row = self.row(i, variant)
+        z = self._read_row(self._latents, "clips/latents", row, (), out)
+        self._check_present(z, "clips/latents", row)
+        return z
 
     def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0,
                            out: np.ndarray | None = None) -> np.ndarray:
@@ -134,14 +204,53 @@ class Store:
         if not self.has_pred_features:
             raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
                              "(make rollout)")
-        selection = (self.row(i, variant), Ellipsis, slice(self._channels(channels)))
-        return _read(self.group["clips/pred_features"], selection, out)
+        arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
+        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)), out)
+        predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
+        for frame in p:
+            self._check_present(frame[..., :predicted], "clips/pred_features", row)
+        return p
+
+    def _read_row(self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        try:
+            return _read(arr, (row, *rest), out)
+        except DECODE_ERRORS as e:
+            raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+
+    def _check_present(self, a: np.ndarray, name: str, row: int) -> None:
+        """Refuse a row holding a chunk that reads as fill values (zeros): its object is missing on disk.
+        The writer stores every chunk (write_empty_chunks), and no encoder output is an exact-zero chunk.
+        Cheap: one pixel per channel chunk decides, a whole chunk is scanned only when that pixel is zero."""
+        cc = self._channel_chunk(name, a.shape[-1])
+        if name == "clips/latents":
+            if not a.reshape(-1)[:4096].any() and not a.any():
+                raise DamagedStoreError(self.location, name, row, "its chunk is missing (reads as fill values)")
+            return
+        for k in range(0, a.shape[-1], cc):
+            block = a[..., k : k + cc]
+            if not block[(0,) * (block.ndim - 1)].any() and not block.any():
+                if k == 0 and not a.any():
+                    raise DamagedStoreError(self.location, name, row,
+                                            "all its chunks are missing (reads as fill values)")
+                last = k + block.shape[-1] - 1
+                raise DamagedStoreError(self.location, name, row,
+                                        f"the chunk of channels {k}..{last} is missing (reads as fill values)")
+
+    def _channel_chunk(self, name: str, c: int) -> int:
+        chunk = self.manifest.get("channel_chunk")
+        return int(chunk) if isinstance(chunk, int) and chunk > 0 else c
 
     @cached_property
     def clip_table(self) -> dict[str, np.ndarray]:
         """Per-row clip metadata (id, scene, start, timestamps), read once: rows, not clip numbers."""
         c = self.group["clips"]
-        return {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+        try:
+            table = {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+        except (KeyError, *DECODE_ERRORS) as e:
+            raise DamagedStoreError(self.location, "clips/id, scene, start or timestamps", None, _reason(e)) from e
+        if any(not str(table["id"][r]) for r in self._clip_rows):
+            raise DamagedStoreError(self.location, "clips/id", None, "usable clips have empty ids (fill values)")
+        return table
 
     def clip_meta(self, i: int, variant: int = 0) -> dict:
         r, t = self.row(i, variant), self.clip_table
@@ -165,17 +274,11 @@ class Store:
         fs, root = filesystem(self.location, self.storage_options)
         return [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/progress/*.json"))]
 
-    def verify(self) -> list[str]:
-        """Re-hash every row against the digests its work unit recorded; returns the mismatches."""
-        from .writer import digest  # writer pulls in the clip index; only verification needs it
-        bad = []
-        for rec in self.unit_records():
-            for key, want in rec["digests"].items():
-                kind, row = key.split("/")
-                arr = self._features[int(row)] if kind == "features" else self._latents[int(row)]
-                if digest(arr) != want:
-                    bad.append(f"{kind} row {row} (unit {rec['unit']})")
-        return bad
+    def verify(self, progress: bool = False) -> dict:
+        """Read every row this store says it holds and check it (pipeline/store/verify.py): a report
+        whose "bad_rows" lists (array, row, reason) for each problem, and "ok"."""
+        from .verify import verify_store
+        return verify_store(self, progress)
 
 
 def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
@@ -185,6 +288,13 @@ def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
     from zarr.core.buffer.cpu import NDBuffer
     array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
     return out
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).split("\n")[0][:160]
+    if "checksum" in text:
+        return "crc32c checksum mismatch: its bytes changed on disk"
+    return f"cannot read or decode it: {type(e).__name__}: {text}"
 
 
 def open_stores(locations: list[str], storage_options: dict | None = None) -> list[Store]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from .format import StoreError, check_manifest
+from .format import FORMAT_NAME, StoreError, check_manifest, geometry_of
 from .location import filesystem, is_url, write_atomic
 from .reader import ClipArrays, Store
 
@@ -29,43 +30,125 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+EXPORT_MARK = ".re2pix-export.json"  # written first, removed after manifest.json: an export in progress
+_SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
+_NPY = ("latents.npy", "features.npy", "pred_features.npy")
+
+
 def export_webdataset(store: Store, out_dir: str, channels: int | None = None,
-                      shard_size_mb: float = 300.0, progress: bool = True) -> list[str]:
-    """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir`."""
+                      shard_size_mb: float = 300.0, progress: bool = True, overwrite: bool = False) -> list[str]:
+    """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir`.
+    `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); a failed export
+    removes the shards it wrote."""
     import webdataset as wds
     from tqdm.auto import tqdm
 
+    c = store._channels(channels)  # refused before anything is written
     fs, root = filesystem(out_dir)
+    _claim(fs, root, out_dir, overwrite)
     fs.makedirs(root, exist_ok=True)
-    c = store.num_channels if channels is None else channels
+    write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps({"source_store": store.location}).encode())
     with_pred = store.has_pred_features
     pattern = f"{root}/{SHARD_PATTERN}"
     count = 0
-    with wds.ShardWriter(pattern, maxsize=int(shard_size_mb * 2**20), maxcount=10**9, verbose=0) as sink:
-        for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
-            for v in range(store.num_variants):
-                clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
-                sample = {"__key__": clip.clip_id, "latents.npy": _npy(clip.latents),
-                          "features.npy": _npy(clip.features), "json": json.dumps(clip.meta).encode()}
-                if with_pred:
-                    sample["pred_features.npy"] = _npy(clip.pred_features)
-                sink.write(sample)
-                count += 1
-        shards = [posixpath.basename(p) for p in sorted(fs.glob(f"{root}/shard-*.tar"))]
+    try:
+        with wds.ShardWriter(pattern, maxsize=int(shard_size_mb * 2**20), maxcount=10**9, verbose=0) as sink:
+            for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
+                for v in range(store.num_variants):
+                    clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
+                    sample = {"__key__": clip.clip_id, "latents.npy": _npy(clip.latents),
+                              "features.npy": _npy(clip.features), "json": json.dumps(clip.meta).encode()}
+                    if with_pred:
+                        sample["pred_features.npy"] = _npy(clip.pred_features)
+                    sink.write(sample)
+                    count += 1
+    except BaseException:
+        _remove_export(fs, root)  # ours alone: the folder was empty or an export of ours
+        raise
+    shards = [posixpath.basename(p) for p in sorted(fs.glob(f"{root}/shard-*.tar"))]
     manifest = dict(store.manifest, webdataset={"channels": c, "shards": shards, "samples": count,
                                                 "source_store": store.location, "has_pred_features": with_pred})
     write_atomic(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())
+    fs.rm(f"{root}/{EXPORT_MARK}")
     return [f"{out_dir.rstrip('/')}/{s}" for s in shards]
 
 
+def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse a target that holds anything but an export of ours; clear ours only with `overwrite`."""
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise StoreError(f"{out_dir} is a file, not a folder: refusing to export there")
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    if not names:
+        return
+    ours = EXPORT_MARK in names or _is_export_manifest(fs, f"{root}/manifest.json")
+    if not ours:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise StoreError(f"{out_dir} is not empty and is not a re2pix WebDataset export (it holds {shown}): "
+                         "refusing to write there, with or without --overwrite; choose a new or empty folder")
+    if not overwrite:
+        raise StoreError(f"{out_dir} already holds a WebDataset export; pass --overwrite to replace it")
+    _remove_export(fs, root)
+
+
+def _is_export_manifest(fs, path: str) -> bool:
+    try:
+        m = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT_NAME and isinstance(m.get("webdataset"), dict)
+
+
+def _remove_export(fs, root: str) -> None:
+    """Delete an export's own files (its shards, manifest.json, the in-progress mark), nothing else."""
+    for p in fs.ls(root, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if _SHARD_NAME.fullmatch(name) or name in ("manifest.json", EXPORT_MARK):
+            fs.rm(p)
+    if not fs.ls(root, detail=False):
+        fs.rmdir(root)
+
+
 def read_wds_manifest(out_dir: str) -> dict:
+    """The export's manifest, with every size in it bounds-checked before anything is allocated."""
     fs, root = filesystem(out_dir)
     path = f"{root}/manifest.json"
     if not fs.exists(path):
         raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export")
-    manifest = json.loads(fs.cat_file(path))
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except (ValueError, OSError) as e:
+        raise StoreError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path} is not a re2pix WebDataset manifest (not a JSON object)")
     check_manifest(manifest, out_dir)
+    g = geometry_of(manifest, path)
+    w, counts, variants = manifest.get("webdataset"), manifest.get("counts"), manifest.get("variants")
+    if not isinstance(w, dict) or not isinstance(counts, dict) or not isinstance(variants, list):
+        raise StoreError(f"{path} lacks its webdataset, counts or variants entries: not a re2pix export")
+    rows = counts.get("clips", 0) * len(variants) if isinstance(counts.get("clips"), int) else -1
+
+    def bad(what):
+        return StoreError(f"{path}: {what}; refusing the export (a damaged or forged manifest)")
+    if not _int_in(w.get("channels"), 1, g.num_pca_channels):
+        raise bad(f"webdataset.channels is {_short(w.get('channels'))}, the geometry has 1..{g.num_pca_channels}")
+    if not _int_in(w.get("samples"), 0, max(rows, 0)):
+        raise bad(f"webdataset.samples is {_short(w.get('samples'))}, the store had {rows} clip rows")
+    shards = w.get("shards")
+    if not (isinstance(shards, list) and len(shards) <= max(1, w["samples"])
+            and all(isinstance(x, str) and _SHARD_NAME.fullmatch(x) for x in shards)):
+        raise bad(f"webdataset.shards must list at most one shard-NNNNNN.tar per sample ({_short(shards)})")
     return manifest
+
+
+def _int_in(x, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def shard_urls(out_dir: str) -> list[str]:
@@ -79,36 +162,92 @@ def _check_member(name: str, shard: str) -> None:
         raise StoreError(f"{shard}: tar member {name!r} is not a plain file name; refusing the shard")
 
 
-def decode_sample(sample: dict, shard: str = "?") -> ClipArrays:
-    """A raw WebDataset sample (bytes per extension) -> ClipArrays. No pickle is ever loaded."""
+def _expected_shapes(folder: str) -> dict[str, tuple] | None:
+    """The array shapes a shard's samples must have, from the manifest.json beside it (None for a bare shard)."""
+    fs, root = filesystem(folder)
+    if not fs.exists(f"{root}/manifest.json"):  # read once per shard (a shard holds hundreds of MB)
+        return None
+    m = read_wds_manifest(folder)
+    g, c = geometry_of(m, folder), m["webdataset"]["channels"]
+    h, w = g.feature_hw
+    return {"latents.npy": g.latents_shape, "features.npy": (g.latent_frames, h, w, c),
+            "pred_features.npy": (g.future_latents, h, w, c)}
+
+
+def _load_npy(data: bytes, shard: str, member: str, shape: tuple | None) -> np.ndarray:
+    """A float16 array from .npy bytes: header checked (dtype, shape, size) before any allocation,
+    never a pickle. Errors name the shard and the member."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got, fortran, dtype = read_header(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreError(f"{shard}: member {member} is not a valid .npy file ({e})") from e
+    if dtype != np.float16:
+        raise StoreError(f"{shard}: member {member} holds {dtype} values, a store's arrays are float16")
+    if (shape is not None and tuple(got) != tuple(shape)) or len(got) != 4:
+        raise StoreError(f"{shard}: member {member} has shape {list(got)}, the export's manifest says "
+                         f"{list(shape) if shape else '4 axes'}")
+    n = 2
+    for s in got:
+        n *= s
+    if len(data) - f.tell() != n:
+        raise StoreError(f"{shard}: member {member} holds {len(data) - f.tell()} bytes of data, its header says {n}")
+    a = np.frombuffer(data, np.float16, offset=f.tell())
+    return a.reshape(got, order="F" if fortran else "C").copy()
+
+
+def decode_sample(sample: dict, shard: str = "?", shapes: dict | None = None) -> ClipArrays:
+    """A raw WebDataset sample (bytes per extension) -> ClipArrays. No pickle is ever loaded; with `shapes`
+    (from the export's manifest) every array must have its shape."""
+    key = sample.get("__key__", "?")
+    for k in sample:
+        if not k.startswith("__"):
+            _check_member(f"{key}.{k}", shard)
+    missing = [m for m in ("json", "latents.npy", "features.npy") if m not in sample]
+    if missing:
+        raise StoreError(f"{shard}: sample {key} lacks {', '.join(f'{key}.{m}' for m in missing)}")
+
     def arr(ext):
-        return np.load(io.BytesIO(sample[ext]), allow_pickle=False)
-    for key in sample:
-        if not key.startswith("__"):
-            _check_member(f"{sample['__key__']}.{key}", shard)
-    meta = json.loads(sample["json"])
-    return ClipArrays(sample["__key__"], arr("features.npy"), arr("latents.npy"), meta,
+        return _load_npy(sample[ext], shard, f"{key}.{ext}", (shapes or {}).get(ext))
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as e:
+        raise StoreError(f"{shard}: member {key}.json is not JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise StoreError(f"{shard}: member {key}.json is not a JSON object")
+    return ClipArrays(key, arr("features.npy"), arr("latents.npy"), meta,
                       arr("pred_features.npy") if "pred_features.npy" in sample else None)
 
 
 def iter_shard(url: str) -> Iterator[ClipArrays]:
-    """Stream one tar shard (local path or URL) without extracting it."""
+    """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
+    the manifest.json beside it when there is one."""
     import fsspec
+    shapes = _expected_shapes(posixpath.dirname(url.rstrip("/")) or ".")
     opener = fsspec.open(url, "rb") if is_url(url) else open(url, "rb")
-    with opener as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        sample: dict = {}
-        for member in tar:
-            if not member.isfile():
-                raise StoreError(f"{url}: tar member {member.name!r} is not a regular file")
-            _check_member(member.name, url)
-            key, ext = member.name.split(".", 1)
-            if sample and sample["__key__"] != key:
-                yield decode_sample(sample, url)
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
-        if sample:
-            yield decode_sample(sample, url)
+    try:
+        with opener as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            sample: dict = {}
+            for member in tar:
+                if not member.isfile():
+                    raise StoreError(f"{url}: tar member {member.name!r} is not a regular file")
+                _check_member(member.name, url)
+                if "." not in member.name:
+                    raise StoreError(f"{url}: tar member {member.name!r} has no extension: not a sample's file")
+                key, ext = member.name.split(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield decode_sample(sample, url, shapes)
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tar.extractfile(member).read()
+            if sample:
+                yield decode_sample(sample, url, shapes)
+    except (tarfile.TarError, EOFError) as e:
+        raise StoreError(f"{url}: the shard is damaged ({type(e).__name__}: {e})") from e
+    except FileNotFoundError as e:
+        raise StoreError(f"{url}: no such shard") from e
 
 
 def iter_webdataset(urls: Iterable[str]) -> Iterator[ClipArrays]:

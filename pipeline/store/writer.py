@@ -14,7 +14,7 @@ import hashlib
 import json
 
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .. import __version__
 from ..clips import ClipIndex
@@ -22,6 +22,7 @@ from .basis import PCABasis
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    STORE_LAYOUT,
     VARIANT_SUFFIX,
     StoreError,
     check_manifest,
@@ -43,6 +44,17 @@ def compressor(name: str):
     if name == "none":
         return None
     raise ValueError(f"unknown compression {name!r}; choose from {COMPRESSIONS}")
+
+
+def chunk_codecs(name: str) -> tuple:
+    """The compressor, then a crc32c checksum (a Zarr v3 codec): a changed byte in a chunk fails its read."""
+    comp = compressor(name)
+    return (Crc32cCodec(),) if comp is None else (comp, Crc32cCodec())
+
+
+# Zarr skips chunks equal to the fill value unless told otherwise; every row we write must be on disk,
+# so that a chunk missing on disk always means damage (readers refuse fill values where data belongs).
+ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def digest(a: np.ndarray) -> str:
@@ -97,19 +109,16 @@ class StoreWriter:
             "clip_index_digest": _index_digest(index), "skipped_windows": index.skipped,
             **(extra or {}), "complete": False,
         }
-        try:
-            existing = dict(open_group(location, mode="r", storage_options=storage_options).attrs)
-        except (FileNotFoundError, OSError, ValueError, KeyError):
-            existing = None
-        if existing and existing.get("format") == FORMAT_NAME and not overwrite:
+        existing = existing_store(location, storage_options)
+        if existing is not None and not overwrite:
             if existing.get("complete"):
                 raise StoreError(f"{location} is already a finished store; pass --overwrite to replace it")
             _check_resumable(existing, manifest, location)
             return cls(location, storage_options)
-        if existing and not overwrite:
-            raise StoreError(f"{location} exists and is not a re2pix store; pick another path or --overwrite")
+        if existing is not None:  # --overwrite: remove what this store's layout names, nothing else
+            remove_store(location, storage_options)
 
-        g = open_group(location, mode="w", storage_options=storage_options)
+        g = open_group(location, mode="a", storage_options=storage_options)
         manifest["created"] = _now()
         _write_metadata(g, index, geometry, basis, variants, channel_chunk, compression)
         g.attrs.update(manifest)
@@ -177,7 +186,8 @@ class StoreWriter:
         fg = self.group.require_group("failures")
         for key in ("clip_id", "file", "reason"):
             col = np.array([str(f.get(key, "")) for f in failures], dtype=object)
-            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True)
+            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True,
+                                compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
             if len(failures):
                 a[...] = col
         counts = dict(self.manifest["counts"], valid_clips=int(valid.sum()) // v,
@@ -204,8 +214,8 @@ class StoreWriter:
         cc = min(self.manifest["channel_chunk"], c)
         arr = self.group.create_array(
             name, shape=(rows, g.future_latents, h, w, c), dtype="float16", chunks=(1, 1, h, w, cc),
-            shards=(1, g.future_latents, h, w, c), compressors=compressor(self.manifest["compression"]),
-            fill_value=0, overwrite=True)
+            shards=(1, g.future_latents, h, w, c), compressors=chunk_codecs(self.manifest["compression"]),
+            fill_value=0, overwrite=True, config=ALL_CHUNKS)
         arr.attrs.update({"checkpoint_fingerprint": checkpoint_fingerprint, "complete": False})
         return arr
 
@@ -228,6 +238,41 @@ def _index_digest(index: ClipIndex) -> str:
     return h.hexdigest()
 
 
+def existing_store(location: str, storage_options: dict | None) -> dict | None:
+    """The manifest of the re2pix store at `location`, or None where there is nothing (no folder, or an
+    empty one). Anything else there is refused whatever the flags: a writer never clears a folder it
+    did not make."""
+    fs, root = filesystem(location, storage_options)
+    if not fs.exists(root):
+        return None
+    if not fs.isdir(root):
+        raise StoreError(f"{location} is a file, not a folder: refusing to write a store there")
+    entries = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    entries = [e for e in entries if e and e != root.rstrip("/").rsplit("/", 1)[-1]]
+    if not entries:
+        return None
+    attrs = None
+    if "zarr.json" in entries:
+        try:
+            attrs = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {})
+        except (ValueError, AttributeError, OSError):
+            attrs = None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise StoreError(f"{location} is not empty and is not a re2pix store (it holds {shown}): refusing to "
+                         "write there, with or without --overwrite; choose a new or empty folder")
+    return attrs
+
+
+def remove_store(location: str, storage_options: dict | None = None) -> None:
+    """Delete a re2pix store's own entries (its layout: zarr.json, pca/, frames/, clips/, failures/,
+    progress/) and nothing else that shares the folder."""
+    fs, root = filesystem(location, storage_options)
+    for name in STORE_LAYOUT:
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
 def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
     a, b = compatibility_view(existing), compatibility_view(manifest)
     for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split"):
@@ -244,7 +289,7 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
     nf, nc = len(index.frames), len(index.clips)
     h, w = geometry.feature_hw
     c = geometry.num_pca_channels
-    comp = compressor(compression)
+    comp = chunk_codecs(compression)
 
     basis.save(g.require_group("pca"))
 
@@ -252,7 +297,7 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
     # one shard per frame (a frame is one object on disk), channel chunks inside it so that reading
     # the first c PCA channels touches about c/C of the bytes
     fg.create_array("features", shape=(nf * v, h, w, c), dtype="float16", chunks=(1, h, w, min(channel_chunk, c)),
-                    shards=(1, h, w, c), compressors=comp, fill_value=0)
+                    shards=(1, h, w, c), compressors=comp, fill_value=0, config=ALL_CHUNKS)
     _column(fg, "scene", [s for s, _ in index.frames for _ in range(v)], str)
     _column(fg, "index", [f.index for _, f in index.frames for _ in range(v)], "int64")
     _column(fg, "timestamp", [f.timestamp for _, f in index.frames for _ in range(v)], "float64")
@@ -261,17 +306,20 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
 
     cg = g.require_group("clips")
     cg.create_array("latents", shape=(nc * v, *geometry.latents_shape), dtype="float16",
-                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0)
+                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0,
+                    config=ALL_CHUNKS)
     _column(cg, "id", [c.clip_id + VARIANT_SUFFIX[var] for c in index.clips for var in variants], str)
     _column(cg, "scene", [c.scene for c in index.clips for _ in variants], str)
     _column(cg, "start", [c.start for c in index.clips for _ in variants], "int64")
     _column(cg, "variant", [i for _ in index.clips for i in range(v)], "int8")
     _column(cg, "timestamps", [c.timestamps for c in index.clips for _ in variants], "float64")
     _column(cg, "feature_rows", [[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)], "int64")
-    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False)
+    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False, compressors=chunk_codecs("zstd"),
+                    config=ALL_CHUNKS)
 
 
 def _column(group, name: str, values, dtype) -> None:
     a = np.array(values, dtype=object if dtype is str else dtype)
-    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None)
+    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None,
+                             compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
     arr[...] = a

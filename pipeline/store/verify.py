@@ -1,0 +1,130 @@
+"""`verify`: read every row a finished store says it holds and report each one that is not what was written.
+
+Checked, whether or not a progress marker still lists the row: every latents row of a usable clip and
+every feature frame such a clip uses (and every row a marker recorded), every Stage 1 rollout row when
+the store has them; each must decode (crc32c, codec, shard index), have all its chunks on disk (none
+reading as fill values), hold only finite numbers, and hash to the digest its work unit recorded where
+one was. The PCA basis must have the geometry's shapes and hash to the manifest's fingerprint.
+A problem is a bad row: (array, row, reason); rows are never skipped because an earlier one failed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .basis import BASIS_ARRAYS, PCABasis
+from .format import DamagedStoreError
+from .location import filesystem
+from .reader import DECODE_ERRORS, Store, _reason
+
+
+def verify_store(store: Store, progress: bool = False) -> dict:
+    """A report: {"store", "ok", "bad_rows": [{"array", "row", "reason"}], "checked": {array: rows},
+    "nonfinite": {array: values}, "rows_without_digest": n}."""
+    from .writer import digest  # the writer pulls in the clip index; only verification needs it
+    bad: list[dict] = []
+    checked: dict[str, int] = {}
+    nonfinite: dict[str, int] = {}
+    _verify_basis(store, bad)
+
+    digests: dict[tuple[str, int], str] = {}
+    fs, root = filesystem(store.location, store.storage_options)
+    for path in sorted(fs.glob(f"{root}/progress/*.json")):
+        try:
+            for key, want in json.loads(fs.cat_file(path)).get("digests", {}).items():
+                kind, row = key.split("/")
+                digests[("frames/features" if kind == "features" else "clips/latents", int(row))] = want
+        except (ValueError, AttributeError, OSError) as e:
+            bad.append({"array": f"progress/{path.rsplit('/', 1)[-1]}", "row": None,
+                        "reason": f"unreadable marker ({type(e).__name__}: {e})"})
+    valid = store.group["clips/valid"][...]
+    clip_rows = set(np.flatnonzero(valid).tolist())
+    frame_rows = set(np.unique(store._feature_rows[valid]).tolist())
+    rows = {"frames/features": frame_rows | {r for a, r in digests if a == "frames/features"},
+            "clips/latents": clip_rows | {r for a, r in digests if a == "clips/latents"}}
+    if store.pred_features_fingerprint is not None:
+        rows["clips/pred_features"] = clip_rows
+        digests.update(_rollout_digests(store))
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(len(r) for r in rows.values()), desc=f"verify {store.location}", unit="row",
+               disable=not progress)
+    undigested = 0
+    for name, wanted in rows.items():
+        arr = store.group[name]
+        predicted = int(arr.attrs.get("channels", arr.shape[-1])) if name == "clips/pred_features" else None
+        for row in sorted(wanted):
+            bar.update(1)
+            checked[name] = checked.get(name, 0) + 1
+            try:
+                a = store._read_row(arr, name, row, ())
+                for part in (a if name == "clips/pred_features" else [a]):
+                    store._check_present(part[..., :predicted] if predicted else part, name, row)
+            except DamagedStoreError as e:
+                bad.append({"array": name, "row": row, "reason": e.reason})
+                continue
+            n = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if n:
+                nonfinite[name] = nonfinite.get(name, 0) + n
+                bad.append({"array": name, "row": row, "reason": f"{n} NaN/Inf values"})
+            want = digests.get((name, row))
+            if want is None:
+                undigested += 1
+            elif digest(a) != want:
+                bad.append({"array": name, "row": row,
+                            "reason": "differs from the digest recorded when it was written"})
+    bar.close()
+    return {"store": store.location, "ok": not bad, "bad_rows": bad, "checked": checked, "nonfinite": nonfinite,
+            "rows_without_digest": undigested}
+
+
+def basis_problems(store: Store) -> list[dict]:
+    """What is wrong with a store's PCA basis: shapes against the geometry, its hash against the manifest."""
+    bad: list[dict] = []
+    _verify_basis(store, bad)
+    return bad
+
+
+def _verify_basis(store: Store, bad: list[dict]) -> None:
+    g, want = store.geometry, store.pca_fingerprint
+    shapes = {"mean": (g.feature_dim,), "std": (g.feature_dim,), "components": (g.num_pca_channels, g.feature_dim),
+              "explained_variance": (g.num_pca_channels,)}
+    if "pca" not in store.group:
+        bad.append({"array": "pca", "row": None, "reason": "the PCA basis is missing"})
+        return
+    group = store.group["pca"]
+    arrays = {}
+    for name in BASIS_ARRAYS:
+        if name not in group:
+            bad.append({"array": f"pca/{name}", "row": None, "reason": "missing"})
+            continue
+        if tuple(group[name].shape) != shapes[name]:
+            bad.append({"array": f"pca/{name}", "row": None,
+                        "reason": f"shape {list(group[name].shape)}, the geometry says {list(shapes[name])}"})
+            continue
+        try:
+            arrays[name] = np.asarray(group[name][...], np.float32)
+        except DECODE_ERRORS as e:
+            bad.append({"array": f"pca/{name}", "row": None, "reason": _reason(e)})
+    if len(arrays) < len(BASIS_ARRAYS):
+        return
+    try:
+        got = PCABasis(**arrays).fingerprint
+    except ValueError as e:
+        bad.append({"array": "pca", "row": None, "reason": str(e)})
+        return
+    if got != want:
+        bad.append({"array": "pca", "row": None, "reason": f"its arrays hash to {got[:12]}, the manifest's "
+                    f"fingerprint is {str(want)[:12]}: the basis was changed or swapped"})
+
+
+def _rollout_digests(store: Store) -> dict[tuple[str, int], str]:
+    fs, root = filesystem(store.location, store.storage_options)
+    fp = str(store.pred_features_fingerprint)
+    out = {}
+    for p in sorted(fs.glob(f"{root}/progress/rollout-{fp[:16]}/chunk-*.json")):
+        for row, want in json.loads(fs.cat_file(p)).get("digests", {}).items():
+            out[("clips/pred_features", int(row))] = want
+    return out
