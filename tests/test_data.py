@@ -208,8 +208,6 @@ def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, monke
     assert clips == [0, 1, 2, 4, 5, 6] and evaluation.skipped == 1  # evaluation leaves it out
 
 
-@pytest.mark.xfail(reason="needs the integrity branch: Store reads raise DamagedStoreError for a missing chunk",
-                   strict=False)
 def test_a_deleted_chunk_file_reaches_the_stream_as_a_damaged_store_error(tmp_path):
     make_store(tmp_path / "s.zarr", scenes=1, frames=33)
     row = Store(str(tmp_path / "s.zarr")).row(1)
