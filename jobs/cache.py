@@ -50,7 +50,7 @@ class CacheConfig:
     batch_clips: int = 1
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
     max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
-    compression: str = "blosc-zstd"
+    compression: str = "none"
     channel_chunk: int = 128
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"})

@@ -469,6 +469,8 @@ def test_an_unfinished_store_is_not_served_and_a_partial_marker_is_not_a_done_un
 def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on_zeros(tmp_path, workers):
     path = tmp_path / "s.zarr"
     make_store(path, scenes=2, frames=29, channel_chunk=16)
-    _chunk(path, "clips/latents", 1).unlink()
+    store = Store(str(path))
+    row = int(store._feature_rows[store.row(0)][3])  # Stage 1 reads no latents; every window holds frame 3
+    _chunk(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
-    _one_line_error(proc, str(path), "clips/latents[1] is damaged (its chunk is missing")
+    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (all its chunks are missing")

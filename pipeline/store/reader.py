@@ -162,18 +162,27 @@ class Store:
                              f"1..{self.num_channels}, got {channels}")
         return c
 
-    def read_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
-        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames."""
+    def read_features(self, i: int, channels: int | None = None, variant: int = 0,
+                      out: np.ndarray | None = None, frames: slice | None = None) -> np.ndarray:
+        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames (`frames`: only
+        those of a slice of them). `out`: a C-contiguous array of that shape to decode into (a slot of a
+        batch buffer), returned."""
         rows = self._feature_rows[self.row(i, variant)]
+        if frames is not None:
+            rows = rows[frames]
         c = self._channels(channels)
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
         try:
             if step > 0 and np.all(np.diff(rows) == step):
-                out = self._features[rows[0] : rows[-1] + 1 : step, :, :, :c]
-            else:
+                out = _read(self._features, (slice(rows[0], rows[-1] + 1, step), slice(None), slice(None),
+                                             slice(0, c)), out)
+            elif out is None:
                 out = np.stack([self._features[r, :, :, :c] for r in rows])
+            else:
+                for k, r in enumerate(rows):
+                    _read(self._features, (int(r), slice(None), slice(None), slice(0, c)), out[k])
         except DECODE_ERRORS:
             for r in rows:  # name the row that fails
                 self._read_row(self._features, "frames/features", int(r), (slice(None), slice(None), slice(0, c)))
@@ -182,28 +191,29 @@ class Store:
             self._check_present(frame, "frames/features", int(r))
         return out
 
-    def read_latents(self, i: int, variant: int = 0) -> np.ndarray:
-        """[16, 7, h, w] float16."""
+    def read_latents(self, i: int, variant: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """[16, 7, h, w] float16 (`out`: as in read_features)."""
         row = self.row(i, variant)
-        z = self._read_row(self._latents, "clips/latents", row, ())
+        z = self._read_row(self._latents, "clips/latents", row, (), out)
         self._check_present(z, "clips/latents", row)
         return z
 
-    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
+    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0,
+                           out: np.ndarray | None = None) -> np.ndarray:
         """[3, H, W, c] float16: Stage 1's rollout for latents 4-6 (written by the rollout job)."""
         if not self.has_pred_features:
             raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
                              "(make rollout)")
         arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
-        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)))
+        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)), out)
         predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
         for frame in p:
             self._check_present(frame[..., :predicted], "clips/pred_features", row)
         return p
 
-    def _read_row(self, arr, name: str, row: int, rest: tuple) -> np.ndarray:
+    def _read_row(self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None) -> np.ndarray:
         try:
-            return arr[(row, *rest)]
+            return _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
             raise DamagedStoreError(self.location, name, row, _reason(e)) from e
 
@@ -269,6 +279,15 @@ class Store:
         whose "bad_rows" lists (array, row, reason) for each problem, and "ok"."""
         from .verify import verify_store
         return verify_store(self, progress)
+
+
+def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
+    """A basic selection of a Zarr array, decoded into `out` when given (no copy of the result)."""
+    if out is None:
+        return array[selection]
+    from zarr.core.buffer.cpu import NDBuffer
+    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+    return out
 
 
 def _reason(e: BaseException) -> str:

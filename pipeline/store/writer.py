@@ -83,7 +83,7 @@ class StoreWriter:
     @classmethod
     def create(cls, location: str, *, index: ClipIndex, geometry: Geometry, basis: PCABasis,
                source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
-               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "blosc-zstd",
+               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "none",
                extra: dict | None = None, storage_options: dict | None = None,
                overwrite: bool = False) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
