@@ -93,7 +93,8 @@ class Task(Protocol):
 
     def model_config(self) -> dict: ...
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor | tuple: ...
+    # the loss, or (loss, {name: scalar tensor}) for terms logged beside it (REPA's alignment terms)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict], generator: torch.Generator) -> Means: ...
 
@@ -237,12 +238,12 @@ def wrap(model: nn.Module, cfg: LoopConfig, runtime: Runtime) -> nn.Module:
 
 
 def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopConfig, runtime: Runtime,
-               step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimizer step over cfg.grad_accum micro-batches: (mean loss, gradient norm before
-    clipping (0 without clipping), seconds spent waiting for batches)."""
+               step: int) -> tuple[torch.Tensor, dict, torch.Tensor, float]:
+    """One optimizer step over cfg.grad_accum micro-batches: (mean loss, mean logged terms, gradient norm
+    before clipping (0 without clipping), seconds spent waiting for batches)."""
     net = trainee.net
     trainee.optimizer.zero_grad(set_to_none=True)
-    total, waited = torch.zeros((), device=runtime.device), 0.0
+    total, terms, waited = torch.zeros((), device=runtime.device), {}, 0.0
     for micro in range(cfg.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -254,15 +255,18 @@ def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopC
         with contextlib.nullcontext() if last else net.no_sync():
             with autocast(runtime, cfg.amp):
                 loss = task.loss(net, batch, torch.Generator().manual_seed(seed))
+            loss, logged = loss if isinstance(loss, tuple) else (loss, {})
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float() / cfg.grad_accum
+        for name, value in logged.items():
+            terms[name] = terms.get(name, 0) + value.detach().float() / cfg.grad_accum
     grad_norm = (nn.utils.clip_grad_norm_(trainee.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
                  else torch.zeros(()))
     trainee.optimizer.step()
     trainee.scheduler.step()
     if trainee.ema is not None:
         trainee.ema.update(trainee.model)
-    return total, grad_norm, waited
+    return total, terms, grad_norm, waited
 
 
 def evaluate(task: Task, model: nn.Module, make_val: Callable[[], Iterable[dict]] | None, runtime: Runtime,
@@ -337,17 +341,17 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     trainee.net.train()
     window = Window(clips_per_step)
     for step in range(start, cfg.steps):
-        loss, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
+        loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
         done = step + 1
         window.add(waited)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            means = runtime.mean({"loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
+            means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
             record = {"kind": "train", "step": done, "loss": means["loss"], "lr": trainee.scheduler.get_last_lr()[0],
                       "epoch": stream.position[0], "skipped_clips": round(means["skipped"] * runtime.world),
-                      **window.close()}
+                      **{k: means[k] for k in terms}, **window.close()}
             if cfg.grad_clip > 0:
                 record["grad_norm"] = means["grad_norm"]
             metrics.write(record)

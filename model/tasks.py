@@ -198,9 +198,9 @@ class AlignTask(Stage2Task):
         return {"dit": _jsonable(dataclasses.asdict(self.config)), "align": dataclasses.asdict(self.align)}
 
     def loss(self, model, batch: dict, generator: torch.Generator):
-        # the alignment terms alone are reported by evaluate()
-        return repa.training_loss(model, batch["latents"], batch["features"], self.align, self.context_latents,
-                                  generator, patch=self.config.patch_spatial)[0]
+        loss, logs = repa.training_loss(model, batch["latents"], batch["features"], self.align, self.context_latents,
+                                        generator, patch=self.config.patch_spatial)
+        return loss, {k: v.mean() for k, v in logs.items()}
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         # the alignment terms draw their noise from a generator of their own, so that the Baseline's

@@ -11,7 +11,7 @@ from store_factory import make_store
 from jobs.train import main as train_main
 from jobs.train import parse, stage_config
 from model import diffusion
-from model.checkpoint import latest_checkpoint, load_weights, read_meta
+from model.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
 from model.loop import read_metrics
 from model.repa import (
     AlignConfig,
@@ -245,7 +245,7 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     # a rerun with --resume finishes without training again; another alignment in the same dir is refused
     assert train_main([*args, "--resume"]) == 0
     other = {**STAGE2, "align": {"projector_dim": 32, "weight": 1.0}}
-    with pytest.raises(SystemExit, match="use another --run-dir"):
+    with pytest.raises(CheckpointError, match="use another --run-dir"):
         train_main([*args[:-1], json.dumps(other), "--resume"])
 
 
