@@ -6,14 +6,19 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (store_factory, fake_datasets)
-
 
 def pytest_configure(config):
     # Every tensor in the suite is tiny: intra-op threads only contend on small machines (7x slower
     # steps were measured with 2 threads on the shared 2-core CI machine). Subprocesses set their own.
     import torch
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the Ray cluster (directly or through a fixture) is slow: `make test-fast` skips it."""
+    for item in items:
+        if "ray_address" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

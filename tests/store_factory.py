@@ -43,10 +43,11 @@ ENCODERS = {"dinov2": {"name": "dinov2", "weights_id": "tiny", "sha256": "a" * 6
 
 
 def make_store(path, *, scenes=2, frames=29, stride=4, geometry: Geometry = TINY, variants=("orig",),
-               seed=0, basis_seed=0, finalize=True, fail_clips=(), encoders=None, **create_kwargs):
+               seed=0, basis_seed=0, finalize=True, fail_clips=(), encoders=None, source=None, **create_kwargs):
     """Write a store of random float16 arrays; returns (writer, index, arrays) where arrays maps
-    ('features', frame_row) / ('latents', clip_row) to what was written."""
-    source = CountingSource(scenes, frames)
+    ('features', frame_row) / ('latents', clip_row) to what was written. `source`: the Source whose clip
+    index the store records (default: blank CountingSource frames)."""
+    source = source if source is not None else CountingSource(scenes, frames)
     index = build_clip_index(source, geometry, stride=stride, progress=False)
     w = StoreWriter.create(str(path), index=index, geometry=geometry, basis=random_basis(geometry, basis_seed),
                            source_info=source.describe(), encoders=encoders or ENCODERS,

@@ -148,7 +148,7 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
 
 
 def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_address, tmp_path):
-    from fake_datasets import make_nuscenes
+    from tests.fake_datasets import make_nuscenes
     tree = make_nuscenes(tmp_path / "nuscenes", scenes=3, frames_per_scene=26)
     store = tmp_path / "nuscenes.zarr"
     env = {**os.environ, "RAY_ADDRESS": ray_address}
@@ -188,7 +188,7 @@ def test_an_unknown_dataset_or_a_file_as_data_root_is_one_line(tmp_path):
 
 
 def test_an_unreadable_video_is_recorded_and_the_good_ones_are_cached(cached, tmp_path):
-    from test_sources_videos import write_video
+    from tests.fake_datasets import write_video
     root = tmp_path / "videos"
     root.mkdir()
     write_video(root / "good.mp4", n=30)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from store_factory import ENCODERS, make_store
 
 from model.data import make_loader, open_stream, split_by_scene
 from model.runtime import to_device
 from pipeline.store.format import DamagedStoreError, IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
+from tests.store_factory import ENCODERS, make_store
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from store_factory import make_store
-from test_predict import write_runs
 
 from inference import InferenceError
 from inference.dpt import (
@@ -22,6 +20,8 @@ from inference.dpt import (
     segmentation_confusion,
     split_blocks,
 )
+from tests.run_factory import write_runs
+from tests.store_factory import make_store
 
 # --------------------------------------------------------------------------- DPT heads
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from store_factory import make_store
 
 from pipeline.store.format import DamagedStoreError, StoreError
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_factory import make_store
 
 from inference.stages import load_model
 from jobs.train import main as train_main
@@ -26,6 +25,7 @@ from model.metrics import feature_metrics
 from model.tasks import Stage1Task
 from pipeline.store.format import DamagedStoreError, IncompatibleStoresError
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +129,7 @@ def test_feature_metrics_per_frame_and_channel_prefix():
     assert torch.allclose(flipped["cos"], -torch.ones(2))
 
 
+@pytest.mark.slow
 def test_ddp_training_with_two_cpu_processes_under_torchrun(store, tmp_path):
     # 6 training clips (3 held out), 2 ranks x 2 accumulated micro-batches of 1 (DDP no_sync on the first)
     stage1 = {**STAGE1, "steps": 3, "ckpt_every": 3, "eval_every": 0}
