@@ -88,6 +88,7 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
     accs = {name: [Acc() for _ in range(samples)] for name in names}
     stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
     ref_fid, ref_fvd, clip_ids = [], [], []
+    real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
     bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)
     for start in range(0, clips, batch_size):
         idx = list(range(start, min(clips, start + batch_size)))
@@ -111,8 +112,17 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
             future_ref = reference[:, ctx_frames:]
             if fid_net:
                 ref_fid.append(fid_net(future_ref.reshape(-1, *future_ref.shape[2:])))
+                ref_acc.fid.append(ref_fid[-1])
             if fvd_net:
                 ref_fvd.append(fvd_net(future_ref))
+                ref_acc.fvd.append(ref_fvd[-1])
+            if (fid_net or fvd_net) and not real_missing:
+                real = _source_futures(store.manifest, metas, g, real_missing)
+                if real is not None:
+                    if fid_net:
+                        real_fid.append(fid_net(real.reshape(-1, *real.shape[2:])))
+                    if fvd_net:
+                        real_fvd.append(fvd_net(real))
             if semantic.dino is not None:
                 semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
         for run in range(samples):
@@ -144,8 +154,13 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
             bar.update(len(idx))
     bar.close()
 
-    fid_ref = gaussian_stats(torch.cat(ref_fid)) if ref_fid else None
-    fvd_ref = gaussian_stats(torch.cat(ref_fvd)) if ref_fvd else None
+    # FID / FVD against the real frames when every clip's could be read from the source, else (labelled)
+    # against the VAE reconstruction; with real frames the reconstruction's own FID / FVD is reported too
+    real = not real_missing and bool(real_fid or real_fvd)
+    fid_ref = gaussian_stats(torch.cat(real_fid if real else ref_fid)) if ref_fid else None
+    fvd_ref = gaussian_stats(torch.cat(real_fvd if real else ref_fvd)) if ref_fvd else None
+    if not real:
+        ref_acc.fid, ref_acc.fvd = [], []
     per_model = {}
     for name in names:
         per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
@@ -154,8 +169,25 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
     return {"clip_ids": clip_ids,
             "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
             "models": per_model,
-            "reference_metrics": {k: finite(v) for k, v in ref_acc.values().items()},
-            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()}}
+            "reference_metrics": {k: finite(v) for k, v in ref_acc.values(fid_ref, fvd_ref).items()},
+            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},
+            "fid_fvd_reference": (None if not (ref_fid or ref_fvd) else
+                                  {"pixels": "source_frames"} if real else
+                                  {"pixels": "vae_reconstruction", "why": real_missing.get("reason")})}
+
+
+def _source_futures(manifest: dict, metas: list[dict], geometry, missing: dict):
+    """The clips' real future frames uint8 [B, 12, H, W, 3] from the store's source, or None (and `missing`
+    says why) when a clip's frames cannot be read."""
+    from .inputs import source_clip_frames
+    out = []
+    for meta in metas:
+        frames, info = source_clip_frames(manifest, meta, geometry)
+        if frames is None:
+            missing["reason"] = f"{meta.get('clip_id')}: {info.get('reason')}"
+            return None
+        out.append(frames[geometry.context_frames:])
+    return torch.from_numpy(np.stack(out))
 
 
 def _row_keys(metrics: dict) -> list[str]:

@@ -15,7 +15,11 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
   the original frames would add the VAE's own error to every model alike). SSIM as inference/video_metrics.py.
 - `fid` (Inception-v3 pool features of all predicted frames vs the reference frames) and `fvd` (I3D
   features of the 12-frame predicted clips vs the reference clips) when --fid-weights / --fvd-weights
-  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error.
+  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error. Their
+  reference is the REAL frames 13-24 when the store's source can be reopened here (the synthetic set
+  always can), resized as the cache job resizes; then `reference_metrics` holds the VAE reconstruction's
+  own FID / FVD against them (the floor). Otherwise the VAE reconstruction, labelled in
+  `reference.fid_fvd` = {"pixels": "vae_reconstruction", "why"}.
 - `seg/miou_all`, `seg/miou_moving` (trainIds 11-18) and `depth/absrel`, `depth/delta1` on the
   annotated frame (`--annotated-frame`, Cityscapes: clip frame 16 = predicted frame 3) with DPT heads
   (`--seg-head`, `--depth-head`, inference/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
@@ -33,7 +37,8 @@ has no Baseline), Stage 1 fixed; writes the curve, the paper's figure 3 for any 
 
 JSON schema (`--out`, "re2pix-evaluation/1"):
   {"schema", "store", "dataset", "split", "clips", "clip_ids", "samples", "annotated_frame",
-   "reference": {"pixels": "vae_reconstruction", "note"}, "sampler": {...}, "checkpoints": {...},
+   "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
+   "sampler": {...}, "checkpoints": {...},
    "stage1": {metric: number},
    "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...},
    "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
@@ -69,8 +74,10 @@ from pipeline.store.reader import Store
 
 log = logging.getLogger("re2pix.evaluate")
 SCHEMA = "re2pix-evaluation/1"
-REFERENCE_NOTE = ("PSNR, SSIM, FID and FVD compare the decoded predictions (frames 13-24) with the VAE "
-                  "reconstruction of the stored ground-truth latents: the store holds latents, not pixels.")
+REFERENCE_NOTE = ("PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
+                  "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
+                  "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
+                  "reconstruction.")
 
 
 @dataclass
@@ -166,7 +173,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     results = {"schema": SCHEMA, "store": cfg.store, "dataset": store.manifest.get("dataset"),
                "split": store.manifest.get("split"), "clips": n, "clip_ids": measured["clip_ids"],
                "samples": cfg.samples, "annotated_frame": cfg.annotated_frame,
-               "reference": {"pixels": "vae_reconstruction" if cfg.decode else None, "note": REFERENCE_NOTE},
+               "reference": {"pixels": "vae_reconstruction" if cfg.decode else None, "note": REFERENCE_NOTE,
+                             "fid_fvd": measured["fid_fvd_reference"]},
                "sampler": {**asdict(sampler), "seed": cfg.seed}, "checkpoints": models.describe(),
                "stage1": measured["stage1"], "models": measured["models"],
                "reference_metrics": measured["reference_metrics"], "skipped": skipped,

@@ -14,12 +14,13 @@ from pipeline.store.geometry import TINY
 from pipeline.store.writer import StoreWriter
 
 
-def synthetic_store(path, split="train"):
+def synthetic_store(path, split="train", encoders=None):
     """A store indexed from a small synthetic source (2 clips), random features: the labels are the point."""
     source = SyntheticSource(split=split, num_scenes=1, frames_per_scene=29, height=72, width=128)
     index = build_clip_index(source, TINY, stride=4, progress=False)
-    w = StoreWriter.create(str(path), index=index, geometry=TINY, basis=random_basis(TINY), encoders=ENCODERS,
-                           source_info=source.describe(), latent_norm={"mean": [0.0] * 16, "std": [1.0] * 16},
+    w = StoreWriter.create(str(path), index=index, geometry=TINY, basis=random_basis(TINY),
+                           encoders=encoders or ENCODERS, source_info=source.describe(),
+                           latent_norm={"mean": [0.0] * 16, "std": [1.0] * 16},
                            variants=("orig",), clip_stride=4)
     rng = np.random.default_rng(0)
     h, wd = TINY.feature_hw
