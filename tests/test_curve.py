@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from store_factory import make_store
 from test_predict import _perturb, write_runs
 
 from inference import InferenceError
 from model.checkpoint import save_checkpoint
 from model.stage2 import DiTConfig, Re2PixDiT
+from tests.store_factory import make_store
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@
 (labelled) otherwise."""
 
 import torch
-from store_factory import make_store
 from test_evaluate import _MeanClip, _MeanColour
-from test_predict import write_runs
 from test_train_dpt import synthetic_store
+
+from tests.run_factory import write_runs
+from tests.store_factory import make_store
 
 
 def encoders():

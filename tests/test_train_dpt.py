@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from store_factory import ENCODERS, make_store, random_basis
 
 from inference import InferenceError
 from inference.dpt import load_head
@@ -12,6 +11,7 @@ from pipeline.clips import build_clip_index
 from pipeline.sources.synthetic import CLASSES, SyntheticSource
 from pipeline.store.geometry import TINY
 from pipeline.store.writer import StoreWriter
+from tests.store_factory import ENCODERS, make_store, random_basis
 
 
 def synthetic_store(path, split="train", encoders=None):
