@@ -15,7 +15,7 @@ def _jsonable(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _perturb(model, seed):
+def perturb(model, seed):
     """Fresh models predict zeros (zero-initialised outputs): give them random, non-trivial weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -26,11 +26,27 @@ def _perturb(model, seed):
 
 def write_runs(root, stage1_channels=64, stage2_channels=64):
     """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py)."""
-    s1 = _perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
+    s1 = perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
     save_checkpoint(root / "stage1", 1, model=s1, state={},
                     meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))})
     for task, semantic in (("stage2", True), ("baseline", False)):
-        m = _perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
+        m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
         save_checkpoint(root / task, 1, model=m, state={},
                         meta={"task": task, "model_config": dataclasses.asdict(m.cfg)})
     return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
+
+
+# Stand-ins for the FID / FVD networks a user gives by path (TorchScript), same call conventions
+class MeanColour(torch.nn.Module):
+    """Stands in for a TorchScript Inception (StyleGAN3 / clean-fid call convention)."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+class MeanClip(torch.nn.Module):
+    """Stands in for StyleGAN-V's TorchScript I3D."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, 1:].sub(x[:, :, :-1]).abs()
+                          .mean(dim=(2, 3, 4))], dim=1)

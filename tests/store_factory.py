@@ -71,3 +71,12 @@ def make_store(path, *, scenes=2, frames=29, stride=4, geometry: Geometry = TINY
     if finalize:
         w.finalize(["unit-000000"])
     return w, index, written
+
+
+def synthetic_store(path, split="train", encoders=None):
+    """A store indexed from a small synthetic source (2 clips) with random arrays: its labels
+    (the source's class maps and depth) are the point."""
+    from pipeline.sources.synthetic import SyntheticSource
+    source = SyntheticSource(split=split, num_scenes=1, frames_per_scene=29, height=72, width=128)
+    make_store(path, encoders=encoders, source=source)
+    return path

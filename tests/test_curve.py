@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_predict import _perturb, write_runs
 
 from inference import InferenceError
 from model.checkpoint import save_checkpoint
 from model.stage2 import DiTConfig, Re2PixDiT
+from tests.run_factory import perturb, write_runs
 from tests.store_factory import make_store
 
 
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     # Stage 2 keeps three checkpoints (steps 10, 20, 30), each with other weights; the Baseline two
     for task, semantic, steps in (("stage2", True, (10, 20, 30)), ("baseline", False, (10, 20))):
         for step in steps:
-            m = _perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=64)), step)
+            m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=64)), step)
             save_checkpoint(root / "runs" / task, step, model=m, state={}, keep=0,
                             meta={"task": task, "model_config": dataclasses.asdict(m.cfg)})
     return root, runs

@@ -2,11 +2,9 @@
 (labelled) otherwise."""
 
 import torch
-from test_evaluate import _MeanClip, _MeanColour
-from test_train_dpt import synthetic_store
 
-from tests.run_factory import write_runs
-from tests.store_factory import make_store
+from tests.run_factory import MeanClip, MeanColour, write_runs
+from tests.store_factory import make_store, synthetic_store
 
 
 def encoders():
@@ -17,8 +15,8 @@ def encoders():
 def evaluate(tmp_path, store):
     from jobs.evaluate import EvaluateConfig, run_evaluate
     runs = write_runs(tmp_path / "runs", stage1_channels=64, stage2_channels=64)
-    torch.jit.script(_MeanColour()).save(str(tmp_path / "inception.pt"))
-    torch.jit.script(_MeanClip()).save(str(tmp_path / "i3d.pt"))
+    torch.jit.script(MeanColour()).save(str(tmp_path / "inception.pt"))
+    torch.jit.script(MeanClip()).save(str(tmp_path / "i3d.pt"))
     return run_evaluate(EvaluateConfig(store=str(store), samples=1, steps=2, threads=1, progress=False, out=None,
                                        fid_weights=str(tmp_path / "inception.pt"),
                                        fvd_weights=str(tmp_path / "i3d.pt"), **runs))

@@ -7,32 +7,9 @@ import pytest
 
 from inference import InferenceError
 from inference.dpt import load_head
-from pipeline.clips import build_clip_index
-from pipeline.sources.synthetic import CLASSES, SyntheticSource
+from pipeline.sources.synthetic import CLASSES
 from pipeline.store.geometry import TINY
-from pipeline.store.writer import StoreWriter
-from tests.store_factory import ENCODERS, make_store, random_basis
-
-
-def synthetic_store(path, split="train", encoders=None):
-    """A store indexed from a small synthetic source (2 clips), random features: the labels are the point."""
-    source = SyntheticSource(split=split, num_scenes=1, frames_per_scene=29, height=72, width=128)
-    index = build_clip_index(source, TINY, stride=4, progress=False)
-    w = StoreWriter.create(str(path), index=index, geometry=TINY, basis=random_basis(TINY),
-                           encoders=encoders or ENCODERS, source_info=source.describe(),
-                           latent_norm={"mean": [0.0] * 16, "std": [1.0] * 16},
-                           variants=("orig",), clip_stride=4)
-    rng = np.random.default_rng(0)
-    h, wd = TINY.feature_hw
-    digests = {}
-    for fr in range(len(index.frames)):
-        digests[f"features/{fr}"] = w.write_features(fr, rng.standard_normal((h, wd, 64)).astype(np.float16))
-    for cr in range(len(index.clips)):
-        digests[f"latents/{cr}"] = w.write_latents(cr, rng.standard_normal(TINY.latents_shape).astype(np.float16))
-    w.mark_unit_done("unit-000000", clip_rows=range(len(index.clips)), frame_rows=range(len(index.frames)),
-                     failures=[], digests=digests)
-    w.finalize(["unit-000000"])
-    return path
+from tests.store_factory import make_store, synthetic_store
 
 
 def config(tmp_path, **kw):
