@@ -27,6 +27,8 @@ EVAL_START, EVAL_LENGTH = 3, 25  # snippet frames 3..27
 
 class CityscapesSource(Source):
     name = "cityscapes"
+    licence = ("the Cityscapes dataset's own licence: non-commercial research and teaching only, no redist"
+               'ribution, citation required (https://www.cityscapes-dataset.com/license/)')
     fps = 17.0
 
     def __init__(self, root, split="train", eval_clip=None):
