@@ -339,7 +339,8 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
     again = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False, overwrite=True)
     assert len(again) == 1 < len(first) and shard_urls(str(tmp_path / "wds")) == again
-    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "manifest.json", "shard-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "README.md", "manifest.json",
+                                                                  "pca.npz", "shard-000000.tar"]
 
 
 def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
