@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import zarr
 
 from .basis import PCABasis
 from .format import (
@@ -56,7 +57,10 @@ class Store:
         self.location = str(location)
         self.storage_options = storage_options
         try:
-            self.group = open_group(self.location, mode="r", storage_options=storage_options)
+            from .chunk_cache import cached_store  # RE2PIX_CHUNK_CACHE: keep remote chunks in a local folder
+            cached = cached_store(self.location, storage_options)
+            self.group = (zarr.open_group(cached, mode="r", zarr_format=3) if cached is not None
+                          else open_group(self.location, mode="r", storage_options=storage_options))
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
