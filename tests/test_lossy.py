@@ -55,3 +55,14 @@ def test_the_writer_applies_the_spec_the_cache_job_passes_and_the_reader_undoes_
     assert store.verify()["ok"]
     lossless = make_store(tmp_path / "l.zarr")[0].manifest
     assert "lossy" not in lossless and lossless["compression"] == "blosc-zstd"  # never the default
+
+
+def test_verify_reads_the_scales_of_an_int8_store(tmp_path):
+    make_store(tmp_path / "s.zarr", compression="zstd+int8")
+    chunk = tmp_path / "s.zarr" / "frames" / "feature_scales" / "c" / "3" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(data)
+    report = Store(str(tmp_path / "s.zarr")).verify()
+    assert [(b["array"], b["row"]) for b in report["bad_rows"]] == [("frames/features", 3)]
+    assert "feature_scales" in report["bad_rows"][0]["reason"] or "checksum" in report["bad_rows"][0]["reason"]

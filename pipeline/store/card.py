@@ -108,9 +108,13 @@ def render_markdown(card: dict) -> str:
     for name, a in card["arrays"].items():
         dtype = a["dtype"] + (" (UTF-8 text)" if a.get("encoding") else "")
         lines.append(f"| {name} | {a['shape']} | {dtype} | {', '.join(a['codecs'])} | {a['bytes']} |")
-    lines += ["", f"A Zarr v3 reader needs the codecs {', '.join(f'`{c}`' for c in card['codecs_needed'])} "
-              "(all in the Zarr v3 specification; tensorstore's zarr3 driver reads every array). Text columns are "
-              "UTF-8 bytes, zero-padded, in uint8 [n, width] arrays.", "",
+    old_text = "vlen-utf8" in card["codecs_needed"]
+    lines += ["", f"A Zarr v3 reader needs the codecs {', '.join(f'`{c}`' for c in card['codecs_needed'])}. "
+              + ("Its text columns use zarr-python's `string` type (`vlen-utf8`, written before re2pix stored text "
+                 "as bytes), which tensorstore cannot read; `python -m jobs.store copy` rewrites them as UTF-8 "
+                 "bytes." if old_text else
+                 "Text columns are UTF-8 bytes, zero-padded, in uint8 [n, width] arrays: tensorstore's zarr3 "
+                 "driver reads every array."), "",
               "## Source dataset and licence", "",
               f"- dataset `{d['name']}`, split `{d['split']}` at {d['fps']} fps, from `{d['source_root']}`",
               f"- licence terms (as the re2pix adapter knows them): {d['licence']}",
