@@ -42,6 +42,7 @@ class Source(ABC):
     split: str = "train"
     root: str = ""
     fps: float = 10.0
+    licence: str | None = None  # the dataset's licence terms as this adapter knows them (store cards show it)
 
     @abstractmethod
     def scenes(self) -> list[str]:
