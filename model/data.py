@@ -74,16 +74,17 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _wds_manifest(folder: str) -> dict:
+def _wds_manifest(folder: str, storage_options: dict | None = None) -> dict:
     from pipeline.store.wds import read_wds_manifest
-    return read_wds_manifest(folder)
+    return read_wds_manifest(folder, storage_options)
 
 
 def has_pred_features(sources, storage_options: dict | None = None) -> bool:
     """Whether every source holds finished Stage 1 rollouts (Zarr) or exported them (WebDataset)."""
     for s in [sources] if isinstance(sources, str) else sources:
         if is_webdataset(s, storage_options):
-            if not _wds_manifest(expand_shards(s)[0])["webdataset"].get("has_pred_features"):
+            if not _wds_manifest(expand_shards(s, storage_options)[0], storage_options)["webdataset"].get(
+                    "has_pred_features"):
                 return False
         elif not Store(s, storage_options).has_pred_features:
             return False
@@ -458,10 +459,10 @@ class WebDatasetStream(ClipStream):
     def _open_sources(self) -> tuple[dict, int, int]:
         folders, self.urls, manifests = [], [], []
         for s in self.sources:
-            folder, shards = expand_shards(s)
+            folder, shards = expand_shards(s, self.storage_options)
             folders.append(folder)
             self.urls += shards
-            manifests.append(_wds_manifest(folder))
+            manifests.append(_wds_manifest(folder, self.storage_options))
         check_compatible(manifests, folders)
         if self.with_pred:
             for m, folder in zip(manifests, folders):
@@ -474,7 +475,7 @@ class WebDatasetStream(ClipStream):
         from pipeline.store.wds import iter_shard
         for url in urls:
             try:
-                yield from iter_shard(url)
+                yield from iter_shard(url, self.storage_options)
             except DamagedStoreError as e:
                 self._damaged(f"the rest of shard {url}", e)
                 self._pending_skips += 1

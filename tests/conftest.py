@@ -59,6 +59,10 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
                             aws_secret_access_key="testing-secret", region_name="us-east-1")
 
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
     def bucket(self, prefix: str = "b") -> str:
         self._buckets += 1
         name = f"{prefix}-{self._buckets}-{os.getpid()}"

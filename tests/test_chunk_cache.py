@@ -12,20 +12,10 @@ from tests.store_factory import make_store
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    import boto3
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="cache")
-    yield {"options": options}
-    server.stop()
+def s3(s3_server):
+    """The session's S3-protocol server (tests/conftest.py) with this module's bucket."""
+    s3_server.create_bucket("cache")
+    return {"options": s3_server.storage_options}
 
 
 def _epoch(url, options, channels):
@@ -77,14 +67,14 @@ def test_the_cache_stays_under_its_limit_and_a_damaged_entry_is_damage(tmp_path,
 
 
 def test_dataloader_workers_share_the_cache_and_a_second_epoch_adds_nothing(tmp_path, s3, monkeypatch):
-    from model.data import ClipStream, make_loader
+    from model.data import make_loader, open_stream
     make_store(tmp_path / "s.zarr", scenes=2, frames=41)
     url = "s3://cache/workers.zarr"
     copy_store(str(tmp_path / "s.zarr"), url, dst_options=s3["options"], progress=False)
     monkeypatch.setenv(chunk_cache.ENV_FOLDER, str(tmp_path / "shared"))
 
     def epoch():
-        stream = ClipStream([url], batch_size=2, loop=False, remainder="keep", shuffle=False, rank=0, world=1,
+        stream = open_stream([url], batch_size=2, loop=False, remainder="keep", shuffle=False, rank=0, world=1,
                             storage_options=s3["options"], channels=16)
         batches = sorted((b["clip_id"], np.asarray(b["features"])) for b in make_loader(stream, workers=2))
         entries = sorted(p.name for p in (tmp_path / "shared").rglob("*") if p.is_file() and p.name != ".lock")

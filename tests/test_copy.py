@@ -135,20 +135,10 @@ def test_the_cli_copies_and_refuses_an_unknown_spec_in_one_line(source, tmp_path
 
 # ---- remote locations -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    import boto3
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="share")
-    yield {"bucket": "share", "options": options, "endpoint": endpoint}
-    server.stop()
+def s3(s3_server):
+    """The session's S3-protocol server (tests/conftest.py) with this module's bucket."""
+    s3_server.create_bucket("share")
+    return {"bucket": "share", "options": s3_server.storage_options, "endpoint": s3_server.endpoint}
 
 
 def test_copy_to_s3_and_back_and_between_buckets(source, tmp_path, s3):

@@ -52,20 +52,10 @@ def _flip(path: Path, offset: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_url():
-    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                  "region_name": "us-east-1"}}
-    import boto3
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="hostile")
-    yield {"bucket": "hostile", "options": options}
-    server.stop()
+def s3_url(s3_server):
+    """The session's S3-protocol server (tests/conftest.py) with this module's bucket."""
+    s3_server.create_bucket("hostile")
+    return {"bucket": "hostile", "options": s3_server.storage_options}
 
 
 # ---- finding 1: --out at a folder that is not a store ------------------------------------------------

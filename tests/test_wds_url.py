@@ -14,20 +14,10 @@ from tests.store_factory import make_store
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    import boto3
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="shards")
-    yield {"options": options, "endpoint": endpoint}
-    server.stop()
+def s3(s3_server):
+    """The session's S3-protocol server (tests/conftest.py) with this module's bucket."""
+    s3_server.create_bucket("shards")
+    return {"options": s3_server.storage_options, "endpoint": s3_server.endpoint}
 
 
 def test_export_to_s3_writes_there_and_reads_back_whole(tmp_path, s3, monkeypatch):
@@ -58,14 +48,14 @@ def test_export_to_s3_writes_there_and_reads_back_whole(tmp_path, s3, monkeypatc
 
 def test_training_streams_from_shards_on_s3(tmp_path, s3, monkeypatch):
     """The trainer's ClipStream reads an export on S3 (credentials and endpoint from the environment)."""
-    from model.data import ClipStream
+    from model.data import open_stream
     make_store(tmp_path / "s.zarr", scenes=1, frames=29)
     store = Store(str(tmp_path / "s.zarr"))
     export_webdataset(store, "s3://shards/train", progress=False, storage_options=s3["options"])
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": s3["endpoint"]}.items():
         monkeypatch.setenv(k, v)
-    stream = ClipStream(["s3://shards/train"], batch_size=2, loop=False, remainder="keep", shuffle=False,
+    stream = open_stream(["s3://shards/train"], batch_size=2, loop=False, remainder="keep", shuffle=False,
                         rank=0, world=1)
     batches = [b for b in stream]
     feats = np.concatenate([np.asarray(b["features"]) for b in batches])
