@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
