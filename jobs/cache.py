@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from jobs.cli import run
 from jobs.config import parse_config
 from pipeline.errors import Re2pixError, TooManyFailuresError
+from pipeline.store.format import DEFAULT_COMPRESSION
 
 RESUME_HINT = "rerun the same command to resume"
 
@@ -50,7 +51,7 @@ class CacheConfig:
     batch_clips: int = 1
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
     max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
-    compression: str = "none"
+    compression: str = DEFAULT_COMPRESSION
     channel_chunk: int = 128
     ray_address: str | None = field(default=None, metadata={
         "help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"})

@@ -16,8 +16,8 @@ from tests.store_factory import make_store
 
 def test_finalize_writes_a_card_that_describes_the_store(tmp_path):
     path = tmp_path / "s.zarr"
-    make_store(path, scenes=2, frames=29, fail_clips=(0,), extra={"cache_config": {"dataset": "counting",
-                                                                                    "stride": 4, "flip": False}})
+    make_store(path, scenes=2, frames=29, fail_clips=(0,), compression="blosc-zstd",
+               extra={"cache_config": {"dataset": "counting", "stride": 4, "flip": False}})
     card = json.loads((path / "card.json").read_text())
     readme = (path / "README.md").read_text()
     store = Store(str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.store.format import DEFAULT_COMPRESSION
 from pipeline.store.lossy import dequantize_int8, parse_compression, quantize_int8, trim_mantissa
 from pipeline.store.reader import Store
 from tests.store_factory import make_store
@@ -54,7 +55,7 @@ def test_the_writer_applies_the_spec_the_cache_job_passes_and_the_reader_undoes_
     assert 0 < np.linalg.norm(z - written[("latents", store.row(0))]) / np.linalg.norm(z) < 0.02
     assert store.verify()["ok"]
     lossless = make_store(tmp_path / "l.zarr")[0].manifest
-    assert "lossy" not in lossless and lossless["compression"] == "blosc-zstd"  # never the default
+    assert "lossy" not in lossless and lossless["compression"] == DEFAULT_COMPRESSION  # never the default
 
 
 def test_verify_reads_the_scales_of_an_int8_store(tmp_path):

@@ -20,6 +20,7 @@ from .. import __version__
 from ..clips import ClipIndex
 from .basis import PCABasis
 from .format import (
+    DEFAULT_COMPRESSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     STORE_LAYOUT,
@@ -88,7 +89,7 @@ class StoreWriter:
     @classmethod
     def create(cls, location: str, *, index: ClipIndex, geometry: Geometry, basis: PCABasis,
                source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
-               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "none",
+               clip_stride: int = 1, channel_chunk: int = 128, compression: str = DEFAULT_COMPRESSION,
                extra: dict | None = None, storage_options: dict | None = None,
                overwrite: bool = False) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
