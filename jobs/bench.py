@@ -47,7 +47,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
                        encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
     decode = DecodeStage(source, geometry, ["orig"])
-    dino = DinoStage(cfg.dinov2, geometry, basis, "cpu", cfg.batch_frames, os.cpu_count())
+    dino = DinoStage(cfg.encoder, geometry, basis, "cpu", cfg.batch_frames, os.cpu_count())
     vae = VaeStage(cfg.vae, geometry, "cpu", cfg.batch_clips, os.cpu_count(), 1)
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
@@ -161,7 +161,7 @@ def bench_cache(args) -> None:
         dino_dir, vae_dir = save_real_size_encoders(work / "weights")
         geometry = json.dumps({"vae_input_hw": [144, 256], "dino_input_hw": [140, 252]})
         real = lambda kind: CacheConfig(
-            geometry=geometry, dinov2=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
+            geometry=geometry, encoder=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
             max_clips=args.real_clips, out=str(work / f"real-{kind}.zarr"), unit_clips=1, overwrite=True,
             progress=False, batch_frames=7)
         real_basis = random_basis(resolve_geometry(geometry), work / "real-basis.zarr")

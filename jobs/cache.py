@@ -1,7 +1,8 @@
 """Cache a dataset into a store: `python -m jobs.cache --preset tiny --dataset synthetic --out STORE`.
 
 source -> clip index -> (PCA basis: reuse --pca, or fit on a sample) -> Ray Data: decode+resize ->
-DINOv2 -> PCA -> float16 and WAN2.1 VAE -> store. A rerun of the same command resumes a killed job;
+feature encoder (--encoder: DINOv2-Reg, SigLIP-2, any transformers backbone) -> PCA -> float16 and the
+video VAE (--vae: WAN2.1, Wan2.2) -> store. A rerun of the same command resumes a killed job;
 `RAY_ADDRESS` points it at a cluster (else a local one is started).
 
 Exit status: 0 when the store is finished with at most --max-failures failed clips (-1: any number),
@@ -28,8 +29,10 @@ class CacheConfig:
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
     out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL"})
     geometry: str = field(default="tiny", metadata={"help": "tiny, paper, or JSON overrides of the paper's"})
-    dinov2: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
-    vae: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
+    encoder: str = field(default="tiny", metadata={
+        "help": "feature encoder: 'tiny', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC' or JSON "
+                "(pipeline/encoders/registry.py)"})
+    vae: str = field(default="tiny", metadata={"help": "'tiny', 'tiny-wan2.2', a WAN2.1/Wan2.2 VAE hub id or folder"})
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     pca: str | None = field(default=None, metadata={"help": "reuse this PCA basis (path/URL) instead of fitting"})
     pca_frames: int = field(default=512, metadata={"help": "frames sampled to fit the PCA basis"})
@@ -81,10 +84,10 @@ def resolve_geometry(spec: str):
         raise SystemExit(f"--geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
 
 
-def build_index(cfg: CacheConfig):
+def build_index(cfg: CacheConfig, geometry=None):
     from pipeline.clips import ClipIndex, build_clip_index
     from pipeline.sources import get_source
-    geometry = resolve_geometry(cfg.geometry)
+    geometry = geometry or resolve_geometry(cfg.geometry)
     source = get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
     index = build_clip_index(source, geometry, stride=cfg.stride, progress=cfg.progress)
     if cfg.max_clips is not None and len(index.clips) > cfg.max_clips:
@@ -104,7 +107,7 @@ def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, vari
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips), batch_size=1,
                         num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
-    ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.dinov2, geometry, basis, device, cfg.batch_frames,
+    ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.encoder, geometry, basis, device, cfg.batch_frames,
                                                          res.dino_threads, cfg.allow_download),
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.dino_actors), **res.actor_kwargs())
     return ds, res, device
@@ -125,15 +128,15 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray):
     return acc.to_basis(geometry.num_pca_channels)
 
 
-def encoder_descriptions(cfg: CacheConfig, geometry) -> tuple[dict, dict]:
-    """Describe the encoders for the manifest (loads them once in the driver, on CPU, to hash weights)."""
-    from pipeline.encoders import load_dinov2, load_vae
-    dino = load_dinov2(cfg.dinov2, input_hw=geometry.dino_input_hw, device="cpu", allow_download=cfg.allow_download)
+def encoder_descriptions(cfg: CacheConfig, geometry) -> tuple[dict, dict, object]:
+    """Describe the encoders for the manifest (loads them once in the driver, on CPU, to hash weights),
+    and the geometry with the sizes they fix (patch, feature dim, latent channels, compression)."""
+    from pipeline.encoders import derive_geometry, load_encoder, load_vae
+    enc = load_encoder(cfg.encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=cfg.allow_download)
     vae = load_vae(cfg.vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=cfg.allow_download)
-    if dino.feature_dim != geometry.feature_dim:
-        raise SystemExit(f"DINOv2 {cfg.dinov2} gives {dino.feature_dim}-d features; geometry "
-                         f"{cfg.geometry} expects {geometry.feature_dim}")
-    return {"dinov2": dino.describe(), "vae": vae.describe()}, {"mean": vae.latents_mean, "std": vae.latents_std}
+    # the manifest's "dinov2" entry is the feature encoder, whichever it is: its "name" says which
+    return ({"dinov2": enc.describe(), "vae": vae.describe()}, {"mean": vae.latents_mean, "std": vae.latents_std},
+            derive_geometry(geometry, enc, vae))
 
 
 def run_cache(cfg: CacheConfig) -> dict:
@@ -146,12 +149,12 @@ def run_cache(cfg: CacheConfig) -> dict:
     from pipeline.units import plan_units
 
     t0 = time.time()
-    source, geometry, index = build_index(cfg)
+    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+    source, geometry, index = build_index(cfg, geometry)
     if not index.clips:
         raise SystemExit(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
                          f"(skipped windows: {index.skipped or 'none'})")
     ray = _ray_init()
-    encoders, latent_norm = encoder_descriptions(cfg, geometry)
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
 
     basis = None

@@ -1,10 +1,12 @@
-"""Store tools: `python -m jobs.store {info,verify,check,export-wds} ...`.
+"""Store tools: `python -m jobs.store {info,verify,check,export-wds,diagnose} ...`.
 
     info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
     verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
                         the PCA basis against its fingerprint; lists bad rows (array, row, reason), exit 1
     check URL URL ...   are these stores compatible (can one training run read them together)?
     export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels)
+    diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
+                        (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ def main(argv=None) -> int:
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
     a.add_argument("--shard-size-mb", type=float, default=300.0)
     a.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    a = sub.add_parser("diagnose", help="latent temporal distance, per-channel latent and feature statistics")
+    a.add_argument("stores", nargs="+")
+    a.add_argument("--max-clips", type=int, default=256, help="clips read per store, evenly spread (0: all)")
+    a.add_argument("--png", default="diagnose.png", help="where to write the figure")
+    a.add_argument("--json", action="store_true", help="print the reports as JSON instead of the table")
     args = p.parse_args(argv)
     if args.cmd == "info":
         store = Store(args.store, allow_incomplete=args.allow_incomplete)
@@ -123,6 +130,11 @@ def main(argv=None) -> int:
         shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb,
                                    overwrite=args.overwrite)
         print(f"wrote {len(shards)} shards and manifest.json to {args.out}")
+    elif args.cmd == "diagnose":
+        from pipeline.store import diagnose as d
+        reports = [d.diagnose(Store(s), args.max_clips or None) for s in args.stores]
+        print(json.dumps(reports, indent=1) if args.json else d.table(reports))
+        print(f"figure: {d.plot_png(reports, args.png)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

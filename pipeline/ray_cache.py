@@ -119,10 +119,10 @@ class DinoStage:
                  batch_frames: int, torch_threads: int, allow_download: bool = False):
         import torch
 
-        from .encoders import load_dinov2
+        from .encoders import load_encoder
         if device == "cpu":
             torch.set_num_threads(torch_threads)
-        self.encoder = load_dinov2(dinov2_spec, input_hw=geometry.dino_input_hw, device=device,
+        self.encoder = load_encoder(dinov2_spec, input_hw=geometry.dino_input_hw, device=device,
                                    autocast_dtype=_autocast(device), allow_download=allow_download)
         self.projector = Projector(basis, device) if basis is not None else None
         self.batch_frames = batch_frames
