@@ -43,7 +43,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     torch.set_num_threads(os.cpu_count())
     source, geometry, index = build_index(cfg)
     basis = load_basis(basis_path)
-    encoders, latent_norm = encoder_descriptions(cfg, geometry)
+    encoders, latent_norm, geometry = encoder_descriptions(cfg, geometry)
     StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
                        encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
     decode = DecodeStage(source, geometry, ["orig"])

@@ -99,13 +99,14 @@ def build_index(cfg: CacheConfig, geometry=None):
     return source, geometry, index
 
 
-def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, variants, with_clips: bool):
+def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, variants, with_clips: bool,
+                     window: int = 1):
     """The plan's first stages: one row per unit -> decoded, resized frames -> DINOv2 (projected
     with `basis`, or moments for fitting one when it is None). Returns (dataset, resources, device)."""
     from pipeline.ray_cache import DecodeStage, DinoStage
     res, device = _resources(ray, cfg)
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips), batch_size=1,
+    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips, window), batch_size=1,
                         num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
     ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.encoder, geometry, basis, device, cfg.batch_frames,
                                                          res.dino_threads, cfg.allow_download),
@@ -113,12 +114,12 @@ def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, vari
     return ds, res, device
 
 
-def fit_basis(cfg: CacheConfig, source, geometry, index, ray):
+def fit_basis(cfg: CacheConfig, source, geometry, index, ray, window: int = 1):
     """First pass: DINOv2 on an even sample of feature frames, moments merged in float64."""
     from pipeline.pca import PCAAccumulator
     from pipeline.units import plan_frames
     units = plan_frames(index, cfg.pca_frames)
-    ds, _, _ = _decode_and_dino(ray, cfg, units, source, geometry, None, ["orig"], with_clips=False)
+    ds, _, _ = _decode_and_dino(ray, cfg, units, source, geometry, None, ["orig"], with_clips=False, window=window)
     acc = PCAAccumulator(geometry.feature_dim)
     from tqdm.auto import tqdm
     with tqdm(total=sum(len(u.own) for u in units), desc="pca sample", unit="frame", disable=not cfg.progress) as bar:
@@ -156,6 +157,7 @@ def run_cache(cfg: CacheConfig) -> dict:
                          f"(skipped windows: {index.skipped or 'none'})")
     ray = _ray_init()
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
+    window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
 
     basis = None
     if cfg.pca:
@@ -169,7 +171,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         except (FileNotFoundError, OSError, KeyError, ValueError):
             pass
     if basis is None:
-        basis = fit_basis(cfg, source, geometry, index, ray)
+        basis = fit_basis(cfg, source, geometry, index, ray, window)
 
     writer = StoreWriter.create(
         cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(), encoders=encoders,
@@ -184,7 +186,8 @@ def run_cache(cfg: CacheConfig) -> dict:
 
     rows, stage_seconds = [], {}  # (time a unit was written, its clips, when its encoders were ready)
     if todo:
-        ds, res, device = _decode_and_dino(ray, cfg, todo, source, geometry, basis, variants, with_clips=True)
+        ds, res, device = _decode_and_dino(ray, cfg, todo, source, geometry, basis, variants, with_clips=True,
+                                           window=window)
         ds = ds.map_batches(VaeStage, fn_constructor_args=(cfg.vae, geometry, device, cfg.batch_clips,
                                                             res.vae_threads, len(variants), cfg.allow_download),
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.vae_actors),

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import sys
 
-from jobs.cache import CacheConfig, _ray_init, build_index, fit_basis
+from jobs.cache import CacheConfig, _ray_init, build_index, encoder_descriptions, fit_basis, resolve_geometry
 from jobs.config import parse_config
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
     from pipeline.pca import save_basis
-    source, geometry, index = build_index(cfg)
-    basis = fit_basis(cfg, source, geometry, index, _ray_init())
+    encoders, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))  # sizes from the encoders
+    source, geometry, index = build_index(cfg, geometry)
+    basis = fit_basis(cfg, source, geometry, index, _ray_init(), int(encoders["dinov2"].get("window", 1)))
     save_basis(basis, cfg.out, overwrite=cfg.overwrite)
     top = basis.explained_variance[:8] / basis.explained_variance.sum()
     print(f"saved a {basis.num_components} x {basis.feature_dim} PCA basis to {cfg.out} "

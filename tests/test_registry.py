@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from store_factory import ENCODERS, make_store
+from store_factory import ENCODERS, CountingSource, make_store
 
 from pipeline.encoders import EncoderWeightsError, derive_geometry, load_encoder, load_vae, parse_encoder_spec
 from pipeline.store.format import IncompatibleStoresError
@@ -141,3 +141,73 @@ def test_cached_stores_of_two_encoders_are_never_mixed(siglip_store, wan22_store
         open_stores([wan22_store, siglip_store])
     assert e.value.field == "encoders.dinov2.name"
     assert "dinov2_with_registers" in str(e.value) and "siglip2" in str(e.value)
+
+
+# --- a video backbone (V-JEPA 2): each feature frame from the window of scene frames ending at it -----------
+
+VIDEO_GEOMETRY = {**TINY.to_dict(), "dino_input_hw": [112, 112]}  # V-JEPA 2 wants its square crop
+
+
+class IndexedSource(CountingSource):
+    """One scene of 29 frames whose frame i is a flat picture of value 8 i, so a window's frames say which."""
+
+    def __init__(self):
+        super().__init__(scenes=1, frames=29)
+
+    def read_frame(self, scene, frame):
+        if frame.index == 2 and getattr(self, "broken", False):
+            raise OSError("truncated PNG")
+        return np.full((16, 16, 3), 8 * frame.index, np.uint8)
+
+
+def test_video_windows_end_at_each_feature_frame_and_repeat_the_scene_start():
+    from pipeline.clips import build_clip_index
+    from pipeline.ray_cache import read_unit
+    from pipeline.store.geometry import Geometry
+    from pipeline.units import plan_units
+    geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in VIDEO_GEOMETRY.items()})
+    source = IndexedSource()
+    index = build_clip_index(source, geometry, stride=4, progress=False)  # clips at 0 and 4
+    unit = plan_units(index, 1)[1]  # the clip at 4 owns only feature frame 28
+    out = read_unit(plan_units(index, 1)[0], source, geometry, ["orig"], True, window=4)
+    rows = json.loads(out["own_rows"])
+    frames = out["dino_frames"][:, :, 0, 0, 0] // 8  # [feature frames, window] -> source frame index
+    assert out["dino_frames"].shape == (7, 4, 112, 112, 3)
+    assert frames.tolist() == [[0, 0, 0, 0]] + [[f - 3, f - 2, f - 1, f] for f in range(4, 25, 4)]
+    assert [index.frames[r][1].index for r in rows] == list(range(0, 25, 4))
+    later = read_unit(unit, source, geometry, ["orig"], True, window=4)
+    assert (later["dino_frames"][:, :, 0, 0, 0] // 8).tolist() == [[25, 26, 27, 28]]
+    # frame 2 is not in the clip at 4, but in the window of its feature frame 4 (owned by the other unit):
+    # the clip fails in its own unit too, naming the frame, so no valid clip points at an unwritten row
+    source.broken = True
+    failures = json.loads(read_unit(unit, source, geometry, ["orig"], True, window=4)["failures"])
+    assert [f["clip_id"] for f in failures] == [index.clips[1].clip_id]
+    assert failures[0]["reason"] == "scene-00/0002.png: OSError: truncated PNG"
+
+
+def test_vjepa2_tiny_features_see_the_whole_window():
+    enc = load_encoder('{"kind": "vjepa2", "weights": "tiny", "window": 4}', input_hw=(112, 112))
+    windows = np.random.default_rng(2).integers(0, 256, (2, 4, 72, 128, 3), dtype=np.uint8)
+    f = enc(windows)
+    assert f.shape == (2, 7, 7, 128) and enc.patch_size == 16 and enc.describe()["window"] == 4
+    changed = windows.copy()
+    changed[:, 0] = 0  # only the oldest frame differs
+    assert not torch.allclose(enc(changed), f)
+    with pytest.raises(ValueError, match="square"):
+        load_encoder("vjepa2:tiny", input_hw=(112, 196))
+
+
+@pytest.fixture(scope="module")
+def video_store(ray_address, tmp_path_factory):
+    return _cache(tmp_path_factory, "vjepa2", encoder="vjepa2:tiny", geometry=json.dumps(VIDEO_GEOMETRY))
+
+
+@pytest.mark.slow
+def test_a_video_backbone_store_is_cached_and_trains_stage1(video_store, tmp_path):
+    from pipeline.store.reader import Store
+    store = Store(video_store)
+    d = store.manifest["encoders"]["dinov2"]
+    assert d["name"] == "vjepa2" and d["window"] == 4 and store.geometry.feature_hw == (7, 7)
+    assert store.read_clip(0).features.shape == (7, 7, 7, 64) and store.verify()["bad_rows"] == []
+    rows = _train(video_store, tmp_path, "1", {"model": "tiny", "batch_size": 2, "steps": 3, "log_every": 1})
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)

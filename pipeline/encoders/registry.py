@@ -5,7 +5,10 @@ Feature encoder specs (`--encoder`):
     "dinov2:SPEC"                    the same, explicitly
     "siglip2:SPEC"                   SigLIP-2's vision tower ("siglip2:tiny" is a tiny random config)
     "hf:SPEC"                        any transformers ViT-like vision backbone (hub id or local folder)
-    '{"kind": "hf", "weights": SPEC, "layers": [4, 8, 12]}'   JSON: the same with the blocks to take
+    "vjepa2:SPEC"                    V-JEPA 2's video encoder: each feature frame from the window of scene
+                                     frames ending at it (video.py documents the alignment)
+    '{"kind": "hf", "weights": SPEC, "layers": [4, 8, 12]}'   JSON: any of them with the blocks to take
+    (and for vjepa2 the "window" of frames, default 4)
 VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", a hub id or a folder of a WAN2.1 or Wan2.2 VAE.
 
 Every feature encoder has the same interface (`__call__(frames) -> [B, h, w, feature_dim]`,
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 from .hashing import EncoderWeightsError
 
-FEATURE_KINDS = ("dinov2", "siglip2", "hf")
+FEATURE_KINDS = ("dinov2", "siglip2", "hf", "vjepa2")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class EncoderSpec:
     kind: str  # one of FEATURE_KINDS
     weights: str  # "tiny", a hub id or a local folder
     layers: tuple[int, ...] | None = None  # 1-based blocks; None: the kind's default
+    window: int | None = None  # video backbones: frames per feature frame; None: the default (4)
 
 
 def parse_encoder_spec(spec: str) -> EncoderSpec:
@@ -36,6 +40,7 @@ def parse_encoder_spec(spec: str) -> EncoderSpec:
         try:
             d = json.loads(spec)
             kind, weights, layers = d.pop("kind", "dinov2"), d.pop("weights"), d.pop("layers", None)
+            window = d.pop("window", None)
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
             raise EncoderWeightsError(f"encoder spec {spec!r}: a JSON spec is an object with 'weights' "
                                       f"(and optional 'kind', 'layers'): {e}") from e
@@ -44,14 +49,17 @@ def parse_encoder_spec(spec: str) -> EncoderSpec:
         if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
             raise EncoderWeightsError(f"encoder spec {spec!r}: 'layers' must be a list of block numbers")
         layers = tuple(layers) if layers else None
+        if window is not None and (kind != "vjepa2" or not isinstance(window, int)):
+            raise EncoderWeightsError(f"encoder spec {spec!r}: 'window' is an integer, for kind vjepa2 only")
     else:
         head, sep, rest = spec.partition(":")
         kind, weights, layers = (head, rest, None) if sep and head in FEATURE_KINDS else ("dinov2", spec, None)
+        window = None
     if kind not in FEATURE_KINDS:
         raise EncoderWeightsError(f"encoder spec {spec!r}: kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
     if not isinstance(weights, str) or not weights:
         raise EncoderWeightsError(f"encoder spec {spec!r} names no weights")
-    return EncoderSpec(kind, weights, layers)
+    return EncoderSpec(kind, weights, layers, window)
 
 
 def load_encoder(spec: str, input_hw=None, device="cpu", *, autocast_dtype=None, allow_download=False,
@@ -66,6 +74,9 @@ def load_encoder(spec: str, input_hw=None, device="cpu", *, autocast_dtype=None,
     if s.kind == "siglip2":
         from .backbones import load_siglip2
         return load_siglip2(s.weights, **kw)
+    if s.kind == "vjepa2":
+        from .video import DEFAULT_WINDOW, load_vjepa2
+        return load_vjepa2(s.weights, window=s.window or DEFAULT_WINDOW, **kw)
     from .backbones import load_hf_backbone
     return load_hf_backbone(s.weights, **kw)
 
