@@ -211,3 +211,25 @@ def test_a_video_backbone_store_is_cached_and_trains_stage1(video_store, tmp_pat
     assert store.read_clip(0).features.shape == (7, 7, 7, 64) and store.verify()["bad_rows"] == []
     rows = _train(video_store, tmp_path, "1", {"model": "tiny", "batch_size": 2, "steps": 3, "log_every": 1})
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_any_diffusers_video_vae_by_folder_sizes_the_geometry(tmp_path):
+    """HunyuanVideo's causal VAE (tiny): channels and compression from the model, normalization from
+    its scalar scaling_factor; a saved folder loads through the generic path to the same latents."""
+    vae = load_vae("tiny-hunyuan", input_hw=(96, 160))
+    clip = np.random.default_rng(1).integers(0, 256, (1, 9, 96, 160, 3), dtype=np.uint8)
+    z = vae(clip)
+    assert z.shape == (1, 16, 3, 12, 20) and vae.name == "diffusers:AutoencoderKLHunyuanVideo"
+    assert vae.latents_std == [1 / vae.vae.config.scaling_factor] * 16 and vae.latents_mean == [0.0] * 16
+    raw = vae.vae.encode(vae.preprocess(clip)).latent_dist.mean
+    torch.testing.assert_close(z, raw * vae.vae.config.scaling_factor)
+    assert vae.decode(z).shape == (1, 9, 96, 160, 3)
+    vae.vae.save_pretrained(tmp_path / "hunyuan" / "vae")
+    again = load_vae(f"diffusers:{tmp_path / 'hunyuan'}", input_hw=(96, 160))  # a repo folder with vae/
+    torch.testing.assert_close(again(clip), z)
+    assert again.describe()["sha256"] == vae.describe()["sha256"]
+    assert derive_geometry(TINY, load_encoder("tiny"), vae).latents_shape == (16, 7, 12, 20)
+    (tmp_path / "notvae").mkdir()
+    (tmp_path / "notvae" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(EncoderWeightsError, match="not a diffusers autoencoder"):
+        load_vae(f"diffusers:{tmp_path / 'notvae'}")

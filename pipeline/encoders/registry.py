@@ -9,7 +9,8 @@ Feature encoder specs (`--encoder`):
                                      frames ending at it (video.py documents the alignment)
     '{"kind": "hf", "weights": SPEC, "layers": [4, 8, 12]}'   JSON: any of them with the blocks to take
     (and for vjepa2 the "window" of frames, default 4)
-VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", a hub id or a folder of a WAN2.1 or Wan2.2 VAE.
+VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", a hub id or a folder of a WAN2.1 or Wan2.2 VAE;
+"diffusers:SPEC" any other diffusers video VAE by its config's class ("tiny-hunyuan" for tests).
 
 Every feature encoder has the same interface (`__call__(frames) -> [B, h, w, feature_dim]`,
 `patch_size`, `feature_dim`, `describe()`), so PCA, the store and its compatibility checks treat

@@ -43,11 +43,15 @@ class WanVAEEncoder:
     WAN2.1 z_dim 16, s = 8; Wan2.2 z_dim 48, s = 16 (its config's scale_factor_spatial, patch_size 2)."""
 
     def __init__(self, vae: AutoencoderKLWan, *, input_hw=(432, 768), device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None):
+                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None,
+                 sizes: dict | None = None):
+        """sizes: latent_channels, spatial, temporal, mean, std for a VAE whose config names them otherwise."""
         cfg = vae.config
-        self.spatial_downsample = int(cfg.scale_factor_spatial)
-        self.temporal_downsample = int(cfg.scale_factor_temporal)
-        self.latent_channels = int(cfg.z_dim)
+        sizes = sizes or {"latent_channels": cfg.z_dim, "spatial": cfg.scale_factor_spatial,
+                          "temporal": cfg.scale_factor_temporal, "mean": cfg.latents_mean, "std": cfg.latents_std}
+        self.spatial_downsample = int(sizes["spatial"])
+        self.temporal_downsample = int(sizes["temporal"])
+        self.latent_channels = int(sizes["latent_channels"])
         self.name = "wan2.2_vae" if cfg.get("is_residual") else "wan2.1_vae"
         self.input_hw = tuple(int(s) for s in input_hw)
         if any(s % self.spatial_downsample for s in self.input_hw):
@@ -55,8 +59,8 @@ class WanVAEEncoder:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.vae = vae.to(self.device).eval().requires_grad_(False)
-        self.latents_mean = [float(v) for v in cfg.latents_mean]
-        self.latents_std = [float(v) for v in cfg.latents_std]
+        self.latents_mean = [float(v) for v in sizes["mean"]]
+        self.latents_std = [float(v) for v in sizes["std"]]
         shape = (1, self.latent_channels, 1, 1, 1)
         self._mean = torch.tensor(self.latents_mean, device=self.device).view(shape)
         self._std = torch.tensor(self.latents_std, device=self.device).view(shape)
@@ -146,11 +150,17 @@ def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfol
     """spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
     (looked up in the local HF cache unless allow_download) or a local folder.
 
+    "diffusers:SPEC" (or "tiny-hunyuan") loads any other diffusers video VAE (video_vae.py).
     A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
     (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
     input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
     """
     input_hw = input_hw or PRESETS[spec if spec in PRESETS else "default"]["input_hw"]
+    if spec == "tiny-hunyuan" or spec.startswith("diffusers:"):  # any other diffusers video VAE
+        from .video_vae import load_diffusers_vae
+        return load_diffusers_vae(spec.removeprefix("diffusers:"), input_hw, device, subfolder=subfolder,
+                                  autocast_dtype=autocast_dtype, allow_download=allow_download, revision=revision,
+                                  cache_dir=cache_dir)
     if spec in _TINY:
         vae, weights_id, rev = tiny_vae_model(spec), spec, None
     elif spec == "demo":
