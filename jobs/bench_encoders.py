@@ -53,7 +53,8 @@ def bench_features(device: str, frames: int, repeats: int) -> list[dict]:
     img = rng.integers(0, 256, (frames, 224, 392, 3), dtype=np.uint8)
     win = rng.integers(0, 256, (frames, 4, 256, 256, 3), dtype=np.uint8)
     encoders = [
-        ("DINOv2-Reg ViT-B/14", DinoV2Encoder(Dinov2WithRegistersModel(Dinov2WithRegistersConfig()),
+        ("DINOv2-Reg ViT-B/14", DinoV2Encoder(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            patch_size=14, image_size=518, num_register_tokens=4)),
                                               input_hw=(224, 392), device=device), img),
         ("SigLIP-2 ViT-B/16", ImageBackbone(SiglipVisionModel(SiglipVisionConfig()), name="siglip2",
                                             input_hw=(224, 384), layers=(3, 6, 9, 12), mean=SIGLIP_MEAN,
