@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: install test demo cache pca train rollout predict evaluate bench info lint clean
+.PHONY: install test test-fast demo cache pca train rollout predict evaluate bench info lint clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# the quick lane while you work (no Ray clusters, torchrun or overfitting runs); CI runs `make test`
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 lint: install
 	$(PY) -m ruff check pipeline model inference jobs tests

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import InferenceError
 from .sampling import Sampler, clip_noise, forecast_features, sample_models, stage2_features
 from .semantic import Semantic
 from .stages import Models
@@ -86,6 +88,7 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
     accs = {name: [Acc() for _ in range(samples)] for name in names}
     stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
     ref_fid, ref_fvd, clip_ids = [], [], []
+    real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
     bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)
     for start in range(0, clips, batch_size):
         idx = list(range(start, min(clips, start + batch_size)))
@@ -109,8 +112,17 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
             future_ref = reference[:, ctx_frames:]
             if fid_net:
                 ref_fid.append(fid_net(future_ref.reshape(-1, *future_ref.shape[2:])))
+                ref_acc.fid.append(ref_fid[-1])
             if fvd_net:
                 ref_fvd.append(fvd_net(future_ref))
+                ref_acc.fvd.append(ref_fvd[-1])
+            if (fid_net or fvd_net) and not real_missing:
+                real = _source_futures(store.manifest, metas, g, real_missing)
+                if real is not None:
+                    if fid_net:
+                        real_fid.append(fid_net(real.reshape(-1, *real.shape[2:])))
+                    if fvd_net:
+                        real_fvd.append(fvd_net(real))
             if semantic.dino is not None:
                 semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
         for run in range(samples):
@@ -142,8 +154,13 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
             bar.update(len(idx))
     bar.close()
 
-    fid_ref = gaussian_stats(torch.cat(ref_fid)) if ref_fid else None
-    fvd_ref = gaussian_stats(torch.cat(ref_fvd)) if ref_fvd else None
+    # FID / FVD against the real frames when every clip's could be read from the source, else (labelled)
+    # against the VAE reconstruction; with real frames the reconstruction's own FID / FVD is reported too
+    real = not real_missing and bool(real_fid or real_fvd)
+    fid_ref = gaussian_stats(torch.cat(real_fid if real else ref_fid)) if ref_fid else None
+    fvd_ref = gaussian_stats(torch.cat(real_fvd if real else ref_fvd)) if ref_fvd else None
+    if not real:
+        ref_acc.fid, ref_acc.fvd = [], []
     per_model = {}
     for name in names:
         per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
@@ -152,8 +169,25 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
     return {"clip_ids": clip_ids,
             "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
             "models": per_model,
-            "reference_metrics": {k: finite(v) for k, v in ref_acc.values().items()},
-            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()}}
+            "reference_metrics": {k: finite(v) for k, v in ref_acc.values(fid_ref, fvd_ref).items()},
+            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},
+            "fid_fvd_reference": (None if not (ref_fid or ref_fvd) else
+                                  {"pixels": "source_frames"} if real else
+                                  {"pixels": "vae_reconstruction", "why": real_missing.get("reason")})}
+
+
+def _source_futures(manifest: dict, metas: list[dict], geometry, missing: dict):
+    """The clips' real future frames uint8 [B, 12, H, W, 3] from the store's source, or None (and `missing`
+    says why) when a clip's frames cannot be read."""
+    from .inputs import source_clip_frames
+    out = []
+    for meta in metas:
+        frames, info = source_clip_frames(manifest, meta, geometry)
+        if frames is None:
+            missing["reason"] = f"{meta.get('clip_id')}: {info.get('reason')}"
+            return None
+        out.append(frames[geometry.context_frames:])
+    return torch.from_numpy(np.stack(out))
 
 
 def _row_keys(metrics: dict) -> list[str]:
@@ -183,3 +217,79 @@ def format_table(results: dict, per_frame: bool = False) -> str:
     for k, why in results["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a run's curve (paper figure 3)
+
+CURVE_SCHEMA = "re2pix-curve/1"
+CURVE_METRICS = ("latent_mse", "psnr", "ssim", "fid", "fvd", "seg/miou_all", "seg/miou_moving")
+CURVE_COLOURS = {"re2pix": (40, 96, 220), "baseline": (220, 90, 40)}
+
+
+def run_checkpoints(run_dir) -> dict[int, Path]:
+    """{step: checkpoint folder} of every complete checkpoint a run kept (train with keep_checkpoints 0
+    to keep them all); a folder without meta.json (a save cut short) is not a checkpoint."""
+    from model.checkpoint import read_meta
+    out = {}
+    for path in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+        if (path / "meta.json").exists():
+            out[int(read_meta(path).get("step", int(path.name.removeprefix("step-"))))] = path
+    return out
+
+
+def curve_point(step: int, results: dict) -> dict:
+    """One point of the curve: the step, the checkpoints scored and every model's mean ± std."""
+    return {"step": step, "checkpoints": results["checkpoints"],
+            "models": {name: {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()
+                              if "/" not in k or k.startswith(("seg/", "depth/"))}
+                       for name, metrics in results["models"].items()},
+            "stage1": {k: results["stage1"][k] for k in ("mse", "cos") if k in results["stage1"]}}
+
+
+def plot_curve(points: list[dict], path, size=(360, 240)) -> Path:
+    """A PNG of the curve: one panel per metric present (latent MSE, PSNR, SSIM, FID, FVD, mIoU), x the
+    training step, one line per model (Re2Pix blue, Baseline orange), the sampling runs' std as bars."""
+    from PIL import Image, ImageDraw
+    metrics = [k for k in CURVE_METRICS if any(k in p["models"].get(n, {}) for p in points for n in p["models"])]
+    if not points or not metrics:
+        raise InferenceError("no curve to plot: no checkpoint was scored")
+    pw, ph = size
+    img = Image.new("RGB", (pw * len(metrics), ph), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [p["step"] for p in points]
+    lo_s, hi_s = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    for i, key in enumerate(metrics):
+        x0, y0, x1, y1 = i * pw + 50, 22, (i + 1) * pw - 12, ph - 30
+        vals = [(p["step"], n, p["models"][n][key]) for p in points for n in p["models"]
+                if key in p["models"][n] and p["models"][n][key]["mean"] is not None]
+        if not vals:
+            continue
+        ys = [v["mean"] + s * (v["std"] or 0) for _, _, v in vals for s in (-1, 1)]
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1e-6
+
+        def xy(step, y, box=(x0, y0, x1, y1), span=(lo, hi)):
+            (bx0, by0, bx1, by1), (a, b) = box, span
+            return bx0 + (step - lo_s) / (hi_s - lo_s) * (bx1 - bx0), by1 - (y - a) / (b - a) * (by1 - by0)
+        draw.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
+        draw.text((x0, 4), key, fill="black")
+        draw.text((x0 - 46, y0), f"{hi:.4g}", fill="black")
+        draw.text((x0 - 46, y1 - 10), f"{lo:.4g}", fill="black")
+        draw.text((x0, y1 + 4), f"step {lo_s}", fill="black")
+        draw.text((x1 - 70, y1 + 4), f"step {hi_s}", fill="black")
+        for name in dict.fromkeys(n for _, n, _ in vals):
+            colour = CURVE_COLOURS.get(name, (90, 90, 90))
+            line = sorted((s, v) for s, n, v in vals if n == name)
+            if len(line) > 1:
+                draw.line([xy(s, v["mean"]) for s, v in line], fill=colour, width=2)
+            for s, v in line:
+                (px, py), (_, top), (_, bottom) = (xy(s, v["mean"]), xy(s, v["mean"] + (v["std"] or 0)),
+                                                   xy(s, v["mean"] - (v["std"] or 0)))
+                draw.line((px, top, px, bottom), fill=colour)
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+            draw.text((x1 - 60, y0 + 4 + 12 * list(CURVE_COLOURS).index(name) if name in CURVE_COLOURS else y0 + 28),
+                      name, fill=colour)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,28 +35,29 @@ def run_loop(cfg, basis_path: str) -> dict:
     """The same decode -> DINOv2 -> PCA -> VAE -> write work as the Ray job, in one process."""
     import torch
 
-    from jobs.cache import build_index, encoder_descriptions
+    from jobs.cache import build_index, encoder_descriptions, resolve_geometry
     from pipeline.pca import load_basis
-    from pipeline.ray_cache import DecodeStage, DinoStage, VaeStage, WriteStage
+    from pipeline.ray_cache import DecodeStage, EncodeStage, StageResources, WriteStage
     from pipeline.store.writer import StoreWriter
     from pipeline.units import plan_units
 
     torch.set_num_threads(os.cpu_count())
-    source, geometry, index = build_index(cfg)
+    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+    source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
-    encoders, latent_norm, geometry = encoder_descriptions(cfg, geometry)
     StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
                        encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
-    decode = DecodeStage(source, geometry, ["orig"])
-    dino = DinoStage(cfg.encoder, geometry, basis, "cpu", cfg.batch_frames, os.cpu_count())
-    vae = VaeStage(cfg.vae, geometry, "cpu", cfg.batch_clips, os.cpu_count(), 1)
+    decode = DecodeStage(source, geometry, ["orig"], True, int(encoders["dinov2"].get("window", 1)))
+    threads = StageResources(dino_threads=cfg.dino_threads or os.cpu_count(),
+                             vae_threads=cfg.vae_threads or os.cpu_count())  # the job's settings
+    encode = EncodeStage(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
     for unit in plan_units(index, cfg.unit_clips):
-        row = write(vae(dino(decode({"plan": [unit.to_json()]}))))
+        row = write(encode(decode({"plan": [unit.to_json()]})))
         clips += int(row["clips"][0])
         for k, v in row.items():
-            if k.startswith("t_"):
+            if k in ("t_decode", "t_encode", "t_write"):
                 stage[k[2:]] = stage.get(k[2:], 0.0) + float(v[0])
     seconds = time.time() - t0
     return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "stage_seconds": stage}
@@ -63,13 +65,13 @@ def run_loop(cfg, basis_path: str) -> dict:
 
 def encoder_share(stage: dict) -> float:
     total = sum(stage.values())
-    return (stage.get("dino", 0) + stage.get("vae", 0)) / total if total else float("nan")
+    return stage.get("encode", 0) / total if total else float("nan")
 
 
 def compare(label: str, make_cfg, basis_path: str, note: str) -> dict:
     from jobs.cache import run_cache
     loop = run_loop(make_cfg("loop"), basis_path)
-    job = run_cache(make_cfg("ray"))
+    job = run_cache(dataclasses.replace(make_cfg("ray"), pca=basis_path))  # both use the same basis
     steady = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
     print(f"\n[{label}] {note}")
     print(f"  plain loop      {loop['clips']:4d} clips  {loop['clips_per_s']:.3f} clips/s  "
@@ -87,6 +89,7 @@ def peak_memory(clips: int, workdir: Path, basis_path: str) -> float:
     import psutil
     out = workdir / f"mem{clips}.zarr"
     cmd = [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--pca", basis_path, "--no-progress",
+           "--ray-address", "local",
            "--source-options", json.dumps(synthetic_options(clips)), "--max-clips", str(clips), "--out", str(out),
            "--overwrite"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -132,8 +135,9 @@ def save_real_size_encoders(folder: Path) -> tuple[str, str]:
 def bench_cache(args) -> None:
     import numpy as np
 
-    from jobs.cache import CacheConfig, _ray_init, resolve_geometry
+    from jobs.cache import CacheConfig, resolve_geometry, run_cache
     from pipeline.pca import save_basis
+    from pipeline.ray_cluster import start_ray, stop_ray
     from pipeline.store.basis import PCABasis
 
     work = Path(tempfile.mkdtemp(prefix="re2pix-bench-"))
@@ -147,15 +151,22 @@ def bench_cache(args) -> None:
         return str(path)
 
     print(f"machine: {os.cpu_count()} CPUs, no GPU" if not _has_gpu() else f"machine: {os.cpu_count()} CPUs + GPU")
-    _ray_init()
-    tiny = lambda kind: CacheConfig(
+    cluster = start_ray()
+    tiny = lambda kind, **kw: CacheConfig(
         geometry="tiny", source_options=synthetic_options(args.clips), max_clips=args.clips,
         out=str(work / f"tiny-{kind}.zarr"), unit_clips=4, channel_chunk=16, overwrite=True, progress=False,
-        vae_threads=1)  # the tiny preset's setting: its small tensors run slower on 2 threads
+        vae_threads=1, **kw)  # the tiny preset's setting: its small tensors run slower on 2 threads
     tiny_basis = random_basis(resolve_geometry("tiny"), work / "tiny-basis.zarr")
     if args.clips:
-            compare("tiny encoders", tiny, tiny_basis, f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
+        compare("tiny encoders", tiny, tiny_basis, f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
                 "VAE 96x160, DINOv2 112x196, random-weight tiny models")
+        rates = {}
+        for n in (1, 2):
+            job = run_cache(tiny(f"actors{n}", encoder_actors=n, pca=tiny_basis))
+            rates[n] = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
+        print(f"\n[encoder actors] tiny encoders, one torch thread each, {args.clips} clips, same run")
+        print(f"  1 actor  {rates[1]:.3f} clips/s\n  2 actors {rates[2]:.3f} clips/s\n"
+              f"  2 / 1    {rates[2] / rates[1]:.2f}x (goal >= 1.6x on {os.cpu_count()} CPUs)")
 
     if args.real_clips:
         dino_dir, vae_dir = save_real_size_encoders(work / "weights")
@@ -168,8 +179,7 @@ def bench_cache(args) -> None:
         compare("real-size encoders", real, real_basis,
                 f"{args.real_clips} clips, DINOv2-Reg ViT-B/14 (86M) and WAN2.1 VAE (127M), random weights, "
                 "at reduced resolution: VAE 144x256, DINOv2 140x252 (432x768 is 9x the pixels)")
-    import ray
-    ray.shutdown()  # the memory runs start clusters of their own
+    stop_ray(cluster)  # the memory runs start clusters of their own
     if not args.memory_clips:
         return
     peaks = {n: peak_memory(n, work, tiny_basis) for n in args.memory_clips}

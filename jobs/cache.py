@@ -1,23 +1,31 @@
 """Cache a dataset into a store: `python -m jobs.cache --preset tiny --dataset synthetic --out STORE`.
 
-source -> clip index -> (PCA basis: reuse --pca, or fit on a sample) -> Ray Data: decode+resize ->
-feature encoder (--encoder: DINOv2-Reg, SigLIP-2, any transformers backbone) -> PCA -> float16 and the
-video VAE (--vae: WAN2.1, Wan2.2) -> store. A rerun of the same command resumes a killed job;
-`RAY_ADDRESS` points it at a cluster (else a local one is started).
+source -> clip index -> cheap checks -> (PCA basis: reuse --pca, or fit on a sample) -> Ray Data:
+decode+resize -> encode (feature encoder -> PCA -> float16, video VAE; one fused actor per GPU) -> store.
+--encoder chooses DINOv2-Reg, SigLIP-2, any transformers backbone or V-JEPA 2, --vae the WAN2.1 or Wan2.2
+VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them.
+A rerun of the same command resumes a killed job and exits 0 at once on a finished store.
+The Ray cluster: --ray-address / RAY_ADDRESS, else a running local cluster, else a private one.
 
 Exit status: 0 when the store is finished with at most --max-failures failed clips (-1: any number),
-2 when more failed (the store is still finished and lists them), 1 on errors.
+2 when more failed (the store is still finished and lists them), 1 on errors, 130 / 143 interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
+from jobs.cli import run
 from jobs.config import parse_config
+from pipeline.errors import Re2pixError, TooManyFailuresError
+
+RESUME_HINT = "rerun the same command to resume"
 
 
 @dataclass
@@ -27,12 +35,17 @@ class CacheConfig:
     data_root: str | None = field(default=None, metadata={"help": "dataset folder (not needed for synthetic)"})
     split: str = "train"
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
-    out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL"})
+    out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL (s3://...)"})
+    storage_options: dict = field(default_factory=dict, metadata={
+        "help": "JSON fsspec options for --out and --pca URLs, e.g. an endpoint; credentials are better left "
+                "to the AWS_* variables (forwarded to every worker, never recorded)"})
     geometry: str = field(default="tiny", metadata={"help": "tiny, paper, or JSON overrides of the paper's"})
     encoder: str = field(default="tiny", metadata={
-        "help": "feature encoder: 'tiny', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC' or JSON "
-                "(pipeline/encoders/registry.py)"})
-    vae: str = field(default="tiny", metadata={"help": "'tiny', 'tiny-wan2.2', a WAN2.1/Wan2.2 VAE hub id or folder"})
+        "aliases": ["--dinov2"],
+        "help": "feature encoder: 'tiny', 'demo', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
+                "'vjepa2:SPEC' or JSON (pipeline/encoders/registry.py); --dinov2 is an alias"})
+    vae: str = field(default="tiny", metadata={
+        "help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"})
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     pca: str | None = field(default=None, metadata={"help": "reuse this PCA basis (path/URL) instead of fitting"})
     pca_frames: int = field(default=512, metadata={"help": "frames sampled to fit the PCA basis"})
@@ -42,35 +55,39 @@ class CacheConfig:
     batch_frames: int = 16
     batch_clips: int = 1
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
-    max_failures: int = -1
-    compression: str = "blosc-zstd"
+    max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
+    compression: str = "none"
     channel_chunk: int = 128
-    decode_actors: int = field(default=1, metadata={"help": "CPU actors reading and resizing frames"})
-    dino_actors: int = 1
-    vae_actors: int = 1
-    dino_threads: int = field(default=1, metadata={"help": "torch threads per DINOv2 actor (CPU-only machines)"})
-    vae_threads: int = field(default=0, metadata={"help": "torch threads per VAE actor on CPU; 0: every CPU "
-                                                           "(the VAE is ~97% of the work at real size)"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when the cluster has GPUs), cuda, or cpu: encoders on CPU even in GPU actors"})
+    encoder_actors: int = field(default=0, metadata={
+        "help": "fused DINOv2+VAE actors (0: one per GPU of the cluster, or 1 without GPUs)"})
+    max_encoder_actors: int = field(default=0, metadata={
+        "help": "grow the encoder pool up to this many as an autoscaler adds GPUs (0: --encoder-actors)"})
+    gpus_per_encoder: float = field(default=1.0, metadata={"help": "GPUs per encoder actor (0.5: two per GPU)"})
+    encoder_memory_gb: float = field(default=0.0, metadata={"help": "host memory Ray reserves per encoder actor"})
+    decode_actors: int = field(default=0, metadata={
+        "help": "most CPU actors reading and resizing frames (0: a quarter of the cluster's CPUs, at least 1)"})
+    dino_threads: int = field(default=1, metadata={"help": "torch threads for DINOv2 on CPU (0: the node's CPUs)"})
+    vae_threads: int = field(default=0, metadata={
+        "help": "torch threads for the VAE on CPU; 0: every CPU of the node the actor runs on"})
     overwrite: bool = False
+    dry_run: bool = field(default=False, metadata={
+        "help": "build the index, estimate size and encoder time, write nothing"})
     progress: bool = True
+    verbose: bool = field(default=False, metadata={"help": "show Ray's own log lines and notices"})
 
 
-def _ray_init():
-    import ray
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False, **({} if address else {"num_cpus": os.cpu_count()}))
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
+# settings that do not change what is stored (where and how fast it runs): left out of the manifest
+RUNTIME_ONLY = ("out", "storage_options", "overwrite", "dry_run", "progress", "verbose", "ray_address", "device",
+                "encoder_actors", "max_encoder_actors", "gpus_per_encoder", "encoder_memory_gb", "decode_actors",
+                "dino_threads", "vae_threads", "max_failures", "allow_download")
 
 
-def _resources(ray, cfg: CacheConfig):
-    from pipeline.ray_cache import StageResources
-    if ray.cluster_resources().get("GPU", 0):
-        return StageResources(gpus=1.0), "cuda"
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads or cpus), "cpu"
+def recorded_config(cfg: CacheConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
 
 
 def resolve_geometry(spec: str):
@@ -81,140 +98,402 @@ def resolve_geometry(spec: str):
     try:
         return Geometry.from_dict({**PAPER.to_dict(), **json.loads(spec)})
     except (json.JSONDecodeError, TypeError) as e:
-        raise SystemExit(f"--geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
+        raise Re2pixError(f"--geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
 
 
-def build_index(cfg: CacheConfig, geometry=None):
-    from pipeline.clips import ClipIndex, build_clip_index
+def absolute_location(location: str) -> str:
+    """A relative path is made absolute here, on the driver: each Ray actor has its own working folder."""
+    from pipeline.store.location import is_url
+    location = str(location)
+    if location.startswith("file://"):
+        return "file://" + os.path.abspath(location.removeprefix("file://"))
+    return location if is_url(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def get_source(cfg: CacheConfig):
     from pipeline.sources import get_source
+    return get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
+
+
+def build_index(cfg: CacheConfig, geometry=None, source=None):
+    from pipeline.clips import ClipIndex, build_clip_index
     geometry = geometry or resolve_geometry(cfg.geometry)
-    source = get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
+    source = source or get_source(cfg)
     index = build_clip_index(source, geometry, stride=cfg.stride, progress=cfg.progress)
     if cfg.max_clips is not None and len(index.clips) > cfg.max_clips:
         keep = index.clips[: cfg.max_clips]
         used = sorted({r for c in keep for r in c.feature_rows})
         remap = {r: i for i, r in enumerate(used)}
         keep = [type(c)(c.clip_id, c.scene, c.start, c.frames, tuple(remap[r] for r in c.feature_rows)) for c in keep]
-        index = ClipIndex(keep, [index.frames[r] for r in used], index.skipped)
+        index = ClipIndex(keep, [index.frames[r] for r in used], index.skipped, index.failures)
+    for f in index.failures:
+        print(f"skipped {f['file']}: {f['reason']}", file=sys.stderr)
     return source, geometry, index
 
 
-def _decode_and_dino(ray, cfg: CacheConfig, units, source, geometry, basis, variants, with_clips: bool,
-                     window: int = 1):
-    """The plan's first stages: one row per unit -> decoded, resized frames -> DINOv2 (projected
-    with `basis`, or moments for fitting one when it is None). Returns (dataset, resources, device)."""
-    from pipeline.ray_cache import DecodeStage, DinoStage
-    res, device = _resources(ray, cfg)
+# ---- cheap checks, before any encoder runs ----------------------------------------------------------
+def estimated_bytes(index, geometry, variants: int) -> int:
+    """Uncompressed size of a store's features and latents (compression rarely saves more than ~1.4x)."""
+    import math
+    h, w = geometry.feature_hw
+    features = len(index.frames) * variants * h * w * geometry.num_pca_channels * 2
+    latents = len(index.clips) * variants * math.prod(geometry.latents_shape) * 2
+    return features + latents
+
+
+def finished_store(cfg: CacheConfig) -> dict | None:
+    """The manifest of a finished store at --out (None: nothing there yet, or an unfinished store of
+    ours). A folder that holds anything else is refused here, before any encoder runs."""
+    from pipeline.store.writer import existing_store
+    attrs = existing_store(cfg.out, cfg.storage_options or None)
+    return attrs if attrs and attrs.get("complete") else None
+
+
+def same_settings(manifest: dict, cfg: CacheConfig, index) -> str | None:
+    """None if a finished store was made by this command on this data; else the first difference."""
+    from pipeline.store.writer import _index_digest
+    if manifest.get("clip_index_digest") != _index_digest(index):
+        return "the clip index (dataset, split, stride or source options)"
+    recorded, now = dict(manifest.get("cache_config", {})), recorded_config(cfg)
+    if "dinov2" in recorded and "encoder" not in recorded:  # stores made before --dinov2 became --encoder
+        recorded["encoder"] = recorded.pop("dinov2")
+    return next((k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)), None)
+
+
+def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
+    """--out can be written and, for a local path, its disk has room for the store."""
+    from pipeline.store.location import filesystem, is_url, write_atomic
+    if is_url(cfg.out) and not cfg.out.startswith("file://"):
+        fs, root = filesystem(cfg.out, cfg.storage_options or None)
+        probe = f"{root}/.re2pix-probe-{uuid.uuid4().hex}"
+        try:
+            write_atomic(fs, probe, b"")
+            fs.rm(probe)
+        except Exception as e:  # noqa: BLE001 -- any client error means: cannot write there
+            raise Re2pixError(f"{cfg.out}: cannot write there ({type(e).__name__}: {e})") from e
+        return
+    path = cfg.out.removeprefix("file://")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise Re2pixError(f"{cfg.out}: {existing} is a file, not a folder")
+    try:  # a real probe (permission bits say nothing for root or on network file systems)
+        probe = os.path.join(existing, f".re2pix-probe-{uuid.uuid4().hex}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise Re2pixError(f"{cfg.out}: cannot write in {existing} ({e.strerror or e})") from e
+    if not os.path.exists(path):  # a new store: room for all of it (a resumed one already holds part)
+        free = shutil.disk_usage(existing).free
+        if free < need_bytes:
+            raise Re2pixError(f"{cfg.out}: the store needs up to {need_bytes / 2**30:.2f} GiB, "
+                              f"{existing} has {free / 2**30:.2f} GiB free")
+
+
+def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
+    """A local --out on a multi-node cluster must be a folder every node sees (a shared file system)."""
+    from pipeline.store.location import is_url
+    if cluster.nodes < 2 or (is_url(cfg.out) and not cfg.out.startswith("file://")):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    folder = os.path.dirname(cfg.out.removeprefix("file://").rstrip("/"))
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".re2pix-visible-{uuid.uuid4().hex}")
+    open(probe, "wb").close()
+    try:
+        seen = ray.remote(num_cpus=0.01)(os.path.exists)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        found = ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                         .remote(probe) for n in nodes])
+    finally:
+        os.remove(probe)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok]
+    if blind:
+        raise Re2pixError(f"{cfg.out} is a local path that node(s) {', '.join(blind)} do not see; use a folder "
+                          "shared by every node or an object-storage URL (s3://...)")
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+def plan_resources(cfg: CacheConfig, cluster, units: int):
+    """Actor counts and resources from the cluster (overrides from the config)."""
+    from pipeline.ray_cache import StageResources
+    gpus = cluster.gpus
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
+    memory = int(cfg.encoder_memory_gb * 2**30)
+    if gpus:
+        per = cfg.gpus_per_encoder
+        res = StageResources(gpus=per, encoder_memory=memory, dino_threads=cfg.dino_threads,
+                             vae_threads=cfg.vae_threads)
+        n = cfg.encoder_actors or max(1, int(gpus / per + 1e-9))
+    else:
+        if device == "cuda":
+            raise Re2pixError("--device cuda: the Ray cluster has no GPU")
+        res = StageResources(encoder_memory=memory, dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads)
+        n = cfg.encoder_actors or 1
+    hi = max(n, cfg.max_encoder_actors)
+    n, hi = min(n, units), min(hi, units)  # an actor without a unit would only load models
+    decode_hi = min(units, cfg.decode_actors or max(1, int(cluster.cpus // 4)))
+    return res, device, {"encode": (max(1, n), max(1, hi)), "decode": (1, max(1, decode_hi)),
+                         "write": (1, max(1, min(units, int(cluster.cpus // 8) or 1)))}
+
+
+def _pool(ray, sizes, in_flight: int | None = None):
+    lo, hi = sizes
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=in_flight)
+
+
+def encoding_plan(ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool,
+                  window: int = 1):
+    """One row per unit -> decoded, resized frames -> encoder actors (features and latents, or PCA
+    moments when `basis` is None). Returns (dataset, pool sizes, device)."""
+    from pipeline.ray_cache import DecodeStage, EncodeStage
+    res, device, pools = plan_resources(cfg, cluster, len(units))
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips, window), batch_size=1,
-                        num_cpus=res.task_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
-    ds = ds.map_batches(DinoStage, fn_constructor_args=(cfg.encoder, geometry, basis, device, cfg.batch_frames,
-                                                         res.dino_threads, cfg.allow_download),
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.dino_actors), **res.actor_kwargs())
-    return ds, res, device
+    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips, window),
+                        batch_size=1,
+                        num_cpus=res.task_cpus, compute=_pool(ray, pools["decode"]))
+    ds = ds.map_batches(EncodeStage, fn_constructor_args=(cfg.encoder, cfg.vae if with_clips else None, geometry,
+                                                          basis, device, cfg.batch_frames, cfg.batch_clips, res,
+                                                          len(variants), cfg.allow_download),
+                        batch_size=1, compute=_pool(ray, pools["encode"], in_flight=1), **res.actor_kwargs())
+    return ds, pools, res, device
 
 
-def fit_basis(cfg: CacheConfig, source, geometry, index, ray, window: int = 1):
-    """First pass: DINOv2 on an even sample of feature frames, moments merged in float64."""
+def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: int = 1):
+    """First pass: the feature encoder on an even sample of feature frames; float64 moments merged in unit order,
+    so the basis (and its fingerprint) does not depend on which worker finished first."""
     from pipeline.pca import PCAAccumulator
     from pipeline.units import plan_frames
     units = plan_frames(index, cfg.pca_frames)
-    ds, _, _ = _decode_and_dino(ray, cfg, units, source, geometry, None, ["orig"], with_clips=False, window=window)
-    acc = PCAAccumulator(geometry.feature_dim)
-    from tqdm.auto import tqdm
-    with tqdm(total=sum(len(u.own) for u in units), desc="pca sample", unit="frame", disable=not cfg.progress) as bar:
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            acc.merge(PCAAccumulator.from_moments(batch["count"][0], batch["mean"][0], batch["m2"][0]))
-            bar.update(len(json.loads(str(batch["own_rows"][0]))))
+    ds, _, _, _ = encoding_plan(ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False,
+                                window=window)
+    ds.context.execution_options.preserve_order = True  # units arrive in order: nothing waits in memory
+    order = {u.unit_id: i for i, u in enumerate(units)}
+    acc, pending, next_unit = PCAAccumulator(geometry.feature_dim), {}, 0
+    progress = Progress("pca sample", sum(len(u.own) for u in units), "frames", cfg.progress)
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        unit = json.loads(str(batch["plan"][0]))["unit_id"]
+        pending[order[unit]] = PCAAccumulator.from_moments(batch["count"][0], batch["mean"][0], batch["m2"][0])
+        while next_unit in pending:
+            acc.merge(pending.pop(next_unit))
+            next_unit += 1
+        progress.update(len(json.loads(str(batch["own_rows"][0]))))
+    if acc.count < 2:
+        raise Re2pixError(f"{cfg.dataset}: no frame of the PCA sample could be read; see the lines above")
     return acc.to_basis(geometry.num_pca_channels)
 
 
-def encoder_descriptions(cfg: CacheConfig, geometry) -> tuple[dict, dict, object]:
-    """Describe the encoders for the manifest (loads them once in the driver, on CPU, to hash weights),
-    and the geometry with the sizes they fix (patch, feature dim, latent channels, compression)."""
+def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict, object]:
+    """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, and the
+    geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression)."""
     from pipeline.encoders import derive_geometry, load_encoder, load_vae
-    enc = load_encoder(cfg.encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=cfg.allow_download)
-    vae = load_vae(cfg.vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=cfg.allow_download)
+    enc = load_encoder(encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
+    v = load_vae(vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=allow_download)
+    derived = derive_geometry(geometry, enc, v)
     # the manifest's "dinov2" entry is the feature encoder, whichever it is: its "name" says which
-    return ({"dinov2": enc.describe(), "vae": vae.describe()}, {"mean": vae.latents_mean, "std": vae.latents_std},
-            derive_geometry(geometry, enc, vae))
+    return {"dinov2": enc.describe(), "vae": v.describe()}, {"mean": v.latents_mean, "std": v.latents_std}, derived
+
+
+def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict, object]:
+    """Hash the weights once per job, in a Ray worker when there is a cluster: the driver never holds
+    a model (at paper size two models and a minute of hashing)."""
+    if ray is None:
+        return describe_encoders(cfg.encoder, cfg.vae, geometry, cfg.allow_download)
+    task = ray.remote(num_cpus=0.25, max_retries=0)(describe_encoders)
+    try:
+        return ray.get(task.remote(cfg.encoder, cfg.vae, geometry, cfg.allow_download))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Re2pixError):
+            raise e.cause from None
+        raise
+
+
+class Progress:
+    """One line every `every` seconds: done, rate, time left, failures, share of time each stage is busy."""
+
+    def __init__(self, what: str, total: int, unit: str, enabled: bool, every: float = 10.0):
+        self.what, self.total, self.unit, self.enabled, self.every = what, total, unit, enabled, every
+        self.done = self.failed = 0
+        self.t0 = self.last = time.time()
+
+    def update(self, n: int, failed: int = 0, busy: dict | None = None) -> None:
+        self.done += n
+        self.failed += failed
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        left = (self.total - self.done) / rate if rate else float("inf")
+        line = f"{self.what}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, ~{left:.0f} s left"
+        if self.failed:
+            line += f", {self.failed} failed"
+        if busy:
+            line += "; busy " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in busy.items())
+        print(line, file=sys.stderr, flush=True)
+
+
+class ActorStats:
+    """Per stage: the actors that ran, and each one's clips and busy seconds (from the rows)."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, dict]] = {}
+
+    def add(self, row: dict, clips: int) -> None:
+        for key, value in row.items():
+            if key.startswith("a_"):
+                stage = key[2:]
+                actor = self.stages.setdefault(stage, {}).setdefault(str(value), {"clips": 0, "busy_s": 0.0})
+                actor["clips"] += clips
+                actor["busy_s"] += float(row.get(f"t_{stage}", 0.0))
+
+    def busy_share(self, elapsed: float) -> dict:
+        return {s: sum(a["busy_s"] for a in actors.values()) / max(elapsed * len(actors), 1e-9)
+                for s, actors in self.stages.items()}
+
+    def summary(self) -> dict:
+        return {"actors": {s: len(a) for s, a in self.stages.items()},
+                "per_actor": {s: [{"actor": k[:12], "clips": v["clips"], "busy_s": round(v["busy_s"], 3)}
+                                  for k, v in sorted(a.items())] for s, a in self.stages.items()}}
+
+
+def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
+    """What the job would do: counts, the store's size and the encoders' time on a short warm-up."""
+    import numpy as np
+
+    from pipeline.ray_cache import EncodeStage, StageResources, read_unit
+    from pipeline.units import plan_units
+    units = plan_units(index, cfg.unit_clips)
+    est = estimated_bytes(index, geometry, len(variants))
+    stage = EncodeStage(cfg.encoder, cfg.vae, geometry, _random_basis(geometry), "cpu", cfg.batch_frames,
+                        cfg.batch_clips, StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
+                        len(variants), cfg.allow_download)
+    window = int(getattr(stage.encoder, "window", 1))  # a video encoder's frames per feature frame
+    unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, True, window)  # one clip
+    clips = json.loads(unit["clips"])
+    batch = {"dino_frames": unit["dino_frames"][None], "vae_frames": unit["vae_frames"][None],
+             "clips": np.array([unit["clips"]], object)}
+    t = stage(batch)  # one clip, first call included: an upper bound on the steady rate
+    per_clip = float(t["t_encode"][0]) / max(1, len(clips))
+    return {"dry_run": True, "store": cfg.out, "clips": len(index.clips), "frames": len(index.frames),
+            "variants": variants, "work_units": len(units), "skipped_windows": index.skipped,
+            "failures_so_far": len(index.failures),
+            "store_bytes": {"uncompressed": est, "blosc-zstd (~1.16x on features)": int(est / 1.16)},
+            "encoder_s_per_clip_on_this_cpu": round(per_clip, 3),  # first call included
+            "encoder_hours_on_one_such_worker": round(per_clip * len(index.clips) * len(variants) / 3600, 3)}
+
+
+def _random_basis(geometry):
+    import numpy as np
+
+    from pipeline.store.basis import PCABasis
+    d, c = geometry.feature_dim, geometry.num_pca_channels
+    return PCABasis(np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(c, d, dtype=np.float32),
+                    np.ones(c, np.float32))
+
+
+def _checked_index(cfg: CacheConfig, geometry, source):
+    source, geometry, index = build_index(cfg, geometry, source)
+    if not index.clips:
+        raise Re2pixError(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
+                          f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})")
+    return source, geometry, index
 
 
 def run_cache(cfg: CacheConfig) -> dict:
-    from tqdm.auto import tqdm
-
-    from pipeline.ray_cache import VaeStage, WriteStage
+    from pipeline.ray_cache import WriteStage
+    from pipeline.ray_cluster import start_ray, stop_ray
     from pipeline.store.basis import PCABasis
     from pipeline.store.location import open_group
     from pipeline.store.writer import StoreWriter
     from pipeline.units import plan_units
 
     t0 = time.time()
-    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
-    source, geometry, index = build_index(cfg, geometry)
-    if not index.clips:
-        raise SystemExit(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
-                         f"(skipped windows: {index.skipped or 'none'})")
-    ray = _ray_init()
+    cfg.out = absolute_location(cfg.out)
+    options = cfg.storage_options or None
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
-    window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
+    source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
+    if cfg.dry_run:  # in this process: a dry run starts no cluster
+        _, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+        source, geometry, index = _checked_index(cfg, geometry, source)
+        return dry_run(cfg, source, geometry, index, variants)
+    finished = finished_store(cfg)  # refuses a folder that is not ours, --overwrite or not
+    if finished is None or cfg.overwrite:
+        check_writable(cfg, 0)  # can --out be written at all (its room is checked once the index is known)
 
-    basis = None
-    if cfg.pca:
-        from pipeline.pca import load_basis
-        basis = load_basis(cfg.pca)
-    elif not cfg.overwrite:  # resuming: reuse the basis the unfinished store was started with
-        try:
-            g = open_group(cfg.out, mode="r")
-            if not g.attrs.get("complete", True) and "pca" in g:
-                basis = PCABasis.load(g["pca"])
-        except (FileNotFoundError, OSError, KeyError, ValueError):
-            pass
-    if basis is None:
-        basis = fit_basis(cfg, source, geometry, index, ray, window)
+    cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
+    try:
+        import ray
+        # the encoders fix the clip geometry's patch, feature dim, latent channels and compression: known
+        # before the index is built (in a Ray worker: the driver never holds a model)
+        encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)
+        source, geometry, index = _checked_index(cfg, geometry, source)
+        if finished is not None and not cfg.overwrite:
+            differs = same_settings(finished, cfg, index)
+            if differs:
+                raise Re2pixError(f"{cfg.out} is already a finished store made with other settings ({differs}); "
+                                  "pass --overwrite to replace it")
+            counts = finished.get("counts", {})
+            return {"store": cfg.out, "already_complete": True, "clips": counts.get("clips"),
+                    "valid_clips": counts.get("valid_clips"), "failed_clips": counts.get("failed_clips", 0),
+                    "frames": counts.get("frames"), "variants": finished.get("variants"),
+                    "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
+        check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
+        check_visible_from_every_node(cfg, cluster)
+        window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
+        basis = None
+        if cfg.pca:
+            from pipeline.pca import load_basis
+            basis = load_basis(absolute_location(cfg.pca), storage_options=options)
+        elif not cfg.overwrite:  # resuming: reuse the basis the unfinished store was started with
+            try:
+                g = open_group(cfg.out, mode="r", storage_options=options)
+                if not g.attrs.get("complete", True) and "pca" in g:
+                    basis = PCABasis.load(g["pca"])
+            except (FileNotFoundError, OSError, KeyError, ValueError):
+                pass
+        if basis is None:
+            basis = fit_basis(cfg, source, geometry, index, ray, cluster, window)
 
-    writer = StoreWriter.create(
-        cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(), encoders=encoders,
-        latent_norm=latent_norm, variants=variants, clip_stride=cfg.stride, channel_chunk=cfg.channel_chunk,
-        compression=cfg.compression, overwrite=cfg.overwrite,
-        extra={"cache_config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "progress")}})
-    units = plan_units(index, cfg.unit_clips)
-    done = writer.done_units()
-    todo = [u for u in units if u.unit_id not in done]
-    if done:
-        print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
+        writer = StoreWriter.create(
+            cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(), encoders=encoders,
+            latent_norm=latent_norm, variants=variants, clip_stride=cfg.stride, channel_chunk=cfg.channel_chunk,
+            compression=cfg.compression, overwrite=cfg.overwrite, storage_options=options,
+            extra={"cache_config": recorded_config(cfg)})
+        units = plan_units(index, cfg.unit_clips)
+        done = writer.done_units()
+        todo = [u for u in units if u.unit_id not in done]
+        if index.failures and "index" not in done:  # videos that could not be opened: listed like clips
+            writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=index.failures)
+        if done - {"index"}:
+            print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
-    rows, stage_seconds = [], {}  # (time a unit was written, its clips, when its encoders were ready)
-    if todo:
-        ds, res, device = _decode_and_dino(ray, cfg, todo, source, geometry, basis, variants, with_clips=True,
-                                           window=window)
-        ds = ds.map_batches(VaeStage, fn_constructor_args=(cfg.vae, geometry, device, cfg.batch_clips,
-                                                            res.vae_threads, len(variants), cfg.allow_download),
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.vae_actors),
-                            **res.actor_kwargs())
-        ds = ds.map_batches(WriteStage, fn_constructor_args=(cfg.out,), batch_size=1, num_cpus=res.task_cpus,
-                            compute=ray.data.ActorPoolStrategy(size=1))
-        total = sum(len(u.clips) for u in todo)
-        failed = 0
-        with tqdm(total=total, desc="cache", unit="clip", disable=not cfg.progress) as bar:
+        rows, stats, pools = [], ActorStats(), {}
+        if todo:
+            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True,
+                                              window)
+            ds = ds.map_batches(WriteStage, fn_constructor_args=(cfg.out, options), batch_size=1,
+                                num_cpus=res.task_cpus, compute=_pool(ray, pools["write"]))
+            progress = Progress("cache", sum(len(u.clips) for u in todo), "clips", cfg.progress)
             for row in ds.iter_rows():
                 n = int(row["clips"]) + int(row["failed"])
-                bar.update(n)
-                failed += int(row["failed"])
-                if failed:
-                    bar.set_postfix(failed=failed)
-                last_row_at = time.time()
-                rows.append((last_row_at, n, max(float(v) for k, v in row.items() if k.startswith("ready_"))))
-                for k, v in row.items():
-                    if k.startswith("t_"):
-                        stage_seconds[k[2:]] = stage_seconds.get(k[2:], 0.0) + float(v)
-    counts = writer.finalize([u.unit_id for u in units])
+                stats.add(row, n)
+                progress.update(n, int(row["failed"]), stats.busy_share(time.time() - progress.t0))
+                rows.append((time.time(), n, float(row["ready_encode"])))
+        counts = writer.finalize([u.unit_id for u in units])
+    finally:
+        stop_ray(cluster)
+    stage_seconds = {s: round(sum(a["busy_s"] for a in actors.values()), 3) for s, actors in stats.stages.items()}
     summary = {"store": cfg.out, "clips": counts["clips"], "valid_clips": counts["valid_clips"],
                "failed_clips": counts["failed_clips"], "frames": counts["frames"], "variants": variants,
                "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped,
-               # throughput once every actor is up: clips after the first finished unit / time since it
-               "steady_clips_per_s": _steady_rate(rows),
-               "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()}}
+               "unreadable_inputs": len(index.failures),
+               "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
+               "pools": {k: list(v) for k, v in pools.items()},
+               # throughput once every actor is up: clips after the last encoder was ready / time since then
+               "steady_clips_per_s": _steady_rate(rows), "stage_seconds": stage_seconds, **stats.summary()}
     return summary
 
 
@@ -229,26 +508,24 @@ def _steady_rate(rows) -> float | None:
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
-    from pipeline.encoders import EncoderWeightsError
-    from pipeline.sources.base import SourceError
-    from pipeline.store.format import StoreError
-    try:
-        summary = run_cache(cfg)
-    except (SourceError, StoreError, EncoderWeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
-          f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "
-          f"{summary['skipped_windows'] or 'none'})")
+    summary = run_cache(cfg)
+    if summary.get("dry_run"):
+        print(json.dumps(summary))
+        return 0
+    if summary.get("already_complete"):
+        print(f"{summary['store']} is already complete, nothing to do ({summary['valid_clips']} clips)")
+    else:
+        print(f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
+              f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "
+              f"{summary['skipped_windows'] or 'none'})")
     if summary["failed_clips"]:
-        print(f"failed clips are listed with file and reason: python -m jobs.store info {cfg.out}")
+        print(f"failed clips are listed with file and reason: python -m jobs.store info {summary['store']}")
     print(json.dumps(summary))
     if 0 <= cfg.max_failures < summary["failed_clips"]:
-        print(f"error: {summary['failed_clips']} clips failed, more than --max-failures {cfg.max_failures}",
-              file=sys.stderr)
-        return 2
+        raise TooManyFailuresError(f"{summary['failed_clips']} clips failed, more than --max-failures "
+                                   f"{cfg.max_failures} (the store is finished and lists them)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, resume_hint=RESUME_HINT))

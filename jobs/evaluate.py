@@ -15,7 +15,11 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
   the original frames would add the VAE's own error to every model alike). SSIM as inference/video_metrics.py.
 - `fid` (Inception-v3 pool features of all predicted frames vs the reference frames) and `fvd` (I3D
   features of the 12-frame predicted clips vs the reference clips) when --fid-weights / --fvd-weights
-  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error.
+  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error. Their
+  reference is the REAL frames 13-24 when the store's source can be reopened here (the synthetic set
+  always can), resized as the cache job resizes; then `reference_metrics` holds the VAE reconstruction's
+  own FID / FVD against them (the floor). Otherwise the VAE reconstruction, labelled in
+  `reference.fid_fvd` = {"pixels": "vae_reconstruction", "why"}.
 - `seg/miou_all`, `seg/miou_moving` (trainIds 11-18) and `depth/absrel`, `depth/delta1` on the
   annotated frame (`--annotated-frame`, Cityscapes: clip frame 16 = predicted frame 3) with DPT heads
   (`--seg-head`, `--depth-head`, inference/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
@@ -24,9 +28,17 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
   ({clip_id}.npy, in the depth head's units); Cityscapes stores find gtFine in their source root.
   Without labels the metric is skipped and the JSON says why.
 
+`--every-checkpoint`: score every checkpoint the Stage 2 run kept (train it with keep_checkpoints 0 to keep
+them all), each against the Baseline's checkpoint of the same step when its run kept one (else that point
+has no Baseline), Stage 1 fixed; writes the curve, the paper's figure 3 for any run, to `--curve`
+(default: curve.json beside --out) and its plot (.png beside it):
+  {"schema": "re2pix-curve/1", "store", "stage2", "baseline", "samples", "sampler",
+   "points": [{"step", "checkpoints", "models": {name: {metric: {"mean", "std"}}}, "stage1"}], "seconds"}
+
 JSON schema (`--out`, "re2pix-evaluation/1"):
   {"schema", "store", "dataset", "split", "clips", "clip_ids", "samples", "annotated_frame",
-   "reference": {"pixels": "vae_reconstruction", "note"}, "sampler": {...}, "checkpoints": {...},
+   "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
+   "sampler": {...}, "checkpoints": {...},
    "stage1": {metric: number},
    "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...},
    "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
@@ -48,7 +60,7 @@ import torch
 from inference import InferenceError
 from inference.codec import LatentCodec
 from inference.encoders import load_dinov2_for, load_vae_for
-from inference.evaluation import evaluate_store, format_table
+from inference.evaluation import CURVE_SCHEMA, curve_point, evaluate_store, format_table, plot_curve, run_checkpoints
 from inference.inputs import DataSpace
 from inference.labels import Labels
 from inference.sampling import Sampler
@@ -62,8 +74,10 @@ from pipeline.store.reader import Store
 
 log = logging.getLogger("re2pix.evaluate")
 SCHEMA = "re2pix-evaluation/1"
-REFERENCE_NOTE = ("PSNR, SSIM, FID and FVD compare the decoded predictions (frames 13-24) with the VAE "
-                  "reconstruction of the stored ground-truth latents: the store holds latents, not pixels.")
+REFERENCE_NOTE = ("PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
+                  "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
+                  "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
+                  "reconstruction.")
 
 
 @dataclass
@@ -98,6 +112,8 @@ class EvaluateConfig:
     allow_download: bool = False
     allow_weights_mismatch: bool = False
     out: str | None = field(default="runs/demo/eval/results.json", metadata={"help": "JSON results path"})
+    every_checkpoint: bool = field(default=False, metadata={"help": "score every kept Stage 2 checkpoint: the curve"})
+    curve: str | None = field(default=None, metadata={"help": "curve JSON path (default curve.json beside --out)"})
     device: str = "auto"
     threads: int = 0
     progress: bool = True
@@ -157,7 +173,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     results = {"schema": SCHEMA, "store": cfg.store, "dataset": store.manifest.get("dataset"),
                "split": store.manifest.get("split"), "clips": n, "clip_ids": measured["clip_ids"],
                "samples": cfg.samples, "annotated_frame": cfg.annotated_frame,
-               "reference": {"pixels": "vae_reconstruction" if cfg.decode else None, "note": REFERENCE_NOTE},
+               "reference": {"pixels": "vae_reconstruction" if cfg.decode else None, "note": REFERENCE_NOTE,
+                             "fid_fvd": measured["fid_fvd_reference"]},
                "sampler": {**asdict(sampler), "seed": cfg.seed}, "checkpoints": models.describe(),
                "stage1": measured["stage1"], "models": measured["models"],
                "reference_metrics": measured["reference_metrics"], "skipped": skipped,
@@ -168,9 +185,41 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     return results
 
 
+def run_curve(cfg: EvaluateConfig) -> dict:
+    """Every kept Stage 2 checkpoint scored (with the Baseline's of the same step): the run's curve."""
+    from dataclasses import replace
+    t0 = time.time()
+    stage2 = run_checkpoints(cfg.stage2)
+    if not stage2:
+        raise InferenceError(f"{cfg.stage2} holds no checkpoints/step-*: nothing to draw a curve from")
+    baseline = run_checkpoints(cfg.baseline) if cfg.baseline else {}
+    points, sampler = [], None
+    for step, ckpt in sorted(stage2.items()):
+        log.info("curve: step %d (%s)", step, ckpt)
+        other = baseline.get(step)
+        results = run_evaluate(replace(cfg, stage2=str(ckpt), baseline=str(other) if other else None, out=None))
+        points.append(curve_point(step, results))
+        sampler = results["sampler"]
+    curve = {"schema": CURVE_SCHEMA, "store": cfg.store, "stage2": cfg.stage2, "baseline": cfg.baseline,
+             "samples": cfg.samples, "clips": results["clips"], "sampler": sampler, "points": points,
+             "seconds": round(time.time() - t0, 1)}
+    path = Path(cfg.curve or Path(cfg.out or "runs/demo/eval/results.json").with_name("curve.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(curve, indent=1, allow_nan=False))
+    curve["json"], curve["png"] = str(path), str(plot_curve(points, path.with_suffix(".png")))
+    return curve
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg, _ = parse_config(EvaluateConfig, "evaluate", argv, description=__doc__)
+    if cfg.every_checkpoint:
+        curve = run_curve(cfg)
+        for p in curve["points"]:
+            print(f"step {p['step']}: " + "  ".join(
+                f"{name} latent_mse {m['latent_mse']['mean']:.4g}" for name, m in p["models"].items()))
+        print(f"wrote {curve['json']} and {curve['png']} in {curve['seconds']} s")
+        return 0
     results = run_evaluate(cfg)
     print(format_table(results))
     if cfg.out:

@@ -1,10 +1,16 @@
-"""Store tools: `python -m jobs.store {info,verify,check,export-wds,diagnose} ...`.
+"""Store tools: `python -m jobs.store {info,verify,check,export-wds,copy,card,diagnose} ...`.
 
     info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
     verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
                         the PCA basis against its fingerprint; lists bad rows (array, row, reason), exit 1
     check URL URL ...   are these stores compatible (can one training run read them together)?
-    export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels)
+    export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels) to a folder
+                        or any fsspec URL (s3://..., gs://...)
+    copy SRC DST        copy a store between fsspec locations (local, s3://, gs://, hf://datasets/..., http(s)
+                        as a source): --channels C keeps the first C PCA channels (a prefix of the basis,
+                        readable with the original), --compression re-encodes (lossy: +trimK, +int8);
+                        resumable after a kill, verified as it goes
+    card URL            write README.md and card.json into the store: what it holds, licence, how to read it
     diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
                         (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
 """
@@ -17,6 +23,7 @@ import sys
 
 from jobs.cli import run
 from pipeline.store.format import StoreError
+from pipeline.store.lossy import parse_compression
 from pipeline.store.reader import Store, open_stores
 
 
@@ -109,6 +116,21 @@ def main(argv=None) -> int:
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
     a.add_argument("--shard-size-mb", type=float, default=300.0)
     a.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    a.add_argument("--storage-options", type=json.loads, default=None,
+                   help="fsspec options of OUT as JSON (e.g. an S3 endpoint)")
+    a = sub.add_parser("copy", help="copy a store (a channel prefix, another compression) between locations")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
+    a.add_argument("--compression", default=None,
+                   help="CODEC[+trimK|+int8], CODEC in blosc-zstd, zstd, none (default: the source's)")
+    a.add_argument("--rows-per-unit", type=int, default=16, help="rows per resumable work unit")
+    a.add_argument("--src-options", type=json.loads, default=None, help="fsspec options of SRC as JSON")
+    a.add_argument("--dst-options", type=json.loads, default=None, help="fsspec options of DST as JSON")
+    a.add_argument("--overwrite", action="store_true", help="replace a finished store, or another unfinished one")
+    a = sub.add_parser("card", help="write README.md and card.json into a store")
+    a.add_argument("store")
+    a.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
     a = sub.add_parser("diagnose", help="latent temporal distance, per-channel latent and feature statistics")
     a.add_argument("stores", nargs="+")
     a.add_argument("--max-clips", type=int, default=256, help="clips read per store, evenly spread (0: all)")
@@ -128,8 +150,31 @@ def main(argv=None) -> int:
     elif args.cmd == "export-wds":
         from pipeline.store.wds import export_webdataset
         shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb,
-                                   overwrite=args.overwrite)
-        print(f"wrote {len(shards)} shards and manifest.json to {args.out}")
+                                   overwrite=args.overwrite, storage_options=args.storage_options)
+        print(f"wrote {len(shards)} shards, manifest.json, pca.npz and README.md to {args.out}")
+    elif args.cmd == "copy":
+        import shlex
+
+        from pipeline.store.copy import copy_store
+        try:
+            parse_compression(args.compression or "zstd")  # an unknown spec is the user's error: one line
+        except ValueError as e:
+            raise StoreError(str(e)) from e
+        # how the copy was made, for its card: the locations and settings, never the fsspec options (credentials)
+        command = " ".join(shlex.quote(x) for x in ["python -m jobs.store copy", args.src, args.dst]
+                           + (["--channels", str(args.channels)] if args.channels else [])
+                           + (["--compression", args.compression] if args.compression else []))
+        summary = copy_store(args.src, args.dst, channels=args.channels, compression=args.compression,
+                             src_options=args.src_options, dst_options=args.dst_options,
+                             rows_per_unit=args.rows_per_unit, overwrite=args.overwrite,
+                             progress=sys.stderr.isatty(), command=command.replace("'python -m jobs.store copy'",
+                                                                                   "python -m jobs.store copy"))
+        print(json.dumps(summary))
+    elif args.cmd == "card":
+        from pipeline.store.card import write_card
+        card = write_card(args.store, args.storage_options)
+        print(f"wrote README.md and card.json into {args.store} ({card['holds']['usable_clips']} clips, "
+              f"{card['holds']['bytes'] / 2**20:.1f} MiB)")
     elif args.cmd == "diagnose":
         from pipeline.store import diagnose as d
         reports = [d.diagnose(Store(s), args.max_clips or None) for s in args.stores]

@@ -7,8 +7,10 @@ reads the rollouts in clips/pred_features), `baseline` (the same DiT without fea
 loss to the stored features, model/repa.py; settings in the "stage2" object, its "align" key),
 `all` (Stage 1 -> rollout of Stage 1 into every Zarr store -> Stage 2 -> Baseline). Each stage trains in
 RUN_DIR/{stage1,stage2,baseline,repa,videorepa}; `--resume` continues every stage from its latest
-checkpoint (a finished stage is only evaluated) and makes `all` resumable as a whole. Baseline-Large
+checkpoint (a finished stage only reports its result) and makes `all` resumable as a whole. Baseline-Large
 (28 DiT blocks, 1.55B) is `--preset paper_large` (its stage is `baseline`).
+`--on-bad-clip skip` trains past clips whose chunks are missing or damaged (each is logged once and
+counted as skipped_clips in metrics.jsonl); the default, stop, ends the run with one line naming the chunk.
 
 Per-stage settings live in the preset's "stage1" and "stage2" objects (see StageConfig); override
 single keys with `--stage1 '{"steps": 200}'`, or for every stage trained now with --steps, --lr,
@@ -94,6 +96,9 @@ class TrainConfig:
     semantics: bool = field(default=True, metadata={"help": "--no-semantics: --stage 2 trains the Baseline"})
     val_clips: int = field(default=8, metadata={"help": "clips held out for evaluation when no --val-store"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    on_bad_clip: str = field(default="stop", metadata={
+        "help": "stop | skip: a missing or damaged chunk stops the run with one line, or the clip is skipped "
+                "and counted (skipped_clips in metrics.jsonl)"})
     prefetch_factor: int = 2
     device: str = "auto"
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
@@ -124,14 +129,14 @@ def _sources(spec: str) -> list[str]:
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
     few training batches of a WebDataset)."""
-    from model.data import ClipStream, split_by_scene
+    from model.data import open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
     if cfg.val_store:
-        val = ClipStream(_sources(cfg.val_store), batch_size=1, remainder="keep", loop=False, **stream_kwargs)
+        val = open_stream(_sources(cfg.val_store), batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
         return None, val.sources, None
-    if probe.webdataset:
+    if probe.kind == "webdataset":
         log.warning("no --val-store: evaluating on the first 2 training batches of the WebDataset")
         return None, probe.sources, "first"
     last = Store(probe.sources[-1], cfg.storage_options or None)
@@ -145,15 +150,16 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
-    from model.data import ClipStream, has_pred_features
+    from model.data import has_pred_features, open_stream
     from model.loop import LoopConfig, train
     from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
     sources = _sources(cfg.store)
     storage = cfg.storage_options or None
-    common = {"channels": sc.channels, "storage_options": storage, "rank": runtime.rank, "world": runtime.world}
-    probe = ClipStream(sources, batch_size=1, remainder="keep", loop=False, **common)
+    common = {"channels": sc.channels, "storage_options": storage, "rank": runtime.rank, "world": runtime.world,
+              "on_bad_clip": cfg.on_bad_clip}
+    probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, **common)
     channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
         task = (Stage1DiffusionTask if sc.diffusion else Stage1Task)(sc.model, geometry, channels, sc.model_overrides)
@@ -169,18 +175,18 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         raise SystemExit(f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
                          f"{sc.grad_accum} accumulation steps")
     train_idx, val_sources, val_idx = _split(cfg, probe, common)
-    stream = ClipStream(sources, batch_size=per_rank, clips=train_idx, with_pred=task.needs_pred_features,
-                        seed=cfg.seed, **common)
+    stream = open_stream(sources, batch_size=per_rank, clips=train_idx, with_pred=task.needs_pred_features,
+                         window=task.train_window, latents=task.needs_latents, seed=cfg.seed, **common)
 
     def make_val():
         with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
         if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
             import itertools
-            val = ClipStream(val_sources, batch_size=per_rank, shuffle=False, remainder="keep", loop=False,
-                             with_pred=with_pred, **common)
+            val = open_stream(val_sources, batch_size=per_rank, shuffle=False, remainder="keep", loop=False,
+                              with_pred=with_pred, latents=task.needs_latents, **common)
             return itertools.islice(iter(val), 2)
-        val = ClipStream(val_sources, batch_size=per_rank, clips=val_idx, shuffle=False, random_variant=False,
-                         remainder="keep", loop=False, with_pred=with_pred, **common)
+        val = open_stream(val_sources, batch_size=per_rank, clips=val_idx, shuffle=False, random_variant=False,
+                          remainder="keep", loop=False, with_pred=with_pred, latents=task.needs_latents, **common)
         return iter(val)
 
     loop_cfg = LoopConfig(
@@ -197,7 +203,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
     from jobs.rollout import RolloutConfig, run_rollout
-    from model.data import is_webdataset
+    from pipeline.store.open import is_webdataset
     storage = cfg.storage_options or None
     stores = _sources(cfg.store) + (_sources(cfg.val_store) if cfg.val_store else [])
     webdataset = [s for s in stores if is_webdataset(s, storage)]
@@ -212,9 +218,12 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
 
 
 def run(cfg: TrainConfig) -> dict:
-    from model.loop import init_runtime
+    from model.data import ON_BAD_CLIP
+    from model.runtime import init_runtime
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.on_bad_clip not in ON_BAD_CLIP:
+        raise SystemExit(f"--on-bad-clip must be one of {ON_BAD_CLIP}, got {cfg.on_bad_clip!r}")
     if cfg.threads > 0:
         import torch
         torch.set_num_threads(cfg.threads)

@@ -4,6 +4,8 @@ A `Task` says what is trained (build the model, compute the loss of a batch, eva
 does the rest: DDP under `torchrun` (NCCL on GPU, gloo on CPU), bf16 autocast on GPU, gradient
 accumulation, Adam with warmup then cosine or linear decay, gradient clipping, EMA, torch.compile,
 checkpoints (model/checkpoint.py), a tqdm bar, a JSONL metrics file and TensorBoard when installed.
+Each train record holds the data budget: data_wait_s (seconds per step spent waiting for batches)
+and data_share (of the wall time), and the clips skipped as damaged so far (skipped_clips).
 
 Exact resume: every source of randomness is a function of (seed, step): the data order comes from
 the stream's position, and before each micro-batch the global torch RNG and the task's generator
@@ -19,17 +21,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from .checkpoint import (
+    CheckpointError,
     check_run_dir,
     find_resumable,
     has_checkpoints,
@@ -39,8 +42,9 @@ from .checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from .data import ClipStream, make_loader
+from .data import ClipStream
 from .metrics import Means
+from .runtime import Runtime, autocast, init_runtime, to_device
 
 log = logging.getLogger("re2pix.train")
 
@@ -89,47 +93,10 @@ class Task(Protocol):
 
     def model_config(self) -> dict: ...
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]: ...
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor | tuple: ...
+    # the loss, or (loss, {name: scalar tensor}) for terms logged beside it (REPA's alignment terms)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict], generator: torch.Generator) -> Means: ...
-
-
-# ---- runtime ---------------------------------------------------------------------------------------
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def init_runtime(device: str = "auto") -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
-    if dist.is_initialized():
-        return Runtime(dev, dist.get_rank(), dist.get_world_size(), local)
-    return Runtime(dev)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int, purpose: int = 0) -> int:
@@ -164,20 +131,6 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch to the device; stored float16 arrays become float32 there."""
-    def move(v):
-        v = v.to(device, non_blocking=True)
-        return v.float() if v.is_floating_point() else v
-    return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def autocast(runtime: Runtime, enabled: bool):
-    if enabled and runtime.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ---- logs ------------------------------------------------------------------------------------------
@@ -223,7 +176,99 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-# ---- the loop --------------------------------------------------------------------------------------
+# ---- the pieces of a run -----------------------------------------------------------------------------
+@dataclass
+class Trainee:
+    """What a checkpoint holds besides the data position: the model, its EMA, the optimizer and the
+    LR schedule; `net` is the model as trained (compiled, DDP-wrapped)."""
+
+    model: nn.Module
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    net: nn.Module | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+
+def build(task: Task, cfg: LoopConfig, runtime: Runtime) -> Trainee:
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return Trainee(model, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
+                   torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg)))
+
+
+def resume_point(run_dir: Path, resume: bool, strict: bool, runtime: Runtime) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh run): the newest intact one (a damaged
+    one is skipped with a warning, or stops the run when strict); the one place that chooses it."""
+    if has_checkpoints(run_dir) and not resume:
+        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or "
+                              "choose another --run-dir")
+    ckpt, skipped = find_resumable(run_dir, strict) if resume else (None, [])
+    for _, reason in skipped if runtime.is_main else ():
+        log.warning("skipping a damaged checkpoint, resuming from the one before it: %s", reason)
+    return ckpt
+
+
+def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device: torch.device) -> tuple[int, dict]:
+    """Load a checkpoint into the trainee and the stream; (its step, the summary it recorded)."""
+    meta = read_meta(ckpt)
+    if meta.get("task") != task.name or meta.get("model_config") != task.model_config():
+        raise CheckpointError(f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
+                              f"this run builds {task.name} {task.model_config()}: use another --run-dir")
+    trainee.model.load_state_dict(load_weights(ckpt, "model", device))
+    if trainee.ema is not None:
+        trainee.ema.model.load_state_dict(load_weights(ckpt, "ema", device))
+    state = load_state(ckpt)
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    return int(state["step"]), state.get("summary", {})
+
+
+def wrap(model: nn.Module, cfg: LoopConfig, runtime: Runtime) -> nn.Module:
+    net = torch.compile(model) if cfg.compile else model
+    if runtime.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return net
+
+
+def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopConfig, runtime: Runtime,
+               step: int) -> tuple[torch.Tensor, dict, torch.Tensor, float]:
+    """One optimizer step over cfg.grad_accum micro-batches: (mean loss, mean logged terms, gradient norm
+    before clipping (0 without clipping), seconds spent waiting for batches)."""
+    net = trainee.net
+    trainee.optimizer.zero_grad(set_to_none=True)
+    total, terms, waited = torch.zeros((), device=runtime.device), {}, 0.0
+    for micro in range(cfg.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t0
+        batch = to_device(batch, runtime.device)
+        seed = step_seed(cfg.seed, step, micro, runtime.rank)
+        torch.manual_seed(seed)  # dropout and any other draw from the global RNG
+        last = micro == cfg.grad_accum - 1 or not runtime.distributed  # DDP: reduce on the last only
+        with contextlib.nullcontext() if last else net.no_sync():
+            with autocast(runtime, cfg.amp):
+                loss = task.loss(net, batch, torch.Generator().manual_seed(seed))
+            loss, logged = loss if isinstance(loss, tuple) else (loss, {})
+            (loss / cfg.grad_accum).backward()
+        total += loss.detach().float() / cfg.grad_accum
+        for name, value in logged.items():
+            terms[name] = terms.get(name, 0) + value.detach().float() / cfg.grad_accum
+    grad_norm = (nn.utils.clip_grad_norm_(trainee.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                 else torch.zeros(()))
+    trainee.optimizer.step()
+    trainee.scheduler.step()
+    if trainee.ema is not None:
+        trainee.ema.update(trainee.model)
+    return total, terms, grad_norm, waited
+
+
 def evaluate(task: Task, model: nn.Module, make_val: Callable[[], Iterable[dict]] | None, runtime: Runtime,
              cfg: LoopConfig) -> dict[str, float]:
     if make_val is None:
@@ -239,6 +284,27 @@ def evaluate(task: Task, model: nn.Module, make_val: Callable[[], Iterable[dict]
     return means.compute()
 
 
+class Window:
+    """Steps, clips and data-wait time since the last log line: the rate and the data budget."""
+
+    def __init__(self, clips_per_step: int):
+        self.clips_per_step = clips_per_step
+        self.start, self.steps, self.waited = time.perf_counter(), 0, 0.0
+
+    def add(self, waited: float) -> None:
+        self.steps += 1
+        self.waited += waited
+
+    def close(self) -> dict[str, float]:
+        """clips_per_s, data_wait_s (per step, this rank) and data_share (of the wall time); restarts."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        out = {"clips_per_s": self.steps * self.clips_per_step / seconds,
+               "data_wait_s": self.waited / max(self.steps, 1), "data_share": self.waited / seconds}
+        self.__init__(self.clips_per_step)
+        return out
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
 def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: Runtime | None = None,
           make_val: Callable[[], Iterable[dict]] | None = None, resume: bool = False, workers: int = 0,
           prefetch_factor: int = 2) -> dict:
@@ -246,148 +312,78 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     step, last loss, final evaluation, checkpoint path and weight fingerprint.
 
     resume: continue from the run dir's latest checkpoint (start fresh if there is none); without it a
-    run dir holding checkpoints is refused. make_val: returns a fresh iterable of validation batches
-    (this rank's share)."""
+    run dir holding checkpoints is refused. A finished run only reports what its checkpoint recorded.
+    make_val: returns a fresh iterable of validation batches (this rank's share)."""
     runtime = runtime or init_runtime()
     run_dir = Path(run_dir)
     check_run_dir(run_dir)  # never take over a folder that is not a run
     run_dir.mkdir(parents=True, exist_ok=True)
-    if has_checkpoints(run_dir) and not resume:
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue "
-                         "that run, or choose another --run-dir")
-    ckpt, skipped = find_resumable(run_dir, cfg.strict_resume) if resume else (None, [])
-    for _, reason in skipped if runtime.is_main else ():
-        log.warning("skipping a damaged checkpoint, resuming from the one before it: %s", reason)
-
-    torch.manual_seed(cfg.seed)
-    model = task.build_model().to(runtime.device)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    start = 0
-    if ckpt is not None:
-        meta = read_meta(ckpt)
-        if meta.get("task") != task.name or meta.get("model_config") != task.model_config():
-            raise SystemExit(f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
-                             f"this run builds {task.name} {task.model_config()}: use another --run-dir")
-        model.load_state_dict(load_weights(ckpt, "model", runtime.device))
-        if ema is not None:
-            ema.model.load_state_dict(load_weights(ckpt, "ema", runtime.device))
-        state = load_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["data"])
-        start = int(state["step"])
-        if runtime.is_main:
-            log.info("%s: resuming from %s (step %d)", task.name, ckpt, start)
-
-    net = torch.compile(model) if cfg.compile else model
-    if runtime.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    global_batch = stream.batch_size * runtime.world * cfg.grad_accum
-    metrics = MetricsLog(run_dir, start, runtime.is_main)
-    if runtime.is_main:
-        log.info("%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
-                 task.name, f"{n_params:,}", global_batch, stream.batch_size, runtime.world, cfg.grad_accum,
-                 json.dumps(stream.describe()))
-
+    ckpt = resume_point(run_dir, resume, cfg.strict_resume, runtime)
+    trainee = build(task, cfg, runtime)
+    start, summary = restore(ckpt, task, trainee, stream, runtime.device) if ckpt else (0, {})
+    if ckpt and runtime.is_main:
+        log.info("%s: resuming from %s (step %d)", task.name, ckpt, start)
+    trainee.net = wrap(trainee.model, cfg, runtime)
+    n_params = sum(p.numel() for p in trainee.model.parameters())
+    clips_per_step = stream.batch_size * runtime.world * cfg.grad_accum
     meta = {"task": task.name, "model_config": task.model_config(), "parameters": n_params,
             "loop": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "config": cfg.extra,
             "data": stream.describe()}
-    position = stream.position
-
-    def save(step: int) -> Path:
-        path = None
-        if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data": {**stream.state_dict(), "epoch": position[0], "batch": position[1]}}
-            path = save_checkpoint(run_dir, step, model=model, ema=ema.model if ema else None, state=state,
-                                   meta=meta, keep=cfg.keep_checkpoints)
-        runtime.barrier()
-        return path
-
-    loss_value, last_eval = float("nan"), {}
-    bar = None
-    if start < cfg.steps:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and runtime.is_main))
-        batches = iter(make_loader(stream, workers=workers, prefetch_factor=prefetch_factor,
-                                   pin_memory=runtime.device.type == "cuda"))
-        net.train()
-        t_log, steps_since = time.perf_counter(), 0
-        for step in range(start, cfg.steps):
-            optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=runtime.device)
-            logs_sum: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                position = stream.advance(batch["epoch"], batch["batch"])
-                batch = to_device(batch, runtime.device)
-                seed = step_seed(cfg.seed, step, micro, runtime.rank)
-                torch.manual_seed(seed)  # dropout and any other draw from the global RNG
-                gen = torch.Generator().manual_seed(seed)
-                sync = micro == cfg.grad_accum - 1 or not runtime.distributed  # DDP: reduce on the last only
-                with contextlib.nullcontext() if sync else net.no_sync():
-                    with autocast(runtime, cfg.amp):
-                        loss, logs = task.loss(net, batch, gen)
-                    (loss / cfg.grad_accum).backward()
-                total += loss.detach().float() / cfg.grad_accum
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0) + v.detach().float().mean() / cfg.grad_accum
-            grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                         else None)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            done = step + 1
-            steps_since += 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                values = torch.stack([total, *logs_sum.values(),
-                                      grad_norm.float() if grad_norm is not None else total.new_zeros(())])
-                if runtime.distributed:
-                    dist.all_reduce(values)
-                    values /= runtime.world
-                values = values.tolist()
-                loss_value = values[0]
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"{task.name}: loss is {loss_value} at step {done}")
-                now = time.perf_counter()
-                rate = steps_since * global_batch / max(now - t_log, 1e-9)
-                t_log, steps_since = now, 0
-                record = {"kind": "train", "step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                          "clips_per_s": rate, "epoch": position[0],
-                          **{k: v for k, v in zip(logs_sum, values[1:-1])}}
-                if grad_norm is not None:
-                    record["grad_norm"] = values[-1]
-                metrics.write(record)
-                bar.set_postfix(loss=f"{loss_value:.4g}", clips_s=f"{rate:.1f}")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                last_eval = evaluate(task, ema.model if ema else model, make_val, runtime, cfg)
-                metrics.write({"kind": "eval", "step": done, **last_eval})
-                if runtime.is_main:
-                    log.info("%s step %d eval: %s", task.name, done, _short(last_eval))
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                save(done)
-        bar.close()
-        del batches
-    final = latest_checkpoint(run_dir)
-    earlier = [r for r in read_metrics(run_dir) if r.get("step") == cfg.steps] if bar is None else []
-    loss_value = next((r["loss"] for r in earlier if r.get("kind") == "train"), loss_value)
-    last_eval = evaluate(task, ema.model if ema else model, make_val, runtime, cfg)  # every rank takes part
-    if last_eval and not any(r.get("kind") == "eval" for r in earlier):
-        metrics.write({"kind": "eval", "step": cfg.steps, **last_eval})
-    metrics.close()
-    summary = {"task": task.name, "step": cfg.steps, "loss": loss_value, "eval": last_eval,
-               "checkpoint": str(final) if final else None,
-               "fingerprint": read_meta(final)["fingerprint"] if final else None}
+    metrics = MetricsLog(run_dir, start, runtime.is_main)
     if runtime.is_main:
-        log.info("%s finished at step %d: %s", task.name, cfg.steps, _short(last_eval))
-    return summary
+        log.info("%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
+                 task.name, f"{n_params:,}", clips_per_step, stream.batch_size, runtime.world, cfg.grad_accum,
+                 json.dumps(stream.describe()))
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and runtime.is_main))
+    batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    trainee.net.train()
+    window = Window(clips_per_step)
+    for step in range(start, cfg.steps):
+        loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
+        done = step + 1
+        window.add(waited)
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
+            record = {"kind": "train", "step": done, "loss": means["loss"], "lr": trainee.scheduler.get_last_lr()[0],
+                      "epoch": stream.position[0], "skipped_clips": round(means["skipped"] * runtime.world),
+                      **{k: means[k] for k in terms}, **window.close()}
+            if cfg.grad_clip > 0:
+                record["grad_norm"] = means["grad_norm"]
+            metrics.write(record)
+            summary["loss"] = record["loss"]
+            bar.set_postfix(loss=f"{record['loss']:.4g}", clips_s=f"{record['clips_per_s']:.1f}",
+                            data=f"{100 * record['data_share']:.0f}%")
+        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
+            if summary["eval"]:
+                metrics.write({"kind": "eval", "step": done, **summary["eval"]})
+                if runtime.is_main:
+                    log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save(run_dir, done, trainee, stream, meta, summary, cfg, runtime)
+    bar.close()
+    batches.close()  # stops the DataLoader workers
+    metrics.close()
+    final = latest_checkpoint(run_dir)
+    return {"task": task.name, "step": cfg.steps, "loss": summary.get("loss", float("nan")),
+            "eval": summary.get("eval", {}), "checkpoint": str(final) if final else None,
+            "fingerprint": read_meta(final)["fingerprint"] if final else None}
+
+
+def save(run_dir: Path, step: int, trainee: Trainee, stream: ClipStream, meta: dict, summary: dict,
+         cfg: LoopConfig, runtime: Runtime) -> None:
+    """A checkpoint at `step` (rank 0 writes it; every rank waits for it)."""
+    if runtime.is_main:
+        state = {"optimizer": trainee.optimizer.state_dict(), "scheduler": trainee.scheduler.state_dict(),
+                 "data": stream.state_dict(), "summary": summary}
+        save_checkpoint(run_dir, step, model=trainee.model, ema=trainee.ema.model if trainee.ema else None,
+                        state=state, meta=meta, keep=cfg.keep_checkpoints)
+    runtime.barrier()
 
 
 def _short(values: dict, n: int = 12) -> str:

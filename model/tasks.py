@@ -24,12 +24,19 @@ class Stage1Task:
 
     name = "stage1"
     needs_pred_features = False
+    needs_latents = False
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
         data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
                 "context_frames": geometry.context_latents}
         self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
+
+    @property
+    def train_window(self) -> int:
+        """Feature frames a training sample uses (context + target): the loader reads only those."""
+        return self.config.context_frames + 1
+
 
     def build_model(self) -> stage1.MaskedFeatureTransformer:
         return stage1.MaskedFeatureTransformer(self.config)
@@ -38,9 +45,10 @@ class Stage1Task:
         return _jsonable(dataclasses.asdict(self.config))
 
     def loss(self, model, batch: dict, generator: torch.Generator):
+        # a window of train_window frames from the loader (the target is its last), or whole clips
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         pred = model(context)  # [B, H, W, C]
-        return stage1.loss(pred, target, self.config.smooth_l1_beta), {}
+        return stage1.loss(pred, target, self.config.smooth_l1_beta)
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         """Rollout metrics per future frame (model/metrics.py), the teacher-forced loss on every
@@ -79,8 +87,7 @@ class Stage1DiffusionTask(Stage1Task):
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
-        loss, _ = stage1_diffusion.training_loss(model, context, target, generator)
-        return loss, {}
+        return stage1_diffusion.training_loss(model, context, target, generator)[0]
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         means = Means()
@@ -105,6 +112,8 @@ class Stage2Task:
     Baseline. Evaluated by the validation loss (fixed noise) and the error of sampled future latents."""
 
     needs_pred_features: bool
+    needs_latents = True
+    train_window = None  # every feature frame of a clip
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None, *,
                  semantic: bool = True, pred_p: float = 0.1, nested_dropout: bool = True,
@@ -136,8 +145,7 @@ class Stage2Task:
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         feats = self._features(batch, generator, train=True)
-        loss, _ = diffusion.training_loss(model, batch["latents"], feats, self.context_latents, generator)
-        return loss, {}
+        return diffusion.training_loss(model, batch["latents"], feats, self.context_latents, generator)[0]
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         means = Means()

@@ -8,11 +8,11 @@ frame table lists each (scene, frame) once, and every clip points into it with 7
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from .sources.base import FrameRef, Source
+from .sources.base import FrameRef, Source, SourceError
 from .store.geometry import Geometry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -41,13 +41,15 @@ class ClipIndex:
     clips: list[Clip]
     frames: list[tuple[str, FrameRef]]  # unique feature frames (scene, frame), in first-use order
     skipped: dict[str, int]  # why windows were not made into clips -> how many
+    failures: list[dict] = field(default_factory=list)  # scenes that could not be read: clip_id, file, reason
 
     def __len__(self) -> int:
         return len(self.clips)
 
 
 def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progress: bool = True) -> ClipIndex:
-    """Slide a K-frame window over every scene (the source may veto windows, e.g. on time gaps)."""
+    """Slide a K-frame window over every scene (the source may veto windows, e.g. on time gaps).
+    A scene that cannot be read (an unreadable video) is listed in `failures`; the others go on."""
     if stride < 1:
         raise ValueError("stride must be >= 1")
     clips: list[Clip] = []
@@ -55,10 +57,17 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
     frames: list[tuple[str, FrameRef]] = []
     seen_ids: dict[str, str] = {}
     skipped: dict[str, int] = {}
+    failures: list[dict] = []
     k = geometry.clip_frames
     for scene in tqdm(source.scenes(), desc=f"index {source.name}", unit="scene", disable=not progress):
-        scene_frames = source.frames(scene)
         sid = safe_name(scene)
+        try:
+            scene_frames = source.frames(scene)
+        except SourceError as e:
+            message = str(e)
+            file = message.split(": ", 1)[0] if ": " in message else scene
+            failures.append({"clip_id": sid, "file": file, "reason": message})
+            continue
         if seen_ids.setdefault(sid, scene) != scene:
             raise ValueError(f"scenes {seen_ids[sid]!r} and {scene!r} reduce to the same id {sid!r}")
         starts, reasons = source.clip_windows(scene, scene_frames, k, stride)
@@ -76,4 +85,4 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
                     frames.append((scene, window[offset]))
                 rows.append(frame_rows[key])
             clips.append(Clip(f"{sid}-{start:06d}", scene, start, window, tuple(rows)))
-    return ClipIndex(clips, frames, skipped)
+    return ClipIndex(clips, frames, skipped, failures)

@@ -105,23 +105,23 @@ def _local_or_url(url: str) -> str:
     return url.removeprefix("file://")
 
 
-def save_basis(basis: PCABasis, url: str, overwrite: bool = False) -> None:
+def save_basis(basis: PCABasis, url: str, overwrite: bool = False, storage_options: dict | None = None) -> None:
     """Write a standalone basis (a Zarr v3 group) to a path or fsspec URL."""
-    import zarr
+    from pipeline.store.location import open_group
 
     target = _local_or_url(str(url))
     if "://" not in target:  # zarr 3.1's FsspecStore does not create local folders
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(target, mode="w" if overwrite else "w-", zarr_format=3)
+    group = open_group(target, mode="w" if overwrite else "w-", storage_options=storage_options)
     group.attrs.update({"format": "re2pix-pca-basis", "version": 1})
     basis.save(group)
 
 
-def load_basis(url: str) -> PCABasis:
+def load_basis(url: str, storage_options: dict | None = None) -> PCABasis:
     """Read a basis from a standalone basis group, or from a store's `pca/` group, at a path or URL."""
-    import zarr
+    from pipeline.store.location import open_group
 
-    group = zarr.open_group(str(url), mode="r")
+    group = open_group(str(url), mode="r", storage_options=storage_options)
     if "pca" in group and "mean" not in group:
         group = group["pca"]
     return PCABasis.load(group)

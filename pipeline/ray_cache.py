@@ -1,19 +1,27 @@
-"""The Ray Data plan of the cache job: decode+resize (CPU tasks) -> DINOv2 + PCA (actor pool) ->
-WAN2.1 VAE (actor pool) -> store writer (CPU tasks). One row per work unit; stages hand each other
-flat numpy arrays. On CPU-only machines every stage takes a fraction of a CPU so that the read
-stage always gets one (an actor pool that takes every CPU starves it and the job hangs).
+"""The Ray Data plan of the cache job: decode+resize (CPU actors) -> encode (one fused actor per GPU:
+the feature encoder + PCA, then the video VAE; encoders/registry.py) -> store writer (CPU actors).
+One row per work unit; stages hand each other flat numpy arrays, and every row carries, per stage,
+which actor handled it and how long it was busy (the job's summary reports actors, clips, busy seconds).
+
+Why one fused encoder actor per GPU rather than a DINOv2 pool and a VAE pool: at paper geometry
+the VAE is ~97 % of the encoder work, so a DINOv2 actor holding a GPU of its own leaves it idle,
+and fractional GPUs in that ratio would depend on a cost measured elsewhere; a fused actor keeps
+every GPU busy whatever the ratio, and a unit's frames never travel between two GPU workers.
+On CPU-only machines every stage takes a fraction of a CPU so that the read stage always gets one
+(an actor pool that takes every CPU starves it and the job hangs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .frames import hflip, resize_frames
-from .sources.base import FrameRef, Source
+from .sources.base import FrameRef, Source, SourceError
 from .store.basis import PCABasis
 from .store.geometry import Geometry
 from .units import UnitPlan
@@ -21,15 +29,38 @@ from .units import UnitPlan
 
 @dataclass
 class StageResources:
-    """Where the encoders run. `gpus` > 0 gives each encoder actor that many GPUs."""
-    gpus: float = 0.0
-    encoder_cpus: float = 0.5  # per actor, CPU-only machines
-    task_cpus: float = 0.25  # decode and write tasks
-    dino_threads: int = 1  # intra-op threads per encoder actor on CPU: the VAE does ~97% of the work
-    vae_threads: int = 1  # at real size, so on a CPU-only machine it gets every core (see jobs.cache)
+    """What each actor asks Ray for. `gpus` > 0: encoder actors are GPU actors (also with device cpu)."""
+    gpus: float = 0.0  # per encoder actor
+    encoder_cpus: float = 0.5  # per encoder actor when no GPU is asked for
+    gpu_encoder_cpus: float = 0.25  # per GPU encoder actor: its CPU work is feeding the GPU
+    task_cpus: float = 0.25  # decode and write actors
+    encoder_memory: int = 0  # bytes Ray reserves per encoder actor (0: none declared)
+    dino_threads: int = 1  # intra-op torch threads for DINOv2 on CPU
+    vae_threads: int = 0  # for the VAE on CPU; 0: every CPU of the node the actor runs on
 
     def actor_kwargs(self) -> dict:
-        return {"num_gpus": self.gpus} if self.gpus > 0 else {"num_cpus": self.encoder_cpus}
+        kw = ({"num_gpus": self.gpus, "num_cpus": self.gpu_encoder_cpus} if self.gpus > 0
+              else {"num_cpus": self.encoder_cpus})
+        return {**kw, **({"memory": self.encoder_memory} if self.encoder_memory else {})}
+
+
+def node_cpus() -> int:
+    """CPUs of this node (as the OS grants them to this process), not the cluster's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def actor_name() -> str:
+    """A stable name for the actor running this code (Ray's actor id), or the process id outside Ray."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 -- a name for the summary only
+        pass
+    return f"pid-{os.getpid()}"
 
 
 def _autocast(device: str):
@@ -50,7 +81,7 @@ def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list
     images, failures, bad = {}, [], {}
     for pos, (scene, index, ts, path) in enumerate(plan.frames):
         try:
-            images[pos] = np.asarray(source.read_frame(scene, FrameRef(index, ts, path)))
+            images[pos] = _rgb(np.asarray(source.read_frame(scene, FrameRef(index, ts, path))), path)
         except Exception as e:  # noqa: BLE001 -- any reader error fails only this frame's clips
             bad[pos] = f"{type(e).__name__}: {e}"
     windows = _read_windows(plan, source, geometry, window, images, bad) if window > 1 else {}
@@ -67,7 +98,8 @@ def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list
     def prepared(positions, hw):
         if not positions:
             return np.zeros((0, *hw, 3), np.uint8)
-        x = resize_frames(np.stack([_rgb(images[p], plan.frames[p][3]) for p in positions]), hw)
+        # each frame resized on its own: a scene may hold frames of different sizes
+        x = np.stack([resize_frames(images[p][None], hw)[0] for p in positions])
         return np.concatenate([x, hflip(x)]) if flip else x  # variant-major: all orig, then all hflip
 
     def prepared_windows(positions, hw):  # [N, window, h, w, 3]
@@ -121,7 +153,7 @@ def _read_windows(plan: UnitPlan, source: Source, geometry: Geometry, window: in
 
 def _rgb(img: np.ndarray, path: str) -> np.ndarray:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{path}: source returned {img.dtype} {img.shape}, expected uint8 [H, W, 3]")
+        raise SourceError(f"{path}: source returned {img.dtype} {img.shape}, expected uint8 [H, W, 3]")
     return img
 
 
@@ -132,6 +164,7 @@ class DecodeStage:
                  window: int = 1):
         self.source, self.geometry, self.variants, self.with_clips = source, geometry, variants, with_clips
         self.window = window
+        self.name = actor_name()
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -139,6 +172,7 @@ class DecodeStage:
                         self.variants, self.with_clips, self.window)
         out = {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
         out["t_decode"] = np.array([time.perf_counter() - t0])
+        out["a_decode"] = [self.name]
         return out
 
 
@@ -155,85 +189,93 @@ class Projector:
         return features @ self.weight - self.bias
 
 
-class DinoStage:
-    """Actor: DINOv2 on a unit's frames. mode 'features': PCA-project to float16 rows for the store;
-    mode 'moments': sums and outer products for fitting the PCA basis."""
+class EncodeStage:
+    """Actor: a unit's feature-encoder features (PCA-projected to float16 rows for the store) and its clips'
+    video VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
+    float64 moments of the features, and no VAE is loaded."""
 
-    def __init__(self, dinov2_spec: str, geometry: Geometry, basis: PCABasis | None, device: str,
-                 batch_frames: int, torch_threads: int, allow_download: bool = False):
+    def __init__(self, encoder_spec: str, vae_spec: str | None, geometry: Geometry, basis: PCABasis | None,
+                 device: str, batch_frames: int, batch_clips: int, res: StageResources, num_variants: int = 1,
+                 allow_download: bool = False):
         import torch
 
-        from .encoders import load_encoder
+        from .encoders import load_encoder, load_vae
+        self.dino_threads = res.dino_threads or node_cpus()
+        self.vae_threads = res.vae_threads or node_cpus()
+        self.device = device
         if device == "cpu":
-            torch.set_num_threads(torch_threads)
-        self.encoder = load_encoder(dinov2_spec, input_hw=geometry.dino_input_hw, device=device,
-                                   autocast_dtype=_autocast(device), allow_download=allow_download)
+            torch.set_num_threads(self.dino_threads)
+        self.encoder = load_encoder(encoder_spec, input_hw=geometry.dino_input_hw, device=device,
+                                    autocast_dtype=_autocast(device), allow_download=allow_download)
+        self.vae = None if vae_spec is None else load_vae(
+            vae_spec, input_hw=geometry.vae_input_hw, device=device, autocast_dtype=_autocast(device),
+            allow_download=allow_download)
         self.projector = Projector(basis, device) if basis is not None else None
-        self.batch_frames = batch_frames
-        self.ready_at = time.time()  # model loaded: the job's steady state starts once every actor is
+        self.geometry, self.batch_frames, self.batch_clips = geometry, batch_frames, batch_clips
+        self.num_variants = num_variants
+        self.name = actor_name()
+        self.ready_at = time.time()  # models loaded: the job's steady state starts once every actor is
+
+    def _threads(self, n: int) -> None:
+        if self.device == "cpu":
+            import torch
+            torch.set_num_threads(n)
 
     def features(self, frames: np.ndarray):
         import torch
         for start in range(0, len(frames), self.batch_frames):
             yield self.encoder(frames[start : start + self.batch_frames]).to(torch.float32)
 
-    def __call__(self, batch: dict) -> dict:
+    def moments(self, frames: np.ndarray) -> dict:
+        """The PCA fitting pass: exact, mergeable float64 moments of a unit's features."""
         import torch
-        t0 = time.perf_counter()
-        frames = _first(batch["dino_frames"])
-        out = {k: v for k, v in batch.items() if k != "dino_frames"}
-        if self.projector is None:  # PCA fitting pass: exact, mergeable moments in float64
-            from .pca import PCAAccumulator
-            acc = PCAAccumulator(self.encoder.feature_dim)
-            for f in self.features(frames):
-                # the D x D scatter on the encoder's device (a 3072-d product is slow on a CPU)
-                x = f.reshape(-1, acc.dim).to(torch.float64)
-                mean = x.mean(0)
-                acc.merge(PCAAccumulator.from_moments(x.shape[0], mean.cpu().numpy(),
-                                                      ((x - mean).T @ (x - mean)).cpu().numpy()))
-            out.update(count=np.array([acc.count]), mean=acc.mean[None], m2=acc.m2[None],
-                       t_dino=np.array([time.perf_counter() - t0]))
-            return out
+
+        from .pca import PCAAccumulator
+        acc = PCAAccumulator(self.encoder.feature_dim)
+        for f in self.features(frames):
+            # the D x D scatter on the encoder's device (a 3072-d product is slow on a CPU)
+            x = f.reshape(-1, acc.dim).to(torch.float64)
+            mean = x.mean(0)
+            acc.merge(PCAAccumulator.from_moments(x.shape[0], mean.cpu().numpy(),
+                                                  ((x - mean).T @ (x - mean)).cpu().numpy()))
+        return {"count": np.array([acc.count]), "mean": acc.mean[None], "m2": acc.m2[None]}
+
+    def projected(self, frames: np.ndarray) -> np.ndarray:
+        import torch
         h, w = self.encoder.grid_hw
         parts = [self.projector(f).to(torch.float16).cpu().numpy() for f in self.features(frames)]
         c = self.projector.weight.shape[1]
-        out["features"] = (np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16))[None]
-        out["t_dino"] = np.array([time.perf_counter() - t0])
-        out["ready_dino"] = np.array([self.ready_at])
-        return out
+        return np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16)
 
-
-class VaeStage:
-    """Actor: WAN2.1 VAE posterior means of a unit's clips, normalized, float16."""
-
-    def __init__(self, vae_spec: str, geometry: Geometry, device: str, batch_clips: int, torch_threads: int,
-                 num_variants: int, allow_download: bool = False):
+    def latents(self, frames: np.ndarray, clips: list) -> np.ndarray:
         import torch
-
-        from .encoders import load_vae
-        if device == "cpu":
-            torch.set_num_threads(torch_threads)
-        self.encoder = load_vae(vae_spec, input_hw=geometry.vae_input_hw, device=device,
-                                autocast_dtype=_autocast(device), allow_download=allow_download)
-        self.geometry, self.batch_clips, self.num_variants = geometry, batch_clips, num_variants
-        self.ready_at = time.time()
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-        t0 = time.perf_counter()
-        frames = _first(batch["vae_frames"])
-        clips = json.loads(str(_first(batch["clips"])))
-        out = {k: v for k, v in batch.items() if k != "vae_frames"}
         n = len(frames) // self.num_variants  # frames are variant-major
         stacks = [frames[v * n + np.asarray(pos)] for v in range(self.num_variants) for _, pos in clips]
-        latents = []
+        out = []
         for start in range(0, len(stacks), self.batch_clips):
-            z = self.encoder(np.stack(stacks[start : start + self.batch_clips]))
-            latents.append(z.to(torch.float16).cpu().numpy())
-        out["latents"] = (np.concatenate(latents) if latents
-                          else np.zeros((0, *self.geometry.latents_shape), np.float16))[None]
-        out["t_vae"] = np.array([time.perf_counter() - t0])
-        out["ready_vae"] = np.array([self.ready_at])
+            z = self.vae(np.stack(stacks[start : start + self.batch_clips]))
+            out.append(z.to(torch.float16).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, *self.geometry.latents_shape), np.float16)
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        out = {k: v for k, v in batch.items() if k not in ("dino_frames", "vae_frames")}
+        frames = _first(batch["dino_frames"])
+        self._threads(self.dino_threads)
+        if self.projector is None:
+            out.update(self.moments(frames))
+            out["t_dino"] = np.array([time.perf_counter() - t0])
+        else:
+            out["features"] = self.projected(frames)[None]
+            t1 = time.perf_counter()
+            out["t_dino"] = np.array([t1 - t0])
+            self._threads(self.vae_threads)
+            clips = json.loads(str(_first(batch["clips"])))
+            out["latents"] = self.latents(_first(batch["vae_frames"]), clips)[None]
+            out["t_vae"] = np.array([time.perf_counter() - t1])
+        out["t_encode"] = np.array([time.perf_counter() - t0])
+        out["a_encode"] = [self.name]
+        out["ready_encode"] = np.array([self.ready_at])
         return out
 
 
@@ -243,6 +285,7 @@ class WriteStage:
     def __init__(self, location: str, storage_options: dict | None = None):
         from .store.writer import StoreWriter
         self.writer = StoreWriter(location, storage_options)  # opened once per actor, not per unit
+        self.name = actor_name()
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -266,5 +309,6 @@ class WriteStage:
         writer.mark_unit_done(plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures,
                               digests=digests)
         timings = {k: np.asarray(v, np.float64) for k, v in batch.items() if k.startswith(("t_", "ready_"))}
-        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)], **timings,
-                "t_write": np.array([time.perf_counter() - t0])}
+        actors = {k: list(v) for k, v in batch.items() if k.startswith("a_")}
+        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)], **timings, **actors,
+                "t_write": np.array([time.perf_counter() - t0]), "a_write": [self.name]}

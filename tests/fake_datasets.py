@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -172,3 +173,24 @@ __all__ = [
     "make_kitti",
     "make_nuscenes",
 ]
+
+
+# A folder of videos (the `videos` source): one flat colour per frame
+CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def colour(i: int) -> np.ndarray:
+    """A distinct flat colour per frame, far enough apart to survive lossy coding."""
+    return np.array([(i * 23) % 200 + 30, 220 - (i * 7) % 190, (i * 61) % 200 + 30], np.uint8)
+
+
+def write_video(path, n=30, rate=15, codec=CODEC, offset=0):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(n):
+            image = np.broadcast_to(colour(i + offset), (64, 96, 3)).copy()
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

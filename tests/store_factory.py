@@ -43,10 +43,11 @@ ENCODERS = {"dinov2": {"name": "dinov2", "weights_id": "tiny", "sha256": "a" * 6
 
 
 def make_store(path, *, scenes=2, frames=29, stride=4, geometry: Geometry = TINY, variants=("orig",),
-               seed=0, basis_seed=0, finalize=True, fail_clips=(), encoders=None, **create_kwargs):
+               seed=0, basis_seed=0, finalize=True, fail_clips=(), encoders=None, source=None, **create_kwargs):
     """Write a store of random float16 arrays; returns (writer, index, arrays) where arrays maps
-    ('features', frame_row) / ('latents', clip_row) to what was written."""
-    source = CountingSource(scenes, frames)
+    ('features', frame_row) / ('latents', clip_row) to what was written. `source`: the Source whose clip
+    index the store records (default: blank CountingSource frames)."""
+    source = source if source is not None else CountingSource(scenes, frames)
     index = build_clip_index(source, geometry, stride=stride, progress=False)
     w = StoreWriter.create(str(path), index=index, geometry=geometry, basis=random_basis(geometry, basis_seed),
                            source_info=source.describe(), encoders=encoders or ENCODERS,
@@ -70,3 +71,12 @@ def make_store(path, *, scenes=2, frames=29, stride=4, geometry: Geometry = TINY
     if finalize:
         w.finalize(["unit-000000"])
     return w, index, written
+
+
+def synthetic_store(path, split="train", encoders=None):
+    """A store indexed from a small synthetic source (2 clips) with random arrays: its labels
+    (the source's class maps and depth) are the point."""
+    from pipeline.sources.synthetic import SyntheticSource
+    source = SyntheticSource(split=split, num_scenes=1, frames_per_scene=29, height=72, width=128)
+    make_store(path, encoders=encoders, source=source)
+    return path

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(out, **kw):
     base = {"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny", "encoder": "tiny",
-                "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1, "channel_chunk": 16, "progress": False}
+                "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1, "channel_chunk": 16, "progress": False,
+            "vae_threads": 1}  # the tiny preset's setting: its small tensors run slower on 2 threads
     base.update(kw)
     return CacheConfig(**base)
 
@@ -147,7 +148,7 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
 
 
 def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_address, tmp_path):
-    from fake_datasets import make_nuscenes
+    from tests.fake_datasets import make_nuscenes
     tree = make_nuscenes(tmp_path / "nuscenes", scenes=3, frames_per_scene=26)
     store = tmp_path / "nuscenes.zarr"
     env = {**os.environ, "RAY_ADDRESS": ray_address}
@@ -160,3 +161,81 @@ def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_
     m = Store(str(store)).manifest
     assert (m["dataset"], m["split"], m["fps"]) == ("nuscenes", "train", 12.0)
     assert len(Store(str(store))) == 2  # train = every scene but the last: one 25-frame window each
+
+
+# ---- bad inputs, cheap checks, one line per user error ---------------------------------------------
+def _job(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.mark.parametrize("job", ["jobs.cache", "jobs.pca"])
+def test_help_prints_every_option(job):
+    run = _job(job, "--help")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--storage-options" in run.stdout and "--device" in run.stdout
+
+
+def test_an_unknown_dataset_or_a_file_as_data_root_is_one_line(tmp_path):
+    run = _job("jobs.cache", "--dataset", "nope", "--out", str(tmp_path / "s.zarr"))
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        "error: unknown dataset 'nope'; known: cityscapes, covla, kitti, nuscenes, synthetic, videos"]
+    (tmp_path / "file.txt").write_text("not a folder")
+    run = _job("jobs.cache", "--dataset", "videos", "--data-root", str(tmp_path / "file.txt"), "--out",
+               str(tmp_path / "s.zarr"))
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        f"error: videos: data root {tmp_path / 'file.txt'} is a file, not a folder"]
+
+
+def test_an_unreadable_video_is_recorded_and_the_good_ones_are_cached(cached, tmp_path):
+    from tests.fake_datasets import write_video
+    root = tmp_path / "videos"
+    root.mkdir()
+    write_video(root / "good.mp4", n=30)
+    (root / "empty.mp4").write_bytes(b"")
+    summary = run_cache(tiny_config(tmp_path / "store.zarr", dataset="videos", data_root=str(root),
+                                    source_options={}, pca=str(cached[0])))
+    store = Store(str(tmp_path / "store.zarr"))
+    assert store.clip_ids == ["good-000000", "good-000004"]
+    [failure] = store.failures()
+    assert failure["file"].endswith("empty.mp4") and failure["reason"]
+    assert summary["failed_clips"] == 1 and summary["unreadable_inputs"] == 1
+
+
+def test_frames_of_different_sizes_in_one_scene_are_resized_one_by_one(ray_address, tmp_path):
+    rng = np.random.default_rng(1)
+    scene = tmp_path / "videos" / "mixed"
+    scene.mkdir(parents=True)
+    for i in range(25):
+        hw = (48, 80) if i % 2 else (60, 100)
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(scene / f"{i:04d}.png")
+    summary = run_cache(tiny_config(tmp_path / "store.zarr", dataset="videos", data_root=str(tmp_path / "videos"),
+                                    source_options={}, pca_frames=16))  # the PCA pass sees both sizes
+    assert summary["valid_clips"] == 1 and summary["failed_clips"] == 0
+
+
+def test_a_finished_store_is_already_complete_and_other_settings_are_refused(cached):
+    from pipeline.errors import Re2pixError
+    summary = run_cache(tiny_config(cached[0]))
+    assert summary["already_complete"] and summary["valid_clips"] == 4
+    with pytest.raises(Re2pixError, match="already a finished store made with other settings"):
+        run_cache(tiny_config(cached[0], stride=2))
+
+
+def test_cheap_checks_fail_before_any_encoder_runs(tmp_path):
+    from pipeline.errors import Re2pixError
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(Re2pixError, match="is a file, not a folder"):
+        run_cache(tiny_config(tmp_path / "file.txt" / "store.zarr"))
+    huge = {"num_scenes": 1, "frames_per_scene": 400000, "height": 8, "width": 8}  # ~0.5 TB
+    with pytest.raises(Re2pixError, match="GiB free"):
+        run_cache(tiny_config(tmp_path / "huge.zarr", geometry="paper", source_options=huge))
+    assert not (tmp_path / "huge.zarr").exists()
+
+
+def test_dry_run_estimates_without_writing(tmp_path):
+    summary = run_cache(tiny_config(tmp_path / "dry.zarr", dry_run=True, vae_threads=1))
+    assert (summary["clips"], summary["frames"], summary["work_units"]) == (4, 16, 4)
+    assert summary["store_bytes"]["uncompressed"] == 16 * 8 * 14 * 64 * 2 + 4 * 16 * 7 * 12 * 20 * 2
+    assert summary["encoder_s_per_clip_on_this_cpu"] > 0
+    assert not (tmp_path / "dry.zarr").exists()

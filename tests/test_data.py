@@ -1,19 +1,20 @@
-"""ClipStream: DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
+"""Clip streams (model/data.py): DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
 variants, pred_features, refusal of incompatible stores, WebDataset exports."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from store_factory import ENCODERS, make_store
 
-from model.data import ClipStream, make_loader, split_by_scene
-from model.loop import to_device
-from pipeline.store.format import IncompatibleStoresError, StoreError
+from model.data import make_loader, open_stream, split_by_scene
+from model.runtime import to_device
+from pipeline.store.format import DamagedStoreError, IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
+from tests.store_factory import ENCODERS, make_store
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def _epoch(stream, epoch, workers=0):
 
 def _ddp_worker(rank, root, out_dir, remainder):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
-    stream = ClipStream([f"{root}/a.zarr", f"{root}/b.zarr"], batch_size=2, seed=3, remainder=remainder)
+    stream = open_stream([f"{root}/a.zarr", f"{root}/b.zarr"], batch_size=2, seed=3, remainder=remainder)
     record = {"batches_per_epoch": stream.batches_per_epoch, "epochs": []}
     loader = iter(make_loader(stream, workers=2))
     for _ in range(3):  # three epochs, with a collective per batch as DDP does
@@ -78,7 +79,7 @@ def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_pat
 
 
 def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores):
-    stream = ClipStream(str(stores / "a.zarr"), batch_size=2, seed=7)
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7)
     assert stream.batches_per_epoch == 3  # 7 clips: one dropped per epoch
     straight = [b for e in range(3) for b in _epoch(stream, e, workers=0)]
     with_workers = [b for e in range(3) for b in _epoch(stream, e, workers=2)]
@@ -103,7 +104,7 @@ def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores
 def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_prefix(stores):
     store = Store(str(stores / "a.zarr"))
     assert store.num_variants == 2
-    stream = ClipStream(str(stores / "a.zarr"), batch_size=7, channels=16, seed=0, remainder="pad")
+    stream = open_stream(str(stores / "a.zarr"), batch_size=7, channels=16, seed=0, remainder="pad")
     variants = set()
     for epoch in range(4):
         (batch,) = _epoch(stream, epoch)
@@ -117,19 +118,19 @@ def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_p
             assert batch["clip_id"][j] == store.clip_meta(i, v)["clip_id"]
     assert variants == {0, 1}
     with pytest.raises(ValueError, match="holds 64"):
-        ClipStream(str(stores / "a.zarr"), batch_size=1, channels=65)
+        open_stream(str(stores / "a.zarr"), batch_size=1, channels=65)
 
 
 def test_incompatible_stores_are_refused_naming_the_field(stores):
     with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
-        ClipStream([str(stores / "a.zarr"), str(stores / "pca.zarr")], batch_size=1)
+        open_stream([str(stores / "a.zarr"), str(stores / "pca.zarr")], batch_size=1)
     with pytest.raises(IncompatibleStoresError, match=r"encoders\.dinov2\.sha256"):
-        ClipStream([str(stores / "a.zarr"), str(stores / "enc.zarr")], batch_size=1)
+        open_stream([str(stores / "a.zarr"), str(stores / "enc.zarr")], batch_size=1)
 
 
 def test_missing_rollouts_are_a_clear_error_when_required(stores):
     with pytest.raises(StoreError, match="pred_features.*rollout"):
-        ClipStream(str(stores / "a.zarr"), batch_size=1, with_pred=True)
+        open_stream(str(stores / "a.zarr"), batch_size=1, with_pred=True)
 
 
 def test_held_out_split_keeps_whole_scenes(tmp_path):
@@ -145,9 +146,9 @@ def test_held_out_split_keeps_whole_scenes(tmp_path):
 def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp_path):
     store = Store(str(stores / "a.zarr"))
     export_webdataset(store, str(tmp_path / "wds"), channels=32, shard_size_mb=0.05, progress=False)
-    streams = [ClipStream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
+    streams = [open_stream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
                           shuffle_buffer=4) for r in range(2)]
-    assert streams[0].webdataset and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
+    assert streams[0].kind == "webdataset" and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
     for s in streams:
         batches = _epoch(s, 0)
         assert len(batches) == 3  # resampled: every rank gets exactly an epoch's batches
@@ -168,8 +169,107 @@ def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp
     # evaluation: every sample once over the ranks
     seen = []
     for r in range(2):
-        ev = ClipStream(str(tmp_path / "wds"), batch_size=3, rank=r, world=2, loop=False, remainder="keep")
+        ev = open_stream(str(tmp_path / "wds"), batch_size=3, rank=r, world=2, loop=False, remainder="keep")
         seen += [cid for b in ev for cid in b["clip_id"]]
     assert sorted(seen) == sorted(store.clip_meta(i, v)["clip_id"] for i in range(len(store)) for v in range(2))
     with pytest.raises(ValueError, match="holds 32"):
-        ClipStream(str(tmp_path / "wds"), batch_size=1, channels=64)
+        open_stream(str(tmp_path / "wds"), batch_size=1, channels=64)
+
+
+def _damage_clip(monkeypatch, bad_clip: int):
+    """Store.read_latents raises DamagedStoreError for one clip, as the reader does for a missing chunk."""
+    real = Store.read_latents
+
+    def read_latents(self, i, variant=0, **kwargs):
+        if i == bad_clip:
+            raise DamagedStoreError(self.location, "clips/latents", self.row(i, variant), "chunk missing")
+        return real(self, i, variant, **kwargs)
+    monkeypatch.setattr(Store, "read_latents", read_latents)
+
+
+def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, monkeypatch):
+    _damage_clip(monkeypatch, bad_clip=3)
+    with pytest.raises(DamagedStoreError, match=r"clips/latents\[\d+\] is damaged"):
+        for _ in open_stream(str(stores / "a.zarr"), batch_size=7, remainder="pad"):
+            pass
+    for workers in (0, 1):
+        stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7, on_bad_clip="skip")
+        batches = stream.batches(workers=workers)
+        seen = [next(batches) for _ in range(3 * stream.batches_per_epoch)]  # three epochs
+        batches.close()
+        assert all(len(b["clip"]) == 2 for b in seen), "a skipped clip's slot is filled: batches keep their size"
+        assert 3 not in {c for b in seen for c in b["clip"].tolist()}
+        # clip 3 is in 2 of every epoch's 3 batches of 2 (7 clips, one dropped) at least once over 3 epochs
+        assert stream.skipped == sum(b["skipped"] for b in seen) >= 1
+        assert stream.state_dict()["skipped"] == stream.skipped and stream.position == (3, 0)
+    evaluation = open_stream(str(stores / "a.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False,
+                             on_bad_clip="skip")
+    clips = [c for b in evaluation for c in b["clip"].tolist()]
+    assert clips == [0, 1, 2, 4, 5, 6] and evaluation.skipped == 1  # evaluation leaves it out
+
+
+def test_a_deleted_chunk_file_reaches_the_stream_as_a_damaged_store_error(tmp_path):
+    make_store(tmp_path / "s.zarr", scenes=1, frames=33)
+    row = Store(str(tmp_path / "s.zarr")).row(1)
+    chunk = tmp_path / "s.zarr" / "clips" / "latents" / "c" / str(row) / "0" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    with pytest.raises(DamagedStoreError):
+        for _ in open_stream(str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False):
+            pass
+    skipping = open_stream(str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False,
+                           on_bad_clip="skip")
+    assert [c for b in skipping for c in b["clip"].tolist()] == [0, 2] and skipping.skipped == 1
+
+
+def test_stage1_reads_only_its_window_of_frames_and_no_latents(stores):
+    store = Store(str(stores / "a.zarr"))
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, channels=16, seed=5, window=5, latents=False)
+    straight = _epoch(stream, 0, workers=0) + _epoch(stream, 1, workers=0)
+    with_workers = _epoch(stream, 0, workers=2) + _epoch(stream, 1, workers=2)
+    starts = set()
+    for a, b in zip(straight, with_workers, strict=True):
+        assert "latents" not in a and a["features"].shape == (2, 5, 8, 14, 16)
+        assert a["window_start"].tolist() == b["window_start"].tolist()  # drawn by the plan, not the worker
+        torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=0)
+        for j, (i, v, t) in enumerate(zip(a["clip"].tolist(), a["variant"].tolist(), a["window_start"].tolist())):
+            starts.add(t)
+            np.testing.assert_array_equal(a["features"][j].numpy(), store.read_features(i, 16, v)[t: t + 5])
+    assert starts <= {0, 1, 2} and len(starts) > 1  # the three 5-frame windows of a 7-frame clip
+
+
+def test_reused_batch_tensors_hold_the_same_batches_as_fresh_ones(stores):
+    stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7)
+    fresh = [{k: v.clone() for k, v in b.items() if torch.is_tensor(v)} for b in itertools.islice(stream.batches(), 9)]
+    for workers in (0, 2):
+        stream.set_position(0, 0)
+        reused = stream.batches(workers=workers, prefetch_factor=1, reuse=True)
+        first = next(reused)
+        for expected in fresh[1:]:
+            got = next(reused)
+            if workers == 0:
+                assert got["features"].data_ptr() == first["features"].data_ptr()  # decoded into the same tensor
+            assert "buffer_set" not in got
+            for k, v in expected.items():
+                torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+        reused.close()
+
+
+def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stores, tmp_path, monkeypatch):
+    import pipeline.store.wds as wds
+    store = Store(str(stores / "a.zarr"))
+    export_webdataset(store, str(tmp_path / "wds"), channels=16, shard_size_mb=0.05, progress=False)
+    real, bad = wds.iter_shard, wds.shard_urls(str(tmp_path / "wds"))[1]
+
+    def iter_shard(url):
+        if url == bad:  # what the reader raises for a truncated or corrupt member
+            raise DamagedStoreError(url, "tar member", 0, "truncated")
+        yield from real(url)
+    monkeypatch.setattr(wds, "iter_shard", iter_shard)
+    options = {"batch_size": 2, "loop": False, "remainder": "keep"}
+    with pytest.raises(DamagedStoreError, match="truncated"):
+        list(open_stream(str(tmp_path / "wds"), **options))
+    skipping = open_stream(str(tmp_path / "wds"), on_bad_clip="skip", **options)
+    seen = [cid for b in skipping for cid in b["clip_id"]]
+    per_shard = [len(list(real(u))) for u in wds.shard_urls(str(tmp_path / "wds"))]
+    assert skipping.skipped == 1 and len(seen) == sum(per_shard) - per_shard[1] and len(per_shard) > 2

@@ -6,13 +6,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from PIL import Image
-from store_factory import make_store
 
 from jobs.store import main as store_main
 from pipeline.store.diagnose import diagnose, temporal_distance
 from pipeline.store.format import StoreError
 from pipeline.store.geometry import TINY
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 
 @pytest.fixture(scope="module")

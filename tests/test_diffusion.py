@@ -266,6 +266,7 @@ def _overfit(semantic: bool):
     return mse, mean_mse, losses, context_kept
 
 
+@pytest.mark.slow
 def test_tiny_dit_overfits_clips_and_sampler_reconstructs_the_future():
     mse, mean_mse, losses, context_kept = _overfit(True)
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
@@ -273,6 +274,7 @@ def test_tiny_dit_overfits_clips_and_sampler_reconstructs_the_future():
     assert context_kept
 
 
+@pytest.mark.slow
 def test_semantic_features_beat_the_baseline_on_the_same_budget():
     mse_semantic, mean_mse, _, _ = _overfit(True)
     mse_baseline, _, _, context_kept = _overfit(False)

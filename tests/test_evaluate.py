@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from store_factory import make_store
-from test_predict import write_runs
 
 from inference import InferenceError
 from inference.dpt import (
@@ -22,6 +20,8 @@ from inference.dpt import (
     segmentation_confusion,
     split_blocks,
 )
+from tests.run_factory import MeanClip, MeanColour, write_runs
+from tests.store_factory import make_store
 
 # --------------------------------------------------------------------------- DPT heads
 
@@ -85,21 +85,6 @@ def test_segmentation_and_depth_metrics_known_values():
 # --------------------------------------------------------------------------- the job
 
 
-class _MeanColour(torch.nn.Module):
-    """Stands in for a TorchScript Inception (StyleGAN3 / clean-fid call convention)."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-
-class _MeanClip(torch.nn.Module):
-    """Stands in for StyleGAN-V's TorchScript I3D."""
-
-    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
-        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, 1:].sub(x[:, :, :-1]).abs()
-                          .mean(dim=(2, 3, 4))], dim=1)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pipeline.encoders import load_dinov2, load_vae
@@ -118,8 +103,8 @@ def setup(tmp_path_factory):
     Image.fromarray(seg).save(root / "labels" / "scene-00-000000.png")  # the second clip has no label
     for cid in ("scene-00-000000", "scene-00-000004"):
         np.save(root / "depth" / f"{cid}.npy", rng.uniform(1, 50, (48, 80)).astype(np.float32))
-    torch.jit.script(_MeanColour()).save(str(root / "inception.pt"))
-    torch.jit.script(_MeanClip()).save(str(root / "i3d.pt"))
+    torch.jit.script(MeanColour()).save(str(root / "inception.pt"))
+    torch.jit.script(MeanClip()).save(str(root / "i3d.pt"))
     return root, runs
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from store_factory import make_store
 
 from pipeline.store.format import DamagedStoreError, StoreError
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,7 +339,8 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
     again = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False, overwrite=True)
     assert len(again) == 1 < len(first) and shard_urls(str(tmp_path / "wds")) == again
-    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "manifest.json", "shard-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "README.md", "manifest.json",
+                                                                  "pca.npz", "shard-000000.tar"]
 
 
 def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
@@ -441,7 +442,8 @@ def test_rollout_reports_a_damaged_checkpoint_in_one_line(trained, train_store):
 @pytest.mark.parametrize("array", ["clips/valid", "clips/feature_rows", "clips/id"])
 def test_a_missing_chunk_of_the_clip_table_is_damage_not_an_empty_or_shifted_store(store, array):
     path, _, _ = store
-    path.joinpath(*array.split("/"), "c", *(["0", "0"] if array == "clips/feature_rows" else ["0"])).unlink()
+    two_axes = array in ("clips/feature_rows", "clips/id")  # ids are UTF-8 bytes in uint8 [n, width]
+    path.joinpath(*array.split("/"), "c", *(["0", "0"] if two_axes else ["0"])).unlink()
     with pytest.raises(DamagedStoreError, match=re.escape(array)):
         assert Store(str(path)).clip_ids is None  # not reached: opening or reading the ids refuses
 
@@ -469,6 +471,8 @@ def test_an_unfinished_store_is_not_served_and_a_partial_marker_is_not_a_done_un
 def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on_zeros(tmp_path, workers):
     path = tmp_path / "s.zarr"
     make_store(path, scenes=2, frames=29, channel_chunk=16)
-    _chunk(path, "clips/latents", 1).unlink()
+    store = Store(str(path))
+    row = int(store._feature_rows[store.row(0)][3])  # Stage 1 reads no latents; every window holds frame 3
+    _chunk(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
-    _one_line_error(proc, str(path), "clips/latents[1] is damaged (its chunk is missing")
+    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (all its chunks are missing")

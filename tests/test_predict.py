@@ -1,6 +1,5 @@
 """jobs/predict.py with tiny everything: from a store clip and from a video (file and frame folder)."""
 
-import dataclasses
 import json
 
 import av
@@ -8,41 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from store_factory import make_store
 
 from inference import InferenceError
 from inference.figures import GridLayout, GridStyle, write_mp4
-from model.checkpoint import CheckpointError, save_checkpoint
-from model.stage1 import MaskedFeatureTransformer, Stage1Config
-from model.stage2 import DiTConfig, Re2PixDiT
+from model.checkpoint import CheckpointError
 from pipeline.sources import SourceError
 from pipeline.store.format import StoreError
 from pipeline.store.geometry import TINY
-
-
-def _jsonable(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _perturb(model, seed):
-    """Fresh models predict zeros (zero-initialised outputs): give them random, non-trivial weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def write_runs(root, stage1_channels=64, stage2_channels=64):
-    """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py)."""
-    s1 = _perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
-    save_checkpoint(root / "stage1", 1, model=s1, state={},
-                    meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))})
-    for task, semantic in (("stage2", True), ("baseline", False)):
-        m = _perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
-        save_checkpoint(root / task, 1, model=m, state={},
-                        meta={"task": task, "model_config": dataclasses.asdict(m.cfg)})
-    return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
+from tests.run_factory import write_runs
+from tests.store_factory import make_store
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +176,7 @@ def test_command_line_error_is_one_line_and_status_1(setup, capsys):
     assert err[-1].startswith("error: ") and "no clip 'nope'" in err[-1] and "Traceback" not in "".join(err)
 
 
-def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path, monkeypatch):
-    import store_factory
-
+def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path):
     from inference.inputs import store_clip
     from jobs.predict import run_predict
     from pipeline.frames import resize_frames
@@ -215,10 +186,9 @@ def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_pat
     def synthetic(scenes, frames):
         return get_source("synthetic", None, "val", num_scenes=scenes, frames_per_scene=frames, seed=3)
 
-    monkeypatch.setattr(store_factory, "CountingSource", synthetic)
     from pipeline.encoders import load_dinov2, load_vae
     encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
-    make_store(tmp_path / "syn.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips: frames 0-24 and 4-28
+    make_store(tmp_path / "syn.zarr", encoders=encoders, source=synthetic(1, 29))  # 2 clips: frames 0-24, 4-28
     src = synthetic(1, 29)
     want = resize_frames(np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[4:29]]),
                          TINY.vae_input_hw)

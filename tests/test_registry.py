@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from store_factory import ENCODERS, CountingSource, make_store
 
 from pipeline.encoders import EncoderWeightsError, derive_geometry, load_encoder, load_vae, parse_encoder_spec
 from pipeline.store.format import IncompatibleStoresError
 from pipeline.store.geometry import TINY
 from pipeline.store.reader import open_stores
+from tests.store_factory import ENCODERS, CountingSource, make_store
 
 FRAMES = np.random.default_rng(0).integers(0, 256, (2, 72, 128, 3), dtype=np.uint8)
 
@@ -78,12 +78,15 @@ def test_stores_of_two_encoders_are_refused_naming_the_encoder_field(tmp_path):
 
 # --- through the cache job (Ray) and the trainer ---------------------------------------------------------
 
-def _cache(tmp_path_factory, name, **kw):
-    from test_cache import tiny_config
+SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
 
-    from jobs.cache import run_cache
+
+def _cache(tmp_path_factory, name, **kw):
+    from jobs.cache import CacheConfig, run_cache
     out = tmp_path_factory.mktemp(name) / "store.zarr"
-    run_cache(tiny_config(out, **kw))
+    run_cache(CacheConfig(**{"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny",
+                             "encoder": "tiny", "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1,
+                             "channel_chunk": 16, "progress": False, "vae_threads": 1, **kw}))
     return str(out)
 
 

@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from store_factory import make_store
 
 from jobs.train import main as train_main
 from jobs.train import parse, stage_config
 from model import diffusion
-from model.checkpoint import latest_checkpoint, load_weights, read_meta
+from model.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
 from model.loop import read_metrics
 from model.repa import (
     AlignConfig,
@@ -27,6 +26,7 @@ from model.repa import (
 from model.stage2 import DiTConfig, Re2PixDiT, parameter_breakdown
 from model.tasks import AlignTask, Stage2Task
 from pipeline.store.geometry import PAPER
+from tests.store_factory import make_store
 
 PAPER_ALIGNED_PARAMS = 792e6  # paper table 1: "REPA variants (792M)"
 
@@ -180,6 +180,7 @@ def test_target_is_the_fusions_resize_of_the_features():
     torch.testing.assert_close(target_tokens(features, (4, 6)), embedded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["repa", "videorepa"])
 def test_alignment_and_total_loss_fall_on_an_overfit_batch(method):
     torch.manual_seed(0)
@@ -245,7 +246,7 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     # a rerun with --resume finishes without training again; another alignment in the same dir is refused
     assert train_main([*args, "--resume"]) == 0
     other = {**STAGE2, "align": {"projector_dim": 32, "weight": 1.0}}
-    with pytest.raises(SystemExit, match="use another --run-dir"):
+    with pytest.raises(CheckpointError, match="use another --run-dir"):
         train_main([*args[:-1], json.dumps(other), "--resume"])
 
 

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from store_factory import make_store
 
 import pipeline.store.location
 from inference.stages import load_model
@@ -19,6 +18,7 @@ from model.checkpoint import latest_checkpoint, read_meta
 from model.stage1 import rollout
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 TINY1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2,
          "log_every": 1}

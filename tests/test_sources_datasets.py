@@ -10,7 +10,6 @@ import types
 
 import numpy as np
 import pytest
-from fake_datasets import frame_image, frame_level, make_cityscapes, make_covla, make_kitti, make_nuscenes
 
 from pipeline.clips import build_clip_index
 from pipeline.sources import SourceError, get_source
@@ -19,6 +18,7 @@ from pipeline.sources.covla import CovlaSource
 from pipeline.sources.kitti import KittiSource, parse_timestamp
 from pipeline.sources.nuscenes import NuScenesSource
 from pipeline.store.geometry import Geometry
+from tests.fake_datasets import frame_image, frame_level, make_cityscapes, make_covla, make_kitti, make_nuscenes
 
 G5 = Geometry(clip_frames=5, context_frames=1)  # feature frames 0 and 4
 GAP = "time gap > 1.5 frame intervals"

@@ -1,6 +1,5 @@
 import pickle
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,25 +7,7 @@ from PIL import Image
 from pipeline.sources import SourceError, get_source
 from pipeline.sources import videos as videos_module
 from pipeline.sources.videos import VideoFolderSource
-
-CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
-def colour(i: int) -> np.ndarray:
-    """A distinct flat colour per frame, far enough apart to survive lossy coding."""
-    return np.array([(i * 23) % 200 + 30, 220 - (i * 7) % 190, (i * 61) % 200 + 30], np.uint8)
-
-
-def write_video(path, n=30, rate=15, codec=CODEC, offset=0):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        for i in range(n):
-            image = np.broadcast_to(colour(i + offset), (64, 96, 3)).copy()
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+from tests.fake_datasets import colour, write_video
 
 
 def write_images(folder, names, offset=0):

@@ -242,6 +242,7 @@ def _translating_clips(n: int, frames: int, hw: tuple[int, int], c: int, seed: i
     return torch.stack(clips)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_translating_clips():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from store_factory import make_store
 
 from inference.stages import load_model
 from jobs.rollout import main as rollout_main
@@ -18,6 +17,7 @@ from model.loop import read_metrics
 from model.stage1 import rollout
 from model.stage1_diffusion import DiffusionStage1Config, FeatureDiffusion, context_scale, training_loss
 from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 
 def _moving_clips(n=2, seed=0):

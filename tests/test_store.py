@@ -6,7 +6,6 @@ import tarfile
 import numpy as np
 import pytest
 import zarr
-from store_factory import ENCODERS, make_store
 
 from pipeline.store.format import (
     FORMAT_VERSION,
@@ -19,6 +18,7 @@ from pipeline.store.format import (
 from pipeline.store.geometry import TINY
 from pipeline.store.reader import Store, open_stores
 from pipeline.store.wds import export_webdataset, iter_webdataset, shard_urls
+from tests.store_factory import ENCODERS, make_store
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from store_factory import make_store
 
 from inference.stages import load_model
 from jobs.train import main as train_main
-from model.checkpoint import latest_checkpoint, load_state, load_weights, read_meta, weights_fingerprint
+from model.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    weights_fingerprint,
+)
 from model.loop import LoopConfig, lr_factor, read_metrics
 from model.metrics import feature_metrics
 from model.tasks import Stage1Task
-from pipeline.store.format import IncompatibleStoresError
+from pipeline.store.format import DamagedStoreError, IncompatibleStoresError
+from pipeline.store.reader import Store
+from tests.store_factory import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +71,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_step_for_step(store, t
         train_main(_args(store, tmp_path / "killed", "--workers", "0"))
     monkeypatch.setattr(Stage1Task, "loss", real_loss)
     assert latest_checkpoint(tmp_path / "killed" / "stage1").name == "step-000004"
-    with pytest.raises(SystemExit, match="--resume"):  # a run dir with checkpoints is not overwritten
+    with pytest.raises(CheckpointError, match="--resume"):  # a run dir with checkpoints is not overwritten
         train_main(_args(store, tmp_path / "killed", "--workers", "0"))
 
     train_main(_args(store, tmp_path / "killed", "--resume", "--workers", "1"))  # another worker count too
@@ -121,6 +129,7 @@ def test_feature_metrics_per_frame_and_channel_prefix():
     assert torch.allclose(flipped["cos"], -torch.ones(2))
 
 
+@pytest.mark.slow
 def test_ddp_training_with_two_cpu_processes_under_torchrun(store, tmp_path):
     # 6 training clips (3 held out), 2 ranks x 2 accumulated micro-batches of 1 (DDP no_sync on the first)
     stage1 = {**STAGE1, "steps": 3, "ckpt_every": 3, "eval_every": 0}
@@ -142,3 +151,21 @@ def test_a_val_store_under_another_pca_basis_is_refused(store, tmp_path):
     make_store(tmp_path / "val.zarr", scenes=1, frames=25, basis_seed=1)
     with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
         train_main(_args(store, tmp_path / "run", "--val-store", str(tmp_path / "val.zarr")))
+
+
+def test_a_damaged_clip_stops_training_or_is_skipped_and_counted_in_the_log(store, tmp_path, monkeypatch):
+    real = Store.read_features
+
+    def read_features(self, i, channels=None, variant=0, **kwargs):
+        if i == 0:  # what the reader raises for a missing or damaged chunk
+            raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
+        return real(self, i, channels, variant, **kwargs)
+    monkeypatch.setattr(Store, "read_features", read_features)
+    with pytest.raises(DamagedStoreError, match=r"frames/features\[0\] is damaged"):
+        train_main(_args(store, tmp_path / "stop", "--workers", "0"))
+    train_main(_args(store, tmp_path / "skip", "--workers", "0", "--on-bad-clip", "skip"))
+    records = [r for r in read_metrics(tmp_path / "skip" / "stage1") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    counts = [r["skipped_clips"] for r in records]
+    assert counts == sorted(counts) and counts[-1] >= 1  # clip 0 is in every epoch's batches
+    assert all(0 <= r["data_share"] <= 1 and r["data_wait_s"] >= 0 for r in records)  # the data budget

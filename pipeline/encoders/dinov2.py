@@ -10,6 +10,7 @@ DINOv2-Reg models do), which works for non-square grids such as 32 x 56.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +29,11 @@ DEFAULT_WEIGHTS = "facebook/dinov2-with-registers-base"
 TINY_CONFIG = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 14,
                "image_size": 70, "num_register_tokens": 4}
 TINY_SEED = 0
+# demo preset: the tiny architecture TRAINED on the synthetic set's class maps and depth by
+# `python -m jobs.train_demo_dinov2` (weights/demo_dinov2.{safetensors,json}): semantic patch features
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_dinov2"
 PRESETS = {"tiny": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
+           "demo": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
            "default": {"input_hw": (448, 784), "layers": (3, 6, 9, 12)}}
 
 
@@ -98,6 +103,8 @@ class DinoV2Encoder:
              "patch_size": self.patch_size, "feature_dim": self.feature_dim}
         if self.weights_id == "tiny":
             d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
+        if self.weights_id == "demo":
+            d["config"] = {k: getattr(self.model.config, k) for k in TINY_CONFIG}
         return d
 
 
@@ -110,17 +117,40 @@ def tiny_dinov2_model() -> Dinov2WithRegistersModel:
         return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_CONFIG))
 
 
+def demo_dinov2_model(stem: Path = DEMO_WEIGHTS) -> Dinov2WithRegistersModel:
+    """The demo preset's trained model from weights/demo_dinov2.{safetensors,json} (no pickle)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file() or not meta.is_file():
+        raise EncoderWeightsError(f"the demo DINOv2's weights are missing ({weights}, {meta.name}): train them "
+                                  "with `python -m jobs.train_demo_dinov2` (a few minutes on the CPU)")
+    try:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**json.loads(meta.read_text())["config"]))
+        model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise EncoderWeightsError(f"could not load the demo DINOv2 from {weights}: {e}; retrain it with "
+                                  "`python -m jobs.train_demo_dinov2`") from e
+    return model.float()
+
+
 def load_dinov2(spec: str = DEFAULT_WEIGHTS, input_hw=None, layers=None, device="cpu", *,
                 autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
                 revision: str | None = None, cache_dir: str | None = None) -> DinoV2Encoder:
-    """spec: "tiny", a hub id (looked up in the local HF cache unless allow_download) or a local folder.
+    """spec: "tiny" (random), "demo" (trained on the synthetic set), a hub id (looked up in the local HF cache
+    unless allow_download) or a local folder.
 
     input_hw / layers default to the preset's: tiny (112, 196) / (1, 2, 3, 4), else (448, 784) / (3, 6, 9, 12).
     """
-    preset = PRESETS["tiny" if spec == "tiny" else "default"]
+    preset = PRESETS[spec if spec in ("tiny", "demo") else "default"]
     input_hw, layers = input_hw or preset["input_hw"], layers or preset["layers"]
     if spec == "tiny":
         model, weights_id, rev = tiny_dinov2_model(), "tiny", None
+    elif spec == "demo":
+        model, weights_id, rev = demo_dinov2_model(), "demo", None
     else:
         local, weights_id, rev = resolve_weights(spec, flag="--dinov2", allow_patterns=["*.json", "*.safetensors"],
                                                  allow_download=allow_download, revision=revision,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 from .base import FrameRef, Source, SourceError
 
@@ -23,7 +24,9 @@ SOURCES = {
 
 def get_source(name: str, root: str | None = None, split: str = "train", **options) -> Source:
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
+        raise SourceError(f"unknown dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
+    if root is not None and os.path.exists(root) and not os.path.isdir(root):
+        raise SourceError(f"{name}: data root {root} is a file, not a folder")
     module, cls = SOURCES[name].split(":")
     return getattr(importlib.import_module(module), cls)(root=root, split=split, **options)
 

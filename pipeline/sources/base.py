@@ -42,6 +42,7 @@ class Source(ABC):
     split: str = "train"
     root: str = ""
     fps: float = 10.0
+    licence: str | None = None  # the dataset's licence terms as this adapter knows them (store cards show it)
 
     @abstractmethod
     def scenes(self) -> list[str]:
@@ -64,6 +65,16 @@ class Source(ABC):
         The default slides a window of `length` frames by `stride`. Adapters override it where the
         dataset says otherwise (a gap in time, a fixed evaluation window)."""
         return list(range(0, len(frames) - length + 1, stride)), {}
+
+    def read_targets(self, scene: str, frame: FrameRef) -> dict | None:
+        """Optional per-pixel ground truth of a frame, at the frame's resolution: {"classes": uint8 [H, W]
+        (indices into `target_classes()["names"]`), "depth": float32 [H, W] metres (inf: no surface)}.
+        None (the default) when the source has none."""
+        return None
+
+    def target_classes(self) -> dict | None:
+        """{"names": [class name per index], "moving": [indices of the moving classes]}, or None."""
+        return None
 
     def describe(self) -> dict:
         """What goes into a store's manifest about where the frames came from."""

@@ -35,6 +35,8 @@ TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
 
 class CityscapesSource(Source):
     name = "cityscapes"
+    licence = ("the Cityscapes dataset's own licence: non-commercial research and teaching only, no redist"
+               'ribution, citation required (https://www.cityscapes-dataset.com/license/)')
     fps = 17.0
 
     def __init__(self, root, split="train", eval_clip=None):

@@ -26,6 +26,8 @@ _OPEN_VIDEOS = 2
 
 class CovlaSource(Source):
     name = "covla"
+    licence = ("the CoVLA Dataset's own terms (Turing Inc.): non-commercial research use, as stated on its"
+               ' Hugging Face page (turing-motors/CoVLA-Dataset)')
     fps = 20.0
 
     def __init__(self, root, split="train", split_file=None, cache_frames=32):

@@ -33,6 +33,8 @@ def parse_timestamp(line: str) -> float:
 
 class KittiSource(Source):
     name = "kitti"
+    licence = ('CC BY-NC-SA 3.0 (KITTI Vision Benchmark Suite: non-commercial use; https://www.cvlibs.net/'
+               'datasets/kitti/)')
     fps = 10.0
 
     def __init__(self, root, split="train", camera="image_02", allow_train=False):

@@ -22,6 +22,7 @@ VERSIONS = ("v1.0-trainval", "v1.0-mini")  # preferred first
 
 class NuScenesSource(Source):
     name = "nuscenes"
+    licence = 'CC BY-NC-SA 4.0 (nuScenes terms of use: non-commercial use; https://www.nuscenes.org/terms-of-use)'
     fps = 12.0
 
     def __init__(self, root, split="train", version=None, split_file=None, channel="CAM_FRONT", max_gap=1.5):

@@ -35,6 +35,13 @@ WALL_COLOURS = np.array(
      [110, 80, 65], [160, 170, 175]], np.float32)
 GROUND = np.array([[88, 88, 88], [185, 185, 185], [150, 147, 140], [92, 112, 70]], np.float32).T  # [3, 4]
 GLASS = np.array([45, 60, 75], np.float32)
+# Ground truth (`render(..., targets=True)`, `SyntheticSource.read_targets`): a small Cityscapes-like class
+# set, painted by the same far-to-near passes as the pixels, and depth along the optical axis in metres
+# (sky and the hills at infinity: inf). Tree trunks count as vegetation, lamp heads and arms as pole,
+# kerbs as sidewalk, windows as building, as Cityscapes labels them.
+CLASSES = ("road", "lane_mark", "sidewalk", "building", "vegetation", "terrain", "pole", "sky", "car", "pedestrian")
+ROAD, LANE_MARK, SIDEWALK, BUILDING, VEGETATION, TERRAIN, POLE, SKY, CAR, PEDESTRIAN = range(len(CLASSES))
+MOVING_CLASSES = (CAR, PEDESTRIAN)
 WINDOW_DUTY = 0.65 * 0.65  # fraction of a facade that is glass (see _Painter.wall)
 
 
@@ -133,6 +140,8 @@ class _Painter:
 
     def __init__(self, img, sc: _Scene, s_ego: float, ego_x: float):
         self.img, self.sc, self.s, self.e, self.haze = img, sc, s_ego, ego_x, sc.sky_horizon
+        self.classes = self.depth = None  # [H, W] uint8 / float32 when the targets are rendered too
+        self.label = SKY  # the class the next primitives paint
         self.h, self.w = img.shape[1:]
         self.f, self.cx, self.yh = 0.714 * self.w, self.w / 2, 0.45 * self.h
         a0, a1, k, p = sc.curve
@@ -162,6 +171,9 @@ class _Painter:
         r0, r1 = _span(self.row(Y1, z), self.row(Y0, z), self.h)
         if c0 < c1 and r0 < r1:
             self.img[:, r0:r1, c0:c1] = self.fog(colour, z)[:, None, None]
+            if self.classes is not None:
+                self.classes[r0:r1, c0:c1] = self.label
+                self.depth[r0:r1, c0:c1] = z
 
     def disc(self, X, Y, z, radius, colour):
         if z < Z_NEAR:
@@ -174,6 +186,9 @@ class _Painter:
             dx = np.arange(c0, c1, dtype=np.float32) + np.float32(0.5 - xc)
             inside = dy * dy + dx * dx < r * r
             np.copyto(self.img[:, r0:r1, c0:c1], self.fog(colour, z)[:, None, None], where=inside)
+            if self.classes is not None:
+                np.copyto(self.classes[r0:r1, c0:c1], self.label, where=inside)
+                np.copyto(self.depth[r0:r1, c0:c1], np.float32(z), where=inside)
 
     def wall(self, X, za, zb, Y0, Y1, colour, windows=None):
         """A vertical face along the road at lateral X from depth za to zb (perspective-correct).
@@ -213,6 +228,9 @@ class _Painter:
             mix = (pane * sharp + WINDOW_DUTY * (1 - sharp)) * np.float32(0.8)
             paint = base + (glass - base) * mix
         np.copyto(self.img[:, r0:r1, c0:c1], paint, where=inside)
+        if self.classes is not None:
+            np.copyto(self.classes[r0:r1, c0:c1], self.label, where=inside)
+            np.copyto(self.depth[r0:r1, c0:c1], z[None, :], where=inside)
 
 
 def _span(a, b, n):
@@ -269,6 +287,11 @@ def _ground(p: _Painter):
         ch += speckle
         ch += (p.haze[c] - ch) * a
         p.img[c, r0:] = ch
+    if p.classes is not None:  # materials 0-3 (asphalt, kerb, sidewalk, verge); a pixel mostly paint is a mark
+        kind = np.array([ROAD, SIDEWALK, SIDEWALK, TERRAIN], np.uint8)[material % 4]
+        kind[keep < 0.5] = LANE_MARK
+        p.classes[r0:] = kind
+        p.depth[r0:] = z[:, None]
 
 
 def _sky(p: _Painter, sc: _Scene):
@@ -286,11 +309,16 @@ def _sky(p: _Painter, sc: _Scene):
     rows = np.arange(r0, r1, dtype=np.float32)[:, None] + 0.5
     hill = p.fog(np.array([80, 105, 85], np.float32), 120.0)
     np.copyto(p.img[:, r0:r1], hill[:, None, None], where=rows >= top)
+    if p.classes is not None:
+        p.classes[:] = SKY
+        p.depth[:] = np.inf
+        np.copyto(p.classes[r0:r1], TERRAIN, where=rows >= top)
 
 
 def _car(p: _Painter, car, z):
     X, direction, _, _, length, body, roof, colour = car
     dark = colour * 0.7
+    p.label = CAR
 
     def rect(X0, X1, Y0, Y1, c):
         p.rect(X0, X1, Y0, Y1, z, c)
@@ -324,6 +352,7 @@ def _car(p: _Painter, car, z):
 def _person(p: _Painter, person, X, z, walked):
     _, _, _, height, shirt, trousers, phase = person
     k = height / 1.75
+    p.label = PEDESTRIAN
 
     def rect(X0, X1, Y0, Y1, c):
         p.rect(X0, X1, Y0, Y1, z, c)
@@ -348,6 +377,7 @@ def _furniture(p: _Painter, item, z):
     def rect(X0, X1, Y0, Y1, c):
         p.rect(X0, X1, Y0, Y1, z, c)
 
+    p.label = VEGETATION if kind == "tree" else POLE
     if kind == "tree":
         rect(X - 0.15, X + 0.15, 0.0, 2.6, np.float32([90, 65, 45]))
         p.disc(X, 2.4 + size, z, size, colour)
@@ -362,16 +392,20 @@ def _furniture(p: _Painter, item, z):
 
 def _building(p: _Painter, b, z0, z1):
     side, s0, _, setback, height, colour, floor, bay = b
+    p.label = BUILDING
     p.wall(side * setback, z0, z1, 0.0, height, colour * 0.85, windows=(p.s - s0, floor, bay))
     if z0 >= Z_NEAR:  # the end facing the camera
         a, b = side * setback, side * (setback + 12)
         p.rect(min(a, b), max(a, b), 0.0, height, z0, colour)
 
 
-def render(sc: _Scene, t: float, height: int, width: int) -> np.ndarray:
+def render(sc: _Scene, t: float, height: int, width: int, targets: bool = False):
+    """The frame uint8 [H, W, 3]; with `targets`, also its class map uint8 [H, W] and depth float32 [H, W]."""
     img = np.empty((3, height, width), np.float32)
     s_ego = float(sc.ego_s(t))
     p = _Painter(img, sc, s_ego, float(sc.ego_x(t)))
+    if targets:
+        p.classes, p.depth = np.empty((height, width), np.uint8), np.empty((height, width), np.float32)
     _sky(p, sc)
     _ground(p)
     far = []  # facades: (near depth, far depth, building)
@@ -399,13 +433,15 @@ def render(sc: _Scene, t: float, height: int, width: int) -> np.ndarray:
         draw(p, *args)
     img += 0.5
     np.clip(img, 0, 255, out=img)
-    return img.transpose(1, 2, 0).astype(np.uint8, order="C")  # [H, W, 3]
+    frame = img.transpose(1, 2, 0).astype(np.uint8, order="C")  # [H, W, 3]
+    return (frame, p.classes, p.depth) if targets else frame
 
 
 class SyntheticSource(Source):
     """`num_scenes` scenes of `frames_per_scene` frames; train and val scenes come from disjoint seeds."""
 
     name = "synthetic"
+    licence = 'no third-party data: frames generated by re2pix (pipeline/sources/synthetic.py)'
 
     def __init__(self, root=None, split="train", num_scenes=8, frames_per_scene=49, height=144, width=256,
                  fps=10.0, seed=0):
@@ -442,11 +478,23 @@ class SyntheticSource(Source):
         return [FrameRef(i, i / self.fps, f"synthetic://{scene}/{i:06d}") for i in range(n)]
 
     def read_frame(self, scene: str, frame: FrameRef) -> np.ndarray:
+        return render(self._checked(scene, frame), frame.index / self.fps, self.height, self.width)
+
+    def read_targets(self, scene: str, frame: FrameRef) -> dict:
+        """{"classes": uint8 [H, W] indices into CLASSES, "depth": float32 [H, W] metres, inf for the sky}."""
+        _, classes, depth = render(self._checked(scene, frame), frame.index / self.fps, self.height, self.width,
+                                   targets=True)
+        return {"classes": classes, "depth": depth}
+
+    def target_classes(self) -> dict:
+        return {"names": list(CLASSES), "moving": list(MOVING_CLASSES)}
+
+    def _checked(self, scene: str, frame: FrameRef) -> _Scene:
         sc = self._scene(scene)
         if not 0 <= frame.index < self.frames_per_scene:
             last = self.frames_per_scene - 1
             raise SourceError(f"{frame.path}: frame {frame.index} out of range 0..{last}")
-        return render(sc, frame.index / self.fps, self.height, self.width)
+        return sc
 
     def describe(self) -> dict:
         return {**super().describe(), "generator": {

@@ -117,6 +117,7 @@ class VideoFolderSource(Source):
     """Scenes from video files and image folders (see the module docstring for layout and caching)."""
 
     name = "videos"
+    licence = "the user's own videos: their licence is not known to re2pix"
 
     def __init__(self, root, split="train", fps=None, extensions=(".mp4", ".mov", ".mkv", ".avi"),
                  buffer_frames=32):

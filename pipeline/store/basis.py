@@ -49,6 +49,12 @@ class PCABasis:
             h.update(a.tobytes())
         return h.hexdigest()
 
+    def prefix(self, channels: int) -> PCABasis:
+        """The basis of the first `channels` components (what a `copy --channels` store holds)."""
+        if not 0 < channels <= self.num_components:
+            raise ValueError(f"a prefix of {channels} components of a {self.num_components}-component basis")
+        return PCABasis(self.mean, self.std, self.components[:channels], self.explained_variance[:channels])
+
     def project(self, x: np.ndarray, channels: int | None = None) -> np.ndarray:
         """[..., D] raw features -> [..., C] PCA features (float32)."""
         comps = self.components if channels is None else self.components[:channels]
@@ -59,13 +65,13 @@ class PCABasis:
         y = np.asarray(y, np.float32)
         return (y @ self.components[: y.shape[-1]]) * self.std + self.mean
 
-    def save(self, group) -> None:
-        """Write the arrays into a zarr group (e.g. a store's `pca/`, or a standalone basis store)."""
+    def save(self, group, codecs: tuple | None = None) -> None:
+        """Write the arrays into a zarr group (e.g. a store's `pca/`, or a standalone basis store), with the
+        store's codecs (default zstd), always followed by a crc32c checksum: a changed byte fails the read."""
         for name in BASIS_ARRAYS:
             a = np.asarray(getattr(self, name), np.float32)
-            # zstd + a crc32c checksum (Zarr v3 codecs): a changed byte fails the read
             group.create_array(name, shape=a.shape, dtype="float32", overwrite=True,
-                               compressors=(ZstdCodec(level=3), Crc32cCodec()))[...] = a
+                               compressors=codecs or (ZstdCodec(level=3), Crc32cCodec()))[...] = a
         group.attrs.update({"fingerprint": self.fingerprint, "num_components": self.num_components,
                             "feature_dim": self.feature_dim})
 

@@ -6,6 +6,8 @@ The manifest lives in the root group's attributes. A store is readable as finish
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.errors import Re2pixError
 
 FORMAT_NAME = "re2pix-store"
@@ -99,11 +101,21 @@ def geometry_of(manifest: dict, where: str):
         raise StoreError(f"{where}: the manifest's geometry is refused: {e}") from e
 
 
+def basis_root(manifest: dict) -> str | None:
+    """The fingerprint of the basis this store's basis is a prefix of (its own when it is no prefix copy)."""
+    pca = manifest.get("pca", {})
+    prefix = pca.get("prefix_of")
+    return prefix.get("fingerprint") if isinstance(prefix, dict) else pca.get("fingerprint")
+
+
 def compatibility_view(manifest: dict) -> dict:
-    """The fields that must be equal for two stores to be read together, flattened to dotted paths."""
-    view = {"pca.fingerprint": manifest.get("pca", {}).get("fingerprint")}
+    """The fields that must be equal for two stores to be read together, flattened to dotted paths.
+    A copy that keeps the first C PCA channels (`jobs.store copy --channels C`) records the basis it is a
+    prefix of: it reads together with its original, and with other prefixes of it, at <= C channels."""
+    view = {"pca.fingerprint": basis_root(manifest)}  # of the original basis, for a prefix copy
     for k, v in manifest.get("geometry", {}).items():
-        view[f"geometry.{k}"] = v
+        if k != "num_pca_channels":  # stores of one basis differ only in how many channels they keep
+            view[f"geometry.{k}"] = v
     for enc, desc in sorted(manifest.get("encoders", {}).items()):
         for k, v in sorted(desc.items()):
             if k not in _ENCODER_KEYS_FREE:
@@ -124,3 +136,32 @@ def check_compatible(manifests: list[dict], names: list[str]) -> None:
         for key in sorted(set(ref) | set(other), key=lambda k: (not k.endswith(".name"), k)):
             if ref.get(key) != other.get(key):
                 raise IncompatibleStoresError(key, names[0], ref.get(key), name, other.get(key))
+
+
+# ---- strings ---------------------------------------------------------------------------------
+# Text columns (clip ids, scenes, frame paths, failures) are stored as uint8 [n, width]: UTF-8 bytes,
+# zero-padded. Every Zarr v3 reader reads uint8 (tensorstore has no vlen-utf8 `string` type); stores
+# written before used zarr's `string` dtype, and `decode_strings` reads both.
+STRING_ENCODING = "utf8-zero-padded-uint8"
+
+
+def encode_strings(values) -> np.ndarray:
+    """[n] str -> [n, width] uint8 (width >= 1), UTF-8 zero-padded; a string may not hold NUL."""
+    raw = [str(v).encode("utf-8") for v in values]
+    if any(b"\x00" in r for r in raw):
+        raise ValueError("strings stored in a store cannot contain NUL characters")
+    width = max([len(r) for r in raw] + [1])
+    out = np.zeros((len(raw), width), np.uint8)
+    for i, r in enumerate(raw):
+        out[i, : len(r)] = np.frombuffer(r, np.uint8)
+    return out
+
+
+def decode_strings(a: np.ndarray) -> np.ndarray:
+    """What encode_strings wrote (or an old store's `string` array) -> [n] array of str."""
+    a = np.asarray(a)
+    if a.dtype.kind in "OUT":  # stores of format 1 written before the uint8 encoding
+        return np.array([str(x) for x in a], dtype=object)
+    if a.dtype != np.uint8 or a.ndim != 2:
+        raise ValueError(f"a string column must be uint8 [n, width], got {a.dtype} {list(a.shape)}")
+    return np.array([bytes(r).rstrip(b"\x00").decode("utf-8") for r in a], dtype=object)

@@ -19,9 +19,22 @@ def writable_location(location: str) -> str:
     return location.removeprefix("file://")
 
 
+def fresh_options(location: str, storage_options: dict | None = None) -> dict:
+    """Options for a remote filesystem that always lists afresh: markers written by other processes
+    (workers on other nodes, a killed run) must be seen, so no cached listing and no shared instance."""
+    options = dict(storage_options or {})
+    protocol = str(location).split("://", 1)[0] if is_url(location) else "file"
+    if protocol not in ("file", "local", "memory"):
+        options.setdefault("use_listings_cache", False)
+        options.setdefault("skip_instance_cache", True)
+    return options
+
+
 def open_group(location: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
     location = str(location) if mode == "r" else writable_location(location)
-    kwargs = {"storage_options": storage_options} if storage_options and is_url(location) else {}
+    kwargs = {"storage_options": fresh_options(location, storage_options)} if is_url(location) else {}
+    if kwargs and not kwargs["storage_options"]:
+        kwargs = {}
     return zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
 
 
@@ -30,7 +43,7 @@ def filesystem(location: str, storage_options: dict | None = None) -> tuple[fssp
     location = writable_location(location)
     if not is_url(location):
         location = os.path.abspath(location)
-    return fsspec.core.url_to_fs(location, **(storage_options or {}))
+    return fsspec.core.url_to_fs(location, **fresh_options(location, storage_options))
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

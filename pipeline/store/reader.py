@@ -14,10 +14,21 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import zarr
 
 from .basis import PCABasis
-from .format import DamagedStoreError, NotAStoreError, StoreError, check_compatible, check_manifest, geometry_of
+from .format import (
+    DamagedStoreError,
+    IncompatibleStoresError,
+    NotAStoreError,
+    StoreError,
+    check_compatible,
+    check_manifest,
+    decode_strings,
+    geometry_of,
+)
 from .location import filesystem, open_group
+from .lossy import SCALES, dequantize_int8, parse_compression
 
 # What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
 # decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
@@ -46,7 +57,10 @@ class Store:
         self.location = str(location)
         self.storage_options = storage_options
         try:
-            self.group = open_group(self.location, mode="r", storage_options=storage_options)
+            from .chunk_cache import cached_store  # RE2PIX_CHUNK_CACHE: keep remote chunks in a local folder
+            cached = cached_store(self.location, storage_options)
+            self.group = (zarr.open_group(cached, mode="r", zarr_format=3) if cached is not None
+                          else open_group(self.location, mode="r", storage_options=storage_options))
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
@@ -59,6 +73,16 @@ class Store:
             raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
         self._check_shapes(arrays)  # metadata only: nothing is read or allocated before the shapes are right
         self._features, self._latents = arrays["frames/features"], arrays["clips/latents"]
+        try:
+            self.compression = parse_compression(self.manifest.get("compression", "zstd"))
+        except ValueError as e:
+            raise StoreError(f"{self.location}: {e}") from e
+        self._scales = {}  # int8 stores: frames/features and clips/latents -> their float32 scale arrays
+        if self.compression.lossy == "int8":
+            try:
+                self._scales = {name: self.group[s] for name, s in SCALES.items()}
+            except KeyError as e:
+                raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
         valid = self._read_small(arrays["clips/valid"], "clips/valid")
         self._feature_rows = self._read_small(arrays["clips/feature_rows"], "clips/feature_rows")
         self._check_clip_table(valid)
@@ -162,18 +186,31 @@ class Store:
                              f"1..{self.num_channels}, got {channels}")
         return c
 
-    def read_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
-        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames."""
+    def read_features(self, i: int, channels: int | None = None, variant: int = 0,
+                      out: np.ndarray | None = None, frames: slice | None = None) -> np.ndarray:
+        """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames (`frames`: only
+        those of a slice of them). `out`: a C-contiguous array of that shape to decode into (a slot of a
+        batch buffer), returned."""
         rows = self._feature_rows[self.row(i, variant)]
+        if frames is not None:
+            rows = rows[frames]
         c = self._channels(channels)
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
         try:
             if step > 0 and np.all(np.diff(rows) == step):
-                out = self._features[rows[0] : rows[-1] + 1 : step, :, :, :c]
+                sel = (slice(rows[0], rows[-1] + 1, step), slice(None), slice(None), slice(0, c))
+                if self._scales:  # int8: decode, then scale to float16 (into `out` when given)
+                    scale = self._scales["frames/features"][sel[0], :c]
+                    out = _into(out, dequantize_int8(self._features[sel], scale[:, None, None, :]))
+                else:
+                    out = _read(self._features, sel, out)
+            elif out is None:
+                out = np.stack([self.read_feature_row(int(r), c) for r in rows])
             else:
-                out = np.stack([self._features[r, :, :, :c] for r in rows])
+                for k, r in enumerate(rows):
+                    self.read_feature_row(int(r), c, out[k])
         except DECODE_ERRORS:
             for r in rows:  # name the row that fails
                 self._read_row(self._features, "frames/features", int(r), (slice(None), slice(None), slice(0, c)))
@@ -182,28 +219,46 @@ class Store:
             self._check_present(frame, "frames/features", int(r))
         return out
 
-    def read_latents(self, i: int, variant: int = 0) -> np.ndarray:
-        """[16, 7, h, w] float16."""
-        row = self.row(i, variant)
+    def read_feature_row(self, row: int, channels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized."""
+        c = self._channels(channels)
+        if not self._scales:
+            return self._read_row(self._features, "frames/features", row, (slice(None), slice(None), slice(0, c)), out)
+        f = self._read_row(self._features, "frames/features", row, (slice(None), slice(None), slice(0, c)))
+        scale = self._read_row(self._scales["frames/features"], "frames/feature_scales", row, (slice(0, c),))
+        return _into(out, dequantize_int8(f, scale))
+
+    def read_latent_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        """[16, 7, h, w] float16: one stored clip row, int8 stores un-quantized."""
+        if not self._scales:
+            return self._read_row(self._latents, "clips/latents", row, (), out)
         z = self._read_row(self._latents, "clips/latents", row, ())
+        scale = self._read_row(self._scales["clips/latents"], "clips/latent_scales", row, ())
+        return _into(out, dequantize_int8(z, scale[:, None, None, None]))
+
+    def read_latents(self, i: int, variant: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """[16, 7, h, w] float16 (`out`: as in read_features)."""
+        row = self.row(i, variant)
+        z = self.read_latent_row(row, out)
         self._check_present(z, "clips/latents", row)
         return z
 
-    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0) -> np.ndarray:
+    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0,
+                           out: np.ndarray | None = None) -> np.ndarray:
         """[3, H, W, c] float16: Stage 1's rollout for latents 4-6 (written by the rollout job)."""
         if not self.has_pred_features:
             raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
                              "(make rollout)")
         arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
-        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)))
+        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)), out)
         predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
         for frame in p:
             self._check_present(frame[..., :predicted], "clips/pred_features", row)
         return p
 
-    def _read_row(self, arr, name: str, row: int, rest: tuple) -> np.ndarray:
+    def _read_row(self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None) -> np.ndarray:
         try:
-            return arr[(row, *rest)]
+            return _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
             raise DamagedStoreError(self.location, name, row, _reason(e)) from e
 
@@ -236,6 +291,7 @@ class Store:
         c = self.group["clips"]
         try:
             table = {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
+            table["id"], table["scene"] = decode_strings(table["id"]), decode_strings(table["scene"])
         except (KeyError, *DECODE_ERRORS) as e:
             raise DamagedStoreError(self.location, "clips/id, scene, start or timestamps", None, _reason(e)) from e
         if any(not str(table["id"][r]) for r in self._clip_rows):
@@ -257,7 +313,10 @@ class Store:
         if "failures" not in self.group:
             return []
         fg = self.group["failures"]
-        cols = {k: fg[k][...] for k in ("clip_id", "file", "reason")}
+        try:
+            cols = {k: decode_strings(fg[k][...]) for k in ("clip_id", "file", "reason")}
+        except (KeyError, *DECODE_ERRORS) as e:
+            raise DamagedStoreError(self.location, "failures", None, _reason(e)) from e
         return [{k: str(cols[k][j]) for k in cols} for j in range(len(cols["clip_id"]))]
 
     def unit_records(self) -> list[dict]:
@@ -271,6 +330,23 @@ class Store:
         return verify_store(self, progress)
 
 
+def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
+    """A basic selection of a Zarr array, decoded into `out` when given (no copy of the result)."""
+    if out is None:
+        return array[selection]
+    from zarr.core.buffer.cpu import NDBuffer
+    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+    return out
+
+
+def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """`values`, copied into `out` when the caller gave a buffer."""
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
 def _reason(e: BaseException) -> str:
     text = str(e).split("\n")[0][:160]
     if "checksum" in text:
@@ -282,4 +358,19 @@ def open_stores(locations: list[str], storage_options: dict | None = None) -> li
     """Open several stores for one training run, refusing mixed feature spaces or geometries."""
     stores = [Store(loc, storage_options) for loc in locations]
     check_compatible([s.manifest for s in stores], [s.location for s in stores])
+    check_prefix_bases(stores)
     return stores
+
+
+def check_prefix_bases(stores: list[Store]) -> None:
+    """Stores whose manifests say their bases are prefixes of one basis must hold exactly that: the shorter
+    basis equal to the first components of the longer (a forged or mistaken `prefix_of` is refused)."""
+    longest = max(stores, key=lambda s: s.num_channels)
+    for s in stores:
+        if s.pca_fingerprint == longest.pca_fingerprint:
+            continue
+        a, b = s.basis, longest.basis
+        if not (np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
+                and np.array_equal(a.components, b.components[: a.num_components])):
+            raise IncompatibleStoresError("pca.prefix_of", s.location, s.pca_fingerprint, longest.location,
+                                          longest.pca_fingerprint)

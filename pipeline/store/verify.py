@@ -60,6 +60,8 @@ def verify_store(store: Store, progress: bool = False) -> dict:
             checked[name] = checked.get(name, 0) + 1
             try:
                 a = store._read_row(arr, name, row, ())
+                if name in store._scales:  # int8 stores: the row's scales must read too
+                    store._read_row(store._scales[name], store._scales[name].path, row, ())
                 for part in (a if name == "clips/pred_features" else [a]):
                     store._check_present(part[..., :predicted] if predicted else part, name, row)
             except DamagedStoreError as e:

@@ -3,7 +3,9 @@
 A sample `{clip_id}` holds `{clip_id}.latents.npy` [16, 7, h, w], `{clip_id}.features.npy`
 [7, H, W, c] (optionally only the first c channels), `{clip_id}.pred_features.npy` when the store has
 rollouts, and `{clip_id}.json` (its metadata). A `manifest.json` beside the shards carries the store's
-manifest so readers can refuse incompatible shards. Arrays are .npy read with allow_pickle=False.
+manifest so readers can refuse incompatible shards; `pca.npz` carries the PCA basis (float32 arrays, no
+pickle) and `README.md` the naming scheme below. Arrays are .npy read with allow_pickle=False.
+The export goes to a local folder or any fsspec URL (s3://, gs://, ...), the shards written through fsspec.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from .basis import BASIS_ARRAYS
 from .format import FORMAT_NAME, StoreError, check_manifest, geometry_of
 from .location import filesystem, is_url, write_atomic
 from .reader import ClipArrays, Store
@@ -31,46 +34,94 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 EXPORT_MARK = ".re2pix-export.json"  # written first, removed after manifest.json: an export in progress
+EXPORT_FILES = ("manifest.json", "pca.npz", "README.md", EXPORT_MARK)  # besides the shards
 _SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 _NPY = ("latents.npy", "features.npy", "pred_features.npy")
 
 
 def export_webdataset(store: Store, out_dir: str, channels: int | None = None,
-                      shard_size_mb: float = 300.0, progress: bool = True, overwrite: bool = False) -> list[str]:
-    """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir`.
-    `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); a failed export
-    removes the shards it wrote."""
+                      shard_size_mb: float = 300.0, progress: bool = True, overwrite: bool = False,
+                      storage_options: dict | None = None) -> list[str]:
+    """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir` (a folder
+    or an fsspec URL). `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); a
+    failed export removes the shards it wrote."""
     import webdataset as wds
     from tqdm.auto import tqdm
 
+    from .copy import absolute_url
+
     c = store._channels(channels)  # refused before anything is written
-    fs, root = filesystem(out_dir)
+    fs, root = filesystem(out_dir, storage_options)
     _claim(fs, root, out_dir, overwrite)
     fs.makedirs(root, exist_ok=True)
-    write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps({"source_store": store.location}).encode())
+    source = absolute_url(store.location)
+    write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps({"source_store": source}).encode())
     with_pred = store.has_pred_features
-    pattern = f"{root}/{SHARD_PATTERN}"
-    count = 0
+    limit, count, shards, sink, f, size = int(shard_size_mb * 2**20), 0, [], None, None, 0
     try:
-        with wds.ShardWriter(pattern, maxsize=int(shard_size_mb * 2**20), maxcount=10**9, verbose=0) as sink:
-            for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
-                for v in range(store.num_variants):
-                    clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
-                    sample = {"__key__": clip.clip_id, "latents.npy": _npy(clip.latents),
-                              "features.npy": _npy(clip.features), "json": json.dumps(clip.meta).encode()}
-                    if with_pred:
-                        sample["pred_features.npy"] = _npy(clip.pred_features)
-                    sink.write(sample)
-                    count += 1
+        for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
+            for v in range(store.num_variants):
+                clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
+                sample = {"__key__": clip.clip_id, "latents.npy": _npy(clip.latents),
+                          "features.npy": _npy(clip.features), "json": json.dumps(clip.meta).encode()}
+                if with_pred:
+                    sample["pred_features.npy"] = _npy(clip.pred_features)
+                if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
+                    if sink is not None:
+                        sink.close()
+                        f.close()
+                    shards.append(SHARD_PATTERN % len(shards))
+                    f = fs.open(f"{root}/{shards[-1]}", "wb")
+                    sink, size = wds.TarWriter(f, mtime=0), 0
+                size += sink.write(sample)
+                count += 1
+        if sink is not None:
+            sink.close()
+            f.close()
+        _write_companions(fs, root, store, source, c, shards, count, with_pred)
     except BaseException:
         _remove_export(fs, root)  # ours alone: the folder was empty or an export of ours
         raise
-    shards = [posixpath.basename(p) for p in sorted(fs.glob(f"{root}/shard-*.tar"))]
-    manifest = dict(store.manifest, webdataset={"channels": c, "shards": shards, "samples": count,
-                                                "source_store": store.location, "has_pred_features": with_pred})
-    write_atomic(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())
     fs.rm(f"{root}/{EXPORT_MARK}")
     return [f"{out_dir.rstrip('/')}/{s}" for s in shards]
+
+
+def _write_companions(fs, root: str, store: Store, source: str, c: int, shards: list[str], count: int,
+                      with_pred: bool) -> None:
+    """pca.npz (the basis), README.md (the naming scheme), then manifest.json: what makes the export whole."""
+    basis = store.basis
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.asarray(getattr(basis, name), np.float32) for name in BASIS_ARRAYS})
+    write_atomic(fs, f"{root}/pca.npz", buf.getvalue())
+    write_atomic(fs, f"{root}/README.md", _readme(store, source, c, len(shards), count, with_pred).encode())
+    manifest = dict(store.manifest, webdataset={"channels": c, "shards": shards, "samples": count,
+                                                "source_store": source, "has_pred_features": with_pred,
+                                                "pca_file": "pca.npz"})
+    write_atomic(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def _readme(store: Store, source: str, c: int, shards: int, count: int, with_pred: bool) -> str:
+    g = store.geometry
+    h, w = g.feature_hw
+    return "\n".join([
+        f"# re2pix WebDataset export of {store.manifest.get('dataset')} / {store.manifest.get('split')}", "",
+        f"Exported from `{source}` (PCA basis `{store.pca_fingerprint}`): {count} samples in {shards} shards.", "",
+        "## Naming scheme", "",
+        "- `shard-NNNNNN.tar`: tar shards numbered from 000000, each a few hundred MB; samples in store order",
+        "- a sample is one clip row; its key is the clip id (`[A-Za-z0-9_-]`, `-hflip` for a flipped variant),",
+        "  and its members are:",
+        f"  - `KEY.latents.npy`: float16 {list(g.latents_shape)}, normalized WAN2.1-VAE posterior means",
+        f"  - `KEY.features.npy`: float16 [{g.latent_frames}, {h}, {w}, {c}], the first {c} PCA channels of the "
+        "DINOv2 features of frames 0, 4, ..., 24",
+        *([f"  - `KEY.pred_features.npy`: float16 [{g.future_latents}, {h}, {w}, {c}], Stage 1 rollouts of latents "
+           f"{g.context_latents}..{g.latent_frames - 1}"] if with_pred else []),
+        "  - `KEY.json`: clip_id, scene, start, timestamps, variant",
+        "- `manifest.json`: the store's manifest (encoders, geometry, PCA fingerprint, counts) and `webdataset`",
+        "  (channels, the list of shards, samples, the absolute URL of the source store)",
+        "- `pca.npz`: the PCA basis (mean, std, components, explained_variance; float32; `np.load(...,",
+        "  allow_pickle=False)`); `pipeline.store.basis.PCABasis(**arrays).fingerprint` equals the manifest's", "",
+        "Read with `pipeline.store.wds.iter_webdataset(shard_urls(URL))` or any tar reader "
+        "(`.npy` files are plain NumPy arrays, never pickles).", ""])
 
 
 def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
@@ -104,15 +155,15 @@ def _remove_export(fs, root: str) -> None:
     """Delete an export's own files (its shards, manifest.json, the in-progress mark), nothing else."""
     for p in fs.ls(root, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if _SHARD_NAME.fullmatch(name) or name in ("manifest.json", EXPORT_MARK):
+        if _SHARD_NAME.fullmatch(name) or name in EXPORT_FILES:
             fs.rm(p)
     if not fs.ls(root, detail=False):
         fs.rmdir(root)
 
 
-def read_wds_manifest(out_dir: str) -> dict:
+def read_wds_manifest(out_dir: str, storage_options: dict | None = None) -> dict:
     """The export's manifest, with every size in it bounds-checked before anything is allocated."""
-    fs, root = filesystem(out_dir)
+    fs, root = filesystem(out_dir, storage_options)
     path = f"{root}/manifest.json"
     if not fs.exists(path):
         raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export")
@@ -151,9 +202,25 @@ def _short(v, n: int = 60) -> str:
     return r if len(r) <= n else r[: n - 3] + "..."
 
 
-def shard_urls(out_dir: str) -> list[str]:
+def shard_urls(out_dir: str, storage_options: dict | None = None) -> list[str]:
     base = out_dir.rstrip("/")
-    return [f"{base}/{s}" for s in read_wds_manifest(out_dir)["webdataset"]["shards"]]
+    return [f"{base}/{s}" for s in read_wds_manifest(out_dir, storage_options)["webdataset"]["shards"]]
+
+
+def read_wds_basis(out_dir: str, storage_options: dict | None = None):
+    """The PCA basis the export carries (pca.npz), checked against the manifest's fingerprint."""
+    from .basis import PCABasis
+    manifest = read_wds_manifest(out_dir, storage_options)
+    fs, root = filesystem(out_dir, storage_options)
+    try:
+        with np.load(io.BytesIO(fs.cat_file(f"{root}/pca.npz")), allow_pickle=False) as z:
+            basis = PCABasis(**{name: np.asarray(z[name], np.float32) for name in BASIS_ARRAYS})
+    except (OSError, KeyError, ValueError) as e:
+        raise StoreError(f"{out_dir}/pca.npz is missing or unreadable ({type(e).__name__}: {e})") from e
+    if basis.fingerprint != manifest["pca"]["fingerprint"]:
+        raise StoreError(f"{out_dir}/pca.npz hashes to {basis.fingerprint[:12]}, the manifest says "
+                         f"{str(manifest['pca']['fingerprint'])[:12]}: the basis was swapped or damaged")
+    return basis
 
 
 def _check_member(name: str, shard: str) -> None:
@@ -162,12 +229,12 @@ def _check_member(name: str, shard: str) -> None:
         raise StoreError(f"{shard}: tar member {name!r} is not a plain file name; refusing the shard")
 
 
-def _expected_shapes(folder: str) -> dict[str, tuple] | None:
+def _expected_shapes(folder: str, storage_options: dict | None = None) -> dict[str, tuple] | None:
     """The array shapes a shard's samples must have, from the manifest.json beside it (None for a bare shard)."""
-    fs, root = filesystem(folder)
+    fs, root = filesystem(folder, storage_options)
     if not fs.exists(f"{root}/manifest.json"):  # read once per shard (a shard holds hundreds of MB)
         return None
-    m = read_wds_manifest(folder)
+    m = read_wds_manifest(folder, storage_options)
     g, c = geometry_of(m, folder), m["webdataset"]["channels"]
     h, w = g.feature_hw
     return {"latents.npy": g.latents_shape, "features.npy": (g.latent_frames, h, w, c),
@@ -221,12 +288,12 @@ def decode_sample(sample: dict, shard: str = "?", shapes: dict | None = None) ->
                       arr("pred_features.npy") if "pred_features.npy" in sample else None)
 
 
-def iter_shard(url: str) -> Iterator[ClipArrays]:
+def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[ClipArrays]:
     """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
     the manifest.json beside it when there is one."""
     import fsspec
-    shapes = _expected_shapes(posixpath.dirname(url.rstrip("/")) or ".")
-    opener = fsspec.open(url, "rb") if is_url(url) else open(url, "rb")
+    shapes = _expected_shapes(posixpath.dirname(url.rstrip("/")) or ".", storage_options)
+    opener = fsspec.open(url, "rb", **(storage_options or {})) if is_url(url) else open(url, "rb")
     try:
         with opener as f, tarfile.open(fileobj=f, mode="r|") as tar:
             sample: dict = {}
@@ -250,6 +317,6 @@ def iter_shard(url: str) -> Iterator[ClipArrays]:
         raise StoreError(f"{url}: no such shard") from e
 
 
-def iter_webdataset(urls: Iterable[str]) -> Iterator[ClipArrays]:
+def iter_webdataset(urls: Iterable[str], storage_options: dict | None = None) -> Iterator[ClipArrays]:
     for url in urls:
-        yield from iter_shard(url)
+        yield from iter_shard(url, storage_options)

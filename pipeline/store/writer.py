@@ -27,11 +27,14 @@ from .format import (
     StoreError,
     check_manifest,
     compatibility_view,
+    decode_strings,
+    encode_strings,
 )
 from .geometry import Geometry
 from .location import filesystem, open_group, write_atomic
+from .lossy import CODECS, SCALES, parse_compression, quantize_int8, trim_mantissa
 
-COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+COMPRESSIONS = CODECS  # lossless codecs; a spec may add a lossy step (pipeline/store/lossy.py)
 
 
 def compressor(name: str):
@@ -46,9 +49,10 @@ def compressor(name: str):
     raise ValueError(f"unknown compression {name!r}; choose from {COMPRESSIONS}")
 
 
-def chunk_codecs(name: str) -> tuple:
-    """The compressor, then a crc32c checksum (a Zarr v3 codec): a changed byte in a chunk fails its read."""
-    comp = compressor(name)
+def chunk_codecs(spec: str) -> tuple:
+    """The spec's lossless compressor, then a crc32c checksum (a Zarr v3 codec): a changed byte in a chunk
+    fails its read. Every array of a store uses these (the lossy step of a spec touches row values only)."""
+    comp = compressor(parse_compression(spec).codec)
     return (Crc32cCodec(),) if comp is None else (comp, Crc32cCodec())
 
 
@@ -77,13 +81,14 @@ class StoreWriter:
         check_manifest(self.manifest, self.location, allow_incomplete=True)
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         self.variants = list(self.manifest["variants"])
+        self.compression = parse_compression(self.manifest.get("compression", "zstd"))
         self.fs, self.root = filesystem(location, storage_options)
 
     # ---- creation (driver) -------------------------------------------------------------------
     @classmethod
     def create(cls, location: str, *, index: ClipIndex, geometry: Geometry, basis: PCABasis,
                source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
-               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "blosc-zstd",
+               clip_stride: int = 1, channel_chunk: int = 128, compression: str = "none",
                extra: dict | None = None, storage_options: dict | None = None,
                overwrite: bool = False) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
@@ -94,6 +99,7 @@ class StoreWriter:
                              f"{geometry.num_pca_channels}x{geometry.feature_dim}")
         if not index.clips:
             raise StoreError(f"{location}: the clip index is empty; nothing to store")
+        lossy = parse_compression(compression).manifest_entry()  # refuses an unknown spec before anything
         bad = [v for v in variants if v not in VARIANT_SUFFIX]
         if bad or variants[0] != "orig":
             raise ValueError(f"variants must start with 'orig' and be among {list(VARIANT_SUFFIX)}: {variants}")
@@ -103,7 +109,7 @@ class StoreWriter:
             "pca": {"fingerprint": basis.fingerprint, "num_components": basis.num_components,
                     "feature_dim": basis.feature_dim},
             "latent_norm": latent_norm, "variants": list(variants), "clip_stride": clip_stride,
-            "compression": compression, "channel_chunk": channel_chunk,
+            "compression": compression, **({"lossy": lossy} if lossy else {}), "channel_chunk": channel_chunk,
             "counts": {"clips": len(index.clips), "frames": len(index.frames),
                        "rows": len(index.clips) * len(variants)},
             "clip_index_digest": _index_digest(index), "skipped_windows": index.skipped,
@@ -131,8 +137,18 @@ class StoreWriter:
         expected = self.group["frames/features"].shape[1:]
         if f.shape != expected:
             raise ValueError(f"features for frame row {frame_row} have shape {f.shape}, store wants {expected}")
-        self.group["frames/features"][frame_row] = f
-        return digest(f)
+        return self._write_row("frames/features", frame_row, f, channel_axis=-1)
+
+    def _write_row(self, name: str, row: int, a: np.ndarray, channel_axis: int) -> str:
+        """Apply the spec's lossy step and write one row; the digest is of the stored values (what verify reads)."""
+        comp = self.compression
+        if comp.lossy == "trim":
+            a = trim_mantissa(a, comp.mantissa_bits)
+        elif comp.lossy == "int8":
+            a, scale = quantize_int8(a, channel_axis)
+            self.group[SCALES[name]][row] = scale  # its own chunk per row: one writer each
+        self.group[name][row] = a
+        return digest(a)
 
     def write_latents(self, clip_row: int, latents: np.ndarray) -> str:
         """latents [16, 7, h, w], normalized, stored as float16."""
@@ -140,8 +156,7 @@ class StoreWriter:
         expected = self.group["clips/latents"].shape[1:]
         if z.shape != expected:
             raise ValueError(f"latents for clip row {clip_row} have shape {z.shape}, store wants {expected}")
-        self.group["clips/latents"][clip_row] = z
-        return digest(z)
+        return self._write_row("clips/latents", clip_row, z, channel_axis=0)
 
     # ---- progress ----------------------------------------------------------------------------
     # progress/*.json are the cache job's unit markers; other jobs (rollout) keep theirs in sub-folders
@@ -159,8 +174,9 @@ class StoreWriter:
         paths = sorted(self.fs.glob(f"{self.root}/progress/*.json"))
         return [json.loads(self.fs.cat_file(p)) for p in paths]
 
-    def finalize(self, expected_units=None) -> dict:
-        """Mark valid clips, write the failures table, then set complete=true (last)."""
+    def finalize(self, expected_units=None, card: bool = True) -> dict:
+        """Mark valid clips, write the failures table, set complete=true (last), then write the store's card
+        (README.md and card.json, pipeline/store/card.py) unless `card` is false."""
         records = self.unit_records()
         if expected_units is not None:
             missing = set(expected_units) - {r["unit"] for r in records}
@@ -174,7 +190,7 @@ class StoreWriter:
             clip_done[r["clip_rows"]] = True
             frame_done[r["frame_rows"]] = True
             failures += r["failures"]
-        ids = self.group["clips/id"][...]
+        ids = decode_strings(self.group["clips/id"][...])
         failed_ids = {f["clip_id"] for f in failures}
         feature_rows = self.group["clips/feature_rows"][...]
         valid = clip_done & frame_done[feature_rows].all(axis=1) & ~np.isin(ids, list(failed_ids))
@@ -182,18 +198,18 @@ class StoreWriter:
         v = len(self.variants)
         valid = np.repeat(valid.reshape(-1, v).all(axis=1), v)
         self.group["clips/valid"][...] = valid
-        failures = sorted(failures, key=lambda f: (f["clip_id"], f.get("file", "")))
-        fg = self.group.require_group("failures")
-        for key in ("clip_id", "file", "reason"):
-            col = np.array([str(f.get(key, "")) for f in failures], dtype=object)
-            a = fg.create_array(key, shape=(len(failures),), dtype=str, overwrite=True,
-                                compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
-            if len(failures):
-                a[...] = col
+        write_failures(self.group, failures, self.manifest["compression"])
         counts = dict(self.manifest["counts"], valid_clips=int(valid.sum()) // v,
                       failed_clips=len(failed_ids), done_units=len(records))
+        return self.mark_complete(counts, card)
+
+    def mark_complete(self, counts: dict, card: bool = True) -> dict:
+        """Set the final counts and complete=true (the last write of the store), then write its card."""
         self.group.attrs.update({"counts": counts, "finished": _now(), "complete": True})
         self.manifest = dict(self.group.attrs)
+        if card:
+            from .card import write_card
+            write_card(self.location, self.storage_options)
         return counts
 
     # ---- Stage 1 rollouts (written later by the rollout job) ----------------------------------
@@ -267,7 +283,9 @@ def existing_store(location: str, storage_options: dict | None) -> dict | None:
 def remove_store(location: str, storage_options: dict | None = None) -> None:
     """Delete a re2pix store's own entries (its layout: zarr.json, pca/, frames/, clips/, failures/,
     progress/) and nothing else that shares the folder."""
+    from .card import remove_card
     fs, root = filesystem(location, storage_options)
+    remove_card(fs, root)
     for name in STORE_LAYOUT:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
@@ -277,6 +295,9 @@ def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
     a, b = compatibility_view(existing), compatibility_view(manifest)
     for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split"):
         a[key], b[key] = existing.get(key), manifest.get(key)
+    for m, view in ((existing, a), (manifest, b)):  # the exact basis too, not only the one it is a prefix of
+        view["pca.stored"] = m.get("pca")
+        view["geometry.num_pca_channels"] = m.get("geometry", {}).get("num_pca_channels")
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             raise StoreError(f"{location} is an unfinished store started with other settings ({key}: "
@@ -287,39 +308,68 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
                     compression: str) -> None:
     v = len(variants)
     nf, nc = len(index.frames), len(index.clips)
+    basis.save(g.require_group("pca"), chunk_codecs(compression))
+    fg, cg = g.require_group("frames"), g.require_group("clips")
+    create_row_arrays(g, geometry, nf * v, nc * v, channel_chunk, compression)
+    columns = {
+        "frames/scene": [s for s, _ in index.frames for _ in range(v)],
+        "frames/index": np.array([f.index for _, f in index.frames for _ in range(v)], "int64"),
+        "frames/timestamp": np.array([f.timestamp for _, f in index.frames for _ in range(v)], "float64"),
+        "frames/path": [f.path for _, f in index.frames for _ in range(v)],
+        "frames/variant": np.array([i for _ in index.frames for i in range(v)], "int8"),
+        "clips/id": [c.clip_id + VARIANT_SUFFIX[var] for c in index.clips for var in variants],
+        "clips/scene": [c.scene for c in index.clips for _ in variants],
+        "clips/start": np.array([c.start for c in index.clips for _ in variants], "int64"),
+        "clips/variant": np.array([i for _ in index.clips for i in range(v)], "int8"),
+        "clips/timestamps": np.array([c.timestamps for c in index.clips for _ in variants], "float64"),
+        "clips/feature_rows": np.array([[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)],
+                                       "int64"),
+    }
+    for name, values in columns.items():
+        group, key = (fg if name.startswith("frames/") else cg), name.split("/", 1)[1]
+        write_column(group, key, values, compression)
+    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False, compressors=chunk_codecs(compression),
+                    config=ALL_CHUNKS)
+
+
+STRING_COLUMNS = ("frames/scene", "frames/path", "clips/id", "clips/scene", "failures/clip_id", "failures/file",
+                  "failures/reason")
+
+
+def create_row_arrays(g, geometry: Geometry, frame_rows: int, clip_rows: int, channel_chunk: int,
+                      compression: str) -> None:
+    """frames/features and clips/latents at full size (and the int8 option's scale arrays), empty."""
     h, w = geometry.feature_hw
     c = geometry.num_pca_channels
-    comp = chunk_codecs(compression)
-
-    basis.save(g.require_group("pca"))
-
-    fg = g.require_group("frames")
+    comp, spec = chunk_codecs(compression), parse_compression(compression)
+    fg, cg = g.require_group("frames"), g.require_group("clips")
     # one shard per frame (a frame is one object on disk), channel chunks inside it so that reading
     # the first c PCA channels touches about c/C of the bytes
-    fg.create_array("features", shape=(nf * v, h, w, c), dtype="float16", chunks=(1, h, w, min(channel_chunk, c)),
+    fg.create_array("features", shape=(frame_rows, h, w, c), dtype=spec.dtype, chunks=(1, h, w, min(channel_chunk, c)),
                     shards=(1, h, w, c), compressors=comp, fill_value=0, config=ALL_CHUNKS)
-    _column(fg, "scene", [s for s, _ in index.frames for _ in range(v)], str)
-    _column(fg, "index", [f.index for _, f in index.frames for _ in range(v)], "int64")
-    _column(fg, "timestamp", [f.timestamp for _, f in index.frames for _ in range(v)], "float64")
-    _column(fg, "path", [f.path for _, f in index.frames for _ in range(v)], str)
-    _column(fg, "variant", [i for _ in index.frames for i in range(v)], "int8")
-
-    cg = g.require_group("clips")
-    cg.create_array("latents", shape=(nc * v, *geometry.latents_shape), dtype="float16",
-                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0,
-                    config=ALL_CHUNKS)
-    _column(cg, "id", [c.clip_id + VARIANT_SUFFIX[var] for c in index.clips for var in variants], str)
-    _column(cg, "scene", [c.scene for c in index.clips for _ in variants], str)
-    _column(cg, "start", [c.start for c in index.clips for _ in variants], "int64")
-    _column(cg, "variant", [i for _ in index.clips for i in range(v)], "int8")
-    _column(cg, "timestamps", [c.timestamps for c in index.clips for _ in variants], "float64")
-    _column(cg, "feature_rows", [[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)], "int64")
-    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False, compressors=chunk_codecs("zstd"),
-                    config=ALL_CHUNKS)
+    cg.create_array("latents", shape=(clip_rows, *geometry.latents_shape), dtype=spec.dtype,
+                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0, config=ALL_CHUNKS)
+    if spec.lossy == "int8":  # one float32 scale per row and channel, a chunk per row (one writer each)
+        fg.create_array("feature_scales", shape=(frame_rows, c), dtype="float32", chunks=(1, c),
+                        compressors=comp, fill_value=0, config=ALL_CHUNKS)
+        cg.create_array("latent_scales", shape=(clip_rows, geometry.latent_channels), dtype="float32",
+                        chunks=(1, geometry.latent_channels), compressors=comp, fill_value=0, config=ALL_CHUNKS)
 
 
-def _column(group, name: str, values, dtype) -> None:
-    a = np.array(values, dtype=object if dtype is str else dtype)
-    arr = group.create_array(name, shape=a.shape, dtype=dtype, chunks=a.shape if a.ndim else None,
-                             compressors=chunk_codecs("zstd"), config=ALL_CHUNKS)
-    arr[...] = a
+def write_column(group, name: str, values, compression: str) -> None:
+    """A small array in one chunk; text as UTF-8 bytes in uint8 [n, width] (format.encode_strings)."""
+    text = not isinstance(values, np.ndarray)
+    a = encode_strings(values) if text else values
+    arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(n, 1) for n in a.shape),
+                             compressors=chunk_codecs(compression), config=ALL_CHUNKS, overwrite=True)
+    if text:
+        arr.attrs["encoding"] = "utf-8, zero-padded, uint8 [n, width]"
+    if a.size:
+        arr[...] = a
+
+
+def write_failures(group, failures: list[dict], compression: str) -> None:
+    failures = sorted(failures, key=lambda f: (f["clip_id"], f.get("file", "")))
+    fg = group.require_group("failures")
+    for key in ("clip_id", "file", "reason"):
+        write_column(fg, key, [str(f.get(key, "")) for f in failures], compression)

@@ -1,0 +1,236 @@
+"""Train the DPT segmentation and depth heads (paper appendix 9.3) on a store's cached features:
+`python -m jobs.train_dpt --preset tiny --store runs/demo/store.zarr --out runs/demo/heads`.
+
+Inputs: every clip's feature frames (clip frames 0, 4, ..., 24 for the 4x temporal VAE), PCA features
+un-projected with the store's basis (`PCABasis.unproject`, the rank-c estimate of the encoder's block
+features) and split into the four blocks (inference/dpt.py). Labels, per feature frame:
+ * `--labels source`: the store's own source, reopened from its manifest, when it renders ground truth
+   (`Source.read_targets`: the synthetic set's classes and depth in metres);
+ * `--labels cityscapes`: gtFine trainIds of the annotated frame only (`--annotated-frame`, Cityscapes: 19);
+   segmentation only.
+Heads: DPTConfig.paper (in_dim 768, 256 features, out channels [128, 256, 512, 512]) or .tiny (preset), with
+as many classes as the labels have (19 trainIds, the source's class list), and for depth `depth_bins`
+log-spaced bins in [depth_min, depth_max] metres; depth is trained as a classification of the bin index
+(cross-entropy, as the paper), pixels with no depth (the sky) ignored. Optimisation as appendix 9.3:
+AdamW, lr 0.0016, weight decay 1e-4, batch 128, 100 epochs with a 10-epoch linear warm-up, then polynomial
+decay (power 0.9) for segmentation and cosine annealing for depth. Labels are resized to the head's
+output (patch grid x 14) by nearest neighbour.
+
+Writes `seg.safetensors` / `depth.safetensors` (inference.dpt.save_head: `python -m jobs.evaluate
+--seg-head ... --depth-head ...` reads them) and `summary.json` (loss per epoch, pixel mIoU /
+depth AbsRel on the training frames, or on `--val-store`'s when given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference import InferenceError
+from jobs.cli import run
+from jobs.config import parse_config
+
+log = logging.getLogger("re2pix.train_dpt")
+IGNORE = 255
+
+
+@dataclass
+class TrainDPTConfig:
+    store: str = "runs/demo/store.zarr"
+    val_store: str | None = None
+    labels: str = field(default="source", metadata={"help": "source (read_targets) or cityscapes (gtFine)"})
+    tasks: str = field(default="segmentation,depth", metadata={"help": "segmentation, depth or both"})
+    head: str = field(default="tiny", metadata={"help": "tiny or paper (inference.dpt.DPTConfig)"})
+    annotated_frame: int = 16
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.0016
+    weight_decay: float = 0.0001
+    depth_bins: int = 256
+    depth_min: float = 1.0
+    depth_max: float = 150.0
+    max_clips: int | None = None
+    seed: int = 0
+    threads: int = 0
+    out: str = "runs/demo/heads"
+
+
+def frame_labels(store, labels: str, annotated_frame: int):
+    """[(clip row, feature index, {"seg": uint8 [H, W] or None, "depth": float32 [H, W] or None})], class names."""
+    from inference.labels import Labels
+    from pipeline.sources.reopen import reopen_source
+    g = store.geometry
+    out = []
+    if labels == "source":
+        source, why = reopen_source(store.manifest)
+        if source is None:
+            raise InferenceError(f"{store.location}: cannot read the labels from its source: {why}")
+        names = (source.target_classes() or {}).get("names")
+        if not names:
+            dataset = store.manifest.get("dataset")
+            raise InferenceError(f"{store.location}: its source ({dataset}) renders no ground truth")
+        for i in range(len(store)):
+            meta = store.clip_meta(i)
+            refs = {f.index: f for f in source.frames(meta["scene"])}
+            for k in range(g.context_latents + g.future_latents):
+                t = source.read_targets(meta["scene"], refs[meta["start"] + k * g.temporal_downsample])
+                out.append((i, k, {"seg": t["classes"], "depth": t["depth"]}))
+        return out, list(names)
+    if labels == "cityscapes":
+        lab = Labels(store.manifest, annotated_frame)
+        if not lab.has_seg or annotated_frame % g.temporal_downsample:
+            raise InferenceError(f"{store.location}: no gtFine labels (or frame {annotated_frame} has no feature map)")
+        for i in range(len(store)):
+            meta = store.clip_meta(i)
+            seg = lab.seg(meta["clip_id"], meta)
+            if seg is not None:
+                out.append((i, annotated_frame // g.temporal_downsample, {"seg": seg, "depth": None}))
+        return out, [str(c) for c in range(19)]
+    raise InferenceError(f"--labels must be source or cityscapes, got {labels!r}")
+
+
+def load_frames(store, labels: str, annotated_frame: int, max_clips: int | None):
+    """Un-projected features [N, h, w, D] float32, labels, class names."""
+    rows, names = frame_labels(store, labels, annotated_frame)
+    if max_clips is not None:
+        rows = [r for r in rows if r[0] < max_clips]
+    if not rows:
+        raise InferenceError(f"{store.location}: no labelled frames")
+    feats, cache = [], {}
+    for i, k, _ in rows:
+        if i not in cache:
+            cache = {i: store.read_clip(i).features}
+        feats.append(store.basis.unproject(cache[i][k].astype(np.float32)))
+    return np.stack(feats).astype(np.float32), [r[2] for r in rows], names
+
+
+def head_config(cfg: TrainDPTConfig, task: str, feature_dim: int, num_classes: int):
+    from inference.dpt import DPTConfig
+    make = DPTConfig.paper if cfg.head == "paper" else DPTConfig.tiny
+    extra = {"in_dim": feature_dim // 4, "num_classes": num_classes if task == "segmentation" else cfg.depth_bins}
+    if task == "depth":
+        extra.update(depth_min=cfg.depth_min, depth_max=cfg.depth_max, depth_spacing="log")
+    return make(task, **extra)
+
+
+def targets(labels: list[dict], task: str, size, head_cfg) -> torch.Tensor:
+    """Class (or depth-bin) index maps [N, *size] int64 at the head's output resolution; ignored = 255."""
+    maps = []
+    for lab in labels:
+        if task == "segmentation":
+            m = torch.from_numpy(np.array(lab["seg"])).long()
+        else:
+            d = torch.from_numpy(np.array(lab["depth"], np.float32))
+            lo, hi = math.log(head_cfg.depth_min), math.log(head_cfg.depth_max)
+            b = ((d.clamp(head_cfg.depth_min, head_cfg.depth_max).log() - lo) / (hi - lo) * head_cfg.num_classes)
+            m = b.long().clamp(0, head_cfg.num_classes - 1)
+            m[~torch.isfinite(d)] = IGNORE
+        maps.append(F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long())
+    return torch.stack(maps)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return (1 - p) ** 0.9 if kind == "poly" else 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def score(head, feats: np.ndarray, labels: list[dict], task: str) -> dict:
+    from inference.dpt import depth_metrics, miou, segmentation_confusion, split_blocks
+    head.eval()
+    conf, sums = None, {}
+    for j in range(len(feats)):
+        lab = labels[j]["seg"] if task == "segmentation" else labels[j]["depth"]
+        pred = head.predict(split_blocks(torch.from_numpy(feats[j: j + 1])), size=lab.shape[:2])[0]
+        target = torch.from_numpy(np.array(lab))
+        if task == "segmentation":
+            c = segmentation_confusion(pred, target, head.cfg.num_classes)
+            conf = c if conf is None else conf + c
+        else:
+            for k, v in depth_metrics(pred, target).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    head.train()
+    if task == "segmentation":
+        return {"miou": miou(conf)}
+    return {"absrel": sums["absrel_sum"] / max(sums["count"], 1), "delta1": sums["delta1_sum"] / max(sums["count"], 1)}
+
+
+def run_train_dpt(cfg: TrainDPTConfig) -> dict:
+    from inference.dpt import DPTHead, save_head, split_blocks
+    from pipeline.store.reader import Store
+    t0 = time.time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    if not tasks or set(tasks) - {"segmentation", "depth"}:
+        raise InferenceError(f"--tasks must name segmentation and/or depth, got {cfg.tasks!r}")
+    if cfg.labels == "cityscapes" and "depth" in tasks:
+        raise InferenceError("Cityscapes gtFine has no depth: --tasks segmentation")
+    store = Store(cfg.store)
+    feats, labels, names = load_frames(store, cfg.labels, cfg.annotated_frame, cfg.max_clips)
+    val = load_frames(Store(cfg.val_store), cfg.labels, cfg.annotated_frame, cfg.max_clips) if cfg.val_store else None
+    log.info("%d labelled frames of %s (%d classes)%s", len(feats), cfg.store, len(names),
+             f", {len(val[0])} of {cfg.val_store}" if val else "")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"config": asdict(cfg), "classes": names, "frames": len(feats), "heads": {}}
+    for task in tasks:
+        torch.manual_seed(cfg.seed)
+        hc = head_config(cfg, task, feats.shape[-1], len(names))
+        head = DPTHead(hc).train()
+        h, w = feats.shape[1:3]
+        y = targets(labels, task, (h * hc.patch_size, w * hc.patch_size), hc)
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        per_epoch = math.ceil(len(feats) / cfg.batch_size)
+        total, warmup = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch
+        kind = "poly" if task == "segmentation" else "cosine"
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, t=total, w=warmup, k=kind: lr_factor(s, t, w, k))
+        g = torch.Generator().manual_seed(cfg.seed)
+        losses = []
+        for _ in range(cfg.epochs):
+            order, epoch_loss = torch.randperm(len(feats), generator=g), []
+            for s in range(0, len(feats), cfg.batch_size):
+                idx = order[s: s + cfg.batch_size]
+                logits = head(split_blocks(torch.from_numpy(feats[idx.numpy()])))
+                loss = F.cross_entropy(logits, y[idx], ignore_index=IGNORE)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                epoch_loss.append(loss.item())
+            losses.append(round(float(np.mean(epoch_loss)), 5))
+        name = "seg" if task == "segmentation" else "depth"
+        path = save_head(out / f"{name}.safetensors", head)
+        scored = score(head, *(val[:2] if val else (feats, labels)), task)
+        summary["heads"][name] = {"path": str(path), "loss_per_epoch": losses, "steps": total,
+                                  ("val" if val else "train_frames"): scored}
+        log.info("%s head: loss %.4f -> %.4f, %s", task, losses[0], losses[-1], scored)
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    cfg, _ = parse_config(TrainDPTConfig, "train_dpt", argv, description=__doc__)
+    s = run_train_dpt(cfg)
+    for name, h in s["heads"].items():
+        print(f"{name}: {h['path']} loss {h['loss_per_epoch'][0]:.4g} -> {h['loss_per_epoch'][-1]:.4g} "
+              f"{h.get('val') or h.get('train_frames')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,152 @@
+"""Which Ray cluster a job runs on, decided explicitly (every job that starts Ray comes here).
+
+1. `--ray-address ADDR` or `RAY_ADDRESS=ADDR` -> connect to that cluster and size from its resources.
+   `local` (either way) always starts a private cluster on this machine.
+2. else a live local cluster (the address Ray records for the last `ray start`) -> use it, and say so.
+3. else -> start a private local cluster sized from this machine.
+
+Ray itself, given no address, reads the last `ray start` address from its temp folder even after that
+cluster has stopped, and then refuses `num_cpus`: a dead cluster's leftover address must never stop
+a job, so the address is checked (a TCP connect to its GCS port) before it is used.
+
+Credentials and endpoints for object storage (`AWS_*`, `GOOGLE_*`, ... see FORWARDED_ENV) are
+forwarded to every worker through the runtime environment, never printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+# the variables object-storage clients read; forwarded to workers, never logged
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "FSSPEC_")
+
+
+@dataclass
+class RayCluster:
+    address: str  # what was connected to ("local" for a private cluster)
+    kind: str  # "given", "found", "private"
+    cpus: float
+    gpus: float
+    nodes: int
+    owned: bool = False  # this process connected: it disconnects at the end (a caller's connection is kept)
+
+    def describe(self) -> str:
+        where = {"given": f"the Ray cluster at {self.address}",
+                 "found": f"the running local Ray cluster at {self.address} (found by Ray's address file; "
+                          "--ray-address local starts a private one)",
+                 "private": "a private local Ray cluster"}[self.kind]
+        return f"ray: using {where}: {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs"
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def _alive(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def recorded_local_address() -> str | None:
+    """The address of the last `ray start` on this machine, if that cluster still answers."""
+    from ray._private.utils import read_ray_address
+    address = read_ray_address()
+    return address if address and _alive(address) else None
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def stay_on_loopback() -> None:
+    """Ray swaps a given 127.0.0.1 for the host's address (and binds a private cluster there) unless
+    told it is not a multi-machine cluster: tell it, for loopback addresses and private clusters."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as constants
+    constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+
+
+def leftover_processes() -> list[str]:
+    """Ray processes whose node is gone (re-parented to init): what a SIGKILLed driver of a private
+    cluster leaves behind (Ray ends its workers, raylet and GCS, but not always its agents)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["pid", "ppid", "name"]):
+        if (p.info["name"] or "").startswith("ray::") and p.info["ppid"] == 1:
+            found.append(f"{p.info['pid']} ({p.info['name']})")
+    return found
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Silence Ray's own notices (C++ log lines, progress-bar warnings) unless --verbose."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker.cc lines on the driver's stderr
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    for name in ("ray", "ray.data", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+              verbose: bool = False, announce: bool = True) -> RayCluster:
+    """Connect to (or start) the job's Ray cluster; see the module docstring for the order.
+    `num_cpus` / `num_gpus` size a private cluster only (logical GPUs: `num_gpus=4` on a CPU machine)."""
+    quiet_ray(verbose)
+    import ray
+    owned = not ray.is_initialized()
+    if owned:
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kind = "given"
+        if address is None:
+            address = recorded_local_address()
+            kind = "found" if address else "private"
+        elif address == "local":
+            kind = "private"
+        kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": verbose,
+                  "runtime_env": {"env_vars": forwarded_env()}}
+        if kind == "private":
+            kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None,
+                          _node_ip_address="127.0.0.1")  # a one-machine cluster listens on loopback only
+            address = "local"
+        if kind == "private" and (left := leftover_processes()):
+            print(f"note: Ray processes left by an earlier killed job, not used: {', '.join(left)} "
+                  "(end them with `kill PID`)", file=sys.stderr)
+        if kind == "private" or _is_loopback(address):
+            stay_on_loopback()
+        sigterm = signal.getsignal(signal.SIGTERM)
+        ray.init(address=address, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with a sys.exit that aborts
+    else:
+        kind, address = "given", ray.get_runtime_context().gcs_address
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = verbose
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+    res = ray.cluster_resources()
+    cluster = RayCluster(address, kind, res.get("CPU", 0), res.get("GPU", 0),
+                         sum(1 for n in ray.nodes() if n.get("Alive")), owned)
+    if announce:
+        print(cluster.describe(), file=sys.stderr, flush=True)
+    return cluster
+
+
+def stop_ray(cluster: RayCluster | None) -> None:
+    """Disconnect if `start_ray` connected; a private cluster's processes end with it, a shared
+    cluster keeps running (the job's actors, none detached, end with the driver's connection)."""
+    import ray
+    if cluster is not None and cluster.owned and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,40 @@
+"""Which format a training source is in: a Zarr store, or a WebDataset export of one (wds.py).
+
+A WebDataset source is a shard path (`.tar`), a brace pattern (`shards/shard-{000000..000009}.tar`),
+or a folder holding the export's `manifest.json` and no `zarr.json`. Everything else is read as a
+Zarr store (whose reader says clearly when it is not one).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from .format import StoreError
+from .location import filesystem
+
+ZARR, WEBDATASET = "zarr", "webdataset"
+
+
+def is_webdataset(location: str, storage_options: dict | None = None) -> bool:
+    """A WebDataset export (shard paths, brace patterns, or a folder with manifest.json, no zarr.json)."""
+    if location.endswith(".tar") or "{" in location:
+        return True
+    fs, root = filesystem(location, storage_options)
+    return not fs.exists(f"{root}/zarr.json") and fs.exists(f"{root}/manifest.json")
+
+
+def source_format(sources: list[str], storage_options: dict | None = None) -> str:
+    """ZARR or WEBDATASET for a list of sources read together; mixing the two is refused."""
+    kinds = {WEBDATASET if is_webdataset(s, storage_options) else ZARR for s in sources}
+    if len(kinds) > 1:
+        raise StoreError(f"cannot mix Zarr stores and WebDataset shards in one stream: {sources}")
+    return kinds.pop()
+
+
+def expand_shards(location: str) -> tuple[str, list[str]]:
+    """(folder holding manifest.json, shard URLs) of one WebDataset source."""
+    from .wds import shard_urls
+    if location.endswith(".tar") or "{" in location:
+        import braceexpand
+        return posixpath.dirname(location.rstrip("/")), list(braceexpand.braceexpand(location))
+    return location.rstrip("/"), shard_urls(location)

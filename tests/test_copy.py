@@ -1,0 +1,241 @@
+"""`jobs.store copy`: between local folders, a real S3-protocol server, an hf:// stand-in and an http source;
+channel prefixes that stay compatible with their original; lossy re-encoding; resume after a kill."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from jobs.store import main as store_main
+from pipeline.store.copy import copy_store
+from pipeline.store.format import IncompatibleStoresError, StoreError
+from pipeline.store.reader import Store, open_stores
+from pipeline.store.writer import StoreWriter
+from tests.store_factory import make_store
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "s.zarr"
+    make_store(path, scenes=2, frames=33, channel_chunk=16, fail_clips=(1,))
+    return str(path)
+
+
+def _same_clips(a: Store, b: Store, channels: int):
+    assert a.clip_ids == b.clip_ids
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read_features(i, channels), b.read_features(i, channels))
+        np.testing.assert_array_equal(a.read_latents(i), b.read_latents(i))
+
+
+def test_a_lossless_copy_reads_equal_and_verifies(source, tmp_path):
+    summary = copy_store(source, str(tmp_path / "c.zarr"), progress=False)
+    src, dst = Store(source), Store(str(tmp_path / "c.zarr"))
+    _same_clips(src, dst, src.num_channels)
+    assert dst.failures() == src.failures() and len(dst) == len(src) == summary["clip_rows"]
+    assert dst.pca_fingerprint == src.pca_fingerprint and "prefix_of" not in dst.manifest["pca"]
+    assert dst.manifest["copied_from"]["store"] == "file://" + source
+    assert dst.verify()["ok"]
+
+
+def test_a_channel_prefix_copy_is_smaller_and_reads_with_its_original(source, tmp_path):
+    out = str(tmp_path / "p.zarr")
+    copy_store(source, out, channels=16, progress=False)
+    src, dst = Store(source), Store(out)
+    assert dst.num_channels == 16 and dst.basis.num_components == 16
+    np.testing.assert_array_equal(dst.basis.components, src.basis.components[:16])
+    assert dst.manifest["pca"]["prefix_of"] == {"fingerprint": src.pca_fingerprint, "num_components": 64}
+    assert dst.pca_fingerprint != src.pca_fingerprint and dst.verify()["ok"]
+    _same_clips(src, dst, 16)
+    stores = open_stores([source, out])  # the compatibility check knows a prefix of the same basis
+    assert [s.num_channels for s in stores] == [64, 16]
+    with pytest.raises(StoreError, match="channels must be in 1..16"):
+        stores[1].read_features(0, 32)
+    # a prefix of a prefix still names the original basis
+    copy_store(out, str(tmp_path / "pp.zarr"), channels=8, progress=False)
+    pp = Store(str(tmp_path / "pp.zarr"))
+    assert pp.manifest["pca"]["prefix_of"]["fingerprint"] == src.pca_fingerprint
+    open_stores([out, str(tmp_path / "pp.zarr"), source])
+    size = lambda p: sum(f.stat().st_size for f in (tmp_path / p).rglob("*") if f.is_file())  # noqa: E731
+    assert size("pp.zarr") < size("p.zarr")
+
+
+def test_a_store_of_another_basis_or_a_forged_prefix_is_refused(source, tmp_path):
+    make_store(tmp_path / "other.zarr", scenes=1, frames=25, basis_seed=3)
+    with pytest.raises(IncompatibleStoresError, match="pca.fingerprint"):
+        open_stores([source, str(tmp_path / "other.zarr")])
+    # a store that claims to be a prefix of the source's basis, but holds another basis
+    copy_store(str(tmp_path / "other.zarr"), str(tmp_path / "forged.zarr"), channels=16, progress=False)
+    w = StoreWriter(str(tmp_path / "forged.zarr"))
+    pca = dict(w.manifest["pca"], prefix_of={"fingerprint": Store(source).pca_fingerprint, "num_components": 64})
+    w.group.attrs["pca"] = pca
+    with pytest.raises(IncompatibleStoresError, match="pca.prefix_of"):
+        open_stores([source, str(tmp_path / "forged.zarr")])
+
+
+def test_a_killed_copy_resumes_and_ends_identical(source, tmp_path, monkeypatch):
+    whole = str(tmp_path / "whole.zarr")
+    copy_store(source, whole, rows_per_unit=4, progress=False)
+    out = str(tmp_path / "killed.zarr")
+    calls = {"n": 0}
+    real = StoreWriter.write_features
+
+    def dying(self, row, f):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt  # killed mid-unit: units 0 and 1 are marked, unit 2 is half written
+        return real(self, row, f)
+    monkeypatch.setattr(StoreWriter, "write_features", dying)
+    with pytest.raises(KeyboardInterrupt):
+        copy_store(source, out, rows_per_unit=4, progress=False)
+    monkeypatch.setattr(StoreWriter, "write_features", real)
+    with pytest.raises(StoreError, match="never finished"):
+        Store(out)
+    with pytest.raises(StoreError, match="made otherwise"):  # other settings do not resume it
+        copy_store(source, out, channels=8, rows_per_unit=4, progress=False)
+    summary = copy_store(source, out, rows_per_unit=4, progress=False)
+    assert summary["units_resumed"] == 2
+    _same_clips(Store(whole), Store(out), 64)
+    with pytest.raises(StoreError, match="already a finished store"):
+        copy_store(source, out, progress=False)
+
+
+@pytest.mark.parametrize("spec, tol", [("zstd+trim7", 2**-7), ("blosc-zstd+int8", None)])
+def test_lossy_copies_are_recorded_and_close(source, tmp_path, spec, tol):
+    out = str(tmp_path / "l.zarr")
+    copy_store(source, out, compression=spec, progress=False)
+    src, dst = Store(source), Store(out)
+    assert dst.manifest["compression"] == spec and dst.manifest["lossy"]["kind"] == spec.split("+")[1][:4]
+    a, b = src.read_features(0).astype(np.float32), dst.read_features(0).astype(np.float32)
+    assert dst.read_features(0).dtype == np.float16 and not np.array_equal(a, b)
+    if tol:  # a relative bound per value
+        assert np.all(np.abs(a - b) <= tol * np.abs(a) + 1e-7)
+    else:  # half a quantization step per channel and frame
+        scale = np.abs(a).max(axis=(1, 2), keepdims=True) / 127
+        assert np.all(np.abs(a - b) <= scale * 0.5 + 1e-3 * scale + 2e-3 * np.abs(a))
+    assert dst.verify()["ok"]
+
+
+def test_the_cli_copies_and_refuses_an_unknown_spec_in_one_line(source, tmp_path, capsys):
+    assert store_main(["copy", source, str(tmp_path / "cli.zarr"), "--channels", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["channels"] == 32 and Store(str(tmp_path / "cli.zarr")).num_channels == 32
+    assert "--channels 32" in Store(str(tmp_path / "cli.zarr")).manifest["copied_from"]["command"]
+    with pytest.raises(StoreError, match="unknown compression"):
+        store_main(["copy", source, str(tmp_path / "x.zarr"), "--compression", "gzip"])
+
+
+# ---- remote locations -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-protocol server (moto in server mode) on 127.0.0.1, with one bucket."""
+    pytest.importorskip("s3fs")
+    import boto3
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="share")
+    yield {"bucket": "share", "options": options, "endpoint": endpoint}
+    server.stop()
+
+
+def test_copy_to_s3_and_back_and_between_buckets(source, tmp_path, s3):
+    url = "s3://share/team-a/p.zarr"
+    copy_store(source, url, channels=16, dst_options=s3["options"], progress=False)
+    remote = Store(url, s3["options"])
+    assert remote.verify()["ok"] and remote.num_channels == 16
+    fs = fsspec.filesystem("s3", **s3["options"])
+    assert fs.exists("share/team-a/p.zarr/README.md")  # the card, written at finalize
+    copy_store(url, "s3://share/team-b/p.zarr", src_options=s3["options"], dst_options=s3["options"],
+               progress=False)
+    copy_store("s3://share/team-b/p.zarr", str(tmp_path / "back.zarr"), src_options=s3["options"], progress=False)
+    _same_clips(Store(source), Store(str(tmp_path / "back.zarr")), 16)
+    open_stores([source, str(tmp_path / "back.zarr")])
+
+
+class _HubStandIn(LocalFileSystem):
+    """hf://datasets/ORG/NAME/... as a local folder: huggingface_hub's HfFileSystem cannot reach the hub here;
+    the copy goes through fsspec exactly as it would for it."""
+
+    protocol = ("hf",)
+    root = ""
+
+    def __init__(self, **kwargs):
+        super().__init__(auto_mkdir=True, **kwargs)  # a hub has no folders to make; a local folder does
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith("hf://"):
+            path = path[len("hf://"):]
+        if path.startswith(cls.root):
+            return path.rstrip("/")
+        return f"{cls.root}/{path.lstrip('/')}".rstrip("/")
+
+    def unstrip_protocol(self, name):
+        return "hf://" + name[len(self.root) + 1:] if name.startswith(self.root) else name
+
+
+def test_copy_to_and_from_an_hf_datasets_location(source, tmp_path):
+    _HubStandIn.root = str(tmp_path / "hub")
+    (tmp_path / "hub").mkdir()
+    fsspec.register_implementation("hf", _HubStandIn, clobber=True)
+    try:
+        url = "hf://datasets/team/store/p.zarr"
+        copy_store(source, url, channels=16, progress=False)
+        assert (tmp_path / "hub" / "datasets" / "team" / "store" / "p.zarr" / "zarr.json").exists()
+        copy_store(url, str(tmp_path / "from-hub.zarr"), progress=False)
+        _same_clips(Store(source), Store(str(tmp_path / "from-hub.zarr")), 16)
+    finally:
+        from huggingface_hub import HfFileSystem
+        fsspec.register_implementation("hf", HfFileSystem, clobber=True)
+
+
+def test_copy_from_an_http_source(source, tmp_path):
+    handler = functools.partial(_QuietHandler, directory=str(source).rsplit("/", 1)[0])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.zarr"
+        copy_store(url, str(tmp_path / "h.zarr"), channels=32, progress=False)
+        dst = Store(str(tmp_path / "h.zarr"))
+        assert dst.manifest["copied_from"]["store"] == url
+        _same_clips(Store(source), dst, 32)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server with byte ranges (zarr reads a shard's index and chunks by range), as object
+    stores and CDNs serve them. Without ranges the reader sees the wrong bytes and refuses them (crc32c)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        spec = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if not spec or not spec.startswith("bytes=") or not os.path.isfile(path):
+            return super().do_GET()
+        data = open(path, "rb").read()
+        lo, _, hi = spec[len("bytes="):].partition("-")
+        start, end = (len(data) - int(hi), len(data) - 1) if lo == "" else (int(lo), int(hi) if hi else len(data) - 1)
+        end = min(end, len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(data[start : end + 1])
