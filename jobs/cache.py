@@ -420,27 +420,32 @@ def run_cache(cfg: CacheConfig) -> dict:
         source, geometry, index = _checked_index(cfg, geometry, source)
         return dry_run(cfg, source, geometry, index, variants)
     finished = finished_store(cfg)  # refuses a folder that is not ours, --overwrite or not
-    if finished is None or cfg.overwrite:
-        check_writable(cfg, 0)  # can --out be written at all (its room is checked once the index is known)
+    if finished is not None and not cfg.overwrite:
+        # settled before any encoder loads: a finished store records the geometry its encoders fixed
+        from pipeline.store.geometry import Geometry
+        source, geometry, index = _checked_index(cfg, Geometry.from_dict(finished["geometry"]), source)
+        differs = same_settings(finished, cfg, index)
+        if differs:
+            raise Re2pixError(f"{cfg.out} is already a finished store made with other settings ({differs}); "
+                              "pass --overwrite to replace it")
+        counts = finished.get("counts", {})
+        return {"store": cfg.out, "already_complete": True, "clips": counts.get("clips"),
+                "valid_clips": counts.get("valid_clips"), "failed_clips": counts.get("failed_clips", 0),
+                "frames": counts.get("frames"), "variants": finished.get("variants"),
+                "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
+    # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
+    source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
+    check_writable(cfg, estimated_bytes(index, provisional, len(variants)))
 
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         import ray
-        # the encoders fix the clip geometry's patch, feature dim, latent channels and compression: known
-        # before the index is built (in a Ray worker: the driver never holds a model)
-        encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)
-        source, geometry, index = _checked_index(cfg, geometry, source)
-        if finished is not None and not cfg.overwrite:
-            differs = same_settings(finished, cfg, index)
-            if differs:
-                raise Re2pixError(f"{cfg.out} is already a finished store made with other settings ({differs}); "
-                                  "pass --overwrite to replace it")
-            counts = finished.get("counts", {})
-            return {"store": cfg.out, "already_complete": True, "clips": counts.get("clips"),
-                    "valid_clips": counts.get("valid_clips"), "failed_clips": counts.get("failed_clips", 0),
-                    "frames": counts.get("frames"), "variants": finished.get("variants"),
-                    "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
-        check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
+        # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
+        # Ray worker: the driver never holds a model)
+        encoders, latent_norm, geometry = encoder_descriptions(cfg, provisional, ray)
+        if geometry != provisional:
+            source, geometry, index = _checked_index(cfg, geometry, source)
+            check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
         check_visible_from_every_node(cfg, cluster)
         window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
         basis = None
