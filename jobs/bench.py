@@ -35,22 +35,22 @@ def run_loop(cfg, basis_path: str) -> dict:
     """The same decode -> DINOv2 -> PCA -> VAE -> write work as the Ray job, in one process."""
     import torch
 
-    from jobs.cache import build_index, encoder_descriptions
+    from jobs.cache import build_index, encoder_descriptions, resolve_geometry
     from pipeline.pca import load_basis
     from pipeline.ray_cache import DecodeStage, EncodeStage, StageResources, WriteStage
     from pipeline.store.writer import StoreWriter
     from pipeline.units import plan_units
 
     torch.set_num_threads(os.cpu_count())
-    source, geometry, index = build_index(cfg)
+    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+    source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
-    encoders, latent_norm = encoder_descriptions(cfg, geometry)
     StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
                        encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
-    decode = DecodeStage(source, geometry, ["orig"])
+    decode = DecodeStage(source, geometry, ["orig"], True, int(encoders["dinov2"].get("window", 1)))
     threads = StageResources(dino_threads=cfg.dino_threads or os.cpu_count(),
                              vae_threads=cfg.vae_threads or os.cpu_count())  # the job's settings
-    encode = EncodeStage(cfg.dinov2, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
+    encode = EncodeStage(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
     for unit in plan_units(index, cfg.unit_clips):
@@ -172,7 +172,7 @@ def bench_cache(args) -> None:
         dino_dir, vae_dir = save_real_size_encoders(work / "weights")
         geometry = json.dumps({"vae_input_hw": [144, 256], "dino_input_hw": [140, 252]})
         real = lambda kind: CacheConfig(
-            geometry=geometry, dinov2=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
+            geometry=geometry, encoder=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
             max_clips=args.real_clips, out=str(work / f"real-{kind}.zarr"), unit_clips=1, overwrite=True,
             progress=False, batch_frames=7)
         real_basis = random_basis(resolve_geometry(geometry), work / "real-basis.zarr")

@@ -1,7 +1,9 @@
 """Cache a dataset into a store: `python -m jobs.cache --preset tiny --dataset synthetic --out STORE`.
 
 source -> clip index -> cheap checks -> (PCA basis: reuse --pca, or fit on a sample) -> Ray Data:
-decode+resize -> encode (DINOv2 -> PCA -> float16, WAN2.1 VAE; one fused actor per GPU) -> store.
+decode+resize -> encode (feature encoder -> PCA -> float16, video VAE; one fused actor per GPU) -> store.
+--encoder chooses DINOv2-Reg, SigLIP-2, any transformers backbone or V-JEPA 2, --vae the WAN2.1 or Wan2.2
+VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them.
 A rerun of the same command resumes a killed job and exits 0 at once on a finished store.
 The Ray cluster: --ray-address / RAY_ADDRESS, else a running local cluster, else a private one.
 
@@ -39,8 +41,12 @@ class CacheConfig:
         "help": "JSON fsspec options for --out and --pca URLs, e.g. an endpoint; credentials are better left "
                 "to the AWS_* variables (forwarded to every worker, never recorded)"})
     geometry: str = field(default="tiny", metadata={"help": "tiny, paper, or JSON overrides of the paper's"})
-    dinov2: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
-    vae: str = field(default="tiny", metadata={"help": "'tiny', a hub id or a local folder"})
+    encoder: str = field(default="tiny", metadata={
+        "aliases": ["--dinov2"],
+        "help": "feature encoder: 'tiny', 'demo', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
+                "'vjepa2:SPEC' or JSON (pipeline/encoders/registry.py); --dinov2 is an alias"})
+    vae: str = field(default="tiny", metadata={
+        "help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"})
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     pca: str | None = field(default=None, metadata={"help": "reuse this PCA basis (path/URL) instead of fitting"})
     pca_frames: int = field(default=512, metadata={"help": "frames sampled to fit the PCA basis"})
@@ -105,11 +111,15 @@ def absolute_location(location: str) -> str:
     return location if is_url(location) else os.path.abspath(os.path.expanduser(location))
 
 
-def build_index(cfg: CacheConfig):
-    from pipeline.clips import ClipIndex, build_clip_index
+def get_source(cfg: CacheConfig):
     from pipeline.sources import get_source
-    geometry = resolve_geometry(cfg.geometry)
-    source = get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
+    return get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
+
+
+def build_index(cfg: CacheConfig, geometry=None, source=None):
+    from pipeline.clips import ClipIndex, build_clip_index
+    geometry = geometry or resolve_geometry(cfg.geometry)
+    source = source or get_source(cfg)
     index = build_clip_index(source, geometry, stride=cfg.stride, progress=cfg.progress)
     if cfg.max_clips is not None and len(index.clips) > cfg.max_clips:
         keep = index.clips[: cfg.max_clips]
@@ -132,7 +142,7 @@ def estimated_bytes(index, geometry, variants: int) -> int:
     return features + latents
 
 
-def finished_store(cfg: CacheConfig, index) -> dict | None:
+def finished_store(cfg: CacheConfig) -> dict | None:
     """The manifest of a finished store at --out (None: nothing there yet, or an unfinished store of
     ours). A folder that holds anything else is refused here, before any encoder runs."""
     from pipeline.store.writer import existing_store
@@ -145,7 +155,9 @@ def same_settings(manifest: dict, cfg: CacheConfig, index) -> str | None:
     from pipeline.store.writer import _index_digest
     if manifest.get("clip_index_digest") != _index_digest(index):
         return "the clip index (dataset, split, stride or source options)"
-    recorded, now = manifest.get("cache_config", {}), recorded_config(cfg)
+    recorded, now = dict(manifest.get("cache_config", {})), recorded_config(cfg)
+    if "dinov2" in recorded and "encoder" not in recorded:  # stores made before --dinov2 became --encoder
+        recorded["encoder"] = recorded.pop("dinov2")
     return next((k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)), None)
 
 
@@ -233,28 +245,31 @@ def _pool(ray, sizes, in_flight: int | None = None):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=in_flight)
 
 
-def encoding_plan(ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool):
+def encoding_plan(ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool,
+                  window: int = 1):
     """One row per unit -> decoded, resized frames -> encoder actors (features and latents, or PCA
     moments when `basis` is None). Returns (dataset, pool sizes, device)."""
     from pipeline.ray_cache import DecodeStage, EncodeStage
     res, device, pools = plan_resources(cfg, cluster, len(units))
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips), batch_size=1,
+    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips, window),
+                        batch_size=1,
                         num_cpus=res.task_cpus, compute=_pool(ray, pools["decode"]))
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=(cfg.dinov2, cfg.vae if with_clips else None, geometry,
+    ds = ds.map_batches(EncodeStage, fn_constructor_args=(cfg.encoder, cfg.vae if with_clips else None, geometry,
                                                           basis, device, cfg.batch_frames, cfg.batch_clips, res,
                                                           len(variants), cfg.allow_download),
                         batch_size=1, compute=_pool(ray, pools["encode"], in_flight=1), **res.actor_kwargs())
     return ds, pools, res, device
 
 
-def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster):
-    """First pass: DINOv2 on an even sample of feature frames; float64 moments merged in unit order,
+def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: int = 1):
+    """First pass: the feature encoder on an even sample of feature frames; float64 moments merged in unit order,
     so the basis (and its fingerprint) does not depend on which worker finished first."""
     from pipeline.pca import PCAAccumulator
     from pipeline.units import plan_frames
     units = plan_frames(index, cfg.pca_frames)
-    ds, _, _, _ = encoding_plan(ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False)
+    ds, _, _, _ = encoding_plan(ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False,
+                                window=window)
     ds.context.execution_options.preserve_order = True  # units arrive in order: nothing waits in memory
     order = {u.unit_id: i for i, u in enumerate(units)}
     acc, pending, next_unit = PCAAccumulator(geometry.feature_dim), {}, 0
@@ -271,27 +286,25 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster):
     return acc.to_basis(geometry.num_pca_channels)
 
 
-def describe_encoders(dinov2: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict]:
-    """The encoders' manifest entries (weights hashed as loaded) and the VAE's latent normalization."""
-    from pipeline.encoders import load_dinov2, load_vae
-    dino = load_dinov2(dinov2, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
-    if dino.feature_dim != geometry.feature_dim:
-        raise Re2pixError(f"DINOv2 {dinov2} gives {dino.feature_dim}-d features; the geometry expects "
-                          f"{geometry.feature_dim}")
-    dino_info = dino.describe()
-    del dino
+def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict, object]:
+    """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, and the
+    geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression)."""
+    from pipeline.encoders import derive_geometry, load_encoder, load_vae
+    enc = load_encoder(encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
     v = load_vae(vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=allow_download)
-    return {"dinov2": dino_info, "vae": v.describe()}, {"mean": v.latents_mean, "std": v.latents_std}
+    derived = derive_geometry(geometry, enc, v)
+    # the manifest's "dinov2" entry is the feature encoder, whichever it is: its "name" says which
+    return {"dinov2": enc.describe(), "vae": v.describe()}, {"mean": v.latents_mean, "std": v.latents_std}, derived
 
 
-def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict]:
+def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict, object]:
     """Hash the weights once per job, in a Ray worker when there is a cluster: the driver never holds
     a model (at paper size two models and a minute of hashing)."""
     if ray is None:
-        return describe_encoders(cfg.dinov2, cfg.vae, geometry, cfg.allow_download)
+        return describe_encoders(cfg.encoder, cfg.vae, geometry, cfg.allow_download)
     task = ray.remote(num_cpus=0.25, max_retries=0)(describe_encoders)
     try:
-        return ray.get(task.remote(cfg.dinov2, cfg.vae, geometry, cfg.allow_download))
+        return ray.get(task.remote(cfg.encoder, cfg.vae, geometry, cfg.allow_download))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, Re2pixError):
             raise e.cause from None
@@ -355,10 +368,11 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
     from pipeline.units import plan_units
     units = plan_units(index, cfg.unit_clips)
     est = estimated_bytes(index, geometry, len(variants))
-    stage = EncodeStage(cfg.dinov2, cfg.vae, geometry, _random_basis(geometry), "cpu", cfg.batch_frames,
+    stage = EncodeStage(cfg.encoder, cfg.vae, geometry, _random_basis(geometry), "cpu", cfg.batch_frames,
                         cfg.batch_clips, StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
                         len(variants), cfg.allow_download)
-    unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, with_clips=True)  # one clip
+    window = int(getattr(stage.encoder, "window", 1))  # a video encoder's frames per feature frame
+    unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, True, window)  # one clip
     clips = json.loads(unit["clips"])
     batch = {"dino_frames": unit["dino_frames"][None], "vae_frames": unit["vae_frames"][None],
              "clips": np.array([unit["clips"]], object)}
@@ -381,6 +395,14 @@ def _random_basis(geometry):
                     np.ones(c, np.float32))
 
 
+def _checked_index(cfg: CacheConfig, geometry, source):
+    source, geometry, index = build_index(cfg, geometry, source)
+    if not index.clips:
+        raise Re2pixError(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
+                          f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})")
+    return source, geometry, index
+
+
 def run_cache(cfg: CacheConfig) -> dict:
     from pipeline.ray_cache import WriteStage
     from pipeline.ray_cluster import start_ray, stop_ray
@@ -392,15 +414,17 @@ def run_cache(cfg: CacheConfig) -> dict:
     t0 = time.time()
     cfg.out = absolute_location(cfg.out)
     options = cfg.storage_options or None
-    source, geometry, index = build_index(cfg)
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
-    if not index.clips:
-        raise Re2pixError(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
-                          f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})")
-    if cfg.dry_run:
+    source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
+    if cfg.dry_run:  # in this process: a dry run starts no cluster
+        _, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+        source, geometry, index = _checked_index(cfg, geometry, source)
         return dry_run(cfg, source, geometry, index, variants)
-    finished = finished_store(cfg, index)  # refuses a folder that is not ours, --overwrite or not
+    finished = finished_store(cfg)  # refuses a folder that is not ours, --overwrite or not
     if finished is not None and not cfg.overwrite:
+        # settled before any encoder loads: a finished store records the geometry its encoders fixed
+        from pipeline.store.geometry import Geometry
+        source, geometry, index = _checked_index(cfg, Geometry.from_dict(finished["geometry"]), source)
         differs = same_settings(finished, cfg, index)
         if differs:
             raise Re2pixError(f"{cfg.out} is already a finished store made with other settings ({differs}); "
@@ -410,13 +434,21 @@ def run_cache(cfg: CacheConfig) -> dict:
                 "valid_clips": counts.get("valid_clips"), "failed_clips": counts.get("failed_clips", 0),
                 "frames": counts.get("frames"), "variants": finished.get("variants"),
                 "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
-    check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
+    # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
+    source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
+    check_writable(cfg, estimated_bytes(index, provisional, len(variants)))
 
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         import ray
+        # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
+        # Ray worker: the driver never holds a model)
+        encoders, latent_norm, geometry = encoder_descriptions(cfg, provisional, ray)
+        if geometry != provisional:
+            source, geometry, index = _checked_index(cfg, geometry, source)
+            check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
         check_visible_from_every_node(cfg, cluster)
-        encoders, latent_norm = encoder_descriptions(cfg, geometry, ray)
+        window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
         basis = None
         if cfg.pca:
             from pipeline.pca import load_basis
@@ -429,7 +461,7 @@ def run_cache(cfg: CacheConfig) -> dict:
             except (FileNotFoundError, OSError, KeyError, ValueError):
                 pass
         if basis is None:
-            basis = fit_basis(cfg, source, geometry, index, ray, cluster)
+            basis = fit_basis(cfg, source, geometry, index, ray, cluster, window)
 
         writer = StoreWriter.create(
             cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(), encoders=encoders,
@@ -446,7 +478,8 @@ def run_cache(cfg: CacheConfig) -> dict:
 
         rows, stats, pools = [], ActorStats(), {}
         if todo:
-            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True)
+            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True,
+                                              window)
             ds = ds.map_batches(WriteStage, fn_constructor_args=(cfg.out, options), batch_size=1,
                                 num_cpus=res.task_cpus, compute=_pool(ray, pools["write"]))
             progress = Progress("cache", sum(len(u.clips) for u in todo), "clips", cfg.progress)

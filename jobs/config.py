@@ -45,13 +45,13 @@ def parse_config(cls, job: str, argv=None, description: str = "", default_preset
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=default_preset, help=f"presets in jobs/presets/{job}_*.json")
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]  # e.g. --dinov2 for --encoder
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         if _unwrap_optional(tp) is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=f.name, type=_parse_type(tp), default=None, help=help_text)
+            p.add_argument(*flags, dest=f.name, type=_parse_type(tp), default=None, help=help_text)
     args = p.parse_args(argv)
     values = load_preset(job, args.preset)
     names = {f.name for f in dataclasses.fields(cls)}

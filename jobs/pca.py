@@ -1,6 +1,6 @@
 """Fit a PCA basis and save it on its own: `python -m jobs.pca --preset tiny --dataset synthetic --out BASIS`.
 
-The same first pass the cache job runs when it is given no basis (DINOv2 on an even sample of
+The same first pass the cache job runs when it is given no basis (the feature encoder on an even sample of
 feature frames, float64 moments merged in unit order, standardize, eigendecomposition). Share the
 result: every team that caches with `--pca BASIS` writes stores whose features can be mixed.
 Options are the cache job's (`--help`); `--out` names the basis (a path or URL), not a store.
@@ -17,14 +17,17 @@ from jobs.config import parse_config
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
+    from jobs.cache import encoder_descriptions, get_source, resolve_geometry
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray
     cfg.out = absolute_location(cfg.out)
-    source, geometry, index = build_index(cfg)
+    source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         import ray
-        basis = fit_basis(cfg, source, geometry, index, ray, cluster)
+        encoders, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)  # sizes from them
+        source, geometry, index = build_index(cfg, geometry, source)
+        basis = fit_basis(cfg, source, geometry, index, ray, cluster, int(encoders["dinov2"].get("window", 1)))
     finally:
         stop_ray(cluster)
     save_basis(basis, cfg.out, overwrite=cfg.overwrite, storage_options=cfg.storage_options or None)

@@ -1,4 +1,4 @@
-"""Store tools: `python -m jobs.store {info,verify,check,export-wds} ...`.
+"""Store tools: `python -m jobs.store {info,verify,check,export-wds,copy,card,diagnose} ...`.
 
     info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
     verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
@@ -11,6 +11,8 @@
                         readable with the original), --compression re-encodes (lossy: +trimK, +int8);
                         resumable after a kill, verified as it goes
     card URL            write README.md and card.json into the store: what it holds, licence, how to read it
+    diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
+                        (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def main(argv=None) -> int:
     a = sub.add_parser("card", help="write README.md and card.json into a store")
     a.add_argument("store")
     a.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    a = sub.add_parser("diagnose", help="latent temporal distance, per-channel latent and feature statistics")
+    a.add_argument("stores", nargs="+")
+    a.add_argument("--max-clips", type=int, default=256, help="clips read per store, evenly spread (0: all)")
+    a.add_argument("--png", default="diagnose.png", help="where to write the figure")
+    a.add_argument("--json", action="store_true", help="print the reports as JSON instead of the table")
     args = p.parse_args(argv)
     if args.cmd == "info":
         store = Store(args.store, allow_incomplete=args.allow_incomplete)
@@ -168,6 +175,11 @@ def main(argv=None) -> int:
         card = write_card(args.store, args.storage_options)
         print(f"wrote README.md and card.json into {args.store} ({card['holds']['usable_clips']} clips, "
               f"{card['holds']['bytes'] / 2**20:.1f} MiB)")
+    elif args.cmd == "diagnose":
+        from pipeline.store import diagnose as d
+        reports = [d.diagnose(Store(s), args.max_clips or None) for s in args.stores]
+        print(json.dumps(reports, indent=1) if args.json else d.table(reports))
+        print(f"figure: {d.plot_png(reports, args.png)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The Ray Data plan of the cache job: decode+resize (CPU actors) -> encode (one fused actor per GPU:
-DINOv2 + PCA, then the WAN2.1 VAE) -> store writer (CPU actors). One row per work unit; stages hand
-each other flat numpy arrays, and every row carries, per stage, which actor handled it and how long
-it was busy (the job's summary reports actors and their clips and busy seconds).
+the feature encoder + PCA, then the video VAE; encoders/registry.py) -> store writer (CPU actors).
+One row per work unit; stages hand each other flat numpy arrays, and every row carries, per stage,
+which actor handled it and how long it was busy (the job's summary reports actors, clips, busy seconds).
 
 Why one fused encoder actor per GPU rather than a DINOv2 pool and a VAE pool: at paper geometry
 the VAE is ~97 % of the encoder work, so a DINOv2 actor holding a GPU of its own leaves it idle,
@@ -73,14 +73,18 @@ def _first(column):
     return column[0]
 
 
-def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool) -> dict:
-    """Read and resize a unit's frames. A frame that cannot be read fails every clip that needs it."""
+def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool,
+              window: int = 1) -> dict:
+    """Read and resize a unit's frames. A frame that cannot be read fails every clip that needs it.
+    window > 1 (a video feature encoder): each feature frame comes with the window of scene frames
+    ending at it, dino_frames [N, window, H, W, 3] (encoders/video.py)."""
     images, failures, bad = {}, [], {}
     for pos, (scene, index, ts, path) in enumerate(plan.frames):
         try:
             images[pos] = _rgb(np.asarray(source.read_frame(scene, FrameRef(index, ts, path))), path)
         except Exception as e:  # noqa: BLE001 -- any reader error fails only this frame's clips
             bad[pos] = f"{type(e).__name__}: {e}"
+    windows = _read_windows(plan, source, geometry, window, images, bad) if window > 1 else {}
     ok_clips = []
     for clip, clip_id, pos in plan.clips:
         broken = [p for p in pos if p in bad]
@@ -98,15 +102,53 @@ def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list
         x = np.stack([resize_frames(images[p][None], hw)[0] for p in positions])
         return np.concatenate([x, hflip(x)]) if flip else x  # variant-major: all orig, then all hflip
 
+    def prepared_windows(positions, hw):  # [N, window, h, w, 3]
+        if not positions:
+            return np.zeros((0, window, *hw, 3), np.uint8)
+        x = resize_frames(np.concatenate([windows[p] for p in positions]), hw).reshape(-1, window, *hw, 3)
+        return np.concatenate([x, hflip(x)]) if flip else x
+
+    own_pos = [p for _, p in own_ok]
     out = {"plan": plan.to_json(), "failures": json.dumps(failures),
            "own_rows": json.dumps([r for r, _ in own_ok]),
-           "dino_frames": prepared([p for _, p in own_ok], geometry.dino_input_hw)}
+           "dino_frames": (prepared_windows(own_pos, geometry.dino_input_hw) if window > 1
+                           else prepared(own_pos, geometry.dino_input_hw))}
     if with_clips:
         needed = sorted({p for _, pos in ok_clips for p in pos})
         local = {p: i for i, p in enumerate(needed)}
         out["vae_frames"] = prepared(needed, geometry.vae_input_hw)
         out["clips"] = json.dumps([[clip, [local[p] for p in pos]] for clip, pos in ok_clips])
     return out
+
+
+def _read_windows(plan: UnitPlan, source: Source, geometry: Geometry, window: int, images: dict, bad: dict) -> dict:
+    """For each feature frame of the unit (owned, or used by its clips): the `window` scene frames ending
+    at it (the scene's first frame repeated before its start), [window, H, W, 3]. An unreadable window
+    frame fails the feature frame, so every clip that uses it fails in every unit, not only the owner's."""
+    scene_refs, windows, own = {}, {}, {p for _, p in plan.own}
+    known = {(s, i): p for p, (s, i, _, _) in enumerate(plan.frames)}
+    used = {p for _, p in plan.own} | {pos[o] for _, _, pos in plan.clips for o in geometry.feature_frame_offsets}
+    for pos in sorted(used):
+        if pos in bad:
+            continue
+        scene, index = plan.frames[pos][0], plan.frames[pos][1]
+        refs = scene_refs.setdefault(scene, list(source.frames(scene)))
+        at = next(k for k, r in enumerate(refs) if r.index == index)
+        frames = []
+        for ref in (refs[max(0, k)] for k in range(at - window + 1, at + 1)):
+            p = known.get((scene, ref.index))
+            try:
+                img = images[p] if p in images else np.asarray(source.read_frame(scene, ref))
+                frames.append(_rgb(img, ref.path))
+            except Exception as e:  # noqa: BLE001 -- fails only this feature frame's clips
+                bad[pos] = f"{ref.path}: {type(e).__name__}: {e}"
+                break
+        else:
+            if len({f.shape for f in frames}) > 1:
+                bad[pos] = f"{plan.frames[pos][3]}: the frames of its window differ in size"
+            elif pos in own:
+                windows[pos] = np.stack(frames)
+    return windows
 
 
 def _rgb(img: np.ndarray, path: str) -> np.ndarray:
@@ -118,14 +160,16 @@ def _rgb(img: np.ndarray, path: str) -> np.ndarray:
 class DecodeStage:
     """Ray task body (map_batches, batch_size=1): plan -> resized uint8 frames."""
 
-    def __init__(self, source: Source, geometry: Geometry, variants: list[str], with_clips: bool = True):
+    def __init__(self, source: Source, geometry: Geometry, variants: list[str], with_clips: bool = True,
+                 window: int = 1):
         self.source, self.geometry, self.variants, self.with_clips = source, geometry, variants, with_clips
+        self.window = window
         self.name = actor_name()
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         out = read_unit(UnitPlan.from_json(str(_first(batch["plan"]))), self.source, self.geometry,
-                        self.variants, self.with_clips)
+                        self.variants, self.with_clips, self.window)
         out = {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
         out["t_decode"] = np.array([time.perf_counter() - t0])
         out["a_decode"] = [self.name]
@@ -146,23 +190,23 @@ class Projector:
 
 
 class EncodeStage:
-    """Actor: a unit's DINOv2 features (PCA-projected to float16 rows for the store) and its clips'
-    WAN2.1 VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
+    """Actor: a unit's feature-encoder features (PCA-projected to float16 rows for the store) and its clips'
+    video VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
     float64 moments of the features, and no VAE is loaded."""
 
-    def __init__(self, dinov2_spec: str, vae_spec: str | None, geometry: Geometry, basis: PCABasis | None,
+    def __init__(self, encoder_spec: str, vae_spec: str | None, geometry: Geometry, basis: PCABasis | None,
                  device: str, batch_frames: int, batch_clips: int, res: StageResources, num_variants: int = 1,
                  allow_download: bool = False):
         import torch
 
-        from .encoders import load_dinov2, load_vae
+        from .encoders import load_encoder, load_vae
         self.dino_threads = res.dino_threads or node_cpus()
         self.vae_threads = res.vae_threads or node_cpus()
         self.device = device
         if device == "cpu":
             torch.set_num_threads(self.dino_threads)
-        self.dino = load_dinov2(dinov2_spec, input_hw=geometry.dino_input_hw, device=device,
-                                autocast_dtype=_autocast(device), allow_download=allow_download)
+        self.encoder = load_encoder(encoder_spec, input_hw=geometry.dino_input_hw, device=device,
+                                    autocast_dtype=_autocast(device), allow_download=allow_download)
         self.vae = None if vae_spec is None else load_vae(
             vae_spec, input_hw=geometry.vae_input_hw, device=device, autocast_dtype=_autocast(device),
             allow_download=allow_download)
@@ -180,14 +224,14 @@ class EncodeStage:
     def features(self, frames: np.ndarray):
         import torch
         for start in range(0, len(frames), self.batch_frames):
-            yield self.dino(frames[start : start + self.batch_frames]).to(torch.float32)
+            yield self.encoder(frames[start : start + self.batch_frames]).to(torch.float32)
 
     def moments(self, frames: np.ndarray) -> dict:
         """The PCA fitting pass: exact, mergeable float64 moments of a unit's features."""
         import torch
 
         from .pca import PCAAccumulator
-        acc = PCAAccumulator(self.dino.feature_dim)
+        acc = PCAAccumulator(self.encoder.feature_dim)
         for f in self.features(frames):
             # the D x D scatter on the encoder's device (a 3072-d product is slow on a CPU)
             x = f.reshape(-1, acc.dim).to(torch.float64)
@@ -198,7 +242,7 @@ class EncodeStage:
 
     def projected(self, frames: np.ndarray) -> np.ndarray:
         import torch
-        h, w = frames.shape[1] // self.dino.patch_size, frames.shape[2] // self.dino.patch_size
+        h, w = self.encoder.grid_hw
         parts = [self.projector(f).to(torch.float16).cpu().numpy() for f in self.features(frames)]
         c = self.projector.weight.shape[1]
         return np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def reference(ray_address, tmp_path_factory):
     """The one-node run: the session's cluster, the PCA basis fitted here."""
     out = tmp_path_factory.mktemp("onenode") / "store.zarr"
-    run_cache(CacheConfig(dataset="synthetic", source_options=SYNTH, out=str(out), geometry="tiny", dinov2="tiny",
+    run_cache(CacheConfig(dataset="synthetic", source_options=SYNTH, out=str(out), geometry="tiny", encoder="tiny",
                           vae="tiny", pca_frames=64, stride=4, unit_clips=1, channel_chunk=16, progress=False,
                           vae_threads=1))
     return Store(str(out))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(out, **kw):
-    base = {"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny", "dinov2": "tiny",
+    base = {"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny", "encoder": "tiny",
             "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1, "channel_chunk": 16, "progress": False}
     base.update(kw)
     return CacheConfig(**base)

@@ -1,4 +1,5 @@
-"""Frozen encoders for the cache pipeline: DINOv2-Reg features and WAN2.1 VAE latents.
+"""Frozen encoders for the cache pipeline: feature encoders (DINOv2-Reg, SigLIP-2, any transformers vision
+backbone) and video VAEs (WAN2.1, Wan2.2), chosen by spec (registry.py).
 
 Only this package imports transformers / diffusers, and only when a loader is first used:
 `import pipeline.encoders` stays light (Ray drivers, store code and the trainer never pay for it).
@@ -6,14 +7,14 @@ Only this package imports transformers / diffusers, and only when a loader is fi
 
 from .hashing import EncoderWeightsError
 
-__all__ = ["EncoderWeightsError", "load_dinov2", "load_vae"]
+__all__ = ["EncoderWeightsError", "derive_geometry", "load_dinov2", "load_encoder", "load_vae", "parse_encoder_spec"]
+
+_LAZY = {"load_dinov2": "dinov2", "load_vae": "vae", "load_encoder": "registry", "derive_geometry": "registry",
+         "parse_encoder_spec": "registry"}
 
 
-def __getattr__(name):  # lazy: load_dinov2 / load_vae import torch + transformers / diffusers
-    if name == "load_dinov2":
-        from .dinov2 import load_dinov2
-        return load_dinov2
-    if name == "load_vae":
-        from .vae import load_vae
-        return load_vae
+def __getattr__(name):  # lazy: the loaders import torch + transformers / diffusers
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,34 +23,44 @@ DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # tiny preset: same architecture (z_dim 16, 8x spatial, 4x temporal, default latents_mean/std) from a
 # small random config; 96 x 160 input -> 12 x 20 latents, matches geometry.TINY
 TINY_CONFIG = {"base_dim": 4, "num_res_blocks": 1}
+# tiny Wan2.2 preset: Wan2.2-TI2V-5B's VAE architecture (48 latent channels, 2x2 pixel patchify + 8x
+# = 16x spatial, 4x temporal, residual) at a small width; 96 x 160 -> 6 x 10 latents of 48 channels
+TINY_WAN22_CONFIG = {"base_dim": 4, "decoder_base_dim": 8, "z_dim": 48, "num_res_blocks": 1, "is_residual": True,
+                     "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16,
+                     "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
 TINY_SEED = 0
 # demo preset: the same architecture at a small width, TRAINED on the synthetic driving set by
 # `python -m jobs.train_demo_vae` (weights + config with its own latents_mean/std in weights/), so that
 # the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents, matches geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
-PRESETS = {"tiny": {"input_hw": (96, 160)}, "demo": {"input_hw": (96, 160)},
+PRESETS = {"tiny": {"input_hw": (96, 160)}, "tiny-wan2.2": {"input_hw": (96, 160)}, "demo": {"input_hw": (96, 160)},
            "default": {"input_hw": (432, 768)}}
+_TINY = {"tiny": TINY_CONFIG, "tiny-wan2.2": TINY_WAN22_CONFIG}
 
 
 class WanVAEEncoder:
-    """Frozen WAN2.1 VAE. `encoder(clips)` -> latents [B, 16, 1 + (T-1)/4, H/8, W/8] float32 on `device`."""
-
-    name = "wan2.1_vae"
+    """Frozen WAN VAE. `encoder(clips)` -> latents [B, z_dim, 1 + (T-1)/4, H/s, W/s] float32 on `device`:
+    WAN2.1 z_dim 16, s = 8; Wan2.2 z_dim 48, s = 16 (its config's scale_factor_spatial, patch_size 2)."""
 
     def __init__(self, vae: AutoencoderKLWan, *, input_hw=(432, 768), device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None):
+                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None,
+                 sizes: dict | None = None):
+        """sizes: latent_channels, spatial, temporal, mean, std for a VAE whose config names them otherwise."""
         cfg = vae.config
-        self.spatial_downsample = int(cfg.scale_factor_spatial)
-        self.temporal_downsample = int(cfg.scale_factor_temporal)
-        self.latent_channels = int(cfg.z_dim)
+        sizes = sizes or {"latent_channels": cfg.z_dim, "spatial": cfg.scale_factor_spatial,
+                          "temporal": cfg.scale_factor_temporal, "mean": cfg.latents_mean, "std": cfg.latents_std}
+        self.spatial_downsample = int(sizes["spatial"])
+        self.temporal_downsample = int(sizes["temporal"])
+        self.latent_channels = int(sizes["latent_channels"])
+        self.name = "wan2.2_vae" if cfg.get("is_residual") else "wan2.1_vae"
         self.input_hw = tuple(int(s) for s in input_hw)
         if any(s % self.spatial_downsample for s in self.input_hw):
             raise ValueError(f"input_hw {self.input_hw} must be multiples of {self.spatial_downsample}")
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.vae = vae.to(self.device).eval().requires_grad_(False)
-        self.latents_mean = [float(v) for v in cfg.latents_mean]
-        self.latents_std = [float(v) for v in cfg.latents_std]
+        self.latents_mean = [float(v) for v in sizes["mean"]]
+        self.latents_std = [float(v) for v in sizes["std"]]
         shape = (1, self.latent_channels, 1, 1, 1)
         self._mean = torch.tensor(self.latents_mean, device=self.device).view(shape)
         self._std = torch.tensor(self.latents_std, device=self.device).view(shape)
@@ -100,19 +110,19 @@ class WanVAEEncoder:
              "latent_channels": self.latent_channels, "spatial_downsample": self.spatial_downsample,
              "temporal_downsample": self.temporal_downsample,
              "latents_mean": self.latents_mean, "latents_std": self.latents_std}
-        if self.weights_id == "tiny":
-            d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
+        if self.weights_id in _TINY:
+            d["config"] = {**_TINY[self.weights_id], "seed": TINY_SEED}
         if self.weights_id == "demo":
             d["config"] = {k: self.vae.config[k] for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult",
                                                              "num_res_blocks", "temperal_downsample")}
         return d
 
 
-def tiny_vae_model() -> AutoencoderKLWan:
-    """The tiny preset's VAE: deterministic random weights (same seed -> same sha256)."""
+def tiny_vae_model(preset: str = "tiny") -> AutoencoderKLWan:
+    """A tiny preset's VAE (WAN2.1 "tiny" or "tiny-wan2.2"): deterministic random weights (same seed -> same sha256)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return AutoencoderKLWan(**TINY_CONFIG)
+        return AutoencoderKLWan(**_TINY[preset])
 
 
 def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
@@ -137,15 +147,22 @@ def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
 def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfolder: str | None = "vae",
              autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
              revision: str | None = None, cache_dir: str | None = None) -> WanVAEEncoder:
-    """spec: "tiny" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
+    """spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
     (looked up in the local HF cache unless allow_download) or a local folder.
 
-    A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself.
+    "diffusers:SPEC" (or "tiny-hunyuan") loads any other diffusers video VAE (video_vae.py).
+    A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
+    (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
     input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
     """
-    input_hw = input_hw or PRESETS[spec if spec in ("tiny", "demo") else "default"]["input_hw"]
-    if spec == "tiny":
-        vae, weights_id, rev = tiny_vae_model(), "tiny", None
+    input_hw = input_hw or PRESETS[spec if spec in PRESETS else "default"]["input_hw"]
+    if spec == "tiny-hunyuan" or spec.startswith("diffusers:"):  # any other diffusers video VAE
+        from .video_vae import load_diffusers_vae
+        return load_diffusers_vae(spec.removeprefix("diffusers:"), input_hw, device, subfolder=subfolder,
+                                  autocast_dtype=autocast_dtype, allow_download=allow_download, revision=revision,
+                                  cache_dir=cache_dir)
+    if spec in _TINY:
+        vae, weights_id, rev = tiny_vae_model(spec), spec, None
     elif spec == "demo":
         vae, weights_id, rev = demo_vae_model(), "demo", None
     else:
@@ -158,6 +175,6 @@ def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfol
         try:
             vae = AutoencoderKLWan.from_pretrained(local, local_files_only=True).float()
         except (OSError, ValueError) as e:
-            raise EncoderWeightsError(f"could not load the WAN2.1 VAE from {local} (for {spec!r}): {e}") from e
+            raise EncoderWeightsError(f"could not load the WAN VAE from {local} (for {spec!r}): {e}") from e
     return WanVAEEncoder(vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype,
                          weights_id=weights_id, revision=rev)

@@ -20,8 +20,9 @@ DEFAULT_COMPRESSION = "none"
 VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
 
 # Encoder description keys that may differ between compatible stores: the same weights can be
-# loaded from a hub id or from a local folder; what must match is their sha256 and how they ran.
-_ENCODER_KEYS_FREE = {"name", "weights_id", "revision", "device", "dtype_note"}
+# loaded from a hub id or from a local folder; what must match is which encoder (its name), its
+# sha256 and how it ran.
+_ENCODER_KEYS_FREE = {"weights_id", "revision", "device", "dtype_note"}
 
 
 class StoreError(Re2pixError):
@@ -134,7 +135,8 @@ def check_compatible(manifests: list[dict], names: list[str]) -> None:
     ref = compatibility_view(manifests[0])
     for m, name in zip(manifests[1:], names[1:]):
         other = compatibility_view(m)
-        for key in sorted(set(ref) | set(other)):
+        # an encoder's name first: stores of two encoders are refused as such, not by a config detail
+        for key in sorted(set(ref) | set(other), key=lambda k: (not k.endswith(".name"), k)):
             if ref.get(key) != other.get(key):
                 raise IncompatibleStoresError(key, names[0], ref.get(key), name, other.get(key))
 

@@ -7,7 +7,7 @@ Paper defaults (shared/DESIGN.md): K = 25 frames, the first 13 context; the WAN2
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 # upper bounds on every field (far above any real video model), and on the values in one stored row
 _LIMITS = {"clip_frames": 4097, "context_frames": 4096, "temporal_downsample": 64, "spatial_downsample": 1024,
@@ -90,6 +90,20 @@ class Geometry:
     @property
     def features_shape(self) -> tuple[int, int, int, int]:  # [7, 32, 56, 1152]
         return (self.latent_frames, *self.feature_hw, self.num_pca_channels)
+
+    def for_encoders(self, *, patch_size: int, feature_dim: int, latent_channels: int, spatial_downsample: int,
+                     temporal_downsample: int) -> Geometry:
+        """This geometry with every size the frozen encoders fix taken from them (their configs): the
+        feature encoder's patch size and feature dim, the VAE's latent channels and compression. The
+        clip length, context, input sizes and PCA channels stay the user's; a VAE or backbone they do
+        not fit (e.g. 25 frames under 8x temporal compression) is refused with the reason."""
+        fixed = {"patch_size": patch_size, "feature_dim": feature_dim, "latent_channels": latent_channels,
+                 "spatial_downsample": spatial_downsample, "temporal_downsample": temporal_downsample}
+        fixed = {k: int(v) for k, v in fixed.items()}
+        try:
+            return replace(self, **fixed)
+        except ValueError as e:
+            raise ValueError(f"the encoders' {fixed} do not fit the clip geometry: {e}") from e
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -1,0 +1,92 @@
+"""The frozen encoders by registry: one spec string chooses the feature encoder, one the VAE.
+
+Feature encoder specs (`--encoder`):
+    "tiny", a hub id or a folder     DINOv2-Reg (the paper's), as before
+    "dinov2:SPEC"                    the same, explicitly
+    "siglip2:SPEC"                   SigLIP-2's vision tower ("siglip2:tiny" is a tiny random config)
+    "hf:SPEC"                        any transformers ViT-like vision backbone (hub id or local folder)
+    "vjepa2:SPEC"                    V-JEPA 2's video encoder: each feature frame from the window of scene
+                                     frames ending at it (video.py documents the alignment)
+    '{"kind": "hf", "weights": SPEC, "layers": [4, 8, 12]}'   JSON: any of them with the blocks to take
+    (and for vjepa2 the "window" of frames, default 4)
+VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", a hub id or a folder of a WAN2.1 or Wan2.2 VAE;
+"diffusers:SPEC" any other diffusers video VAE by its config's class ("tiny-hunyuan" for tests).
+
+Every feature encoder has the same interface (`__call__(frames) -> [B, h, w, feature_dim]`,
+`patch_size`, `feature_dim`, `describe()`), so PCA, the store and its compatibility checks treat
+them alike; `describe()["name"]` names the encoder in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .hashing import EncoderWeightsError
+
+FEATURE_KINDS = ("dinov2", "siglip2", "hf", "vjepa2")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    kind: str  # one of FEATURE_KINDS
+    weights: str  # "tiny", a hub id or a local folder
+    layers: tuple[int, ...] | None = None  # 1-based blocks; None: the kind's default
+    window: int | None = None  # video backbones: frames per feature frame; None: the default (4)
+
+
+def parse_encoder_spec(spec: str) -> EncoderSpec:
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            d = json.loads(spec)
+            kind, weights, layers = d.pop("kind", "dinov2"), d.pop("weights"), d.pop("layers", None)
+            window = d.pop("window", None)
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise EncoderWeightsError(f"encoder spec {spec!r}: a JSON spec is an object with 'weights' "
+                                      f"(and optional 'kind', 'layers'): {e}") from e
+        if d:
+            raise EncoderWeightsError(f"encoder spec {spec!r}: unknown keys {sorted(d)}")
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+            raise EncoderWeightsError(f"encoder spec {spec!r}: 'layers' must be a list of block numbers")
+        layers = tuple(layers) if layers else None
+        if window is not None and (kind != "vjepa2" or not isinstance(window, int)):
+            raise EncoderWeightsError(f"encoder spec {spec!r}: 'window' is an integer, for kind vjepa2 only")
+    else:
+        head, sep, rest = spec.partition(":")
+        kind, weights, layers = (head, rest, None) if sep and head in FEATURE_KINDS else ("dinov2", spec, None)
+        window = None
+    if kind not in FEATURE_KINDS:
+        raise EncoderWeightsError(f"encoder spec {spec!r}: kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
+    if not isinstance(weights, str) or not weights:
+        raise EncoderWeightsError(f"encoder spec {spec!r} names no weights")
+    return EncoderSpec(kind, weights, layers, window)
+
+
+def load_encoder(spec: str, input_hw=None, device="cpu", *, autocast_dtype=None, allow_download=False,
+                 revision=None, cache_dir=None):
+    """The feature encoder a spec names (see the module docstring), frozen, on `device`."""
+    s = parse_encoder_spec(spec)
+    kw = {"input_hw": input_hw, "layers": s.layers, "device": device, "autocast_dtype": autocast_dtype,
+          "allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    if s.kind == "dinov2":
+        from .dinov2 import load_dinov2
+        return load_dinov2(s.weights, **kw)
+    if s.kind == "siglip2":
+        from .backbones import load_siglip2
+        return load_siglip2(s.weights, **kw)
+    if s.kind == "vjepa2":
+        from .video import DEFAULT_WINDOW, load_vjepa2
+        return load_vjepa2(s.weights, window=s.window or DEFAULT_WINDOW, **kw)
+    from .backbones import load_hf_backbone
+    return load_hf_backbone(s.weights, **kw)
+
+
+def derive_geometry(geometry, encoder, vae):
+    """`geometry` with the sizes the loaded encoders fix (Geometry.for_encoders); a misfit is an EncoderWeightsError."""
+    try:
+        return geometry.for_encoders(patch_size=encoder.patch_size, feature_dim=encoder.feature_dim,
+                                     latent_channels=vae.latent_channels, spatial_downsample=vae.spatial_downsample,
+                                     temporal_downsample=vae.temporal_downsample)
+    except ValueError as e:
+        raise EncoderWeightsError(f"{encoder.weights_id} + {vae.weights_id}: {e}") from e
