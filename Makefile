@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: install test test-fast demo cache pca train rollout predict evaluate bench info lint clean
+.PHONY: install test test-fast format demo cache pca train rollout predict evaluate bench info lint clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ test-fast: install
 
 lint: install
 	$(PY) -m ruff check pipeline model inference jobs tests
+	$(PY) -m ruff format --check pipeline model inference jobs tests
+
+format: install
+	$(PY) -m ruff format pipeline model inference jobs tests
 
 cache: install
 	$(PY) -m jobs.cache --preset $(PRESET) --dataset $(DATASET) --split $(SPLIT) --out $(STORE) \
