@@ -35,5 +35,6 @@ def encode_features(dino, basis, frames: np.ndarray, geometry) -> np.ndarray:
     """uint8 frames [N, H, W, 3] -> PCA features [N, h, w, C] float32 (resized and rounded through
     float16 exactly as the cache job stores them)."""
     from pipeline.frames import resize_frames
+
     raw = dino(resize_frames(frames, geometry.dino_input_hw)).float().cpu().numpy()
     return basis.project(raw).astype(np.float16).astype(np.float32)

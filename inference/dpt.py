@@ -79,8 +79,12 @@ class DPTConfig:
     @classmethod
     def tiny(cls, task: str = "segmentation", **overrides) -> DPTConfig:
         """For the tiny DINOv2 (32-d blocks) in tests and demos."""
-        values = {"in_dim": 32, "features": 16, "out_channels": (8, 16, 32, 32),
-                  "num_classes": 19 if task == "segmentation" else 16}
+        values = {
+            "in_dim": 32,
+            "features": 16,
+            "out_channels": (8, 16, 32, 32),
+            "num_classes": 19 if task == "segmentation" else 16,
+        }
         return cls(task=task, **{**values, **overrides})
 
     def bin_centres(self) -> torch.Tensor:
@@ -126,8 +130,9 @@ class _Scratch(nn.Module):
             setattr(self, f"refinenet{i}", _FusionBlock(cfg.features))
         half = cfg.features // 2
         self.output_conv1 = nn.Conv2d(cfg.features, half, 3, padding=1)
-        self.output_conv2 = nn.Sequential(nn.Conv2d(half, 32, 3, padding=1), nn.ReLU(True),
-                                          nn.Conv2d(32, cfg.num_classes, 1))
+        self.output_conv2 = nn.Sequential(
+            nn.Conv2d(half, 32, 3, padding=1), nn.ReLU(True), nn.Conv2d(32, cfg.num_classes, 1)
+        )
 
 
 class DPTHead(nn.Module):
@@ -138,12 +143,14 @@ class DPTHead(nn.Module):
         self.cfg = cfg
         oc = cfg.out_channels
         self.projects = nn.ModuleList(nn.Conv2d(cfg.in_dim, c, 1) for c in oc)
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(oc[0], oc[0], 4, stride=4),
-            nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
-            nn.Identity(),
-            nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1),
-        ])
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(oc[0], oc[0], 4, stride=4),
+                nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
+                nn.Identity(),
+                nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1),
+            ]
+        )
         self.scratch = _Scratch(cfg)
 
     def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -183,6 +190,7 @@ def split_blocks(features: torch.Tensor, num_blocks: int = 4) -> list[torch.Tens
 
 def save_head(path, head: DPTHead) -> Path:
     from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(head.cfg).items()}
@@ -195,14 +203,17 @@ def load_head(path, device="cpu", task: str | None = None) -> DPTHead:
     """A head from a safetensors file written by :func:`save_head`; `task` checks what it is for."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"DPT head {path}: no such file")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT or "config" not in meta:
-        raise InferenceError(f"{path} is not a re2pix DPT head (safetensors metadata needs format={FORMAT!r} and a "
-                         "config; write heads with inference.dpt.save_head)")
+        raise InferenceError(
+            f"{path} is not a re2pix DPT head (safetensors metadata needs format={FORMAT!r} and a "
+            "config; write heads with inference.dpt.save_head)"
+        )
     values = json.loads(meta["config"])
     unknown = set(values) - {f.name for f in fields(DPTConfig)}
     if unknown:
@@ -244,5 +255,8 @@ def depth_metrics(pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Te
     valid = torch.isfinite(label) & (label > 0)
     p, t = pred[valid].clamp(min=1e-6), label[valid]
     ratio = torch.maximum(p / t, t / p)
-    return {"absrel_sum": ((p - t).abs() / t).sum().cpu(), "delta1_sum": (ratio < 1.25).double().sum().cpu(),
-            "count": torch.tensor(float(valid.sum()), dtype=torch.float64)}
+    return {
+        "absrel_sum": ((p - t).abs() / t).sum().cpu(),
+        "delta1_sum": (ratio < 1.25).double().sum().cpu(),
+        "count": torch.tensor(float(valid.sum()), dtype=torch.float64),
+    }

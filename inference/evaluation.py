@@ -42,6 +42,7 @@ class Acc:
     def values(self, fid_ref=None, fvd_ref=None) -> dict[str, float]:
         from .dpt import MOVING_CLASSES, miou
         from .video_metrics import frechet_distance, gaussian_stats
+
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         if self.confusion is not None:
             out["seg/miou_all"] = miou(self.confusion)
@@ -69,9 +70,23 @@ def finite(v):
     return v if math.isfinite(v) else None
 
 
-def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Semantic, *, clips: int,
-                   samples: int, seed: int, batch_size: int, device, fid_net=None, fvd_net=None,
-                   ssim_channels: str = "rgb", progress: bool = True) -> dict:
+def evaluate_store(
+    store,
+    models: Models,
+    sampler: Sampler,
+    codec,
+    semantic: Semantic,
+    *,
+    clips: int,
+    samples: int,
+    seed: int,
+    batch_size: int,
+    device,
+    fid_net=None,
+    fvd_net=None,
+    ssim_channels: str = "rgb",
+    progress: bool = True,
+) -> dict:
     """The metrics of the first `clips` clips: {"clip_ids", "stage1", "models": {name: {metric: summary}},
     "reference_metrics", "missing_labels": {head: clip ids}}. `codec` None: no decoding (feature and
     latent metrics only)."""
@@ -101,9 +116,11 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
         forecast = forecast_features(models, feats[:, :m], fut)  # [B, 3, H, W, c1]
         c1 = forecast.shape[-1]
         stage1_means.update(feature_metrics(forecast, feats[:, m:, ..., :c1], first_frame=m))
-        copy = feats[:, m - 1: m, ..., :c1].expand_as(forecast)
-        stage1_means.update({k: v for k, v in feature_metrics(copy, feats[:, m:, ..., :c1], m).items() if "@" not in k},
-                            prefix="copy_last/")
+        copy = feats[:, m - 1 : m, ..., :c1].expand_as(forecast)
+        stage1_means.update(
+            {k: v for k, v in feature_metrics(copy, feats[:, m:, ..., :c1], m).items() if "@" not in k},
+            prefix="copy_last/",
+        )
         if semantic.active and a % g.temporal_downsample == 0 and a // g.temporal_downsample >= m:
             semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
         conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.feature_channels)
@@ -166,33 +183,49 @@ def evaluate_store(store, models: Models, sampler: Sampler, codec, semantic: Sem
         per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
         keys = sorted({k for r in per_run for k in r})
         per_model[name] = {k: summarize([r.get(k, float("nan")) for r in per_run]) for k in keys}
-    return {"clip_ids": clip_ids,
-            "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
-            "models": per_model,
-            "reference_metrics": {k: finite(v) for k, v in ref_acc.values(fid_ref, fvd_ref).items()},
-            "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},
-            "fid_fvd_reference": (None if not (ref_fid or ref_fvd) else
-                                  {"pixels": "source_frames"} if real else
-                                  {"pixels": "vae_reconstruction", "why": real_missing.get("reason")})}
+    return {
+        "clip_ids": clip_ids,
+        "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
+        "models": per_model,
+        "reference_metrics": {k: finite(v) for k, v in ref_acc.values(fid_ref, fvd_ref).items()},
+        "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},
+        "fid_fvd_reference": (
+            None
+            if not (ref_fid or ref_fvd)
+            else {"pixels": "source_frames"}
+            if real
+            else {"pixels": "vae_reconstruction", "why": real_missing.get("reason")}
+        ),
+    }
 
 
 def _source_futures(manifest: dict, metas: list[dict], geometry, missing: dict):
     """The clips' real future frames uint8 [B, 12, H, W, 3] from the store's source, or None (and `missing`
     says why) when a clip's frames cannot be read."""
     from .inputs import source_clip_frames
+
     out = []
     for meta in metas:
         frames, info = source_clip_frames(manifest, meta, geometry)
         if frames is None:
             missing["reason"] = f"{meta.get('clip_id')}: {info.get('reason')}"
             return None
-        out.append(frames[geometry.context_frames:])
+        out.append(frames[geometry.context_frames :])
     return torch.from_numpy(np.stack(out))
 
 
 def _row_keys(metrics: dict) -> list[str]:
-    order = ["latent_mse", "psnr", "ssim", "fid", "fvd", "seg/miou_all", "seg/miou_moving", "depth/absrel",
-             "depth/delta1"]
+    order = [
+        "latent_mse",
+        "psnr",
+        "ssim",
+        "fid",
+        "fvd",
+        "seg/miou_all",
+        "seg/miou_moving",
+        "depth/absrel",
+        "depth/delta1",
+    ]
     return [k for k in order if k in metrics]
 
 
@@ -201,9 +234,13 @@ def format_table(results: dict, per_frame: bool = False) -> str:
     names = list(results["models"])
     first = results["models"][names[0]]
     keys = _row_keys(first) + ([k for k in first if re.match(r"(psnr|ssim)/f\d+$", k)] if per_frame else [])
-    lines = [(f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
-              f"(mean ± std over sampling runs; pixels vs {results['reference']['pixels']})"),
-             f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names)]
+    lines = [
+        (
+            f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
+            f"(mean ± std over sampling runs; pixels vs {results['reference']['pixels']})"
+        ),
+        f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names),
+    ]
     for k in keys:
         cells = []
         for n in names:
@@ -211,9 +248,14 @@ def format_table(results: dict, per_frame: bool = False) -> str:
             cells.append("-" if v is None or v["mean"] is None else f"{v['mean']:.4g} ± {v['std']:.2g}")
         lines.append(f"{k:18s}" + "".join(f"{c:>24s}" for c in cells))
     s1 = results["stage1"]
-    lines.append("stage 1 features:  " + "  ".join(
-        f"{k} {s1[k]:.4g}" for k in ("mse", "cos", "copy_last/mse", "copy_last/cos", "seg/miou_all",
-                                      "depth/absrel") if s1.get(k) is not None))
+    lines.append(
+        "stage 1 features:  "
+        + "  ".join(
+            f"{k} {s1[k]:.4g}"
+            for k in ("mse", "cos", "copy_last/mse", "copy_last/cos", "seg/miou_all", "depth/absrel")
+            if s1.get(k) is not None
+        )
+    )
     for k, why in results["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)
@@ -230,6 +272,7 @@ def run_checkpoints(run_dir) -> dict[int, Path]:
     """{step: checkpoint folder} of every complete checkpoint a run kept (train with keep_checkpoints 0
     to keep them all); a folder without meta.json (a save cut short) is not a checkpoint."""
     from model.checkpoint import read_meta
+
     out = {}
     for path in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
         if (path / "meta.json").exists():
@@ -239,17 +282,26 @@ def run_checkpoints(run_dir) -> dict[int, Path]:
 
 def curve_point(step: int, results: dict) -> dict:
     """One point of the curve: the step, the checkpoints scored and every model's mean ± std."""
-    return {"step": step, "checkpoints": results["checkpoints"],
-            "models": {name: {k: {"mean": v["mean"], "std": v["std"]} for k, v in metrics.items()
-                              if "/" not in k or k.startswith(("seg/", "depth/"))}
-                       for name, metrics in results["models"].items()},
-            "stage1": {k: results["stage1"][k] for k in ("mse", "cos") if k in results["stage1"]}}
+    return {
+        "step": step,
+        "checkpoints": results["checkpoints"],
+        "models": {
+            name: {
+                k: {"mean": v["mean"], "std": v["std"]}
+                for k, v in metrics.items()
+                if "/" not in k or k.startswith(("seg/", "depth/"))
+            }
+            for name, metrics in results["models"].items()
+        },
+        "stage1": {k: results["stage1"][k] for k in ("mse", "cos") if k in results["stage1"]},
+    }
 
 
 def plot_curve(points: list[dict], path, size=(360, 240)) -> Path:
     """A PNG of the curve: one panel per metric present (latent MSE, PSNR, SSIM, FID, FVD, mIoU), x the
     training step, one line per model (Re2Pix blue, Baseline orange), the sampling runs' std as bars."""
     from PIL import Image, ImageDraw
+
     metrics = [k for k in CURVE_METRICS if any(k in p["models"].get(n, {}) for p in points for n in p["models"])]
     if not points or not metrics:
         raise InferenceError("no curve to plot: no checkpoint was scored")
@@ -260,8 +312,12 @@ def plot_curve(points: list[dict], path, size=(360, 240)) -> Path:
     lo_s, hi_s = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
     for i, key in enumerate(metrics):
         x0, y0, x1, y1 = i * pw + 50, 22, (i + 1) * pw - 12, ph - 30
-        vals = [(p["step"], n, p["models"][n][key]) for p in points for n in p["models"]
-                if key in p["models"][n] and p["models"][n][key]["mean"] is not None]
+        vals = [
+            (p["step"], n, p["models"][n][key])
+            for p in points
+            for n in p["models"]
+            if key in p["models"][n] and p["models"][n][key]["mean"] is not None
+        ]
         if not vals:
             continue
         ys = [v["mean"] + s * (v["std"] or 0) for _, _, v in vals for s in (-1, 1)]
@@ -271,6 +327,7 @@ def plot_curve(points: list[dict], path, size=(360, 240)) -> Path:
         def xy(step, y, box=(x0, y0, x1, y1), span=(lo, hi)):
             (bx0, by0, bx1, by1), (a, b) = box, span
             return bx0 + (step - lo_s) / (hi_s - lo_s) * (bx1 - bx0), by1 - (y - a) / (b - a) * (by1 - by0)
+
         draw.rectangle((x0, y0, x1, y1), outline=(160, 160, 160))
         draw.text((x0, 4), key, fill="black")
         draw.text((x0 - 46, y0), f"{hi:.4g}", fill="black")
@@ -283,12 +340,18 @@ def plot_curve(points: list[dict], path, size=(360, 240)) -> Path:
             if len(line) > 1:
                 draw.line([xy(s, v["mean"]) for s, v in line], fill=colour, width=2)
             for s, v in line:
-                (px, py), (_, top), (_, bottom) = (xy(s, v["mean"]), xy(s, v["mean"] + (v["std"] or 0)),
-                                                   xy(s, v["mean"] - (v["std"] or 0)))
+                (px, py), (_, top), (_, bottom) = (
+                    xy(s, v["mean"]),
+                    xy(s, v["mean"] + (v["std"] or 0)),
+                    xy(s, v["mean"] - (v["std"] or 0)),
+                )
                 draw.line((px, top, px, bottom), fill=colour)
                 draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-            draw.text((x1 - 60, y0 + 4 + 12 * list(CURVE_COLOURS).index(name) if name in CURVE_COLOURS else y0 + 28),
-                      name, fill=colour)
+            draw.text(
+                (x1 - 60, y0 + 4 + 12 * list(CURVE_COLOURS).index(name) if name in CURVE_COLOURS else y0 + 28),
+                name,
+                fill=colour,
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

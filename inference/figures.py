@@ -117,8 +117,9 @@ def _fit(cell: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(cell).resize((hw[1], hw[0]), resample))
 
 
-def make_grid(sections: list[Section], cell_hw: tuple[int, int] | None = None,
-              style: GridStyle = GridStyle()) -> np.ndarray:
+def make_grid(
+    sections: list[Section], cell_hw: tuple[int, int] | None = None, style: GridStyle = GridStyle()
+) -> np.ndarray:
     """Render the sections (module docstring) into one uint8 image [H, W, 3]."""
     if not sections or any(not sec.rows for sec in sections):
         raise ValueError("a grid needs at least one section, each with at least one row")
@@ -141,8 +142,7 @@ def make_grid(sections: list[Section], cell_hw: tuple[int, int] | None = None,
             draw.text((x + cw // 2, mid), caption, fill=style.text, font=font, anchor="mm")
         for r, row in enumerate(sec.rows):
             y0, _ = layout.cell_origin(i, r, 0)
-            draw.multiline_text((style.margin, y0 + ch // 2), row.label, fill=style.text, font=font,
-                                anchor="lm")
+            draw.multiline_text((style.margin, y0 + ch // 2), row.label, fill=style.text, font=font, anchor="lm")
             for c, cell in enumerate(row.cells):
                 if cell is None:
                     continue
@@ -152,8 +152,9 @@ def make_grid(sections: list[Section], cell_hw: tuple[int, int] | None = None,
     return np.asarray(canvas)
 
 
-def features_to_rgb(features: np.ndarray, reference: np.ndarray | None = None,
-                    percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+def features_to_rgb(
+    features: np.ndarray, reference: np.ndarray | None = None, percentiles: tuple[float, float] = (1.0, 99.0)
+) -> np.ndarray:
     """PCA feature maps [..., h, w, C >= 3] -> uint8 RGB [..., h, w, 3] from the first three components.
 
     Each component is scaled to [0, 1] between its `percentiles` over `reference` (default: the
@@ -170,8 +171,12 @@ def features_to_rgb(features: np.ndarray, reference: np.ndarray | None = None,
     return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
 
 
-def frame_panels(columns: list[tuple[str, list]], num_context: int, style: GridStyle | None = None,
-                 cell_hw: tuple[int, int] | None = None) -> np.ndarray:
+def frame_panels(
+    columns: list[tuple[str, list]],
+    num_context: int,
+    style: GridStyle | None = None,
+    cell_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Video frames [T, H, W, 3]: frame k shows every column's k-th cell side by side, each column
     captioned, the row labelled "frame k / context|predicted", bordered green for context frames
     (k < num_context) and blue after. Layout: one section of one row (``GridStyle(label_width=90)``)."""
@@ -182,8 +187,12 @@ def frame_panels(columns: list[tuple[str, list]], num_context: int, style: GridS
         context = k < num_context
         label = f"frame {k}\n{'context' if context else 'predicted'}"
         cells = [cells[k] if k < len(cells) else None for _, cells in columns]
-        sec = Section("", [Row(label, cells)], CONTEXT_BORDER if context else PREDICTED_BORDER,
-                      captions=[name for name, _ in columns])
+        sec = Section(
+            "",
+            [Row(label, cells)],
+            CONTEXT_BORDER if context else PREDICTED_BORDER,
+            captions=[name for name, _ in columns],
+        )
         out.append(make_grid([sec], cell_hw=cell_hw or _first_hw(columns), style=style))
     return np.stack(out)
 
@@ -261,8 +270,10 @@ def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", c
         return [rgb[k // r] if k % r == 0 else None for k in cols]
 
     gt = pred.frames.get("ground truth")
-    ctx_rows = [Row("context frames", [gt[k] if gt is not None else pred.frames["Re2Pix"][k] for k in ctx_cols]),
-                Row("DINOv2 features\n(PCA 1-3)", feature_cells(ctx_cols))]
+    ctx_rows = [
+        Row("context frames", [gt[k] if gt is not None else pred.frames["Re2Pix"][k] for k in ctx_cols]),
+        Row("DINOv2 features\n(PCA 1-3)", feature_cells(ctx_cols)),
+    ]
     fut_rows = []
     if gt is not None and len(gt) == g.clip_frames:
         label = "ground truth" + ("\n(VAE reconstruction)" if pred.ground_truth == "vae_reconstruction" else "")
@@ -271,10 +282,17 @@ def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", c
         if name in pred.frames:
             fut_rows.append(Row(name, [pred.frames[name][k] for k in fut_cols]))
     fut_rows.append(Row("forecast features\n(Stage 1, PCA 1-3)", feature_cells(fut_cols)))
-    sections = [Section(f"context: frames 0-{g.context_frames - 1}", ctx_rows, CONTEXT_BORDER,
-                        [f"frame {k}" for k in ctx_cols]),
-                Section(f"predicted: frames {g.context_frames}-{g.clip_frames - 1}", fut_rows, PREDICTED_BORDER,
-                        [f"frame {k}" for k in fut_cols])]
+    sections = [
+        Section(
+            f"context: frames 0-{g.context_frames - 1}", ctx_rows, CONTEXT_BORDER, [f"frame {k}" for k in ctx_cols]
+        ),
+        Section(
+            f"predicted: frames {g.context_frames}-{g.clip_frames - 1}",
+            fut_rows,
+            PREDICTED_BORDER,
+            [f"frame {k}" for k in fut_cols],
+        ),
+    ]
     frame_hw = pred.frames["Re2Pix"].shape[1:3]
     return make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
 
@@ -284,8 +302,9 @@ def prediction_video(pred: Prediction, geometry, cell_height: int | None = None)
     g, r = geometry, geometry.temporal_downsample
     m = g.context_latents
     rgb = features_to_rgb(np.concatenate([pred.clip.features[:m, ..., :3], pred.forecast[..., :3]]))
-    columns = [(name, list(pred.frames[name])) for name in ("ground truth", "Baseline", "Re2Pix")
-               if name in pred.frames]
+    columns = [
+        (name, list(pred.frames[name])) for name in ("ground truth", "Baseline", "Re2Pix") if name in pred.frames
+    ]
     columns.append(("features", [rgb[-(-k // r)] for k in range(g.clip_frames)]))
     frame_hw = pred.frames["Re2Pix"].shape[1:3]
     return frame_panels(columns, g.context_frames, cell_hw=_cell_hw(frame_hw, cell_height))

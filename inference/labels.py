@@ -14,6 +14,7 @@ class Labels:
 
     def __init__(self, manifest: dict, annotated_frame: int, seg_dir=None, depth_dir=None):
         from pipeline.sources.cityscapes import gtfine_root
+
         self.seg_dir = Path(seg_dir) if seg_dir else None
         self.depth_dir = Path(depth_dir) if depth_dir else None
         self.cityscapes = None
@@ -33,6 +34,7 @@ class Labels:
         from PIL import Image
 
         from pipeline.sources.cityscapes import gtfine_train_ids
+
         if self.seg_dir is not None:
             path = self.seg_dir / f"{clip_id}.png"
             return np.asarray(Image.open(path)) if path.exists() else None

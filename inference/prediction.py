@@ -27,8 +27,9 @@ class Prediction:
     reconstruction: np.ndarray | None = None  # store clip: the VAE decoding of its stored latents [25, H, W, 3]
 
 
-def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: LatentCodec, geometry,
-                 seed: int = 0) -> Prediction:
+def predict_clip(
+    clip: ClipInput, models: Models, sampler: Sampler, codec: LatentCodec, geometry, seed: int = 0
+) -> Prediction:
     m, fut = geometry.context_latents, geometry.future_latents
     device = next(models.stage2.model.parameters()).device
     context = torch.from_numpy(clip.features[None, :m]).to(device)  # [1, 4, H, W, C]
@@ -49,14 +50,16 @@ def predict_clip(clip: ClipInput, models: Models, sampler: Sampler, codec: Laten
     for key in ("baseline", "re2pix"):
         if key in sampled:
             frames[names[key]] = codec.decode(sampled[key])[0]
-    return Prediction(clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()},
-                      frames, gt, recon)
+    return Prediction(
+        clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()}, frames, gt, recon
+    )
 
 
 def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") -> dict:
     """PSNR / SSIM per predicted frame against the ground truth (when there is one), or with
     reference="vae_reconstruction" against the VAE decoding of the stored latents."""
     from inference.video_metrics import psnr, ssim
+
     gt = pred.frames.get("ground truth") if reference == "ground truth" else pred.reconstruction
     if gt is None or len(gt) < geometry.clip_frames:
         return {}
@@ -64,8 +67,10 @@ def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") ->
     out = {}
     for name in ("Baseline", "Re2Pix"):
         if name in pred.frames:
-            out[name.lower()] = {"psnr": [round(float(v), 4) for v in psnr(pred.frames[name][s], gt[s])],
-                                 "ssim": [round(float(v), 5) for v in ssim(pred.frames[name][s], gt[s])]}
+            out[name.lower()] = {
+                "psnr": [round(float(v), 4) for v in psnr(pred.frames[name][s], gt[s])],
+                "ssim": [round(float(v), 5) for v in ssim(pred.frames[name][s], gt[s])],
+            }
     return out
 
 
@@ -73,6 +78,7 @@ def reconstruction_scores(pred: Prediction) -> dict:
     """Mean PSNR / SSIM of the VAE reconstruction against the source frames, context and predicted
     frames: the most a decoded prediction can reach."""
     from inference.video_metrics import psnr, ssim
+
     if pred.ground_truth != "source_frames" or pred.reconstruction is None:
         return {}
     gt, rec = pred.frames["ground truth"], pred.reconstruction

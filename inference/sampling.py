@@ -21,16 +21,25 @@ class Sampler:
     def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
         """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
         from model.diffusion import sample
+
         guided = features is not None and self.guidance_weight != 0.0
-        return sample(model, context_latents, features, num_steps=self.steps, solver=self.solver,
-                      num_future=noise.shape[2], initial_noise=noise,
-                      guidance_channels=self.guidance_channels if guided else None,
-                      guidance_weight=self.guidance_weight if guided else 0.0)
+        return sample(
+            model,
+            context_latents,
+            features,
+            num_steps=self.steps,
+            solver=self.solver,
+            num_future=noise.shape[2],
+            initial_noise=noise,
+            guidance_channels=self.guidance_channels if guided else None,
+            guidance_weight=self.guidance_weight if guided else 0.0,
+        )
 
 
 def forecast_features(models: Models, context: torch.Tensor, future: int) -> torch.Tensor:
     """Stage 1 rollout: context [B, 4, H, W, >=c1] -> [B, future, H, W, c1] float32."""
     from model.stage1 import rollout
+
     c1 = models.stage1.model.config.num_pca_channels
     with torch.no_grad():
         return rollout(models.stage1.model, context[..., :c1].float(), steps=future).float()
@@ -45,8 +54,9 @@ def stage2_features(context: torch.Tensor, forecast: torch.Tensor, channels: int
     return torch.cat([context[..., :channels].float(), forecast.float()], dim=1)
 
 
-def sample_models(models: Models, sampler: Sampler, context_latents: torch.Tensor, features: torch.Tensor,
-                  noise: torch.Tensor) -> dict[str, torch.Tensor]:
+def sample_models(
+    models: Models, sampler: Sampler, context_latents: torch.Tensor, features: torch.Tensor, noise: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """{"re2pix": [B, 16, 7, h, w], "baseline": ...} from the same initial noise [B, 16, F, h, w]."""
     out = {"re2pix": sampler(models.stage2.model, context_latents, features, noise)}
     if models.baseline is not None:

@@ -13,24 +13,26 @@ from . import InferenceError
 from .labels import Labels
 
 
-def load_heads(seg_head: str | None, depth_head: str | None, labels: Labels, space, device,
-               skipped: dict) -> dict:
+def load_heads(seg_head: str | None, depth_head: str | None, labels: Labels, space, device, skipped: dict) -> dict:
     """{"seg": head, "depth": head} for the heads given whose labels exist; `skipped` says why not."""
     from .dpt import load_head
+
     heads = {}
-    for task, path, has, flag in (("segmentation", seg_head, labels.has_seg, "--labels"),
-                                  ("depth", depth_head, labels.has_depth, "--depth-labels")):
+    for task, path, has, flag in (
+        ("segmentation", seg_head, labels.has_seg, "--labels"),
+        ("depth", depth_head, labels.has_depth, "--depth-labels"),
+    ):
         key = "seg" if task == "segmentation" else "depth"
         if not path:
             skipped[key] = f"no --{key}-head given"
         elif not has:
-            skipped[key] = (f"no {task} labels: the store ({space.manifest.get('dataset')}) offers none; "
-                            f"give {flag} DIR")
+            skipped[key] = f"no {task} labels: the store ({space.manifest.get('dataset')}) offers none; give {flag} DIR"
         else:
             head = load_head(path, device, task=task)
             if head.cfg.in_dim * 4 != space.geometry.feature_dim:
-                raise InferenceError(f"{path} takes 4 x {head.cfg.in_dim}-d blocks; the features are "
-                                     f"{space.geometry.feature_dim}-d")
+                raise InferenceError(
+                    f"{path} takes 4 x {head.cfg.in_dim}-d blocks; the features are {space.geometry.feature_dim}-d"
+                )
             heads[key] = head
     return heads
 
@@ -53,6 +55,7 @@ class Semantic:
     def frames_features(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> DINOv2 features [B, h, w, D] (resized as the cache job does)."""
         from pipeline.frames import resize_frames
+
         return self.dino(resize_frames(frames, self.space.geometry.dino_input_hw)).float()
 
     def pca_features(self, pca: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,7 @@ class Semantic:
     def score(self, acc, features: torch.Tensor, clip_ids: list[str], metas: list[dict]) -> None:
         """Add to `acc` (an evaluation.Acc) the scores of features [B, h, w, D] of each clip's annotated frame."""
         from .dpt import depth_metrics, segmentation_confusion, split_blocks
+
         for key, head in self.heads.items():
             dev = next(head.parameters()).device
             for b, (clip_id, meta) in enumerate(zip(clip_ids, metas)):
@@ -69,7 +73,7 @@ class Semantic:
                 if label is None:
                     self.missing[key].add(clip_id)
                     continue
-                blocks = split_blocks(features[b: b + 1].to(dev))
+                blocks = split_blocks(features[b : b + 1].to(dev))
                 pred = head.predict(blocks, size=label.shape[:2])[0]
                 target = torch.from_numpy(np.array(label))
                 if key == "seg":

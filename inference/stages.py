@@ -59,7 +59,7 @@ def build_model(task: str, config: dict) -> torch.nn.Module:
 
 
 def resolve_device(device: str) -> str:
-    """"auto": CUDA when there is a GPU, else the CPU."""
+    """ "auto": CUDA when there is a GPU, else the CPU."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
@@ -85,21 +85,26 @@ class Models:
             base = load_model(baseline, ("baseline",), weights, device)
         elif baseline:
             log.warning("no Baseline checkpoint at %s: its row is left out", baseline)
-        return cls(load_model(stage1, ("stage1",), weights, device),
-                   load_model(stage2, ("stage2",), weights, device), base)
+        return cls(
+            load_model(stage1, ("stage1",), weights, device), load_model(stage2, ("stage2",), weights, device), base
+        )
 
     def check(self, geometry, channels: int) -> None:
         s1, s2 = self.stage1.model.config, self.stage2.model.cfg
         if tuple(s1.feature_hw) != tuple(geometry.feature_hw) or s1.context_frames != geometry.context_latents:
-            raise InferenceError(f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data "
-                                 f"has {geometry.context_latents} of {tuple(geometry.feature_hw)}")
+            raise InferenceError(
+                f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data "
+                f"has {geometry.context_latents} of {tuple(geometry.feature_hw)}"
+            )
         if max(s1.num_pca_channels, s2.feature_channels) > channels:
-            raise InferenceError(f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; "
-                                 f"the data has {channels}")
+            raise InferenceError(
+                f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; the data has {channels}"
+            )
         for m in [self.stage2] + ([self.baseline] if self.baseline else []):
             if m.model.cfg.latent_channels != geometry.latent_channels:
-                raise InferenceError(f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the "
-                                     f"data {geometry.latent_channels}")
+                raise InferenceError(
+                    f"{m.task} takes {m.model.cfg.latent_channels} latent channels, the data {geometry.latent_channels}"
+                )
 
     def describe(self) -> dict:
         out = {"stage1": self.stage1.describe(), "stage2": self.stage2.describe()}

@@ -358,6 +358,7 @@ def load_fid_network(path, device="cpu") -> FeatureNet:
         return FeatureNet(torch.jit.load(str(path), map_location=device).eval(), "fid", "torchscript", path, device)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         state = load_file(str(path))
     else:
         try:
@@ -370,8 +371,10 @@ def load_fid_network(path, device="cpu") -> FeatureNet:
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InferenceError(f"--fid-weights {path} is not pytorch-fid's Inception-v3: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise InferenceError(
+            f"--fid-weights {path} is not pytorch-fid's Inception-v3: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     return FeatureNet(net.to(device).eval(), "fid", "inception", path, device)
 
 
@@ -381,7 +384,10 @@ def load_fvd_network(path, device="cpu") -> FeatureNet:
     if not path.is_file():
         raise InferenceError(f"--fvd-weights {path}: no such file")
     if not _is_torchscript(path):
-        raise InferenceError(f"--fvd-weights {path} is not a TorchScript file: FVD takes the I3D as TorchScript "
-                         "(e.g. StyleGAN-V's i3d_torchscript.pt)")
-    return FeatureNet(torch.jit.load(str(path), map_location=device).eval(), "fvd", "torchscript", path, device,
-                      batch=4)
+        raise InferenceError(
+            f"--fvd-weights {path} is not a TorchScript file: FVD takes the I3D as TorchScript "
+            "(e.g. StyleGAN-V's i3d_torchscript.pt)"
+        )
+    return FeatureNet(
+        torch.jit.load(str(path), map_location=device).eval(), "fvd", "torchscript", path, device, batch=4
+    )

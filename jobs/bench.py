@@ -1,10 +1,10 @@
 """Benchmarks (`make bench`): figures, not tests. Each prints what it measured and on what.
 
-    python -m jobs.bench cache     Ray cache job vs a plain single-process loop doing the same work;
-                                   share of worker time inside the encoders; peak memory vs clip count
-    python -m jobs.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
-                                   at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
-    python -m jobs.bench all       cache, then loader (`make bench`)
+python -m jobs.bench cache     Ray cache job vs a plain single-process loop doing the same work;
+                               share of worker time inside the encoders; peak memory vs clip count
+python -m jobs.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
+                               at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
+python -m jobs.bench all       cache, then loader (`make bench`)
 """
 
 from __future__ import annotations
@@ -45,11 +45,21 @@ def run_loop(cfg, basis_path: str) -> dict:
     encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
     source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
-    StoreWriter.create(cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(),
-                       encoders=encoders, latent_norm=latent_norm, channel_chunk=cfg.channel_chunk, overwrite=True)
+    StoreWriter.create(
+        cfg.out,
+        index=index,
+        geometry=geometry,
+        basis=basis,
+        source_info=source.describe(),
+        encoders=encoders,
+        latent_norm=latent_norm,
+        channel_chunk=cfg.channel_chunk,
+        overwrite=True,
+    )
     decode = DecodeStage(source, geometry, ["orig"], True, int(encoders["dinov2"].get("window", 1)))
-    threads = StageResources(dino_threads=cfg.dino_threads or os.cpu_count(),
-                             vae_threads=cfg.vae_threads or os.cpu_count())  # the job's settings
+    threads = StageResources(
+        dino_threads=cfg.dino_threads or os.cpu_count(), vae_threads=cfg.vae_threads or os.cpu_count()
+    )  # the job's settings
     encode = EncodeStage(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
@@ -70,31 +80,55 @@ def encoder_share(stage: dict) -> float:
 
 def compare(label: str, make_cfg, basis_path: str, note: str) -> dict:
     from jobs.cache import run_cache
+
     loop = run_loop(make_cfg("loop"), basis_path)
     job = run_cache(dataclasses.replace(make_cfg("ray"), pca=basis_path))  # both use the same basis
     steady = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
     print(f"\n[{label}] {note}")
-    print(f"  plain loop      {loop['clips']:4d} clips  {loop['clips_per_s']:.3f} clips/s  "
-          f"(encoders {100 * encoder_share(loop['stage_seconds']):.0f}% of its time)")
-    print(f"  ray job         {job['valid_clips']:4d} clips  {steady:.3f} clips/s once its encoders are loaded, "
-          f"{job['valid_clips'] / job['seconds']:.3f} clips/s end to end ({job['seconds']:.0f} s incl. start-up)")
+    print(
+        f"  plain loop      {loop['clips']:4d} clips  {loop['clips_per_s']:.3f} clips/s  "
+        f"(encoders {100 * encoder_share(loop['stage_seconds']):.0f}% of its time)"
+    )
+    print(
+        f"  ray job         {job['valid_clips']:4d} clips  {steady:.3f} clips/s once its encoders are loaded, "
+        f"{job['valid_clips'] / job['seconds']:.3f} clips/s end to end ({job['seconds']:.0f} s incl. start-up)"
+    )
     print(f"  ray / loop      {100 * steady / loop['clips_per_s']:.0f}% (goal >= 90%)")
-    print(f"  worker time in the encoders: {100 * encoder_share(job['stage_seconds']):.0f}% "
-          f"(per stage, s: {json.dumps(job['stage_seconds'])})")
+    print(
+        f"  worker time in the encoders: {100 * encoder_share(job['stage_seconds']):.0f}% "
+        f"(per stage, s: {json.dumps(job['stage_seconds'])})"
+    )
     return {"loop": loop, "ray": job}
 
 
 def peak_memory(clips: int, workdir: Path, basis_path: str) -> float:
     """Peak proportional set size (MiB) of a cache job and all its Ray processes, in a fresh cluster."""
     import psutil
+
     out = workdir / f"mem{clips}.zarr"
-    cmd = [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--pca", basis_path, "--no-progress",
-           "--ray-address", "local",
-           "--source-options", json.dumps(synthetic_options(clips)), "--max-clips", str(clips), "--out", str(out),
-           "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.cache",
+        "--preset",
+        "tiny",
+        "--pca",
+        basis_path,
+        "--no-progress",
+        "--ray-address",
+        "local",
+        "--source-options",
+        json.dumps(synthetic_options(clips)),
+        "--max-clips",
+        str(clips),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     peak, done = 0.0, threading.Event()
 
     def sample():
@@ -109,6 +143,7 @@ def peak_memory(clips: int, workdir: Path, basis_path: str) -> float:
                     pass
             peak = max(peak, total / 2**20)
             time.sleep(0.5)
+
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     proc.wait()
@@ -125,6 +160,7 @@ def save_real_size_encoders(folder: Path) -> tuple[str, str]:
     import torch
     from diffusers import AutoencoderKLWan
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
     torch.manual_seed(0)
     dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=518, num_register_tokens=4))
     dino.save_pretrained(folder / "dinov2")
@@ -145,40 +181,71 @@ def bench_cache(args) -> None:
     def random_basis(geometry, path):
         rng = np.random.default_rng(0)
         q, _ = np.linalg.qr(rng.standard_normal((geometry.feature_dim, geometry.num_pca_channels)))
-        basis = PCABasis(np.zeros(geometry.feature_dim, np.float32), np.ones(geometry.feature_dim, np.float32),
-                         q.T.astype(np.float32), np.ones(geometry.num_pca_channels, np.float32))
+        basis = PCABasis(
+            np.zeros(geometry.feature_dim, np.float32),
+            np.ones(geometry.feature_dim, np.float32),
+            q.T.astype(np.float32),
+            np.ones(geometry.num_pca_channels, np.float32),
+        )
         save_basis(basis, str(path))
         return str(path)
 
     print(f"machine: {os.cpu_count()} CPUs, no GPU" if not _has_gpu() else f"machine: {os.cpu_count()} CPUs + GPU")
     cluster = start_ray()
     tiny = lambda kind, **kw: CacheConfig(
-        geometry="tiny", source_options=synthetic_options(args.clips), max_clips=args.clips,
-        out=str(work / f"tiny-{kind}.zarr"), unit_clips=4, channel_chunk=16, overwrite=True, progress=False,
-        vae_threads=1, **kw)  # the tiny preset's setting: its small tensors run slower on 2 threads
+        geometry="tiny",
+        source_options=synthetic_options(args.clips),
+        max_clips=args.clips,
+        out=str(work / f"tiny-{kind}.zarr"),
+        unit_clips=4,
+        channel_chunk=16,
+        overwrite=True,
+        progress=False,
+        vae_threads=1,
+        **kw,
+    )  # the tiny preset's setting: its small tensors run slower on 2 threads
     tiny_basis = random_basis(resolve_geometry("tiny"), work / "tiny-basis.zarr")
     if args.clips:
-        compare("tiny encoders", tiny, tiny_basis, f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
-                "VAE 96x160, DINOv2 112x196, random-weight tiny models")
+        compare(
+            "tiny encoders",
+            tiny,
+            tiny_basis,
+            f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
+            "VAE 96x160, DINOv2 112x196, random-weight tiny models",
+        )
         rates = {}
         for n in (1, 2):
             job = run_cache(tiny(f"actors{n}", encoder_actors=n, pca=tiny_basis))
             rates[n] = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
         print(f"\n[encoder actors] tiny encoders, one torch thread each, {args.clips} clips, same run")
-        print(f"  1 actor  {rates[1]:.3f} clips/s\n  2 actors {rates[2]:.3f} clips/s\n"
-              f"  2 / 1    {rates[2] / rates[1]:.2f}x (goal >= 1.6x on {os.cpu_count()} CPUs)")
+        print(
+            f"  1 actor  {rates[1]:.3f} clips/s\n  2 actors {rates[2]:.3f} clips/s\n"
+            f"  2 / 1    {rates[2] / rates[1]:.2f}x (goal >= 1.6x on {os.cpu_count()} CPUs)"
+        )
 
     if args.real_clips:
         dino_dir, vae_dir = save_real_size_encoders(work / "weights")
         geometry = json.dumps({"vae_input_hw": [144, 256], "dino_input_hw": [140, 252]})
         real = lambda kind: CacheConfig(
-            geometry=geometry, encoder=dino_dir, vae=vae_dir, source_options=synthetic_options(args.real_clips),
-            max_clips=args.real_clips, out=str(work / f"real-{kind}.zarr"), unit_clips=1, overwrite=True,
-            progress=False, batch_frames=7)
+            geometry=geometry,
+            encoder=dino_dir,
+            vae=vae_dir,
+            source_options=synthetic_options(args.real_clips),
+            max_clips=args.real_clips,
+            out=str(work / f"real-{kind}.zarr"),
+            unit_clips=1,
+            overwrite=True,
+            progress=False,
+            batch_frames=7,
+        )
         real_basis = random_basis(resolve_geometry(geometry), work / "real-basis.zarr")
-        compare("real-size encoders", real, real_basis,
-                f"{args.real_clips} clips, DINOv2-Reg ViT-B/14 (86M) and WAN2.1 VAE (127M), random weights, "
-                "at reduced resolution: VAE 144x256, DINOv2 140x252 (432x768 is 9x the pixels)")
+        compare(
+            "real-size encoders",
+            real,
+            real_basis,
+            f"{args.real_clips} clips, DINOv2-Reg ViT-B/14 (86M) and WAN2.1 VAE (127M), random weights, "
+            "at reduced resolution: VAE 144x256, DINOv2 140x252 (432x768 is 9x the pixels)",
+        )
     stop_ray(cluster)  # the memory runs start clusters of their own
     if not args.memory_clips:
         return
@@ -187,18 +254,22 @@ def bench_cache(args) -> None:
     print("\n[peak memory] whole job (driver, raylet, workers), proportional set size")
     for n, mib in peaks.items():
         print(f"  {n:4d} tiny clips  {mib:7.0f} MiB")
-    print(f"  growth {100 * (last / first - 1):+.1f}% from {args.memory_clips[0]} to {args.memory_clips[-1]} clips "
-          "(goal: flat, within 10%)")
+    print(
+        f"  growth {100 * (last / first - 1):+.1f}% from {args.memory_clips[0]} to {args.memory_clips[-1]} clips "
+        "(goal: flat, within 10%)"
+    )
 
 
 def _has_gpu() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="bench", required=True)
 
     def cache_arguments(c):
@@ -207,8 +278,9 @@ def main(argv=None) -> int:
         c.add_argument("--memory-clips", type=int, nargs="*", default=[50, 200], help="none to skip")
 
     cache_arguments(sub.add_parser("cache", help="the cache job against a plain loop"))
-    bench_loader.add_arguments(sub.add_parser("loader", help="the trainer's loader against plain reads; "
-                                              "cached vs online cost per sample"))
+    bench_loader.add_arguments(
+        sub.add_parser("loader", help="the trainer's loader against plain reads; cached vs online cost per sample")
+    )
     a = sub.add_parser("all", help="cache, then loader (loader options take a --loader- prefix)")
     cache_arguments(a)
     bench_loader.add_arguments(a, prefix="loader-")

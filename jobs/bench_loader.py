@@ -66,18 +66,28 @@ def write_paper_store(path: Path, clips: int, compression: str, raw_dir: Path | 
     index.clips[:] = index.clips[:clips]
     used = sorted({r for c in index.clips for r in c.feature_rows})
     assert used == list(range(len(used)))  # clips are cut from the end: the frames they use come first
-    del index.frames[len(used):]
+    del index.frames[len(used) :]
     rng = np.random.default_rng(seed)
     d, c = g.feature_dim, g.num_pca_channels
-    basis = PCABasis(np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(c, d, dtype=np.float32),
-                     np.ones(c, np.float32))
-    w = StoreWriter.create(str(path), index=index, geometry=g, basis=basis, source_info=BenchSource().describe(),
-                           encoders={"dinov2": {"name": "bench"}, "vae": {"name": "bench"}},
-                           latent_norm={"mean": [0.0] * 16, "std": [1.0] * 16}, compression=compression,
-                           overwrite=True)
+    basis = PCABasis(
+        np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(c, d, dtype=np.float32), np.ones(c, np.float32)
+    )
+    w = StoreWriter.create(
+        str(path),
+        index=index,
+        geometry=g,
+        basis=basis,
+        source_info=BenchSource().describe(),
+        encoders={"dinov2": {"name": "bench"}, "vae": {"name": "bench"}},
+        latent_norm={"mean": [0.0] * 16, "std": [1.0] * 16},
+        compression=compression,
+        overwrite=True,
+    )
     t0 = time.perf_counter()
-    for kind, rows, shape, write in (("features", len(index.frames), g.features_shape[1:], w.write_features),
-                                     ("latents", len(index.clips), g.latents_shape, w.write_latents)):
+    for kind, rows, shape, write in (
+        ("features", len(index.frames), g.features_shape[1:], w.write_features),
+        ("latents", len(index.clips), g.latents_shape, w.write_latents),
+    ):
         for r in range(rows):
             a = rng.standard_normal(shape, np.float32).astype(np.float16)
             write(r, a)
@@ -85,11 +95,18 @@ def write_paper_store(path: Path, clips: int, compression: str, raw_dir: Path | 
                 a.tofile(raw_dir / f"{kind}-{r}.bin")
     w.mark_unit_done("unit-000000", clip_rows=range(len(index.clips)), frame_rows=range(len(index.frames)))
     w.finalize(["unit-000000"])
-    raw = 2 * (len(index.frames) * int(np.prod(g.features_shape[1:]))
-               + len(index.clips) * int(np.prod(g.latents_shape)))
-    return {"clips": len(index.clips), "frame_rows": len(index.frames), "raw_bytes": raw,
-            "disk_bytes": _du(path), "write_s": time.perf_counter() - t0,
-            "compression": w.manifest["compression"], "channel_chunk": w.manifest["channel_chunk"]}
+    raw = 2 * (
+        len(index.frames) * int(np.prod(g.features_shape[1:])) + len(index.clips) * int(np.prod(g.latents_shape))
+    )
+    return {
+        "clips": len(index.clips),
+        "frame_rows": len(index.frames),
+        "raw_bytes": raw,
+        "disk_bytes": _du(path),
+        "write_s": time.perf_counter() - t0,
+        "compression": w.manifest["compression"],
+        "channel_chunk": w.manifest["channel_chunk"],
+    }
 
 
 def _du(path: Path) -> int:
@@ -108,9 +125,11 @@ def raw_pass(store) -> float:
 
 def drop_page_cache() -> str:
     """Try to empty the kernel's page cache; say what happened (needs root, may be refused)."""
+
     def cached_mb():
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("Cached:"))
+
     try:
         before = cached_mb()
         os.sync()
@@ -161,9 +180,15 @@ def timed(step, min_seconds: float, min_windows: int = 3, window_s: float = 0.5,
             clips += step()
         windows.append((clips, time.perf_counter() - w0, cpu() - c0))
     clips = sum(w[0] for w in windows)
-    return {"clips": clips, "windows": len(windows), "wall_s": sum(w[1] for w in windows),
-            "cpu_s": sum(w[2] for w in windows), "per_s": float(np.median([c / w for c, w, _ in windows])),
-            "per_cpu_s": float(np.median([c / max(u, 1e-9) for c, _, u in windows])), "processes": len(pids)}
+    return {
+        "clips": clips,
+        "windows": len(windows),
+        "wall_s": sum(w[1] for w in windows),
+        "cpu_s": sum(w[2] for w in windows),
+        "per_s": float(np.median([c / w for c, w, _ in windows])),
+        "per_cpu_s": float(np.median([c / max(u, 1e-9) for c, _, u in windows])),
+        "processes": len(pids),
+    }
 
 
 def _cycle(n: int, seed: int = 0):
@@ -180,6 +205,7 @@ def one_core() -> None:
     import torch
     import zarr
     import zarr.core.sync as zsync
+
     torch.set_num_threads(1)
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
@@ -194,24 +220,40 @@ def codecs() -> dict:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     def blosc(cname, level):
-        return (BloscCodec(cname=cname, clevel=level, shuffle="shuffle", typesize=2, blocksize=1 << 20),
-                numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20))
-    return {"none": (None, None, "none"), "blosc-lz4": (*blosc("lz4", 5), None),
-            "blosc-zstd-1": (*blosc("zstd", 1), None), "blosc-zstd-3": (*blosc("zstd", 3), None),
-            "blosc-zstd-5": (*blosc("zstd", 5), "blosc-zstd"),
-            "zstd-3": (ZstdCodec(level=3), numcodecs.Zstd(level=3), "zstd")}
+        return (
+            BloscCodec(cname=cname, clevel=level, shuffle="shuffle", typesize=2, blocksize=1 << 20),
+            numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20),
+        )
+
+    return {
+        "none": (None, None, "none"),
+        "blosc-lz4": (*blosc("lz4", 5), None),
+        "blosc-zstd-1": (*blosc("zstd", 1), None),
+        "blosc-zstd-3": (*blosc("zstd", 3), None),
+        "blosc-zstd-5": (*blosc("zstd", 5), "blosc-zstd"),
+        "zstd-3": (ZstdCodec(level=3), numcodecs.Zstd(level=3), "zstd"),
+    }
 
 
 def recode_store(src: Path, dst: Path, codec, label: str) -> int:
     """A copy of store `src` whose features and latents use `codec`; returns their bytes on disk."""
     import zarr
+
     shutil.copytree(src, dst)
     g = zarr.open_group(str(dst), mode="r+")
     for name in ("frames/features", "clips/latents"):
         old = zarr.open_array(str(src), path=name, mode="r")
         group, leaf = name.split("/")
-        new = g[group].create_array(leaf, shape=old.shape, dtype=old.dtype, chunks=old.chunks, shards=old.shards,
-                                    compressors=codec, fill_value=0, overwrite=True)
+        new = g[group].create_array(
+            leaf,
+            shape=old.shape,
+            dtype=old.dtype,
+            chunks=old.chunks,
+            shards=old.shards,
+            compressors=codec,
+            fill_value=0,
+            overwrite=True,
+        )
         for r in range(old.shape[0]):
             new[r] = old[r]
     g.attrs["compression"] = label
@@ -245,6 +287,7 @@ def measure_limit(raw_dir: Path, store, seconds: float) -> dict:
         with open(raw_dir / f"latents-{store.row(i)}.bin", "rb", buffering=0) as f:
             f.readinto(memoryview(lats).cast("B"))
         return 1
+
     return timed(step, seconds)
 
 
@@ -254,6 +297,7 @@ def measure_loader(location: str, channels: int, workers: int, seconds: float, b
     import torch
 
     from model.data import open_stream
+
     stream = open_stream(location, batch_size=batch_size, channels=channels, seed=0, **reads)
     gpu = torch.cuda.is_available()
     batches = stream.batches(workers=workers, pin_memory=gpu, reuse=True)
@@ -281,6 +325,7 @@ def measure_reads(location: str, channels: int, seconds: float) -> dict:
             if both:
                 lats[store.row(i)]
             return 1 if f else 0
+
         return step
 
     def api(both):
@@ -292,10 +337,15 @@ def measure_reads(location: str, channels: int, seconds: float) -> dict:
             if both:
                 store.read_latents(i)
             return 1
+
         return step
 
-    return {"raw": timed(raw(True), seconds), "api": timed(api(True), seconds),
-            "raw_features": timed(raw(False), seconds), "api_features": timed(api(False), seconds)}
+    return {
+        "raw": timed(raw(True), seconds),
+        "api": timed(api(True), seconds),
+        "raw_features": timed(raw(False), seconds),
+        "api_features": timed(api(False), seconds),
+    }
 
 
 # ---- online encoding (the reference trainer's data side) -----------------------------------------------
@@ -305,6 +355,7 @@ def write_pngs(folder: Path, n: int, hw=(1024, 2048), noise: float = 2.0) -> lis
     from PIL import Image
 
     from pipeline.sources.synthetic import SyntheticSource
+
     src = SyntheticSource(num_scenes=1, frames_per_scene=4 * (n - 1) + 1, height=hw[0], width=hw[1])
     scene = src.scenes()[0]
     rng = np.random.default_rng(0)
@@ -333,17 +384,23 @@ def measure_online(work: Path, frames: int, dino_frames: int) -> dict:
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     pngs = write_pngs(work, frames)
     torch.manual_seed(0)
-    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(patch_size=14, image_size=518, num_register_tokens=4)
-                             ).save_pretrained(work / "dinov2")
+    Dinov2WithRegistersModel(
+        Dinov2WithRegistersConfig(patch_size=14, image_size=518, num_register_tokens=4)
+    ).save_pretrained(work / "dinov2")
     encoder = load_dinov2(str(work / "dinov2"), input_hw=PAPER.dino_input_hw)  # the real local-folder path
     params = sum(p.numel() for p in encoder.model.parameters())
     rng = np.random.default_rng(0)
     d, c = PAPER.feature_dim, PAPER.num_pca_channels
-    basis = PCABasis(rng.standard_normal(d).astype(np.float32), rng.uniform(0.5, 2, d).astype(np.float32),
-                     (rng.standard_normal((c, d)) / np.sqrt(d)).astype(np.float32), np.ones(c, np.float32))
+    basis = PCABasis(
+        rng.standard_normal(d).astype(np.float32),
+        rng.uniform(0.5, 2, d).astype(np.float32),
+        (rng.standard_normal((c, d)) / np.sqrt(d)).astype(np.float32),
+        np.ones(c, np.float32),
+    )
     project = Projector(basis, "cpu")
     encoder(np.zeros((1, 112, 196, 3), np.uint8))  # first-call set-up, at a small size
 
@@ -363,10 +420,18 @@ def measure_online(work: Path, frames: int, dino_frames: int) -> dict:
     t_pca = time.process_time() - t0
     assert tuple(pca.shape) == (dino_frames, *PAPER.feature_hw, c)
     scale = frames / dino_frames
-    return {"frames": frames, "dino_frames": dino_frames, "png_mb": np.mean([p.stat().st_size for p in pngs]) / MB,
-            "params_m": params / 1e6, "decode_s": t_decode, "resize_s": t_resize, "dino_s": t_dino * scale,
-            "dino_per_frame_s": t_dino / dino_frames, "pca_s": t_pca * scale,
-            "total_s": t_decode + t_resize + (t_dino + t_pca) * scale}
+    return {
+        "frames": frames,
+        "dino_frames": dino_frames,
+        "png_mb": np.mean([p.stat().st_size for p in pngs]) / MB,
+        "params_m": params / 1e6,
+        "decode_s": t_decode,
+        "resize_s": t_resize,
+        "dino_s": t_dino * scale,
+        "dino_per_frame_s": t_dino / dino_frames,
+        "pca_s": t_pca * scale,
+        "total_s": t_decode + t_resize + (t_dino + t_pca) * scale,
+    }
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -397,82 +462,115 @@ def bench_loader(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="re2pix-bench-loader-"))
     t_start = time.perf_counter()
     try:
-        print(f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), "
-              f"{'a GPU (unused here)' if torch.cuda.is_available() else 'no GPU'}; load average "
-              f"{os.getloadavg()[0]:.2f} at start; torch {torch.__version__}, zarr {zarr.__version__}, "
-              f"numcodecs {numcodecs.__version__}")
-        print("per core: torch, Blosc and Zarr's decode pool on 1 thread; clips/CPU-s counts every process "
-              "involved (main + DataLoader workers)")
+        print(
+            f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), "
+            f"{'a GPU (unused here)' if torch.cuda.is_available() else 'no GPU'}; load average "
+            f"{os.getloadavg()[0]:.2f} at start; torch {torch.__version__}, zarr {zarr.__version__}, "
+            f"numcodecs {numcodecs.__version__}"
+        )
+        print(
+            "per core: torch, Blosc and Zarr's decode pool on 1 thread; clips/CPU-s counts every process "
+            "involved (main + DataLoader workers)"
+        )
         raw_dir = work / "raw"
         raw_dir.mkdir()
         base = work / "none.zarr"
         info = write_paper_store(base, args.clips, "none", raw_dir)
-        print(f"\nstores: {info['clips']} clips / {info['frame_rows']} feature frames at the paper geometry "
-              f"(features [7, 32, 56, 1152] f16 per clip, latents [16, 7, 54, 96] f16), random N(0,1) data, "
-              f"channel chunk {info['channel_chunk']}, {info['raw_bytes'] / MB:.0f} MB raw; the same arrays as "
-              "raw files for the uncompressed read")
+        print(
+            f"\nstores: {info['clips']} clips / {info['frame_rows']} feature frames at the paper geometry "
+            f"(features [7, 32, 56, 1152] f16 per clip, latents [16, 7, 54, 96] f16), random N(0,1) data, "
+            f"channel chunk {info['channel_chunk']}, {info['raw_bytes'] / MB:.0f} MB raw; the same arrays as "
+            "raw files for the uncompressed read"
+        )
         store = Store(str(base))
         drop = drop_page_cache()
         note = f"page cache: {drop}"
         if drop.startswith("dropped"):
             note += f"; one cold pass of raw reads after it: {raw_pass(store):.1f} clips/s (uncompressed store)"
         print(note)
-        print(f"all rates: warm page cache (a warm-up pass over every clip first), each timed for "
-              f">= {args.seconds:g} s (codec table: {args.codec_seconds:g} s) in >= 3 windows of >= 0.5 s, "
-              f"median window; loader batch {args.batch_size}")
+        print(
+            f"all rates: warm page cache (a warm-up pass over every clip first), each timed for "
+            f">= {args.seconds:g} s (codec table: {args.codec_seconds:g} s) in >= 3 windows of >= 0.5 s, "
+            f"median window; loader batch {args.batch_size}"
+        )
 
         # ---- the codec table
         chunk = store._features[0:1, :, :, :128]  # one inner chunk [1, 32, 56, 128]
         table, locations = {}, {}
         for label, (codec, twin, writer_name) in codecs().items():
             loc = base if label == "none" else work / f"{label}.zarr"
-            disk = (_du(base / "frames" / "features") + _du(base / "clips" / "latents") if label == "none"
-                    else recode_store(base, loc, codec, label))
+            disk = (
+                _du(base / "frames" / "features") + _du(base / "clips" / "latents")
+                if label == "none"
+                else recode_store(base, loc, codec, label)
+            )
             locations[label] = str(loc)
             raw_pass(Store(str(loc)))  # warm-up
-            table[label] = {"disk": disk, "decode": decode_mb_per_s(twin, chunk), "writer": writer_name,
-                            **{c: measure_loader(str(loc), c, 0, args.codec_seconds, args.batch_size)
-                               for c in (1152, 256)}}
-        print(f"\n{'codec table (loader: 0 workers)':34s}{'MB on disk':>11s}{'ratio':>7s}{'decode MB/s/core':>18s}"
-              f"{'clips/CPU-s c=1152':>20s}{'c=256':>8s}   writer's --compression")
+            table[label] = {
+                "disk": disk,
+                "decode": decode_mb_per_s(twin, chunk),
+                "writer": writer_name,
+                **{c: measure_loader(str(loc), c, 0, args.codec_seconds, args.batch_size) for c in (1152, 256)},
+            }
+        print(
+            f"\n{'codec table (loader: 0 workers)':34s}{'MB on disk':>11s}{'ratio':>7s}{'decode MB/s/core':>18s}"
+            f"{'clips/CPU-s c=1152':>20s}{'c=256':>8s}   writer's --compression"
+        )
         for label, t in table.items():
             decode = "  (memcpy)" if label == "none" else f"{t['decode']:10.0f}"
-            print(f"  {label:32s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
-                  f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}   "
-                  f"{t['writer'] + (' (default)' if t['writer'] == default else '') if t['writer'] else '-'}")
+            print(
+                f"  {label:32s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
+                f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}   "
+                f"{t['writer'] + (' (default)' if t['writer'] == default else '') if t['writer'] else '-'}"
+            )
 
         # ---- the loader on the writer's default codec, against the limit
         label = next(k for k, t in table.items() if t["writer"] == default)
         location = locations[label]
         raw_pass(Store(location))
         limit = measure_limit(raw_dir, store, args.seconds)
-        results = {c: {**measure_reads(location, c, args.seconds),
-                       **{f"loader{w}": measure_loader(location, c, w, args.seconds, args.batch_size)
-                          for w in (0, 1, 2)},
-                       "stage1": measure_loader(location, c, 0, args.seconds, args.batch_size,
-                                                window=store.geometry.context_latents + 1, latents=False)}
-                   for c in (1152, 256)}
-        rows = [("features + latents", None),
-                ("  raw zarr: feats[r, :, :, :c] x7 + latents[row]", "raw"),
-                ("  Store.read_features + read_latents", "api"),
-                ("  loader: ClipStream.batches, 0 workers", "loader0"),
-                ("  loader: ClipStream.batches, 1 worker", "loader1"),
-                ("  loader: ClipStream.batches, 2 workers", "loader2"),
-                ("Stage 1's reads: a 5-frame window, no latents", None),
-                ("  loader: ClipStream.batches, 0 workers", "stage1"),
-                ("features only", None),
-                ("  raw zarr: feats[r, :, :, :c] x7", "raw_features"),
-                ("  Store.read_features", "api_features")]
+        results = {
+            c: {
+                **measure_reads(location, c, args.seconds),
+                **{f"loader{w}": measure_loader(location, c, w, args.seconds, args.batch_size) for w in (0, 1, 2)},
+                "stage1": measure_loader(
+                    location,
+                    c,
+                    0,
+                    args.seconds,
+                    args.batch_size,
+                    window=store.geometry.context_latents + 1,
+                    latents=False,
+                ),
+            }
+            for c in (1152, 256)
+        }
+        rows = [
+            ("features + latents", None),
+            ("  raw zarr: feats[r, :, :, :c] x7 + latents[row]", "raw"),
+            ("  Store.read_features + read_latents", "api"),
+            ("  loader: ClipStream.batches, 0 workers", "loader0"),
+            ("  loader: ClipStream.batches, 1 worker", "loader1"),
+            ("  loader: ClipStream.batches, 2 workers", "loader2"),
+            ("Stage 1's reads: a 5-frame window, no latents", None),
+            ("  loader: ClipStream.batches, 0 workers", "stage1"),
+            ("features only", None),
+            ("  raw zarr: feats[r, :, :, :c] x7", "raw_features"),
+            ("  Store.read_features", "api_features"),
+        ]
         print(f"\n{'per clip, warm cache, codec ' + label + ' (the default)':52s}{'c = 1152':>22s}{'c = 256':>22s}")
         print(f"{'':52s}{'clips/CPU-s  clips/s':>22s}{'clips/CPU-s  clips/s':>22s}")
-        print(f"{'uncompressed read (readinto from raw files): the limit':52s}{limit['per_cpu_s']:11.2f}"
-              f"{limit['per_s']:9.2f}")
+        print(
+            f"{'uncompressed read (readinto from raw files): the limit':52s}{limit['per_cpu_s']:11.2f}"
+            f"{limit['per_s']:9.2f}"
+        )
         for name, key in rows:
             if key is None:
                 print(name)
                 continue
-            cells = "".join(f"{results[c][key]['per_cpu_s']:11.2f}{results[c][key]['per_s']:9.2f}  "
-                            for c in (1152, 256))
+            cells = "".join(
+                f"{results[c][key]['per_cpu_s']:11.2f}{results[c][key]['per_s']:9.2f}  " for c in (1152, 256)
+            )
             print(f"{name:52s}{cells}")
 
         online = None
@@ -480,15 +578,23 @@ def bench_loader(args) -> dict:
             print("\nonline (reference trainer) data side, one clip, 1 thread: building DINOv2 ...", flush=True)
             online = measure_online(work, 7, args.dino_frames)
             o = online
-            print(f"  decode {o['frames']} PNGs (2048x1024, synthetic + noise, {o['png_mb']:.1f} MB each)  "
-                  f"{o['decode_s']:7.2f} CPU-s (all {o['frames']} measured)")
-            print(f"  resize to 448x784 (bilinear, antialiased)                  {o['resize_s']:7.2f} CPU-s "
-                  f"(all {o['frames']} measured)")
-            print(f"  DINOv2-Reg ViT-B/14 ({o['params_m']:.0f}M params, random weights) at 448x784   "
-                  f"{o['dino_s']:7.2f} CPU-s ({o['dino_per_frame_s']:.2f} s/frame measured on {o['dino_frames']} "
-                  f"frame(s), x{o['frames'] / o['dino_frames']:g})")
-            print(f"  PCA projection 3072 -> 1152                                {o['pca_s']:7.2f} CPU-s "
-                  f"(measured on {o['dino_frames']} frame(s), x{o['frames'] / o['dino_frames']:g})")
+            print(
+                f"  decode {o['frames']} PNGs (2048x1024, synthetic + noise, {o['png_mb']:.1f} MB each)  "
+                f"{o['decode_s']:7.2f} CPU-s (all {o['frames']} measured)"
+            )
+            print(
+                f"  resize to 448x784 (bilinear, antialiased)                  {o['resize_s']:7.2f} CPU-s "
+                f"(all {o['frames']} measured)"
+            )
+            print(
+                f"  DINOv2-Reg ViT-B/14 ({o['params_m']:.0f}M params, random weights) at 448x784   "
+                f"{o['dino_s']:7.2f} CPU-s ({o['dino_per_frame_s']:.2f} s/frame measured on {o['dino_frames']} "
+                f"frame(s), x{o['frames'] / o['dino_frames']:g})"
+            )
+            print(
+                f"  PCA projection 3072 -> 1152                                {o['pca_s']:7.2f} CPU-s "
+                f"(measured on {o['dino_frames']} frame(s), x{o['frames'] / o['dino_frames']:g})"
+            )
             print(f"  total per training sample                                  {o['total_s']:7.2f} CPU-s")
             print("  WAN2.1 VAE online encode (Stage 2's reference): skipped, not measured in this run")
 
@@ -499,22 +605,37 @@ def bench_loader(args) -> dict:
         raw_speed = r2["raw_features"]["per_cpu_s"] / r1["raw_features"]["per_cpu_s"]
         one = r1["loader1"]["per_cpu_s"] / r1["loader0"]["per_cpu_s"]
         two = r1["loader2"]["per_s"] / r1["loader1"]["per_s"]
-        goals = [("loader (0 workers) >= 50% of the uncompressed read, c=1152 (clips/CPU-s)", f"{100 * share:.0f}%",
-                  share >= 0.5),
-                 ("features alone: 256 ch >= 3.5x faster than 1152 (Store.read_features, clips/CPU-s)",
-                  f"{speed:.2f}x", speed >= 3.5),
-                 ("1 worker >= 0 workers in clips/CPU-s, c=1152", f"{one:.2f}x", one >= 1.0),
-                 ("2 workers >= 1.6x the clips/s of 1 worker, c=1152", f"{two:.2f}x", two >= 1.6)]
+        goals = [
+            (
+                "loader (0 workers) >= 50% of the uncompressed read, c=1152 (clips/CPU-s)",
+                f"{100 * share:.0f}%",
+                share >= 0.5,
+            ),
+            (
+                "features alone: 256 ch >= 3.5x faster than 1152 (Store.read_features, clips/CPU-s)",
+                f"{speed:.2f}x",
+                speed >= 3.5,
+            ),
+            ("1 worker >= 0 workers in clips/CPU-s, c=1152", f"{one:.2f}x", one >= 1.0),
+            ("2 workers >= 1.6x the clips/s of 1 worker, c=1152", f"{two:.2f}x", two >= 1.6),
+        ]
         if online:
             ratio = online["total_s"] * r1["loader0"]["per_cpu_s"]
-            goals.append(("online decode + DINOv2 + PCA >= 100x the loader's cost per sample (c=1152)",
-                          f"{ratio:.0f}x", ratio >= 100))
+            goals.append(
+                (
+                    "online decode + DINOv2 + PCA >= 100x the loader's cost per sample (c=1152)",
+                    f"{ratio:.0f}x",
+                    ratio >= 100,
+                )
+            )
         width = max(len(g[0]) for g in goals) + 2
         print(f"\n{'goal':{width}s}{'measured':>10s}")
         for name, value, ok in goals:
             print(f"{name:{width}s}{value:>10s}  {_verdict(ok)}")
-        print(f"  (raw zarr reads, features alone: 256 ch {raw_speed:.2f}x faster than 1152; 2 workers need 2 free "
-              f"cores: this machine has {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} now)")
+        print(
+            f"  (raw zarr reads, features alone: 256 ch {raw_speed:.2f}x faster than 1152; 2 workers need 2 free "
+            f"cores: this machine has {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} now)"
+        )
         print(f"\nloader bench took {time.perf_counter() - t_start:.0f} s")
         return {"store": info, "codecs": table, "limit": limit, "reads": results, "online": online}
     finally:
@@ -543,6 +664,7 @@ def add_arguments(p, prefix: str = "") -> None:
 def loader_args(args, prefix: str = ""):
     """The loader bench's options out of a namespace that holds them under `prefix`."""
     import argparse
+
     pre = prefix.replace("-", "_")
     names = [n.replace("-", "_") for n, *_ in LOADER_OPTIONS] + ["keep"]
     return argparse.Namespace(**{n: getattr(args, pre + n) for n in names})

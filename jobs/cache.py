@@ -31,22 +31,33 @@ RESUME_HINT = "rerun the same command to resume"
 
 @dataclass
 class CacheConfig:
-    dataset: str = field(default="synthetic",
-                         metadata={"help": "synthetic, videos, nuscenes, cityscapes, kitti, covla"})
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic, videos, nuscenes, cityscapes, kitti, covla"}
+    )
     data_root: str | None = field(default=None, metadata={"help": "dataset folder (not needed for synthetic)"})
     split: str = "train"
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
     out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL (s3://...)"})
-    storage_options: dict = field(default_factory=dict, metadata={
-        "help": "JSON fsspec options for --out and --pca URLs, e.g. an endpoint; credentials are better left "
-                "to the AWS_* variables (forwarded to every worker, never recorded)"})
+    storage_options: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "JSON fsspec options for --out and --pca URLs, e.g. an endpoint; credentials are better left "
+            "to the AWS_* variables (forwarded to every worker, never recorded)"
+        },
+    )
     geometry: str = field(default="tiny", metadata={"help": "tiny, paper, or JSON overrides of the paper's"})
-    encoder: str = field(default="tiny", metadata={
-        "aliases": ["--dinov2"],
-        "help": "feature encoder: 'tiny', 'demo', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
-                "'vjepa2:SPEC' or JSON (pipeline/encoders/registry.py); --dinov2 is an alias"})
-    vae: str = field(default="tiny", metadata={
-        "help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"})
+    encoder: str = field(
+        default="tiny",
+        metadata={
+            "aliases": ["--dinov2"],
+            "help": "feature encoder: 'tiny', 'demo', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
+            "'vjepa2:SPEC' or JSON (pipeline/encoders/registry.py); --dinov2 is an alias",
+        },
+    )
+    vae: str = field(
+        default="tiny",
+        metadata={"help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"},
+    )
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     pca: str | None = field(default=None, metadata={"help": "reuse this PCA basis (path/URL) instead of fitting"})
     pca_frames: int = field(default=512, metadata={"help": "frames sampled to fit the PCA basis"})
@@ -59,32 +70,61 @@ class CacheConfig:
     max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
     compression: str = DEFAULT_COMPRESSION
     channel_chunk: int = 128
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda when the cluster has GPUs), cuda, or cpu: encoders on CPU even in GPU actors"})
-    encoder_actors: int = field(default=0, metadata={
-        "help": "fused DINOv2+VAE actors (0: one per GPU of the cluster, or 1 without GPUs)"})
-    max_encoder_actors: int = field(default=0, metadata={
-        "help": "grow the encoder pool up to this many as an autoscaler adds GPUs (0: --encoder-actors)"})
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (cuda when the cluster has GPUs), cuda, or cpu: encoders on CPU even in GPU actors"},
+    )
+    encoder_actors: int = field(
+        default=0, metadata={"help": "fused DINOv2+VAE actors (0: one per GPU of the cluster, or 1 without GPUs)"}
+    )
+    max_encoder_actors: int = field(
+        default=0,
+        metadata={"help": "grow the encoder pool up to this many as an autoscaler adds GPUs (0: --encoder-actors)"},
+    )
     gpus_per_encoder: float = field(default=1.0, metadata={"help": "GPUs per encoder actor (0.5: two per GPU)"})
     encoder_memory_gb: float = field(default=0.0, metadata={"help": "host memory Ray reserves per encoder actor"})
-    decode_actors: int = field(default=0, metadata={
-        "help": "most CPU actors reading and resizing frames (0: a quarter of the cluster's CPUs, at least 1)"})
+    decode_actors: int = field(
+        default=0,
+        metadata={
+            "help": "most CPU actors reading and resizing frames (0: a quarter of the cluster's CPUs, at least 1)"
+        },
+    )
     dino_threads: int = field(default=1, metadata={"help": "torch threads for DINOv2 on CPU (0: the node's CPUs)"})
-    vae_threads: int = field(default=0, metadata={
-        "help": "torch threads for the VAE on CPU; 0: every CPU of the node the actor runs on"})
+    vae_threads: int = field(
+        default=0, metadata={"help": "torch threads for the VAE on CPU; 0: every CPU of the node the actor runs on"}
+    )
     overwrite: bool = False
-    dry_run: bool = field(default=False, metadata={
-        "help": "build the index, estimate size and encoder time, write nothing"})
+    dry_run: bool = field(
+        default=False, metadata={"help": "build the index, estimate size and encoder time, write nothing"}
+    )
     progress: bool = True
     verbose: bool = field(default=False, metadata={"help": "show Ray's own log lines and notices"})
 
 
 # settings that do not change what is stored (where and how fast it runs): left out of the manifest
-RUNTIME_ONLY = ("out", "storage_options", "overwrite", "dry_run", "progress", "verbose", "ray_address", "device",
-                "encoder_actors", "max_encoder_actors", "gpus_per_encoder", "encoder_memory_gb", "decode_actors",
-                "dino_threads", "vae_threads", "max_failures", "allow_download")
+RUNTIME_ONLY = (
+    "out",
+    "storage_options",
+    "overwrite",
+    "dry_run",
+    "progress",
+    "verbose",
+    "ray_address",
+    "device",
+    "encoder_actors",
+    "max_encoder_actors",
+    "gpus_per_encoder",
+    "encoder_memory_gb",
+    "decode_actors",
+    "dino_threads",
+    "vae_threads",
+    "max_failures",
+    "allow_download",
+)
 
 
 def recorded_config(cfg: CacheConfig) -> dict:
@@ -94,6 +134,7 @@ def recorded_config(cfg: CacheConfig) -> dict:
 def resolve_geometry(spec: str):
     """'tiny', 'paper', or a JSON object of fields that differ from the paper's geometry."""
     from pipeline.store.geometry import GEOMETRIES, PAPER, Geometry
+
     if spec in GEOMETRIES:
         return GEOMETRIES[spec]
     try:
@@ -105,6 +146,7 @@ def resolve_geometry(spec: str):
 def absolute_location(location: str) -> str:
     """A relative path is made absolute here, on the driver: each Ray actor has its own working folder."""
     from pipeline.store.location import is_url
+
     location = str(location)
     if location.startswith("file://"):
         return "file://" + os.path.abspath(location.removeprefix("file://"))
@@ -113,11 +155,13 @@ def absolute_location(location: str) -> str:
 
 def get_source(cfg: CacheConfig):
     from pipeline.sources import get_source
+
     return get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
 
 
 def build_index(cfg: CacheConfig, geometry=None, source=None):
     from pipeline.clips import ClipIndex, build_clip_index
+
     geometry = geometry or resolve_geometry(cfg.geometry)
     source = source or get_source(cfg)
     index = build_clip_index(source, geometry, stride=cfg.stride, progress=cfg.progress)
@@ -136,6 +180,7 @@ def build_index(cfg: CacheConfig, geometry=None, source=None):
 def estimated_bytes(index, geometry, variants: int) -> int:
     """Uncompressed size of a store's features and latents (compression rarely saves more than ~1.4x)."""
     import math
+
     h, w = geometry.feature_hw
     features = len(index.frames) * variants * h * w * geometry.num_pca_channels * 2
     latents = len(index.clips) * variants * math.prod(geometry.latents_shape) * 2
@@ -146,6 +191,7 @@ def finished_store(cfg: CacheConfig) -> dict | None:
     """The manifest of a finished store at --out (None: nothing there yet, or an unfinished store of
     ours). A folder that holds anything else is refused here, before any encoder runs."""
     from pipeline.store.writer import existing_store
+
     attrs = existing_store(cfg.out, cfg.storage_options or None)
     return attrs if attrs and attrs.get("complete") else None
 
@@ -153,6 +199,7 @@ def finished_store(cfg: CacheConfig) -> dict | None:
 def same_settings(manifest: dict, cfg: CacheConfig, index) -> str | None:
     """None if a finished store was made by this command on this data; else the first difference."""
     from pipeline.store.writer import _index_digest
+
     if manifest.get("clip_index_digest") != _index_digest(index):
         return "the clip index (dataset, split, stride or source options)"
     recorded, now = dict(manifest.get("cache_config", {})), recorded_config(cfg)
@@ -164,6 +211,7 @@ def same_settings(manifest: dict, cfg: CacheConfig, index) -> str | None:
 def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
     """--out can be written and, for a local path, its disk has room for the store."""
     from pipeline.store.location import filesystem, is_url, write_atomic
+
     if is_url(cfg.out) and not cfg.out.startswith("file://"):
         fs, root = filesystem(cfg.out, cfg.storage_options or None)
         probe = f"{root}/.re2pix-probe-{uuid.uuid4().hex}"
@@ -188,17 +236,21 @@ def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
     if not os.path.exists(path):  # a new store: room for all of it (a resumed one already holds part)
         free = shutil.disk_usage(existing).free
         if free < need_bytes:
-            raise Re2pixError(f"{cfg.out}: the store needs up to {need_bytes / 2**30:.2f} GiB, "
-                              f"{existing} has {free / 2**30:.2f} GiB free")
+            raise Re2pixError(
+                f"{cfg.out}: the store needs up to {need_bytes / 2**30:.2f} GiB, "
+                f"{existing} has {free / 2**30:.2f} GiB free"
+            )
 
 
 def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
     """A local --out on a multi-node cluster must be a folder every node sees (a shared file system)."""
     from pipeline.store.location import is_url
+
     if cluster.nodes < 2 or (is_url(cfg.out) and not cfg.out.startswith("file://")):
         return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     folder = os.path.dirname(cfg.out.removeprefix("file://").rstrip("/"))
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f".re2pix-visible-{uuid.uuid4().hex}")
@@ -206,27 +258,35 @@ def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
     try:
         seen = ray.remote(num_cpus=0.01)(os.path.exists)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        found = ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                         .remote(probe) for n in nodes])
+        found = ray.get(
+            [
+                seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe)
+                for n in nodes
+            ]
+        )
     finally:
         os.remove(probe)
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok]
     if blind:
-        raise Re2pixError(f"{cfg.out} is a local path that node(s) {', '.join(blind)} do not see; use a folder "
-                          "shared by every node or an object-storage URL (s3://...)")
+        raise Re2pixError(
+            f"{cfg.out} is a local path that node(s) {', '.join(blind)} do not see; use a folder "
+            "shared by every node or an object-storage URL (s3://...)"
+        )
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
 def plan_resources(cfg: CacheConfig, cluster, units: int):
     """Actor counts and resources from the cluster (overrides from the config)."""
     from pipeline.ray_cache import StageResources
+
     gpus = cluster.gpus
     device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
     memory = int(cfg.encoder_memory_gb * 2**30)
     if gpus:
         per = cfg.gpus_per_encoder
-        res = StageResources(gpus=per, encoder_memory=memory, dino_threads=cfg.dino_threads,
-                             vae_threads=cfg.vae_threads)
+        res = StageResources(
+            gpus=per, encoder_memory=memory, dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads
+        )
         n = cfg.encoder_actors or max(1, int(gpus / per + 1e-9))
     else:
         if device == "cuda":
@@ -236,8 +296,15 @@ def plan_resources(cfg: CacheConfig, cluster, units: int):
     hi = max(n, cfg.max_encoder_actors)
     n, hi = min(n, units), min(hi, units)  # an actor without a unit would only load models
     decode_hi = min(units, cfg.decode_actors or max(1, int(cluster.cpus // 4)))
-    return res, device, {"encode": (max(1, n), max(1, hi)), "decode": (1, max(1, decode_hi)),
-                         "write": (1, max(1, min(units, int(cluster.cpus // 8) or 1)))}
+    return (
+        res,
+        device,
+        {
+            "encode": (max(1, n), max(1, hi)),
+            "decode": (1, max(1, decode_hi)),
+            "write": (1, max(1, min(units, int(cluster.cpus // 8) or 1))),
+        },
+    )
 
 
 def _pool(ray, sizes, in_flight: int | None = None):
@@ -245,20 +312,40 @@ def _pool(ray, sizes, in_flight: int | None = None):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=in_flight)
 
 
-def encoding_plan(ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool,
-                  window: int = 1):
+def encoding_plan(
+    ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool, window: int = 1
+):
     """One row per unit -> decoded, resized frames -> encoder actors (features and latents, or PCA
     moments when `basis` is None). Returns (dataset, pool sizes, device)."""
     from pipeline.ray_cache import DecodeStage, EncodeStage
+
     res, device, pools = plan_resources(cfg, cluster, len(units))
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(DecodeStage, fn_constructor_args=(source, geometry, variants, with_clips, window),
-                        batch_size=1,
-                        num_cpus=res.task_cpus, compute=_pool(ray, pools["decode"]))
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=(cfg.encoder, cfg.vae if with_clips else None, geometry,
-                                                          basis, device, cfg.batch_frames, cfg.batch_clips, res,
-                                                          len(variants), cfg.allow_download),
-                        batch_size=1, compute=_pool(ray, pools["encode"], in_flight=1), **res.actor_kwargs())
+    ds = ds.map_batches(
+        DecodeStage,
+        fn_constructor_args=(source, geometry, variants, with_clips, window),
+        batch_size=1,
+        num_cpus=res.task_cpus,
+        compute=_pool(ray, pools["decode"]),
+    )
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_args=(
+            cfg.encoder,
+            cfg.vae if with_clips else None,
+            geometry,
+            basis,
+            device,
+            cfg.batch_frames,
+            cfg.batch_clips,
+            res,
+            len(variants),
+            cfg.allow_download,
+        ),
+        batch_size=1,
+        compute=_pool(ray, pools["encode"], in_flight=1),
+        **res.actor_kwargs(),
+    )
     return ds, pools, res, device
 
 
@@ -267,9 +354,11 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: i
     so the basis (and its fingerprint) does not depend on which worker finished first."""
     from pipeline.pca import PCAAccumulator
     from pipeline.units import plan_frames
+
     units = plan_frames(index, cfg.pca_frames)
-    ds, _, _, _ = encoding_plan(ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False,
-                                window=window)
+    ds, _, _, _ = encoding_plan(
+        ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False, window=window
+    )
     ds.context.execution_options.preserve_order = True  # units arrive in order: nothing waits in memory
     order = {u.unit_id: i for i, u in enumerate(units)}
     acc, pending, next_unit = PCAAccumulator(geometry.feature_dim), {}, 0
@@ -290,6 +379,7 @@ def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) ->
     """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, and the
     geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression)."""
     from pipeline.encoders import derive_geometry, load_encoder, load_vae
+
     enc = load_encoder(encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
     v = load_vae(vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=allow_download)
     derived = derive_geometry(geometry, enc, v)
@@ -351,13 +441,22 @@ class ActorStats:
                 actor["busy_s"] += float(row.get(f"t_{stage}", 0.0))
 
     def busy_share(self, elapsed: float) -> dict:
-        return {s: sum(a["busy_s"] for a in actors.values()) / max(elapsed * len(actors), 1e-9)
-                for s, actors in self.stages.items()}
+        return {
+            s: sum(a["busy_s"] for a in actors.values()) / max(elapsed * len(actors), 1e-9)
+            for s, actors in self.stages.items()
+        }
 
     def summary(self) -> dict:
-        return {"actors": {s: len(a) for s, a in self.stages.items()},
-                "per_actor": {s: [{"actor": k[:12], "clips": v["clips"], "busy_s": round(v["busy_s"], 3)}
-                                  for k, v in sorted(a.items())] for s, a in self.stages.items()}}
+        return {
+            "actors": {s: len(a) for s, a in self.stages.items()},
+            "per_actor": {
+                s: [
+                    {"actor": k[:12], "clips": v["clips"], "busy_s": round(v["busy_s"], 3)}
+                    for k, v in sorted(a.items())
+                ]
+                for s, a in self.stages.items()
+            },
+        }
 
 
 def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
@@ -366,40 +465,64 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
 
     from pipeline.ray_cache import EncodeStage, StageResources, read_unit
     from pipeline.units import plan_units
+
     units = plan_units(index, cfg.unit_clips)
     est = estimated_bytes(index, geometry, len(variants))
-    stage = EncodeStage(cfg.encoder, cfg.vae, geometry, _random_basis(geometry), "cpu", cfg.batch_frames,
-                        cfg.batch_clips, StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
-                        len(variants), cfg.allow_download)
+    stage = EncodeStage(
+        cfg.encoder,
+        cfg.vae,
+        geometry,
+        _random_basis(geometry),
+        "cpu",
+        cfg.batch_frames,
+        cfg.batch_clips,
+        StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
+        len(variants),
+        cfg.allow_download,
+    )
     window = int(getattr(stage.encoder, "window", 1))  # a video encoder's frames per feature frame
     unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, True, window)  # one clip
     clips = json.loads(unit["clips"])
-    batch = {"dino_frames": unit["dino_frames"][None], "vae_frames": unit["vae_frames"][None],
-             "clips": np.array([unit["clips"]], object)}
+    batch = {
+        "dino_frames": unit["dino_frames"][None],
+        "vae_frames": unit["vae_frames"][None],
+        "clips": np.array([unit["clips"]], object),
+    }
     t = stage(batch)  # one clip, first call included: an upper bound on the steady rate
     per_clip = float(t["t_encode"][0]) / max(1, len(clips))
-    return {"dry_run": True, "store": cfg.out, "clips": len(index.clips), "frames": len(index.frames),
-            "variants": variants, "work_units": len(units), "skipped_windows": index.skipped,
-            "failures_so_far": len(index.failures),
-            "store_bytes": {"uncompressed": est, "blosc-zstd (~1.16x on features)": int(est / 1.16)},
-            "encoder_s_per_clip_on_this_cpu": round(per_clip, 3),  # first call included
-            "encoder_hours_on_one_such_worker": round(per_clip * len(index.clips) * len(variants) / 3600, 3)}
+    return {
+        "dry_run": True,
+        "store": cfg.out,
+        "clips": len(index.clips),
+        "frames": len(index.frames),
+        "variants": variants,
+        "work_units": len(units),
+        "skipped_windows": index.skipped,
+        "failures_so_far": len(index.failures),
+        "store_bytes": {"uncompressed": est, "blosc-zstd (~1.16x on features)": int(est / 1.16)},
+        "encoder_s_per_clip_on_this_cpu": round(per_clip, 3),  # first call included
+        "encoder_hours_on_one_such_worker": round(per_clip * len(index.clips) * len(variants) / 3600, 3),
+    }
 
 
 def _random_basis(geometry):
     import numpy as np
 
     from pipeline.store.basis import PCABasis
+
     d, c = geometry.feature_dim, geometry.num_pca_channels
-    return PCABasis(np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(c, d, dtype=np.float32),
-                    np.ones(c, np.float32))
+    return PCABasis(
+        np.zeros(d, np.float32), np.ones(d, np.float32), np.eye(c, d, dtype=np.float32), np.ones(c, np.float32)
+    )
 
 
 def _checked_index(cfg: CacheConfig, geometry, source):
     source, geometry, index = build_index(cfg, geometry, source)
     if not index.clips:
-        raise Re2pixError(f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
-                          f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})")
+        raise Re2pixError(
+            f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
+            f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})"
+        )
     return source, geometry, index
 
 
@@ -424,16 +547,26 @@ def run_cache(cfg: CacheConfig) -> dict:
     if finished is not None and not cfg.overwrite:
         # settled before any encoder loads: a finished store records the geometry its encoders fixed
         from pipeline.store.geometry import Geometry
+
         source, geometry, index = _checked_index(cfg, Geometry.from_dict(finished["geometry"]), source)
         differs = same_settings(finished, cfg, index)
         if differs:
-            raise Re2pixError(f"{cfg.out} is already a finished store made with other settings ({differs}); "
-                              "pass --overwrite to replace it")
+            raise Re2pixError(
+                f"{cfg.out} is already a finished store made with other settings ({differs}); "
+                "pass --overwrite to replace it"
+            )
         counts = finished.get("counts", {})
-        return {"store": cfg.out, "already_complete": True, "clips": counts.get("clips"),
-                "valid_clips": counts.get("valid_clips"), "failed_clips": counts.get("failed_clips", 0),
-                "frames": counts.get("frames"), "variants": finished.get("variants"),
-                "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped}
+        return {
+            "store": cfg.out,
+            "already_complete": True,
+            "clips": counts.get("clips"),
+            "valid_clips": counts.get("valid_clips"),
+            "failed_clips": counts.get("failed_clips", 0),
+            "frames": counts.get("frames"),
+            "variants": finished.get("variants"),
+            "seconds": round(time.time() - t0, 1),
+            "skipped_windows": index.skipped,
+        }
     # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
     source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
     check_writable(cfg, estimated_bytes(index, provisional, len(variants)))
@@ -441,6 +574,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         import ray
+
         # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
         # Ray worker: the driver never holds a model)
         encoders, latent_norm, geometry = encoder_descriptions(cfg, provisional, ray)
@@ -452,6 +586,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         basis = None
         if cfg.pca:
             from pipeline.pca import load_basis
+
             basis = load_basis(absolute_location(cfg.pca), storage_options=options)
         elif not cfg.overwrite:  # resuming: reuse the basis the unfinished store was started with
             try:
@@ -464,10 +599,21 @@ def run_cache(cfg: CacheConfig) -> dict:
             basis = fit_basis(cfg, source, geometry, index, ray, cluster, window)
 
         writer = StoreWriter.create(
-            cfg.out, index=index, geometry=geometry, basis=basis, source_info=source.describe(), encoders=encoders,
-            latent_norm=latent_norm, variants=variants, clip_stride=cfg.stride, channel_chunk=cfg.channel_chunk,
-            compression=cfg.compression, overwrite=cfg.overwrite, storage_options=options,
-            extra={"cache_config": recorded_config(cfg)})
+            cfg.out,
+            index=index,
+            geometry=geometry,
+            basis=basis,
+            source_info=source.describe(),
+            encoders=encoders,
+            latent_norm=latent_norm,
+            variants=variants,
+            clip_stride=cfg.stride,
+            channel_chunk=cfg.channel_chunk,
+            compression=cfg.compression,
+            overwrite=cfg.overwrite,
+            storage_options=options,
+            extra={"cache_config": recorded_config(cfg)},
+        )
         units = plan_units(index, cfg.unit_clips)
         done = writer.done_units()
         todo = [u for u in units if u.unit_id not in done]
@@ -478,10 +624,14 @@ def run_cache(cfg: CacheConfig) -> dict:
 
         rows, stats, pools = [], ActorStats(), {}
         if todo:
-            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True,
-                                              window)
-            ds = ds.map_batches(WriteStage, fn_constructor_args=(cfg.out, options), batch_size=1,
-                                num_cpus=res.task_cpus, compute=_pool(ray, pools["write"]))
+            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True, window)
+            ds = ds.map_batches(
+                WriteStage,
+                fn_constructor_args=(cfg.out, options),
+                batch_size=1,
+                num_cpus=res.task_cpus,
+                compute=_pool(ray, pools["write"]),
+            )
             progress = Progress("cache", sum(len(u.clips) for u in todo), "clips", cfg.progress)
             for row in ds.iter_rows():
                 n = int(row["clips"]) + int(row["failed"])
@@ -492,14 +642,23 @@ def run_cache(cfg: CacheConfig) -> dict:
     finally:
         stop_ray(cluster)
     stage_seconds = {s: round(sum(a["busy_s"] for a in actors.values()), 3) for s, actors in stats.stages.items()}
-    summary = {"store": cfg.out, "clips": counts["clips"], "valid_clips": counts["valid_clips"],
-               "failed_clips": counts["failed_clips"], "frames": counts["frames"], "variants": variants,
-               "seconds": round(time.time() - t0, 1), "skipped_windows": index.skipped,
-               "unreadable_inputs": len(index.failures),
-               "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
-               "pools": {k: list(v) for k, v in pools.items()},
-               # throughput once every actor is up: clips after the last encoder was ready / time since then
-               "steady_clips_per_s": _steady_rate(rows), "stage_seconds": stage_seconds, **stats.summary()}
+    summary = {
+        "store": cfg.out,
+        "clips": counts["clips"],
+        "valid_clips": counts["valid_clips"],
+        "failed_clips": counts["failed_clips"],
+        "frames": counts["frames"],
+        "variants": variants,
+        "seconds": round(time.time() - t0, 1),
+        "skipped_windows": index.skipped,
+        "unreadable_inputs": len(index.failures),
+        "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
+        "pools": {k: list(v) for k, v in pools.items()},
+        # throughput once every actor is up: clips after the last encoder was ready / time since then
+        "steady_clips_per_s": _steady_rate(rows),
+        "stage_seconds": stage_seconds,
+        **stats.summary(),
+    }
     return summary
 
 
@@ -521,15 +680,19 @@ def main(argv=None) -> int:
     if summary.get("already_complete"):
         print(f"{summary['store']} is already complete, nothing to do ({summary['valid_clips']} clips)")
     else:
-        print(f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
-              f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "
-              f"{summary['skipped_windows'] or 'none'})")
+        print(
+            f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
+            f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "
+            f"{summary['skipped_windows'] or 'none'})"
+        )
     if summary["failed_clips"]:
         print(f"failed clips are listed with file and reason: python -m jobs.store info {summary['store']}")
     print(json.dumps(summary))
     if 0 <= cfg.max_failures < summary["failed_clips"]:
-        raise TooManyFailuresError(f"{summary['failed_clips']} clips failed, more than --max-failures "
-                                   f"{cfg.max_failures} (the store is finished and lists them)")
+        raise TooManyFailuresError(
+            f"{summary['failed_clips']} clips failed, more than --max-failures "
+            f"{cfg.max_failures} (the store is finished and lists them)"
+        )
     return 0
 
 

@@ -41,8 +41,9 @@ def load_preset(job: str, preset: str) -> dict:
 def parse_config(cls, job: str, argv=None, description: str = "", default_preset: str = "tiny"):
     """Build `cls` from a preset and command-line overrides; returns (config, argparse namespace)."""
     hints = typing.get_type_hints(cls)
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m jobs.{job}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default=default_preset, help=f"presets in jobs/presets/{job}_*.json")
     for f in dataclasses.fields(cls):
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]  # e.g. --dinov2 for --encoder

@@ -31,8 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=2)
     p.add_argument("--eval-clips", type=int, default=8)
     p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
-    p.add_argument("--vae", default="demo", help="VAE spec for both stores: 'demo' (small, trained on the "
-                   "synthetic set: `python -m jobs.train_demo_vae`), 'tiny' (random weights) or as jobs.cache")
+    p.add_argument(
+        "--vae",
+        default="demo",
+        help="VAE spec for both stores: 'demo' (small, trained on the "
+        "synthetic set: `python -m jobs.train_demo_vae`), 'tiny' (random weights) or as jobs.cache",
+    )
     args = p.parse_args(argv)
     run = Path(args.run)
     if run.exists():
@@ -40,22 +44,105 @@ def main(argv=None) -> int:
     store, val = run / "store.zarr", run / "val.zarr"
     t0, timings = time.time(), {}
     scenes = lambda n: json.dumps({"num_scenes": n, "frames_per_scene": 49})  # noqa: E731
-    step("cache train", ["jobs.cache", "--preset", "tiny", "--split", "train", "--out", str(store),
-                         "--vae", args.vae, "--source-options", scenes(args.train_scenes)], timings)
-    step("cache val", ["jobs.cache", "--preset", "tiny", "--split", "val", "--out", str(val), "--pca", str(store),
-                       "--vae", args.vae, "--source-options", scenes(args.val_scenes)], timings)
+    step(
+        "cache train",
+        [
+            "jobs.cache",
+            "--preset",
+            "tiny",
+            "--split",
+            "train",
+            "--out",
+            str(store),
+            "--vae",
+            args.vae,
+            "--source-options",
+            scenes(args.train_scenes),
+        ],
+        timings,
+    )
+    step(
+        "cache val",
+        [
+            "jobs.cache",
+            "--preset",
+            "tiny",
+            "--split",
+            "val",
+            "--out",
+            str(val),
+            "--pca",
+            str(store),
+            "--vae",
+            args.vae,
+            "--source-options",
+            scenes(args.val_scenes),
+        ],
+        timings,
+    )
     step("store info", ["jobs.store", "info", str(store)], timings)
-    step("train (Stage 1 -> rollout -> Stage 2 -> Baseline)",
-         ["jobs.train", "--preset", "tiny", "--stage", "all", "--store", str(store), "--val-store", str(val),
-          "--run-dir", str(run / "train")], timings)
+    step(
+        "train (Stage 1 -> rollout -> Stage 2 -> Baseline)",
+        [
+            "jobs.train",
+            "--preset",
+            "tiny",
+            "--stage",
+            "all",
+            "--store",
+            str(store),
+            "--val-store",
+            str(val),
+            "--run-dir",
+            str(run / "train"),
+        ],
+        timings,
+    )
     results = run / "eval" / "results.json"
-    step("evaluate", ["jobs.evaluate", "--preset", "tiny", "--store", str(val), "--stage1", str(run / "train/stage1"),
-                      "--stage2", str(run / "train/stage2"), "--baseline", str(run / "train/baseline"),
-                      "--samples", str(args.samples), "--max-clips", str(args.eval_clips), "--out", str(results)],
-         timings)
-    step("predict", ["jobs.predict", "--preset", "tiny", "--store", str(val), "--clip", "0",
-                     "--stage1", str(run / "train/stage1"), "--stage2", str(run / "train/stage2"),
-                     "--baseline", str(run / "train/baseline"), "--out", str(run / "predict")], timings)
+    step(
+        "evaluate",
+        [
+            "jobs.evaluate",
+            "--preset",
+            "tiny",
+            "--store",
+            str(val),
+            "--stage1",
+            str(run / "train/stage1"),
+            "--stage2",
+            str(run / "train/stage2"),
+            "--baseline",
+            str(run / "train/baseline"),
+            "--samples",
+            str(args.samples),
+            "--max-clips",
+            str(args.eval_clips),
+            "--out",
+            str(results),
+        ],
+        timings,
+    )
+    step(
+        "predict",
+        [
+            "jobs.predict",
+            "--preset",
+            "tiny",
+            "--store",
+            str(val),
+            "--clip",
+            "0",
+            "--stage1",
+            str(run / "train/stage1"),
+            "--stage2",
+            str(run / "train/stage2"),
+            "--baseline",
+            str(run / "train/baseline"),
+            "--out",
+            str(run / "predict"),
+        ],
+        timings,
+    )
     print(summary(run, results, timings, time.time() - t0))
     return 0
 
@@ -77,12 +164,15 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
         keys = [k for k in s1 if k.endswith("mse") and "/" not in k][:1] or list(s1)[:1]
         lines.append(f"  stage 1      {', '.join(f'{k} {s1[k]:.4f}' for k in keys)}")
     pictures = sorted((run / "predict").glob("*.png"))
-    lines += ["", "files:",
-              f"  stores           {run / 'store.zarr'}, {run / 'val.zarr'}",
-              f"  checkpoints      {run / 'train'}/{{stage1,stage2,baseline}} (metrics.jsonl in each)",
-              f"  evaluation       {results}",
-              *[f"  picture          {pic}" for pic in pictures],
-              *[f"  video            {v}" for v in sorted((run / "predict").glob("*.mp4"))]]
+    lines += [
+        "",
+        "files:",
+        f"  stores           {run / 'store.zarr'}, {run / 'val.zarr'}",
+        f"  checkpoints      {run / 'train'}/{{stage1,stage2,baseline}} (metrics.jsonl in each)",
+        f"  evaluation       {results}",
+        *[f"  picture          {pic}" for pic in pictures],
+        *[f"  video            {v}" for v in sorted((run / "predict").glob("*.mp4"))],
+    ]
     return "\n".join(lines)
 
 

@@ -74,10 +74,12 @@ from pipeline.store.reader import Store
 
 log = logging.getLogger("re2pix.evaluate")
 SCHEMA = "re2pix-evaluation/1"
-REFERENCE_NOTE = ("PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
-                  "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
-                  "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
-                  "reconstruction.")
+REFERENCE_NOTE = (
+    "PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
+    "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
+    "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
+    "reconstruction."
+)
 
 
 @dataclass
@@ -85,8 +87,9 @@ class EvaluateConfig:
     store: str = field(default="runs/demo/val.zarr", metadata={"help": "the store to evaluate on (its val split)"})
     stage1: str = "runs/demo/train/stage1"
     stage2: str = "runs/demo/train/stage2"
-    baseline: str | None = field(default="runs/demo/train/baseline",
-                                 metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"})
+    baseline: str | None = field(
+        default="runs/demo/train/baseline", metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"}
+    )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     samples: int = field(default=3, metadata={"help": "sampling runs per clip (mean ± std across them)"})
     max_clips: int | None = None
@@ -123,11 +126,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
     want_fid, want_fvd = cfg.fid or bool(cfg.fid_weights), cfg.fvd or bool(cfg.fvd_weights)
     if want_fid and not cfg.fid_weights:
-        raise InferenceError("FID needs the Inception-v3 weights: give --fid-weights PATH (pytorch-fid's "
-                             "pt_inception-2015-12-05-6726825d.pth, or a TorchScript Inception); nothing is downloaded")
+        raise InferenceError(
+            "FID needs the Inception-v3 weights: give --fid-weights PATH (pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth, or a TorchScript Inception); nothing is downloaded"
+        )
     if want_fvd and not cfg.fvd_weights:
-        raise InferenceError("FVD needs the I3D network: give --fvd-weights PATH (a TorchScript I3D such as "
-                             "StyleGAN-V's i3d_torchscript.pt); nothing is downloaded")
+        raise InferenceError(
+            "FVD needs the I3D network: give --fvd-weights PATH (a TorchScript I3D such as "
+            "StyleGAN-V's i3d_torchscript.pt); nothing is downloaded"
+        )
     if (want_fid or want_fvd) and not cfg.decode:
         raise InferenceError("FID and FVD need decoded frames: drop --no-decode")
     if cfg.samples < 1:
@@ -153,32 +160,62 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     fid_net = load_fid_network(cfg.fid_weights, device) if want_fid else None
     fvd_net = load_fvd_network(cfg.fvd_weights, device) if want_fvd else None
     weights = (cfg.allow_download, cfg.allow_weights_mismatch)
-    codec = LatentCodec(load_vae_for(cfg.vae, store.manifest, store.geometry, device, *weights),
-                        space.latent_norm) if cfg.decode else None
+    codec = (
+        LatentCodec(load_vae_for(cfg.vae, store.manifest, store.geometry, device, *weights), space.latent_norm)
+        if cfg.decode
+        else None
+    )
     labels = Labels(store.manifest, cfg.annotated_frame, cfg.labels, cfg.depth_labels)
     heads = load_heads(cfg.seg_head, cfg.depth_head, labels, space, device, skipped)
-    dino = load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if heads and cfg.decode \
-        else None
+    dino = (
+        load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if heads and cfg.decode else None
+    )
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
     sampler = Sampler(cfg.steps, cfg.solver, cfg.guidance_channels, cfg.guidance_weight)
     n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
     if n == 0:
         raise StoreError(f"{cfg.store} has no clips")
 
-    measured = evaluate_store(store, models, sampler, codec, semantic, clips=n, samples=cfg.samples, seed=cfg.seed,
-                              batch_size=cfg.batch_size, device=device, fid_net=fid_net, fvd_net=fvd_net,
-                              ssim_channels=cfg.ssim_channels, progress=cfg.progress)
+    measured = evaluate_store(
+        store,
+        models,
+        sampler,
+        codec,
+        semantic,
+        clips=n,
+        samples=cfg.samples,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        device=device,
+        fid_net=fid_net,
+        fvd_net=fvd_net,
+        ssim_channels=cfg.ssim_channels,
+        progress=cfg.progress,
+    )
     for key, ids in measured["missing_labels"].items():
         skipped[f"{key}_labels"] = f"{len(ids)} of {n} clips have no label, left out: {ids[:5]}"
-    results = {"schema": SCHEMA, "store": cfg.store, "dataset": store.manifest.get("dataset"),
-               "split": store.manifest.get("split"), "clips": n, "clip_ids": measured["clip_ids"],
-               "samples": cfg.samples, "annotated_frame": cfg.annotated_frame,
-               "reference": {"pixels": "vae_reconstruction" if cfg.decode else None, "note": REFERENCE_NOTE,
-                             "fid_fvd": measured["fid_fvd_reference"]},
-               "sampler": {**asdict(sampler), "seed": cfg.seed}, "checkpoints": models.describe(),
-               "stage1": measured["stage1"], "models": measured["models"],
-               "reference_metrics": measured["reference_metrics"], "skipped": skipped,
-               "seconds": round(time.time() - t0, 1)}
+    results = {
+        "schema": SCHEMA,
+        "store": cfg.store,
+        "dataset": store.manifest.get("dataset"),
+        "split": store.manifest.get("split"),
+        "clips": n,
+        "clip_ids": measured["clip_ids"],
+        "samples": cfg.samples,
+        "annotated_frame": cfg.annotated_frame,
+        "reference": {
+            "pixels": "vae_reconstruction" if cfg.decode else None,
+            "note": REFERENCE_NOTE,
+            "fid_fvd": measured["fid_fvd_reference"],
+        },
+        "sampler": {**asdict(sampler), "seed": cfg.seed},
+        "checkpoints": models.describe(),
+        "stage1": measured["stage1"],
+        "models": measured["models"],
+        "reference_metrics": measured["reference_metrics"],
+        "skipped": skipped,
+        "seconds": round(time.time() - t0, 1),
+    }
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(results, indent=1, allow_nan=False))
@@ -188,6 +225,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def run_curve(cfg: EvaluateConfig) -> dict:
     """Every kept Stage 2 checkpoint scored (with the Baseline's of the same step): the run's curve."""
     from dataclasses import replace
+
     t0 = time.time()
     stage2 = run_checkpoints(cfg.stage2)
     if not stage2:
@@ -200,9 +238,17 @@ def run_curve(cfg: EvaluateConfig) -> dict:
         results = run_evaluate(replace(cfg, stage2=str(ckpt), baseline=str(other) if other else None, out=None))
         points.append(curve_point(step, results))
         sampler = results["sampler"]
-    curve = {"schema": CURVE_SCHEMA, "store": cfg.store, "stage2": cfg.stage2, "baseline": cfg.baseline,
-             "samples": cfg.samples, "clips": results["clips"], "sampler": sampler, "points": points,
-             "seconds": round(time.time() - t0, 1)}
+    curve = {
+        "schema": CURVE_SCHEMA,
+        "store": cfg.store,
+        "stage2": cfg.stage2,
+        "baseline": cfg.baseline,
+        "samples": cfg.samples,
+        "clips": results["clips"],
+        "sampler": sampler,
+        "points": points,
+        "seconds": round(time.time() - t0, 1),
+    }
     path = Path(cfg.curve or Path(cfg.out or "runs/demo/eval/results.json").with_name("curve.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(curve, indent=1, allow_nan=False))
@@ -216,8 +262,10 @@ def main(argv=None) -> int:
     if cfg.every_checkpoint:
         curve = run_curve(cfg)
         for p in curve["points"]:
-            print(f"step {p['step']}: " + "  ".join(
-                f"{name} latent_mse {m['latent_mse']['mean']:.4g}" for name, m in p["models"].items()))
+            print(
+                f"step {p['step']}: "
+                + "  ".join(f"{name} latent_mse {m['latent_mse']['mean']:.4g}" for name, m in p["models"].items())
+            )
         print(f"wrote {curve['json']} and {curve['png']} in {curve['seconds']} s")
         return 0
     results = run_evaluate(cfg)

@@ -26,12 +26,13 @@ RANGES = {"edm (80, 0.002)": (80.0, 0.002), "cosmos (200, 0.01)": (200.0, 0.01)}
 def latents_of(split: str, seed: int, scenes: int, vae) -> torch.Tensor:
     """Store-normalized latents [N, 16, 7, 12, 20] of the 25-frame clips (stride 24) of the scenes."""
     from pipeline.sources import get_source
+
     src = get_source("synthetic", split=split, seed=seed, num_scenes=scenes, frames_per_scene=49)
     out = []
     for scene in src.scenes():
         frames = np.stack([src.read_frame(scene, f) for f in src.frames(scene)])
         for s in (0, 24):
-            out.append(vae(frames[None, s:s + 25]).float())
+            out.append(vae(frames[None, s : s + 25]).float())
     return torch.cat(out)
 
 
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     from model.diffusion import sample, training_loss
     from model.stage2 import DiTConfig, Re2PixDiT
     from pipeline.encoders import load_vae
+
     t0 = time.time()
     vae = load_vae("demo")
     train, val = latents_of("train", 1, args.train_scenes, vae), latents_of("val", 0, args.val_scenes, vae)
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
         runs = []
         for r in range(args.samples):
             noise = torch.randn(future.shape, generator=torch.Generator().manual_seed(100 + r))
-            pred = sample(model, val[:, :, :4], None, num_steps=args.sample_steps, sigma_max=hi, sigma_min=lo,
-                          initial_noise=noise)
+            pred = sample(
+                model, val[:, :, :4], None, num_steps=args.sample_steps, sigma_max=hi, sigma_min=lo, initial_noise=noise
+            )
             runs.append(float((pred[:, :, 4:] - future).pow(2).mean()))
         results[name] = {"mean": float(np.mean(runs)), "std": float(np.std(runs, ddof=1)), "runs": runs}
         print(f"{name}: latent MSE {np.mean(runs):.4f} ± {np.std(runs, ddof=1):.4f}", flush=True)

@@ -20,11 +20,13 @@ def main(argv=None) -> int:
     from jobs.cache import encoder_descriptions, get_source, resolve_geometry
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray
+
     cfg.out = absolute_location(cfg.out)
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
         import ray
+
         encoders, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)  # sizes from them
         source, geometry, index = build_index(cfg, geometry, source)
         basis = fit_basis(cfg, source, geometry, index, ray, cluster, int(encoders["dinov2"].get("window", 1)))
@@ -32,8 +34,10 @@ def main(argv=None) -> int:
         stop_ray(cluster)
     save_basis(basis, cfg.out, overwrite=cfg.overwrite, storage_options=cfg.storage_options or None)
     top = basis.explained_variance[:8] / basis.explained_variance.sum()
-    print(f"saved a {basis.num_components} x {basis.feature_dim} PCA basis to {cfg.out} "
-          f"(fingerprint {basis.fingerprint[:16]}; first components explain {', '.join(f'{v:.1%}' for v in top)})")
+    print(
+        f"saved a {basis.num_components} x {basis.feature_dim} PCA basis to {cfg.out} "
+        f"(fingerprint {basis.fingerprint[:16]}; first components explain {', '.join(f'{v:.1%}' for v in top)})"
+    )
     return 0
 
 

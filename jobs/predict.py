@@ -58,8 +58,9 @@ log = logging.getLogger("re2pix.predict")
 
 @dataclass
 class PredictConfig:
-    store: str | None = field(default="runs/demo/val.zarr",
-                              metadata={"help": "store to take the clip from (and, for --video, the PCA basis)"})
+    store: str | None = field(
+        default="runs/demo/val.zarr", metadata={"help": "store to take the clip from (and, for --video, the PCA basis)"}
+    )
     clip: int = field(default=0, metadata={"help": "clip number in the store"})
     clip_id: str | None = field(default=None, metadata={"help": "clip by its id instead of --clip"})
     video: str | None = field(default=None, metadata={"help": "a video file or a folder of frames (>= 13 frames)"})
@@ -68,12 +69,15 @@ class PredictConfig:
     dinov2: str | None = field(default=None, metadata={"help": "DINOv2 spec (default: the store's weights id)"})
     vae: str | None = field(default=None, metadata={"help": "VAE spec (default: the store's weights id)"})
     allow_download: bool = False
-    allow_weights_mismatch: bool = field(default=False, metadata={
-        "help": "use encoders whose sha256 differs from the store's record"})
+    allow_weights_mismatch: bool = field(
+        default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
+    )
     stage1: str = field(default="runs/demo/train/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
     stage2: str = field(default="runs/demo/train/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
-    baseline: str | None = field(default="runs/demo/train/baseline", metadata={
-        "help": "Baseline run dir or checkpoint; its row is left out when it holds none ('' for none)"})
+    baseline: str | None = field(
+        default="runs/demo/train/baseline",
+        metadata={"help": "Baseline run dir or checkpoint; its row is left out when it holds none ('' for none)"},
+    )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     steps: int = field(default=35, metadata={"help": "sampler steps"})
     solver: str = field(default="heun", metadata={"help": "heun or euler"})
@@ -82,8 +86,10 @@ class PredictConfig:
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
     out: str = field(default="runs/demo/predict", metadata={"help": "output folder"})
     name: str | None = field(default=None, metadata={"help": "output file stem (default: clip id / video name)"})
-    grid_frames: str = field(default="features", metadata={
-        "help": "'features': the frames with feature maps (0, 4, ..., 24); 'all': every frame"})
+    grid_frames: str = field(
+        default="features",
+        metadata={"help": "'features': the frames with feature maps (0, 4, ..., 24); 'all': every frame"},
+    )
     cell_height: int | None = field(default=None, metadata={"help": "grid cell height in px (default: frame size)"})
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
     device: str = "auto"
@@ -101,8 +107,9 @@ def run_predict(cfg: PredictConfig) -> dict:
     vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
     codec = LatentCodec(vae, space.latent_norm)
     if cfg.video:
-        dino = load_dinov2_for(cfg.dinov2, space.manifest, space.geometry, device, cfg.allow_download,
-                               cfg.allow_weights_mismatch)
+        dino = load_dinov2_for(
+            cfg.dinov2, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch
+        )
         clip = video_clip(cfg.video, space, dino, codec)
     else:
         clip = store_clip(store, cfg.clip, cfg.clip_id)
@@ -112,14 +119,24 @@ def run_predict(cfg: PredictConfig) -> dict:
     name = cfg.name or clip.name
     out = Path(cfg.out)
     png = save_png(out / f"{name}.png", prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
-    mp4 = write_mp4(out / f"{name}.mp4", prediction_video(pred, space.geometry, cfg.cell_height),
-                    fps=cfg.fps or clip.fps)
-    summary = {"name": name, "source": clip.source, "png": str(png), "mp4": str(mp4),
-               "ground_truth": pred.ground_truth, "rows": ["context"] + figure_rows(pred, space.geometry),
-               "frames": {"context": [0, space.geometry.context_frames - 1],
-                          "predicted": [space.geometry.context_frames, space.geometry.clip_frames - 1]},
-               "models": models.describe(), "sampler": {**asdict(sampler), "seed": cfg.seed},
-               "scores": frame_scores(pred, space.geometry)}
+    mp4 = write_mp4(
+        out / f"{name}.mp4", prediction_video(pred, space.geometry, cfg.cell_height), fps=cfg.fps or clip.fps
+    )
+    summary = {
+        "name": name,
+        "source": clip.source,
+        "png": str(png),
+        "mp4": str(mp4),
+        "ground_truth": pred.ground_truth,
+        "rows": ["context"] + figure_rows(pred, space.geometry),
+        "frames": {
+            "context": [0, space.geometry.context_frames - 1],
+            "predicted": [space.geometry.context_frames, space.geometry.clip_frames - 1],
+        },
+        "models": models.describe(),
+        "sampler": {**asdict(sampler), "seed": cfg.seed},
+        "scores": frame_scores(pred, space.geometry),
+    }
     if pred.ground_truth == "source_frames":
         summary["scores_vs_vae_reconstruction"] = frame_scores(pred, space.geometry, "vae_reconstruction")
         summary["vae_reconstruction"] = reconstruction_scores(pred)
@@ -134,13 +151,17 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(PredictConfig, "predict", argv, description=__doc__)
     summary = run_predict(cfg)
     for name, s in summary["scores"].items():
-        print(f"{name:9s} PSNR {np.mean(s['psnr']):.2f} dB  SSIM {np.mean(s['ssim']):.4f}  "
-              f"(frames {summary['frames']['predicted'][0]}-{summary['frames']['predicted'][1]} vs "
-              f"{summary['ground_truth']})")
+        print(
+            f"{name:9s} PSNR {np.mean(s['psnr']):.2f} dB  SSIM {np.mean(s['ssim']):.4f}  "
+            f"(frames {summary['frames']['predicted'][0]}-{summary['frames']['predicted'][1]} vs "
+            f"{summary['ground_truth']})"
+        )
     if summary.get("vae_reconstruction"):
         r = summary["vae_reconstruction"]
-        print(f"VAE reconstruction of the stored latents vs the source frames: PSNR {r['psnr']:.2f} dB  "
-              f"SSIM {r['ssim']:.4f} (the ceiling)")
+        print(
+            f"VAE reconstruction of the stored latents vs the source frames: PSNR {r['psnr']:.2f} dB  "
+            f"SSIM {r['ssim']:.4f} (the ceiling)"
+        )
     print(f"wrote {summary['png']}, {summary['mp4']} and {summary['json']} in {summary['seconds']} s")
     return 0
 

@@ -34,8 +34,10 @@ log = logging.getLogger("re2pix.rollout")
 
 @dataclass
 class RolloutConfig:
-    checkpoint: str = field(default="runs/demo/train/stage1",
-                            metadata={"help": "a Stage 1 run dir (its latest checkpoint) or a checkpoint folder"})
+    checkpoint: str = field(
+        default="runs/demo/train/stage1",
+        metadata={"help": "a Stage 1 run dir (its latest checkpoint) or a checkpoint folder"},
+    )
     store: str = field(default="runs/demo/store.zarr", metadata={"help": "store path/URL, several separated by commas"})
     weights: str = field(default="auto", metadata={"help": "auto (EMA when the checkpoint has it), ema or model"})
     batch_size: int = 8
@@ -66,8 +68,10 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
     mcfg = model.config
     g = store.geometry
     if tuple(mcfg.feature_hw) != tuple(g.feature_hw) or mcfg.num_pca_channels > store.num_channels:
-        raise SystemExit(f"the Stage 1 model takes {mcfg.num_pca_channels} channels on a {tuple(mcfg.feature_hw)} "
-                         f"grid; {location} holds {store.num_channels} on {g.feature_hw}")
+        raise SystemExit(
+            f"the Stage 1 model takes {mcfg.num_pca_channels} channels on a {tuple(mcfg.feature_hw)} "
+            f"grid; {location} holds {store.num_channels} on {g.feature_hw}"
+        )
     if mcfg.context_frames != g.context_latents:
         raise SystemExit(f"the model has {mcfg.context_frames} context frames, the store {g.context_latents}")
     summary = {"store": location, "fingerprint": fingerprint, "rows": len(store) * store.num_variants, "written": 0}
@@ -77,8 +81,10 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
 
     existing = store.pred_features_fingerprint
     if existing not in (None, fingerprint) and not cfg.overwrite:  # every rank refuses alike
-        raise StoreError(f"{location} holds rollouts of checkpoint {existing[:12]}; pass --overwrite to replace "
-                         f"them with {fingerprint[:12]}")
+        raise StoreError(
+            f"{location} holds rollouts of checkpoint {existing[:12]}; pass --overwrite to replace "
+            f"them with {fingerprint[:12]}"
+        )
     writer = StoreWriter(location, storage)
     fs, marks = writer.fs, _marker_dir(writer.root, fingerprint)
     if runtime.is_main:
@@ -90,18 +96,23 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
     runtime.barrier()
 
     work = [(i, v) for i in range(len(store)) for v in range(store.num_variants)]  # every clip row
-    chunks = [work[k: k + cfg.chunk_rows] for k in range(0, len(work), cfg.chunk_rows)]
+    chunks = [work[k : k + cfg.chunk_rows] for k in range(0, len(work), cfg.chunk_rows)]
     done = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{marks}/chunk-*.json")}
     mine = [k for k in range(len(chunks)) if k % runtime.world == runtime.rank and f"chunk-{k:06d}.json" not in done]
     c, C, n = mcfg.num_pca_channels, store.num_channels, mcfg.context_frames
     from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc=f"rollout {location}", unit="row",
-               disable=not (cfg.progress and runtime.is_main))
+
+    bar = tqdm(
+        total=sum(len(chunks[k]) for k in mine),
+        desc=f"rollout {location}",
+        unit="row",
+        disable=not (cfg.progress and runtime.is_main),
+    )
     t0 = time.perf_counter()
     for k in mine:
         digests = {}
         for b in range(0, len(chunks[k]), cfg.batch_size):
-            rows = chunks[k][b: b + cfg.batch_size]
+            rows = chunks[k][b : b + cfg.batch_size]
             feats = np.stack([store.read_features(i, channels=c, variant=v)[:n] for i, v in rows])  # [B, 4, H, W, c]
             context = torch.from_numpy(feats).float().to(runtime.device)
             with torch.no_grad(), autocast(runtime, cfg.amp):
@@ -133,14 +144,18 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
 def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     from inference.stages import load_model
     from model.loop import init_runtime
+
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     runtime = runtime or init_runtime(cfg.device)
     stage1 = load_model(cfg.checkpoint, ("stage1", "stage1_diffusion"), cfg.weights, runtime.device)
     if runtime.is_main:
         log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
-    return [rollout_store(stage1.model, stage1.fingerprint, s.strip(), cfg, runtime)
-            for s in cfg.store.split(",") if s.strip()]
+    return [
+        rollout_store(stage1.model, stage1.fingerprint, s.strip(), cfg, runtime)
+        for s in cfg.store.split(",")
+        if s.strip()
+    ]
 
 
 def main(argv=None) -> int:
@@ -150,6 +165,7 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['store']}: {r['rows']} rows, {r['written']} written now, checkpoint {r['fingerprint']}")
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -157,4 +173,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from jobs.cli import run
+
     sys.exit(run(main, resume_hint="rerun the same command to resume"))

@@ -1,18 +1,18 @@
 """Store tools: `python -m jobs.store {info,verify,check,export-wds,copy,card,diagnose} ...`.
 
-    info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
-    verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
-                        the PCA basis against its fingerprint; lists bad rows (array, row, reason), exit 1
-    check URL URL ...   are these stores compatible (can one training run read them together)?
-    export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels) to a folder
-                        or any fsspec URL (s3://..., gs://...)
-    copy SRC DST        copy a store between fsspec locations (local, s3://, gs://, hf://datasets/..., http(s)
-                        as a source): --channels C keeps the first C PCA channels (a prefix of the basis,
-                        readable with the original), --compression re-encodes (lossy: +trimK, +int8);
-                        resumable after a kill, verified as it goes
-    card URL            write README.md and card.json into the store: what it holds, licence, how to read it
-    diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
-                        (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
+info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
+verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
+                    the PCA basis against its fingerprint; lists bad rows (array, row, reason), exit 1
+check URL URL ...   are these stores compatible (can one training run read them together)?
+export-wds URL OUT  write WebDataset tar shards of the store (optionally the first --channels) to a folder
+                    or any fsspec URL (s3://..., gs://...)
+copy SRC DST        copy a store between fsspec locations (local, s3://, gs://, hf://datasets/..., http(s)
+                    as a source): --channels C keeps the first C PCA channels (a prefix of the basis,
+                    readable with the original), --compression re-encodes (lossy: +trimK, +int8);
+                    resumable after a kill, verified as it goes
+card URL            write README.md and card.json into the store: what it holds, licence, how to read it
+diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
+                    (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pipeline.store.reader import Store, open_stores
 
 def _size(location: str) -> str:
     from pipeline.store.location import filesystem
+
     fs, root = filesystem(location)
     try:
         total = fs.du(root)
@@ -46,20 +47,30 @@ def info(store: Store) -> str:
     enc = m.get("encoders", {})
     lines = [
         f"store      {store.location}  ({_size(store.location)} on disk)",
-        (f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
-        f"({m.get('created', '?')} .. {m.get('finished', '?')})"),
+        (
+            f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
+            f"({m.get('created', '?')} .. {m.get('finished', '?')})"
+        ),
         f"dataset    {m.get('dataset')} / {m.get('split')} at {m.get('fps')} fps from {m.get('source_root')}",
-        (f"clips      {len(store)} usable of {m['counts']['clips']} indexed ({m['counts'].get('failed_clips', 0)} "
-        f"failed), variants {store.variants}, stride {m.get('clip_stride')}"),
+        (
+            f"clips      {len(store)} usable of {m['counts']['clips']} indexed ({m['counts'].get('failed_clips', 0)} "
+            f"failed), variants {store.variants}, stride {m.get('clip_stride')}"
+        ),
         f"frames     {m['counts']['frames']} feature frames (shared by overlapping clips)",
-        (f"geometry   {g.clip_frames} frames ({g.context_frames} context) -> latents {list(g.latents_shape)}, "
-        f"features {list(g.features_shape)}"),
+        (
+            f"geometry   {g.clip_frames} frames ({g.context_frames} context) -> latents {list(g.latents_shape)}, "
+            f"features {list(g.features_shape)}"
+        ),
     ]
     for name, d in sorted(enc.items()):
-        lines.append(f"encoder    {name}: {d.get('weights_id')} sha256 {str(d.get('sha256', '?'))[:12]} "
-                     f"input {d.get('input_size')}")
-    lines.append(f"pca        {m['pca']['num_components']} of {m['pca']['feature_dim']} dims, fingerprint "
-                 f"{m['pca']['fingerprint'][:16]}")
+        lines.append(
+            f"encoder    {name}: {d.get('weights_id')} sha256 {str(d.get('sha256', '?'))[:12]} "
+            f"input {d.get('input_size')}"
+        )
+    lines.append(
+        f"pca        {m['pca']['num_components']} of {m['pca']['feature_dim']} dims, fingerprint "
+        f"{m['pca']['fingerprint'][:16]}"
+    )
     lines.append(f"storage    compression {m.get('compression')}, channel chunk {m.get('channel_chunk')}")
     if store.pred_features_fingerprint:
         state = "complete" if store.has_pred_features else "unfinished"
@@ -81,25 +92,30 @@ def verify(store: Store, as_json: bool) -> int:
             print(f"BAD {where}: {b['reason']}")
         rows = ", ".join(f"{n} {a}" for a, n in report["checked"].items())
         verdict = "OK" if report["ok"] else f"{len(report['bad_rows'])} problems"
-        print(f"{store.location}: {verdict} (checked {rows}; {report['rows_without_digest']} rows had no recorded "
-              "digest and were checked for decoding, presence and finite values only)")
+        print(
+            f"{store.location}: {verdict} (checked {rows}; {report['rows_without_digest']} rows had no recorded "
+            "digest and were checked for decoding, presence and finite values only)"
+        )
     return 0 if report["ok"] else 1
 
 
 def check(locations: list[str]) -> str:
     from pipeline.store.verify import basis_problems
+
     stores = open_stores(locations)
     for s in stores:  # the fingerprint is what makes stores compatible: it must describe the basis they hold
         problems = basis_problems(s)
         if problems:
             raise StoreError(f"{s.location}: {problems[0]['array']}: {problems[0]['reason']}")
-    return (f"compatible: {len(stores)} stores, {sum(len(s) for s in stores)} clips, "
-            f"PCA {stores[0].pca_fingerprint[:12]}")
+    return (
+        f"compatible: {len(stores)} stores, {sum(len(s) for s in stores)} clips, PCA {stores[0].pca_fingerprint[:12]}"
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.store", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("info", help="describe a store")
     a.add_argument("store")
@@ -116,14 +132,18 @@ def main(argv=None) -> int:
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
     a.add_argument("--shard-size-mb", type=float, default=300.0)
     a.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
-    a.add_argument("--storage-options", type=json.loads, default=None,
-                   help="fsspec options of OUT as JSON (e.g. an S3 endpoint)")
+    a.add_argument(
+        "--storage-options", type=json.loads, default=None, help="fsspec options of OUT as JSON (e.g. an S3 endpoint)"
+    )
     a = sub.add_parser("copy", help="copy a store (a channel prefix, another compression) between locations")
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
-    a.add_argument("--compression", default=None,
-                   help="CODEC[+trimK|+int8], CODEC in blosc-zstd, zstd, none (default: the source's)")
+    a.add_argument(
+        "--compression",
+        default=None,
+        help="CODEC[+trimK|+int8], CODEC in blosc-zstd, zstd, none (default: the source's)",
+    )
     a.add_argument("--rows-per-unit", type=int, default=16, help="rows per resumable work unit")
     a.add_argument("--src-options", type=json.loads, default=None, help="fsspec options of SRC as JSON")
     a.add_argument("--dst-options", type=json.loads, default=None, help="fsspec options of DST as JSON")
@@ -149,34 +169,56 @@ def main(argv=None) -> int:
         print(check(args.stores))
     elif args.cmd == "export-wds":
         from pipeline.store.wds import export_webdataset
-        shards = export_webdataset(Store(args.store), args.out, args.channels, args.shard_size_mb,
-                                   overwrite=args.overwrite, storage_options=args.storage_options)
+
+        shards = export_webdataset(
+            Store(args.store),
+            args.out,
+            args.channels,
+            args.shard_size_mb,
+            overwrite=args.overwrite,
+            storage_options=args.storage_options,
+        )
         print(f"wrote {len(shards)} shards, manifest.json, pca.npz and README.md to {args.out}")
     elif args.cmd == "copy":
         import shlex
 
         from pipeline.store.copy import copy_store
+
         try:
             parse_compression(args.compression or "zstd")  # an unknown spec is the user's error: one line
         except ValueError as e:
             raise StoreError(str(e)) from e
         # how the copy was made, for its card: the locations and settings, never the fsspec options (credentials)
-        command = " ".join(shlex.quote(x) for x in ["python -m jobs.store copy", args.src, args.dst]
-                           + (["--channels", str(args.channels)] if args.channels else [])
-                           + (["--compression", args.compression] if args.compression else []))
-        summary = copy_store(args.src, args.dst, channels=args.channels, compression=args.compression,
-                             src_options=args.src_options, dst_options=args.dst_options,
-                             rows_per_unit=args.rows_per_unit, overwrite=args.overwrite,
-                             progress=sys.stderr.isatty(), command=command.replace("'python -m jobs.store copy'",
-                                                                                   "python -m jobs.store copy"))
+        command = " ".join(
+            shlex.quote(x)
+            for x in ["python -m jobs.store copy", args.src, args.dst]
+            + (["--channels", str(args.channels)] if args.channels else [])
+            + (["--compression", args.compression] if args.compression else [])
+        )
+        summary = copy_store(
+            args.src,
+            args.dst,
+            channels=args.channels,
+            compression=args.compression,
+            src_options=args.src_options,
+            dst_options=args.dst_options,
+            rows_per_unit=args.rows_per_unit,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+            command=command.replace("'python -m jobs.store copy'", "python -m jobs.store copy"),
+        )
         print(json.dumps(summary))
     elif args.cmd == "card":
         from pipeline.store.card import write_card
+
         card = write_card(args.store, args.storage_options)
-        print(f"wrote README.md and card.json into {args.store} ({card['holds']['usable_clips']} clips, "
-              f"{card['holds']['bytes'] / 2**20:.1f} MiB)")
+        print(
+            f"wrote README.md and card.json into {args.store} ({card['holds']['usable_clips']} clips, "
+            f"{card['holds']['bytes'] / 2**20:.1f} MiB)"
+        )
     elif args.cmd == "diagnose":
         from pipeline.store import diagnose as d
+
         reports = [d.diagnose(Store(s), args.max_clips or None) for s in args.stores]
         print(json.dumps(reports, indent=1) if args.json else d.table(reports))
         print(f"figure: {d.plot_png(reports, args.png)}", file=sys.stderr if args.json else sys.stdout)

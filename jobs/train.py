@@ -81,10 +81,13 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = field(default="1", metadata={
-        "help": "1, 2, baseline, repa, videorepa or all (1 -> rollout -> 2 -> baseline)"})
-    store: str = field(default="runs/demo/store.zarr",
-                       metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"})
+    stage: str = field(
+        default="1", metadata={"help": "1, 2, baseline, repa, videorepa or all (1 -> rollout -> 2 -> baseline)"}
+    )
+    store: str = field(
+        default="runs/demo/store.zarr",
+        metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"},
+    )
     val_store: str | None = field(default=None, metadata={"help": "evaluate on this store (else hold out scenes)"})
     run_dir: str = field(default="runs/demo/train", metadata={"help": "checkpoints and logs, one folder per stage"})
     stage1: dict = field(default_factory=dict, metadata={"help": "JSON: Stage 1 settings (StageConfig keys)"})
@@ -96,16 +99,22 @@ class TrainConfig:
     semantics: bool = field(default=True, metadata={"help": "--no-semantics: --stage 2 trains the Baseline"})
     val_clips: int = field(default=8, metadata={"help": "clips held out for evaluation when no --val-store"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
-    on_bad_clip: str = field(default="stop", metadata={
-        "help": "stop | skip: a missing or damaged chunk stops the run with one line, or the clip is skipped "
-                "and counted (skipped_clips in metrics.jsonl)"})
+    on_bad_clip: str = field(
+        default="stop",
+        metadata={
+            "help": "stop | skip: a missing or damaged chunk stops the run with one line, or the clip is skipped "
+            "and counted (skipped_clips in metrics.jsonl)"
+        },
+    )
     prefetch_factor: int = 2
     device: str = "auto"
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
     seed: int = 0
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoints"})
-    strict_resume: bool = field(default=False, metadata={
-        "help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"})
+    strict_resume: bool = field(
+        default=False,
+        metadata={"help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"},
+    )
     compile: bool = False
     amp: bool = True
     progress: bool = True
@@ -132,6 +141,7 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     from model.data import open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
+
     if cfg.val_store:
         val = open_stream(_sources(cfg.val_store), batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
@@ -157,75 +167,163 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
     sources = _sources(cfg.store)
     storage = cfg.storage_options or None
-    common = {"channels": sc.channels, "storage_options": storage, "rank": runtime.rank, "world": runtime.world,
-              "on_bad_clip": cfg.on_bad_clip}
+    common = {
+        "channels": sc.channels,
+        "storage_options": storage,
+        "rank": runtime.rank,
+        "world": runtime.world,
+        "on_bad_clip": cfg.on_bad_clip,
+    }
     probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, **common)
     channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
         task = (Stage1DiffusionTask if sc.diffusion else Stage1Task)(sc.model, geometry, channels, sc.model_overrides)
     elif stage in ("repa", "videorepa"):
-        task = AlignTask(stage, sc.model, geometry, channels, sc.model_overrides, sc.align,
-                         sample_steps=sc.sample_steps, sample_solver=sc.sample_solver, sample_clips=sc.sample_clips)
+        task = AlignTask(
+            stage,
+            sc.model,
+            geometry,
+            channels,
+            sc.model_overrides,
+            sc.align,
+            sample_steps=sc.sample_steps,
+            sample_solver=sc.sample_solver,
+            sample_clips=sc.sample_clips,
+        )
     else:
-        task = Stage2Task(sc.model, geometry, channels, sc.model_overrides, semantic=stage == "stage2",
-                          pred_p=sc.pred_p, nested_dropout=sc.nested_dropout, sample_steps=sc.sample_steps,
-                          sample_solver=sc.sample_solver, sample_clips=sc.sample_clips)
+        task = Stage2Task(
+            sc.model,
+            geometry,
+            channels,
+            sc.model_overrides,
+            semantic=stage == "stage2",
+            pred_p=sc.pred_p,
+            nested_dropout=sc.nested_dropout,
+            sample_steps=sc.sample_steps,
+            sample_solver=sc.sample_solver,
+            sample_clips=sc.sample_clips,
+        )
     per_rank, rem = divmod(sc.batch_size, runtime.world * sc.grad_accum)
     if rem or per_rank < 1:
-        raise SystemExit(f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
-                         f"{sc.grad_accum} accumulation steps")
+        raise SystemExit(
+            f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
+            f"{sc.grad_accum} accumulation steps"
+        )
     train_idx, val_sources, val_idx = _split(cfg, probe, common)
-    stream = open_stream(sources, batch_size=per_rank, clips=train_idx, with_pred=task.needs_pred_features,
-                         window=task.train_window, latents=task.needs_latents, seed=cfg.seed, **common)
+    stream = open_stream(
+        sources,
+        batch_size=per_rank,
+        clips=train_idx,
+        with_pred=task.needs_pred_features,
+        window=task.train_window,
+        latents=task.needs_latents,
+        seed=cfg.seed,
+        **common,
+    )
 
     def make_val():
         with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
         if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
             import itertools
-            val = open_stream(val_sources, batch_size=per_rank, shuffle=False, remainder="keep", loop=False,
-                              with_pred=with_pred, latents=task.needs_latents, **common)
+
+            val = open_stream(
+                val_sources,
+                batch_size=per_rank,
+                shuffle=False,
+                remainder="keep",
+                loop=False,
+                with_pred=with_pred,
+                latents=task.needs_latents,
+                **common,
+            )
             return itertools.islice(iter(val), 2)
-        val = open_stream(val_sources, batch_size=per_rank, clips=val_idx, shuffle=False, random_variant=False,
-                          remainder="keep", loop=False, with_pred=with_pred, latents=task.needs_latents, **common)
+        val = open_stream(
+            val_sources,
+            batch_size=per_rank,
+            clips=val_idx,
+            shuffle=False,
+            random_variant=False,
+            remainder="keep",
+            loop=False,
+            with_pred=with_pred,
+            latents=task.needs_latents,
+            **common,
+        )
         return iter(val)
 
     loop_cfg = LoopConfig(
-        steps=sc.steps, lr=sc.lr, schedule=sc.schedule, warmup_steps=sc.warmup_steps,
-        final_lr_ratio=sc.final_lr_ratio, betas=tuple(sc.betas), weight_decay=sc.weight_decay,
-        grad_clip=sc.grad_clip, grad_accum=sc.grad_accum, ema_decay=sc.ema_decay, compile=cfg.compile,
-        amp=cfg.amp, log_every=sc.log_every, eval_every=sc.eval_every, ckpt_every=sc.ckpt_every,
-        keep_checkpoints=sc.keep_checkpoints, strict_resume=cfg.strict_resume, seed=cfg.seed, progress=cfg.progress,
-        extra={"stage": stage, "store": sources, "val_store": cfg.val_store, "stage_config": asdict(sc)})
-    return train(task, loop_cfg, stream, Path(cfg.run_dir) / stage, runtime=runtime, make_val=make_val,
-                 resume=cfg.resume, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor)
+        steps=sc.steps,
+        lr=sc.lr,
+        schedule=sc.schedule,
+        warmup_steps=sc.warmup_steps,
+        final_lr_ratio=sc.final_lr_ratio,
+        betas=tuple(sc.betas),
+        weight_decay=sc.weight_decay,
+        grad_clip=sc.grad_clip,
+        grad_accum=sc.grad_accum,
+        ema_decay=sc.ema_decay,
+        compile=cfg.compile,
+        amp=cfg.amp,
+        log_every=sc.log_every,
+        eval_every=sc.eval_every,
+        ckpt_every=sc.ckpt_every,
+        keep_checkpoints=sc.keep_checkpoints,
+        strict_resume=cfg.strict_resume,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        extra={"stage": stage, "store": sources, "val_store": cfg.val_store, "stage_config": asdict(sc)},
+    )
+    return train(
+        task,
+        loop_cfg,
+        stream,
+        Path(cfg.run_dir) / stage,
+        runtime=runtime,
+        make_val=make_val,
+        resume=cfg.resume,
+        workers=cfg.workers,
+        prefetch_factor=cfg.prefetch_factor,
+    )
 
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
     from jobs.rollout import RolloutConfig, run_rollout
     from pipeline.store.open import is_webdataset
+
     storage = cfg.storage_options or None
     stores = _sources(cfg.store) + (_sources(cfg.val_store) if cfg.val_store else [])
     webdataset = [s for s in stores if is_webdataset(s, storage)]
     if webdataset:
-        raise SystemExit(f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
-                         "the Zarr store and export the shards again, then train --stage 2")
-    rcfg = RolloutConfig(checkpoint=str(Path(cfg.run_dir) / "stage1"), store=",".join(stores),
-                         batch_size=cfg.rollout_batch_size, chunk_rows=cfg.rollout_chunk_rows,
-                         device=cfg.device, threads=cfg.threads, amp=cfg.amp, progress=cfg.progress,
-                         storage_options=cfg.storage_options)
+        raise SystemExit(
+            f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
+            "the Zarr store and export the shards again, then train --stage 2"
+        )
+    rcfg = RolloutConfig(
+        checkpoint=str(Path(cfg.run_dir) / "stage1"),
+        store=",".join(stores),
+        batch_size=cfg.rollout_batch_size,
+        chunk_rows=cfg.rollout_chunk_rows,
+        device=cfg.device,
+        threads=cfg.threads,
+        amp=cfg.amp,
+        progress=cfg.progress,
+        storage_options=cfg.storage_options,
+    )
     return run_rollout(rcfg, runtime)
 
 
 def run(cfg: TrainConfig) -> dict:
     from model.data import ON_BAD_CLIP
     from model.runtime import init_runtime
+
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.on_bad_clip not in ON_BAD_CLIP:
         raise SystemExit(f"--on-bad-clip must be one of {ON_BAD_CLIP}, got {cfg.on_bad_clip!r}")
     if cfg.threads > 0:
         import torch
+
         torch.set_num_threads(cfg.threads)
     runtime = init_runtime(cfg.device)
     results = {}
@@ -242,6 +340,7 @@ def run(cfg: TrainConfig) -> dict:
             results[cfg.stage] = train_stage(cfg, cfg.stage, runtime)
     finally:
         import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
     if runtime.is_main:
@@ -254,8 +353,10 @@ def print_summary(results: dict) -> None:
     for stage, summary in results.items():
         if stage == "rollout":
             for r in summary:
-                print(f"rollout -> {r['store']}: {r['rows']} rows ({r['written']} written now), "
-                      f"checkpoint {r['fingerprint'][:12]}")
+                print(
+                    f"rollout -> {r['store']}: {r['rows']} rows ({r['written']} written now), "
+                    f"checkpoint {r['fingerprint'][:12]}"
+                )
             continue
         print(f"{stage}: step {summary['step']}, train loss {summary['loss']:.4g}, checkpoint {summary['checkpoint']}")
         rows: dict[str, dict[str, float]] = {}

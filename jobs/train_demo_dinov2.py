@@ -42,6 +42,7 @@ def render_set(split: str, seed: int, num_scenes: int, frames_per_scene: int, st
     """Frames uint8 [N, 144, 256, 3], patch class fractions float32 [N, h*w, C], patch inverse depth [N, h*w]."""
     from pipeline.sources import get_source
     from pipeline.sources.synthetic import CLASSES
+
     src = get_source("synthetic", split=split, seed=seed, num_scenes=num_scenes, frames_per_scene=frames_per_scene)
     gh, gw = grid_hw
     rows = np.arange(src.height) * gh // src.height
@@ -62,7 +63,7 @@ def render_set(split: str, seed: int, num_scenes: int, frames_per_scene: int, st
 
 
 def preprocess(encoder, frames: np.ndarray) -> torch.Tensor:
-    return torch.cat([encoder.preprocess(frames[i:i + 64]).half() for i in range(0, len(frames), 64)])
+    return torch.cat([encoder.preprocess(frames[i : i + 64]).half() for i in range(0, len(frames), 64)])
 
 
 def patch_features(encoder, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -83,23 +84,29 @@ def losses(probe, feats, fractions, inv_depth, depth_weight):
 def score(encoder, probe, frames, fractions, inv_depth, num_classes) -> dict:
     """Patch-level mIoU (majority class per patch) and depth error on sky-free patches."""
     from pipeline.sources.synthetic import SKY
+
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     errs = []
     for i in range(0, len(frames), 32):
-        out = probe(patch_features(encoder, frames[i:i + 32].float()))
-        pred, true = out[..., :-1].argmax(-1).reshape(-1), torch.from_numpy(fractions[i:i + 32]).argmax(-1).reshape(-1)
-        confusion += torch.bincount(true * num_classes + pred, minlength=num_classes ** 2).view(num_classes, -1)
-        inv = torch.from_numpy(inv_depth[i:i + 32]).reshape(-1)
+        out = probe(patch_features(encoder, frames[i : i + 32].float()))
+        pred, true = (
+            out[..., :-1].argmax(-1).reshape(-1),
+            torch.from_numpy(fractions[i : i + 32]).argmax(-1).reshape(-1),
+        )
+        confusion += torch.bincount(true * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
+        inv = torch.from_numpy(inv_depth[i : i + 32]).reshape(-1)
         est = (out[..., -1].reshape(-1) / 10).clamp(min=1e-3)
-        solid = torch.from_numpy(fractions[i:i + 32].reshape(-1, num_classes)[:, SKY] == 0)  # no sky pixel
+        solid = torch.from_numpy(fractions[i : i + 32].reshape(-1, num_classes)[:, SKY] == 0)  # no sky pixel
         errs.append(((1 / est - 1 / inv).abs() * inv)[solid])
     tp = confusion.diag().double()
     union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
     present = confusion.sum(1) > 0
     iou = (tp / union.clamp(min=1))[present]
-    return {"patch_miou": round(float(iou.mean()), 4),
-            "patch_iou": {int(c): round(float(v), 4) for c, v in zip(torch.nonzero(present).ravel(), iou)},
-            "depth_absrel": round(float(torch.cat(errs).mean()), 4)}
+    return {
+        "patch_miou": round(float(iou.mean()), 4),
+        "patch_iou": {int(c): round(float(v), 4) for c, v in zip(torch.nonzero(present).ravel(), iou)},
+        "depth_absrel": round(float(torch.cat(errs).mean()), 4),
+    }
 
 
 def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float], int]:
@@ -107,8 +114,9 @@ def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float],
     params = list(probe.parameters()) + (list(encoder.model.parameters()) if train_encoder else [])
     encoder.model.train(train_encoder).requires_grad_(train_encoder)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(s / args.steps, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * min(s / args.steps, 1.0)))
+    )
     rng = np.random.default_rng(args.seed)
     log = []
     gh, gw = encoder.grid_hw
@@ -132,8 +140,13 @@ def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float],
             else:
                 with torch.no_grad():
                     feats = patch_features(encoder, pixel_values)
-            loss, ce, mse = losses(probe, feats, torch.from_numpy(np.ascontiguousarray(f)),
-                                   torch.from_numpy(np.ascontiguousarray(d)), args.depth_weight)
+            loss, ce, mse = losses(
+                probe,
+                feats,
+                torch.from_numpy(np.ascontiguousarray(f)),
+                torch.from_numpy(np.ascontiguousarray(d)),
+                args.depth_weight,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -142,8 +155,11 @@ def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float],
         done = step + 1
         if step % 50 == 0 or step == args.steps - 1:
             log.append(round(loss.item(), 4))
-            print(f"{'encoder' if train_encoder else 'random probe'} step {step}: loss {loss.item():.4f} "
-                  f"(ce {ce.item():.4f}, inverse-depth mse {mse.item():.4f}) {time.time() - t0:.0f} s", flush=True)
+            print(
+                f"{'encoder' if train_encoder else 'random probe'} step {step}: loss {loss.item():.4f} "
+                f"(ce {ce.item():.4f}, inverse-depth mse {mse.item():.4f}) {time.time() - t0:.0f} s",
+                flush=True,
+            )
     encoder.model.eval().requires_grad_(False)
     return log, done
 
@@ -161,8 +177,12 @@ def main(argv=None) -> int:
     ap.add_argument("--frame-stride", type=int, default=2)
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--val-scenes", type=int, default=4)
-    ap.add_argument("--max-minutes", type=float, default=6.0,
-                    help="stop the encoder's training when it has run this long (the machine is shared); 0: no limit")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=6.0,
+        help="stop the encoder's training when it has run this long (the machine is shared); 0: no limit",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="weights stem (default pipeline/encoders/weights/demo_dinov2)")
@@ -173,11 +193,13 @@ def main(argv=None) -> int:
 
     from pipeline.encoders.dinov2 import PRESETS, TINY_CONFIG, DinoV2Encoder, tiny_dinov2_model
     from pipeline.sources.synthetic import CLASSES
+
     t0 = time.time()
     preset = PRESETS["demo"]
     encoder = DinoV2Encoder(tiny_dinov2_model(), **preset)  # trained from the tiny preset's random init
-    data = render_set("train", args.data_seed, args.train_scenes, args.frames_per_scene, args.frame_stride,
-                      encoder.grid_hw)
+    data = render_set(
+        "train", args.data_seed, args.train_scenes, args.frames_per_scene, args.frame_stride, encoder.grid_hw
+    )
     val = render_set("val", 0, args.val_scenes, args.frames_per_scene, args.frame_stride, encoder.grid_hw)
     # preprocessed once (the cache's resize and normalisation), kept as float16 to save memory
     data = (preprocess(encoder, data[0]), *data[1:])
@@ -186,8 +208,13 @@ def main(argv=None) -> int:
     n = len(CLASSES)
 
     random_probe = torch.nn.Linear(encoder.feature_dim, n + 1)
-    train(encoder, random_probe, data, argparse.Namespace(**{**vars(args), "steps": args.probe_steps,
-                                                             "max_minutes": 0}), False)
+    train(
+        encoder,
+        random_probe,
+        data,
+        argparse.Namespace(**{**vars(args), "steps": args.probe_steps, "max_minutes": 0}),
+        False,
+    )
     random_val = score(encoder, random_probe, *val, n)
     print("random tiny preset + probe:", random_val, flush=True)
 
@@ -202,18 +229,43 @@ def main(argv=None) -> int:
     stem = Path(args.out) if args.out else WEIGHTS_DIR / "demo_dinov2"
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_file(half, str(stem.with_suffix(".safetensors")))
-    save_file({k: v.detach().contiguous() for k, v in probe.state_dict().items()},
-              str(stem.parent / (stem.name + "_probe.safetensors")))
-    meta = {"config": dict(TINY_CONFIG), "training": {
-        "args": vars(args), "steps_done": steps_done, "classes": list(CLASSES), "loss_log": log,
-        "data": {"source": "synthetic", "split": "train", "seed": args.data_seed, "num_scenes": args.train_scenes,
-                 "frames_per_scene": args.frames_per_scene, "frame_stride": args.frame_stride,
-                 "frames": len(data[0])},
-        "val": {"source": "synthetic", "split": "val", "seed": 0, "num_scenes": args.val_scenes,
-                "frames": len(val[0]), "demo": demo_val, f"random_tiny_probe_{args.probe_steps}_steps": random_val},
-        "probe": "Linear(feature_dim, classes + 1): class logits, inverse depth x 10 m",
-        "parameters": sum(v.numel() for v in half.values()), "dtype": "float16",
-        "seconds": round(time.time() - t0, 1), "torch": torch.__version__, "threads": args.threads}}
+    save_file(
+        {k: v.detach().contiguous() for k, v in probe.state_dict().items()},
+        str(stem.parent / (stem.name + "_probe.safetensors")),
+    )
+    meta = {
+        "config": dict(TINY_CONFIG),
+        "training": {
+            "args": vars(args),
+            "steps_done": steps_done,
+            "classes": list(CLASSES),
+            "loss_log": log,
+            "data": {
+                "source": "synthetic",
+                "split": "train",
+                "seed": args.data_seed,
+                "num_scenes": args.train_scenes,
+                "frames_per_scene": args.frames_per_scene,
+                "frame_stride": args.frame_stride,
+                "frames": len(data[0]),
+            },
+            "val": {
+                "source": "synthetic",
+                "split": "val",
+                "seed": 0,
+                "num_scenes": args.val_scenes,
+                "frames": len(val[0]),
+                "demo": demo_val,
+                f"random_tiny_probe_{args.probe_steps}_steps": random_val,
+            },
+            "probe": "Linear(feature_dim, classes + 1): class logits, inverse depth x 10 m",
+            "parameters": sum(v.numel() for v in half.values()),
+            "dtype": "float16",
+            "seconds": round(time.time() - t0, 1),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+    }
     stem.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     print(f"wrote {stem}.safetensors / .json in {time.time() - t0:.0f} s")
     return 0

@@ -49,6 +49,7 @@ def render_clips(split: str, seed: int, num_scenes: int, frames_per_scene: int) 
     """uint8 [scenes, frames, 96, 160, 3]: the synthetic scenes, resized as the cache job resizes."""
     from pipeline.frames import resize_frames
     from pipeline.sources import get_source
+
     src = get_source("synthetic", split=split, seed=seed, num_scenes=num_scenes, frames_per_scene=frames_per_scene)
     out = []
     for scene in src.scenes():
@@ -65,7 +66,7 @@ def to_input(clips: np.ndarray) -> torch.Tensor:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between uint8-range tensors (one number over everything given)."""
     mse = ((a.float() - b.float()) ** 2).mean().item()
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+    return 10 * math.log10(255.0**2 / max(mse, 1e-10))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def evaluate(vae, clips: np.ndarray, clip_len: int = 25) -> tuple[float, list[fl
     scores = []
     for scene in clips:
         for s in range(0, len(scene) - clip_len + 1, clip_len - 1):
-            x = to_input(scene[None, s:s + clip_len])
+            x = to_input(scene[None, s : s + clip_len])
             y = vae.decode(vae.encode(x).latent_dist.mean).sample
             scores.append(psnr(to_uint8(y), to_uint8(x)))
     return float(np.mean(scores)), scores
@@ -90,7 +91,7 @@ def latent_stats(vae, clips: np.ndarray, clip_len: int = 25) -> tuple[list[float
     zs = []
     for scene in clips:
         for s in range(0, len(scene) - clip_len + 1, clip_len - 1):
-            z = vae.encode(to_input(scene[None, s:s + clip_len])).latent_dist.mean  # [1, 16, t, h, w]
+            z = vae.encode(to_input(scene[None, s : s + clip_len])).latent_dist.mean  # [1, 16, t, h, w]
             zs.append(z.transpose(0, 1).reshape(z.shape[1], -1))
     z = torch.cat(zs, dim=1).double()
     return [round(float(v), 5) for v in z.mean(1)], [round(float(v), 5) for v in z.std(1)]
@@ -99,9 +100,12 @@ def latent_stats(vae, clips: np.ndarray, clip_len: int = 25) -> tuple[list[float
 def train_phase(vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, T: int, crop, lr: float, args):
     """AdamW, linear warm-up then cosine decay to 5 %; random windows, crops and flips (module docstring)."""
     from tqdm import tqdm
+
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
-        0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))) * 0.95 + 0.05))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))) * 0.95 + 0.05),
+    )
     ch, cw = crop
     bar = tqdm(range(steps), desc=f"train demo VAE, {desc}", mininterval=10)
     for _ in bar:
@@ -112,12 +116,12 @@ def train_phase(vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, 
         flips = rng.random(batch) < 0.5
         clips = []
         for i in range(batch):
-            c = train[idx[i], starts[i]:starts[i] + T, ys[i]:ys[i] + ch, xs[i]:xs[i] + cw]
+            c = train[idx[i], starts[i] : starts[i] + T, ys[i] : ys[i] + ch, xs[i] : xs[i] + cw]
             clips.append(c[:, :, ::-1] if flips[i] else c)
         x = to_input(np.stack(clips))
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
-        kl = 0.5 * (post.mean ** 2 + post.var - 1.0 - post.logvar).mean()
+        kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
         rec = (y - x).abs().mean()
         loss = rec + args.mse_weight * ((y - x) ** 2).mean() + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -125,8 +129,12 @@ def train_phase(vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, 
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.2f}",
-                        psnr=f"{psnr(to_uint8(y.detach()), to_uint8(x)):.2f}", refresh=False)
+        bar.set_postfix(
+            l1=f"{rec.item():.4f}",
+            kl=f"{kl.item():.2f}",
+            psnr=f"{psnr(to_uint8(y.detach()), to_uint8(x)):.2f}",
+            refresh=False,
+        )
 
 
 def _training_of(weights: str) -> dict | None:
@@ -136,8 +144,9 @@ def _training_of(weights: str) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.train_demo_vae", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.train_demo_vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-dim", type=int, default=14)
     p.add_argument("--num-res-blocks", type=int, default=1)
     p.add_argument("--steps", type=int, default=650)
@@ -145,14 +154,23 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=5, help="frames per training window (1 + 4k)")
     p.add_argument("--crop", type=int, nargs=2, default=[64, 96], help="training crop h w (multiples of 8)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--long-steps", type=int, default=250, help="phase 2: steps on 25-frame windows (the causal "
-                   "VAE drifts on later chunks when it only ever saw 5 frames)")
+    p.add_argument(
+        "--long-steps",
+        type=int,
+        default=250,
+        help="phase 2: steps on 25-frame windows (the causal "
+        "VAE drifts on later chunks when it only ever saw 5 frames)",
+    )
     p.add_argument("--long-batch", type=int, default=1)
     p.add_argument("--long-frames", type=int, default=25)
     p.add_argument("--long-crop", type=int, nargs=2, default=[48, 64])
     p.add_argument("--long-lr", type=float, default=3e-4)
-    p.add_argument("--init", default=None, help="start from these weights (.safetensors) instead of phase 1; "
-                   "with --steps 0 this resumes phase 2 from a saved phase 1")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from these weights (.safetensors) instead of phase 1; "
+        "with --steps 0 this resumes phase 2 from a saved phase 1",
+    )
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--mse-weight", type=float, default=1.0)
     p.add_argument("--kl-weight", type=float, default=1e-4)
@@ -168,14 +186,18 @@ def main(argv=None) -> int:
 
     from diffusers import AutoencoderKLWan
     from safetensors.torch import load_file, save_file
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
     train = render_clips("train", args.data_seed, args.train_scenes, args.frames_per_scene)
     val = render_clips("val", 0, args.val_scenes, args.frames_per_scene)
-    print(f"rendered {train.shape[0]} train / {val.shape[0]} val scenes of {train.shape[1]} frames "
-          f"in {time.time() - t0:.0f} s", flush=True)
+    print(
+        f"rendered {train.shape[0]} train / {val.shape[0]} val scenes of {train.shape[1]} frames "
+        f"in {time.time() - t0:.0f} s",
+        flush=True,
+    )
 
     vae = AutoencoderKLWan(base_dim=args.base_dim, num_res_blocks=args.num_res_blocks, z_dim=16)
     n_params = sum(q.numel() for q in vae.parameters())
@@ -183,8 +205,10 @@ def main(argv=None) -> int:
     if args.init:
         vae.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
         print(f"phase 1 skipped: starting from {args.init}", flush=True)
-    phases = [("short windows", args.steps, args.batch, args.frames, args.crop, args.lr),
-              ("25-frame windows", args.long_steps, args.long_batch, args.long_frames, args.long_crop, args.long_lr)]
+    phases = [
+        ("short windows", args.steps, args.batch, args.frames, args.crop, args.lr),
+        ("25-frame windows", args.long_steps, args.long_batch, args.long_frames, args.long_crop, args.long_lr),
+    ]
     vae.train()
     for desc, steps, batch, frames, crop, lr in phases:
         if steps > 0:
@@ -196,32 +220,62 @@ def main(argv=None) -> int:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
     vae.load_state_dict({k: v.float() for k, v in state.items()})
     val_psnr, per_clip = evaluate(vae, val)
-    mean, std = latent_stats(vae, train[:args.stats_scenes])
-    print(f"val PSNR (posterior mean, 25-frame clips, synthetic val seed 0): {val_psnr:.2f} dB "
-          f"(per clip {', '.join(f'{s:.2f}' for s in per_clip)})", flush=True)
+    mean, std = latent_stats(vae, train[: args.stats_scenes])
+    print(
+        f"val PSNR (posterior mean, 25-frame clips, synthetic val seed 0): {val_psnr:.2f} dB "
+        f"(per clip {', '.join(f'{s:.2f}' for s in per_clip)})",
+        flush=True,
+    )
 
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     config.update(latents_mean=mean, latents_std=std)
-    meta = {"config": config, "training": {
-        "steps": args.steps + args.long_steps, "seed": args.seed, "args": vars(args) | {"out": None},
-        "data": {"source": "synthetic", "split": "train", "seed": args.data_seed, "num_scenes": args.train_scenes,
-                 "stats_scenes": args.stats_scenes, "frames_per_scene": args.frames_per_scene,
-                 "resized_to": list(INPUT_HW)},
-        "val": {"source": "synthetic", "split": "val", "seed": 0, "num_scenes": args.val_scenes,
-                "clip_frames": 25, "psnr_db": round(val_psnr, 3), "psnr_per_clip": [round(s, 3) for s in per_clip]},
-        "phases": [{"name": d, "steps": st, "batch": b, "frames": f, "crop": list(c), "lr": lr}
-                   for d, st, b, f, c, lr in phases],
-        "init": None if not args.init else {"file": Path(args.init).name, "training": _training_of(args.init)},
-        "parameters": n_params, "dtype": "float16", "seconds": round(train_seconds, 1),
-        "torch": torch.__version__, "threads": args.threads}}
+    meta = {
+        "config": config,
+        "training": {
+            "steps": args.steps + args.long_steps,
+            "seed": args.seed,
+            "args": vars(args) | {"out": None},
+            "data": {
+                "source": "synthetic",
+                "split": "train",
+                "seed": args.data_seed,
+                "num_scenes": args.train_scenes,
+                "stats_scenes": args.stats_scenes,
+                "frames_per_scene": args.frames_per_scene,
+                "resized_to": list(INPUT_HW),
+            },
+            "val": {
+                "source": "synthetic",
+                "split": "val",
+                "seed": 0,
+                "num_scenes": args.val_scenes,
+                "clip_frames": 25,
+                "psnr_db": round(val_psnr, 3),
+                "psnr_per_clip": [round(s, 3) for s in per_clip],
+            },
+            "phases": [
+                {"name": d, "steps": st, "batch": b, "frames": f, "crop": list(c), "lr": lr}
+                for d, st, b, f, c, lr in phases
+            ],
+            "init": None if not args.init else {"file": Path(args.init).name, "training": _training_of(args.init)},
+            "parameters": n_params,
+            "dtype": "float16",
+            "seconds": round(train_seconds, 1),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out.with_suffix(".safetensors")), metadata={"format": "pt"})
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     assert load_file(str(out.with_suffix(".safetensors"))).keys() == state.keys()
     size = out.with_suffix(".safetensors").stat().st_size
-    print(f"wrote {out.with_suffix('.safetensors')} ({size / 1e6:.2f} MB) and {out.with_suffix('.json')} "
-          f"in {time.time() - t0:.0f} s; val PSNR {val_psnr:.2f} dB", flush=True)
+    print(
+        f"wrote {out.with_suffix('.safetensors')} ({size / 1e6:.2f} MB) and {out.with_suffix('.json')} "
+        f"in {time.time() - t0:.0f} s; val PSNR {val_psnr:.2f} dB",
+        flush=True,
+    )
     return 0
 
 

@@ -69,6 +69,7 @@ def frame_labels(store, labels: str, annotated_frame: int):
     """[(clip row, feature index, {"seg": uint8 [H, W] or None, "depth": float32 [H, W] or None})], class names."""
     from inference.labels import Labels
     from pipeline.sources.reopen import reopen_source
+
     g = store.geometry
     out = []
     if labels == "source":
@@ -116,6 +117,7 @@ def load_frames(store, labels: str, annotated_frame: int, max_clips: int | None)
 
 def head_config(cfg: TrainDPTConfig, task: str, feature_dim: int, num_classes: int):
     from inference.dpt import DPTConfig
+
     make = DPTConfig.paper if cfg.head == "paper" else DPTConfig.tiny
     extra = {"in_dim": feature_dim // 4, "num_classes": num_classes if task == "segmentation" else cfg.depth_bins}
     if task == "depth":
@@ -132,7 +134,7 @@ def targets(labels: list[dict], task: str, size, head_cfg) -> torch.Tensor:
         else:
             d = torch.from_numpy(np.array(lab["depth"], np.float32))
             lo, hi = math.log(head_cfg.depth_min), math.log(head_cfg.depth_max)
-            b = ((d.clamp(head_cfg.depth_min, head_cfg.depth_max).log() - lo) / (hi - lo) * head_cfg.num_classes)
+            b = (d.clamp(head_cfg.depth_min, head_cfg.depth_max).log() - lo) / (hi - lo) * head_cfg.num_classes
             m = b.long().clamp(0, head_cfg.num_classes - 1)
             m[~torch.isfinite(d)] = IGNORE
         maps.append(F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long())
@@ -149,11 +151,12 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 @torch.no_grad()
 def score(head, feats: np.ndarray, labels: list[dict], task: str) -> dict:
     from inference.dpt import depth_metrics, miou, segmentation_confusion, split_blocks
+
     head.eval()
     conf, sums = None, {}
     for j in range(len(feats)):
         lab = labels[j]["seg"] if task == "segmentation" else labels[j]["depth"]
-        pred = head.predict(split_blocks(torch.from_numpy(feats[j: j + 1])), size=lab.shape[:2])[0]
+        pred = head.predict(split_blocks(torch.from_numpy(feats[j : j + 1])), size=lab.shape[:2])[0]
         target = torch.from_numpy(np.array(lab))
         if task == "segmentation":
             c = segmentation_confusion(pred, target, head.cfg.num_classes)
@@ -170,6 +173,7 @@ def score(head, feats: np.ndarray, labels: list[dict], task: str) -> dict:
 def run_train_dpt(cfg: TrainDPTConfig) -> dict:
     from inference.dpt import DPTHead, save_head, split_blocks
     from pipeline.store.reader import Store
+
     t0 = time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -181,8 +185,13 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
     store = Store(cfg.store)
     feats, labels, names = load_frames(store, cfg.labels, cfg.annotated_frame, cfg.max_clips)
     val = load_frames(Store(cfg.val_store), cfg.labels, cfg.annotated_frame, cfg.max_clips) if cfg.val_store else None
-    log.info("%d labelled frames of %s (%d classes)%s", len(feats), cfg.store, len(names),
-             f", {len(val[0])} of {cfg.val_store}" if val else "")
+    log.info(
+        "%d labelled frames of %s (%d classes)%s",
+        len(feats),
+        cfg.store,
+        len(names),
+        f", {len(val[0])} of {cfg.val_store}" if val else "",
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"config": asdict(cfg), "classes": names, "frames": len(feats), "heads": {}}
@@ -202,7 +211,7 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
         for _ in range(cfg.epochs):
             order, epoch_loss = torch.randperm(len(feats), generator=g), []
             for s in range(0, len(feats), cfg.batch_size):
-                idx = order[s: s + cfg.batch_size]
+                idx = order[s : s + cfg.batch_size]
                 logits = head(split_blocks(torch.from_numpy(feats[idx.numpy()])))
                 loss = F.cross_entropy(logits, y[idx], ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
@@ -214,8 +223,12 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
         name = "seg" if task == "segmentation" else "depth"
         path = save_head(out / f"{name}.safetensors", head)
         scored = score(head, *(val[:2] if val else (feats, labels)), task)
-        summary["heads"][name] = {"path": str(path), "loss_per_epoch": losses, "steps": total,
-                                  ("val" if val else "train_frames"): scored}
+        summary["heads"][name] = {
+            "path": str(path),
+            "loss_per_epoch": losses,
+            "steps": total,
+            ("val" if val else "train_frames"): scored,
+        }
         log.info("%s head: loss %.4f -> %.4f, %s", task, losses[0], losses[-1], scored)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -227,8 +240,10 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(TrainDPTConfig, "train_dpt", argv, description=__doc__)
     s = run_train_dpt(cfg)
     for name, h in s["heads"].items():
-        print(f"{name}: {h['path']} loss {h['loss_per_epoch'][0]:.4g} -> {h['loss_per_epoch'][-1]:.4g} "
-              f"{h.get('val') or h.get('train_frames')}")
+        print(
+            f"{name}: {h['path']} loss {h['loss_per_epoch'][0]:.4g} -> {h['loss_per_epoch'][-1]:.4g} "
+            f"{h.get('val') or h.get('train_frames')}"
+        )
     return 0
 
 

@@ -69,8 +69,16 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, state: dict, meta: dict,
-                    ema: torch.nn.Module | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    state: dict,
+    meta: dict,
+    ema: torch.nn.Module | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoints/step-{step}, point latest.json at it, keep the newest `keep` checkpoints.
     Returns the checkpoint folder. Call on one rank only."""
     run_dir = Path(run_dir)
@@ -124,8 +132,10 @@ def check_run_dir(run_dir) -> None:
         raise CheckpointError(f"{run_dir} is a file, not a run folder")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_MARKS):
         shown = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
-        raise CheckpointError(f"{run_dir} is not empty and is not a re2pix run (it holds {shown}, and no "
-                              f"{LATEST}, checkpoints/ or metrics.jsonl): choose a new or empty --run-dir")
+        raise CheckpointError(
+            f"{run_dir} is not empty and is not a re2pix run (it holds {shown}, and no "
+            f"{LATEST}, checkpoints/ or metrics.jsonl): choose a new or empty --run-dir"
+        )
 
 
 def has_checkpoints(run_dir) -> bool:
@@ -140,8 +150,9 @@ def resolve_checkpoint(path) -> Path:
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with "
-                              f"{LATEST}: train first (make train)")
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no meta.json) nor a run directory with {LATEST}: train first (make train)"
+        )
     return ckpt
 
 
@@ -164,8 +175,10 @@ def load_weights(ckpt, which: str = "model", device="cpu") -> dict[str, torch.Te
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged, or "
-                              "not one written by re2pix (its weights are never pickles)") from e
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged, or "
+            "not one written by re2pix (its weights are never pickles)"
+        ) from e
 
 
 def load_state(ckpt) -> dict:
@@ -174,8 +187,10 @@ def load_state(ckpt) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects that weights-only loading refuses (only tensors and plain "
-                              "values are loaded, never code): not a re2pix checkpoint") from e
+        raise CheckpointError(
+            f"{path} holds objects that weights-only loading refuses (only tensors and plain "
+            "values are loaded, never code): not a re2pix checkpoint"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
 
@@ -190,8 +205,10 @@ def verify_checkpoint(ckpt) -> dict:
         if recorded is None and which == "ema":
             continue
         if weights_fingerprint(load_weights(ckpt, which)) != recorded:
-            raise CheckpointError(f"{ckpt}/{which}.safetensors does not match the fingerprint its meta.json "
-                                  "recorded: the checkpoint is damaged")
+            raise CheckpointError(
+                f"{ckpt}/{which}.safetensors does not match the fingerprint its meta.json "
+                "recorded: the checkpoint is damaged"
+            )
     load_state(ckpt)
     return meta
 
@@ -213,8 +230,9 @@ def find_resumable(run_dir, strict: bool = False) -> tuple[Path | None, list[tup
             continue
         return ckpt, skipped
     if skipped:
-        raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); "
-                              "choose another --run-dir to start over")
+        raise CheckpointError(
+            f"{run_dir}: no intact checkpoint to resume from ({skipped[0][1]}); choose another --run-dir to start over"
+        )
     if (run_dir / LATEST).exists():
         raise CheckpointError(f"{run_dir / LATEST} exists but {run_dir / 'checkpoints'} holds no checkpoint")
     return None, skipped
@@ -233,6 +251,8 @@ def load_verified(path, tasks: tuple[str, ...], weights: str = "auto") -> tuple[
     state = load_weights(ckpt, weights)
     fingerprint = weights_fingerprint(state)
     if fingerprint != meta.get(f"{weights}_fingerprint"):
-        raise CheckpointError(f"{ckpt}/{weights}.safetensors does not match the fingerprint its meta.json "
-                              "recorded: the checkpoint is damaged")
+        raise CheckpointError(
+            f"{ckpt}/{weights}.safetensors does not match the fingerprint its meta.json "
+            "recorded: the checkpoint is damaged"
+        )
     return ckpt, meta, state, fingerprint

@@ -61,14 +61,17 @@ log = logging.getLogger("re2pix.data")
 
 REMAINDERS = ("drop", "pad", "keep")
 ON_BAD_CLIP = ("stop", "skip")
-MISSING_PRED = ("{where} has no finished clips/pred_features, and this run needs them (Stage 2 mixed "
-                "supervision): run the rollout job on it first (make rollout), or set the mixing "
-                "probability to 0")
+MISSING_PRED = (
+    "{where} has no finished clips/pred_features, and this run needs them (Stage 2 mixed "
+    "supervision): run the rollout job on it first (make rollout), or set the mixing "
+    "probability to 0"
+)
 
 
 def rank_and_world() -> tuple[int, int]:
     """This process's DDP rank and the world size (0, 1 outside torch.distributed)."""
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -76,6 +79,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def _wds_manifest(folder: str, storage_options: dict | None = None) -> dict:
     from pipeline.store.wds import read_wds_manifest
+
     return read_wds_manifest(folder, storage_options)
 
 
@@ -84,7 +88,8 @@ def has_pred_features(sources, storage_options: dict | None = None) -> bool:
     for s in [sources] if isinstance(sources, str) else sources:
         if is_webdataset(s, storage_options):
             if not _wds_manifest(expand_shards(s, storage_options)[0], storage_options)["webdataset"].get(
-                    "has_pred_features"):
+                "has_pred_features"
+            ):
                 return False
         elif not Store(s, storage_options).has_pred_features:
             return False
@@ -116,11 +121,24 @@ class ClipStream(IterableDataset):
 
     kind = ""
 
-    def __init__(self, sources: list[str], *, batch_size: int, channels: int | None = None, window: int | None = None,
-                 latents: bool = True, with_pred: bool = False, shuffle: bool = True, seed: int = 0,
-                 remainder: str = "drop", loop: bool = True,
-                 rank: int | None = None, world: int | None = None, storage_options: dict | None = None,
-                 on_bad_clip: str = "stop"):
+    def __init__(
+        self,
+        sources: list[str],
+        *,
+        batch_size: int,
+        channels: int | None = None,
+        window: int | None = None,
+        latents: bool = True,
+        with_pred: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        remainder: str = "drop",
+        loop: bool = True,
+        rank: int | None = None,
+        world: int | None = None,
+        storage_options: dict | None = None,
+        on_bad_clip: str = "stop",
+    ):
         if not sources:
             raise ValueError("a clip stream needs at least one store or WebDataset source")
         if batch_size < 1:
@@ -148,20 +166,30 @@ class ClipStream(IterableDataset):
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         c = self.store_channels if channels is None else int(channels)
         if not 0 < c <= self.store_channels:
-            raise ValueError(f"asked for {channels} feature channels; the {self.kind} source holds "
-                             f"{self.store_channels}")
+            raise ValueError(
+                f"asked for {channels} feature channels; the {self.kind} source holds {self.store_channels}"
+            )
         self.channels = c
         frames = self.geometry.latent_frames
         if window is not None and not 0 < window <= frames:
             raise ValueError(f"window must be in 1..{frames} feature frames, got {window}")
         self._plan_sizes()
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{self.num_clips} clips cannot fill one batch of {batch_size} on each of "
-                             f"{self.world} ranks: use a smaller batch or more clips")
+            raise ValueError(
+                f"{self.num_clips} clips cannot fill one batch of {batch_size} on each of "
+                f"{self.world} ranks: use a smaller batch or more clips"
+            )
         if self.rank == 0 and self.dropped_per_epoch:
             how = "dropped" if remainder == "drop" else "repeated (resampled)"
-            log.warning("%d of %d clips per epoch are %s so that each of %d ranks gets %d batches of %d",
-                        self.dropped_per_epoch, self.num_clips, how, self.world, self.batches_per_epoch, batch_size)
+            log.warning(
+                "%d of %d clips per epoch are %s so that each of %d ranks gets %d batches of %d",
+                self.dropped_per_epoch,
+                self.num_clips,
+                how,
+                self.world,
+                self.batches_per_epoch,
+                batch_size,
+            )
 
     # ---- what a reader provides ---------------------------------------------------------------------
     def _open_sources(self) -> tuple[dict, int, int]:
@@ -197,15 +225,24 @@ class ClipStream(IterableDataset):
 
     def state_dict(self) -> dict:
         """The position of the next batch: what a checkpoint stores to resume from."""
-        return {"epoch": self.position[0], "batch": self.position[1], "seed": self.seed, "skipped": self.skipped,
-                "batches_per_epoch": self.batches_per_epoch, "kind": self.kind}
+        return {
+            "epoch": self.position[0],
+            "batch": self.position[1],
+            "seed": self.seed,
+            "skipped": self.skipped,
+            "batches_per_epoch": self.batches_per_epoch,
+            "kind": self.kind,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state.get("skipped", 0))
         if state.get("batches_per_epoch") not in (None, self.batches_per_epoch):
-            log.warning("the checkpoint's epochs had %s batches, this stream's have %d (other stores, batch size "
-                        "or world size): resuming at the same epoch, batch index",
-                        state["batches_per_epoch"], self.batches_per_epoch)
+            log.warning(
+                "the checkpoint's epochs had %s batches, this stream's have %d (other stores, batch size "
+                "or world size): resuming at the same epoch, batch index",
+                state["batches_per_epoch"],
+                self.batches_per_epoch,
+            )
             self.position = (int(state["epoch"]), min(int(state["batch"]), self.batches_per_epoch - 1))
             return
         self.set_position(state["epoch"], state["batch"])
@@ -292,11 +329,22 @@ class ClipStream(IterableDataset):
         log.warning("skipping %s: %s", what, error)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "sources": self.sources, "clips": self.num_clips, "channels": self.channels,
-                "with_pred": self.with_pred, "batch_size": self.batch_size, "rank": self.rank, "world": self.world,
-                "batches_per_epoch": self.batches_per_epoch, "remainder": self.remainder,
-                "remainder_clips_per_epoch": self.dropped_per_epoch, "on_bad_clip": self.on_bad_clip,
-                "window": self.window, "latents": self.latents}
+        return {
+            "kind": self.kind,
+            "sources": self.sources,
+            "clips": self.num_clips,
+            "channels": self.channels,
+            "with_pred": self.with_pred,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world": self.world,
+            "batches_per_epoch": self.batches_per_epoch,
+            "remainder": self.remainder,
+            "remainder_clips_per_epoch": self.dropped_per_epoch,
+            "on_bad_clip": self.on_bad_clip,
+            "window": self.window,
+            "latents": self.latents,
+        }
 
     def _window_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n window starts (0 without a window: the whole clip)."""
@@ -358,8 +406,9 @@ class ZarrStream(ClipStream):
         rng = np.random.default_rng([self.seed, epoch])
         order = self.clips[rng.permutation(self.num_clips)] if self.shuffle else self.clips
         nv = self.store_variants[np.searchsorted(self.offsets, order, side="right") - 1]
-        variants = ((rng.random(len(order)) * nv).astype(np.int64) if self.random_variant
-                    else np.zeros(len(order), np.int64))
+        variants = (
+            (rng.random(len(order)) * nv).astype(np.int64) if self.random_variant else np.zeros(len(order), np.int64)
+        )
         starts = self._window_starts(rng, len(order))
         w, r = self.world, self.rank
         if self.remainder == "keep":
@@ -395,15 +444,22 @@ class ZarrStream(ClipStream):
         g, c, b = self.geometry, self.channels, len(clips)
         feats = self._buffer("features", (b, self._frames(), *g.feature_hw, c))  # [B, 7 (or window), H, W, c]
         lats = self._buffer("latents", (b, *g.latents_shape)) if self.latents else None  # [B, 16, 7, h, w]
-        preds = (self._buffer("pred_features", (b, g.future_latents, *g.feature_hw, c))  # [B, 3, H, W, c]
-                 if self.with_pred else None)
+        preds = (
+            self._buffer("pred_features", (b, g.future_latents, *g.feature_hw, c))  # [B, 3, H, W, c]
+            if self.with_pred
+            else None
+        )
         spare = iter(spare)
         taken, ids, skipped = [], [], 0
         for item in zip(clips, variants, starts):
             while item is not None:
                 n = len(ids)
-                cid = self._read_clip(*(int(x) for x in item), feats[n], None if lats is None else lats[n],
-                                      None if preds is None else preds[n])
+                cid = self._read_clip(
+                    *(int(x) for x in item),
+                    feats[n],
+                    None if lats is None else lats[n],
+                    None if preds is None else preds[n],
+                )
                 if cid is not None:
                     taken.append(item)
                     ids.append(cid)
@@ -432,8 +488,13 @@ class ZarrStream(ClipStream):
         k = int(np.searchsorted(self.offsets, clip, side="right") - 1)
         store, i = self._open()[k], clip - int(self.offsets[k])
         try:
-            store.read_features(i, self.channels, variant, out=feats.numpy(),
-                                frames=None if self.window is None else slice(start, start + self.window))
+            store.read_features(
+                i,
+                self.channels,
+                variant,
+                out=feats.numpy(),
+                frames=None if self.window is None else slice(start, start + self.window),
+            )
             if lats is not None:
                 store.read_latents(i, variant, out=lats.numpy())
             if preds is not None:
@@ -473,6 +534,7 @@ class WebDatasetStream(ClipStream):
 
     def _samples(self, urls):
         from pipeline.store.wds import iter_shard
+
         for url in urls:
             try:
                 yield from iter_shard(url, self.storage_options)
@@ -484,7 +546,7 @@ class WebDatasetStream(ClipStream):
         epoch, b = self.position
         start = epoch * self.batches_per_epoch + b
         if not self.loop:  # evaluation: every shard once, in order, split over ranks and workers
-            urls = self.urls[self.rank::self.world][worker::workers]
+            urls = self.urls[self.rank :: self.world][worker::workers]
             rng = np.random.default_rng([self.seed, 0, self.rank, worker])
             for j, group in enumerate(_chunks(self._samples(urls), self.batch_size)):
                 yield 0, j, self._batch(group, rng)
@@ -501,8 +563,10 @@ class WebDatasetStream(ClipStream):
         starts = self._window_starts(rng, b)
         frames = [slice(int(t), int(t) + self._frames()) for t in starts]
         if self.with_pred and any(s.pred_features is None for s in group):
-            raise StoreError(f"a shard sample has no pred_features although its manifest says so: "
-                             f"{[s.clip_id for s in group if s.pred_features is None][:3]}")
+            raise StoreError(
+                f"a shard sample has no pred_features although its manifest says so: "
+                f"{[s.clip_id for s in group if s.pred_features is None][:3]}"
+            )
         arrays = {"features": [s.features[f, ..., :c] for s, f in zip(group, frames)]}
         if self.latents:
             arrays["latents"] = [s.latents for s in group]
@@ -510,10 +574,15 @@ class WebDatasetStream(ClipStream):
             arrays["pred_features"] = [s.pred_features[..., :c] for s in group]
         batch = {k: self._stack(k, v) for k, v in arrays.items()}
         variants = self.manifest.get("variants", ["orig"])
-        batch.update(clip=torch.full((b,), -1, dtype=torch.int64), clip_id=[s.clip_id for s in group],
-                     variant=torch.as_tensor([variants.index(s.meta["variant"]) if s.meta.get("variant") in variants
-                                              else 0 for s in group], dtype=torch.int64),
-                     skipped=self._pending_skips)
+        batch.update(
+            clip=torch.full((b,), -1, dtype=torch.int64),
+            clip_id=[s.clip_id for s in group],
+            variant=torch.as_tensor(
+                [variants.index(s.meta["variant"]) if s.meta.get("variant") in variants else 0 for s in group],
+                dtype=torch.int64,
+            ),
+            skipped=self._pending_skips,
+        )
         if self.window is not None:
             batch["window_start"] = torch.as_tensor(starts, dtype=torch.int64)
         self._pending_skips = 0
@@ -563,12 +632,17 @@ def _shuffled(it, buffer: int, rng: np.random.Generator):
     yield from pool
 
 
-def make_loader(stream: ClipStream, workers: int = 0, prefetch_factor: int = 2,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(stream: ClipStream, workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a stream's batches: `workers` processes read ahead `prefetch_factor` batches
     each (the loop uses stream.batches(), which keeps the stream's position)."""
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=prefetch_factor if workers > 0 else None, persistent_workers=False)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+    )
 
 
 def split_by_scene(store: Store, holdout: int) -> tuple[np.ndarray, np.ndarray]:

@@ -68,22 +68,16 @@ Network = Callable[..., torch.Tensor]
 
 
 def _gen_device(generator: torch.Generator | None, device) -> torch.device:
-    return (
-        generator.device if generator is not None else torch.device(device if device is not None else "cpu")
-    )
+    return generator.device if generator is not None else torch.device(device if device is not None else "cpu")
 
 
 def _randn(shape, generator=None, device=None) -> torch.Tensor:
-    out = torch.randn(
-        tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=torch.float32
-    )
+    out = torch.randn(tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=torch.float32)
     return out.to(device) if device is not None else out
 
 
 def _rand(shape, generator=None, device=None) -> torch.Tensor:
-    out = torch.rand(
-        tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=torch.float32
-    )
+    out = torch.rand(tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=torch.float32)
     return out.to(device) if device is not None else out
 
 
@@ -161,9 +155,7 @@ def denoise(
         return v[:, None].expand(b, t)
 
     c_in = torch.where(mask, torch.ones_like(frame(pre["c_in"])), frame(pre["c_in"]))
-    c_noise = torch.where(
-        mask, torch.full_like(frame(pre["c_noise"]), CONTEXT_C_NOISE), frame(pre["c_noise"])
-    )
+    c_noise = torch.where(mask, torch.full_like(frame(pre["c_noise"]), CONTEXT_C_NOISE), frame(pre["c_noise"]))
     net_out = model(x * c_in[:, None, :, None, None], c_noise, mask, features).float()
     d = pre["c_skip"].view(b, 1, 1, 1, 1) * x + pre["c_out"].view(b, 1, 1, 1, 1) * net_out
     return torch.where(mask[:, None, :, None, None], x, d)
@@ -262,11 +254,7 @@ def mix_features(
         used = torch.zeros(b, dtype=torch.bool, device=gt_features.device)
         return (gt_features, used) if return_mask else gt_features
     n_pred = pred_features.shape[1]
-    if (
-        pred_features.shape[0] != b
-        or pred_features.shape[2:] != gt_features.shape[2:]
-        or n_pred > gt_features.shape[1]
-    ):
+    if pred_features.shape[0] != b or pred_features.shape[2:] != gt_features.shape[2:] or n_pred > gt_features.shape[1]:
         raise ValueError(
             f"pred_features {tuple(pred_features.shape)} do not match the future frames of gt_features "
             f"{tuple(gt_features.shape)}"

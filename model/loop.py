@@ -94,6 +94,7 @@ class Task(Protocol):
     def model_config(self) -> dict: ...
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor | tuple: ...
+
     # the loss, or (loss, {name: scalar tensor}) for terms logged beside it (REPA's alignment terms)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict], generator: torch.Generator) -> Means: ...
@@ -106,6 +107,7 @@ def step_seed(seed: int, step: int, micro: int, rank: int, purpose: int = 0) -> 
 
 def lr_factor(cfg: LoopConfig) -> Callable[[int], float]:
     """Multiplier of the base LR at optimizer step s: linear warmup over warmup_steps, then decay."""
+
     def factor(s: int) -> float:
         if s < cfg.warmup_steps:
             return (s + 1) / cfg.warmup_steps
@@ -115,6 +117,7 @@ def lr_factor(cfg: LoopConfig) -> Callable[[int], float]:
         progress = min(1.0, (s - cfg.warmup_steps) / span)
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
         return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * shape
+
     return factor
 
 
@@ -123,6 +126,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         import copy
+
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -144,13 +148,17 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():  # a resumed run: forget what came after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:
             pass
@@ -197,16 +205,21 @@ def build(task: Task, cfg: LoopConfig, runtime: Runtime) -> Trainee:
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(runtime.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return Trainee(model, EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer,
-                   torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg)))
+    return Trainee(
+        model,
+        EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg)),
+    )
 
 
 def resume_point(run_dir: Path, resume: bool, strict: bool, runtime: Runtime) -> Path | None:
     """The checkpoint this run continues from (None: a fresh run): the newest intact one (a damaged
     one is skipped with a warning, or stops the run when strict); the one place that chooses it."""
     if has_checkpoints(run_dir) and not resume:
-        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or "
-                              "choose another --run-dir")
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another --run-dir"
+        )
     ckpt, skipped = find_resumable(run_dir, strict) if resume else (None, [])
     for _, reason in skipped if runtime.is_main else ():
         log.warning("skipping a damaged checkpoint, resuming from the one before it: %s", reason)
@@ -217,8 +230,10 @@ def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device
     """Load a checkpoint into the trainee and the stream; (its step, the summary it recorded)."""
     meta = read_meta(ckpt)
     if meta.get("task") != task.name or meta.get("model_config") != task.model_config():
-        raise CheckpointError(f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
-                              f"this run builds {task.name} {task.model_config()}: use another --run-dir")
+        raise CheckpointError(
+            f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
+            f"this run builds {task.name} {task.model_config()}: use another --run-dir"
+        )
     trainee.model.load_state_dict(load_weights(ckpt, "model", device))
     if trainee.ema is not None:
         trainee.ema.model.load_state_dict(load_weights(ckpt, "ema", device))
@@ -233,12 +248,14 @@ def wrap(model: nn.Module, cfg: LoopConfig, runtime: Runtime) -> nn.Module:
     net = torch.compile(model) if cfg.compile else model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     return net
 
 
-def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopConfig, runtime: Runtime,
-               step: int) -> tuple[torch.Tensor, dict, torch.Tensor, float]:
+def train_step(
+    task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopConfig, runtime: Runtime, step: int
+) -> tuple[torch.Tensor, dict, torch.Tensor, float]:
     """One optimizer step over cfg.grad_accum micro-batches: (mean loss, mean logged terms, gradient norm
     before clipping (0 without clipping), seconds spent waiting for batches)."""
     net = trainee.net
@@ -260,8 +277,9 @@ def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopC
         total += loss.detach().float() / cfg.grad_accum
         for name, value in logged.items():
             terms[name] = terms.get(name, 0) + value.detach().float() / cfg.grad_accum
-    grad_norm = (nn.utils.clip_grad_norm_(trainee.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                 else torch.zeros(()))
+    grad_norm = (
+        nn.utils.clip_grad_norm_(trainee.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+    )
     trainee.optimizer.step()
     trainee.scheduler.step()
     if trainee.ema is not None:
@@ -269,8 +287,9 @@ def train_step(task: Task, trainee: Trainee, batches: Iterator[dict], cfg: LoopC
     return total, terms, grad_norm, waited
 
 
-def evaluate(task: Task, model: nn.Module, make_val: Callable[[], Iterable[dict]] | None, runtime: Runtime,
-             cfg: LoopConfig) -> dict[str, float]:
+def evaluate(
+    task: Task, model: nn.Module, make_val: Callable[[], Iterable[dict]] | None, runtime: Runtime, cfg: LoopConfig
+) -> dict[str, float]:
     if make_val is None:
         return {}
     was_training = model.training
@@ -298,16 +317,28 @@ class Window:
     def close(self) -> dict[str, float]:
         """clips_per_s, data_wait_s (per step, this rank) and data_share (of the wall time); restarts."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        out = {"clips_per_s": self.steps * self.clips_per_step / seconds,
-               "data_wait_s": self.waited / max(self.steps, 1), "data_share": self.waited / seconds}
+        out = {
+            "clips_per_s": self.steps * self.clips_per_step / seconds,
+            "data_wait_s": self.waited / max(self.steps, 1),
+            "data_share": self.waited / seconds,
+        }
         self.__init__(self.clips_per_step)
         return out
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: Runtime | None = None,
-          make_val: Callable[[], Iterable[dict]] | None = None, resume: bool = False, workers: int = 0,
-          prefetch_factor: int = 2) -> dict:
+def train(
+    task: Task,
+    cfg: LoopConfig,
+    stream: ClipStream,
+    run_dir,
+    *,
+    runtime: Runtime | None = None,
+    make_val: Callable[[], Iterable[dict]] | None = None,
+    resume: bool = False,
+    workers: int = 0,
+    prefetch_factor: int = 2,
+) -> dict:
     """Train `task` for cfg.steps optimizer steps on `stream` (this rank's batches). Returns a summary:
     step, last loss, final evaluation, checkpoint path and weight fingerprint.
 
@@ -326,17 +357,35 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     trainee.net = wrap(trainee.model, cfg, runtime)
     n_params = sum(p.numel() for p in trainee.model.parameters())
     clips_per_step = stream.batch_size * runtime.world * cfg.grad_accum
-    meta = {"task": task.name, "model_config": task.model_config(), "parameters": n_params,
-            "loop": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "config": cfg.extra,
-            "data": stream.describe()}
+    meta = {
+        "task": task.name,
+        "model_config": task.model_config(),
+        "parameters": n_params,
+        "loop": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "config": cfg.extra,
+        "data": stream.describe(),
+    }
     metrics = MetricsLog(run_dir, start, runtime.is_main)
     if runtime.is_main:
-        log.info("%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
-                 task.name, f"{n_params:,}", clips_per_step, stream.batch_size, runtime.world, cfg.grad_accum,
-                 json.dumps(stream.describe()))
+        log.info(
+            "%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
+            task.name,
+            f"{n_params:,}",
+            clips_per_step,
+            stream.batch_size,
+            runtime.world,
+            cfg.grad_accum,
+            json.dumps(stream.describe()),
+        )
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and runtime.is_main))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=task.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and runtime.is_main),
+    )
     batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
     trainee.net.train()
     window = Window(clips_per_step)
@@ -349,15 +398,25 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
             means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
-            record = {"kind": "train", "step": done, "loss": means["loss"], "lr": trainee.scheduler.get_last_lr()[0],
-                      "epoch": stream.position[0], "skipped_clips": round(means["skipped"] * runtime.world),
-                      **{k: means[k] for k in terms}, **window.close()}
+            record = {
+                "kind": "train",
+                "step": done,
+                "loss": means["loss"],
+                "lr": trainee.scheduler.get_last_lr()[0],
+                "epoch": stream.position[0],
+                "skipped_clips": round(means["skipped"] * runtime.world),
+                **{k: means[k] for k in terms},
+                **window.close(),
+            }
             if cfg.grad_clip > 0:
                 record["grad_norm"] = means["grad_norm"]
             metrics.write(record)
             summary["loss"] = record["loss"]
-            bar.set_postfix(loss=f"{record['loss']:.4g}", clips_s=f"{record['clips_per_s']:.1f}",
-                            data=f"{100 * record['data_share']:.0f}%")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4g}",
+                clips_s=f"{record['clips_per_s']:.1f}",
+                data=f"{100 * record['data_share']:.0f}%",
+            )
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
             summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
             if summary["eval"]:
@@ -370,19 +429,43 @@ def train(task: Task, cfg: LoopConfig, stream: ClipStream, run_dir, *, runtime: 
     batches.close()  # stops the DataLoader workers
     metrics.close()
     final = latest_checkpoint(run_dir)
-    return {"task": task.name, "step": cfg.steps, "loss": summary.get("loss", float("nan")),
-            "eval": summary.get("eval", {}), "checkpoint": str(final) if final else None,
-            "fingerprint": read_meta(final)["fingerprint"] if final else None}
+    return {
+        "task": task.name,
+        "step": cfg.steps,
+        "loss": summary.get("loss", float("nan")),
+        "eval": summary.get("eval", {}),
+        "checkpoint": str(final) if final else None,
+        "fingerprint": read_meta(final)["fingerprint"] if final else None,
+    }
 
 
-def save(run_dir: Path, step: int, trainee: Trainee, stream: ClipStream, meta: dict, summary: dict,
-         cfg: LoopConfig, runtime: Runtime) -> None:
+def save(
+    run_dir: Path,
+    step: int,
+    trainee: Trainee,
+    stream: ClipStream,
+    meta: dict,
+    summary: dict,
+    cfg: LoopConfig,
+    runtime: Runtime,
+) -> None:
     """A checkpoint at `step` (rank 0 writes it; every rank waits for it)."""
     if runtime.is_main:
-        state = {"optimizer": trainee.optimizer.state_dict(), "scheduler": trainee.scheduler.state_dict(),
-                 "data": stream.state_dict(), "summary": summary}
-        save_checkpoint(run_dir, step, model=trainee.model, ema=trainee.ema.model if trainee.ema else None,
-                        state=state, meta=meta, keep=cfg.keep_checkpoints)
+        state = {
+            "optimizer": trainee.optimizer.state_dict(),
+            "scheduler": trainee.scheduler.state_dict(),
+            "data": stream.state_dict(),
+            "summary": summary,
+        }
+        save_checkpoint(
+            run_dir,
+            step,
+            model=trainee.model,
+            ema=trainee.ema.model if trainee.ema else None,
+            state=state,
+            meta=meta,
+            keep=cfg.keep_checkpoints,
+        )
     runtime.barrier()
 
 

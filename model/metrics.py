@@ -63,6 +63,7 @@ class Means:
     def all_reduce(self) -> None:
         """Sum every rank's sums and counts (a rank that saw no samples takes part with zeros)."""
         import torch.distributed as dist
+
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         gathered: list = [None] * dist.get_world_size()

@@ -104,8 +104,9 @@ class Projector(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, out))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
@@ -121,8 +122,9 @@ class AlignedDiT(nn.Module):
     def __init__(self, dit: DiTConfig, align: AlignConfig) -> None:
         super().__init__()
         if dit.semantic:
-            raise ValueError("REPA and VideoREPA train the Baseline DiT (semantic=False): features enter "
-                             "only the alignment loss")
+            raise ValueError(
+                "REPA and VideoREPA train the Baseline DiT (semantic=False): features enter only the alignment loss"
+            )
         self.align_config = align
         self.depth = align.depth_for(dit.num_layers)
         self.dit = Re2PixDiT(dit)
@@ -168,8 +170,9 @@ def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -cos.flatten(1).mean(dim=1)
 
 
-def trd_loss(projected: torch.Tensor, target: torch.Tensor, spatial_margin: float = 0.1,
-             temporal_margin: float = 0.1) -> dict[str, torch.Tensor]:
+def trd_loss(
+    projected: torch.Tensor, target: torch.Tensor, spatial_margin: float = 0.1, temporal_margin: float = 0.1
+) -> dict[str, torch.Tensor]:
     """VideoREPA's token-relation distillation; [B, T, S, C] each -> {"trd", "trd_spatial",
     "trd_temporal"} per sample [B] (module docstring). With T = 1 there are no temporal pairs and
     "trd_temporal" is 0."""
@@ -198,12 +201,24 @@ def alignment_terms(projected: torch.Tensor, target: torch.Tensor, align: AlignC
         if align.method == "repa":
             return {"align_loss": -cos, "align_cos": cos}
         trd = trd_loss(projected, target, align.spatial_margin, align.temporal_margin)
-    return {"align_loss": trd["trd"], "align_cos": cos, "trd_spatial": trd["trd_spatial"],
-            "trd_temporal": trd["trd_temporal"]}
+    return {
+        "align_loss": trd["trd"],
+        "align_cos": cos,
+        "trd_spatial": trd["trd_spatial"],
+        "trd_temporal": trd["trd_temporal"],
+    }
 
 
-def training_loss(model, latents: torch.Tensor, features: torch.Tensor, align: AlignConfig,
-                  context_latents: int = 4, generator: torch.Generator | None = None, *, patch: int = 2):
+def training_loss(
+    model,
+    latents: torch.Tensor,
+    features: torch.Tensor,
+    align: AlignConfig,
+    context_latents: int = 4,
+    generator: torch.Generator | None = None,
+    *,
+    patch: int = 2,
+):
     """Denoising loss + lambda * alignment loss for an ``AlignedDiT`` (or DDP around one).
 
     latents [B, 16, T, h, w]; features [B, T, Hf, Wf, C] go to the target only (the denoiser is called

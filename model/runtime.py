@@ -32,8 +32,9 @@ class Runtime:
 
     def mean(self, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
         """Each value averaged over the ranks (one collective), as Python floats."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
-                         for v in values.values()])
+        t = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(()) for v in values.values()]
+        )
         if self.distributed:
             dist.all_reduce(t)
             t /= self.world
@@ -60,9 +61,11 @@ def init_runtime(device: str = "auto") -> Runtime:
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch to the device (asynchronously from pinned memory); stored float16 arrays become
     float32 there (the conversion on the CPU was a third of the loader's time)."""
+
     def move(v):
         v = v.to(device, non_blocking=True)
         return v.float() if v.is_floating_point() else v
+
     return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

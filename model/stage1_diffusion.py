@@ -94,8 +94,9 @@ class FeatureDenoiser(nn.Module):
         cfg = self.config
         b, c, t, h, w = x.shape
         if (c, t, (h, w)) != (cfg.num_pca_channels, cfg.num_frames, tuple(cfg.feature_hw)):
-            raise ValueError(f"expected x [B, {cfg.num_pca_channels}, {cfg.num_frames}, {cfg.feature_hw}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected x [B, {cfg.num_pca_channels}, {cfg.num_frames}, {cfg.feature_hw}], got {tuple(x.shape)}"
+            )
         dtype = self.input_proj.weight.dtype
         mask = context_mask.to(dtype)[:, :, None, None, None].expand(b, t, h, w, 1)
         tokens = self.input_proj(torch.cat([einops.rearrange(x.to(dtype), "b c t h w -> b t h w c"), mask], -1))
@@ -143,11 +144,17 @@ class FeatureDiffusion(nn.Module):
             raise ValueError(f"expected context [B, {cfg.context_frames}, H, W, C], got {tuple(context.shape)}")
         scale = context_scale(context)
         ctx = _layout(context.float() / scale)  # [B, C, 4, H, W]
-        noise = torch.stack([torch.randn(ctx.shape[1:2] + (1,) + ctx.shape[3:],
-                                         generator=torch.Generator().manual_seed(_clip_seed(clip[0])))
-                             for clip in context]).to(ctx.device)  # [B, C, 1, H, W]
-        out = diffusion.sample(self.net, ctx, None, num_steps=cfg.sample_steps, solver=cfg.sample_solver,
-                               num_future=1, initial_noise=noise)  # [B, C, 5, H, W]
+        noise = torch.stack(
+            [
+                torch.randn(
+                    ctx.shape[1:2] + (1,) + ctx.shape[3:], generator=torch.Generator().manual_seed(_clip_seed(clip[0]))
+                )
+                for clip in context
+            ]
+        ).to(ctx.device)  # [B, C, 1, H, W]
+        out = diffusion.sample(
+            self.net, ctx, None, num_steps=cfg.sample_steps, solver=cfg.sample_solver, num_future=1, initial_noise=noise
+        )  # [B, C, 5, H, W]
         return out[:, :, -1].permute(0, 2, 3, 1) * scale[:, 0]  # [B, H, W, C]
 
 

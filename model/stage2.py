@@ -224,9 +224,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 def timestep_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [..., dim] (cos half, then sin half) of c_noise [...], float32."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c_noise.device) / half)
     args = c_noise.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -278,9 +276,7 @@ class DiTBlock(nn.Module):
         self.mod_attn = LoRAModulation(cfg.dim, cfg.adaln_lora_rank, 3)
         self.mod_mlp = LoRAModulation(cfg.dim, cfg.adaln_lora_rank, 3)
 
-    def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, base: torch.Tensor, angles: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, base: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         # x: [B, T, S, dim] (S tokens per frame); emb: [B, T, dim]; base: [B, T, 3 dim]
         b, t, s, d = x.shape
         shift, scale, gate = (self.mod_attn(emb) + base).unsqueeze(2).chunk(3, dim=-1)
@@ -411,9 +407,7 @@ class Re2PixDiT(nn.Module):
 
         if self.feature_embedder is not None:
             if features is None:
-                raise ValueError(
-                    "the semantic DiT needs features (build DiTConfig(semantic=False) for the Baseline)"
-                )
+                raise ValueError("the semantic DiT needs features (build DiTConfig(semantic=False) for the Baseline)")
             if features.shape[0] != b or features.shape[1] != t:
                 raise ValueError(f"features must be [B={b}, T={t}, Hf, Wf, C], got {tuple(features.shape)}")
             tokens = tokens + self.embed_features(features, (hs, ws))  # early fusion: summed, same tokens
@@ -439,9 +433,9 @@ def features_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
     b, t, hf, wf, _ = features.shape
     maps = rearrange(features, "b t h w c -> (b t) c h w")
     if (hf, wf) != tuple(grid):
-        maps = F.interpolate(
-            maps.float(), size=tuple(grid), mode="bilinear", align_corners=False, antialias=False
-        ).to(features.dtype)
+        maps = F.interpolate(maps.float(), size=tuple(grid), mode="bilinear", align_corners=False, antialias=False).to(
+            features.dtype
+        )
     return rearrange(maps, "(b t) c h w -> b t (h w) c", b=b, t=t)
 
 
@@ -454,18 +448,12 @@ def parameter_breakdown(model: Re2PixDiT) -> dict[str, int]:
     blocks = model.blocks
     out = {
         "x_embedder": count(model.x_embedder.parameters()),
-        "feature_embedder": count(model.feature_embedder.parameters())
-        if model.feature_embedder is not None
-        else 0,
+        "feature_embedder": count(model.feature_embedder.parameters()) if model.feature_embedder is not None else 0,
         "t_embedder": count(model.t_embedder.parameters()),
-        "blocks.attention": count(
-            p for blk in blocks for n, p in blk.attn.named_parameters() if "norm" not in n
-        ),
+        "blocks.attention": count(p for blk in blocks for n, p in blk.attn.named_parameters() if "norm" not in n),
         "blocks.qk_norm": count(p for blk in blocks for n, p in blk.attn.named_parameters() if "norm" in n),
         "blocks.mlp": count(p for blk in blocks for p in blk.mlp.parameters()),
-        "blocks.adaln_lora": count(
-            p for blk in blocks for m in (blk.mod_attn, blk.mod_mlp) for p in m.parameters()
-        ),
+        "blocks.adaln_lora": count(p for blk in blocks for m in (blk.mod_attn, blk.mod_mlp) for p in m.parameters()),
         "final_layer": count(model.final_layer.parameters()),
     }
     out["total"] = count(model.parameters())

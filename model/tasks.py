@@ -27,8 +27,11 @@ class Stage1Task:
     needs_latents = False
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
-        data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
-                "context_frames": geometry.context_latents}
+        data = {
+            "num_pca_channels": channels,
+            "feature_hw": geometry.feature_hw,
+            "context_frames": geometry.context_latents,
+        }
         self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
 
@@ -36,7 +39,6 @@ class Stage1Task:
     def train_window(self) -> int:
         """Feature frames a training sample uses (context + target): the loader reads only those."""
         return self.config.context_frames + 1
-
 
     def build_model(self) -> stage1.MaskedFeatureTransformer:
         return stage1.MaskedFeatureTransformer(self.config)
@@ -61,10 +63,14 @@ class Stage1Task:
             pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # [B, 3, H, W, C]
             means.update(feature_metrics(pred, future, first_frame=n))
             copy = context[:, -1:].expand_as(future)
-            means.update({k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
-                         prefix="copy_last/")
-            losses = [stage1.loss(model(feats[:, t - n: t]), feats[:, t], self.config.smooth_l1_beta)
-                      for t in range(n, feats.shape[1])]
+            means.update(
+                {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
+                prefix="copy_last/",
+            )
+            losses = [
+                stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
+                for t in range(n, feats.shape[1])
+            ]
             means.update({"loss": torch.stack(losses).mean().expand(feats.shape[0])})
         return means
 
@@ -77,8 +83,11 @@ class Stage1DiffusionTask(Stage1Task):
     name = "stage1_diffusion"
 
     def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
-        data = {"num_pca_channels": channels, "feature_hw": geometry.feature_hw,
-                "context_frames": geometry.context_latents}
+        data = {
+            "num_pca_channels": channels,
+            "feature_hw": geometry.feature_hw,
+            "context_frames": geometry.context_latents,
+        }
         self.config = _preset(stage1_diffusion.DiffusionStage1Config, preset)(**{**data, **(overrides or {})})
         self.future = geometry.future_latents
 
@@ -98,10 +107,14 @@ class Stage1DiffusionTask(Stage1Task):
             pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # sampled: [B, 3, H, W, C]
             means.update(feature_metrics(pred, future, first_frame=n))
             copy = context[:, -1:].expand_as(future)
-            means.update({k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
-                         prefix="copy_last/")
-            losses = [stage1_diffusion.training_loss(model, feats[:, t - n: t], feats[:, t], generator)[1]
-                      ["loss_per_sample"] for t in range(n, feats.shape[1])]
+            means.update(
+                {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
+                prefix="copy_last/",
+            )
+            losses = [
+                stage1_diffusion.training_loss(model, feats[:, t - n : t], feats[:, t], generator)[1]["loss_per_sample"]
+                for t in range(n, feats.shape[1])
+            ]
             means.update({"loss": torch.stack(losses).mean(dim=0)})
         return means
 
@@ -115,9 +128,20 @@ class Stage2Task:
     needs_latents = True
     train_window = None  # every feature frame of a clip
 
-    def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None, *,
-                 semantic: bool = True, pred_p: float = 0.1, nested_dropout: bool = True,
-                 sample_steps: int = 10, sample_solver: str = "heun", sample_clips: int = 4):
+    def __init__(
+        self,
+        preset: str,
+        geometry: Geometry,
+        channels: int,
+        overrides: dict | None = None,
+        *,
+        semantic: bool = True,
+        pred_p: float = 0.1,
+        nested_dropout: bool = True,
+        sample_steps: int = 10,
+        sample_solver: str = "heun",
+        sample_clips: int = 4,
+    ):
         data = {"feature_channels": channels, "latent_channels": geometry.latent_channels, "semantic": semantic}
         self.config = _preset(stage2.DiTConfig, preset)(**{**data, **(overrides or {})})
         self.name = "stage2" if semantic else "baseline"
@@ -157,7 +181,7 @@ class Stage2Task:
             _, logs = diffusion.training_loss(model, latents, feats, m, generator)
             means.update({"loss": logs["loss_per_sample"]})
             future = latents[:, :, m:].float()
-            means.update({"copy_last_mse": (latents[:, :, m - 1: m].float() - future).pow(2).mean(dim=(1, 2, 3, 4))})
+            means.update({"copy_last_mse": (latents[:, :, m - 1 : m].float() - future).pow(2).mean(dim=(1, 2, 3, 4))})
             if sampled >= self.sample_clips:
                 continue
             sampled += latents.shape[0]
@@ -171,9 +195,15 @@ class Stage2Task:
 
     def _sample_mse(self, model, latents, feats, generator) -> torch.Tensor:
         m = self.context_latents
-        out = diffusion.sample(model, latents[:, :, :m], feats, num_steps=self.sample_steps,
-                               solver=self.sample_solver, generator=generator,
-                               num_future=latents.shape[2] - m)
+        out = diffusion.sample(
+            model,
+            latents[:, :, :m],
+            feats,
+            num_steps=self.sample_steps,
+            solver=self.sample_solver,
+            generator=generator,
+            num_future=latents.shape[2] - m,
+        )
         return (out[:, :, m:] - latents[:, :, m:].float()).pow(2).mean(dim=(1, 2, 3, 4))
 
 
@@ -183,11 +213,31 @@ class AlignTask(Stage2Task):
     the DiT. Evaluated as the Baseline (same fixed-noise validation loss and samples), plus the
     alignment terms on the validation clips."""
 
-    def __init__(self, method: str, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None,
-                 align: dict | None = None, *, sample_steps: int = 10, sample_solver: str = "heun",
-                 sample_clips: int = 4):
-        super().__init__(preset, geometry, channels, overrides, semantic=False, pred_p=0.0, nested_dropout=False,
-                         sample_steps=sample_steps, sample_solver=sample_solver, sample_clips=sample_clips)
+    def __init__(
+        self,
+        method: str,
+        preset: str,
+        geometry: Geometry,
+        channels: int,
+        overrides: dict | None = None,
+        align: dict | None = None,
+        *,
+        sample_steps: int = 10,
+        sample_solver: str = "heun",
+        sample_clips: int = 4,
+    ):
+        super().__init__(
+            preset,
+            geometry,
+            channels,
+            overrides,
+            semantic=False,
+            pred_p=0.0,
+            nested_dropout=False,
+            sample_steps=sample_steps,
+            sample_solver=sample_solver,
+            sample_clips=sample_clips,
+        )
         self.name = method
         self.align = _preset(repa.AlignConfig, preset)(**{**(align or {}), "method": method})
 
@@ -198,8 +248,15 @@ class AlignTask(Stage2Task):
         return {"dit": _jsonable(dataclasses.asdict(self.config)), "align": dataclasses.asdict(self.align)}
 
     def loss(self, model, batch: dict, generator: torch.Generator):
-        loss, logs = repa.training_loss(model, batch["latents"], batch["features"], self.align, self.context_latents,
-                                        generator, patch=self.config.patch_spatial)
+        loss, logs = repa.training_loss(
+            model,
+            batch["latents"],
+            batch["features"],
+            self.align,
+            self.context_latents,
+            generator,
+            patch=self.config.patch_spatial,
+        )
         return loss, {k: v.mean() for k, v in logs.items()}
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
@@ -210,8 +267,15 @@ class AlignTask(Stage2Task):
 
         def observed():
             for batch in batches:
-                _, logs = repa.training_loss(model, batch["latents"], batch["features"], self.align,
-                                             self.context_latents, align_gen, patch=self.config.patch_spatial)
+                _, logs = repa.training_loss(
+                    model,
+                    batch["latents"],
+                    batch["features"],
+                    self.align,
+                    self.context_latents,
+                    align_gen,
+                    patch=self.config.patch_spatial,
+                )
                 terms.append({k: v for k, v in logs.items() if k != "denoising_loss"})
                 yield batch
 

@@ -83,9 +83,12 @@ class PCAAccumulator:
         components = eigvec[:, order].T  # [C, D]
         rows = np.arange(num_components)
         components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
-        return PCABasis(mean=self.mean.astype(np.float32), std=std.astype(np.float32),
-                        components=components.astype(np.float32),
-                        explained_variance=np.maximum(eigval[order], 0.0).astype(np.float32))
+        return PCABasis(
+            mean=self.mean.astype(np.float32),
+            std=std.astype(np.float32),
+            components=components.astype(np.float32),
+            explained_variance=np.maximum(eigval[order], 0.0).astype(np.float32),
+        )
 
 
 def fit_pca(feature_batches: Iterable, num_components: int) -> PCABasis:

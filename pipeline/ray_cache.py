@@ -30,6 +30,7 @@ from .units import UnitPlan
 @dataclass
 class StageResources:
     """What each actor asks Ray for. `gpus` > 0: encoder actors are GPU actors (also with device cpu)."""
+
     gpus: float = 0.0  # per encoder actor
     encoder_cpus: float = 0.5  # per encoder actor when no GPU is asked for
     gpu_encoder_cpus: float = 0.25  # per GPU encoder actor: its CPU work is feeding the GPU
@@ -39,8 +40,11 @@ class StageResources:
     vae_threads: int = 0  # for the VAE on CPU; 0: every CPU of the node the actor runs on
 
     def actor_kwargs(self) -> dict:
-        kw = ({"num_gpus": self.gpus, "num_cpus": self.gpu_encoder_cpus} if self.gpus > 0
-              else {"num_cpus": self.encoder_cpus})
+        kw = (
+            {"num_gpus": self.gpus, "num_cpus": self.gpu_encoder_cpus}
+            if self.gpus > 0
+            else {"num_cpus": self.encoder_cpus}
+        )
         return {**kw, **({"memory": self.encoder_memory} if self.encoder_memory else {})}
 
 
@@ -56,6 +60,7 @@ def actor_name() -> str:
     """A stable name for the actor running this code (Ray's actor id), or the process id outside Ray."""
     try:
         import ray
+
         if ray.is_initialized():
             return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
     except Exception:  # noqa: BLE001 -- a name for the summary only
@@ -65,6 +70,7 @@ def actor_name() -> str:
 
 def _autocast(device: str):
     import torch
+
     return torch.bfloat16 if device.startswith("cuda") else None  # bf16 on GPU, float32 on CPU
 
 
@@ -73,8 +79,9 @@ def _first(column):
     return column[0]
 
 
-def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool,
-              window: int = 1) -> dict:
+def read_unit(
+    plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool, window: int = 1
+) -> dict:
     """Read and resize a unit's frames. A frame that cannot be read fails every clip that needs it.
     window > 1 (a video feature encoder): each feature frame comes with the window of scene frames
     ending at it, dino_frames [N, window, H, W, 3] (encoders/video.py)."""
@@ -109,10 +116,16 @@ def read_unit(plan: UnitPlan, source: Source, geometry: Geometry, variants: list
         return np.concatenate([x, hflip(x)]) if flip else x
 
     own_pos = [p for _, p in own_ok]
-    out = {"plan": plan.to_json(), "failures": json.dumps(failures),
-           "own_rows": json.dumps([r for r, _ in own_ok]),
-           "dino_frames": (prepared_windows(own_pos, geometry.dino_input_hw) if window > 1
-                           else prepared(own_pos, geometry.dino_input_hw))}
+    out = {
+        "plan": plan.to_json(),
+        "failures": json.dumps(failures),
+        "own_rows": json.dumps([r for r, _ in own_ok]),
+        "dino_frames": (
+            prepared_windows(own_pos, geometry.dino_input_hw)
+            if window > 1
+            else prepared(own_pos, geometry.dino_input_hw)
+        ),
+    }
     if with_clips:
         needed = sorted({p for _, pos in ok_clips for p in pos})
         local = {p: i for i, p in enumerate(needed)}
@@ -160,16 +173,23 @@ def _rgb(img: np.ndarray, path: str) -> np.ndarray:
 class DecodeStage:
     """Ray task body (map_batches, batch_size=1): plan -> resized uint8 frames."""
 
-    def __init__(self, source: Source, geometry: Geometry, variants: list[str], with_clips: bool = True,
-                 window: int = 1):
+    def __init__(
+        self, source: Source, geometry: Geometry, variants: list[str], with_clips: bool = True, window: int = 1
+    ):
         self.source, self.geometry, self.variants, self.with_clips = source, geometry, variants, with_clips
         self.window = window
         self.name = actor_name()
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        out = read_unit(UnitPlan.from_json(str(_first(batch["plan"]))), self.source, self.geometry,
-                        self.variants, self.with_clips, self.window)
+        out = read_unit(
+            UnitPlan.from_json(str(_first(batch["plan"]))),
+            self.source,
+            self.geometry,
+            self.variants,
+            self.with_clips,
+            self.window,
+        )
         out = {k: [v] if isinstance(v, str) else v[None] for k, v in out.items()}
         out["t_decode"] = np.array([time.perf_counter() - t0])
         out["a_decode"] = [self.name]
@@ -181,6 +201,7 @@ class Projector:
 
     def __init__(self, basis: PCABasis, device):
         import torch
+
         comps = torch.from_numpy(basis.components / basis.std[None, :])  # [C, D]
         self.weight = comps.T.contiguous().to(device)  # [D, C]
         self.bias = torch.from_numpy(basis.mean).to(device) @ self.weight  # [C]
@@ -194,22 +215,46 @@ class EncodeStage:
     video VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
     float64 moments of the features, and no VAE is loaded."""
 
-    def __init__(self, encoder_spec: str, vae_spec: str | None, geometry: Geometry, basis: PCABasis | None,
-                 device: str, batch_frames: int, batch_clips: int, res: StageResources, num_variants: int = 1,
-                 allow_download: bool = False):
+    def __init__(
+        self,
+        encoder_spec: str,
+        vae_spec: str | None,
+        geometry: Geometry,
+        basis: PCABasis | None,
+        device: str,
+        batch_frames: int,
+        batch_clips: int,
+        res: StageResources,
+        num_variants: int = 1,
+        allow_download: bool = False,
+    ):
         import torch
 
         from .encoders import load_encoder, load_vae
+
         self.dino_threads = res.dino_threads or node_cpus()
         self.vae_threads = res.vae_threads or node_cpus()
         self.device = device
         if device == "cpu":
             torch.set_num_threads(self.dino_threads)
-        self.encoder = load_encoder(encoder_spec, input_hw=geometry.dino_input_hw, device=device,
-                                    autocast_dtype=_autocast(device), allow_download=allow_download)
-        self.vae = None if vae_spec is None else load_vae(
-            vae_spec, input_hw=geometry.vae_input_hw, device=device, autocast_dtype=_autocast(device),
-            allow_download=allow_download)
+        self.encoder = load_encoder(
+            encoder_spec,
+            input_hw=geometry.dino_input_hw,
+            device=device,
+            autocast_dtype=_autocast(device),
+            allow_download=allow_download,
+        )
+        self.vae = (
+            None
+            if vae_spec is None
+            else load_vae(
+                vae_spec,
+                input_hw=geometry.vae_input_hw,
+                device=device,
+                autocast_dtype=_autocast(device),
+                allow_download=allow_download,
+            )
+        )
         self.projector = Projector(basis, device) if basis is not None else None
         self.geometry, self.batch_frames, self.batch_clips = geometry, batch_frames, batch_clips
         self.num_variants = num_variants
@@ -219,10 +264,12 @@ class EncodeStage:
     def _threads(self, n: int) -> None:
         if self.device == "cpu":
             import torch
+
             torch.set_num_threads(n)
 
     def features(self, frames: np.ndarray):
         import torch
+
         for start in range(0, len(frames), self.batch_frames):
             yield self.encoder(frames[start : start + self.batch_frames]).to(torch.float32)
 
@@ -231,17 +278,20 @@ class EncodeStage:
         import torch
 
         from .pca import PCAAccumulator
+
         acc = PCAAccumulator(self.encoder.feature_dim)
         for f in self.features(frames):
             # the D x D scatter on the encoder's device (a 3072-d product is slow on a CPU)
             x = f.reshape(-1, acc.dim).to(torch.float64)
             mean = x.mean(0)
-            acc.merge(PCAAccumulator.from_moments(x.shape[0], mean.cpu().numpy(),
-                                                  ((x - mean).T @ (x - mean)).cpu().numpy()))
+            acc.merge(
+                PCAAccumulator.from_moments(x.shape[0], mean.cpu().numpy(), ((x - mean).T @ (x - mean)).cpu().numpy())
+            )
         return {"count": np.array([acc.count]), "mean": acc.mean[None], "m2": acc.m2[None]}
 
     def projected(self, frames: np.ndarray) -> np.ndarray:
         import torch
+
         h, w = self.encoder.grid_hw
         parts = [self.projector(f).to(torch.float16).cpu().numpy() for f in self.features(frames)]
         c = self.projector.weight.shape[1]
@@ -249,6 +299,7 @@ class EncodeStage:
 
     def latents(self, frames: np.ndarray, clips: list) -> np.ndarray:
         import torch
+
         n = len(frames) // self.num_variants  # frames are variant-major
         stacks = [frames[v * n + np.asarray(pos)] for v in range(self.num_variants) for _, pos in clips]
         out = []
@@ -284,6 +335,7 @@ class WriteStage:
 
     def __init__(self, location: str, storage_options: dict | None = None):
         from .store.writer import StoreWriter
+
         self.writer = StoreWriter(location, storage_options)  # opened once per actor, not per unit
         self.name = actor_name()
 
@@ -306,9 +358,17 @@ class WriteStage:
                 digests[f"latents/{r}"] = writer.write_latents(r, latents[var * len(clips) + j])
                 clip_rows.append(r)
         failures = json.loads(str(_first(batch["failures"])))
-        writer.mark_unit_done(plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures,
-                              digests=digests)
+        writer.mark_unit_done(
+            plan.unit_id, clip_rows=clip_rows, frame_rows=frame_rows, failures=failures, digests=digests
+        )
         timings = {k: np.asarray(v, np.float64) for k, v in batch.items() if k.startswith(("t_", "ready_"))}
         actors = {k: list(v) for k, v in batch.items() if k.startswith("a_")}
-        return {"unit": [plan.unit_id], "clips": [len(clips)], "failed": [len(failures)], **timings, **actors,
-                "t_write": np.array([time.perf_counter() - t0]), "a_write": [self.name]}
+        return {
+            "unit": [plan.unit_id],
+            "clips": [len(clips)],
+            "failed": [len(failures)],
+            **timings,
+            **actors,
+            "t_write": np.array([time.perf_counter() - t0]),
+            "a_write": [self.name],
+        }

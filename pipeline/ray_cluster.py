@@ -37,10 +37,12 @@ class RayCluster:
     owned: bool = False  # this process connected: it disconnects at the end (a caller's connection is kept)
 
     def describe(self) -> str:
-        where = {"given": f"the Ray cluster at {self.address}",
-                 "found": f"the running local Ray cluster at {self.address} (found by Ray's address file; "
-                          "--ray-address local starts a private one)",
-                 "private": "a private local Ray cluster"}[self.kind]
+        where = {
+            "given": f"the Ray cluster at {self.address}",
+            "found": f"the running local Ray cluster at {self.address} (found by Ray's address file; "
+            "--ray-address local starts a private one)",
+            "private": "a private local Ray cluster",
+        }[self.kind]
         return f"ray: using {where}: {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs"
 
 
@@ -60,6 +62,7 @@ def _alive(address: str, timeout: float = 1.0) -> bool:
 def recorded_local_address() -> str | None:
     """The address of the last `ray start` on this machine, if that cluster still answers."""
     from ray._private.utils import read_ray_address
+
     address = read_ray_address()
     return address if address and _alive(address) else None
 
@@ -74,6 +77,7 @@ def stay_on_loopback() -> None:
     told it is not a multi-machine cluster: tell it, for loopback addresses and private clusters."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray._private.ray_constants as constants
+
     constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
 
 
@@ -81,6 +85,7 @@ def leftover_processes() -> list[str]:
     """Ray processes whose node is gone (re-parented to init): what a SIGKILLed driver of a private
     cluster leaves behind (Ray ends its workers, raylet and GCS, but not always its agents)."""
     import psutil
+
     found = []
     for p in psutil.process_iter(["pid", "ppid", "name"]):
         if (p.info["name"] or "").startswith("ray::") and p.info["ppid"] == 1:
@@ -99,12 +104,19 @@ def quiet_ray(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-              verbose: bool = False, announce: bool = True) -> RayCluster:
+def start_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    verbose: bool = False,
+    announce: bool = True,
+) -> RayCluster:
     """Connect to (or start) the job's Ray cluster; see the module docstring for the order.
     `num_cpus` / `num_gpus` size a private cluster only (logical GPUs: `num_gpus=4` on a CPU machine)."""
     quiet_ray(verbose)
     import ray
+
     owned = not ray.is_initialized()
     if owned:
         address = address or os.environ.get("RAY_ADDRESS") or None
@@ -114,15 +126,23 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
             kind = "found" if address else "private"
         elif address == "local":
             kind = "private"
-        kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": verbose,
-                  "runtime_env": {"env_vars": forwarded_env()}}
+        kwargs = {
+            "include_dashboard": False,
+            "configure_logging": False,
+            "log_to_driver": verbose,
+            "runtime_env": {"env_vars": forwarded_env()},
+        }
         if kind == "private":
-            kwargs.update(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None,
-                          _node_ip_address="127.0.0.1")  # a one-machine cluster listens on loopback only
+            kwargs.update(
+                num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None, _node_ip_address="127.0.0.1"
+            )  # a one-machine cluster listens on loopback only
             address = "local"
         if kind == "private" and (left := leftover_processes()):
-            print(f"note: Ray processes left by an earlier killed job, not used: {', '.join(left)} "
-                  "(end them with `kill PID`)", file=sys.stderr)
+            print(
+                f"note: Ray processes left by an earlier killed job, not used: {', '.join(left)} "
+                "(end them with `kill PID`)",
+                file=sys.stderr,
+            )
         if kind == "private" or _is_loopback(address):
             stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)
@@ -137,8 +157,9 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, num_gp
     if hasattr(ctx, "enable_operator_progress_bars"):
         ctx.enable_operator_progress_bars = False
     res = ray.cluster_resources()
-    cluster = RayCluster(address, kind, res.get("CPU", 0), res.get("GPU", 0),
-                         sum(1 for n in ray.nodes() if n.get("Alive")), owned)
+    cluster = RayCluster(
+        address, kind, res.get("CPU", 0), res.get("GPU", 0), sum(1 for n in ray.nodes() if n.get("Alive")), owned
+    )
     if announce:
         print(cluster.describe(), file=sys.stderr, flush=True)
     return cluster
@@ -148,5 +169,6 @@ def stop_ray(cluster: RayCluster | None) -> None:
     """Disconnect if `start_ray` connected; a private cluster's processes end with it, a shared
     cluster keeps running (the job's actors, none detached, end with the driver's connection)."""
     import ray
+
     if cluster is not None and cluster.owned and ray.is_initialized():
         ray.shutdown()

@@ -65,7 +65,9 @@ def plan_frames(index: ClipIndex, num_frames: int, frames_per_unit: int = 16) ->
     units = []
     for u, start in enumerate(range(0, len(rows), frames_per_unit)):
         chunk = rows[start : start + frames_per_unit]
-        frames = [(index.frames[r][0], index.frames[r][1].index, index.frames[r][1].timestamp,
-                   index.frames[r][1].path) for r in chunk]
+        frames = [
+            (index.frames[r][0], index.frames[r][1].index, index.frames[r][1].timestamp, index.frames[r][1].path)
+            for r in chunk
+        ]
         units.append(UnitPlan(f"pca-{u:06d}", frames, [], [(r, p) for p, r in enumerate(chunk)]))
     return units

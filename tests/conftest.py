@@ -11,6 +11,7 @@ def pytest_configure(config):
     # Every tensor in the suite is tiny: intra-op threads only contend on small machines (7x slower
     # steps were measured with 2 threads on the shared 2-core CI machine). Subprocesses set their own.
     import torch
+
     torch.set_num_threads(1)
 
 
@@ -27,9 +28,16 @@ def ray_address():
     import ray
 
     from pipeline.ray_cluster import stay_on_loopback
+
     stay_on_loopback()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -48,16 +56,29 @@ class S3Server:
 
     def __init__(self, port: int):
         self.endpoint = f"http://127.0.0.1:{port}"
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
-        self.storage_options = {"key": "testing", "secret": "testing-secret",
-                                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+        self.storage_options = {
+            "key": "testing",
+            "secret": "testing-secret",
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        }
         self._buckets = 0
 
     def client(self):
         import boto3
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing-secret", region_name="us-east-1")
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing-secret",
+            region_name="us-east-1",
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -71,14 +92,18 @@ class S3Server:
 
     def filesystem(self):
         import s3fs
+
         return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options)
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while True:
         try:

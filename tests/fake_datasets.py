@@ -36,8 +36,16 @@ def _save(path: Path, img: np.ndarray) -> None:
     Image.fromarray(img).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(img).save(path)
 
 
-def make_nuscenes(root, scenes=2, frames_per_scene=30, version="v1.0-trainval", size=SIZE,
-                  keyframe_every=6, drop: dict[int, list[int]] | None = None, write_split=True) -> dict:
+def make_nuscenes(
+    root,
+    scenes=2,
+    frames_per_scene=30,
+    version="v1.0-trainval",
+    size=SIZE,
+    keyframe_every=6,
+    drop: dict[int, list[int]] | None = None,
+    write_split=True,
+) -> dict:
     """CAM_FRONT keyframes (every `keyframe_every`-th frame) and sweeps at ≈12 Hz with ±1 ms jitter,
     plus CAM_BACK and LIDAR_TOP records (tables only) interleaved in time; sample_data is stored
     shuffled. `drop` maps a scene number to frame numbers left out (tables and files).
@@ -57,24 +65,39 @@ def make_nuscenes(root, scenes=2, frames_per_scene=30, version="v1.0-trainval", 
         kept = [i for i in range(frames_per_scene) if i not in set(drop.get(s, ()))]
         keys = list(range(0, frames_per_scene, keyframe_every))
         for k in keys:
-            tables["sample"].append({"token": f"sample-{s}-{k}", "scene_token": f"scene-tok-{s}",
-                                     "timestamp": t0 + round(k * 1e6 / 12)})
+            tables["sample"].append(
+                {"token": f"sample-{s}-{k}", "scene_token": f"scene-tok-{s}", "timestamp": t0 + round(k * 1e6 / 12)}
+            )
         paths, stamps = [], []
         for i in range(frames_per_scene):
             ts = t0 + round(i * 1e6 / 12) + (i % 3 - 1) * 1000
             owner = f"sample-{s}-{min((k for k in keys if k >= i), default=keys[-1])}"  # sweeps precede their sample
             for ch, offset in (("CAM_BACK", 20_000), ("LIDAR_TOP", 41_000)):
-                tables["sample_data"].append({"token": f"sd-{ch}-{s}-{i}", "sample_token": owner,
-                                              "calibrated_sensor_token": f"calib-{ch}",
-                                              "filename": f"sweeps/{ch}/fake-s{s}__{ch}__{ts + offset}.jpg",
-                                              "timestamp": ts + offset, "is_key_frame": False})
+                tables["sample_data"].append(
+                    {
+                        "token": f"sd-{ch}-{s}-{i}",
+                        "sample_token": owner,
+                        "calibrated_sensor_token": f"calib-{ch}",
+                        "filename": f"sweeps/{ch}/fake-s{s}__{ch}__{ts + offset}.jpg",
+                        "timestamp": ts + offset,
+                        "is_key_frame": False,
+                    }
+                )
             if i not in kept:
                 continue
             key = i in keys
             rel = f"{'samples' if key else 'sweeps'}/CAM_FRONT/n008-fake-s{s}__CAM_FRONT__{ts}.jpg"
-            tables["sample_data"].append({"token": f"sd-CAM_FRONT-{s}-{i}", "sample_token": owner,
-                                          "calibrated_sensor_token": "calib-CAM_FRONT", "filename": rel,
-                                          "timestamp": ts, "is_key_frame": key, "fileformat": "jpg"})
+            tables["sample_data"].append(
+                {
+                    "token": f"sd-CAM_FRONT-{s}-{i}",
+                    "sample_token": owner,
+                    "calibrated_sensor_token": "calib-CAM_FRONT",
+                    "filename": rel,
+                    "timestamp": ts,
+                    "is_key_frame": key,
+                    "fileformat": "jpg",
+                }
+            )
             _save(root / rel, frame_image(s, i, size))
             paths.append(str(root / rel))
             stamps.append(ts / 1e6)
@@ -128,8 +151,13 @@ def make_kitti(root, drives=(("2011_09_26", 1, 8), ("2011_09_26", 5, 6)), size=S
     return out
 
 
-def make_covla(root, videos=(("2022-07-14--14-27-53--10_first", 12),), images=(("2022-07-15--09-11-02--20_first", 6),),
-               size=SIZE, fps=20) -> dict:
+def make_covla(
+    root,
+    videos=(("2022-07-14--14-27-53--10_first", 12),),
+    images=(("2022-07-15--09-11-02--20_first", 6),),
+    size=SIZE,
+    fps=20,
+) -> dict:
     """`videos/{id}.mp4` (H.264 with B-frames, `fps`) and `images/{id}/NNNN.png` (the mini layout).
     Scene k (videos first, then image folders) frame f looks like frame_image(k, f).
     Returns {scene id: frame count}."""
@@ -142,8 +170,11 @@ def make_covla(root, videos=(("2022-07-14--14-27-53--10_first", 12),), images=((
         with av.open(str(path), "w") as c:
             st = c.add_stream("libx264", rate=fps)
             st.width, st.height, st.pix_fmt = size[1], size[0], "yuv420p"
-            st.options = {"crf": "12", "threads": "1",  # B-frames: packets leave presentation order
-                          "x264-params": "bframes=2:b-adapt=0:keyint=6:min-keyint=6:scenecut=0"}
+            st.options = {
+                "crf": "12",
+                "threads": "1",  # B-frames: packets leave presentation order
+                "x264-params": "bframes=2:b-adapt=0:keyint=6:min-keyint=6:scenecut=0",
+            }
             for f in range(count):
                 for p in st.encode(av.VideoFrame.from_ndarray(frame_image(k, f, size), format="rgb24")):
                     c.mux(p)

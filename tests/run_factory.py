@@ -27,12 +27,18 @@ def perturb(model, seed):
 def write_runs(root, stage1_channels=64, stage2_channels=64):
     """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py)."""
     s1 = perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
-    save_checkpoint(root / "stage1", 1, model=s1, state={},
-                    meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))})
+    save_checkpoint(
+        root / "stage1",
+        1,
+        model=s1,
+        state={},
+        meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))},
+    )
     for task, semantic in (("stage2", True), ("baseline", False)):
         m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
-        save_checkpoint(root / task, 1, model=m, state={},
-                        meta={"task": task, "model_config": dataclasses.asdict(m.cfg)})
+        save_checkpoint(
+            root / task, 1, model=m, state={}, meta={"task": task, "model_config": dataclasses.asdict(m.cfg)}
+        )
     return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
 
 
@@ -48,5 +54,7 @@ class MeanClip(torch.nn.Module):
     """Stands in for StyleGAN-V's TorchScript I3D."""
 
     def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
-        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, 1:].sub(x[:, :, :-1]).abs()
-                          .mean(dim=(2, 3, 4))], dim=1)
+        return torch.cat(
+            [x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), x[:, :, 1:].sub(x[:, :, :-1]).abs().mean(dim=(2, 3, 4))],
+            dim=1,
+        )

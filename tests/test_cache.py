@@ -24,9 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(out, **kw):
-    base = {"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny", "encoder": "tiny",
-                "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1, "channel_chunk": 16, "progress": False,
-            "vae_threads": 1}  # the tiny preset's setting: its small tensors run slower on 2 threads
+    base = {
+        "dataset": "synthetic",
+        "source_options": SYNTH,
+        "out": str(out),
+        "geometry": "tiny",
+        "encoder": "tiny",
+        "vae": "tiny",
+        "pca_frames": 64,
+        "stride": 4,
+        "unit_clips": 1,
+        "channel_chunk": 16,
+        "progress": False,
+        "vae_threads": 1,
+    }  # the tiny preset's setting: its small tensors run slower on 2 threads
     base.update(kw)
     return CacheConfig(**base)
 
@@ -59,6 +70,7 @@ def test_overlapping_clips_do_not_store_a_frame_twice(cached):
 
 def test_features_and_latents_equal_a_direct_computation(cached):
     from pipeline.encoders import load_dinov2, load_vae
+
     store = Store(str(cached[0]))
     source = get_source("synthetic", None, "train", **SYNTH)
     index = build_clip_index(source, TINY, stride=4, progress=False)
@@ -91,8 +103,9 @@ def _write_image_scenes(root: Path, scenes=2, frames=29, corrupt=None):
 def test_a_corrupt_frame_is_recorded_and_the_rest_is_complete(cached, tmp_path):
     _write_image_scenes(tmp_path / "videos", corrupt=(1, 26))  # frame 26 of drive1: only its 2nd clip
     out = tmp_path / "store.zarr"
-    summary = run_cache(tiny_config(out, dataset="videos", data_root=str(tmp_path / "videos"), source_options={},
-                                    pca=str(cached[0])))
+    summary = run_cache(
+        tiny_config(out, dataset="videos", data_root=str(tmp_path / "videos"), source_options={}, pca=str(cached[0]))
+    )
     store = Store(str(out))
     assert summary["failed_clips"] == 1 and len(store) == 3
     [failure] = store.failures()
@@ -104,29 +117,51 @@ def test_a_corrupt_frame_is_recorded_and_the_rest_is_complete(cached, tmp_path):
 
 def test_flip_variants_are_the_encodings_of_flipped_frames(cached, tmp_path):
     from pipeline.encoders import load_dinov2
+
     out = tmp_path / "store.zarr"
-    run_cache(tiny_config(out, flip=True, source_options={**SYNTH, "num_scenes": 1, "frames_per_scene": 25},
-                          pca=str(cached[0])))
+    run_cache(
+        tiny_config(
+            out, flip=True, source_options={**SYNTH, "num_scenes": 1, "frames_per_scene": 25}, pca=str(cached[0])
+        )
+    )
     store = Store(str(out))
     assert store.variants == ["orig", "hflip"] and len(store) == 1
     source = get_source("synthetic", None, "train", **{**SYNTH, "num_scenes": 1, "frames_per_scene": 25})
     frame = source.read_frame("scene-0000", source.frames("scene-0000")[0])[None]
     dino = load_dinov2("tiny", input_hw=TINY.dino_input_hw, device="cpu")
     flipped = store.basis.project(dino(hflip(resize_frames(frame, TINY.dino_input_hw))).numpy())
-    np.testing.assert_allclose(store.read_features(0, variant=1)[0].astype(np.float32), flipped[0], rtol=2e-3,
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        store.read_features(0, variant=1)[0].astype(np.float32), flipped[0], rtol=2e-3, atol=2e-3
+    )
     assert not np.allclose(store.read_latents(0, variant=0), store.read_latents(0, variant=1))
 
 
 def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
     """SIGKILL a job (4 clips, one per unit) once its first unit is recorded, rerun it, and compare
     with the uninterrupted run of the same configuration (the module's store)."""
-    args = ["--preset", "tiny", "--source-options", json.dumps(SYNTH), "--pca", str(cached[0]), "--unit-clips", "1",
-            "--channel-chunk", "16", "--no-progress"]
+    args = [
+        "--preset",
+        "tiny",
+        "--source-options",
+        json.dumps(SYNTH),
+        "--pca",
+        str(cached[0]),
+        "--unit-clips",
+        "1",
+        "--channel-chunk",
+        "16",
+        "--no-progress",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(ROOT)}
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cache", *args, "--out", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cache", *args, "--out", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not list((killed / "progress").glob("unit-*.json")):
         assert proc.poll() is None, "the job ended before its first unit was recorded"
@@ -136,8 +171,14 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
     proc.wait()
     done_before = len(list((killed / "progress").glob("unit-*.json")))
     assert done_before < 4 and not Store(str(killed), allow_incomplete=True).manifest["complete"]
-    resumed = subprocess.run([sys.executable, "-m", "jobs.cache", *args, "--out", str(killed)], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "jobs.cache", *args, "--out", str(killed)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{done_before} of 4 work units already done" in resumed.stdout
     a, b = Store(str(killed)), Store(str(cached[0]))
@@ -149,14 +190,29 @@ def test_killed_job_resumes_to_the_same_store(cached, ray_address, tmp_path):
 
 def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_address, tmp_path):
     from tests.fake_datasets import make_nuscenes
+
     tree = make_nuscenes(tmp_path / "nuscenes", scenes=3, frames_per_scene=26)
     store = tmp_path / "nuscenes.zarr"
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    run = subprocess.run(["make", "--no-print-directory", "cache", "DATASET=nuscenes",
-                          f"DATA_ROOT={tmp_path / 'nuscenes'}",
-                          "SPLIT=train", f"SPLIT_FILE={tree['split_file']}", f"STORE={store}",
-                          f"ARGS=--pca {cached[0]} --no-progress"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
+    run = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "cache",
+            "DATASET=nuscenes",
+            f"DATA_ROOT={tmp_path / 'nuscenes'}",
+            "SPLIT=train",
+            f"SPLIT_FILE={tree['split_file']}",
+            f"STORE={store}",
+            f"ARGS=--pca {cached[0]} --no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     m = Store(str(store)).manifest
     assert (m["dataset"], m["split"], m["fps"]) == ("nuscenes", "train", 12.0)
@@ -165,8 +221,14 @@ def test_make_cache_of_a_nuscenes_tree_names_dataset_split_and_rate(cached, ray_
 
 # ---- bad inputs, cheap checks, one line per user error ---------------------------------------------
 def _job(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("job", ["jobs.cache", "jobs.pca"])
@@ -179,22 +241,35 @@ def test_help_prints_every_option(job):
 def test_an_unknown_dataset_or_a_file_as_data_root_is_one_line(tmp_path):
     run = _job("jobs.cache", "--dataset", "nope", "--out", str(tmp_path / "s.zarr"))
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        "error: unknown dataset 'nope'; known: cityscapes, covla, kitti, nuscenes, synthetic, videos"]
+        "error: unknown dataset 'nope'; known: cityscapes, covla, kitti, nuscenes, synthetic, videos"
+    ]
     (tmp_path / "file.txt").write_text("not a folder")
-    run = _job("jobs.cache", "--dataset", "videos", "--data-root", str(tmp_path / "file.txt"), "--out",
-               str(tmp_path / "s.zarr"))
+    run = _job(
+        "jobs.cache",
+        "--dataset",
+        "videos",
+        "--data-root",
+        str(tmp_path / "file.txt"),
+        "--out",
+        str(tmp_path / "s.zarr"),
+    )
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        f"error: videos: data root {tmp_path / 'file.txt'} is a file, not a folder"]
+        f"error: videos: data root {tmp_path / 'file.txt'} is a file, not a folder"
+    ]
 
 
 def test_an_unreadable_video_is_recorded_and_the_good_ones_are_cached(cached, tmp_path):
     from tests.fake_datasets import write_video
+
     root = tmp_path / "videos"
     root.mkdir()
     write_video(root / "good.mp4", n=30)
     (root / "empty.mp4").write_bytes(b"")
-    summary = run_cache(tiny_config(tmp_path / "store.zarr", dataset="videos", data_root=str(root),
-                                    source_options={}, pca=str(cached[0])))
+    summary = run_cache(
+        tiny_config(
+            tmp_path / "store.zarr", dataset="videos", data_root=str(root), source_options={}, pca=str(cached[0])
+        )
+    )
     store = Store(str(tmp_path / "store.zarr"))
     assert store.clip_ids == ["good-000000", "good-000004"]
     [failure] = store.failures()
@@ -209,13 +284,21 @@ def test_frames_of_different_sizes_in_one_scene_are_resized_one_by_one(ray_addre
     for i in range(25):
         hw = (48, 80) if i % 2 else (60, 100)
         Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(scene / f"{i:04d}.png")
-    summary = run_cache(tiny_config(tmp_path / "store.zarr", dataset="videos", data_root=str(tmp_path / "videos"),
-                                    source_options={}, pca_frames=16))  # the PCA pass sees both sizes
+    summary = run_cache(
+        tiny_config(
+            tmp_path / "store.zarr",
+            dataset="videos",
+            data_root=str(tmp_path / "videos"),
+            source_options={},
+            pca_frames=16,
+        )
+    )  # the PCA pass sees both sizes
     assert summary["valid_clips"] == 1 and summary["failed_clips"] == 0
 
 
 def test_a_finished_store_is_already_complete_and_other_settings_are_refused(cached):
     from pipeline.errors import Re2pixError
+
     summary = run_cache(tiny_config(cached[0]))
     assert summary["already_complete"] and summary["valid_clips"] == 4
     with pytest.raises(Re2pixError, match="already a finished store made with other settings"):
@@ -224,6 +307,7 @@ def test_a_finished_store_is_already_complete_and_other_settings_are_refused(cac
 
 def test_cheap_checks_fail_before_any_encoder_runs(tmp_path):
     from pipeline.errors import Re2pixError
+
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(Re2pixError, match="is a file, not a folder"):
         run_cache(tiny_config(tmp_path / "file.txt" / "store.zarr"))

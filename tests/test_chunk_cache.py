@@ -46,6 +46,7 @@ def test_a_second_epoch_fetches_under_5_percent_of_the_first(tmp_path, s3, monke
 
 def test_the_cache_stays_under_its_limit_and_a_damaged_entry_is_damage(tmp_path, s3, monkeypatch):
     from pipeline.store.format import DamagedStoreError
+
     make_store(tmp_path / "s.zarr", scenes=2, frames=33)
     url = "s3://cache/small.zarr"
     copy_store(str(tmp_path / "s.zarr"), url, dst_options=s3["options"], progress=False)
@@ -68,14 +69,24 @@ def test_the_cache_stays_under_its_limit_and_a_damaged_entry_is_damage(tmp_path,
 
 def test_dataloader_workers_share_the_cache_and_a_second_epoch_adds_nothing(tmp_path, s3, monkeypatch):
     from model.data import make_loader, open_stream
+
     make_store(tmp_path / "s.zarr", scenes=2, frames=41)
     url = "s3://cache/workers.zarr"
     copy_store(str(tmp_path / "s.zarr"), url, dst_options=s3["options"], progress=False)
     monkeypatch.setenv(chunk_cache.ENV_FOLDER, str(tmp_path / "shared"))
 
     def epoch():
-        stream = open_stream([url], batch_size=2, loop=False, remainder="keep", shuffle=False, rank=0, world=1,
-                            storage_options=s3["options"], channels=16)
+        stream = open_stream(
+            [url],
+            batch_size=2,
+            loop=False,
+            remainder="keep",
+            shuffle=False,
+            rank=0,
+            world=1,
+            storage_options=s3["options"],
+            channels=16,
+        )
         batches = sorted((b["clip_id"], np.asarray(b["features"])) for b in make_loader(stream, workers=2))
         entries = sorted(p.name for p in (tmp_path / "shared").rglob("*") if p.is_file() and p.name != ".lock")
         return batches, entries

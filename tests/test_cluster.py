@@ -25,15 +25,29 @@ pytestmark = pytest.mark.slow
 def reference(ray_address, tmp_path_factory):
     """The one-node run: the session's cluster, the PCA basis fitted here."""
     out = tmp_path_factory.mktemp("onenode") / "store.zarr"
-    run_cache(CacheConfig(dataset="synthetic", source_options=SYNTH, out=str(out), geometry="tiny", encoder="tiny",
-                          vae="tiny", pca_frames=64, stride=4, unit_clips=1, channel_chunk=16, progress=False,
-                          vae_threads=1))
+    run_cache(
+        CacheConfig(
+            dataset="synthetic",
+            source_options=SYNTH,
+            out=str(out),
+            geometry="tiny",
+            encoder="tiny",
+            vae="tiny",
+            pca_frames=64,
+            stride=4,
+            unit_clips=1,
+            channel_chunk=16,
+            progress=False,
+            vae_threads=1,
+        )
+    )
     return Store(str(out))
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
+
     tmpdir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmpdir  # this cluster's address file and sessions are the test's own
@@ -52,8 +66,25 @@ def cluster():
 
 
 def job(cluster, out, *extra, env=None):
-    args = [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--source-options", json.dumps(SYNTH),
-            "--pca-frames", "64", "--unit-clips", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.cache",
+        "--preset",
+        "tiny",
+        "--source-options",
+        json.dumps(SYNTH),
+        "--pca-frames",
+        "64",
+        "--unit-clips",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return args, {**os.environ, **(env or {}), "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
 
 

@@ -93,6 +93,7 @@ def test_a_killed_copy_resumes_and_ends_identical(source, tmp_path, monkeypatch)
         if calls["n"] == 9:
             raise KeyboardInterrupt  # killed mid-unit: units 0 and 1 are marked, unit 2 is half written
         return real(self, row, f)
+
     monkeypatch.setattr(StoreWriter, "write_features", dying)
     with pytest.raises(KeyboardInterrupt):
         copy_store(source, out, rows_per_unit=4, progress=False)
@@ -148,8 +149,7 @@ def test_copy_to_s3_and_back_and_between_buckets(source, tmp_path, s3):
     assert remote.verify()["ok"] and remote.num_channels == 16
     fs = fsspec.filesystem("s3", **s3["options"])
     assert fs.exists("share/team-a/p.zarr/README.md")  # the card, written at finalize
-    copy_store(url, "s3://share/team-b/p.zarr", src_options=s3["options"], dst_options=s3["options"],
-               progress=False)
+    copy_store(url, "s3://share/team-b/p.zarr", src_options=s3["options"], dst_options=s3["options"], progress=False)
     copy_store("s3://share/team-b/p.zarr", str(tmp_path / "back.zarr"), src_options=s3["options"], progress=False)
     _same_clips(Store(source), Store(str(tmp_path / "back.zarr")), 16)
     open_stores([source, str(tmp_path / "back.zarr")])
@@ -169,13 +169,13 @@ class _HubStandIn(LocalFileSystem):
     def _strip_protocol(cls, path):
         path = str(path)
         if path.startswith("hf://"):
-            path = path[len("hf://"):]
+            path = path[len("hf://") :]
         if path.startswith(cls.root):
             return path.rstrip("/")
         return f"{cls.root}/{path.lstrip('/')}".rstrip("/")
 
     def unstrip_protocol(self, name):
-        return "hf://" + name[len(self.root) + 1:] if name.startswith(self.root) else name
+        return "hf://" + name[len(self.root) + 1 :] if name.startswith(self.root) else name
 
 
 def test_copy_to_and_from_an_hf_datasets_location(source, tmp_path):
@@ -190,6 +190,7 @@ def test_copy_to_and_from_an_hf_datasets_location(source, tmp_path):
         _same_clips(Store(source), Store(str(tmp_path / "from-hub.zarr")), 16)
     finally:
         from huggingface_hub import HfFileSystem
+
         fsspec.register_implementation("hf", HfFileSystem, clobber=True)
 
 
@@ -221,7 +222,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         if not spec or not spec.startswith("bytes=") or not os.path.isfile(path):
             return super().do_GET()
         data = open(path, "rb").read()
-        lo, _, hi = spec[len("bytes="):].partition("-")
+        lo, _, hi = spec[len("bytes=") :].partition("-")
         start, end = (len(data) - int(hi), len(data) - 1) if lo == "" else (int(lo), int(hi) if hi else len(data) - 1)
         end = min(end, len(data) - 1)
         self.send_response(206)

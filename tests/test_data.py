@@ -59,8 +59,9 @@ def _ddp_worker(rank, root, out_dir, remainder):
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_path, remainder):
     # 10 clips over 2 ranks x batches of 2: uneven (10 = 2 * 2 * 2 + 2)
-    torch.multiprocessing.start_processes(_ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2, start_method="fork"
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["batches_per_epoch"] == ranks[1]["batches_per_epoch"] == (2 if remainder == "drop" else 3)
     dropped = []
@@ -97,8 +98,10 @@ def test_order_is_the_same_with_any_number_of_workers_and_resumes_exactly(stores
         torch.testing.assert_close(got["latents"], expected["latents"], rtol=0, atol=0)
     assert stream.advance(1, 2) == (2, 0) and stream.advance(1, 0) == (1, 1)
     # each epoch is another permutation
-    assert straight[0]["clip"].tolist() + straight[1]["clip"].tolist() != \
-        straight[3]["clip"].tolist() + straight[4]["clip"].tolist()
+    assert (
+        straight[0]["clip"].tolist() + straight[1]["clip"].tolist()
+        != straight[3]["clip"].tolist() + straight[4]["clip"].tolist()
+    )
 
 
 def test_batches_hold_the_stored_arrays_of_the_chosen_flip_variant_and_channel_prefix(stores):
@@ -146,8 +149,10 @@ def test_held_out_split_keeps_whole_scenes(tmp_path):
 def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp_path):
     store = Store(str(stores / "a.zarr"))
     export_webdataset(store, str(tmp_path / "wds"), channels=32, shard_size_mb=0.05, progress=False)
-    streams = [open_stream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1,
-                          shuffle_buffer=4) for r in range(2)]
+    streams = [
+        open_stream(str(tmp_path / "wds"), batch_size=2, channels=16, rank=r, world=2, seed=1, shuffle_buffer=4)
+        for r in range(2)
+    ]
     assert streams[0].kind == "webdataset" and streams[0].batches_per_epoch == 3  # 14 samples // (2 ranks x 2)
     for s in streams:
         batches = _epoch(s, 0)
@@ -184,6 +189,7 @@ def _damage_clip(monkeypatch, bad_clip: int):
         if i == bad_clip:
             raise DamagedStoreError(self.location, "clips/latents", self.row(i, variant), "chunk missing")
         return real(self, i, variant, **kwargs)
+
     monkeypatch.setattr(Store, "read_latents", read_latents)
 
 
@@ -202,8 +208,9 @@ def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, monke
         # clip 3 is in 2 of every epoch's 3 batches of 2 (7 clips, one dropped) at least once over 3 epochs
         assert stream.skipped == sum(b["skipped"] for b in seen) >= 1
         assert stream.state_dict()["skipped"] == stream.skipped and stream.position == (3, 0)
-    evaluation = open_stream(str(stores / "a.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False,
-                             on_bad_clip="skip")
+    evaluation = open_stream(
+        str(stores / "a.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False, on_bad_clip="skip"
+    )
     clips = [c for b in evaluation for c in b["clip"].tolist()]
     assert clips == [0, 1, 2, 4, 5, 6] and evaluation.skipped == 1  # evaluation leaves it out
 
@@ -217,8 +224,9 @@ def test_a_deleted_chunk_file_reaches_the_stream_as_a_damaged_store_error(tmp_pa
     with pytest.raises(DamagedStoreError):
         for _ in open_stream(str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False):
             pass
-    skipping = open_stream(str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False,
-                           on_bad_clip="skip")
+    skipping = open_stream(
+        str(tmp_path / "s.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False, on_bad_clip="skip"
+    )
     assert [c for b in skipping for c in b["clip"].tolist()] == [0, 2] and skipping.skipped == 1
 
 
@@ -234,7 +242,7 @@ def test_stage1_reads_only_its_window_of_frames_and_no_latents(stores):
         torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=0)
         for j, (i, v, t) in enumerate(zip(a["clip"].tolist(), a["variant"].tolist(), a["window_start"].tolist())):
             starts.add(t)
-            np.testing.assert_array_equal(a["features"][j].numpy(), store.read_features(i, 16, v)[t: t + 5])
+            np.testing.assert_array_equal(a["features"][j].numpy(), store.read_features(i, 16, v)[t : t + 5])
     assert starts <= {0, 1, 2} and len(starts) > 1  # the three 5-frame windows of a 7-frame clip
 
 
@@ -257,6 +265,7 @@ def test_reused_batch_tensors_hold_the_same_batches_as_fresh_ones(stores):
 
 def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stores, tmp_path, monkeypatch):
     import pipeline.store.wds as wds
+
     store = Store(str(stores / "a.zarr"))
     export_webdataset(store, str(tmp_path / "wds"), channels=16, shard_size_mb=0.05, progress=False)
     real, bad = wds.iter_shard, wds.shard_urls(str(tmp_path / "wds"))[1]
@@ -265,6 +274,7 @@ def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stor
         if url == bad:  # what the reader raises for a truncated or corrupt member
             raise DamagedStoreError(url, "tar member", 0, "truncated")
         yield from real(url, storage_options)
+
     monkeypatch.setattr(wds, "iter_shard", iter_shard)
     options = {"batch_size": 2, "loop": False, "remainder": "keep"}
     with pytest.raises(DamagedStoreError, match="truncated"):

@@ -15,10 +15,10 @@ from pipeline.store.geometry import TINY
 PSNR_MARGIN_DB = 3.0
 
 
-
 @pytest.fixture(scope="module")
 def demo():
     from pipeline.encoders import load_vae
+
     return load_vae("demo")
 
 
@@ -26,6 +26,7 @@ def demo():
 def val_clip():
     from pipeline.frames import resize_frames
     from pipeline.sources import get_source
+
     # the demo's val scenes (a scene depends on its length: 49 frames, as the training job renders them)
     src = get_source("synthetic", None, "val", num_scenes=1, frames_per_scene=49, seed=0)
     frames = np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[:25]])  # 144 x 256
@@ -34,6 +35,7 @@ def val_clip():
 
 def test_demo_vae_record():
     from pipeline.encoders.vae import DEMO_WEIGHTS
+
     weights = DEMO_WEIGHTS.with_suffix(".safetensors")
     assert weights.stat().st_size < 5e6
     meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
@@ -44,6 +46,7 @@ def test_demo_vae_record():
 
 def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
     from pipeline.encoders.vae import DEMO_WEIGHTS
+
     frames, small = val_clip
     d = demo.describe()
     assert d["weights_id"] == "demo" and d["input_size"] == [96, 160] and len(d["sha256"]) == 64
@@ -56,7 +59,7 @@ def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
     rec = demo.decode(z)[0].numpy()
     assert rec.shape == (25, 96, 160, 3)
     mse = np.mean((rec.astype(np.float64) - small.astype(np.float64)) ** 2)
-    psnr = 10 * math.log10(255 ** 2 / mse)
+    psnr = 10 * math.log10(255**2 / mse)
     measured = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["training"]["val"]["psnr_per_clip"][0]
     assert psnr > measured - PSNR_MARGIN_DB, (psnr, measured)
 
@@ -64,11 +67,13 @@ def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
 def test_missing_demo_weights_say_how_to_make_them(tmp_path):
     from pipeline.encoders import EncoderWeightsError
     from pipeline.encoders.vae import demo_vae_model
+
     with pytest.raises(EncoderWeightsError, match="python -m jobs.train_demo_vae"):
         demo_vae_model(tmp_path / "demo_wan_vae")
 
 
 def test_tiny_still_means_random_weights():
     from pipeline.encoders import load_vae
+
     d = load_vae("tiny").describe()
     assert d["weights_id"] == "tiny" and d["config"]["base_dim"] == 4

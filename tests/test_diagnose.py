@@ -31,9 +31,19 @@ def test_ltd_equals_a_direct_computation(stores):
     # direct: every clip, every pair (t, t + d), L2 of the flattened latent frames, in float64
     direct = []
     for d in range(1, T):
-        dists = [np.sqrt(((store.read_latents(i)[:, t + d].astype(np.float64)
-                           - store.read_latents(i)[:, t].astype(np.float64)) ** 2).sum())
-                 for i in range(len(store)) for t in range(T - d)]
+        dists = [
+            np.sqrt(
+                (
+                    (
+                        store.read_latents(i)[:, t + d].astype(np.float64)
+                        - store.read_latents(i)[:, t].astype(np.float64)
+                    )
+                    ** 2
+                ).sum()
+            )
+            for i in range(len(store))
+            for t in range(T - d)
+        ]
         direct.append(np.mean(dists))
     np.testing.assert_allclose(report["ltd"], direct, rtol=1e-5)
     assert report["intervals"] == list(range(1, T)) and report["intervals_frames"] == [4 * d for d in range(1, T)]
@@ -59,6 +69,7 @@ def test_two_stores_side_by_side_as_a_table_and_a_png(stores, tmp_path, capsys):
     assert "[0] " + stores[0] in out and "[1] " + stores[1] in out and "LTD d=6 (24 frames)" in out
     assert "latent ch47 std" in out  # the 48-channel store's channels, '-' for the 16-channel one
     from pipeline.store.diagnose import COLORS
+
     pixels = {tuple(p) for p in np.unique(np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3), axis=0)}
     assert {COLORS[0], COLORS[1]} <= pixels  # one curve per store
 

@@ -26,7 +26,6 @@ from model.stage2 import DiTConfig, Re2PixDiT
 SIGMAS = torch.tensor([0.005, 0.3, 1.0, 4.0, 80.0, 250.0, 1e5])
 
 
-
 class IdealVelocity(torch.nn.Module):
     """Returns F = eps - z for known z and eps, and records what it was given."""
 
@@ -145,9 +144,7 @@ def test_nested_dropout_keeps_exactly_the_first_c_channels():
         feats = torch.rand(400, 3, 2, 2, channels) + 0.5  # no zeros to start with
         out, kept = nested_dropout(feats, g, return_channels=True)
         assert set(kept.tolist()) == set(expected)  # every choice drawn, nothing else
-        counts = torch.bincount(
-            torch.tensor([expected.index(c) for c in kept.tolist()]), minlength=len(expected)
-        )
+        counts = torch.bincount(torch.tensor([expected.index(c) for c in kept.tolist()]), minlength=len(expected))
         assert counts.min() > 400 / len(expected) * 0.5
         keep = (torch.arange(channels)[None, :] < kept[:, None]).view(-1, 1, 1, 1, channels).expand_as(feats)
         assert torch.equal(out[keep], feats[keep])  # every frame keeps channels 0..c-1 untouched

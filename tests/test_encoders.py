@@ -31,8 +31,9 @@ def test_dinov2_features_are_layernormed_patch_tokens_of_chosen_blocks(dino):
     assert feats.shape == (2, *TINY.feature_hw, TINY.feature_dim) and feats.dtype == torch.float32
 
     # by hand: resize, ImageNet-normalize, HF hidden_states -> final layernorm -> drop CLS + 4 registers
-    pv = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, size=(112, 196),
-                       mode="bilinear", antialias=True)
+    pv = F.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, size=(112, 196), mode="bilinear", antialias=True
+    )
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     pv = (pv - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     m = dino.model
@@ -114,8 +115,9 @@ def test_vae_latents_are_the_normalized_posterior_mean(vae):
     z = vae(clip)
     assert z.shape == (1, *TINY.latents_shape) and z.dtype == torch.float32
 
-    x = F.interpolate(torch.from_numpy(clip[0]).permute(0, 3, 1, 2).float() / 255, size=(96, 160),
-                      mode="bilinear", antialias=True)
+    x = F.interpolate(
+        torch.from_numpy(clip[0]).permute(0, 3, 1, 2).float() / 255, size=(96, 160), mode="bilinear", antialias=True
+    )
     x = (x * 2 - 1).permute(1, 0, 2, 3)[None]  # [1, 3, 25, 96, 160] in [-1, 1]
     cfg = vae.vae.config
     with torch.no_grad():

@@ -50,6 +50,7 @@ def test_dpt_head_shapes_and_checkpoint_round_trip(tmp_path):
     with pytest.raises(InferenceError, match="not a depth"):
         load_head(path, task="depth")
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(InferenceError, match="not a re2pix DPT head"):
         load_head(tmp_path / "other.safetensors")
@@ -59,7 +60,7 @@ def test_depth_head_decodes_expected_bin_centre():
     cfg = DPTConfig.tiny("depth", num_classes=4, depth_min=1.0, depth_max=5.0, depth_spacing="linear")
     assert torch.allclose(cfg.bin_centres(), torch.tensor([1.5, 2.5, 3.5, 4.5]))
     log_cfg = DPTConfig.tiny("depth", num_classes=2, depth_min=1.0, depth_max=100.0)
-    assert torch.allclose(log_cfg.bin_centres(), torch.tensor([10 ** 0.5, 10 ** 1.5]))
+    assert torch.allclose(log_cfg.bin_centres(), torch.tensor([10**0.5, 10**1.5]))
     head = DPTHead(cfg)
     with torch.no_grad():  # constant logits: the expectation is the mean centre
         head.scratch.output_conv2[-1].weight.zero_()
@@ -88,6 +89,7 @@ def test_segmentation_and_depth_metrics_known_values():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pipeline.encoders import load_dinov2, load_vae
+
     root = tmp_path_factory.mktemp("evaluate")
     encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
     make_store(root / "store.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips
@@ -110,9 +112,17 @@ def setup(tmp_path_factory):
 
 def config(setup, **kw):
     from jobs.evaluate import EvaluateConfig
+
     root, runs = setup
-    values = dict(store=str(root / "store.zarr"), samples=2, steps=2, threads=1, progress=False,
-                  out=str(root / "results.json"), **runs)
+    values = dict(
+        store=str(root / "store.zarr"),
+        samples=2,
+        steps=2,
+        threads=1,
+        progress=False,
+        out=str(root / "results.json"),
+        **runs,
+    )
     values.update(kw)
     return EvaluateConfig(**values)
 
@@ -120,22 +130,59 @@ def config(setup, **kw):
 def test_evaluation_json_schema_and_mean_std_over_runs(setup):
     from inference.evaluation import format_table
     from jobs.evaluate import run_evaluate
+
     root, _ = setup
-    r = run_evaluate(config(setup, seg_head=str(root / "seg.safetensors"), labels=str(root / "labels"),
-                            depth_head=str(root / "depth.safetensors"), depth_labels=str(root / "depth"),
-                            fid_weights=str(root / "inception.pt"), fvd_weights=str(root / "i3d.pt")))
-    on_disk = json.loads((root / "results.json").read_text(),
-                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    r = run_evaluate(
+        config(
+            setup,
+            seg_head=str(root / "seg.safetensors"),
+            labels=str(root / "labels"),
+            depth_head=str(root / "depth.safetensors"),
+            depth_labels=str(root / "depth"),
+            fid_weights=str(root / "inception.pt"),
+            fvd_weights=str(root / "i3d.pt"),
+        )
+    )
+    on_disk = json.loads(
+        (root / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")
+    )
     assert on_disk == json.loads(json.dumps(r))
-    assert {"schema", "store", "clips", "clip_ids", "samples", "models", "stage1", "reference", "sampler",
-            "checkpoints", "skipped", "reference_metrics", "annotated_frame"} <= set(r)
+    assert {
+        "schema",
+        "store",
+        "clips",
+        "clip_ids",
+        "samples",
+        "models",
+        "stage1",
+        "reference",
+        "sampler",
+        "checkpoints",
+        "skipped",
+        "reference_metrics",
+        "annotated_frame",
+    } <= set(r)
     assert r["schema"] == "re2pix-evaluation/1" and r["clips"] == 2 and r["samples"] == 2
     assert r["reference"]["pixels"] == "vae_reconstruction" and "latents, not pixels" in r["reference"]["note"]
     assert set(r["models"]) == {"re2pix", "baseline"}
     for name, metrics in r["models"].items():
-        want = {"latent_mse", "latent_mse/t4", "latent_mse/t6", "psnr", "ssim", "psnr/f13", "psnr/f24",
-                "ssim/f13", "ssim/f24", "fid", "fvd", "seg/miou_all", "seg/miou_moving", "depth/absrel",
-                "depth/delta1"}
+        want = {
+            "latent_mse",
+            "latent_mse/t4",
+            "latent_mse/t6",
+            "psnr",
+            "ssim",
+            "psnr/f13",
+            "psnr/f24",
+            "ssim/f13",
+            "ssim/f24",
+            "fid",
+            "fvd",
+            "seg/miou_all",
+            "seg/miou_moving",
+            "depth/absrel",
+            "depth/delta1",
+        }
         assert want <= set(metrics), (name, want - set(metrics))
         for key, v in metrics.items():
             assert len(v["runs"]) == 2, key
@@ -145,8 +192,17 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
         assert 0 <= metrics["seg/miou_all"]["mean"] <= 1 and 0 <= metrics["depth/delta1"]["mean"] <= 1
         assert metrics["fid"]["mean"] >= 0 and metrics["fvd"]["mean"] >= 0
     s1 = r["stage1"]
-    assert {"mse", "cos", "t4/mse", "t6/cos", "mse@8", "cos@64", "copy_last/mse", "seg/miou_all",
-            "depth/absrel"} <= set(s1)
+    assert {
+        "mse",
+        "cos",
+        "t4/mse",
+        "t6/cos",
+        "mse@8",
+        "cos@64",
+        "copy_last/mse",
+        "seg/miou_all",
+        "depth/absrel",
+    } <= set(s1)
     assert {"seg/miou_all", "depth/delta1"} <= set(r["reference_metrics"])
     assert "1 of 2 clips have no label" in r["skipped"]["seg_labels"]
     assert "fid" not in r["skipped"] and "fvd" not in r["skipped"]
@@ -156,6 +212,7 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
 
 def test_refuses_fid_and_fvd_without_weights(setup):
     from jobs.evaluate import main, run_evaluate
+
     with pytest.raises(InferenceError, match="--fid-weights"):
         run_evaluate(config(setup, fid=True))
     with pytest.raises(InferenceError, match="--fvd-weights"):
@@ -166,9 +223,18 @@ def test_refuses_fid_and_fvd_without_weights(setup):
 
 def test_skips_are_explained_and_results_do_not_depend_on_batch_size(setup, tmp_path):
     from jobs.evaluate import run_evaluate
+
     root, _ = setup
-    a = run_evaluate(config(setup, decode=False, batch_size=1, baseline="", out=str(tmp_path / "a.json"),
-                            seg_head=str(root / "seg.safetensors")))
+    a = run_evaluate(
+        config(
+            setup,
+            decode=False,
+            batch_size=1,
+            baseline="",
+            out=str(tmp_path / "a.json"),
+            seg_head=str(root / "seg.safetensors"),
+        )
+    )
     assert set(a["models"]) == {"re2pix"} and "baseline" in a["skipped"]
     assert "no segmentation labels" in a["skipped"]["seg"] and "--labels" in a["skipped"]["seg"]
     assert "no --fid-weights" in a["skipped"]["fid"] and "--no-decode" in a["skipped"]["pixels"]
@@ -181,13 +247,15 @@ def test_skips_are_explained_and_results_do_not_depend_on_batch_size(setup, tmp_
 def test_cityscapes_labels_come_from_gtfine_of_the_annotated_frame(tmp_path):
     from inference.labels import Labels
     from jobs.evaluate import EvaluateConfig
+
     city = tmp_path / "gtFine" / "val" / "frankfurt"
     city.mkdir(parents=True)
     ids = np.array([[7, 26, 24], [0, 33, 23]], np.uint8)  # road, car, person | unlabeled, bicycle, sky
     # snippet frames 100..129: the clip starts at snippet frame 3 (103); clip frame 16 is frame 119
     Image.fromarray(ids).save(city / "frankfurt_000001_000119_gtFine_labelIds.png")
-    labels = Labels({"dataset": "cityscapes", "split": "val", "source_root": str(tmp_path)},
-                    EvaluateConfig().annotated_frame)
+    labels = Labels(
+        {"dataset": "cityscapes", "split": "val", "source_root": str(tmp_path)}, EvaluateConfig().annotated_frame
+    )
     assert labels.has_seg and not labels.has_depth
     got = labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 3})
     assert got.tolist() == [[0, 13, 11], [255, 18, 10]]

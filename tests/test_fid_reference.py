@@ -9,17 +9,29 @@ from tests.store_factory import make_store, synthetic_store
 
 def encoders():
     from pipeline.encoders import load_dinov2, load_vae
+
     return {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
 
 
 def evaluate(tmp_path, store):
     from jobs.evaluate import EvaluateConfig, run_evaluate
+
     runs = write_runs(tmp_path / "runs", stage1_channels=64, stage2_channels=64)
     torch.jit.script(MeanColour()).save(str(tmp_path / "inception.pt"))
     torch.jit.script(MeanClip()).save(str(tmp_path / "i3d.pt"))
-    return run_evaluate(EvaluateConfig(store=str(store), samples=1, steps=2, threads=1, progress=False, out=None,
-                                       fid_weights=str(tmp_path / "inception.pt"),
-                                       fvd_weights=str(tmp_path / "i3d.pt"), **runs))
+    return run_evaluate(
+        EvaluateConfig(
+            store=str(store),
+            samples=1,
+            steps=2,
+            threads=1,
+            progress=False,
+            out=None,
+            fid_weights=str(tmp_path / "inception.pt"),
+            fvd_weights=str(tmp_path / "i3d.pt"),
+            **runs,
+        )
+    )
 
 
 def test_fid_and_fvd_use_real_frames_when_the_source_is_readable(tmp_path):

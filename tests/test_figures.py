@@ -24,12 +24,21 @@ def cell(value, hw=(12, 20)):
 
 
 def paper_sections():
-    ctx = Section("context", [Row("input", [cell(10 + i) for i in range(4)]),
-                              Row("features", [cell(50 + i) for i in range(4)])],
-                  CONTEXT_BORDER, captions=[f"t={t}" for t in (0, 4, 8, 12)])
-    fut = Section("predicted", [Row(name, [cell(100 + 10 * r + i) for i in range(3)])
-                                for r, name in enumerate(["ground truth", "Baseline", "Re2Pix", "features"])],
-                  PREDICTED_BORDER, captions=[f"t={t}" for t in (16, 20, 24)])
+    ctx = Section(
+        "context",
+        [Row("input", [cell(10 + i) for i in range(4)]), Row("features", [cell(50 + i) for i in range(4)])],
+        CONTEXT_BORDER,
+        captions=[f"t={t}" for t in (0, 4, 8, 12)],
+    )
+    fut = Section(
+        "predicted",
+        [
+            Row(name, [cell(100 + 10 * r + i) for i in range(3)])
+            for r, name in enumerate(["ground truth", "Baseline", "Re2Pix", "features"])
+        ],
+        PREDICTED_BORDER,
+        captions=[f"t={t}" for t in (16, 20, 24)],
+    )
     return [ctx, fut]
 
 
@@ -54,13 +63,13 @@ def test_cells_sit_where_the_layout_says_inside_coloured_borders():
         for r, row in enumerate(sec.rows):
             for c, img in enumerate(row.cells):
                 y, x = layout.cell_origin(si, r, c)
-                assert np.array_equal(grid[y: y + 12, x: x + 20], img), (si, r, c)
+                assert np.array_equal(grid[y : y + 12, x : x + 20], img), (si, r, c)
                 assert tuple(grid[y - b, x]) == sec.border  # top border
                 assert tuple(grid[y + 12, x + 19]) == sec.border  # bottom border
                 assert tuple(grid[y, x - 1]) == sec.border and tuple(grid[y, x + 20]) == sec.border
     # the predicted section's 4th column does not exist: background there
     y, x = layout.cell_origin(1, 0, 3)
-    assert (grid[y: y + 12, x: x + 20] == 255).all()
+    assert (grid[y : y + 12, x : x + 20] == 255).all()
 
 
 def test_labels_and_titles_are_drawn_in_the_label_column():
@@ -70,10 +79,10 @@ def test_labels_and_titles_are_drawn_in_the_label_column():
     for si, rows in enumerate((2, 4)):
         for r in range(rows):
             y, _ = layout.cell_origin(si, r, 0)
-            band = grid[y: y + 12, s.margin: s.margin + s.label_width]
+            band = grid[y : y + 12, s.margin : s.margin + s.label_width]
             assert (band < 128).any(), f"no label text in section {si} row {r}"
         top = layout.section_top(si)
-        assert (grid[top: top + s.title_height, s.margin: s.margin + s.label_width] < 128).any()
+        assert (grid[top : top + s.title_height, s.margin : s.margin + s.label_width] < 128).any()
 
 
 def test_empty_cells_and_resizing():
@@ -81,11 +90,11 @@ def test_empty_cells_and_resizing():
     grid = make_grid([sec], cell_hw=(12, 20))
     layout = GridLayout(((1, 3),), (12, 20))
     y, x = layout.cell_origin(0, 0, 0)
-    assert (grid[y: y + 12, x: x + 20] == 7).all()  # enlarged (nearest)
+    assert (grid[y : y + 12, x : x + 20] == 7).all()  # enlarged (nearest)
     y, x = layout.cell_origin(0, 0, 1)
-    assert (grid[y - 3: y + 15, x - 3: x + 23] == 255).all()  # no cell, no border
+    assert (grid[y - 3 : y + 15, x - 3 : x + 23] == 255).all()  # no cell, no border
     y, x = layout.cell_origin(0, 0, 2)
-    assert (grid[y: y + 12, x: x + 20] == 9).all()  # shrunk
+    assert (grid[y : y + 12, x : x + 20] == 9).all()  # shrunk
     with pytest.raises(ValueError):
         make_grid([Section("empty", [])])
 
@@ -110,16 +119,17 @@ def test_frame_panels_mark_context_and_predicted_frames():
     assert panels.shape == (5, layout.height, layout.width, 3)
     y, x = layout.cell_origin(0, 0, 0)
     assert tuple(panels[1, y - 1, x]) == CONTEXT_BORDER and tuple(panels[2, y - 1, x]) == PREDICTED_BORDER
-    assert np.array_equal(panels[3, y: y + 12, x: x + 20], frames[3])
+    assert np.array_equal(panels[3, y : y + 12, x : x + 20], frames[3])
     y, x = layout.cell_origin(0, 0, 1)
-    assert (panels[3, y: y + 12, x: x + 20] == 255).all()
+    assert (panels[3, y : y + 12, x : x + 20] == 255).all()
 
 
 def test_write_mp4_round_trip(tmp_path):
     t, h, w = 6, 33, 47  # odd sizes get padded to even ones
     yy, xx = np.mgrid[0:h, 0:w]
-    frames = np.stack([np.stack([(xx * 5 + k * 20) % 256, yy * 7 % 256, np.full_like(xx, 128)], -1)
-                       for k in range(t)]).astype(np.uint8)
+    frames = np.stack(
+        [np.stack([(xx * 5 + k * 20) % 256, yy * 7 % 256, np.full_like(xx, 128)], -1) for k in range(t)]
+    ).astype(np.uint8)
     path = write_mp4(tmp_path / "out" / "clip.mp4", frames, fps=10)
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
@@ -134,6 +144,7 @@ def test_write_mp4_round_trip(tmp_path):
 
 def test_save_png_writes_the_image(tmp_path):
     from PIL import Image
+
     grid = make_grid(paper_sections())
     path = save_png(tmp_path / "g" / "grid.png", grid)
     assert np.array_equal(np.asarray(Image.open(path)), grid)

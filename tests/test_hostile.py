@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _job(module: str, *args, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+        **kw,
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -91,11 +98,13 @@ def test_overwrite_replaces_a_store_of_ours_and_leaves_other_files_beside_it(tmp
 
 def test_store_writer_refuses_a_non_store_prefix_on_s3(s3_url):
     import fsspec
+
     fs = fsspec.filesystem("s3", **s3_url["options"])
     fs.pipe_file(f"{s3_url['bucket']}/data/precious.txt", b"keep me")
     with pytest.raises(StoreError, match="is not empty and is not a re2pix store"):
-        make_store(f"s3://{s3_url['bucket']}/data", scenes=1, frames=25, overwrite=True,
-                   storage_options=s3_url["options"])
+        make_store(
+            f"s3://{s3_url['bucket']}/data", scenes=1, frames=25, overwrite=True, storage_options=s3_url["options"]
+        )
     assert fs.cat_file(f"{s3_url['bucket']}/data/precious.txt") == b"keep me"
 
 
@@ -159,8 +168,16 @@ def test_a_truncated_shard_is_damage_naming_its_row(store):
 
 
 # ---- finding 2: resume trusts damaged weights --------------------------------------------------------
-STAGE1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4, "depth": 1}, "batch_size": 2, "steps": 4,
-          "lr": 0.002, "log_every": 1, "ckpt_every": 2, "keep_checkpoints": 3}
+STAGE1 = {
+    "model": "tiny",
+    "model_overrides": {"hidden": 48, "heads": 4, "depth": 1},
+    "batch_size": 2,
+    "steps": 4,
+    "lr": 0.002,
+    "log_every": 1,
+    "ckpt_every": 2,
+    "keep_checkpoints": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +188,30 @@ def train_store(tmp_path_factory):
 
 
 def _train_args(store, run_dir, *extra):
-    return ["--stage", "1", "--store", store, "--run-dir", str(run_dir), "--val-clips", "1", "--no-progress",
-            "--threads", "1", "--workers", "0", "--stage1", json.dumps(STAGE1), *extra]
+    return [
+        "--stage",
+        "1",
+        "--store",
+        store,
+        "--run-dir",
+        str(run_dir),
+        "--val-clips",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--stage1",
+        json.dumps(STAGE1),
+        *extra,
+    ]
 
 
 @pytest.fixture
 def trained(train_store, tmp_path):
     from jobs.train import main as train_main
+
     train_main(_train_args(train_store, tmp_path))
     return tmp_path / "stage1"
 
@@ -186,6 +220,7 @@ def trained(train_store, tmp_path):
 def test_resume_skips_a_damaged_latest_checkpoint_for_the_newest_intact_one(train_store, trained, damage, caplog):
     from jobs.train import main as train_main
     from model.checkpoint import read_meta, verify_checkpoint
+
     weights = trained / "checkpoints" / "step-000004" / "model.safetensors"
     if damage == "flipped byte":
         _flip(weights, weights.stat().st_size - 10)
@@ -213,8 +248,10 @@ def test_a_pickled_state_file_is_refused_naming_the_file(trained):
     import pickle
 
     from model.checkpoint import CheckpointError, find_resumable
+
     state = trained / "checkpoints" / "step-000004" / "state.pt"
     import torch
+
     torch.save({"step": 4, "evil": pickle.loads(pickle.dumps(os.getcwd))}, state)  # a function: code, not data
     with pytest.raises(CheckpointError, match=r"step-000004/state.pt holds objects that weights-only loading"):
         find_resumable(trained, strict=True)
@@ -225,6 +262,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_naming_the_file(trained):
     import torch
 
     from model.checkpoint import CheckpointError, load_verified
+
     torch.save({"w": torch.zeros(2)}, trained / "checkpoints" / "step-000004" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"step-000004/model.safetensors is not a readable safetensors file"):
         load_verified(trained, ("stage1",), "model")
@@ -233,6 +271,7 @@ def test_a_pickle_in_place_of_the_weights_is_refused_naming_the_file(trained):
 def test_training_refuses_a_run_folder_that_is_not_a_run(train_store, tmp_path):
     from jobs.train import main as train_main
     from model.checkpoint import CheckpointError
+
     (tmp_path / "stage1").mkdir()
     (tmp_path / "stage1" / "thesis.tex").write_text("years of work")
     with pytest.raises(CheckpointError, match="is not empty and is not a re2pix run"):
@@ -256,8 +295,12 @@ def test_verify_checks_every_row_without_markers_and_lists_decode_errors_as_bad_
     report = Store(str(path)).verify()
     assert not report["ok"]
     bad = {(b["array"], b["row"]): b["reason"] for b in report["bad_rows"]}
-    assert set(bad) == {("frames/features", f_missing), ("frames/features", f_truncated), ("clips/latents", 2),
-                        ("clips/latents", 1)}
+    assert set(bad) == {
+        ("frames/features", f_missing),
+        ("frames/features", f_truncated),
+        ("clips/latents", 2),
+        ("clips/latents", 1),
+    }
     assert "missing" in bad[("frames/features", f_missing)]
     assert "crc32c" in bad[("clips/latents", 2)]
     assert bad[("clips/latents", 1)] == "3 NaN/Inf values" and report["nonfinite"] == {"clips/latents": 3}
@@ -277,15 +320,18 @@ def test_verify_and_check_compare_the_pca_basis_with_the_fingerprint(tmp_path):
     comps = zarr.open_array(str(tmp_path / "a.zarr" / "pca" / "components"), mode="r+")
     comps[0] = comps[1]  # same shape, other numbers: features would be read in another space
     report = Store(str(tmp_path / "a.zarr")).verify()
-    assert [b["array"] for b in report["bad_rows"]] == ["pca"] and "the manifest's fingerprint" in \
-        report["bad_rows"][0]["reason"]
-    _one_line_error(_job("jobs.store", "check", tmp_path / "b.zarr", tmp_path / "a.zarr"),
-                    "a.zarr: pca: its arrays hash to")
+    assert [b["array"] for b in report["bad_rows"]] == ["pca"] and "the manifest's fingerprint" in report["bad_rows"][
+        0
+    ]["reason"]
+    _one_line_error(
+        _job("jobs.store", "check", tmp_path / "b.zarr", tmp_path / "a.zarr"), "a.zarr: pca: its arrays hash to"
+    )
     assert _job("jobs.store", "check", tmp_path / "b.zarr", tmp_path / "b.zarr").returncode == 0
 
 
 def test_a_swapped_or_wrong_shaped_basis_is_refused_on_open(tmp_path):
     import shutil
+
     make_store(tmp_path / "a.zarr", scenes=1, frames=25)
     make_store(tmp_path / "c.zarr", scenes=1, frames=25, basis_seed=3)
     shutil.rmtree(tmp_path / "a.zarr" / "pca")
@@ -294,8 +340,10 @@ def test_a_swapped_or_wrong_shaped_basis_is_refused_on_open(tmp_path):
         Store(str(tmp_path / "a.zarr"))
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+")
     g["pca"].create_array("components", shape=(8, 128), dtype="float32", overwrite=True)
-    _one_line_error(_job("jobs.store", "verify", tmp_path / "c.zarr"),
-                    "pca/components has shape [8, 128], but the manifest's counts and geometry say [64, 128]")
+    _one_line_error(
+        _job("jobs.store", "verify", tmp_path / "c.zarr"),
+        "pca/components has shape [8, 128], but the manifest's counts and geometry say [64, 128]",
+    )
 
 
 # ---- findings 7 and 10: one line naming the file for every bad input --------------------------------
@@ -309,13 +357,15 @@ def test_store_tools_report_project_errors_in_one_line(tmp_path, store):
 def test_export_wds_with_too_many_channels_writes_nothing(store, tmp_path):
     path, _, _ = store
     out = tmp_path / "shards"
-    _one_line_error(_job("jobs.store", "export-wds", path, out, "--channels", 9999),
-                    "channels must be in 1..64, got 9999")
+    _one_line_error(
+        _job("jobs.store", "export-wds", path, out, "--channels", 9999), "channels must be in 1..64, got 9999"
+    )
     assert not out.exists()
 
 
 def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(store, tmp_path):
     from pipeline.store.wds import export_webdataset, shard_urls
+
     path, _, _ = store
     out = tmp_path / "mine"
     out.mkdir()
@@ -329,12 +379,18 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
     again = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False, overwrite=True)
     assert len(again) == 1 < len(first) and shard_urls(str(tmp_path / "wds")) == again
-    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["NOTES.txt", "README.md", "manifest.json",
-                                                                  "pca.npz", "shard-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == [
+        "NOTES.txt",
+        "README.md",
+        "manifest.json",
+        "pca.npz",
+        "shard-000000.tar",
+    ]
 
 
 def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
     from pipeline.store.wds import export_webdataset
+
     path, index, _ = store
     _chunk(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[3\]"):
@@ -359,11 +415,19 @@ def _npy_bytes(a) -> bytes:
 
 def test_hostile_npy_members_are_refused_naming_the_shard_and_the_member(tmp_path):
     from pipeline.store.wds import iter_webdataset
+
     good = {"c0.json": b"{}", "c0.latents.npy": _npy_bytes(np.zeros((16, 7, 12, 20), np.float16))}
     cases = {
         "pickle": ({**good, "c0.features.npy": _npy_bytes(np.array([{"x": 1}], dtype=object))}, "holds object values"),
-        "huge": ({**good, "c0.features.npy": _npy_bytes(np.zeros((7, 8, 14, 4), np.float16)).replace(
-            b"(7, 8, 14, 4)", b"(7, 8, 14, 4000000000)", 1)}, "bytes of data, its header says"),
+        "huge": (
+            {
+                **good,
+                "c0.features.npy": _npy_bytes(np.zeros((7, 8, 14, 4), np.float16)).replace(
+                    b"(7, 8, 14, 4)", b"(7, 8, 14, 4000000000)", 1
+                ),
+            },
+            "bytes of data, its header says",
+        ),
         "3d": ({**good, "c0.features.npy": _npy_bytes(np.zeros((7, 8, 14), np.float16))}, "has shape [7, 8, 14]"),
         "garbage": ({**good, "c0.features.npy": b"not an npy"}, "is not a valid .npy file"),
     }
@@ -375,6 +439,7 @@ def test_hostile_npy_members_are_refused_naming_the_shard_and_the_member(tmp_pat
 
 def test_a_shard_member_with_the_wrong_shape_for_its_manifest_is_refused(store, tmp_path):
     from pipeline.store.wds import export_webdataset, iter_webdataset
+
     path, _, _ = store
     shards = export_webdataset(Store(str(path)), str(tmp_path / "wds"), channels=16, progress=False)
     members = {}
@@ -384,15 +449,20 @@ def test_a_shard_member_with_the_wrong_shape_for_its_manifest_is_refused(store, 
     first = sorted(members)[0].split(".")[0]
     members[f"{first}.features.npy"] = _npy_bytes(np.zeros((7, 8, 14, 32), np.float16))  # 32 channels, not 16
     _tar(Path(shards[0]), members)
-    with pytest.raises(StoreError, match=rf"shard-000000.tar: member {first}.features.npy has shape \[7, 8, 14, 32\], "
-                                         r"the export's manifest says \[7, 8, 14, 16\]"):
+    with pytest.raises(
+        StoreError,
+        match=rf"shard-000000.tar: member {first}.features.npy has shape \[7, 8, 14, 32\], "
+        r"the export's manifest says \[7, 8, 14, 16\]",
+    ):
         list(iter_webdataset(shards))
 
 
 # ---- finding 9: manifest values are trusted without bounds -----------------------------------------
-def test_a_webdataset_manifest_claiming_1e9_channels_is_refused_before_the_trainer_allocates(store, tmp_path,
-                                                                                           train_store):
+def test_a_webdataset_manifest_claiming_1e9_channels_is_refused_before_the_trainer_allocates(
+    store, tmp_path, train_store
+):
     from pipeline.store.wds import export_webdataset
+
     path, _, _ = store
     export_webdataset(Store(str(path)), str(tmp_path / "wds"), progress=False)
     manifest = json.loads((tmp_path / "wds" / "manifest.json").read_text())
@@ -404,6 +474,7 @@ def test_a_webdataset_manifest_claiming_1e9_channels_is_refused_before_the_train
     manifest["geometry"]["num_pca_channels"] = 10**9
     (tmp_path / "wds" / "manifest.json").write_text(json.dumps(manifest))
     from pipeline.store.wds import read_wds_manifest
+
     with pytest.raises(StoreError, match="geometry is refused: geometry num_pca_channels=1000000000 is out of bounds"):
         read_wds_manifest(str(tmp_path / "wds"))
 
@@ -425,8 +496,10 @@ def test_store_array_shapes_are_checked_against_the_counts(store):
 def test_rollout_reports_a_damaged_checkpoint_in_one_line(trained, train_store):
     weights = trained / "checkpoints" / "step-000004" / "model.safetensors"
     _flip(weights, weights.stat().st_size - 10)  # a weight's byte: the file still parses
-    _one_line_error(_job("jobs.rollout", "--checkpoint", trained, "--store", train_store, "--no-progress"),
-                    "step-000004/model.safetensors does not match the fingerprint")
+    _one_line_error(
+        _job("jobs.rollout", "--checkpoint", trained, "--store", train_store, "--no-progress"),
+        "step-000004/model.safetensors does not match the fingerprint",
+    )
 
 
 @pytest.mark.parametrize("array", ["clips/valid", "clips/feature_rows", "clips/id"])
@@ -441,6 +514,7 @@ def test_a_missing_chunk_of_the_clip_table_is_damage_not_an_empty_or_shifted_sto
 # ---- kill and corruption cases that already held: keep them holding ----------------------------------
 def test_a_checkpoint_half_written_by_a_kill_is_never_resumed_from(trained):
     from model.checkpoint import find_resumable
+
     half = trained / "checkpoints" / ".tmp-killed"  # a save killed before its rename
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
@@ -450,6 +524,7 @@ def test_a_checkpoint_half_written_by_a_kill_is_never_resumed_from(trained):
 def test_an_unfinished_store_is_not_served_and_a_partial_marker_is_not_a_done_unit(tmp_path):
     from pipeline.store.format import IncompleteStoreError
     from pipeline.store.writer import StoreWriter
+
     w, _, _ = make_store(tmp_path / "s.zarr", scenes=1, frames=25, finalize=False)
     (tmp_path / "s.zarr" / "progress" / ".tmp-0123").write_bytes(b'{"unit": "unit-0000')  # killed mid-write
     assert StoreWriter(str(tmp_path / "s.zarr")).done_units() == {"unit-000000"}

@@ -19,13 +19,21 @@ LAZY_FORBIDDEN = ("transformers", "diffusers", "ray")
 
 CASES = [
     pytest.param(MODEL, "", TRAINER_FORBIDDEN, id="model"),
-    pytest.param(["jobs.train"], "import jobs.train; jobs.train.parse(['--stage', '1'])",  # the config path too
-                 TRAINER_FORBIDDEN, id="jobs.train"),
+    pytest.param(
+        ["jobs.train"],
+        "import jobs.train; jobs.train.parse(['--stage', '1'])",  # the config path too
+        TRAINER_FORBIDDEN,
+        id="jobs.train",
+    ),
     pytest.param(["jobs.rollout", "inference.stages"], "", TRAINER_FORBIDDEN, id="jobs.rollout"),
     pytest.param(INFERENCE, "", LAZY_FORBIDDEN, id="inference"),
     pytest.param(["jobs.predict", "jobs.evaluate"], "", LAZY_FORBIDDEN, id="jobs.predict+evaluate"),
-    pytest.param(["pipeline.encoders", "pipeline.store"], "", ("transformers", "diffusers", "torch"),
-                 id="pipeline.encoders+store"),
+    pytest.param(
+        ["pipeline.encoders", "pipeline.store"],
+        "",
+        ("transformers", "diffusers", "torch"),
+        id="pipeline.encoders+store",
+    ),
 ]
 
 
@@ -40,7 +48,8 @@ def test_imports_stay_light(modules, then, forbidden):
         f"bad = sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in {forbidden!r}))\n"
         "print(json.dumps(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

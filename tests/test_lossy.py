@@ -50,7 +50,7 @@ def test_the_writer_applies_the_spec_the_cache_job_passes_and_the_reader_undoes_
     got = store.read_features(0)
     assert got.dtype == np.float16 and got.shape == want.shape
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert 0 < rel < (2.0 ** -6 if "trim" in spec else 0.02)
+    assert 0 < rel < (2.0**-6 if "trim" in spec else 0.02)
     z = store.read_latents(0).astype(np.float32)
     assert 0 < np.linalg.norm(z - written[("latents", store.row(0))]) / np.linalg.norm(z) < 0.02
     assert store.verify()["ok"]

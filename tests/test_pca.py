@@ -56,8 +56,9 @@ def test_sign_convention_and_order_independence(data):
     assert np.all(basis.components[rows, np.abs(basis.components).argmax(1)] > 0)
     whole = PCAAccumulator(D).update(x[::-1]).to_basis(C)  # one batch, other order
     np.testing.assert_allclose(whole.components, basis.components, atol=1e-5)
-    np.testing.assert_allclose(fit_pca(iter(np.array_split(x, 7)), C).explained_variance,
-                               basis.explained_variance, rtol=1e-6)
+    np.testing.assert_allclose(
+        fit_pca(iter(np.array_split(x, 7)), C).explained_variance, basis.explained_variance, rtol=1e-6
+    )
 
 
 def test_constant_dimension_gets_unit_std():

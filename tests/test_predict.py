@@ -21,6 +21,7 @@ from tests.store_factory import make_store
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from pipeline.encoders import load_dinov2, load_vae
+
     root = tmp_path_factory.mktemp("predict")
     encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
     make_store(root / "store.zarr", scenes=1, frames=29, encoders=encoders)  # 2 clips
@@ -29,6 +30,7 @@ def setup(tmp_path_factory):
 
 def config(setup, **kw):
     from jobs.predict import PredictConfig
+
     root, runs = setup
     values = dict(store=str(root / "store.zarr"), steps=2, out=str(root / "out"), threads=1, **runs)
     values.update(kw)
@@ -42,6 +44,7 @@ def grid_size(sections, cell_hw=(96, 160)):
 
 def test_predict_store_clip_writes_grid_video_and_summary(setup):
     from jobs.predict import run_predict
+
     s = run_predict(config(setup, clip=1, name="clip1"))
     assert s["ground_truth"] == "vae_reconstruction" and s["source"]["clip"] == 1
     assert s["rows"] == ["context", "ground truth", "Baseline", "Re2Pix", "forecast features"]
@@ -64,6 +67,7 @@ def test_prediction_decodes_context_and_future_as_one_sequence(setup):
     from inference.prediction import predict_clip
     from inference.sampling import Sampler
     from inference.stages import Models
+
     cfg = config(setup)
     space, store = open_space(cfg.store)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline)
@@ -87,6 +91,7 @@ def test_prediction_decodes_context_and_future_as_one_sequence(setup):
 
 def test_missing_baseline_leaves_its_row_out(setup, tmp_path):
     from jobs.predict import run_predict
+
     s = run_predict(config(setup, baseline=str(tmp_path / "no-run"), out=str(tmp_path), name="nb"))
     assert s["rows"] == ["context", "ground truth", "Re2Pix", "forecast features"]
     assert set(s["scores"]) == {"re2pix"} and "baseline" not in s["models"]
@@ -94,13 +99,15 @@ def test_missing_baseline_leaves_its_row_out(setup, tmp_path):
 
 
 def _moving_frames(n, hw=(120, 200)):
-    yy, xx = np.mgrid[0: hw[0], 0: hw[1]]
-    return np.stack([np.stack([(xx * 2 + 6 * k) % 256, (yy * 3) % 256, np.full_like(xx, 90 + 4 * k)], -1)
-                     for k in range(n)]).astype(np.uint8)
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]]
+    return np.stack(
+        [np.stack([(xx * 2 + 6 * k) % 256, (yy * 3) % 256, np.full_like(xx, 90 + 4 * k)], -1) for k in range(n)]
+    ).astype(np.uint8)
 
 
 def test_predict_from_video_file_encodes_here(setup, tmp_path):
     from jobs.predict import run_predict
+
     path = write_mp4(tmp_path / "drive.mp4", _moving_frames(30), fps=12)
     s = run_predict(config(setup, video=str(path), out=str(tmp_path / "out"), grid_frames="all"))
     assert s["ground_truth"] == "video" and s["source"] == {"video": str(path), "frames_used": 25}
@@ -118,6 +125,7 @@ def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
     from inference.encoders import load_dinov2_for, load_vae_for
     from inference.inputs import open_space, video_clip
     from pipeline.frames import resize_frames
+
     write_mp4(tmp_path / "v.mp4", _moving_frames(25), fps=10)
     cfg = config(setup, video=str(tmp_path / "v.mp4"))
     space, _ = open_space(cfg.store, video=True)
@@ -131,13 +139,15 @@ def test_video_clip_matches_the_cache_encoding(setup, tmp_path):
     want = space.basis.project(raw).astype(np.float16).astype(np.float32)
     assert np.array_equal(clip.features, want)
     # store latents are (z - mean) / std with the store's normalization (0 / 1 here): the raw VAE latents
-    z = vae(frames[None]).float() * torch.tensor(vae.latents_std).view(1, -1, 1, 1, 1) \
-        + torch.tensor(vae.latents_mean).view(1, -1, 1, 1, 1)
+    z = vae(frames[None]).float() * torch.tensor(vae.latents_std).view(1, -1, 1, 1, 1) + torch.tensor(
+        vae.latents_mean
+    ).view(1, -1, 1, 1, 1)
     assert torch.allclose(torch.from_numpy(clip.latents), z[0].half().float(), atol=1e-2, rtol=1e-2)
 
 
 def test_predict_from_13_frame_folder_has_no_ground_truth_row(setup, tmp_path):
     from jobs.predict import run_predict
+
     folder = tmp_path / "frames"
     folder.mkdir()
     for k, f in enumerate(_moving_frames(13)):
@@ -151,6 +161,7 @@ def test_predict_from_13_frame_folder_has_no_ground_truth_row(setup, tmp_path):
 
 def test_refusals(setup, tmp_path):
     from jobs.predict import run_predict
+
     folder = tmp_path / "short"
     folder.mkdir()
     for k, f in enumerate(_moving_frames(9)):
@@ -168,9 +179,24 @@ def test_refusals(setup, tmp_path):
 def test_command_line_error_is_one_line_and_status_1(setup, capsys):
     from jobs.cli import run
     from jobs.predict import main
+
     cfg = config(setup)
-    argv = ["--store", cfg.store, "--clip-id", "nope", "--stage1", cfg.stage1, "--stage2", cfg.stage2,
-            "--baseline", "", "--steps", "2", "--out", cfg.out]
+    argv = [
+        "--store",
+        cfg.store,
+        "--clip-id",
+        "nope",
+        "--stage1",
+        cfg.stage1,
+        "--stage2",
+        cfg.stage2,
+        "--baseline",
+        "",
+        "--steps",
+        "2",
+        "--out",
+        cfg.out,
+    ]
     assert run(main, argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "no clip 'nope'" in err[-1] and "Traceback" not in "".join(err)
@@ -187,11 +213,13 @@ def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_pat
         return get_source("synthetic", None, "val", num_scenes=scenes, frames_per_scene=frames, seed=3)
 
     from pipeline.encoders import load_dinov2, load_vae
+
     encoders = {"dinov2": load_dinov2("tiny").describe(), "vae": load_vae("tiny").describe()}
     make_store(tmp_path / "syn.zarr", encoders=encoders, source=synthetic(1, 29))  # 2 clips: frames 0-24, 4-28
     src = synthetic(1, 29)
-    want = resize_frames(np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[4:29]]),
-                         TINY.vae_input_hw)
+    want = resize_frames(
+        np.stack([src.read_frame("scene-0000", f) for f in src.frames("scene-0000")[4:29]]), TINY.vae_input_hw
+    )
     clip = store_clip(Store(str(tmp_path / "syn.zarr")), 1)
     assert clip.frames_kind == "source_frames" and np.array_equal(clip.frames, want)
     assert clip.source["ground_truth_source"]["opened"] and clip.source["ground_truth_source"]["frames"] == [4, 28]
@@ -205,7 +233,7 @@ def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_pat
     layout = GridLayout(((2, 4), (4, 3)), (96, 160), GridStyle())
     for (section, row, col), frame in {(0, 0, 1): 4, (0, 0, 3): 12, (1, 0, 0): 16, (1, 0, 2): 24}.items():
         y, x = layout.cell_origin(section, row, col)  # context row: frames 0, 4, 8, 12; ground truth: 16, 20, 24
-        assert np.array_equal(grid[y: y + 96, x: x + 160], want[frame])
+        assert np.array_equal(grid[y : y + 96, x : x + 160], want[frame])
 
     # a store whose source cannot be reopened keeps the VAE reconstruction, and says why
     s = run_predict(config(setup, clip=0, out=str(tmp_path / "out"), name="counting"))

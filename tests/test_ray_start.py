@@ -45,8 +45,23 @@ def ray_tmpdir():
 
 
 def cache_args(out, *extra):
-    return [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--source-options", json.dumps(SYNTH),
-            "--unit-clips", "1", "--pca-frames", "32", "--no-progress", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.cache",
+        "--preset",
+        "tiny",
+        "--source-options",
+        json.dumps(SYNTH),
+        "--unit-clips",
+        "1",
+        "--pca-frames",
+        "32",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_a_stopped_clusters_address_does_not_stop_the_job_and_sigterm_stops_it_cleanly(ray_tmpdir, tmp_path):
@@ -55,8 +70,9 @@ def test_a_stopped_clusters_address_does_not_stop_the_job_and_sigterm_stops_it_c
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmpdir, PYTHONPATH=str(ROOT))
     out = tmp_path / "store.zarr"
-    proc = subprocess.Popen(cache_args(out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cache_args(out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while not list((out / "progress").glob("unit-*.json")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -81,14 +97,17 @@ def test_a_stopped_clusters_address_does_not_stop_the_job_and_sigterm_stops_it_c
 
 def test_a_running_local_cluster_is_found_and_named(ray_tmpdir, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
+
     monkeypatch.setenv("RAY_TMPDIR", ray_tmpdir)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
     try:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=ray_tmpdir, PYTHONPATH=str(ROOT))
-        run = subprocess.run(cache_args(tmp_path / "store.zarr"), cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+        run = subprocess.run(
+            cache_args(tmp_path / "store.zarr"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert f"ray: using the running local Ray cluster at {cluster.address}" in run.stderr
     finally:

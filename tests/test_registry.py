@@ -42,10 +42,12 @@ def test_any_transformers_backbone_by_folder_with_chosen_layers(tmp_path):
     """A saved SigLIP vision tower loaded through the generic path gives the same blocks' features."""
     siglip = load_encoder("siglip2:tiny", input_hw=TINY.dino_input_hw)
     siglip.model.save_pretrained(tmp_path / "vit")
-    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
-                                                                             "image_std": [0.5] * 3}))
-    hf = load_encoder(json.dumps({"kind": "hf", "weights": str(tmp_path / "vit"), "layers": [2, 4]}),
-                      input_hw=TINY.dino_input_hw)
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    hf = load_encoder(
+        json.dumps({"kind": "hf", "weights": str(tmp_path / "vit"), "layers": [2, 4]}), input_hw=TINY.dino_input_hw
+    )
     full, two = siglip(FRAMES), hf(FRAMES)
     assert hf.feature_dim == 64 and hf.describe()["layers"] == [2, 4]
     torch.testing.assert_close(two, torch.cat([full[..., 32:64], full[..., 96:128]], -1), atol=1e-5, rtol=1e-5)
@@ -63,8 +65,9 @@ def test_wan22_vae_has_48_channels_at_16x_and_the_geometry_follows_it():
     assert g.latents_shape == (48, 7, 6, 10) and g.features_shape == TINY.features_shape
     assert derive_geometry(TINY, load_encoder("tiny"), load_vae("tiny")) == TINY  # WAN2.1: unchanged
     with pytest.raises(ValueError, match="temporal_downsample"):  # 25 frames do not fit an 8x temporal VAE
-        TINY.for_encoders(patch_size=14, feature_dim=128, latent_channels=16, spatial_downsample=8,
-                          temporal_downsample=8)
+        TINY.for_encoders(
+            patch_size=14, feature_dim=128, latent_channels=16, spatial_downsample=8, temporal_downsample=8
+        )
 
 
 def test_stores_of_two_encoders_are_refused_naming_the_encoder_field(tmp_path):
@@ -83,10 +86,27 @@ SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
 
 def _cache(tmp_path_factory, name, **kw):
     from jobs.cache import CacheConfig, run_cache
+
     out = tmp_path_factory.mktemp(name) / "store.zarr"
-    run_cache(CacheConfig(**{"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny",
-                             "encoder": "tiny", "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1,
-                             "channel_chunk": 16, "progress": False, "vae_threads": 1, **kw}))
+    run_cache(
+        CacheConfig(
+            **{
+                "dataset": "synthetic",
+                "source_options": SYNTH,
+                "out": str(out),
+                "geometry": "tiny",
+                "encoder": "tiny",
+                "vae": "tiny",
+                "pca_frames": 64,
+                "stride": 4,
+                "unit_clips": 1,
+                "channel_chunk": 16,
+                "progress": False,
+                "vae_threads": 1,
+                **kw,
+            }
+        )
+    )
     return str(out)
 
 
@@ -102,11 +122,30 @@ def wan22_store(ray_address, tmp_path_factory):
 
 def _train(store, run_dir, stage, settings):
     from jobs.train import main as train_main
+
     key = "--stage1" if stage == "1" else "--stage2"
-    rc = train_main(["--stage", stage, "--store", store, "--run-dir", str(run_dir), "--val-clips", "1",
-                     "--no-progress", "--workers", "0", "--threads", "1", key, json.dumps(settings)])
+    rc = train_main(
+        [
+            "--stage",
+            stage,
+            "--store",
+            store,
+            "--run-dir",
+            str(run_dir),
+            "--val-clips",
+            "1",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--threads",
+            "1",
+            key,
+            json.dumps(settings),
+        ]
+    )
     assert rc in (0, None)
     from model.loop import read_metrics
+
     sub = "stage1" if stage == "1" else "stage2"
     return [r for r in read_metrics(run_dir / sub) if r["kind"] == "train"]
 
@@ -114,6 +153,7 @@ def _train(store, run_dir, stage, settings):
 @pytest.mark.slow
 def test_a_siglip2_store_is_cached_named_and_trains_stage1(siglip_store, tmp_path):
     from pipeline.store.reader import Store
+
     store = Store(siglip_store)
     assert store.manifest["encoders"]["dinov2"]["name"] == "siglip2"
     assert store.geometry.feature_dim == 128 and len(store) == 4
@@ -125,16 +165,26 @@ def test_a_siglip2_store_is_cached_named_and_trains_stage1(siglip_store, tmp_pat
 @pytest.mark.slow
 def test_a_wan22_store_has_48_latent_channels_and_trains_stage2(wan22_store, tmp_path):
     from pipeline.store.reader import Store
+
     store = Store(wan22_store)
     assert store.geometry.latent_channels == 48 and store.geometry.spatial_downsample == 16
     assert store.read_clip(0).latents.shape == (48, 7, 6, 10)
     assert store.manifest["encoders"]["vae"]["name"] == "wan2.2_vae"
     assert len(store.manifest["latent_norm"]["mean"]) == 48
-    settings = {"model": "tiny", "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
-                "batch_size": 2, "steps": 3, "log_every": 1, "pred_p": 0.0, "sample_steps": 2, "sample_clips": 1}
+    settings = {
+        "model": "tiny",
+        "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+        "batch_size": 2,
+        "steps": 3,
+        "log_every": 1,
+        "pred_p": 0.0,
+        "sample_steps": 2,
+        "sample_clips": 1,
+    }
     rows = _train(wan22_store, tmp_path, "2", settings)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     from model.checkpoint import latest_checkpoint, read_meta
+
     assert read_meta(latest_checkpoint(tmp_path / "stage2"))["model_config"]["latent_channels"] == 48
 
 
@@ -168,6 +218,7 @@ def test_video_windows_end_at_each_feature_frame_and_repeat_the_scene_start():
     from pipeline.ray_cache import read_unit
     from pipeline.store.geometry import Geometry
     from pipeline.units import plan_units
+
     geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in VIDEO_GEOMETRY.items()})
     source = IndexedSource()
     index = build_clip_index(source, geometry, stride=4, progress=False)  # clips at 0 and 4
@@ -208,6 +259,7 @@ def video_store(ray_address, tmp_path_factory):
 @pytest.mark.slow
 def test_a_video_backbone_store_is_cached_and_trains_stage1(video_store, tmp_path):
     from pipeline.store.reader import Store
+
     store = Store(video_store)
     d = store.manifest["encoders"]["dinov2"]
     assert d["name"] == "vjepa2" and d["window"] == 4 and store.geometry.feature_hw == (7, 7)

@@ -60,11 +60,14 @@ def test_paper_size_counts_next_to_the_papers_792m(method):
     assert model.dit.feature_embedder is None
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--preset", "paper", "--stage", "repa"], 792_742_528),
-    (["--preset", "paper", "--stage", "videorepa"], 792_742_528),
-    (["--preset", "paper_large"], 1_545_356_288),  # Baseline-Large: its preset's stage is the Baseline
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--preset", "paper", "--stage", "repa"], 792_742_528),
+        (["--preset", "paper", "--stage", "videorepa"], 792_742_528),
+        (["--preset", "paper_large"], 1_545_356_288),  # Baseline-Large: its preset's stage is the Baseline
+    ],
+)
 def test_paper_presets_build_the_table_1_rows(argv, expected):
     cfg = parse(argv)
     sc = stage_config(cfg, "stage2")
@@ -130,8 +133,13 @@ def test_features_enter_only_the_loss_never_the_dit(method):
 def test_repa_loss_is_minus_the_mean_token_cosine():
     g = torch.Generator().manual_seed(0)
     projected, target = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
-    direct = torch.stack([-sum(F.cosine_similarity(projected[i, t, s], target[i, t, s], dim=0)
-                                for t in range(3) for s in range(5)) / 15 for i in range(2)])
+    direct = torch.stack(
+        [
+            -sum(F.cosine_similarity(projected[i, t, s], target[i, t, s], dim=0) for t in range(3) for s in range(5))
+            / 15
+            for i in range(2)
+        ]
+    )
     torch.testing.assert_close(repa_loss(projected, target), direct)
     torch.testing.assert_close(repa_loss(3 * target, target), torch.full((2,), -1.0))
 
@@ -213,15 +221,38 @@ def store(tmp_path_factory):
     return str(path)
 
 
-STAGE2 = {"model": "tiny", "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8}, "batch_size": 2,
-          "steps": 3, "log_every": 1, "ckpt_every": 3, "sample_steps": 2, "sample_clips": 2,
-          "align": {"projector_dim": 32}}
+STAGE2 = {
+    "model": "tiny",
+    "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+    "batch_size": 2,
+    "steps": 3,
+    "log_every": 1,
+    "ckpt_every": 3,
+    "sample_steps": 2,
+    "sample_clips": 2,
+    "align": {"projector_dim": 32},
+}
 
 
 @pytest.mark.parametrize("method", ["repa", "videorepa"])
 def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path, method):
-    args = ["--stage", method, "--store", store, "--run-dir", str(tmp_path), "--val-clips", "3", "--no-progress",
-            "--workers", "0", "--threads", "1", "--stage2", json.dumps(STAGE2)]
+    args = [
+        "--stage",
+        method,
+        "--store",
+        store,
+        "--run-dir",
+        str(tmp_path),
+        "--val-clips",
+        "3",
+        "--no-progress",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--stage2",
+        json.dumps(STAGE2),
+    ]
     assert train_main(args) == 0
     meta = read_meta(latest_checkpoint(tmp_path / method))
     assert meta["task"] == method and meta["step"] == 3
@@ -231,7 +262,7 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     assert meta["parameters"] == parameter_counts(model)["total"]
     model.load_state_dict(load_weights(latest_checkpoint(tmp_path / method), "model"))
     base = Re2PixDiT(model.cfg)  # the checkpoint's DiT alone is a Baseline the sampler and predict can use
-    base.load_state_dict({k[len("dit."):]: v for k, v in model.state_dict().items() if k.startswith("dit.")})
+    base.load_state_dict({k[len("dit.") :]: v for k, v in model.state_dict().items() if k.startswith("dit.")})
     context = torch.randn(1, 16, 4, 12, 20)  # the tiny store's latent grid
     out = diffusion.sample(base, context, None, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 16, 7, 12, 20) and torch.isfinite(out).all()

@@ -20,13 +20,31 @@ from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 from tests.store_factory import make_store
 
-TINY1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2,
-         "log_every": 1}
+TINY1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2, "log_every": 1}
 
 
 def _train_stage1(store, run_dir, seed=0):
-    train_main(["--stage", "1", "--store", store, "--run-dir", str(run_dir), "--val-clips", "3", "--no-progress",
-                "--workers", "0", "--threads", "1", "--seed", str(seed), "--stage1", json.dumps(TINY1)])
+    train_main(
+        [
+            "--stage",
+            "1",
+            "--store",
+            store,
+            "--run-dir",
+            str(run_dir),
+            "--val-clips",
+            "3",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--threads",
+            "1",
+            "--seed",
+            str(seed),
+            "--stage1",
+            json.dumps(TINY1),
+        ]
+    )
     return run_dir / "stage1"
 
 
@@ -39,8 +57,21 @@ def trained(tmp_path_factory):
 
 
 def _rollout(store, ckpt, *extra):
-    return run(rollout_main, ["--checkpoint", str(ckpt), "--store", store, "--chunk-rows", "4", "--batch-size", "3",
-                              "--no-progress", *extra])
+    return run(
+        rollout_main,
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--store",
+            store,
+            "--chunk-rows",
+            "4",
+            "--batch-size",
+            "3",
+            "--no-progress",
+            *extra,
+        ],
+    )
 
 
 def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(trained, monkeypatch, capsys):
@@ -64,6 +95,7 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
 
     written = []
     from jobs import rollout as rollout_job
+
     real_store = rollout_job.rollout_store
 
     def recording(*args, **kwargs):
@@ -109,11 +141,33 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
 def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):
     store = str(tmp_path / "store.zarr")
     make_store(store, scenes=3, frames=33, channel_chunk=16)  # 9 clips: 6 to train, 3 held out
-    stage2 = {"model": "tiny", "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
-              "batch_size": 2, "steps": 2, "log_every": 1, "sample_steps": 2, "sample_clips": 2}
+    stage2 = {
+        "model": "tiny",
+        "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+        "batch_size": 2,
+        "steps": 2,
+        "log_every": 1,
+        "sample_steps": 2,
+        "sample_clips": 2,
+    }
     stage1 = {**TINY1, "channels": 16}  # Stage 1 on the first 16 PCA channels, Stage 2 on all 64
-    base = ["--store", store, "--run-dir", str(tmp_path / "run"), "--val-clips", "3", "--no-progress",
-            "--workers", "0", "--threads", "1", "--stage1", json.dumps(stage1), "--stage2", json.dumps(stage2)]
+    base = [
+        "--store",
+        store,
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--val-clips",
+        "3",
+        "--no-progress",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--stage1",
+        json.dumps(stage1),
+        "--stage2",
+        json.dumps(stage2),
+    ]
     with pytest.raises(StoreError, match="rollout"):  # Stage 2's mixed supervision needs the rollouts
         train_run(train_parse(["--stage", "2", *base]))
     results = train_run(train_parse(["--stage", "all", *base]))

@@ -19,8 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(out, **kw):
-    base = {"dataset": "synthetic", "source_options": SYNTH, "out": str(out), "geometry": "tiny", "encoder": "tiny",
-            "vae": "tiny", "pca_frames": 64, "stride": 4, "unit_clips": 1, "channel_chunk": 16, "progress": False}
+    base = {
+        "dataset": "synthetic",
+        "source_options": SYNTH,
+        "out": str(out),
+        "geometry": "tiny",
+        "encoder": "tiny",
+        "vae": "tiny",
+        "pca_frames": 64,
+        "stride": 4,
+        "unit_clips": 1,
+        "channel_chunk": 16,
+        "progress": False,
+    }
     base.update(kw)
     return CacheConfig(**base)
 
@@ -61,12 +72,29 @@ def test_killed_job_into_s3_resumes_on_its_first_rerun(local_store, s3_server, r
     SIGKILL after the first marker lands; the first rerun must see every marker (fresh listings)."""
     bucket = s3_server.bucket()
     url = f"s3://{bucket}/killed.zarr"
-    args = [sys.executable, "-m", "jobs.cache", "--preset", "tiny", "--source-options", json.dumps(SYNTH),
-            "--pca", str(local_store), "--unit-clips", "1", "--channel-chunk", "16", "--no-progress", "--out", url]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.cache",
+        "--preset",
+        "tiny",
+        "--source-options",
+        json.dumps(SYNTH),
+        "--pca",
+        str(local_store),
+        "--unit-clips",
+        "1",
+        "--channel-chunk",
+        "16",
+        "--no-progress",
+        "--out",
+        url,
+    ]
     env = {**os.environ, **s3_server.env, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(ROOT)}
     fs = s3_server.filesystem()
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.time() + 240
     while not fs.glob(f"{bucket}/killed.zarr/progress/unit-*.json"):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -87,10 +115,29 @@ def test_killed_job_into_s3_resumes_on_its_first_rerun(local_store, s3_server, r
 
 def test_train_stage1_from_the_s3_store(local_store, s3_server, tmp_path):
     from jobs.train import main as train_main
+
     url = f"s3://{s3_server.bucket()}/train.zarr"
     run_cache(tiny_config(url, storage_options=s3_server.storage_options, pca=str(local_store)))
     stage1 = {"model": "tiny", "batch_size": 2, "steps": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 2}
-    assert train_main(["--stage", "1", "--store", url, "--storage-options", json.dumps(s3_server.storage_options),
-                       "--run-dir", str(tmp_path / "run"), "--val-clips", "1", "--no-progress", "--threads", "1",
-                       "--workers", "0", "--stage1", json.dumps(stage1)]) in (0, None)
+    assert train_main(
+        [
+            "--stage",
+            "1",
+            "--store",
+            url,
+            "--storage-options",
+            json.dumps(s3_server.storage_options),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--val-clips",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--workers",
+            "0",
+            "--stage1",
+            json.dumps(stage1),
+        ]
+    ) in (0, None)
     assert list((tmp_path / "run" / "stage1").rglob("*.safetensors"))

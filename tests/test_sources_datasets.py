@@ -139,8 +139,10 @@ def test_cityscapes_snippets_split_on_numbering_breaks(tmp_path):
     assert isinstance(src, CityscapesSource) and src.fps == 17 and not src.eval_clip
     assert src.scenes() == ["aachen_000000_000000", "aachen_000000_000040", "bochum_000003_000005"]
     second = src.frames("aachen_000000_000040")
-    assert [os.path.basename(f.path) for f in second[:2]] == ["aachen_000000_000040_leftImg8bit.png",
-                                                               "aachen_000000_000041_leftImg8bit.png"]
+    assert [os.path.basename(f.path) for f in second[:2]] == [
+        "aachen_000000_000040_leftImg8bit.png",
+        "aachen_000000_000041_leftImg8bit.png",
+    ]
     assert [f.index for f in second] == list(range(7))
     assert np.allclose(np.diff([f.timestamp for f in second]), 1 / 17)
     assert np.array_equal(src.read_frame("aachen_000000_000040", second[3]), frame_image(1, 3))
@@ -155,7 +157,7 @@ def test_cityscapes_val_evaluation_window(tmp_path):
     idx = build_clip_index(src, Geometry(), progress=False)
     assert [(c.scene, c.start) for c in idx.clips] == [("frankfurt_000000_000275", 3), ("frankfurt_000000_000557", 3)]
     clip = idx.clips[0]
-    names = [os.path.basename(f.path)[:-len("_leftImg8bit.png")] for f in clip.frames]
+    names = [os.path.basename(f.path)[: -len("_leftImg8bit.png")] for f in clip.frames]
     assert names[0] == "frankfurt_000000_000278" and names[-1] == "frankfurt_000000_000302"  # snippet 3..27
     assert names[16] == "frankfurt_000000_000294"  # annotated snippet frame 19 = clip frame 16
     assert [clip.frames[o].index for o in Geometry().feature_frame_offsets] == [3, 7, 11, 15, 19, 23, 27]
@@ -192,8 +194,9 @@ def test_kitti_drives_and_timestamps(tmp_path):
         assert [os.path.basename(f.path) for f in frames] == [f"{i:010d}.png" for i in range(len(stamps))]
         assert np.allclose([f.timestamp for f in frames], stamps, atol=1e-6, rtol=0)
     assert parse_timestamp("2011-09-26 13:02:25.964389445") == pytest.approx(1317042145.964389445, abs=1e-6)
-    assert np.array_equal(src.read_frame("2011_09_26_drive_0005_sync", src.frames("2011_09_26_drive_0005_sync")[2]),
-                          frame_image(1, 2))
+    assert np.array_equal(
+        src.read_frame("2011_09_26_drive_0005_sync", src.frames("2011_09_26_drive_0005_sync")[2]), frame_image(1, 2)
+    )
     assert KittiSource(tmp_path, "test").scenes() == KittiSource(tmp_path, "all").scenes() == src.scenes()
     assert len(build_clip_index(src, G5, progress=False)) == 4 + 2
 

@@ -73,9 +73,16 @@ def test_random_access_across_videos(root, monkeypatch):
     monkeypatch.setattr(videos_module, "SEEK_AHEAD", 4)  # exercise forward seeks too
     src = VideoFolderSource(root, buffer_frames=3)
     b, a = src.frames("drive_b"), src.frames("drive_a")
-    for scene, refs, i, offset in [("drive_b", b, 20, 0), ("drive_b", b, 3, 0), ("drive_a", a, 11, 40),
-                                   ("drive_b", b, 29, 0), ("drive_a", a, 0, 40), ("drive_b", b, 0, 0),
-                                   ("drive_b", b, 12, 0), ("drive_b", b, 11, 0)]:
+    for scene, refs, i, offset in [
+        ("drive_b", b, 20, 0),
+        ("drive_b", b, 3, 0),
+        ("drive_a", a, 11, 40),
+        ("drive_b", b, 29, 0),
+        ("drive_a", a, 0, 40),
+        ("drive_b", b, 0, 0),
+        ("drive_b", b, 12, 0),
+        ("drive_b", b, 11, 0),
+    ]:
         assert_colour(src.read_frame(scene, refs[i]), i + offset)
     clone = pickle.loads(pickle.dumps(src))  # ships to workers without open decoders
     assert_colour(clone.read_frame("drive_b", b[5]), 5)

@@ -63,7 +63,7 @@ def test_sampling_is_the_same_for_a_clip_whatever_the_batch():
             p.add_(0.05 * torch.randn_like(p))
     clips = _moving_clips(3)
     together = rollout(model, clips[:, :4], steps=3)
-    alone = torch.cat([rollout(model, clips[i: i + 1, :4], steps=3) for i in range(3)])
+    alone = torch.cat([rollout(model, clips[i : i + 1, :4], steps=3) for i in range(3)])
     assert together.shape == (3, 3, 8, 14, 16)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rollout(model, clips[:, :4], steps=3), together, rtol=0, atol=0)
@@ -80,7 +80,7 @@ def test_the_loss_falls_and_the_sampled_forecast_beats_copying_the_last_frame():
     losses = []
     for step in range(200):
         t = 4 + step % 3
-        loss, _ = training_loss(model, clips[:, t - 4: t], clips[:, t], g)
+        loss, _ = training_loss(model, clips[:, t - 4 : t], clips[:, t], g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,17 +102,47 @@ def store(tmp_path_factory):
 
 
 def test_trainer_trains_it_and_the_rollout_job_writes_sampled_features(store, tmp_path):
-    stage1 = {"model": "tiny", "diffusion": True, "channels": 16, "batch_size": 2, "steps": 3, "log_every": 1,
-              "ckpt_every": 3, "model_overrides": {"hidden": 48, "heads": 4, "sample_steps": 2}}
-    assert train_main(["--stage", "1", "--store", store, "--run-dir", str(tmp_path), "--val-clips", "3",
-                       "--no-progress", "--workers", "0", "--threads", "1", "--stage1", json.dumps(stage1)]) == 0
+    stage1 = {
+        "model": "tiny",
+        "diffusion": True,
+        "channels": 16,
+        "batch_size": 2,
+        "steps": 3,
+        "log_every": 1,
+        "ckpt_every": 3,
+        "model_overrides": {"hidden": 48, "heads": 4, "sample_steps": 2},
+    }
+    assert (
+        train_main(
+            [
+                "--stage",
+                "1",
+                "--store",
+                store,
+                "--run-dir",
+                str(tmp_path),
+                "--val-clips",
+                "3",
+                "--no-progress",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "--stage1",
+                json.dumps(stage1),
+            ]
+        )
+        == 0
+    )
     ckpt = latest_checkpoint(tmp_path / "stage1")
     meta = read_meta(ckpt)
     assert meta["task"] == "stage1_diffusion" and meta["model_config"]["sample_steps"] == 2
     evals = [r for r in read_metrics(tmp_path / "stage1") if r["kind"] == "eval"]
     assert {"loss", "mse", "cos", "t4/mse", "copy_last/mse"} <= set(evals[-1])
-    assert rollout_main(["--checkpoint", str(tmp_path / "stage1"), "--store", store, "--no-progress",
-                         "--batch-size", "4"]) == 0
+    assert (
+        rollout_main(["--checkpoint", str(tmp_path / "stage1"), "--store", store, "--no-progress", "--batch-size", "4"])
+        == 0
+    )
     loaded = load_model(str(tmp_path / "stage1"), ("stage1_diffusion",))
     model, fingerprint = loaded.model, loaded.fingerprint
     assert isinstance(model, FeatureDiffusion)

@@ -17,7 +17,6 @@ from model.stage2 import (
 PAPER_BASELINE_PARAMS = 782e6
 
 
-
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Move every weight off its (partly zero) initialisation so outputs depend on all inputs."""
     g = torch.Generator().manual_seed(seed)
@@ -111,9 +110,7 @@ def test_forward_shapes_and_zero_init():
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0  # final layer zero-initialised: F starts at 0
     for block in model.blocks:  # every LoRA up-projection (shift/scale/gate) starts at zero
-        assert (
-            torch.count_nonzero(block.mod_attn.up.weight) == 0 == torch.count_nonzero(block.mod_mlp.up.weight)
-        )
+        assert torch.count_nonzero(block.mod_attn.up.weight) == 0 == torch.count_nonzero(block.mod_mlp.up.weight)
     assert torch.count_nonzero(model.t_embedder.linear_2.weight) == 0
     # c_noise given per sample broadcasts over frames
     model = _randomize(model)
@@ -163,7 +160,6 @@ def test_context_mask_and_noise_level_condition_the_output():
     assert (model(x, other, mask, features) - out).abs().max() > 1e-3
 
 
-
 PAPER_BASELINE_LARGE_PARAMS = 1.5e9  # paper table 1: "Baseline-Large (1.5B)"
 
 
@@ -178,8 +174,12 @@ def test_baseline_large_builds_at_paper_size_with_its_stated_count():
     assert abs(counts["total"] - PAPER_BASELINE_LARGE_PARAMS) / PAPER_BASELINE_LARGE_PARAMS < 0.04
     with torch.device("meta"):
         baseline = parameter_breakdown(Re2PixDiT(DiTConfig.paper(semantic=False)))
-    per_block = (baseline["blocks.attention"] + baseline["blocks.qk_norm"] + baseline["blocks.mlp"]
-                 + baseline["blocks.adaln_lora"]) // 14
+    per_block = (
+        baseline["blocks.attention"]
+        + baseline["blocks.qk_norm"]
+        + baseline["blocks.mlp"]
+        + baseline["blocks.adaln_lora"]
+    ) // 14
     assert counts["total"] - baseline["total"] == 14 * per_block  # only blocks were added
     assert counts["total"] > 1.1e9  # more than Re2Pix as a whole (the paper's point of the row)
 
@@ -193,7 +193,9 @@ def test_hidden_block_hook_returns_that_blocks_tokens_and_leaves_the_output_alon
     # the same tokens by running the first two blocks by hand
     tokens = model.x_embedder(
         torch.cat([x, mask[:, None, :, None, None].float().expand(2, 1, 7, 8, 12)], 1)
-        .reshape(2, 17, 7, 4, 2, 6, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(2, 7, 24, 68)
+        .reshape(2, 17, 7, 4, 2, 6, 2)
+        .permute(0, 2, 3, 5, 1, 4, 6)
+        .reshape(2, 7, 24, 68)
     ) + model.embed_features(features, (4, 6))
     emb, base = model.t_embedder(c_noise)
     angles = rope_angles(grid_positions(7, 4, 6), model.cfg.head_dim)

@@ -52,6 +52,7 @@ def test_channel_prefix_reads_return_the_prefix_and_touch_fewer_bytes(store_path
         store.read_features(1, channels=store.num_channels + 1)
     # count bytes the Zarr store hands back for a prefix read against a full read
     import zarr.storage
+
     got = []
     orig = zarr.storage.LocalStore.get
 
@@ -60,6 +61,7 @@ def test_channel_prefix_reads_return_the_prefix_and_touch_fewer_bytes(store_path
         if buf is not None and key.startswith("frames/features/c"):
             got.append(len(buf.to_bytes()))
         return buf
+
     monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
     fresh = Store(str(path))
     fresh.read_features(1, channels=16)
@@ -158,13 +160,13 @@ def test_flip_variants_are_rows_of_the_same_clip(tmp_path):
 def test_verify_detects_a_changed_row(tmp_path):
     make_store(tmp_path / "s.zarr", scenes=1, frames=25)
     report = Store(str(tmp_path / "s.zarr")).verify()
-    assert report["ok"] and report["bad_rows"] == [] and report["checked"] == {"frames/features": 7,
-                                                                               "clips/latents": 1}
+    assert report["ok"] and report["bad_rows"] == [] and report["checked"] == {"frames/features": 7, "clips/latents": 1}
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     g["clips/latents"][0, 0, 0, 0, 0] = 123.0
     report = Store(str(tmp_path / "s.zarr")).verify()
     assert not report["ok"] and report["bad_rows"] == [
-        {"array": "clips/latents", "row": 0, "reason": "differs from the digest recorded when it was written"}]
+        {"array": "clips/latents", "row": 0, "reason": "differs from the digest recorded when it was written"}
+    ]
 
 
 def test_webdataset_export_reads_back_equal_to_zarr(tmp_path, store_path):
@@ -186,6 +188,7 @@ def test_webdataset_export_reads_back_equal_to_zarr(tmp_path, store_path):
 
 def test_webdataset_refuses_members_that_escape_their_folder(tmp_path):
     import io
+
     bad = tmp_path / "bad.tar"
     with tarfile.open(bad, "w") as tar:
         data = json.dumps({}).encode()

@@ -41,8 +41,9 @@ def test_moving_class_pixels_are_where_the_object_is_drawn(source, kind, label):
         sc = source._scene(scene)
         frame, classes, depth = render(sc, ref.timestamp, source.height, source.width, targets=True)
         empty = dataclasses.replace(sc, **{kind: []}, sky_cache={})
-        behind_frame, behind_classes, behind_depth = render(empty, ref.timestamp, source.height, source.width,
-                                                            targets=True)
+        behind_frame, behind_classes, behind_depth = render(
+            empty, ref.timestamp, source.height, source.width, targets=True
+        )
         diff = (frame != behind_frame).any(-1)
         mask = classes == label
         assert not (diff & ~mask).any(), f"{kind}: pixels changed outside the {CLASSES[label]} class"
@@ -64,8 +65,8 @@ def test_sky_is_at_the_top_and_the_ground_recedes_towards_the_horizon(source):
         finite = t["depth"][np.isfinite(t["depth"])]
         assert finite.min() > 0
         # the road straight ahead: its depth falls row by row from the horizon to the bottom edge
-        col = t["depth"][int(0.6 * h):, source.width // 2]
-        road = t["classes"][int(0.6 * h):, source.width // 2]
+        col = t["depth"][int(0.6 * h) :, source.width // 2]
+        road = t["classes"][int(0.6 * h) :, source.width // 2]
         ground = col[road < 3]
         assert len(ground) > 5 and (np.diff(ground) < 0).all()
 

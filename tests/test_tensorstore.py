@@ -63,6 +63,7 @@ def test_tensorstore_checks_the_chunk_checksums(tmp_path):
 def test_an_old_store_with_vlen_strings_still_reads(tmp_path):
     """Stores written before the uint8 text encoding used zarr's `string` dtype; our reader reads both."""
     import zarr
+
     path = tmp_path / "s.zarr"
     make_store(path, scenes=1, frames=25)
     g = zarr.open_group(str(path), mode="r+")

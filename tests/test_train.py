@@ -31,9 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Stage 1 with dropout (the global RNG), EMA, gradient accumulation, warmup + cosine: every piece of
 # state a resume has to restore
-STAGE1 = {"model": "tiny", "model_overrides": {"dropout": 0.1, "hidden": 48, "heads": 4}, "batch_size": 4,
-          "grad_accum": 2, "steps": 6, "lr": 0.002, "schedule": "cosine", "warmup_steps": 2, "ema_decay": 0.9,
-          "log_every": 1, "eval_every": 3, "ckpt_every": 2}
+STAGE1 = {
+    "model": "tiny",
+    "model_overrides": {"dropout": 0.1, "hidden": 48, "heads": 4},
+    "batch_size": 4,
+    "grad_accum": 2,
+    "steps": 6,
+    "lr": 0.002,
+    "schedule": "cosine",
+    "warmup_steps": 2,
+    "ema_decay": 0.9,
+    "log_every": 1,
+    "eval_every": 3,
+    "ckpt_every": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +55,22 @@ def store(tmp_path_factory):
 
 
 def _args(store, run_dir, *extra):
-    return ["--stage", "1", "--store", store, "--run-dir", str(run_dir), "--val-clips", "3", "--no-progress",
-            "--threads", "1", "--stage1", json.dumps(STAGE1), *extra]
+    return [
+        "--stage",
+        "1",
+        "--store",
+        store,
+        "--run-dir",
+        str(run_dir),
+        "--val-clips",
+        "3",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--stage1",
+        json.dumps(STAGE1),
+        *extra,
+    ]
 
 
 def _train_losses(run_dir):
@@ -76,8 +101,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_step_for_step(store, t
 
     train_main(_args(store, tmp_path / "killed", "--resume", "--workers", "1"))  # another worker count too
     assert _train_losses(tmp_path / "killed") == straight  # losses and learning rates, exactly
-    evals = [[r for r in read_metrics(d / "stage1") if r["kind"] == "eval"] for d in (tmp_path / "straight",
-                                                                                     tmp_path / "killed")]
+    evals = [
+        [r for r in read_metrics(d / "stage1") if r["kind"] == "eval"]
+        for d in (tmp_path / "straight", tmp_path / "killed")
+    ]
     assert evals[0] == evals[1] and [r["step"] for r in evals[0]] == [3, 6]
     metas = [read_meta(latest_checkpoint(d / "stage1")) for d in (tmp_path / "straight", tmp_path / "killed")]
     assert metas[0]["model_fingerprint"] == metas[1]["model_fingerprint"]
@@ -116,7 +143,13 @@ def test_feature_metrics_per_frame_and_channel_prefix():
     torch.manual_seed(0)
     target = torch.randn(2, 3, 4, 5, 64)
     assert {k for k in feature_metrics(target, target) if "/" not in k} == {
-        "mse", "cos", "mse@8", "cos@8", "mse@64", "cos@64"}
+        "mse",
+        "cos",
+        "mse@8",
+        "cos@8",
+        "mse@64",
+        "cos@64",
+    }
     pred = target.clone()
     pred[:, 1, ..., 8:] += 1.0  # frame t5 wrong past the first 8 PCA channels
     m = feature_metrics(pred, target, first_frame=4)
@@ -133,12 +166,33 @@ def test_feature_metrics_per_frame_and_channel_prefix():
 def test_ddp_training_with_two_cpu_processes_under_torchrun(store, tmp_path):
     # 6 training clips (3 held out), 2 ranks x 2 accumulated micro-batches of 1 (DDP no_sync on the first)
     stage1 = {**STAGE1, "steps": 3, "ckpt_every": 3, "eval_every": 0}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "jobs.train",
-           "--stage", "1", "--store", store, "--run-dir", str(tmp_path), "--val-clips", "3", "--no-progress",
-           "--workers", "0", "--threads", "1", "--stage1", json.dumps(stage1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "jobs.train",
+        "--stage",
+        "1",
+        "--store",
+        store,
+        "--run-dir",
+        str(tmp_path),
+        "--val-clips",
+        "3",
+        "--no-progress",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--stage1",
+        json.dumps(stage1),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150,
-                         check=False)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     records = read_metrics(tmp_path / "stage1")
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
@@ -160,6 +214,7 @@ def test_a_damaged_clip_stops_training_or_is_skipped_and_counted_in_the_log(stor
         if i == 0:  # what the reader raises for a missing or damaged chunk
             raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
         return real(self, i, channels, variant, **kwargs)
+
     monkeypatch.setattr(Store, "read_features", read_features)
     with pytest.raises(DamagedStoreError, match=r"frames/features\[0\] is damaged"):
         train_main(_args(store, tmp_path / "stop", "--workers", "0"))

@@ -15,8 +15,12 @@ from tests.store_factory import make_store, synthetic_store
 def config(tmp_path, **kw):
     from jobs.config import parse_config
     from jobs.train_dpt import TrainDPTConfig
-    cfg, _ = parse_config(TrainDPTConfig, "train_dpt", ["--preset", "tiny", "--store", str(kw.pop("store")),
-                                                         "--out", str(tmp_path / "heads"), "--threads", "1"])
+
+    cfg, _ = parse_config(
+        TrainDPTConfig,
+        "train_dpt",
+        ["--preset", "tiny", "--store", str(kw.pop("store")), "--out", str(tmp_path / "heads"), "--threads", "1"],
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -24,6 +28,7 @@ def config(tmp_path, **kw):
 
 def test_heads_train_on_the_sources_classes_and_depth_and_load_for_evaluation(tmp_path):
     from jobs.train_dpt import run_train_dpt
+
     store = synthetic_store(tmp_path / "train.zarr")
     val = synthetic_store(tmp_path / "val.zarr", split="val")
     s = run_train_dpt(config(tmp_path, store=store, val_store=str(val), epochs=6))
@@ -43,6 +48,7 @@ def test_heads_train_on_the_sources_classes_and_depth_and_load_for_evaluation(tm
 def test_depth_targets_are_log_bins_with_the_sky_ignored():
     from inference.dpt import DPTConfig
     from jobs.train_dpt import IGNORE, targets
+
     cfg = DPTConfig.tiny("depth", num_classes=4, depth_min=1.0, depth_max=16.0)
     depth = np.array([[1.0, 2.5, 5.0], [15.9, 100.0, np.inf]], np.float32)
     y = targets([{"depth": depth, "seg": None}], "depth", (2, 3), cfg)[0]
@@ -51,6 +57,7 @@ def test_depth_targets_are_log_bins_with_the_sky_ignored():
 
 def test_refuses_stores_whose_source_has_no_ground_truth(tmp_path):
     from jobs.train_dpt import run_train_dpt
+
     make_store(tmp_path / "counting.zarr", scenes=1, frames=29)
     with pytest.raises(InferenceError, match="cannot read the labels|renders no ground truth"):
         run_train_dpt(config(tmp_path, store=tmp_path / "counting.zarr"))

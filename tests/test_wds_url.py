@@ -26,8 +26,7 @@ def test_export_to_s3_writes_there_and_reads_back_whole(tmp_path, s3, monkeypatc
     make_store(tmp_path / "s.zarr", scenes=2, frames=33)
     store = Store("s.zarr")
     url = "s3://shards/export"
-    urls = export_webdataset(store, url, channels=16, shard_size_mb=0.05, progress=False,
-                             storage_options=s3["options"])
+    urls = export_webdataset(store, url, channels=16, shard_size_mb=0.05, progress=False, storage_options=s3["options"])
     assert len(urls) > 1 and not any((tmp_path / "shards").iterdir())
     fs = fsspec.filesystem("s3", **s3["options"])
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("shards/export"))
@@ -49,14 +48,20 @@ def test_export_to_s3_writes_there_and_reads_back_whole(tmp_path, s3, monkeypatc
 def test_training_streams_from_shards_on_s3(tmp_path, s3, monkeypatch):
     """The trainer's ClipStream reads an export on S3 (credentials and endpoint from the environment)."""
     from model.data import open_stream
+
     make_store(tmp_path / "s.zarr", scenes=1, frames=29)
     store = Store(str(tmp_path / "s.zarr"))
     export_webdataset(store, "s3://shards/train", progress=False, storage_options=s3["options"])
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": s3["endpoint"]}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3["endpoint"],
+    }.items():
         monkeypatch.setenv(k, v)
-    stream = open_stream(["s3://shards/train"], batch_size=2, loop=False, remainder="keep", shuffle=False,
-                        rank=0, world=1)
+    stream = open_stream(
+        ["s3://shards/train"], batch_size=2, loop=False, remainder="keep", shuffle=False, rank=0, world=1
+    )
     batches = [b for b in stream]
     feats = np.concatenate([np.asarray(b["features"]) for b in batches])
     assert feats.shape[0] == len(store)

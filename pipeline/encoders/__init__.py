@@ -9,12 +9,18 @@ from .hashing import EncoderWeightsError
 
 __all__ = ["EncoderWeightsError", "derive_geometry", "load_dinov2", "load_encoder", "load_vae", "parse_encoder_spec"]
 
-_LAZY = {"load_dinov2": "dinov2", "load_vae": "vae", "load_encoder": "registry", "derive_geometry": "registry",
-         "parse_encoder_spec": "registry"}
+_LAZY = {
+    "load_dinov2": "dinov2",
+    "load_vae": "vae",
+    "load_encoder": "registry",
+    "derive_geometry": "registry",
+    "parse_encoder_spec": "registry",
+}
 
 
 def __getattr__(name):  # lazy: the loaders import torch + transformers / diffusers
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

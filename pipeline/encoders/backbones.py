@@ -25,8 +25,14 @@ from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 # tiny presets: small random configs of the real architectures, sized to fit geometry.TINY
 # (112 x 196 input, patch 14 -> 8 x 14 grid, 4 blocks x 32 = 128-d features)
-TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-               "patch_size": 14, "image_size": 70}
+TINY_SIGLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "patch_size": 14,
+    "image_size": 70,
+}
 TINY_SEED = 0
 SIGLIP2_DEFAULT = "google/siglip2-base-patch16-224"
 # the final norm's attribute on the module that holds the encoder, by convention of each family
@@ -36,9 +42,21 @@ _FINAL_NORMS = ("layernorm", "post_layernorm", "norm", "ln_post")
 class ImageBackbone:
     """`encoder(frames)` uint8 [B, H, W, 3] -> features [B, h, w, len(layers) * hidden] float32 on `device`."""
 
-    def __init__(self, model, *, name: str, input_hw, layers, mean, std, device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None,
-                 tiny_config: dict | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        name: str,
+        input_hw,
+        layers,
+        mean,
+        std,
+        device="cpu",
+        autocast_dtype: torch.dtype | None = None,
+        weights_id: str = "",
+        revision: str | None = None,
+        tiny_config: dict | None = None,
+    ):
         cfg = model.config
         self.name = name
         self.patch_size = int(cfg.patch_size)
@@ -69,21 +87,31 @@ class ImageBackbone:
         x = (resize(to_nchw_float(frames, self.device), self.input_hw) - self._mean) / self._std
         b, (h, w) = x.shape[0], self.grid_hw
         kw = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             hidden = self.model(pixel_values=x, output_hidden_states=True, **kw).hidden_states
-            feats = [self.norm(hidden[i])[:, -h * w:] for i in self.layers]  # prefix tokens dropped
+            feats = [self.norm(hidden[i])[:, -h * w :] for i in self.layers]  # prefix tokens dropped
         return torch.cat(feats, dim=-1).float().reshape(b, h, w, self.feature_dim)
 
     def describe(self) -> dict:
         """What the store manifest records about this encoder (same keys as DinoV2Encoder's)."""
         if self._sha256 is None:
             self._sha256 = state_dict_sha256(self.model)
-        d = {"name": self.name, "weights_id": self.weights_id, "revision": self.revision,
-             "sha256": self._sha256, "input_size": list(self.input_hw), "layers": list(self.layers),
-             "layernorm": self.norm_name, "tokens": "patch", "resize": "bilinear-antialias-nocrop",
-             "normalization": {"mean": self.mean_rgb, "std": self.std_rgb},
-             "patch_size": self.patch_size, "feature_dim": self.feature_dim}
+        d = {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "revision": self.revision,
+            "sha256": self._sha256,
+            "input_size": list(self.input_hw),
+            "layers": list(self.layers),
+            "layernorm": self.norm_name,
+            "tokens": "patch",
+            "resize": "bilinear-antialias-nocrop",
+            "normalization": {"mean": self.mean_rgb, "std": self.std_rgb},
+            "patch_size": self.patch_size,
+            "feature_dim": self.feature_dim,
+        }
         if self.tiny_config is not None:
             d["config"] = self.tiny_config
         return d
@@ -101,6 +129,7 @@ def _final_norm(model):
 
 def tiny_siglip_model():
     from transformers import SiglipVisionConfig, SiglipVisionModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         return SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP))
@@ -125,16 +154,32 @@ def _pixel_stats(folder, default):
     return mean, std
 
 
-def load_siglip2(spec: str = SIGLIP2_DEFAULT, input_hw=None, layers=None, device="cpu", *,
-                 autocast_dtype=None, allow_download=False, revision=None, cache_dir=None) -> ImageBackbone:
+def load_siglip2(
+    spec: str = SIGLIP2_DEFAULT,
+    input_hw=None,
+    layers=None,
+    device="cpu",
+    *,
+    autocast_dtype=None,
+    allow_download=False,
+    revision=None,
+    cache_dir=None,
+) -> ImageBackbone:
     """SigLIP-2's vision tower: "tiny" (random), a hub id or a local folder (vision or full SigLIP checkpoint)."""
     if spec == "tiny":
         model, wid, rev, tiny = tiny_siglip_model(), "tiny", None, {**TINY_SIGLIP, "seed": TINY_SEED}
         mean, std = SIGLIP_MEAN, SIGLIP_STD
     else:
         from transformers import SiglipVisionModel
-        local, wid, rev = resolve_weights(spec, flag="--encoder", allow_patterns=["*.json", "*.safetensors"],
-                                          allow_download=allow_download, revision=revision, cache_dir=cache_dir)
+
+        local, wid, rev = resolve_weights(
+            spec,
+            flag="--encoder",
+            allow_patterns=["*.json", "*.safetensors"],
+            allow_download=allow_download,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
         try:
             model = SiglipVisionModel.from_pretrained(local, local_files_only=True).float()
         except (OSError, ValueError) as e:
@@ -144,19 +189,44 @@ def load_siglip2(spec: str = SIGLIP2_DEFAULT, input_hw=None, layers=None, device
     p = int(model.config.patch_size)
     if input_hw is None:  # tiny: geometry.TINY's; else a 28 x 48 grid (448 x 768 at patch 16)
         input_hw = (112, 196) if spec == "tiny" else (28 * p, 48 * p)
-    return ImageBackbone(model, name="siglip2", input_hw=input_hw,
-                         layers=layers or _even_layers(model.config.num_hidden_layers), mean=mean, std=std,
-                         device=device, autocast_dtype=autocast_dtype, weights_id=wid, revision=rev,
-                         tiny_config=tiny)
+    return ImageBackbone(
+        model,
+        name="siglip2",
+        input_hw=input_hw,
+        layers=layers or _even_layers(model.config.num_hidden_layers),
+        mean=mean,
+        std=std,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        weights_id=wid,
+        revision=rev,
+        tiny_config=tiny,
+    )
 
 
-def load_hf_backbone(spec: str, input_hw=None, layers=None, device="cpu", *, autocast_dtype=None,
-                     allow_download=False, revision=None, cache_dir=None) -> ImageBackbone:
+def load_hf_backbone(
+    spec: str,
+    input_hw=None,
+    layers=None,
+    device="cpu",
+    *,
+    autocast_dtype=None,
+    allow_download=False,
+    revision=None,
+    cache_dir=None,
+) -> ImageBackbone:
     """Any transformers vision backbone (AutoModel) by hub id or local folder; the vision tower of a
     two-tower checkpoint (CLIP, SigLIP) is taken. Pixel statistics from its preprocessor config."""
     from transformers import AutoModel
-    local, wid, rev = resolve_weights(spec, flag="--encoder", allow_patterns=["*.json", "*.safetensors"],
-                                      allow_download=allow_download, revision=revision, cache_dir=cache_dir)
+
+    local, wid, rev = resolve_weights(
+        spec,
+        flag="--encoder",
+        allow_patterns=["*.json", "*.safetensors"],
+        allow_download=allow_download,
+        revision=revision,
+        cache_dir=cache_dir,
+    )
     try:
         model = AutoModel.from_pretrained(local, local_files_only=True).float()
     except (OSError, ValueError) as e:
@@ -165,10 +235,21 @@ def load_hf_backbone(spec: str, input_hw=None, layers=None, device="cpu", *, aut
         model = model.vision_model  # two-tower: keep the image tower
         model.config = model.config if hasattr(model.config, "patch_size") else model.config.vision_config
     if not hasattr(model.config, "patch_size") or not hasattr(model.config, "num_hidden_layers"):
-        raise EncoderWeightsError(f"{local}: {type(model).__name__} is not a ViT-like vision backbone "
-                                  "(its config has no patch_size / num_hidden_layers)")
+        raise EncoderWeightsError(
+            f"{local}: {type(model).__name__} is not a ViT-like vision backbone "
+            "(its config has no patch_size / num_hidden_layers)"
+        )
     mean, std = _pixel_stats(local, (IMAGENET_MEAN, IMAGENET_STD))
     p = int(model.config.patch_size)
-    return ImageBackbone(model, name=f"hf:{model.config.model_type}", input_hw=input_hw or (32 * p, 56 * p),
-                         layers=layers or _even_layers(model.config.num_hidden_layers), mean=mean, std=std,
-                         device=device, autocast_dtype=autocast_dtype, weights_id=wid, revision=rev)
+    return ImageBackbone(
+        model,
+        name=f"hf:{model.config.model_type}",
+        input_hw=input_hw or (32 * p, 56 * p),
+        layers=layers or _even_layers(model.config.num_hidden_layers),
+        mean=mean,
+        std=std,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        weights_id=wid,
+        revision=rev,
+    )

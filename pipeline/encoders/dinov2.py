@@ -26,15 +26,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_WEIGHTS = "facebook/dinov2-with-registers-base"
 # tiny preset: same architecture from a small random config (CPU demo and tests); matches geometry.TINY
-TINY_CONFIG = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 14,
-               "image_size": 70, "num_register_tokens": 4}
+TINY_CONFIG = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "patch_size": 14,
+    "image_size": 70,
+    "num_register_tokens": 4,
+}
 TINY_SEED = 0
 # demo preset: the tiny architecture TRAINED on the synthetic set's class maps and depth by
 # `python -m jobs.train_demo_dinov2` (weights/demo_dinov2.{safetensors,json}): semantic patch features
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_dinov2"
-PRESETS = {"tiny": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
-           "demo": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
-           "default": {"input_hw": (448, 784), "layers": (3, 6, 9, 12)}}
+PRESETS = {
+    "tiny": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
+    "demo": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
+    "default": {"input_hw": (448, 784), "layers": (3, 6, 9, 12)},
+}
 
 
 def to_nchw_float(frames, device) -> torch.Tensor:
@@ -50,9 +58,17 @@ class DinoV2Encoder:
 
     name = "dinov2_with_registers"
 
-    def __init__(self, model: Dinov2WithRegistersModel, *, input_hw=(448, 784), layers=(3, 6, 9, 12),
-                 device="cpu", autocast_dtype: torch.dtype | None = None, weights_id: str = "",
-                 revision: str | None = None):
+    def __init__(
+        self,
+        model: Dinov2WithRegistersModel,
+        *,
+        input_hw=(448, 784),
+        layers=(3, 6, 9, 12),
+        device="cpu",
+        autocast_dtype: torch.dtype | None = None,
+        weights_id: str = "",
+        revision: str | None = None,
+    ):
         cfg = model.config
         self.patch_size = int(cfg.patch_size)
         self.input_hw = tuple(int(s) for s in input_hw)
@@ -84,8 +100,9 @@ class DinoV2Encoder:
     def __call__(self, frames) -> torch.Tensor:
         pixel_values = self.preprocess(frames)
         b, (h, w) = pixel_values.shape[0], self.grid_hw
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
             skip = 1 + self.num_register_tokens  # CLS, then registers, then h*w patch tokens
             feats = [self.model.layernorm(hidden[i])[:, skip:] for i in self.layers]
@@ -95,12 +112,20 @@ class DinoV2Encoder:
         """What the store manifest records about this encoder."""
         if self._sha256 is None:
             self._sha256 = state_dict_sha256(self.model)
-        d = {"name": self.name, "weights_id": self.weights_id, "revision": self.revision,
-             "sha256": self._sha256, "input_size": list(self.input_hw), "layers": list(self.layers),
-             "layernorm": "final", "tokens": "patch",
-             "resize": "bilinear-antialias-nocrop",
-             "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-             "patch_size": self.patch_size, "feature_dim": self.feature_dim}
+        d = {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "revision": self.revision,
+            "sha256": self._sha256,
+            "input_size": list(self.input_hw),
+            "layers": list(self.layers),
+            "layernorm": "final",
+            "tokens": "patch",
+            "resize": "bilinear-antialias-nocrop",
+            "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "patch_size": self.patch_size,
+            "feature_dim": self.feature_dim,
+        }
         if self.weights_id == "tiny":
             d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
         if self.weights_id == "demo":
@@ -124,22 +149,34 @@ def demo_dinov2_model(stem: Path = DEMO_WEIGHTS) -> Dinov2WithRegistersModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file() or not meta.is_file():
-        raise EncoderWeightsError(f"the demo DINOv2's weights are missing ({weights}, {meta.name}): train them "
-                                  "with `python -m jobs.train_demo_dinov2` (a few minutes on the CPU)")
+        raise EncoderWeightsError(
+            f"the demo DINOv2's weights are missing ({weights}, {meta.name}): train them "
+            "with `python -m jobs.train_demo_dinov2` (a few minutes on the CPU)"
+        )
     try:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**json.loads(meta.read_text())["config"]))
         model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise EncoderWeightsError(f"could not load the demo DINOv2 from {weights}: {e}; retrain it with "
-                                  "`python -m jobs.train_demo_dinov2`") from e
+        raise EncoderWeightsError(
+            f"could not load the demo DINOv2 from {weights}: {e}; retrain it with `python -m jobs.train_demo_dinov2`"
+        ) from e
     return model.float()
 
 
-def load_dinov2(spec: str = DEFAULT_WEIGHTS, input_hw=None, layers=None, device="cpu", *,
-                autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
-                revision: str | None = None, cache_dir: str | None = None) -> DinoV2Encoder:
+def load_dinov2(
+    spec: str = DEFAULT_WEIGHTS,
+    input_hw=None,
+    layers=None,
+    device="cpu",
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    allow_download: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> DinoV2Encoder:
     """spec: "tiny" (random), "demo" (trained on the synthetic set), a hub id (looked up in the local HF cache
     unless allow_download) or a local folder.
 
@@ -152,14 +189,26 @@ def load_dinov2(spec: str = DEFAULT_WEIGHTS, input_hw=None, layers=None, device=
     elif spec == "demo":
         model, weights_id, rev = demo_dinov2_model(), "demo", None
     else:
-        local, weights_id, rev = resolve_weights(spec, flag="--dinov2", allow_patterns=["*.json", "*.safetensors"],
-                                                 allow_download=allow_download, revision=revision,
-                                                 cache_dir=cache_dir)
+        local, weights_id, rev = resolve_weights(
+            spec,
+            flag="--dinov2",
+            allow_patterns=["*.json", "*.safetensors"],
+            allow_download=allow_download,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
         from transformers import Dinov2WithRegistersModel
 
         try:
             model = Dinov2WithRegistersModel.from_pretrained(local, local_files_only=True).float()
         except (OSError, ValueError) as e:
             raise EncoderWeightsError(f"could not load DINOv2-Reg weights from {local} (for {spec!r}): {e}") from e
-    return DinoV2Encoder(model, input_hw=input_hw, layers=layers, device=device, autocast_dtype=autocast_dtype,
-                         weights_id=weights_id, revision=rev)
+    return DinoV2Encoder(
+        model,
+        input_hw=input_hw,
+        layers=layers,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        weights_id=weights_id,
+        revision=rev,
+    )

@@ -35,8 +35,15 @@ def state_dict_sha256(module) -> str:
     return h.hexdigest()
 
 
-def resolve_weights(spec: str, *, flag: str, allow_patterns: list[str], allow_download: bool = False,
-                    revision: str | None = None, cache_dir: str | None = None) -> tuple[Path, str, str | None]:
+def resolve_weights(
+    spec: str,
+    *,
+    flag: str,
+    allow_patterns: list[str],
+    allow_download: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Path, str, str | None]:
     """A local folder or a hub id -> (local folder, weights_id, revision).
 
     weights_id is the hub id, or the absolute path of a local folder; revision is the hub commit
@@ -47,20 +54,30 @@ def resolve_weights(spec: str, *, flag: str, allow_patterns: list[str], allow_do
     if path.is_dir():
         return path.resolve(), str(path.resolve()), None
     if not _HUB_ID.match(spec):
-        raise EncoderWeightsError(f"encoder weights folder {spec!r} does not exist; pass an existing "
-                                  f"folder or a hub id with {flag}")
+        raise EncoderWeightsError(
+            f"encoder weights folder {spec!r} does not exist; pass an existing folder or a hub id with {flag}"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        local = Path(snapshot_download(spec, revision=revision, allow_patterns=allow_patterns,
-                                       cache_dir=cache_dir, local_files_only=not allow_download))
+        local = Path(
+            snapshot_download(
+                spec,
+                revision=revision,
+                allow_patterns=allow_patterns,
+                cache_dir=cache_dir,
+                local_files_only=not allow_download,
+            )
+        )
     except Exception as e:  # not cached, unknown repo, offline, ...
-        how = ("allow downloads (allow_download=True), or " if not allow_download else "") + \
-            f"pre-download it with `hf download {spec}` (HF_HOME / HF_HUB_CACHE choose the cache)"
+        how = (
+            "allow downloads (allow_download=True), or " if not allow_download else ""
+        ) + f"pre-download it with `hf download {spec}` (HF_HOME / HF_HUB_CACHE choose the cache)"
         raise EncoderWeightsError(
             f"encoder weights {spec!r} (revision {revision or 'main'}) are not in the local Hugging Face "
             f"cache{' and could not be downloaded' if allow_download else ''}: {how}, or pass a local "
-            f"folder with {flag} /path/to/{spec.split('/')[-1]}  [{type(e).__name__}: {e}]") from e
+            f"folder with {flag} /path/to/{spec.split('/')[-1]}  [{type(e).__name__}: {e}]"
+        ) from e
     # snapshots live in .../snapshots/<commit>/
     rev = local.name if local.parent.name == "snapshots" else revision
     return local, spec, rev

@@ -43,8 +43,9 @@ def parse_encoder_spec(spec: str) -> EncoderSpec:
             kind, weights, layers = d.pop("kind", "dinov2"), d.pop("weights"), d.pop("layers", None)
             window = d.pop("window", None)
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise EncoderWeightsError(f"encoder spec {spec!r}: a JSON spec is an object with 'weights' "
-                                      f"(and optional 'kind', 'layers'): {e}") from e
+            raise EncoderWeightsError(
+                f"encoder spec {spec!r}: a JSON spec is an object with 'weights' (and optional 'kind', 'layers'): {e}"
+            ) from e
         if d:
             raise EncoderWeightsError(f"encoder spec {spec!r}: unknown keys {sorted(d)}")
         if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
@@ -63,30 +64,46 @@ def parse_encoder_spec(spec: str) -> EncoderSpec:
     return EncoderSpec(kind, weights, layers, window)
 
 
-def load_encoder(spec: str, input_hw=None, device="cpu", *, autocast_dtype=None, allow_download=False,
-                 revision=None, cache_dir=None):
+def load_encoder(
+    spec: str, input_hw=None, device="cpu", *, autocast_dtype=None, allow_download=False, revision=None, cache_dir=None
+):
     """The feature encoder a spec names (see the module docstring), frozen, on `device`."""
     s = parse_encoder_spec(spec)
-    kw = {"input_hw": input_hw, "layers": s.layers, "device": device, "autocast_dtype": autocast_dtype,
-          "allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    kw = {
+        "input_hw": input_hw,
+        "layers": s.layers,
+        "device": device,
+        "autocast_dtype": autocast_dtype,
+        "allow_download": allow_download,
+        "revision": revision,
+        "cache_dir": cache_dir,
+    }
     if s.kind == "dinov2":
         from .dinov2 import load_dinov2
+
         return load_dinov2(s.weights, **kw)
     if s.kind == "siglip2":
         from .backbones import load_siglip2
+
         return load_siglip2(s.weights, **kw)
     if s.kind == "vjepa2":
         from .video import DEFAULT_WINDOW, load_vjepa2
+
         return load_vjepa2(s.weights, window=s.window or DEFAULT_WINDOW, **kw)
     from .backbones import load_hf_backbone
+
     return load_hf_backbone(s.weights, **kw)
 
 
 def derive_geometry(geometry, encoder, vae):
     """`geometry` with the sizes the loaded encoders fix (Geometry.for_encoders); a misfit is an EncoderWeightsError."""
     try:
-        return geometry.for_encoders(patch_size=encoder.patch_size, feature_dim=encoder.feature_dim,
-                                     latent_channels=vae.latent_channels, spatial_downsample=vae.spatial_downsample,
-                                     temporal_downsample=vae.temporal_downsample)
+        return geometry.for_encoders(
+            patch_size=encoder.patch_size,
+            feature_dim=encoder.feature_dim,
+            latent_channels=vae.latent_channels,
+            spatial_downsample=vae.spatial_downsample,
+            temporal_downsample=vae.temporal_downsample,
+        )
     except ValueError as e:
         raise EncoderWeightsError(f"{encoder.weights_id} + {vae.weights_id}: {e}") from e

@@ -25,16 +25,30 @@ DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 TINY_CONFIG = {"base_dim": 4, "num_res_blocks": 1}
 # tiny Wan2.2 preset: Wan2.2-TI2V-5B's VAE architecture (48 latent channels, 2x2 pixel patchify + 8x
 # = 16x spatial, 4x temporal, residual) at a small width; 96 x 160 -> 6 x 10 latents of 48 channels
-TINY_WAN22_CONFIG = {"base_dim": 4, "decoder_base_dim": 8, "z_dim": 48, "num_res_blocks": 1, "is_residual": True,
-                     "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16,
-                     "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48}
+TINY_WAN22_CONFIG = {
+    "base_dim": 4,
+    "decoder_base_dim": 8,
+    "z_dim": 48,
+    "num_res_blocks": 1,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+}
 TINY_SEED = 0
 # demo preset: the same architecture at a small width, TRAINED on the synthetic driving set by
 # `python -m jobs.train_demo_vae` (weights + config with its own latents_mean/std in weights/), so that
 # the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents, matches geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
-PRESETS = {"tiny": {"input_hw": (96, 160)}, "tiny-wan2.2": {"input_hw": (96, 160)}, "demo": {"input_hw": (96, 160)},
-           "default": {"input_hw": (432, 768)}}
+PRESETS = {
+    "tiny": {"input_hw": (96, 160)},
+    "tiny-wan2.2": {"input_hw": (96, 160)},
+    "demo": {"input_hw": (96, 160)},
+    "default": {"input_hw": (432, 768)},
+}
 _TINY = {"tiny": TINY_CONFIG, "tiny-wan2.2": TINY_WAN22_CONFIG}
 
 
@@ -42,13 +56,26 @@ class WanVAEEncoder:
     """Frozen WAN VAE. `encoder(clips)` -> latents [B, z_dim, 1 + (T-1)/4, H/s, W/s] float32 on `device`:
     WAN2.1 z_dim 16, s = 8; Wan2.2 z_dim 48, s = 16 (its config's scale_factor_spatial, patch_size 2)."""
 
-    def __init__(self, vae: AutoencoderKLWan, *, input_hw=(432, 768), device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None,
-                 sizes: dict | None = None):
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        *,
+        input_hw=(432, 768),
+        device="cpu",
+        autocast_dtype: torch.dtype | None = None,
+        weights_id: str = "",
+        revision: str | None = None,
+        sizes: dict | None = None,
+    ):
         """sizes: latent_channels, spatial, temporal, mean, std for a VAE whose config names them otherwise."""
         cfg = vae.config
-        sizes = sizes or {"latent_channels": cfg.z_dim, "spatial": cfg.scale_factor_spatial,
-                          "temporal": cfg.scale_factor_temporal, "mean": cfg.latents_mean, "std": cfg.latents_std}
+        sizes = sizes or {
+            "latent_channels": cfg.z_dim,
+            "spatial": cfg.scale_factor_spatial,
+            "temporal": cfg.scale_factor_temporal,
+            "mean": cfg.latents_mean,
+            "std": cfg.latents_std,
+        }
         self.spatial_downsample = int(sizes["spatial"])
         self.temporal_downsample = int(sizes["temporal"])
         self.latent_channels = int(sizes["latent_channels"])
@@ -68,8 +95,9 @@ class WanVAEEncoder:
         self._sha256 = None
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
 
     def preprocess(self, clips) -> torch.Tensor:
         """uint8 [B, T, H, W, 3] -> [B, 3, T, *input_hw] in [-1, 1]."""
@@ -103,18 +131,29 @@ class WanVAEEncoder:
         """What the store manifest records about this encoder."""
         if self._sha256 is None:
             self._sha256 = state_dict_sha256(self.vae)
-        d = {"name": self.name, "weights_id": self.weights_id, "revision": self.revision,
-             "sha256": self._sha256, "input_size": list(self.input_hw),
-             "resize": "bilinear-antialias-nocrop", "normalization": {"name": "minus_one_to_one"},
-             "posterior": "mean", "latent_normalization": "(z - latents_mean) / latents_std",
-             "latent_channels": self.latent_channels, "spatial_downsample": self.spatial_downsample,
-             "temporal_downsample": self.temporal_downsample,
-             "latents_mean": self.latents_mean, "latents_std": self.latents_std}
+        d = {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "revision": self.revision,
+            "sha256": self._sha256,
+            "input_size": list(self.input_hw),
+            "resize": "bilinear-antialias-nocrop",
+            "normalization": {"name": "minus_one_to_one"},
+            "posterior": "mean",
+            "latent_normalization": "(z - latents_mean) / latents_std",
+            "latent_channels": self.latent_channels,
+            "spatial_downsample": self.spatial_downsample,
+            "temporal_downsample": self.temporal_downsample,
+            "latents_mean": self.latents_mean,
+            "latents_std": self.latents_std,
+        }
         if self.weights_id in _TINY:
             d["config"] = {**_TINY[self.weights_id], "seed": TINY_SEED}
         if self.weights_id == "demo":
-            d["config"] = {k: self.vae.config[k] for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult",
-                                                             "num_res_blocks", "temperal_downsample")}
+            d["config"] = {
+                k: self.vae.config[k]
+                for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+            }
         return d
 
 
@@ -130,23 +169,35 @@ def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
     import json
 
     from safetensors.torch import load_file
+
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file() or not meta.is_file():
-        raise EncoderWeightsError(f"the demo VAE's weights are missing ({weights}, {meta.name}): train them "
-                                  "with `python -m jobs.train_demo_vae` (about 25 min on one CPU core)")
+        raise EncoderWeightsError(
+            f"the demo VAE's weights are missing ({weights}, {meta.name}): train them "
+            "with `python -m jobs.train_demo_vae` (about 25 min on one CPU core)"
+        )
     try:
         config = json.loads(meta.read_text())["config"]
         vae = AutoencoderKLWan(**config)
         vae.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise EncoderWeightsError(f"could not load the demo VAE from {weights}: {e}; retrain it with "
-                                  "`python -m jobs.train_demo_vae`") from e
+        raise EncoderWeightsError(
+            f"could not load the demo VAE from {weights}: {e}; retrain it with `python -m jobs.train_demo_vae`"
+        ) from e
     return vae.float()
 
 
-def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfolder: str | None = "vae",
-             autocast_dtype: torch.dtype | None = None, allow_download: bool = False,
-             revision: str | None = None, cache_dir: str | None = None) -> WanVAEEncoder:
+def load_vae(
+    spec: str = DEFAULT_WEIGHTS,
+    input_hw=None,
+    device="cpu",
+    *,
+    subfolder: str | None = "vae",
+    autocast_dtype: torch.dtype | None = None,
+    allow_download: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> WanVAEEncoder:
     """spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
     (looked up in the local HF cache unless allow_download) or a local folder.
 
@@ -158,23 +209,37 @@ def load_vae(spec: str = DEFAULT_WEIGHTS, input_hw=None, device="cpu", *, subfol
     input_hw = input_hw or PRESETS[spec if spec in PRESETS else "default"]["input_hw"]
     if spec == "tiny-hunyuan" or spec.startswith("diffusers:"):  # any other diffusers video VAE
         from .video_vae import load_diffusers_vae
-        return load_diffusers_vae(spec.removeprefix("diffusers:"), input_hw, device, subfolder=subfolder,
-                                  autocast_dtype=autocast_dtype, allow_download=allow_download, revision=revision,
-                                  cache_dir=cache_dir)
+
+        return load_diffusers_vae(
+            spec.removeprefix("diffusers:"),
+            input_hw,
+            device,
+            subfolder=subfolder,
+            autocast_dtype=autocast_dtype,
+            allow_download=allow_download,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
     if spec in _TINY:
         vae, weights_id, rev = tiny_vae_model(spec), spec, None
     elif spec == "demo":
         vae, weights_id, rev = demo_vae_model(), "demo", None
     else:
         patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
-        local, weights_id, rev = resolve_weights(spec, flag="--vae", allow_patterns=patterns,
-                                                 allow_download=allow_download, revision=revision,
-                                                 cache_dir=cache_dir)
+        local, weights_id, rev = resolve_weights(
+            spec,
+            flag="--vae",
+            allow_patterns=patterns,
+            allow_download=allow_download,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
         if subfolder and (local / subfolder / "config.json").is_file():
             local = local / subfolder
         try:
             vae = AutoencoderKLWan.from_pretrained(local, local_files_only=True).float()
         except (OSError, ValueError) as e:
             raise EncoderWeightsError(f"could not load the WAN VAE from {local} (for {spec!r}): {e}") from e
-    return WanVAEEncoder(vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype,
-                         weights_id=weights_id, revision=rev)
+    return WanVAEEncoder(
+        vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=weights_id, revision=rev
+    )

@@ -24,9 +24,19 @@ from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
 
 VJEPA2_DEFAULT = "facebook/vjepa2-vitl-fpc64-256"
 # tiny preset: V-JEPA 2's architecture at a small width; 112 x 112 crop, patch 16 -> 7 x 7, 4 x 32 = 128-d
-TINY_VJEPA2 = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "crop_size": 112,
-               "patch_size": 16, "tubelet_size": 2, "frames_per_clip": 4, "pred_hidden_size": 16,
-               "pred_num_hidden_layers": 1, "pred_num_attention_heads": 2, "num_pooler_layers": 1}
+TINY_VJEPA2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "crop_size": 112,
+    "patch_size": 16,
+    "tubelet_size": 2,
+    "frames_per_clip": 4,
+    "pred_hidden_size": 16,
+    "pred_num_hidden_layers": 1,
+    "pred_num_attention_heads": 2,
+    "num_pooler_layers": 1,
+}
 TINY_SEED = 0
 DEFAULT_WINDOW = 4
 
@@ -36,24 +46,37 @@ class VideoBackbone:
 
     name = "vjepa2"
 
-    def __init__(self, model, *, input_hw=None, layers=None, window: int = DEFAULT_WINDOW, device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weights_id: str = "", revision: str | None = None,
-                 tiny_config: dict | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        input_hw=None,
+        layers=None,
+        window: int = DEFAULT_WINDOW,
+        device="cpu",
+        autocast_dtype: torch.dtype | None = None,
+        weights_id: str = "",
+        revision: str | None = None,
+        tiny_config: dict | None = None,
+    ):
         cfg = model.config
         self.patch_size, self.tubelet_size = int(cfg.patch_size), int(cfg.tubelet_size)
         crop = int(cfg.crop_size)
         self.input_hw = tuple(int(s) for s in (input_hw or (crop, crop)))
         if self.input_hw != (crop, crop):
-            raise ValueError(f"input_hw {self.input_hw}: V-JEPA 2's rotary positions assume its square "
-                             f"{crop} x {crop} crop; set the geometry's dino_input_hw to [{crop}, {crop}]")
+            raise ValueError(
+                f"input_hw {self.input_hw}: V-JEPA 2's rotary positions assume its square "
+                f"{crop} x {crop} crop; set the geometry's dino_input_hw to [{crop}, {crop}]"
+            )
         n = int(cfg.num_hidden_layers)
         self.layers = tuple(int(i) for i in (layers or [round(n * (i + 1) / 4) for i in range(min(4, n))]))
         if not self.layers or not all(1 <= i <= n for i in self.layers):
             raise ValueError(f"layers {self.layers} must be 1-based block indices in 1..{n}")
         self.window = int(window)
         if self.window < 1 or self.window % self.tubelet_size:
-            raise ValueError(f"window {self.window} must be a positive multiple of the tubelet size "
-                             f"{self.tubelet_size}")
+            raise ValueError(
+                f"window {self.window} must be a positive multiple of the tubelet size {self.tubelet_size}"
+            )
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -76,8 +99,9 @@ class VideoBackbone:
         x = resize(to_nchw_float(windows.reshape(b * t, *windows.shape[2:]), self.device), self.input_hw)
         x = (x.reshape(b, t, 3, *self.input_hw) - self._mean) / self._std  # [B, T, 3, H, W]
         (h, w), tubes = self.grid_hw, t // self.tubelet_size
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             hidden = self.model(pixel_values_videos=x, skip_predictor=True, output_hidden_states=True).hidden_states
             norm = self.model.encoder.layernorm
             feats = [norm(hidden[i]).reshape(b, tubes, h, w, -1).mean(1) for i in self.layers]  # tubes averaged
@@ -86,13 +110,23 @@ class VideoBackbone:
     def describe(self) -> dict:
         if self._sha256 is None:
             self._sha256 = state_dict_sha256(self.model)
-        d = {"name": self.name, "weights_id": self.weights_id, "revision": self.revision,
-             "sha256": self._sha256, "input_size": list(self.input_hw), "layers": list(self.layers),
-             "layernorm": "final", "tokens": "patch", "resize": "bilinear-antialias-nocrop",
-             "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-             "patch_size": self.patch_size, "feature_dim": self.feature_dim, "window": self.window,
-             "tubelet_size": self.tubelet_size,
-             "alignment": "scene frames f-window+1..f (first frame repeated at a scene start), tubes averaged"}
+        d = {
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "revision": self.revision,
+            "sha256": self._sha256,
+            "input_size": list(self.input_hw),
+            "layers": list(self.layers),
+            "layernorm": "final",
+            "tokens": "patch",
+            "resize": "bilinear-antialias-nocrop",
+            "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "patch_size": self.patch_size,
+            "feature_dim": self.feature_dim,
+            "window": self.window,
+            "tubelet_size": self.tubelet_size,
+            "alignment": "scene frames f-window+1..f (first frame repeated at a scene start), tubes averaged",
+        }
         if self.tiny_config is not None:
             d["config"] = self.tiny_config
         return d
@@ -100,24 +134,51 @@ class VideoBackbone:
 
 def tiny_vjepa2_model():
     from transformers import VJEPA2Config, VJEPA2Model
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         return VJEPA2Model(VJEPA2Config(**TINY_VJEPA2))
 
 
-def load_vjepa2(spec: str = VJEPA2_DEFAULT, input_hw=None, layers=None, device="cpu", *, window=DEFAULT_WINDOW,
-                autocast_dtype=None, allow_download=False, revision=None, cache_dir=None) -> VideoBackbone:
+def load_vjepa2(
+    spec: str = VJEPA2_DEFAULT,
+    input_hw=None,
+    layers=None,
+    device="cpu",
+    *,
+    window=DEFAULT_WINDOW,
+    autocast_dtype=None,
+    allow_download=False,
+    revision=None,
+    cache_dir=None,
+) -> VideoBackbone:
     """V-JEPA 2's encoder: "tiny" (random), a hub id or a local folder."""
     if spec == "tiny":
         model, wid, rev, tiny = tiny_vjepa2_model(), "tiny", None, {**TINY_VJEPA2, "seed": TINY_SEED}
     else:
         from transformers import VJEPA2Model
-        local, wid, rev = resolve_weights(spec, flag="--encoder", allow_patterns=["*.json", "*.safetensors"],
-                                          allow_download=allow_download, revision=revision, cache_dir=cache_dir)
+
+        local, wid, rev = resolve_weights(
+            spec,
+            flag="--encoder",
+            allow_patterns=["*.json", "*.safetensors"],
+            allow_download=allow_download,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
         try:
             model = VJEPA2Model.from_pretrained(local, local_files_only=True).float()
         except (OSError, ValueError) as e:
             raise EncoderWeightsError(f"could not load V-JEPA 2 weights from {local} (for {spec!r}): {e}") from e
         tiny = None
-    return VideoBackbone(model, input_hw=input_hw, layers=layers, window=window, device=device,
-                         autocast_dtype=autocast_dtype, weights_id=wid, revision=rev, tiny_config=tiny)
+    return VideoBackbone(
+        model,
+        input_hw=input_hw,
+        layers=layers,
+        window=window,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        weights_id=wid,
+        revision=rev,
+        tiny_config=tiny,
+    )

@@ -26,26 +26,45 @@ TINY_SEED = 0
 class DiffusersVideoVAE(WanVAEEncoder):
     """A frozen diffusers video VAE with the WAN encoder's interface (encode, decode, describe)."""
 
-    def __init__(self, vae, *, input_hw, device="cpu", autocast_dtype=None, weights_id="", revision=None,
-                 tiny_config: dict | None = None):
+    def __init__(
+        self,
+        vae,
+        *,
+        input_hw,
+        device="cpu",
+        autocast_dtype=None,
+        weights_id="",
+        revision=None,
+        tiny_config: dict | None = None,
+    ):
         cfg = vae.config
         channels = cfg.get("latent_channels", cfg.get("z_dim"))
         spatial = getattr(vae, "spatial_compression_ratio", None) or cfg.get("spatial_compression_ratio")
         temporal = getattr(vae, "temporal_compression_ratio", None) or cfg.get("temporal_compression_ratio")
         if not all(isinstance(v, int) and v > 0 for v in (channels, spatial, temporal)):
-            raise EncoderWeightsError(f"{type(vae).__name__} ({weights_id}) is not a video VAE this pipeline can "
-                                      f"size: latent channels {channels}, spatial {spatial}, temporal {temporal}")
+            raise EncoderWeightsError(
+                f"{type(vae).__name__} ({weights_id}) is not a video VAE this pipeline can "
+                f"size: latent channels {channels}, spatial {spatial}, temporal {temporal}"
+            )
         if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
             mean, std = list(cfg["latents_mean"]), list(cfg["latents_std"])
         else:
             mean = [float(cfg.get("shift_factor") or 0.0)] * channels
             std = [1.0 / float(cfg.get("scaling_factor") or 1.0)] * channels
         if len(mean) != channels or len(std) != channels:
-            raise EncoderWeightsError(f"{type(vae).__name__} ({weights_id}): latents_mean / latents_std have "
-                                      f"{len(mean)} / {len(std)} values for {channels} channels")
-        super().__init__(vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=weights_id,
-                         revision=revision, sizes={"latent_channels": channels, "spatial": spatial,
-                                                   "temporal": temporal, "mean": mean, "std": std})
+            raise EncoderWeightsError(
+                f"{type(vae).__name__} ({weights_id}): latents_mean / latents_std have "
+                f"{len(mean)} / {len(std)} values for {channels} channels"
+            )
+        super().__init__(
+            vae,
+            input_hw=input_hw,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            weights_id=weights_id,
+            revision=revision,
+            sizes={"latent_channels": channels, "spatial": spatial, "temporal": temporal, "mean": mean, "std": std},
+        )
         self.name = f"diffusers:{type(vae).__name__}"
         self.tiny_config = tiny_config
 
@@ -59,21 +78,44 @@ class DiffusersVideoVAE(WanVAEEncoder):
 
 def tiny_hunyuan_vae():
     from diffusers import AutoencoderKLHunyuanVideo
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         return AutoencoderKLHunyuanVideo(**TINY_HUNYUAN)
 
 
-def load_diffusers_vae(spec: str, input_hw, device="cpu", *, subfolder="vae", autocast_dtype=None,
-                       allow_download=False, revision=None, cache_dir=None) -> DiffusersVideoVAE:
+def load_diffusers_vae(
+    spec: str,
+    input_hw,
+    device="cpu",
+    *,
+    subfolder="vae",
+    autocast_dtype=None,
+    allow_download=False,
+    revision=None,
+    cache_dir=None,
+) -> DiffusersVideoVAE:
     """spec: "tiny-hunyuan", or a hub id / folder of any diffusers video VAE (a whole repo with vae/ too)."""
     if spec == "tiny-hunyuan":
-        return DiffusersVideoVAE(tiny_hunyuan_vae(), input_hw=input_hw, device=device, autocast_dtype=autocast_dtype,
-                                 weights_id=spec, tiny_config={**TINY_HUNYUAN, "seed": TINY_SEED})
+        return DiffusersVideoVAE(
+            tiny_hunyuan_vae(),
+            input_hw=input_hw,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            weights_id=spec,
+            tiny_config={**TINY_HUNYUAN, "seed": TINY_SEED},
+        )
     import diffusers
+
     patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
-    local, wid, rev = resolve_weights(spec, flag="--vae", allow_patterns=patterns, allow_download=allow_download,
-                                      revision=revision, cache_dir=cache_dir)
+    local, wid, rev = resolve_weights(
+        spec,
+        flag="--vae",
+        allow_patterns=patterns,
+        allow_download=allow_download,
+        revision=revision,
+        cache_dir=cache_dir,
+    )
     if subfolder and (local / subfolder / "config.json").is_file():
         local = local / subfolder
     try:
@@ -87,5 +129,6 @@ def load_diffusers_vae(spec: str, input_hw, device="cpu", *, subfolder="vae", au
         vae = cls.from_pretrained(local, local_files_only=True).float()
     except (OSError, ValueError) as e:
         raise EncoderWeightsError(f"could not load {name} from {local} (for {spec!r}): {e}") from e
-    return DiffusersVideoVAE(vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=wid,
-                             revision=rev)
+    return DiffusersVideoVAE(
+        vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=wid, revision=rev
+    )

@@ -57,8 +57,9 @@ class Source(ABC):
         """The frame as an RGB uint8 array [H, W, 3] at its native resolution.
         Raises SourceError naming `frame.path` when it cannot be read."""
 
-    def clip_windows(self, scene: str, frames: list[FrameRef], length: int,
-                     stride: int) -> tuple[list[int], dict[str, int]]:
+    def clip_windows(
+        self, scene: str, frames: list[FrameRef], length: int, stride: int
+    ) -> tuple[list[int], dict[str, int]]:
         """Start positions of the clips this scene allows (indices into `frames`), and how many
         windows were not made, by reason (reported in the cache summary and the manifest).
 

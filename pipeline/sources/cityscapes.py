@@ -29,14 +29,35 @@ from .common import read_rgb
 _NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 EVAL_START, EVAL_LENGTH = 3, 25  # snippet frames 3..27
 # labelIds -> trainIds (cityscapesscripts' labels.py); every other labelId is 255 (ignored)
-TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+TRAIN_IDS = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 class CityscapesSource(Source):
     name = "cityscapes"
-    licence = ("the Cityscapes dataset's own licence: non-commercial research and teaching only, no redist"
-               'ribution, citation required (https://www.cityscapes-dataset.com/license/)')
+    licence = (
+        "the Cityscapes dataset's own licence: non-commercial research and teaching only, no redist"
+        "ribution, citation required (https://www.cityscapes-dataset.com/license/)"
+    )
     fps = 17.0
 
     def __init__(self, root, split="train", eval_clip=None):
@@ -76,7 +97,8 @@ class CityscapesSource(Source):
                 d = os.path.join(base, sp, city)
                 self._scenes[f"{city}_{seq}_{run[0]:06d}"] = [
                     FrameRef(i, n / self.fps, os.path.join(d, f"{city}_{seq}_{n:06d}_leftImg8bit.png"))
-                    for i, n in enumerate(run)]
+                    for i, n in enumerate(run)
+                ]
         if not self._scenes:
             raise SourceError(f"{base}/{split}: no *_leftImg8bit.png frames found")
 
@@ -93,8 +115,10 @@ class CityscapesSource(Source):
         if not self.eval_clip:
             return super().clip_windows(scene, frames, length, stride)
         if length != EVAL_LENGTH:
-            raise ValueError(f"the Cityscapes evaluation clip is {EVAL_LENGTH} frames (snippet frames 3-27), "
-                             f"not {length}; pass eval_clip=False for sliding windows")
+            raise ValueError(
+                f"the Cityscapes evaluation clip is {EVAL_LENGTH} frames (snippet frames 3-27), "
+                f"not {length}; pass eval_clip=False for sliding windows"
+            )
         sliding = len(range(0, len(frames) - length + 1, stride))
         if len(frames) < EVAL_START + EVAL_LENGTH:
             return [], ({f"snippet shorter than {EVAL_START + EVAL_LENGTH} frames": sliding} if sliding else {})

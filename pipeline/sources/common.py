@@ -45,8 +45,9 @@ def load_split_file(path: str, split: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def gap_free_windows(frames: list[FrameRef], length: int, stride: int, max_gap_s: float,
-                     reason: str = "time gap") -> tuple[list[int], dict[str, int]]:
+def gap_free_windows(
+    frames: list[FrameRef], length: int, stride: int, max_gap_s: float, reason: str = "time gap"
+) -> tuple[list[int], dict[str, int]]:
     """Window starts (sliding by `stride`) whose consecutive frames are never more than `max_gap_s` apart,
     and how many windows a gap ruled out."""
     gaps = [i for i in range(len(frames) - 1) if frames[i + 1].timestamp - frames[i].timestamp > max_gap_s]

@@ -26,8 +26,10 @@ _OPEN_VIDEOS = 2
 
 class CovlaSource(Source):
     name = "covla"
-    licence = ("the CoVLA Dataset's own terms (Turing Inc.): non-commercial research use, as stated on its"
-               ' Hugging Face page (turing-motors/CoVLA-Dataset)')
+    licence = (
+        "the CoVLA Dataset's own terms (Turing Inc.): non-commercial research use, as stated on its"
+        " Hugging Face page (turing-motors/CoVLA-Dataset)"
+    )
     fps = 20.0
 
     def __init__(self, root, split="train", split_file=None, cache_frames=32):
@@ -45,9 +47,11 @@ class CovlaSource(Source):
         elif split == "all":
             wanted = set(self._where)
         else:
-            raise SourceError(f"covla split {split!r}: CoVLA has no official split here. Pass split_file=PATH "
-                              f'(a JSON {{"train": [scene ids], "val": [scene ids]}} or a text file with one '
-                              f"scene id per line for this split), or use split='all'.")
+            raise SourceError(
+                f"covla split {split!r}: CoVLA has no official split here. Pass split_file=PATH "
+                f'(a JSON {{"train": [scene ids], "val": [scene ids]}} or a text file with one '
+                f"scene id per line for this split), or use split='all'."
+            )
         self._scenes = sorted(wanted & set(self._where))
         self.missing_scenes = len(wanted - set(self._where))
         if not self._scenes:
@@ -85,8 +89,11 @@ class CovlaSource(Source):
         return reader.get(frame.index)
 
     def describe(self) -> dict:
-        return {**super().describe(), "split_file": str(self.split_file) if self.split_file else None,
-                "missing_scenes": self.missing_scenes}
+        return {
+            **super().describe(),
+            "split_file": str(self.split_file) if self.split_file else None,
+            "missing_scenes": self.missing_scenes,
+        }
 
 
 def _ls(path, keep):

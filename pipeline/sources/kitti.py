@@ -33,22 +33,26 @@ def parse_timestamp(line: str) -> float:
 
 class KittiSource(Source):
     name = "kitti"
-    licence = ('CC BY-NC-SA 3.0 (KITTI Vision Benchmark Suite: non-commercial use; https://www.cvlibs.net/'
-               'datasets/kitti/)')
+    licence = (
+        "CC BY-NC-SA 3.0 (KITTI Vision Benchmark Suite: non-commercial use; https://www.cvlibs.net/datasets/kitti/)"
+    )
     fps = 10.0
 
     def __init__(self, root, split="train", camera="image_02", allow_train=False):
         if root is None:
             raise SourceError("kitti: a dataset root is required")
         if split == "train" and not allow_train:
-            raise SourceError("kitti has no train split: the paper uses KITTI for zero-shot evaluation only "
-                              "(use split 'val', 'test' or 'all', or pass allow_train=True)")
+            raise SourceError(
+                "kitti has no train split: the paper uses KITTI for zero-shot evaluation only "
+                "(use split 'val', 'test' or 'all', or pass allow_train=True)"
+            )
         if split not in ("train", "val", "test", "all"):
             raise SourceError(f"kitti: unknown split {split!r} (val, test and all each take every drive)")
         self.root, self.split, self.camera = str(root), split, camera
         try:
-            dates = sorted(d for d in os.listdir(self.root)
-                           if _DATE.match(d) and os.path.isdir(os.path.join(self.root, d)))
+            dates = sorted(
+                d for d in os.listdir(self.root) if _DATE.match(d) and os.path.isdir(os.path.join(self.root, d))
+            )
         except OSError as e:
             raise SourceError(f"{self.root}: cannot list the folder ({e.strerror or e})") from None
         self._drives = {}
@@ -82,8 +86,9 @@ class KittiSource(Source):
                 raise SourceError(f"{ts_path}: {e}") from None
             if len(stamps) != len(images):
                 raise SourceError(f"{ts_path}: {len(stamps)} timestamps for {len(images)} images in {data}")
-            self._frames[scene] = [FrameRef(i, t, os.path.join(data, fn))
-                                   for i, (t, fn) in enumerate(zip(stamps, images))]
+            self._frames[scene] = [
+                FrameRef(i, t, os.path.join(data, fn)) for i, (t, fn) in enumerate(zip(stamps, images))
+            ]
         return self._frames[scene]
 
     def read_frame(self, scene: str, frame: FrameRef) -> np.ndarray:

@@ -22,7 +22,7 @@ VERSIONS = ("v1.0-trainval", "v1.0-mini")  # preferred first
 
 class NuScenesSource(Source):
     name = "nuscenes"
-    licence = 'CC BY-NC-SA 4.0 (nuScenes terms of use: non-commercial use; https://www.nuscenes.org/terms-of-use)'
+    licence = "CC BY-NC-SA 4.0 (nuScenes terms of use: non-commercial use; https://www.nuscenes.org/terms-of-use)"
     fps = 12.0
 
     def __init__(self, root, split="train", version=None, split_file=None, channel="CAM_FRONT", max_gap=1.5):
@@ -41,8 +41,10 @@ class NuScenesSource(Source):
         self._tokens = {n: tokens[n] for n in sorted(set(wanted) & set(tokens))}
         self.missing_scenes = len(set(wanted) - set(tokens))  # named by the split, absent from the tables
         if not self._tokens:
-            raise SourceError(f"{self.table_dir}/scene.json: none of the {len(wanted)} scenes of split "
-                              f"{split!r} ({self.split_source}) is in the tables")
+            raise SourceError(
+                f"{self.table_dir}/scene.json: none of the {len(wanted)} scenes of split "
+                f"{split!r} ({self.split_source}) is in the tables"
+            )
         self._frames: dict[str, list[FrameRef]] | None = None
 
     def _split_names(self, split, split_file):
@@ -62,7 +64,8 @@ class NuScenesSource(Source):
             f"nuscenes split {split!r}: no split source. Pass split_file=PATH, either a JSON file "
             f'{{"train": [scene names], "val": [scene names]}} or a text file with one scene name per line '
             f"for this split; or install the nuScenes devkit so that nuscenes.utils.splits imports; "
-            f"or use split='all' for every scene.")
+            f"or use split='all' for every scene."
+        )
 
     def _columns(self, table: str, *keys: str) -> list[tuple]:
         path = os.path.join(self.table_dir, table + ".json")
@@ -92,7 +95,8 @@ class NuScenesSource(Source):
         rows = defaultdict(list)
         sd_path = os.path.join(self.table_dir, "sample_data.json")
         for sample, cam, filename, ts in self._columns(
-                "sample_data", "sample_token", "calibrated_sensor_token", "filename", "timestamp"):
+            "sample_data", "sample_token", "calibrated_sensor_token", "filename", "timestamp"
+        ):
             if cam not in cams:
                 continue
             if sample not in sample_scene:
@@ -118,9 +122,15 @@ class NuScenesSource(Source):
         return read_rgb(frame.path)
 
     def clip_windows(self, scene, frames, length, stride):
-        return gap_free_windows(frames, length, stride, self.max_gap / self.fps,
-                                f"time gap > {self.max_gap:g} frame intervals")
+        return gap_free_windows(
+            frames, length, stride, self.max_gap / self.fps, f"time gap > {self.max_gap:g} frame intervals"
+        )
 
     def describe(self) -> dict:
-        return {**super().describe(), "version": self.version, "channel": self.channel,
-                "split_source": self.split_source, "missing_scenes": self.missing_scenes}
+        return {
+            **super().describe(),
+            "version": self.version,
+            "channel": self.channel,
+            "split_source": self.split_source,
+            "missing_scenes": self.missing_scenes,
+        }

@@ -119,8 +119,7 @@ class VideoFolderSource(Source):
     name = "videos"
     licence = "the user's own videos: their licence is not known to re2pix"
 
-    def __init__(self, root, split="train", fps=None, extensions=(".mp4", ".mov", ".mkv", ".avi"),
-                 buffer_frames=32):
+    def __init__(self, root, split="train", fps=None, extensions=(".mp4", ".mov", ".mkv", ".avi"), buffer_frames=32):
         if root is None or not Path(root).exists():
             raise SourceError(f"videos: root folder {root!r} does not exist")
         self.root, self.split, self.buffer_frames = str(root), split, max(int(buffer_frames), 1)

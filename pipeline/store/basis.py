@@ -25,8 +25,10 @@ class PCABasis:
     def __post_init__(self):
         d = self.mean.shape[0]
         if self.std.shape != (d,) or self.components.ndim != 2 or self.components.shape[1] != d:
-            raise ValueError(f"inconsistent basis shapes: mean {self.mean.shape}, std {self.std.shape}, "
-                             f"components {self.components.shape}")
+            raise ValueError(
+                f"inconsistent basis shapes: mean {self.mean.shape}, std {self.std.shape}, "
+                f"components {self.components.shape}"
+            )
         if self.explained_variance.shape != (self.components.shape[0],):
             raise ValueError("explained_variance must have one value per component")
         if not np.all(self.std > 0):
@@ -70,10 +72,16 @@ class PCABasis:
         store's codecs (default zstd), always followed by a crc32c checksum: a changed byte fails the read."""
         for name in BASIS_ARRAYS:
             a = np.asarray(getattr(self, name), np.float32)
-            group.create_array(name, shape=a.shape, dtype="float32", overwrite=True,
-                               compressors=codecs or (ZstdCodec(level=3), Crc32cCodec()))[...] = a
-        group.attrs.update({"fingerprint": self.fingerprint, "num_components": self.num_components,
-                            "feature_dim": self.feature_dim})
+            group.create_array(
+                name,
+                shape=a.shape,
+                dtype="float32",
+                overwrite=True,
+                compressors=codecs or (ZstdCodec(level=3), Crc32cCodec()),
+            )[...] = a
+        group.attrs.update(
+            {"fingerprint": self.fingerprint, "num_components": self.num_components, "feature_dim": self.feature_dim}
+        )
 
     @classmethod
     def load(cls, group) -> PCABasis:
@@ -83,6 +91,8 @@ class PCABasis:
         basis = cls(**{n: np.asarray(group[n][...], np.float32) for n in BASIS_ARRAYS})
         recorded = group.attrs.get("fingerprint")
         if recorded is not None and recorded != basis.fingerprint:
-            raise ValueError(f"PCA basis at {group.store_path} is corrupt: its arrays hash to "
-                             f"{basis.fingerprint[:12]}, its attributes say {recorded[:12]}")
+            raise ValueError(
+                f"PCA basis at {group.store_path} is corrupt: its arrays hash to "
+                f"{basis.fingerprint[:12]}, its attributes say {recorded[:12]}"
+            )
         return basis

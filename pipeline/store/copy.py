@@ -35,8 +35,19 @@ from .writer import (
     write_failures,
 )
 
-_COLUMNS = ("frames/scene", "frames/index", "frames/timestamp", "frames/path", "frames/variant", "clips/id",
-            "clips/scene", "clips/start", "clips/variant", "clips/timestamps", "clips/feature_rows")
+_COLUMNS = (
+    "frames/scene",
+    "frames/index",
+    "frames/timestamp",
+    "frames/path",
+    "frames/variant",
+    "clips/id",
+    "clips/scene",
+    "clips/start",
+    "clips/variant",
+    "clips/timestamps",
+    "clips/feature_rows",
+)
 _STRINGS = {"frames/scene", "frames/path", "clips/id", "clips/scene"}
 
 
@@ -46,9 +57,19 @@ def absolute_url(location: str) -> str:
     return location if is_url(location) else "file://" + os.path.abspath(location)
 
 
-def copy_store(src: str, dst: str, *, channels: int | None = None, compression: str | None = None,
-               src_options: dict | None = None, dst_options: dict | None = None, rows_per_unit: int = 16,
-               overwrite: bool = False, progress: bool = True, command: str | None = None) -> dict:
+def copy_store(
+    src: str,
+    dst: str,
+    *,
+    channels: int | None = None,
+    compression: str | None = None,
+    src_options: dict | None = None,
+    dst_options: dict | None = None,
+    rows_per_unit: int = 16,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
     """Copy the finished store `src` to `dst`; returns a summary (rows, bytes, units done now and before)."""
     from tqdm.auto import tqdm
 
@@ -56,32 +77,46 @@ def copy_store(src: str, dst: str, *, channels: int | None = None, compression: 
     c = source._channels(channels)
     spec = parse_compression(compression or source.manifest.get("compression", "blosc-zstd")).spec
     basis = source.basis if c == source.num_channels else source.basis.prefix(c)
-    origin = {"store": absolute_url(src), "pca_fingerprint": source.pca_fingerprint, "channels": c,
-              "compression": spec, "clip_index_digest": source.manifest.get("clip_index_digest"),
-              "command": command}
+    origin = {
+        "store": absolute_url(src),
+        "pca_fingerprint": source.pca_fingerprint,
+        "channels": c,
+        "compression": spec,
+        "clip_index_digest": source.manifest.get("clip_index_digest"),
+        "command": command,
+    }
     writer = _create_or_resume(source, dst, dst_options, basis, c, spec, origin, overwrite)
 
     valid = source.group["clips/valid"][...]
     frame_rows = np.unique(source._feature_rows[valid]).tolist()
     clip_rows = np.flatnonzero(valid).tolist()
-    units = {f"copy-frames-{i // rows_per_unit:06d}": ("features", frame_rows[i : i + rows_per_unit])
-             for i in range(0, len(frame_rows), rows_per_unit)}
-    units |= {f"copy-clips-{i // rows_per_unit:06d}": ("latents", clip_rows[i : i + rows_per_unit])
-              for i in range(0, len(clip_rows), rows_per_unit)}
+    units = {
+        f"copy-frames-{i // rows_per_unit:06d}": ("features", frame_rows[i : i + rows_per_unit])
+        for i in range(0, len(frame_rows), rows_per_unit)
+    }
+    units |= {
+        f"copy-clips-{i // rows_per_unit:06d}": ("latents", clip_rows[i : i + rows_per_unit])
+        for i in range(0, len(clip_rows), rows_per_unit)
+    }
     done = writer.done_units() & set(units)
     h, w = source.geometry.feature_hw
     row_bytes = {"features": h * w * c * 2, "latents": int(np.prod(source.geometry.latents_shape)) * 2}
     todo = {u: v for u, v in units.items() if u not in done}
     total = sum(row_bytes[kind] * len(rows) for kind, rows in todo.values())
-    with tqdm(total=total, desc=f"copy -> {dst}", unit="B", unit_scale=True, unit_divisor=1024,
-              disable=not progress) as bar:
+    with tqdm(
+        total=total, desc=f"copy -> {dst}", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress
+    ) as bar:
         for unit, (kind, rows) in todo.items():
             digests = {}
             for r in rows:
                 digests[f"{kind}/{r}"] = _copy_row(source, writer, kind, int(r), c)
                 bar.update(row_bytes[kind])
-            writer.mark_unit_done(unit, clip_rows=rows if kind == "latents" else (),
-                                  frame_rows=rows if kind == "features" else (), digests=digests)
+            writer.mark_unit_done(
+                unit,
+                clip_rows=rows if kind == "latents" else (),
+                frame_rows=rows if kind == "features" else (),
+                digests=digests,
+            )
     records = [r for r in writer.unit_records() if r["unit"] in units]
     missing = set(units) - {r["unit"] for r in records}
     if missing:  # not reached unless markers vanished under us
@@ -89,9 +124,17 @@ def copy_store(src: str, dst: str, *, channels: int | None = None, compression: 
     writer.group["clips/valid"][...] = valid
     write_failures(writer.group, source.failures(), spec)
     writer.mark_complete(dict(source.manifest["counts"], done_units=len(records)))
-    return {"source": src, "store": dst, "channels": c, "compression": spec, "units": len(units),
-            "units_resumed": len(done), "frame_rows": len(frame_rows), "clip_rows": len(clip_rows),
-            "bytes_copied": total}
+    return {
+        "source": src,
+        "store": dst,
+        "channels": c,
+        "compression": spec,
+        "units": len(units),
+        "units_resumed": len(done),
+        "frame_rows": len(frame_rows),
+        "clip_rows": len(clip_rows),
+        "bytes_copied": total,
+    }
 
 
 def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int) -> str:
@@ -111,37 +154,54 @@ def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int) -
     except DECODE_ERRORS as e:
         raise StoreError(f"{writer.location}: {name}[{row}] cannot be read back after writing it ({e})") from e
     if digest(back) != want:
-        raise StoreError(f"{writer.location}: {name}[{row}] read back differs from what was written: the "
-                         "destination does not keep what it is given; the copy stops here")
+        raise StoreError(
+            f"{writer.location}: {name}[{row}] read back differs from what was written: the "
+            "destination does not keep what it is given; the copy stops here"
+        )
     return want
 
 
-def _create_or_resume(source: Store, dst: str, options: dict | None, basis: PCABasis, c: int, spec: str,
-                      origin: dict, overwrite: bool) -> StoreWriter:
+def _create_or_resume(
+    source: Store, dst: str, options: dict | None, basis: PCABasis, c: int, spec: str, origin: dict, overwrite: bool
+) -> StoreWriter:
     existing = existing_store(dst, options)
     if existing is not None:
         if existing.get("complete") and not overwrite:
             raise StoreError(f"{dst} is already a finished store; pass --overwrite to replace it")
         theirs = existing.get("copied_from") or {}
-        same = all(theirs.get(k) == origin[k] for k in ("store", "pca_fingerprint", "channels", "compression",
-                                                        "clip_index_digest"))
+        same = all(
+            theirs.get(k) == origin[k]
+            for k in ("store", "pca_fingerprint", "channels", "compression", "clip_index_digest")
+        )
         if not existing.get("complete") and same and not overwrite:
             return StoreWriter(dst, options)  # a killed copy of the same source and settings: resume it
         if not overwrite:
-            raise StoreError(f"{dst} is an unfinished store made otherwise (not this copy of {origin['store']} "
-                             f"at {c} channels, {spec}); pass --overwrite to start again")
+            raise StoreError(
+                f"{dst} is an unfinished store made otherwise (not this copy of {origin['store']} "
+                f"at {c} channels, {spec}); pass --overwrite to start again"
+            )
         remove_store(dst, options)
 
     m = {k: v for k, v in source.manifest.items() if k not in ("complete", "finished", "lossy", "copied_from")}
     pca = {"fingerprint": basis.fingerprint, "num_components": c, "feature_dim": basis.feature_dim}
     if c < source.num_channels or "prefix_of" in source.manifest["pca"]:
         pca["prefix_of"] = source.manifest["pca"].get("prefix_of") or {
-            "fingerprint": source.pca_fingerprint, "num_components": source.num_channels}
+            "fingerprint": source.pca_fingerprint,
+            "num_components": source.num_channels,
+        }
     lossy = parse_compression(spec).manifest_entry()
-    m.update({"geometry": dict(source.manifest["geometry"], num_pca_channels=c), "pca": pca, "compression": spec,
-              "channel_chunk": min(int(source.manifest.get("channel_chunk") or c), c), "copied_from": origin,
-              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "complete": False,
-              **({"lossy": lossy} if lossy else {})})
+    m.update(
+        {
+            "geometry": dict(source.manifest["geometry"], num_pca_channels=c),
+            "pca": pca,
+            "compression": spec,
+            "channel_chunk": min(int(source.manifest.get("channel_chunk") or c), c),
+            "copied_from": origin,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": False,
+            **({"lossy": lossy} if lossy else {}),
+        }
+    )
     counts = dict(m["counts"])
     counts.pop("done_units", None)
     m["counts"] = counts
@@ -149,14 +209,22 @@ def _create_or_resume(source: Store, dst: str, options: dict | None, basis: PCAB
     g = open_group(dst, mode="a", storage_options=options)
     basis.save(g.require_group("pca"), chunk_codecs(spec))
     from .geometry import Geometry
+
     v = len(source.variants)
-    create_row_arrays(g, Geometry.from_dict(m["geometry"]), counts["frames"] * v, counts["clips"] * v,
-                      m["channel_chunk"], spec)
+    create_row_arrays(
+        g, Geometry.from_dict(m["geometry"]), counts["frames"] * v, counts["clips"] * v, m["channel_chunk"], spec
+    )
     for name in _COLUMNS:
         values = source._read_small(source.group[name], name)
         group, key = g.require_group(name.split("/")[0]), name.split("/", 1)[1]
         write_column(group, key, list(decode_strings(values)) if name in _STRINGS else values, spec)
-    g.require_group("clips").create_array("valid", shape=(counts["clips"] * v,), dtype="bool", fill_value=False,
-                                          compressors=chunk_codecs(spec), config=ALL_CHUNKS)
+    g.require_group("clips").create_array(
+        "valid",
+        shape=(counts["clips"] * v,),
+        dtype="bool",
+        fill_value=False,
+        compressors=chunk_codecs(spec),
+        config=ALL_CHUNKS,
+    )
     g.attrs.update(m)
     return StoreWriter(dst, options)

@@ -46,8 +46,10 @@ class _Moments:
     def stats(self) -> dict:
         mean = self.s / self.n
         std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
-        return {k: [round(float(v), 6) for v in a] for k, a in
-                (("mean", mean), ("std", std), ("min", self.lo), ("max", self.hi))}
+        return {
+            k: [round(float(v), 6) for v in a]
+            for k, a in (("mean", mean), ("std", std), ("min", self.lo), ("max", self.hi))
+        }
 
 
 def diagnose(store: Store, max_clips: int | None = 256) -> dict:
@@ -69,22 +71,32 @@ def diagnose(store: Store, max_clips: int | None = 256) -> dict:
     ltd, ftd = ltd / len(clips), ftd / len(clips)
     per_frame = g.latent_channels * g.latent_hw[0] * g.latent_hw[1]
     enc = store.manifest.get("encoders", {})
-    return {"store": store.location, "clips": len(clips), "of_clips": n,
-            "vae": (enc.get("vae") or {}).get("name"), "encoder": (enc.get("dinov2") or {}).get("name"),
-            "latents_shape": list(g.latents_shape), "features_shape": list(g.features_shape),
-            "intervals": list(range(1, g.latent_frames)),
-            "intervals_frames": [d * g.temporal_downsample for d in range(1, g.latent_frames)],
-            "ltd": [round(float(v), 6) for v in ltd],
-            "ltd_rms": [round(float(v / np.sqrt(per_frame)), 6) for v in ltd],
-            "feature_td": [round(float(v), 6) for v in ftd],
-            "latent_channels": lat.stats(), "feature_channels": feat.stats()}
+    return {
+        "store": store.location,
+        "clips": len(clips),
+        "of_clips": n,
+        "vae": (enc.get("vae") or {}).get("name"),
+        "encoder": (enc.get("dinov2") or {}).get("name"),
+        "latents_shape": list(g.latents_shape),
+        "features_shape": list(g.features_shape),
+        "intervals": list(range(1, g.latent_frames)),
+        "intervals_frames": [d * g.temporal_downsample for d in range(1, g.latent_frames)],
+        "ltd": [round(float(v), 6) for v in ltd],
+        "ltd_rms": [round(float(v / np.sqrt(per_frame)), 6) for v in ltd],
+        "feature_td": [round(float(v), 6) for v in ftd],
+        "latent_channels": lat.stats(),
+        "feature_channels": feat.stats(),
+    }
 
 
 def table(reports: list[dict], feature_channels: int = 8) -> str:
     """The reports side by side: one column per store."""
     cols = [f"[{i}]" for i in range(len(reports))]
-    lines = [f"{c} {r['store']}  ({r['clips']} of {r['of_clips']} clips; vae {r['vae']}, encoder {r['encoder']}; "
-             f"latents {r['latents_shape']}, features {r['features_shape']})" for c, r in zip(cols, reports)]
+    lines = [
+        f"{c} {r['store']}  ({r['clips']} of {r['of_clips']} clips; vae {r['vae']}, encoder {r['encoder']}; "
+        f"latents {r['latents_shape']}, features {r['features_shape']})"
+        for c, r in zip(cols, reports)
+    ]
 
     def row(label, values):
         lines.append(f"{label:<28}" + "".join(f"{v:>14}" for v in values))
@@ -108,8 +120,10 @@ def table(reports: list[dict], feature_channels: int = 8) -> str:
         show = most if name == "latent_channels" else min(most, feature_channels)
         for c in range(show):
             for stat in ("mean", "std"):
-                row(f"{name.split('_')[0]} ch{c} {stat}",
-                    [num(r[name][stat][c]) if c < len(r[name][stat]) else "-" for r in reports])
+                row(
+                    f"{name.split('_')[0]} ch{c} {stat}",
+                    [num(r[name][stat][c]) if c < len(r[name][stat]) else "-" for r in reports],
+                )
         if show < most:
             lines.append(f"{'':<28}(first {show} of {most} feature channels; --json lists all)")
     return "\n".join(lines)
@@ -127,9 +141,13 @@ def plot_png(reports: list[dict], path, size=(900, 380)) -> Path:
     legend = 16 * len(reports) + 8
     img = Image.new("RGB", (w, h + legend), "white")
     draw = ImageDraw.Draw(img)
-    panels = [("LTD rms vs frames", [(r["intervals_frames"], r["ltd_rms"]) for r in reports]),
-              ("latent std per channel", [(list(range(len(r["latent_channels"]["std"]))),
-                                           r["latent_channels"]["std"]) for r in reports])]
+    panels = [
+        ("LTD rms vs frames", [(r["intervals_frames"], r["ltd_rms"]) for r in reports]),
+        (
+            "latent std per channel",
+            [(list(range(len(r["latent_channels"]["std"]))), r["latent_channels"]["std"]) for r in reports],
+        ),
+    ]
     pw = w // len(panels)
     for p, (title, series) in enumerate(panels):
         x0, y0, x1, y1 = p * pw + 50, 24, (p + 1) * pw - 12, h - 28
@@ -145,8 +163,10 @@ def plot_png(reports: list[dict], path, size=(900, 380)) -> Path:
         draw.text((x1 - 24, y1 + 4), f"{xmax}", fill=(0, 0, 0))
 
         for s, (sx, sy) in enumerate(series):
-            pts = [(x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
-                   for x, y in zip(sx, sy)]
+            pts = [
+                (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+                for x, y in zip(sx, sy)
+            ]
             color = COLORS[s % len(COLORS)]
             if len(pts) > 1:
                 draw.line(pts, fill=color, width=2)

@@ -70,8 +70,10 @@ class DamagedStoreError(StoreError):
 class IncompatibleStoresError(StoreError):
     def __init__(self, field: str, a: str, va, b: str, vb):
         self.field = field
-        super().__init__(f"stores are incompatible: {field} differs ({a}: {_short(va)}; {b}: {_short(vb)}). "
-                         "Features under different encoders, PCA bases or clip geometry must not be mixed.")
+        super().__init__(
+            f"stores are incompatible: {field} differs ({a}: {_short(va)}; {b}: {_short(vb)}). "
+            "Features under different encoders, PCA bases or clip geometry must not be mixed."
+        )
 
 
 def _short(v, n: int = 80) -> str:
@@ -82,22 +84,29 @@ def _short(v, n: int = 80) -> str:
 def check_manifest(manifest: dict, where: str, allow_incomplete: bool = False) -> None:
     """Refuse what is not a v1-readable, finished store, naming `where` and the reason."""
     if manifest.get("format") != FORMAT_NAME:
-        raise NotAStoreError(f"{where} is not a re2pix store: its attributes have no "
-                             f"format={FORMAT_NAME!r} (found keys {sorted(manifest)[:8]})")
+        raise NotAStoreError(
+            f"{where} is not a re2pix store: its attributes have no "
+            f"format={FORMAT_NAME!r} (found keys {sorted(manifest)[:8]})"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise NotAStoreError(f"{where}: format_version is missing or not an integer ({version!r})")
     if version > FORMAT_VERSION:
-        raise StoreVersionError(f"{where} has store format version {version}, newer than this re2pix "
-                                f"reads ({FORMAT_VERSION}): upgrade re2pix to read it")
+        raise StoreVersionError(
+            f"{where} has store format version {version}, newer than this re2pix "
+            f"reads ({FORMAT_VERSION}): upgrade re2pix to read it"
+        )
     if not allow_incomplete and not manifest.get("complete", False):
-        raise IncompleteStoreError(f"{where} was never finished (complete=false): the job that wrote it "
-                                   "stopped early; rerun the same cache command to resume it")
+        raise IncompleteStoreError(
+            f"{where} was never finished (complete=false): the job that wrote it "
+            "stopped early; rerun the same cache command to resume it"
+        )
 
 
 def geometry_of(manifest: dict, where: str):
     """The manifest's clip geometry, bounds-checked before it sizes anything; refused naming `where`."""
     from .geometry import Geometry
+
     try:
         return Geometry.from_dict(manifest.get("geometry"))
     except (ValueError, TypeError) as e:

@@ -10,9 +10,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 # upper bounds on every field (far above any real video model), and on the values in one stored row
-_LIMITS = {"clip_frames": 4097, "context_frames": 4096, "temporal_downsample": 64, "spatial_downsample": 1024,
-           "vae_input_hw": 16384, "latent_channels": 4096, "dino_input_hw": 16384, "patch_size": 1024,
-           "feature_dim": 65536, "num_pca_channels": 65536}
+_LIMITS = {
+    "clip_frames": 4097,
+    "context_frames": 4096,
+    "temporal_downsample": 64,
+    "spatial_downsample": 1024,
+    "vae_input_hw": 16384,
+    "latent_channels": 4096,
+    "dino_input_hw": 16384,
+    "patch_size": 1024,
+    "feature_dim": 65536,
+    "num_pca_channels": 65536,
+}
 _MAX_ROW_ELEMENTS = 1 << 30
 
 
@@ -41,9 +50,11 @@ class Geometry:
             value = getattr(self, f.name)
             values = value if isinstance(value, tuple) else (value,)
             if len(values) != (2 if f.name.endswith("_hw") else 1) or not all(
-                    isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _LIMITS[f.name] for x in values):
-                raise ValueError(f"geometry {f.name}={value!r} is out of bounds (positive integers up to "
-                                 f"{_LIMITS[f.name]})")
+                isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _LIMITS[f.name] for x in values
+            ):
+                raise ValueError(
+                    f"geometry {f.name}={value!r} is out of bounds (positive integers up to {_LIMITS[f.name]})"
+                )
         r = self.temporal_downsample
         if (self.clip_frames - 1) % r or (self.context_frames - 1) % r:
             raise ValueError(f"clip_frames-1 and context_frames-1 must be multiples of {r} (causal VAE)")
@@ -91,14 +102,26 @@ class Geometry:
     def features_shape(self) -> tuple[int, int, int, int]:  # [7, 32, 56, 1152]
         return (self.latent_frames, *self.feature_hw, self.num_pca_channels)
 
-    def for_encoders(self, *, patch_size: int, feature_dim: int, latent_channels: int, spatial_downsample: int,
-                     temporal_downsample: int) -> Geometry:
+    def for_encoders(
+        self,
+        *,
+        patch_size: int,
+        feature_dim: int,
+        latent_channels: int,
+        spatial_downsample: int,
+        temporal_downsample: int,
+    ) -> Geometry:
         """This geometry with every size the frozen encoders fix taken from them (their configs): the
         feature encoder's patch size and feature dim, the VAE's latent channels and compression. The
         clip length, context, input sizes and PCA channels stay the user's; a VAE or backbone they do
         not fit (e.g. 25 frames under 8x temporal compression) is refused with the reason."""
-        fixed = {"patch_size": patch_size, "feature_dim": feature_dim, "latent_channels": latent_channels,
-                 "spatial_downsample": spatial_downsample, "temporal_downsample": temporal_downsample}
+        fixed = {
+            "patch_size": patch_size,
+            "feature_dim": feature_dim,
+            "latent_channels": latent_channels,
+            "spatial_downsample": spatial_downsample,
+            "temporal_downsample": temporal_downsample,
+        }
         fixed = {k: int(v) for k, v in fixed.items()}
         try:
             return replace(self, **fixed)

@@ -50,8 +50,10 @@ def parse_compression(spec: str) -> Compression:
     """'blosc-zstd', 'zstd+trim7', 'blosc-zstd+int8', ... -> Compression; ValueError naming the choices."""
     codec, plus, lossy = str(spec).partition("+")
     if codec not in CODECS:
-        raise ValueError(f"unknown compression {spec!r}: choose a codec from {CODECS}, optionally "
-                         "followed by +trimK (keep K of float16's 10 mantissa bits) or +int8")
+        raise ValueError(
+            f"unknown compression {spec!r}: choose a codec from {CODECS}, optionally "
+            "followed by +trimK (keep K of float16's 10 mantissa bits) or +int8"
+        )
     if not plus:
         return Compression(codec)
     m = _LOSSY.fullmatch(lossy)

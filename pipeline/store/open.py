@@ -34,7 +34,9 @@ def source_format(sources: list[str], storage_options: dict | None = None) -> st
 def expand_shards(location: str, storage_options: dict | None = None) -> tuple[str, list[str]]:
     """(folder holding manifest.json, shard URLs) of one WebDataset source."""
     from .wds import shard_urls
+
     if location.endswith(".tar") or "{" in location:
         import braceexpand
+
         return posixpath.dirname(location.rstrip("/")), list(braceexpand.braceexpand(location))
     return location.rstrip("/"), shard_urls(location, storage_options)

@@ -58,9 +58,13 @@ class Store:
         self.storage_options = storage_options
         try:
             from .chunk_cache import cached_store  # RE2PIX_CHUNK_CACHE: keep remote chunks in a local folder
+
             cached = cached_store(self.location, storage_options)
-            self.group = (zarr.open_group(cached, mode="r", zarr_format=3) if cached is not None
-                          else open_group(self.location, mode="r", storage_options=storage_options))
+            self.group = (
+                zarr.open_group(cached, mode="r", zarr_format=3)
+                if cached is not None
+                else open_group(self.location, mode="r", storage_options=storage_options)
+            )
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
@@ -98,26 +102,40 @@ class Store:
     def _check_shapes(self, arrays: dict) -> None:
         """Every shape against the manifest's counts and geometry, before anything is read or allocated."""
         g, counts, v = self.geometry, self.manifest.get("counts"), len(self.variants)
-        if not (0 < v <= 2 and isinstance(counts, dict) and _int_in(counts.get("frames"), 1, _MAX_ROWS)
-                and _int_in(counts.get("clips"), 1, _MAX_ROWS)):
-            raise StoreError(f"{self.location}: the manifest's variants {self.variants} or counts {counts} are "
-                             f"not a store's (1..{_MAX_ROWS} clips and frames, 1 or 2 variants)")
+        if not (
+            0 < v <= 2
+            and isinstance(counts, dict)
+            and _int_in(counts.get("frames"), 1, _MAX_ROWS)
+            and _int_in(counts.get("clips"), 1, _MAX_ROWS)
+        ):
+            raise StoreError(
+                f"{self.location}: the manifest's variants {self.variants} or counts {counts} are "
+                f"not a store's (1..{_MAX_ROWS} clips and frames, 1 or 2 variants)"
+            )
         rows, frames = counts["clips"] * v, counts["frames"] * v
-        want = {"frames/features": (frames, *g.features_shape[1:]), "clips/latents": (rows, *g.latents_shape),
-                "clips/valid": (rows,), "clips/feature_rows": (rows, g.latent_frames)}
+        want = {
+            "frames/features": (frames, *g.features_shape[1:]),
+            "clips/latents": (rows, *g.latents_shape),
+            "clips/valid": (rows,),
+            "clips/feature_rows": (rows, g.latent_frames),
+        }
         got = {name: arrays[name].shape for name in want}
         if "pca" in self.group and "components" in self.group["pca"]:
             want["pca/components"] = (g.num_pca_channels, g.feature_dim)
             got["pca/components"] = self.group["pca/components"].shape
         for name in want:
             if tuple(got[name]) != tuple(want[name]):
-                raise StoreError(f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
-                                 f"and geometry say {list(want[name])}: the store is damaged or forged")
+                raise StoreError(
+                    f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
+                    f"and geometry say {list(want[name])}: the store is damaged or forged"
+                )
         recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
         if recorded is not None and recorded != self.pca_fingerprint:
-            raise StoreError(f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
-                             f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
-                             "read in the wrong space")
+            raise StoreError(
+                f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
+                f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
+                "read in the wrong space"
+            )
 
     def _check_clip_table(self, valid: np.ndarray) -> None:
         """The small arrays read at open must agree with the manifest: a missing chunk of them reads as
@@ -125,21 +143,31 @@ class Store:
         frames, v = self.manifest["counts"]["frames"] * len(self.variants), len(self.variants)
         recorded = self.manifest["counts"].get("valid_clips")
         if recorded is not None and int(valid.reshape(-1, v).all(axis=1).sum()) != recorded:
-            raise DamagedStoreError(self.location, "clips/valid", None, f"it marks {int(valid.sum()) // v} clips "
-                                    f"usable, the manifest counted {recorded}")
+            raise DamagedStoreError(
+                self.location,
+                "clips/valid",
+                None,
+                f"it marks {int(valid.sum()) // v} clips usable, the manifest counted {recorded}",
+            )
         used = self._feature_rows[valid]
         distinct = np.all(np.diff(np.sort(used, axis=1), axis=1) > 0)
         if used.size and (used.min() < 0 or used.max() >= frames or not distinct):
-            raise DamagedStoreError(self.location, "clips/feature_rows", None, "a clip's rows must be distinct and "
-                                    f"lie in 0..{frames - 1} (a missing chunk reads as zeros)")
+            raise DamagedStoreError(
+                self.location,
+                "clips/feature_rows",
+                None,
+                f"a clip's rows must be distinct and lie in 0..{frames - 1} (a missing chunk reads as zeros)",
+            )
 
     def __len__(self) -> int:
         return len(self._clip_rows)
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"Store({self.location!r}, dataset={m.get('dataset')!r}, split={m.get('split')!r}, "
-                f"clips={len(self)}, variants={self.variants}, pca={self.pca_fingerprint[:12]})")
+        return (
+            f"Store({self.location!r}, dataset={m.get('dataset')!r}, split={m.get('split')!r}, "
+            f"clips={len(self)}, variants={self.variants}, pca={self.pca_fingerprint[:12]})"
+        )
 
     @property
     def num_variants(self) -> int:
@@ -164,7 +192,8 @@ class Store:
     @property
     def has_pred_features(self) -> bool:
         return "pred_features" in self.group["clips"] and bool(
-            self.group["clips/pred_features"].attrs.get("complete", False))
+            self.group["clips/pred_features"].attrs.get("complete", False)
+        )
 
     @property
     def pred_features_fingerprint(self) -> str | None:
@@ -182,12 +211,20 @@ class Store:
     def _channels(self, channels: int | None) -> int:
         c = self.num_channels if channels is None else int(channels)
         if not 0 < c <= self.num_channels:
-            raise StoreError(f"{self.location} holds {self.num_channels} PCA channels: channels must be in "
-                             f"1..{self.num_channels}, got {channels}")
+            raise StoreError(
+                f"{self.location} holds {self.num_channels} PCA channels: channels must be in "
+                f"1..{self.num_channels}, got {channels}"
+            )
         return c
 
-    def read_features(self, i: int, channels: int | None = None, variant: int = 0,
-                      out: np.ndarray | None = None, frames: slice | None = None) -> np.ndarray:
+    def read_features(
+        self,
+        i: int,
+        channels: int | None = None,
+        variant: int = 0,
+        out: np.ndarray | None = None,
+        frames: slice | None = None,
+    ) -> np.ndarray:
         """[7, H, W, c] float16: the first c PCA channels of the clip's 7 feature frames (`frames`: only
         those of a slice of them). `out`: a C-contiguous array of that shape to decode into (a slot of a
         batch buffer), returned."""
@@ -243,12 +280,14 @@ class Store:
         self._check_present(z, "clips/latents", row)
         return z
 
-    def read_pred_features(self, i: int, channels: int | None = None, variant: int = 0,
-                           out: np.ndarray | None = None) -> np.ndarray:
+    def read_pred_features(
+        self, i: int, channels: int | None = None, variant: int = 0, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """[3, H, W, c] float16: Stage 1's rollout for latents 4-6 (written by the rollout job)."""
         if not self.has_pred_features:
-            raise StoreError(f"{self.location} has no finished clips/pred_features: run the rollout job first "
-                             "(make rollout)")
+            raise StoreError(
+                f"{self.location} has no finished clips/pred_features: run the rollout job first (make rollout)"
+            )
         arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
         p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)), out)
         predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
@@ -275,11 +314,13 @@ class Store:
             block = a[..., k : k + cc]
             if not block[(0,) * (block.ndim - 1)].any() and not block.any():
                 if k == 0 and not a.any():
-                    raise DamagedStoreError(self.location, name, row,
-                                            "all its chunks are missing (reads as fill values)")
+                    raise DamagedStoreError(
+                        self.location, name, row, "all its chunks are missing (reads as fill values)"
+                    )
                 last = k + block.shape[-1] - 1
-                raise DamagedStoreError(self.location, name, row,
-                                        f"the chunk of channels {k}..{last} is missing (reads as fill values)")
+                raise DamagedStoreError(
+                    self.location, name, row, f"the chunk of channels {k}..{last} is missing (reads as fill values)"
+                )
 
     def _channel_chunk(self, name: str, c: int) -> int:
         chunk = self.manifest.get("channel_chunk")
@@ -300,14 +341,23 @@ class Store:
 
     def clip_meta(self, i: int, variant: int = 0) -> dict:
         r, t = self.row(i, variant), self.clip_table
-        return {"clip_id": str(t["id"][r]), "scene": str(t["scene"][r]), "start": int(t["start"][r]),
-                "timestamps": t["timestamps"][r].tolist(), "variant": self.variants[variant]}
+        return {
+            "clip_id": str(t["id"][r]),
+            "scene": str(t["scene"][r]),
+            "start": int(t["start"][r]),
+            "timestamps": t["timestamps"][r].tolist(),
+            "variant": self.variants[variant],
+        }
 
-    def read_clip(self, i: int, channels: int | None = None, variant: int = 0,
-                  with_pred: bool = False) -> ClipArrays:
+    def read_clip(self, i: int, channels: int | None = None, variant: int = 0, with_pred: bool = False) -> ClipArrays:
         meta = self.clip_meta(i, variant)
-        return ClipArrays(meta["clip_id"], self.read_features(i, channels, variant), self.read_latents(i, variant),
-                          meta, self.read_pred_features(i, channels, variant) if with_pred else None)
+        return ClipArrays(
+            meta["clip_id"],
+            self.read_features(i, channels, variant),
+            self.read_latents(i, variant),
+            meta,
+            self.read_pred_features(i, channels, variant) if with_pred else None,
+        )
 
     def failures(self) -> list[dict]:
         if "failures" not in self.group:
@@ -327,6 +377,7 @@ class Store:
         """Read every row this store says it holds and check it (pipeline/store/verify.py): a report
         whose "bad_rows" lists (array, row, reason) for each problem, and "ok"."""
         from .verify import verify_store
+
         return verify_store(self, progress)
 
 
@@ -335,6 +386,7 @@ def _read(array, selection: tuple, out: np.ndarray | None) -> np.ndarray:
     if out is None:
         return array[selection]
     from zarr.core.buffer.cpu import NDBuffer
+
     array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
     return out
 
@@ -370,7 +422,11 @@ def check_prefix_bases(stores: list[Store]) -> None:
         if s.pca_fingerprint == longest.pca_fingerprint:
             continue
         a, b = s.basis, longest.basis
-        if not (np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
-                and np.array_equal(a.components, b.components[: a.num_components])):
-            raise IncompatibleStoresError("pca.prefix_of", s.location, s.pca_fingerprint, longest.location,
-                                          longest.pca_fingerprint)
+        if not (
+            np.array_equal(a.mean, b.mean)
+            and np.array_equal(a.std, b.std)
+            and np.array_equal(a.components, b.components[: a.num_components])
+        ):
+            raise IncompatibleStoresError(
+                "pca.prefix_of", s.location, s.pca_fingerprint, longest.location, longest.pca_fingerprint
+            )

@@ -24,6 +24,7 @@ def verify_store(store: Store, progress: bool = False) -> dict:
     """A report: {"store", "ok", "bad_rows": [{"array", "row", "reason"}], "checked": {array: rows},
     "nonfinite": {array: values}, "rows_without_digest": n}."""
     from .writer import digest  # the writer pulls in the clip index; only verification needs it
+
     bad: list[dict] = []
     checked: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
@@ -37,20 +38,29 @@ def verify_store(store: Store, progress: bool = False) -> dict:
                 kind, row = key.split("/")
                 digests[("frames/features" if kind == "features" else "clips/latents", int(row))] = want
         except (ValueError, AttributeError, OSError) as e:
-            bad.append({"array": f"progress/{path.rsplit('/', 1)[-1]}", "row": None,
-                        "reason": f"unreadable marker ({type(e).__name__}: {e})"})
+            bad.append(
+                {
+                    "array": f"progress/{path.rsplit('/', 1)[-1]}",
+                    "row": None,
+                    "reason": f"unreadable marker ({type(e).__name__}: {e})",
+                }
+            )
     valid = store.group["clips/valid"][...]
     clip_rows = set(np.flatnonzero(valid).tolist())
     frame_rows = set(np.unique(store._feature_rows[valid]).tolist())
-    rows = {"frames/features": frame_rows | {r for a, r in digests if a == "frames/features"},
-            "clips/latents": clip_rows | {r for a, r in digests if a == "clips/latents"}}
+    rows = {
+        "frames/features": frame_rows | {r for a, r in digests if a == "frames/features"},
+        "clips/latents": clip_rows | {r for a, r in digests if a == "clips/latents"},
+    }
     if store.pred_features_fingerprint is not None:
         rows["clips/pred_features"] = clip_rows
         digests.update(_rollout_digests(store))
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(r) for r in rows.values()), desc=f"verify {store.location}", unit="row",
-               disable=not progress)
+
+    bar = tqdm(
+        total=sum(len(r) for r in rows.values()), desc=f"verify {store.location}", unit="row", disable=not progress
+    )
     undigested = 0
     for name, wanted in rows.items():
         arr = store.group[name]
@@ -62,7 +72,7 @@ def verify_store(store: Store, progress: bool = False) -> dict:
                 a = store._read_row(arr, name, row, ())
                 if name in store._scales:  # int8 stores: the row's scales must read too
                     store._read_row(store._scales[name], store._scales[name].path, row, ())
-                for part in (a if name == "clips/pred_features" else [a]):
+                for part in a if name == "clips/pred_features" else [a]:
                     store._check_present(part[..., :predicted] if predicted else part, name, row)
             except DamagedStoreError as e:
                 bad.append({"array": name, "row": row, "reason": e.reason})
@@ -75,11 +85,18 @@ def verify_store(store: Store, progress: bool = False) -> dict:
             if want is None:
                 undigested += 1
             elif digest(a) != want:
-                bad.append({"array": name, "row": row,
-                            "reason": "differs from the digest recorded when it was written"})
+                bad.append(
+                    {"array": name, "row": row, "reason": "differs from the digest recorded when it was written"}
+                )
     bar.close()
-    return {"store": store.location, "ok": not bad, "bad_rows": bad, "checked": checked, "nonfinite": nonfinite,
-            "rows_without_digest": undigested}
+    return {
+        "store": store.location,
+        "ok": not bad,
+        "bad_rows": bad,
+        "checked": checked,
+        "nonfinite": nonfinite,
+        "rows_without_digest": undigested,
+    }
 
 
 def basis_problems(store: Store) -> list[dict]:
@@ -91,8 +108,12 @@ def basis_problems(store: Store) -> list[dict]:
 
 def _verify_basis(store: Store, bad: list[dict]) -> None:
     g, want = store.geometry, store.pca_fingerprint
-    shapes = {"mean": (g.feature_dim,), "std": (g.feature_dim,), "components": (g.num_pca_channels, g.feature_dim),
-              "explained_variance": (g.num_pca_channels,)}
+    shapes = {
+        "mean": (g.feature_dim,),
+        "std": (g.feature_dim,),
+        "components": (g.num_pca_channels, g.feature_dim),
+        "explained_variance": (g.num_pca_channels,),
+    }
     if "pca" not in store.group:
         bad.append({"array": "pca", "row": None, "reason": "the PCA basis is missing"})
         return
@@ -103,8 +124,13 @@ def _verify_basis(store: Store, bad: list[dict]) -> None:
             bad.append({"array": f"pca/{name}", "row": None, "reason": "missing"})
             continue
         if tuple(group[name].shape) != shapes[name]:
-            bad.append({"array": f"pca/{name}", "row": None,
-                        "reason": f"shape {list(group[name].shape)}, the geometry says {list(shapes[name])}"})
+            bad.append(
+                {
+                    "array": f"pca/{name}",
+                    "row": None,
+                    "reason": f"shape {list(group[name].shape)}, the geometry says {list(shapes[name])}",
+                }
+            )
             continue
         try:
             arrays[name] = np.asarray(group[name][...], np.float32)
@@ -118,8 +144,14 @@ def _verify_basis(store: Store, bad: list[dict]) -> None:
         bad.append({"array": "pca", "row": None, "reason": str(e)})
         return
     if got != want:
-        bad.append({"array": "pca", "row": None, "reason": f"its arrays hash to {got[:12]}, the manifest's "
-                    f"fingerprint is {str(want)[:12]}: the basis was changed or swapped"})
+        bad.append(
+            {
+                "array": "pca",
+                "row": None,
+                "reason": f"its arrays hash to {got[:12]}, the manifest's "
+                f"fingerprint is {str(want)[:12]}: the basis was changed or swapped",
+            }
+        )
 
 
 def _rollout_digests(store: Store) -> dict[tuple[str, int], str]:

@@ -39,9 +39,15 @@ _SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 _NPY = ("latents.npy", "features.npy", "pred_features.npy")
 
 
-def export_webdataset(store: Store, out_dir: str, channels: int | None = None,
-                      shard_size_mb: float = 300.0, progress: bool = True, overwrite: bool = False,
-                      storage_options: dict | None = None) -> list[str]:
+def export_webdataset(
+    store: Store,
+    out_dir: str,
+    channels: int | None = None,
+    shard_size_mb: float = 300.0,
+    progress: bool = True,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> list[str]:
     """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir` (a folder
     or an fsspec URL). `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); a
     failed export removes the shards it wrote."""
@@ -62,8 +68,12 @@ def export_webdataset(store: Store, out_dir: str, channels: int | None = None,
         for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
             for v in range(store.num_variants):
                 clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
-                sample = {"__key__": clip.clip_id, "latents.npy": _npy(clip.latents),
-                          "features.npy": _npy(clip.features), "json": json.dumps(clip.meta).encode()}
+                sample = {
+                    "__key__": clip.clip_id,
+                    "latents.npy": _npy(clip.latents),
+                    "features.npy": _npy(clip.features),
+                    "json": json.dumps(clip.meta).encode(),
+                }
                 if with_pred:
                     sample["pred_features.npy"] = _npy(clip.pred_features)
                 if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
@@ -86,42 +96,65 @@ def export_webdataset(store: Store, out_dir: str, channels: int | None = None,
     return [f"{out_dir.rstrip('/')}/{s}" for s in shards]
 
 
-def _write_companions(fs, root: str, store: Store, source: str, c: int, shards: list[str], count: int,
-                      with_pred: bool) -> None:
+def _write_companions(
+    fs, root: str, store: Store, source: str, c: int, shards: list[str], count: int, with_pred: bool
+) -> None:
     """pca.npz (the basis), README.md (the naming scheme), then manifest.json: what makes the export whole."""
     basis = store.basis
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(getattr(basis, name), np.float32) for name in BASIS_ARRAYS})
     write_atomic(fs, f"{root}/pca.npz", buf.getvalue())
     write_atomic(fs, f"{root}/README.md", _readme(store, source, c, len(shards), count, with_pred).encode())
-    manifest = dict(store.manifest, webdataset={"channels": c, "shards": shards, "samples": count,
-                                                "source_store": source, "has_pred_features": with_pred,
-                                                "pca_file": "pca.npz"})
+    manifest = dict(
+        store.manifest,
+        webdataset={
+            "channels": c,
+            "shards": shards,
+            "samples": count,
+            "source_store": source,
+            "has_pred_features": with_pred,
+            "pca_file": "pca.npz",
+        },
+    )
     write_atomic(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())
 
 
 def _readme(store: Store, source: str, c: int, shards: int, count: int, with_pred: bool) -> str:
     g = store.geometry
     h, w = g.feature_hw
-    return "\n".join([
-        f"# re2pix WebDataset export of {store.manifest.get('dataset')} / {store.manifest.get('split')}", "",
-        f"Exported from `{source}` (PCA basis `{store.pca_fingerprint}`): {count} samples in {shards} shards.", "",
-        "## Naming scheme", "",
-        "- `shard-NNNNNN.tar`: tar shards numbered from 000000, each a few hundred MB; samples in store order",
-        "- a sample is one clip row; its key is the clip id (`[A-Za-z0-9_-]`, `-hflip` for a flipped variant),",
-        "  and its members are:",
-        f"  - `KEY.latents.npy`: float16 {list(g.latents_shape)}, normalized WAN2.1-VAE posterior means",
-        f"  - `KEY.features.npy`: float16 [{g.latent_frames}, {h}, {w}, {c}], the first {c} PCA channels of the "
-        "DINOv2 features of frames 0, 4, ..., 24",
-        *([f"  - `KEY.pred_features.npy`: float16 [{g.future_latents}, {h}, {w}, {c}], Stage 1 rollouts of latents "
-           f"{g.context_latents}..{g.latent_frames - 1}"] if with_pred else []),
-        "  - `KEY.json`: clip_id, scene, start, timestamps, variant",
-        "- `manifest.json`: the store's manifest (encoders, geometry, PCA fingerprint, counts) and `webdataset`",
-        "  (channels, the list of shards, samples, the absolute URL of the source store)",
-        "- `pca.npz`: the PCA basis (mean, std, components, explained_variance; float32; `np.load(...,",
-        "  allow_pickle=False)`); `pipeline.store.basis.PCABasis(**arrays).fingerprint` equals the manifest's", "",
-        "Read with `pipeline.store.wds.iter_webdataset(shard_urls(URL))` or any tar reader "
-        "(`.npy` files are plain NumPy arrays, never pickles).", ""])
+    return "\n".join(
+        [
+            f"# re2pix WebDataset export of {store.manifest.get('dataset')} / {store.manifest.get('split')}",
+            "",
+            f"Exported from `{source}` (PCA basis `{store.pca_fingerprint}`): {count} samples in {shards} shards.",
+            "",
+            "## Naming scheme",
+            "",
+            "- `shard-NNNNNN.tar`: tar shards numbered from 000000, each a few hundred MB; samples in store order",
+            "- a sample is one clip row; its key is the clip id (`[A-Za-z0-9_-]`, `-hflip` for a flipped variant),",
+            "  and its members are:",
+            f"  - `KEY.latents.npy`: float16 {list(g.latents_shape)}, normalized WAN2.1-VAE posterior means",
+            f"  - `KEY.features.npy`: float16 [{g.latent_frames}, {h}, {w}, {c}], the first {c} PCA channels of the "
+            "DINOv2 features of frames 0, 4, ..., 24",
+            *(
+                [
+                    f"  - `KEY.pred_features.npy`: float16 [{g.future_latents}, {h}, {w}, {c}], "
+                    f"Stage 1 rollouts of latents {g.context_latents}..{g.latent_frames - 1}"
+                ]
+                if with_pred
+                else []
+            ),
+            "  - `KEY.json`: clip_id, scene, start, timestamps, variant",
+            "- `manifest.json`: the store's manifest (encoders, geometry, PCA fingerprint, counts) and `webdataset`",
+            "  (channels, the list of shards, samples, the absolute URL of the source store)",
+            "- `pca.npz`: the PCA basis (mean, std, components, explained_variance; float32; `np.load(...,",
+            "  allow_pickle=False)`); `pipeline.store.basis.PCABasis(**arrays).fingerprint` equals the manifest's",
+            "",
+            "Read with `pipeline.store.wds.iter_webdataset(shard_urls(URL))` or any tar reader "
+            "(`.npy` files are plain NumPy arrays, never pickles).",
+            "",
+        ]
+    )
 
 
 def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
@@ -136,8 +169,10 @@ def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
     ours = EXPORT_MARK in names or _is_export_manifest(fs, f"{root}/manifest.json")
     if not ours:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise StoreError(f"{out_dir} is not empty and is not a re2pix WebDataset export (it holds {shown}): "
-                         "refusing to write there, with or without --overwrite; choose a new or empty folder")
+        raise StoreError(
+            f"{out_dir} is not empty and is not a re2pix WebDataset export (it holds {shown}): "
+            "refusing to write there, with or without --overwrite; choose a new or empty folder"
+        )
     if not overwrite:
         raise StoreError(f"{out_dir} already holds a WebDataset export; pass --overwrite to replace it")
     _remove_export(fs, root)
@@ -182,13 +217,17 @@ def read_wds_manifest(out_dir: str, storage_options: dict | None = None) -> dict
 
     def bad(what):
         return StoreError(f"{path}: {what}; refusing the export (a damaged or forged manifest)")
+
     if not _int_in(w.get("channels"), 1, g.num_pca_channels):
         raise bad(f"webdataset.channels is {_short(w.get('channels'))}, the geometry has 1..{g.num_pca_channels}")
     if not _int_in(w.get("samples"), 0, max(rows, 0)):
         raise bad(f"webdataset.samples is {_short(w.get('samples'))}, the store had {rows} clip rows")
     shards = w.get("shards")
-    if not (isinstance(shards, list) and len(shards) <= max(1, w["samples"])
-            and all(isinstance(x, str) and _SHARD_NAME.fullmatch(x) for x in shards)):
+    if not (
+        isinstance(shards, list)
+        and len(shards) <= max(1, w["samples"])
+        and all(isinstance(x, str) and _SHARD_NAME.fullmatch(x) for x in shards)
+    ):
         raise bad(f"webdataset.shards must list at most one shard-NNNNNN.tar per sample ({_short(shards)})")
     return manifest
 
@@ -210,6 +249,7 @@ def shard_urls(out_dir: str, storage_options: dict | None = None) -> list[str]:
 def read_wds_basis(out_dir: str, storage_options: dict | None = None):
     """The PCA basis the export carries (pca.npz), checked against the manifest's fingerprint."""
     from .basis import PCABasis
+
     manifest = read_wds_manifest(out_dir, storage_options)
     fs, root = filesystem(out_dir, storage_options)
     try:
@@ -218,8 +258,10 @@ def read_wds_basis(out_dir: str, storage_options: dict | None = None):
     except (OSError, KeyError, ValueError) as e:
         raise StoreError(f"{out_dir}/pca.npz is missing or unreadable ({type(e).__name__}: {e})") from e
     if basis.fingerprint != manifest["pca"]["fingerprint"]:
-        raise StoreError(f"{out_dir}/pca.npz hashes to {basis.fingerprint[:12]}, the manifest says "
-                         f"{str(manifest['pca']['fingerprint'])[:12]}: the basis was swapped or damaged")
+        raise StoreError(
+            f"{out_dir}/pca.npz hashes to {basis.fingerprint[:12]}, the manifest says "
+            f"{str(manifest['pca']['fingerprint'])[:12]}: the basis was swapped or damaged"
+        )
     return basis
 
 
@@ -237,8 +279,11 @@ def _expected_shapes(folder: str, storage_options: dict | None = None) -> dict[s
     m = read_wds_manifest(folder, storage_options)
     g, c = geometry_of(m, folder), m["webdataset"]["channels"]
     h, w = g.feature_hw
-    return {"latents.npy": g.latents_shape, "features.npy": (g.latent_frames, h, w, c),
-            "pred_features.npy": (g.future_latents, h, w, c)}
+    return {
+        "latents.npy": g.latents_shape,
+        "features.npy": (g.latent_frames, h, w, c),
+        "pred_features.npy": (g.future_latents, h, w, c),
+    }
 
 
 def _load_npy(data: bytes, shard: str, member: str, shape: tuple | None) -> np.ndarray:
@@ -254,8 +299,10 @@ def _load_npy(data: bytes, shard: str, member: str, shape: tuple | None) -> np.n
     if dtype != np.float16:
         raise StoreError(f"{shard}: member {member} holds {dtype} values, a store's arrays are float16")
     if (shape is not None and tuple(got) != tuple(shape)) or len(got) != 4:
-        raise StoreError(f"{shard}: member {member} has shape {list(got)}, the export's manifest says "
-                         f"{list(shape) if shape else '4 axes'}")
+        raise StoreError(
+            f"{shard}: member {member} has shape {list(got)}, the export's manifest says "
+            f"{list(shape) if shape else '4 axes'}"
+        )
     n = 2
     for s in got:
         n *= s
@@ -278,20 +325,27 @@ def decode_sample(sample: dict, shard: str = "?", shapes: dict | None = None) ->
 
     def arr(ext):
         return _load_npy(sample[ext], shard, f"{key}.{ext}", (shapes or {}).get(ext))
+
     try:
         meta = json.loads(sample["json"])
     except ValueError as e:
         raise StoreError(f"{shard}: member {key}.json is not JSON ({e})") from e
     if not isinstance(meta, dict):
         raise StoreError(f"{shard}: member {key}.json is not a JSON object")
-    return ClipArrays(key, arr("features.npy"), arr("latents.npy"), meta,
-                      arr("pred_features.npy") if "pred_features.npy" in sample else None)
+    return ClipArrays(
+        key,
+        arr("features.npy"),
+        arr("latents.npy"),
+        meta,
+        arr("pred_features.npy") if "pred_features.npy" in sample else None,
+    )
 
 
 def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[ClipArrays]:
     """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
     the manifest.json beside it when there is one."""
     import fsspec
+
     shapes = _expected_shapes(posixpath.dirname(url.rstrip("/")) or ".", storage_options)
     opener = fsspec.open(url, "rb", **(storage_options or {})) if is_url(url) else open(url, "rb")
     try:

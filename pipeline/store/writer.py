@@ -87,17 +87,32 @@ class StoreWriter:
 
     # ---- creation (driver) -------------------------------------------------------------------
     @classmethod
-    def create(cls, location: str, *, index: ClipIndex, geometry: Geometry, basis: PCABasis,
-               source_info: dict, encoders: dict, latent_norm: dict, variants=("orig",),
-               clip_stride: int = 1, channel_chunk: int = 128, compression: str = DEFAULT_COMPRESSION,
-               extra: dict | None = None, storage_options: dict | None = None,
-               overwrite: bool = False) -> StoreWriter:
+    def create(
+        cls,
+        location: str,
+        *,
+        index: ClipIndex,
+        geometry: Geometry,
+        basis: PCABasis,
+        source_info: dict,
+        encoders: dict,
+        latent_norm: dict,
+        variants=("orig",),
+        clip_stride: int = 1,
+        channel_chunk: int = 128,
+        compression: str = DEFAULT_COMPRESSION,
+        extra: dict | None = None,
+        storage_options: dict | None = None,
+        overwrite: bool = False,
+    ) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
         same manifest (a rerun after a kill resumes). A finished store is left alone unless
         `overwrite`; an unfinished store made with other settings is refused, naming the field."""
         if basis.num_components != geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
-            raise ValueError(f"PCA basis is {basis.num_components}x{basis.feature_dim}, geometry wants "
-                             f"{geometry.num_pca_channels}x{geometry.feature_dim}")
+            raise ValueError(
+                f"PCA basis is {basis.num_components}x{basis.feature_dim}, geometry wants "
+                f"{geometry.num_pca_channels}x{geometry.feature_dim}"
+            )
         if not index.clips:
             raise StoreError(f"{location}: the clip index is empty; nothing to store")
         lossy = parse_compression(compression).manifest_entry()  # refuses an unknown spec before anything
@@ -105,16 +120,32 @@ class StoreWriter:
         if bad or variants[0] != "orig":
             raise ValueError(f"variants must start with 'orig' and be among {list(VARIANT_SUFFIX)}: {variants}")
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "pipeline_version": __version__,
-            **source_info, "geometry": geometry.to_dict(), "encoders": encoders,
-            "pca": {"fingerprint": basis.fingerprint, "num_components": basis.num_components,
-                    "feature_dim": basis.feature_dim},
-            "latent_norm": latent_norm, "variants": list(variants), "clip_stride": clip_stride,
-            "compression": compression, **({"lossy": lossy} if lossy else {}), "channel_chunk": channel_chunk,
-            "counts": {"clips": len(index.clips), "frames": len(index.frames),
-                       "rows": len(index.clips) * len(variants)},
-            "clip_index_digest": _index_digest(index), "skipped_windows": index.skipped,
-            **(extra or {}), "complete": False,
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "pipeline_version": __version__,
+            **source_info,
+            "geometry": geometry.to_dict(),
+            "encoders": encoders,
+            "pca": {
+                "fingerprint": basis.fingerprint,
+                "num_components": basis.num_components,
+                "feature_dim": basis.feature_dim,
+            },
+            "latent_norm": latent_norm,
+            "variants": list(variants),
+            "clip_stride": clip_stride,
+            "compression": compression,
+            **({"lossy": lossy} if lossy else {}),
+            "channel_chunk": channel_chunk,
+            "counts": {
+                "clips": len(index.clips),
+                "frames": len(index.frames),
+                "rows": len(index.clips) * len(variants),
+            },
+            "clip_index_digest": _index_digest(index),
+            "skipped_windows": index.skipped,
+            **(extra or {}),
+            "complete": False,
         }
         existing = existing_store(location, storage_options)
         if existing is not None and not overwrite:
@@ -166,9 +197,13 @@ class StoreWriter:
 
     def mark_unit_done(self, unit: str, *, clip_rows, frame_rows, failures=(), digests=None) -> None:
         """Record, in one atomic write, that a unit's rows are on disk (call after writing them)."""
-        record = {"unit": unit, "clip_rows": sorted(int(r) for r in clip_rows),
-                  "frame_rows": sorted(int(r) for r in frame_rows), "failures": list(failures),
-                  "digests": dict(sorted((digests or {}).items()))}
+        record = {
+            "unit": unit,
+            "clip_rows": sorted(int(r) for r in clip_rows),
+            "frame_rows": sorted(int(r) for r in frame_rows),
+            "failures": list(failures),
+            "digests": dict(sorted((digests or {}).items())),
+        }
         write_atomic(self.fs, f"{self.root}/progress/{unit}.json", json.dumps(record, sort_keys=True).encode())
 
     def unit_records(self) -> list[dict]:
@@ -182,8 +217,10 @@ class StoreWriter:
         if expected_units is not None:
             missing = set(expected_units) - {r["unit"] for r in records}
             if missing:
-                raise StoreError(f"{self.location}: {len(missing)} work units are not done "
-                                 f"(e.g. {sorted(missing)[:3]}); rerun to resume")
+                raise StoreError(
+                    f"{self.location}: {len(missing)} work units are not done "
+                    f"(e.g. {sorted(missing)[:3]}); rerun to resume"
+                )
         clip_done = np.zeros(self.group["clips/id"].shape[0], bool)
         frame_done = np.zeros(self.group["frames/scene"].shape[0], bool)
         failures = []
@@ -200,8 +237,12 @@ class StoreWriter:
         valid = np.repeat(valid.reshape(-1, v).all(axis=1), v)
         self.group["clips/valid"][...] = valid
         write_failures(self.group, failures, self.manifest["compression"])
-        counts = dict(self.manifest["counts"], valid_clips=int(valid.sum()) // v,
-                      failed_clips=len(failed_ids), done_units=len(records))
+        counts = dict(
+            self.manifest["counts"],
+            valid_clips=int(valid.sum()) // v,
+            failed_clips=len(failed_ids),
+            done_units=len(records),
+        )
         return self.mark_complete(counts, card)
 
     def mark_complete(self, counts: dict, card: bool = True) -> dict:
@@ -210,6 +251,7 @@ class StoreWriter:
         self.manifest = dict(self.group.attrs)
         if card:
             from .card import write_card
+
             write_card(self.location, self.storage_options)
         return counts
 
@@ -221,18 +263,27 @@ class StoreWriter:
         if name in self.group and not overwrite:
             arr = self.group[name]
             if arr.attrs.get("checkpoint_fingerprint") != checkpoint_fingerprint:
-                raise StoreError(f"{self.location} holds rollouts of checkpoint "
-                                 f"{arr.attrs.get('checkpoint_fingerprint', '?')[:12]}; pass --overwrite "
-                                 f"to replace them with {checkpoint_fingerprint[:12]}")
+                raise StoreError(
+                    f"{self.location} holds rollouts of checkpoint "
+                    f"{arr.attrs.get('checkpoint_fingerprint', '?')[:12]}; pass --overwrite "
+                    f"to replace them with {checkpoint_fingerprint[:12]}"
+                )
             return arr
         rows = self.group["clips/id"].shape[0]
         h, w = g.feature_hw
         c = g.num_pca_channels
         cc = min(self.manifest["channel_chunk"], c)
         arr = self.group.create_array(
-            name, shape=(rows, g.future_latents, h, w, c), dtype="float16", chunks=(1, 1, h, w, cc),
-            shards=(1, g.future_latents, h, w, c), compressors=chunk_codecs(self.manifest["compression"]),
-            fill_value=0, overwrite=True, config=ALL_CHUNKS)
+            name,
+            shape=(rows, g.future_latents, h, w, c),
+            dtype="float16",
+            chunks=(1, 1, h, w, cc),
+            shards=(1, g.future_latents, h, w, c),
+            compressors=chunk_codecs(self.manifest["compression"]),
+            fill_value=0,
+            overwrite=True,
+            config=ALL_CHUNKS,
+        )
         arr.attrs.update({"checkpoint_fingerprint": checkpoint_fingerprint, "complete": False})
         return arr
 
@@ -276,8 +327,10 @@ def existing_store(location: str, storage_options: dict | None) -> dict | None:
             attrs = None
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise StoreError(f"{location} is not empty and is not a re2pix store (it holds {shown}): refusing to "
-                         "write there, with or without --overwrite; choose a new or empty folder")
+        raise StoreError(
+            f"{location} is not empty and is not a re2pix store (it holds {shown}): refusing to "
+            "write there, with or without --overwrite; choose a new or empty folder"
+        )
     return attrs
 
 
@@ -285,6 +338,7 @@ def remove_store(location: str, storage_options: dict | None = None) -> None:
     """Delete a re2pix store's own entries (its layout: zarr.json, pca/, frames/, clips/, failures/,
     progress/) and nothing else that shares the folder."""
     from .card import remove_card
+
     fs, root = filesystem(location, storage_options)
     remove_card(fs, root)
     for name in STORE_LAYOUT:
@@ -301,12 +355,15 @@ def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
         view["geometry.num_pca_channels"] = m.get("geometry", {}).get("num_pca_channels")
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
-            raise StoreError(f"{location} is an unfinished store started with other settings ({key}: "
-                             f"{a.get(key)!r} there, {b.get(key)!r} now); pass --overwrite to start again")
+            raise StoreError(
+                f"{location} is an unfinished store started with other settings ({key}: "
+                f"{a.get(key)!r} there, {b.get(key)!r} now); pass --overwrite to start again"
+            )
 
 
-def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, variants, channel_chunk: int,
-                    compression: str) -> None:
+def _write_metadata(
+    g, index: ClipIndex, geometry: Geometry, basis: PCABasis, variants, channel_chunk: int, compression: str
+) -> None:
     v = len(variants)
     nf, nc = len(index.frames), len(index.clips)
     basis.save(g.require_group("pca"), chunk_codecs(compression))
@@ -323,22 +380,37 @@ def _write_metadata(g, index: ClipIndex, geometry: Geometry, basis: PCABasis, va
         "clips/start": np.array([c.start for c in index.clips for _ in variants], "int64"),
         "clips/variant": np.array([i for _ in index.clips for i in range(v)], "int8"),
         "clips/timestamps": np.array([c.timestamps for c in index.clips for _ in variants], "float64"),
-        "clips/feature_rows": np.array([[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)],
-                                       "int64"),
+        "clips/feature_rows": np.array(
+            [[r * v + i for r in c.feature_rows] for c in index.clips for i in range(v)], "int64"
+        ),
     }
     for name, values in columns.items():
         group, key = (fg if name.startswith("frames/") else cg), name.split("/", 1)[1]
         write_column(group, key, values, compression)
-    cg.create_array("valid", shape=(nc * v,), dtype="bool", fill_value=False, compressors=chunk_codecs(compression),
-                    config=ALL_CHUNKS)
+    cg.create_array(
+        "valid",
+        shape=(nc * v,),
+        dtype="bool",
+        fill_value=False,
+        compressors=chunk_codecs(compression),
+        config=ALL_CHUNKS,
+    )
 
 
-STRING_COLUMNS = ("frames/scene", "frames/path", "clips/id", "clips/scene", "failures/clip_id", "failures/file",
-                  "failures/reason")
+STRING_COLUMNS = (
+    "frames/scene",
+    "frames/path",
+    "clips/id",
+    "clips/scene",
+    "failures/clip_id",
+    "failures/file",
+    "failures/reason",
+)
 
 
-def create_row_arrays(g, geometry: Geometry, frame_rows: int, clip_rows: int, channel_chunk: int,
-                      compression: str) -> None:
+def create_row_arrays(
+    g, geometry: Geometry, frame_rows: int, clip_rows: int, channel_chunk: int, compression: str
+) -> None:
     """frames/features and clips/latents at full size (and the int8 option's scale arrays), empty."""
     h, w = geometry.feature_hw
     c = geometry.num_pca_channels
@@ -346,23 +418,59 @@ def create_row_arrays(g, geometry: Geometry, frame_rows: int, clip_rows: int, ch
     fg, cg = g.require_group("frames"), g.require_group("clips")
     # one shard per frame (a frame is one object on disk), channel chunks inside it so that reading
     # the first c PCA channels touches about c/C of the bytes
-    fg.create_array("features", shape=(frame_rows, h, w, c), dtype=spec.dtype, chunks=(1, h, w, min(channel_chunk, c)),
-                    shards=(1, h, w, c), compressors=comp, fill_value=0, config=ALL_CHUNKS)
-    cg.create_array("latents", shape=(clip_rows, *geometry.latents_shape), dtype=spec.dtype,
-                    chunks=(1, *geometry.latents_shape), compressors=comp, fill_value=0, config=ALL_CHUNKS)
+    fg.create_array(
+        "features",
+        shape=(frame_rows, h, w, c),
+        dtype=spec.dtype,
+        chunks=(1, h, w, min(channel_chunk, c)),
+        shards=(1, h, w, c),
+        compressors=comp,
+        fill_value=0,
+        config=ALL_CHUNKS,
+    )
+    cg.create_array(
+        "latents",
+        shape=(clip_rows, *geometry.latents_shape),
+        dtype=spec.dtype,
+        chunks=(1, *geometry.latents_shape),
+        compressors=comp,
+        fill_value=0,
+        config=ALL_CHUNKS,
+    )
     if spec.lossy == "int8":  # one float32 scale per row and channel, a chunk per row (one writer each)
-        fg.create_array("feature_scales", shape=(frame_rows, c), dtype="float32", chunks=(1, c),
-                        compressors=comp, fill_value=0, config=ALL_CHUNKS)
-        cg.create_array("latent_scales", shape=(clip_rows, geometry.latent_channels), dtype="float32",
-                        chunks=(1, geometry.latent_channels), compressors=comp, fill_value=0, config=ALL_CHUNKS)
+        fg.create_array(
+            "feature_scales",
+            shape=(frame_rows, c),
+            dtype="float32",
+            chunks=(1, c),
+            compressors=comp,
+            fill_value=0,
+            config=ALL_CHUNKS,
+        )
+        cg.create_array(
+            "latent_scales",
+            shape=(clip_rows, geometry.latent_channels),
+            dtype="float32",
+            chunks=(1, geometry.latent_channels),
+            compressors=comp,
+            fill_value=0,
+            config=ALL_CHUNKS,
+        )
 
 
 def write_column(group, name: str, values, compression: str) -> None:
     """A small array in one chunk; text as UTF-8 bytes in uint8 [n, width] (format.encode_strings)."""
     text = not isinstance(values, np.ndarray)
     a = encode_strings(values) if text else values
-    arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(n, 1) for n in a.shape),
-                             compressors=chunk_codecs(compression), config=ALL_CHUNKS, overwrite=True)
+    arr = group.create_array(
+        name,
+        shape=a.shape,
+        dtype=a.dtype,
+        chunks=tuple(max(n, 1) for n in a.shape),
+        compressors=chunk_codecs(compression),
+        config=ALL_CHUNKS,
+        overwrite=True,
+    )
     if text:
         arr.attrs["encoding"] = "utf-8, zero-padded, uint8 [n, width]"
     if a.size:
