@@ -130,7 +130,7 @@ class Stage1Config:
         """From a preset file or a checkpoint's saved config; unknown keys are an error."""
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown Stage1Config fields: {sorted(unknown)}")
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -30,7 +30,6 @@ whether or not the job was interrupted.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -58,13 +57,6 @@ class DiffusionStage1Config(Stage1Config):
         super().__post_init__()
         if self.sample_steps < 1 or self.sample_solver not in ("heun", "euler"):
             raise ValueError("sample_steps must be >= 1 and sample_solver 'heun' or 'euler'")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DiffusionStage1Config:
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DiffusionStage1Config fields: {sorted(unknown)}")
-        return cls(**values)
 
 
 class FeatureDenoiser(nn.Module):
