@@ -132,6 +132,20 @@ def test_weighted_webdataset_sources_draw_shards_by_weight(stores, tmp_path):
     assert share_of_b([1.0, 9.0]) > 0.75
 
 
+def test_training_mixes_weighted_stores_and_records_the_weights(stores, tmp_path):
+    a, b = _paths(stores)
+    stage1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2}
+    stage1 |= {"ckpt_every": 2, "log_every": 1, "eval_every": 0}
+    args = ["--stage", "1", "--run-dir", str(tmp_path), "--val-clips", "1", "--no-progress", "--workers", "0"]
+    args += ["--threads", "1", "--stage1", json.dumps(stage1)]
+    with pytest.raises(SystemExit, match="--val-store takes no mixing weights"):
+        train_main([*args, "--store", f"{a}:1,{b}:3", "--val-store", f"{b}:1"])
+    train_main([*args, "--store", f"{a}:1,{b}:3"])
+    meta = read_meta(latest_checkpoint(tmp_path / "stage1"))
+    assert meta["data"]["weights"] == [1.0, 3.0] and meta["config"]["store_weights"] == [1.0, 3.0]
+    assert meta["config"]["store"] == [a, b]
+
+
 # ---- resume at another world size: real gloo processes ----------------------------------------------
 
 
