@@ -25,7 +25,8 @@ DataLoader workers read them. `open_stream` picks the reader for the sources' fo
   random with replacement ("resampled") into a shuffle buffer, an endless stream of which every rank
   takes the same number of batches per nominal epoch. Resuming reseeds the stream from the position:
   the batches after a resume are reproducible but not those an uninterrupted run would have seen.
-  Flip variants are separate samples there.
+  Flip variants are separate samples there. With mixing weights, each draw picks a source by its
+  weight, then one of its shards.
 
 `state_dict()` is the position of the next batch: (epoch, batch) and, for Zarr, `clips_done`, the clips
 of the epoch's global order handed out before it (and the count of skipped clips); batches() keeps it
@@ -69,8 +70,8 @@ from pipeline.store.reader import Store, open_stores
 log = logging.getLogger("re2pix.data")
 
 REMAINDERS = ("drop", "pad", "keep")
-_MIX = 0x6D6978  # keeps the mixing draws' seeds apart from the epochs' ([seed, epoch])
 ON_BAD_CLIP = ("stop", "skip")
+_MIX = 0x6D6978  # keeps the mixing draws' seeds apart from the epochs' ([seed, epoch])
 MISSING_PRED = (
     "{where} has no finished clips/pred_features, and this run needs them (Stage 2 mixed "
     "supervision): run the rollout job on it first (make rollout), or set the mixing "
@@ -288,7 +289,8 @@ class ClipStream(IterableDataset):
         return self.batches_per_epoch if g == 0 else self._count_batches(self.num_clips - g)
 
     def set_position(self, epoch: int, batch: int) -> None:
-        """Start the next iteration at (epoch, batch)."""
+        """Start the next iteration at (epoch, batch), batches of this stream's layout from the epoch's start."""
+        self._resumed_at = (-1, 0)
         if not 0 <= batch < self.epoch_batches(epoch):
             raise ValueError(f"batch {batch} out of range (epoch {epoch} has {self.epoch_batches(epoch)})")
         self.position = (int(epoch), int(batch))
