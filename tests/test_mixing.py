@@ -146,6 +146,20 @@ def test_training_mixes_weighted_stores_and_records_the_weights(stores, tmp_path
     assert meta["config"]["store"] == [a, b]
 
 
+def test_the_paper_multi_preset_is_the_paper_run_for_120k_iterations_over_three_stores_weighted_alike():
+    from dataclasses import asdict
+
+    from jobs.train import parse, stage_config
+
+    multi, paper = parse(["--preset", "paper_multi"]), parse(["--preset", "paper"])
+    for which in ("stage1", "stage2"):
+        assert asdict(stage_config(multi, which)) == dict(asdict(stage_config(paper, which)), steps=120_000)
+    sources, weights = parse_store_list(multi.store)
+    assert [s.split("/")[1] for s in sources] == ["cityscapes", "nuscenes", "covla"] and weights == [1.0] * 3
+    stage2 = stage_config(multi, "stage2")  # the paper's: batch 8, lr 0.6 x 2^-10.5, linear warmup and decay
+    assert (stage2.batch_size, stage2.lr, stage2.schedule) == (8, 0.00041432, "linear")
+
+
 # ---- resume at another world size: real gloo processes ----------------------------------------------
 
 
