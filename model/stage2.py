@@ -57,12 +57,14 @@ hook that REPA and VideoREPA (``model.repa``) align with the features.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from pipeline.config import Sized
 
 __all__ = [
     "DiTConfig",
@@ -79,8 +81,8 @@ __all__ = [
 
 
 @dataclass
-class DiTConfig:
-    """Sizes of the Stage 2 DiT. The defaults are the paper's (``paper()``)."""
+class DiTConfig(Sized):
+    """Sizes of the Stage 2 DiT. The defaults are the paper's (``paper()``); ``SIZES`` holds the named ones."""
 
     num_layers: int = 14
     num_heads: int = 16
@@ -97,6 +99,15 @@ class DiTConfig:
     # rectified_flow_t_scaling_factor (1.0 in its own configs, 1000 in its WAN-based ones).
     timestep_scale: float = 1.0
     norm_eps: float = 1e-6
+
+    # paper: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M); paper_large:
+    # Baseline-Large (paper table 1, "1.5B"), 28 blocks instead of 14; tiny: CPU demos and tests (~0.2M)
+    SIZES = {
+        "tiny": {"num_layers": 2, "num_heads": 4, "dim": 96, "adaln_lora_rank": 16, "feature_channels": 64},
+        "paper": {},
+        "paper_large": {"num_layers": 28},
+    }
+    FROM_DATA = ("feature_channels", "latent_channels", "semantic")  # the trainer takes these from the store and stage
 
     def __post_init__(self) -> None:
         if self.patch_temporal != 1:
@@ -130,29 +141,8 @@ class DiTConfig:
         return int(self.dim * self.mlp_ratio)
 
     @classmethod
-    def paper(cls, **overrides) -> DiTConfig:
-        """The paper's DiT: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M)."""
-        return cls(**overrides)
-
-    @classmethod
-    def paper_large(cls, **overrides) -> DiTConfig:
-        """Baseline-Large (paper table 1, "1.5B"): the paper's DiT with 28 blocks instead of 14."""
-        return cls(**{"num_layers": 28, **overrides})
-
-    @classmethod
-    def tiny(cls, **overrides) -> DiTConfig:
-        """A CPU-sized DiT for demos and tests (same architecture, ~0.2M parameters)."""
-        values = {"num_layers": 2, "num_heads": 4, "dim": 96, "adaln_lora_rank": 16, "feature_channels": 64}
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
-        return cls(**values)
+    def paper_large(cls, **values) -> DiTConfig:
+        return cls.sized("paper_large", **values)
 
 
 # --------------------------------------------------------------------------- building blocks
