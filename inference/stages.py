@@ -58,8 +58,10 @@ def build_model(task: str, config: dict) -> torch.nn.Module:
     return Re2PixDiT(DiTConfig.from_dict(config))
 
 
-def resolve_device(device: str) -> str:
-    """ "auto": CUDA when there is a GPU, else the CPU."""
+def resolve_device(device: str, threads: int = 0) -> str:
+    """ "auto": CUDA when there is a GPU, else the CPU; threads > 0 sets torch's CPU threads too."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
