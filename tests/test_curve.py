@@ -44,7 +44,7 @@ def config(setup, **kw):
     values = dict(
         store=str(root / "store.zarr"),
         samples=2,
-        steps=2,
+        sample_steps=2,
         threads=1,
         progress=False,
         decode=False,
