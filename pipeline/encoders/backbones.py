@@ -20,8 +20,8 @@ import torch
 
 from ..frames import resize
 from ..store.geometry import TINY
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, feature_record, to_nchw_float
-from .hashing import EncoderWeightsError, HashedWeights, load_pretrained, seeded
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, checked_grid, feature_record, to_nchw_float
+from .hashing import EncoderWeightsError, HashedWeights, backbone_weights, load_pretrained, seeded
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 # tiny presets: small random configs of the real architectures, sized to fit geometry.TINY
@@ -61,12 +61,7 @@ class ImageBackbone(HashedWeights):
         cfg = model.config
         self.name = name
         self.patch_size = int(cfg.patch_size)
-        self.input_hw = tuple(int(s) for s in input_hw)
-        self.layers = tuple(int(i) for i in layers)
-        if any(s % self.patch_size for s in self.input_hw):
-            raise ValueError(f"input_hw {self.input_hw} must be multiples of the patch size {self.patch_size}")
-        if not self.layers or not all(1 <= i <= cfg.num_hidden_layers for i in self.layers):
-            raise ValueError(f"layers {self.layers} must be 1-based block indices in 1..{cfg.num_hidden_layers}")
+        self.input_hw, self.layers = checked_grid(input_hw, layers, self.patch_size, cfg.num_hidden_layers)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -149,23 +144,12 @@ def load_siglip2(
     cache_dir=None,
 ) -> ImageBackbone:
     """SigLIP-2's vision tower: "tiny" (random), a hub id or a local folder (vision or full SigLIP checkpoint)."""
-    if spec == "tiny":
-        model, wid, rev, tiny = tiny_siglip_model(), "tiny", None, {**TINY_SIGLIP, "seed": TINY_SEED}
-        mean, std = SIGLIP_MEAN, SIGLIP_STD
-    else:
-        from transformers import SiglipVisionModel
-
-        model, local, wid, rev = load_pretrained(
-            SiglipVisionModel,
-            spec,
-            "SigLIP weights",
-            flag="--encoder",
-            allow_download=allow_download,
-            revision=revision,
-            cache_dir=cache_dir,
-        )
-        mean, std = _pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
-        tiny = None
+    where = {"allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    tiny_config = {**TINY_SIGLIP, "seed": TINY_SEED}
+    model, local, wid, rev, tiny = backbone_weights(
+        spec, tiny_siglip_model, tiny_config, "SiglipVisionModel", "SigLIP weights", **where
+    )
+    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if local is None else _pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
     p = int(model.config.patch_size)
     if input_hw is None:  # tiny: geometry.TINY's; else a 28 x 48 grid (448 x 768 at patch 16)
         input_hw = TINY.dino_input_hw if spec == "tiny" else (28 * p, 48 * p)

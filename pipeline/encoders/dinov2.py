@@ -55,6 +55,17 @@ def to_nchw_float(frames, device) -> torch.Tensor:
     return frames.to(device).permute(0, 3, 1, 2).float() / 255.0  # move as uint8, convert on device
 
 
+def checked_grid(input_hw, layers, patch_size: int, num_layers: int) -> tuple[tuple, tuple]:
+    """(input_hw, layers) as int tuples, refused unless the input is whole patches and the layers are
+    1-based block indices of the model."""
+    input_hw, layers = tuple(int(s) for s in input_hw), tuple(int(i) for i in layers)
+    if any(s % patch_size for s in input_hw):
+        raise ValueError(f"input_hw {input_hw} must be multiples of the patch size {patch_size}")
+    if not layers or not all(1 <= i <= num_layers for i in layers):
+        raise ValueError(f"layers {layers} must be 1-based block indices in 1..{num_layers}")
+    return input_hw, layers
+
+
 IMAGENET_NORMALIZATION = {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
@@ -91,12 +102,7 @@ class DinoV2Encoder(HashedWeights):
     ):
         cfg = model.config
         self.patch_size = int(cfg.patch_size)
-        self.input_hw = tuple(int(s) for s in input_hw)
-        self.layers = tuple(int(i) for i in layers)
-        if any(s % self.patch_size for s in self.input_hw):
-            raise ValueError(f"input_hw {self.input_hw} must be multiples of the patch size {self.patch_size}")
-        if not self.layers or not all(1 <= i <= cfg.num_hidden_layers for i in self.layers):
-            raise ValueError(f"layers {self.layers} must be 1-based block indices in 1..{cfg.num_hidden_layers}")
+        self.input_hw, self.layers = checked_grid(input_hw, layers, self.patch_size, cfg.num_hidden_layers)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.model = model.to(self.device).eval().requires_grad_(False)

@@ -86,6 +86,18 @@ def load_pretrained(cls, spec: str, what: str, *, flag: str, **where) -> tuple:
     return from_pretrained(cls, local, spec, what), local, weights_id, rev
 
 
+def backbone_weights(spec: str, tiny_model, tiny_config: dict, model_class: str, what: str, **where) -> tuple:
+    """(model, local folder or None, weights_id, revision, the tiny config to record or None) of a feature
+    backbone's spec: "tiny" is the preset's seeded random model, anything else `transformers.<model_class>`
+    by load_pretrained (flag --encoder; `where`: resolve_weights' keywords)."""
+    if spec == "tiny":
+        return tiny_model(), None, "tiny", None, tiny_config
+    import transformers
+
+    model, local, wid, rev = load_pretrained(getattr(transformers, model_class), spec, what, flag="--encoder", **where)
+    return model, local, wid, rev, None
+
+
 def from_pretrained(cls, local: Path, spec: str, what: str):
     try:
         return cls.from_pretrained(local, local_files_only=True).float()

@@ -20,7 +20,7 @@ import torch
 
 from ..frames import resize
 from .dinov2 import IMAGENET_MEAN, IMAGENET_NORMALIZATION, IMAGENET_STD, feature_record, to_nchw_float
-from .hashing import HashedWeights, load_pretrained, seeded
+from .hashing import HashedWeights, backbone_weights, seeded
 
 VJEPA2_DEFAULT = "facebook/vjepa2-vitl-fpc64-256"
 # tiny preset: V-JEPA 2's architecture at a small width; 112 x 112 crop, patch 16 -> 7 x 7, 4 x 32 = 128-d
@@ -137,21 +137,11 @@ def load_vjepa2(
     cache_dir=None,
 ) -> VideoBackbone:
     """V-JEPA 2's encoder: "tiny" (random), a hub id or a local folder."""
-    if spec == "tiny":
-        model, wid, rev, tiny = tiny_vjepa2_model(), "tiny", None, {**TINY_VJEPA2, "seed": TINY_SEED}
-    else:
-        from transformers import VJEPA2Model
-
-        model, _, wid, rev = load_pretrained(
-            VJEPA2Model,
-            spec,
-            "V-JEPA 2 weights",
-            flag="--encoder",
-            allow_download=allow_download,
-            revision=revision,
-            cache_dir=cache_dir,
-        )
-        tiny = None
+    where = {"allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    tiny_config = {**TINY_VJEPA2, "seed": TINY_SEED}
+    model, _, wid, rev, tiny = backbone_weights(
+        spec, tiny_vjepa2_model, tiny_config, "VJEPA2Model", "V-JEPA 2 weights", **where
+    )
     return VideoBackbone(
         model,
         input_hw=input_hw,
