@@ -239,33 +239,13 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
 
     def make_val():
         with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
+        kw = {"shuffle": False, "remainder": "keep", "loop": False, "with_pred": with_pred, **common}
+        kw.update(batch_size=per_rank, latents=task.needs_latents)
         if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
             import itertools
 
-            val = open_stream(
-                val_sources,
-                batch_size=per_rank,
-                shuffle=False,
-                remainder="keep",
-                loop=False,
-                with_pred=with_pred,
-                latents=task.needs_latents,
-                **common,
-            )
-            return itertools.islice(iter(val), 2)
-        val = open_stream(
-            val_sources,
-            batch_size=per_rank,
-            clips=val_idx,
-            shuffle=False,
-            random_variant=False,
-            remainder="keep",
-            loop=False,
-            with_pred=with_pred,
-            latents=task.needs_latents,
-            **common,
-        )
-        return iter(val)
+            return itertools.islice(iter(open_stream(val_sources, **kw)), 2)
+        return iter(open_stream(val_sources, clips=val_idx, random_variant=False, **kw))
 
     loop_cfg = LoopConfig(
         steps=sc.steps,

@@ -64,19 +64,24 @@ class Stage1Task:
         for batch in batches:
             feats = batch["features"]  # [B, 7, H, W, C]
             context, future = feats[:, :n], feats[:, n:]
-            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # [B, 3, H, W, C]
+            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # [B, 3, H, W, C], sampled or not
             means.update(feature_metrics(pred, future, first_frame=n))
             copy = context[:, -1:].expand_as(future)
             means.update(
                 {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
                 prefix="copy_last/",
             )
-            losses = [
-                stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
-                for t in range(n, feats.shape[1])
-            ]
-            means.update({"loss": torch.stack(losses).mean().expand(feats.shape[0])})
+            means.update({"loss": self.future_loss(model, feats, generator)})
         return means
+
+    def future_loss(self, model, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The teacher-forced loss of every future frame, [B] (the batch's mean for each clip)."""
+        n = self.config.context_frames
+        losses = [
+            stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
+            for t in range(n, feats.shape[1])
+        ]
+        return torch.stack(losses).mean().expand(feats.shape[0])
 
 
 class Stage1DiffusionTask(Stage1Task):
@@ -94,25 +99,14 @@ class Stage1DiffusionTask(Stage1Task):
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         return stage1_diffusion.training_loss(model, context, target, generator)[0]
 
-    def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
-        means = Means()
+    def future_loss(self, model, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The EDM loss of every future frame given its 4 ground-truth predecessors, [B]."""
         n = self.config.context_frames
-        for batch in batches:
-            feats = batch["features"]  # [B, 7, H, W, C]
-            context, future = feats[:, :n], feats[:, n:]
-            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # sampled: [B, 3, H, W, C]
-            means.update(feature_metrics(pred, future, first_frame=n))
-            copy = context[:, -1:].expand_as(future)
-            means.update(
-                {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
-                prefix="copy_last/",
-            )
-            losses = [
-                stage1_diffusion.training_loss(model, feats[:, t - n : t], feats[:, t], generator)[1]["loss_per_sample"]
-                for t in range(n, feats.shape[1])
-            ]
-            means.update({"loss": torch.stack(losses).mean(dim=0)})
-        return means
+        losses = [
+            stage1_diffusion.training_loss(model, feats[:, t - n : t], feats[:, t], generator)[1]["loss_per_sample"]
+            for t in range(n, feats.shape[1])
+        ]
+        return torch.stack(losses).mean(dim=0)
 
 
 class Stage2Task:
