@@ -98,9 +98,9 @@ class Models:
                 f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data "
                 f"has {geometry.context_latents} of {tuple(geometry.feature_hw)}"
             )
-        if max(s1.num_pca_channels, s2.feature_channels) > channels:
+        if max(s1.num_pca_channels, s2.num_pca_channels) > channels:
             raise InferenceError(
-                f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; the data has {channels}"
+                f"the models read {max(s1.num_pca_channels, s2.num_pca_channels)} PCA channels; the data has {channels}"
             )
         for m in [self.stage2] + ([self.baseline] if self.baseline else []):
             if m.model.cfg.latent_channels != geometry.latent_channels:

@@ -102,10 +102,10 @@ class Projector(nn.Module):
 
 
 class AlignedDiT(nn.Module):
-    """The Baseline DiT plus the projector of its block-``depth`` tokens to ``feature_channels``.
+    """The Baseline DiT plus the projector of its block-``depth`` tokens to ``num_pca_channels``.
 
     forward(x, c_noise, context_mask, features=None) -> F, as the Baseline DiT (features must be None);
-    forward(..., aligned=True) -> (F, projected tokens [B, T, S, feature_channels]).
+    forward(..., aligned=True) -> (F, projected tokens [B, T, S, num_pca_channels]).
     """
 
     def __init__(self, dit: DiTConfig, align: AlignConfig) -> None:
@@ -117,7 +117,7 @@ class AlignedDiT(nn.Module):
         self.align_config = align
         self.depth = align.depth_for(dit.num_layers)
         self.dit = Re2PixDiT(dit)
-        self.projector = Projector(dit.dim, align.projector_dim, dit.feature_channels)
+        self.projector = Projector(dit.dim, align.projector_dim, dit.num_pca_channels)
 
     @property
     def cfg(self) -> DiTConfig:

@@ -50,6 +50,9 @@ class Stage1Task:
     def model_config(self) -> dict:
         return to_dict(self.config)
 
+    def saved_config(self, saved: dict) -> dict:
+        return to_dict(from_dict(self.config_class, saved, "the checkpoint's model config"))
+
     def loss(self, model, batch: dict, generator: torch.Generator):
         # a window of train_window frames from the loader (the target is its last), or whole clips
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
@@ -131,7 +134,7 @@ class Stage2Task:
         sample_solver: str = "heun",
         sample_clips: int = 4,
     ):
-        data = {"feature_channels": channels, "latent_channels": geometry.latent_channels, "semantic": semantic}
+        data = {"num_pca_channels": channels, "latent_channels": geometry.latent_channels, "semantic": semantic}
         self.config = from_dict(stage2.DiTConfig, {**to_dict(model), **data}, "the Stage 2 model")
         self.name = "stage2" if semantic else "baseline"
         self.context_latents = geometry.context_latents
@@ -145,6 +148,9 @@ class Stage2Task:
 
     def model_config(self) -> dict:
         return to_dict(self.config)
+
+    def saved_config(self, saved: dict) -> dict:
+        return to_dict(from_dict(stage2.DiTConfig, saved, "the checkpoint's model config"))
 
     def _features(self, batch: dict, generator, train: bool):
         if not self.config.semantic:
@@ -233,6 +239,12 @@ class AlignTask(Stage2Task):
 
     def model_config(self) -> dict:
         return {"dit": to_dict(self.config), "align": to_dict(self.align)}
+
+    def saved_config(self, saved: dict) -> dict:
+        return {
+            "dit": super().saved_config(saved.get("dit", {})),
+            "align": to_dict(from_dict(repa.AlignConfig, saved.get("align", {}), "the checkpoint's align config")),
+        }
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         loss, logs = repa.training_loss(

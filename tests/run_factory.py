@@ -29,7 +29,7 @@ def write_runs(root, stage1_channels=64, stage2_channels=64):
         meta={"task": "stage1", "model_config": s1.config.to_dict()},
     )
     for task, semantic in (("stage2", True), ("baseline", False)):
-        m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
+        m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, num_pca_channels=stage2_channels)), 2)
         save_checkpoint(root / task, 1, model=m, state={}, meta={"task": task, "model_config": m.cfg.to_dict()})
     return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
 

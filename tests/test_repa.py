@@ -180,7 +180,7 @@ def test_trd_distils_relations_not_the_features_themselves():
 
 
 def test_target_is_the_fusions_resize_of_the_features():
-    sem = Re2PixDiT(DiTConfig.tiny(feature_channels=64))
+    sem = Re2PixDiT(DiTConfig.tiny(num_pca_channels=64))
     _, features = _batch()
     with torch.no_grad():
         sem.feature_embedder.weight.copy_(torch.eye(96, 64))  # the embedding reads the resized features out

@@ -180,7 +180,7 @@ def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):
     assert {"loss", "sample_mse", "sample_mse_gt_features", "copy_last_mse"} <= set(s2["eval"])
     assert {"loss", "sample_mse", "copy_last_mse"} <= set(bl["eval"])
     meta1, meta2, metab = (read_meta(latest_checkpoint(tmp_path / "run" / s)) for s in ("stage1", "stage2", "baseline"))
-    assert meta1["model_config"]["num_pca_channels"] == 16 and meta2["model_config"]["feature_channels"] == 64
+    assert meta1["model_config"]["num_pca_channels"] == 16 and meta2["model_config"]["num_pca_channels"] == 64
     assert meta2["model_config"]["semantic"] and not metab["model_config"]["semantic"]
     assert meta2["data"]["with_pred"] and not metab["data"]["with_pred"]
     assert {"stage1", "stage2", "baseline"} == {p.name for p in (tmp_path / "run").iterdir()}
