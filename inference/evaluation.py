@@ -99,7 +99,7 @@ def evaluate_store(
     g = store.geometry
     m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
     names = ["re2pix"] + (["baseline"] if models.baseline else [])
-    c_read = max(models.stage1.model.config.num_pca_channels, models.stage2.model.cfg.feature_channels)
+    c_read = max(models.stage1.model.config.num_pca_channels, models.stage2.model.cfg.num_pca_channels)
     accs = {name: [Acc() for _ in range(samples)] for name in names}
     stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
     ref_fid, ref_fvd, clip_ids = [], [], []
@@ -123,7 +123,7 @@ def evaluate_store(
         )
         if semantic.active and a % g.temporal_downsample == 0 and a // g.temporal_downsample >= m:
             semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
-        conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.feature_channels)
+        conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
             reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
             future_ref = reference[:, ctx_frames:]

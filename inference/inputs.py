@@ -62,11 +62,9 @@ def open_space(store: str | None, video: bool = False, pca: str | None = None, g
     if not video or not pca:
         raise InferenceError("give --store (a clip of it, or its PCA basis for --video), or --video with --pca")
     from pipeline.pca import load_basis
-    from pipeline.store.geometry import GEOMETRIES
+    from pipeline.store.geometry import resolve_geometry
 
-    if geometry not in GEOMETRIES:
-        raise InferenceError(f"--geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
-    g = GEOMETRIES[geometry]
+    g = resolve_geometry(geometry)
     basis = load_basis(pca)
     if basis.num_components < g.num_pca_channels or basis.feature_dim != g.feature_dim:
         raise InferenceError(

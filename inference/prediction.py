@@ -34,7 +34,7 @@ def predict_clip(
     device = next(models.stage2.model.parameters()).device
     context = torch.from_numpy(clip.features[None, :m]).to(device)  # [1, 4, H, W, C]
     forecast = forecast_features(models, context, fut)  # [1, 3, H, W, c1]
-    features = stage2_features(context, forecast, models.stage2.model.cfg.feature_channels)
+    features = stage2_features(context, forecast, models.stage2.model.cfg.num_pca_channels)
     z_ctx = torch.from_numpy(clip.latents[None, :, :m]).to(device)
     gen = torch.Generator().manual_seed(seed)  # the same noise on every device
     noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)

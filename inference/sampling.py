@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.diffusion import SAMPLE_STEPS
+
 from .stages import Models
 
 
 @dataclass
 class Sampler:
-    steps: int = 35
+    steps: int = SAMPLE_STEPS
     solver: str = "heun"
     guidance_channels: int | None = None
     guidance_weight: float = 0.0

@@ -58,8 +58,10 @@ def build_model(task: str, config: dict) -> torch.nn.Module:
     return Re2PixDiT(DiTConfig.from_dict(config))
 
 
-def resolve_device(device: str) -> str:
-    """ "auto": CUDA when there is a GPU, else the CPU."""
+def resolve_device(device: str, threads: int = 0) -> str:
+    """ "auto": CUDA when there is a GPU, else the CPU; threads > 0 sets torch's CPU threads too."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
@@ -96,9 +98,9 @@ class Models:
                 f"Stage 1 takes {s1.context_frames} frames of {tuple(s1.feature_hw)}; the data "
                 f"has {geometry.context_latents} of {tuple(geometry.feature_hw)}"
             )
-        if max(s1.num_pca_channels, s2.feature_channels) > channels:
+        if max(s1.num_pca_channels, s2.num_pca_channels) > channels:
             raise InferenceError(
-                f"the models read {max(s1.num_pca_channels, s2.feature_channels)} PCA channels; the data has {channels}"
+                f"the models read {max(s1.num_pca_channels, s2.num_pca_channels)} PCA channels; the data has {channels}"
             )
         for m in [self.stage2] + ([self.baseline] if self.baseline else []):
             if m.model.cfg.latent_channels != geometry.latent_channels:

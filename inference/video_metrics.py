@@ -391,3 +391,32 @@ def load_fvd_network(path, device="cpu") -> FeatureNet:
     return FeatureNet(
         torch.jit.load(str(path), map_location=device).eval(), "fvd", "torchscript", path, device, batch=4
     )
+
+
+def load_feature_networks(fid: bool, fid_weights, fvd: bool, fvd_weights, decode: bool, device, skipped: dict):
+    """(FID network or None, FVD network or None) for evaluation's flags: --fid / --fvd require their
+    weights (nothing is downloaded), either needs decoded frames (`decode`); what is not measured, the
+    pixel metrics without `decode` included, goes to `skipped` with the reason."""
+    want_fid, want_fvd = fid or bool(fid_weights), fvd or bool(fvd_weights)
+    if want_fid and not fid_weights:
+        raise InferenceError(
+            "FID needs the Inception-v3 weights: give --fid-weights PATH (pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth, or a TorchScript Inception); nothing is downloaded"
+        )
+    if want_fvd and not fvd_weights:
+        raise InferenceError(
+            "FVD needs the I3D network: give --fvd-weights PATH (a TorchScript I3D such as "
+            "StyleGAN-V's i3d_torchscript.pt); nothing is downloaded"
+        )
+    if (want_fid or want_fvd) and not decode:
+        raise InferenceError("FID and FVD need decoded frames: drop --no-decode")
+    if not decode:
+        skipped["pixels"] = "--no-decode: PSNR, SSIM, FID, FVD and the decoded frames' segmentation/depth"
+    if not want_fid:
+        skipped["fid"] = "no --fid-weights given"
+    if not want_fvd:
+        skipped["fvd"] = "no --fvd-weights given"
+    return (
+        load_fid_network(fid_weights, device) if want_fid else None,
+        load_fvd_network(fvd_weights, device) if want_fvd else None,
+    )

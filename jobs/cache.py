@@ -22,9 +22,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from jobs.cli import run
-from jobs.config import parse_config
+from jobs.config import DEMO_STORE, parse_config
 from pipeline.errors import Re2pixError, TooManyFailuresError
 from pipeline.store.format import DEFAULT_COMPRESSION
+from pipeline.store.geometry import resolve_geometry
 
 RESUME_HINT = "rerun the same command to resume"
 
@@ -37,7 +38,7 @@ class CacheConfig:
     data_root: str | None = field(default=None, metadata={"help": "dataset folder (not needed for synthetic)"})
     split: str = "train"
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
-    out: str = field(default="runs/demo/store.zarr", metadata={"help": "store path or fsspec URL (s3://...)"})
+    out: str = field(default=DEMO_STORE, metadata={"help": "store path or fsspec URL (s3://...)"})
     storage_options: dict = field(
         default_factory=dict,
         metadata={
@@ -129,18 +130,6 @@ RUNTIME_ONLY = (
 
 def recorded_config(cfg: CacheConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
-
-
-def resolve_geometry(spec: str):
-    """'tiny', 'paper', or a JSON object of fields that differ from the paper's geometry."""
-    from pipeline.store.geometry import GEOMETRIES, PAPER, Geometry
-
-    if spec in GEOMETRIES:
-        return GEOMETRIES[spec]
-    try:
-        return Geometry.from_dict({**PAPER.to_dict(), **json.loads(spec)})
-    except (json.JSONDecodeError, TypeError) as e:
-        raise Re2pixError(f"--geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
 
 
 def absolute_location(location: str) -> str:

@@ -29,73 +29,55 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
   Without labels the metric is skipped and the JSON says why.
 
 `--every-checkpoint`: score every checkpoint the Stage 2 run kept (train it with keep_checkpoints 0 to keep
-them all), each against the Baseline's checkpoint of the same step when its run kept one (else that point
-has no Baseline), Stage 1 fixed; writes the curve, the paper's figure 3 for any run, to `--curve`
-(default: curve.json beside --out) and its plot (.png beside it):
-  {"schema": "re2pix-curve/1", "store", "stage2", "baseline", "samples", "sampler",
-   "points": [{"step", "checkpoints", "models": {name: {metric: {"mean", "std"}}}, "stage1"}], "seconds"}
+them all), each against the Baseline's checkpoint of the same step: the curve (inference/curve.py), the
+paper's figure 3 for any run, to `--curve` (default: curve.json beside --out) and its plot (.png beside it).
 
-JSON schema (`--out`, "re2pix-evaluation/1"):
-  {"schema", "store", "dataset", "split", "clips", "clip_ids", "samples", "annotated_frame",
-   "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
-   "sampler": {...}, "checkpoints": {...},
-   "stage1": {metric: number},
-   "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...},
-   "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
-std is the sample standard deviation across runs (ddof 1; 0 for one run); a value that is not finite
-(e.g. PSNR of identical frames) is written as null.
+JSON written to `--out`: inference/record.py (schema "re2pix-evaluation/1").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from inference import InferenceError
 from inference.codec import LatentCodec
+from inference.curve import format_curve, score_checkpoints
 from inference.encoders import load_dinov2_for, load_vae_for
-from inference.evaluation import CURVE_SCHEMA, curve_point, evaluate_store, format_table, plot_curve, run_checkpoints
+from inference.evaluation import evaluate_store, format_table
 from inference.inputs import DataSpace
 from inference.labels import Labels
+from inference.record import evaluation_record, write_json
 from inference.sampling import Sampler
 from inference.semantic import Semantic, load_heads
 from inference.stages import Models, resolve_device
-from inference.video_metrics import load_fid_network, load_fvd_network
+from inference.video_metrics import load_feature_networks
 from jobs.cli import run
-from jobs.config import parse_config
+from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
+from model.diffusion import SAMPLE_STEPS
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 
 log = logging.getLogger("re2pix.evaluate")
-SCHEMA = "re2pix-evaluation/1"
-REFERENCE_NOTE = (
-    "PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
-    "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
-    "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
-    "reconstruction."
-)
 
 
 @dataclass
 class EvaluateConfig:
-    store: str = field(default="runs/demo/val.zarr", metadata={"help": "the store to evaluate on (its val split)"})
-    stage1: str = "runs/demo/train/stage1"
-    stage2: str = "runs/demo/train/stage2"
+    store: str = field(default=DEMO_VAL_STORE, metadata={"help": "the store to evaluate on (its val split)"})
+    stage1: str = f"{DEMO_RUNS}/stage1"
+    stage2: str = f"{DEMO_RUNS}/stage2"
     baseline: str | None = field(
-        default="runs/demo/train/baseline", metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"}
+        default=f"{DEMO_RUNS}/baseline", metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"}
     )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     samples: int = field(default=3, metadata={"help": "sampling runs per clip (mean ± std across them)"})
     max_clips: int | None = None
     batch_size: int = field(default=4, metadata={"help": "clips per batch"})
-    steps: int = 35
-    solver: str = "heun"
+    sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
+    sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     seed: int = 0
     guidance_channels: int | None = None
     guidance_weight: float = 0.0
@@ -114,7 +96,7 @@ class EvaluateConfig:
     vae: str | None = None
     allow_download: bool = False
     allow_weights_mismatch: bool = False
-    out: str | None = field(default="runs/demo/eval/results.json", metadata={"help": "JSON results path"})
+    out: str | None = field(default=f"{DEMO}/eval/results.json", metadata={"help": "JSON results path"})
     every_checkpoint: bool = field(default=False, metadata={"help": "score every kept Stage 2 checkpoint: the curve"})
     curve: str | None = field(default=None, metadata={"help": "curve JSON path (default curve.json beside --out)"})
     device: str = "auto"
@@ -124,54 +106,31 @@ class EvaluateConfig:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
-    want_fid, want_fvd = cfg.fid or bool(cfg.fid_weights), cfg.fvd or bool(cfg.fvd_weights)
-    if want_fid and not cfg.fid_weights:
-        raise InferenceError(
-            "FID needs the Inception-v3 weights: give --fid-weights PATH (pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth, or a TorchScript Inception); nothing is downloaded"
-        )
-    if want_fvd and not cfg.fvd_weights:
-        raise InferenceError(
-            "FVD needs the I3D network: give --fvd-weights PATH (a TorchScript I3D such as "
-            "StyleGAN-V's i3d_torchscript.pt); nothing is downloaded"
-        )
-    if (want_fid or want_fvd) and not cfg.decode:
-        raise InferenceError("FID and FVD need decoded frames: drop --no-decode")
     if cfg.samples < 1:
         raise InferenceError("--samples must be at least 1")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.threads)
+    skipped: dict[str, str] = {}
+    fid_net, fvd_net = load_feature_networks(
+        cfg.fid, cfg.fid_weights, cfg.fvd, cfg.fvd_weights, cfg.decode, device, skipped
+    )
     store = Store(cfg.store)
     space = DataSpace.of_store(store)
     if store.manifest.get("split") not in ("val", "test"):
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(store.geometry, store.num_channels)
-    skipped: dict[str, str] = {}
     if not models.baseline:
         skipped["baseline"] = f"no Baseline checkpoint at {cfg.baseline}"
-    if not cfg.decode:
-        skipped["pixels"] = "--no-decode: PSNR, SSIM, FID, FVD and the decoded frames' segmentation/depth"
-    if not want_fid:
-        skipped["fid"] = "no --fid-weights given"
-    if not want_fvd:
-        skipped["fvd"] = "no --fvd-weights given"
-    fid_net = load_fid_network(cfg.fid_weights, device) if want_fid else None
-    fvd_net = load_fvd_network(cfg.fvd_weights, device) if want_fvd else None
     weights = (cfg.allow_download, cfg.allow_weights_mismatch)
-    codec = (
-        LatentCodec(load_vae_for(cfg.vae, store.manifest, store.geometry, device, *weights), space.latent_norm)
-        if cfg.decode
-        else None
-    )
+    vae = load_vae_for(cfg.vae, store.manifest, store.geometry, device, *weights) if cfg.decode else None
+    codec = LatentCodec(vae, space.latent_norm) if vae else None
     labels = Labels(store.manifest, cfg.annotated_frame, cfg.labels, cfg.depth_labels)
     heads = load_heads(cfg.seg_head, cfg.depth_head, labels, space, device, skipped)
     dino = (
         load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if heads and cfg.decode else None
     )
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
-    sampler = Sampler(cfg.steps, cfg.solver, cfg.guidance_channels, cfg.guidance_weight)
+    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight)
     n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
     if n == 0:
         raise StoreError(f"{cfg.store} has no clips")
@@ -194,31 +153,21 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     )
     for key, ids in measured["missing_labels"].items():
         skipped[f"{key}_labels"] = f"{len(ids)} of {n} clips have no label, left out: {ids[:5]}"
-    results = {
-        "schema": SCHEMA,
-        "store": cfg.store,
-        "dataset": store.manifest.get("dataset"),
-        "split": store.manifest.get("split"),
-        "clips": n,
-        "clip_ids": measured["clip_ids"],
-        "samples": cfg.samples,
-        "annotated_frame": cfg.annotated_frame,
-        "reference": {
-            "pixels": "vae_reconstruction" if cfg.decode else None,
-            "note": REFERENCE_NOTE,
-            "fid_fvd": measured["fid_fvd_reference"],
-        },
-        "sampler": {**asdict(sampler), "seed": cfg.seed},
-        "checkpoints": models.describe(),
-        "stage1": measured["stage1"],
-        "models": measured["models"],
-        "reference_metrics": measured["reference_metrics"],
-        "skipped": skipped,
-        "seconds": round(time.time() - t0, 1),
-    }
+    results = evaluation_record(
+        cfg.store,
+        store.manifest,
+        measured,
+        decoded=cfg.decode,
+        clips=n,
+        samples=cfg.samples,
+        annotated_frame=cfg.annotated_frame,
+        sampler={**asdict(sampler), "seed": cfg.seed},
+        checkpoints=models.describe(),
+        skipped=skipped,
+        seconds=round(time.time() - t0, 1),
+    )
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(results, indent=1, allow_nan=False))
+        write_json(cfg.out, results)
     return results
 
 
@@ -226,34 +175,11 @@ def run_curve(cfg: EvaluateConfig) -> dict:
     """Every kept Stage 2 checkpoint scored (with the Baseline's of the same step): the run's curve."""
     from dataclasses import replace
 
-    t0 = time.time()
-    stage2 = run_checkpoints(cfg.stage2)
-    if not stage2:
-        raise InferenceError(f"{cfg.stage2} holds no checkpoints/step-*: nothing to draw a curve from")
-    baseline = run_checkpoints(cfg.baseline) if cfg.baseline else {}
-    points, sampler = [], None
-    for step, ckpt in sorted(stage2.items()):
-        log.info("curve: step %d (%s)", step, ckpt)
-        other = baseline.get(step)
-        results = run_evaluate(replace(cfg, stage2=str(ckpt), baseline=str(other) if other else None, out=None))
-        points.append(curve_point(step, results))
-        sampler = results["sampler"]
-    curve = {
-        "schema": CURVE_SCHEMA,
-        "store": cfg.store,
-        "stage2": cfg.stage2,
-        "baseline": cfg.baseline,
-        "samples": cfg.samples,
-        "clips": results["clips"],
-        "sampler": sampler,
-        "points": points,
-        "seconds": round(time.time() - t0, 1),
-    }
-    path = Path(cfg.curve or Path(cfg.out or "runs/demo/eval/results.json").with_name("curve.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(curve, indent=1, allow_nan=False))
-    curve["json"], curve["png"] = str(path), str(plot_curve(points, path.with_suffix(".png")))
-    return curve
+    def evaluate(stage2: str, baseline: str | None) -> dict:
+        return run_evaluate(replace(cfg, stage2=stage2, baseline=baseline, out=None))
+
+    path = cfg.curve or Path(cfg.out or EvaluateConfig.out).with_name("curve.json")
+    return score_checkpoints(cfg.store, cfg.stage2, cfg.baseline, cfg.samples, evaluate, path)
 
 
 def main(argv=None) -> int:
@@ -261,12 +187,7 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(EvaluateConfig, "evaluate", argv, description=__doc__)
     if cfg.every_checkpoint:
         curve = run_curve(cfg)
-        for p in curve["points"]:
-            print(
-                f"step {p['step']}: "
-                + "  ".join(f"{name} latent_mse {m['latent_mse']['mean']:.4g}" for name, m in p["models"].items())
-            )
-        print(f"wrote {curve['json']} and {curve['png']} in {curve['seconds']} s")
+        print(format_curve(curve))
         return 0
     results = run_evaluate(cfg)
     print(format_table(results))

@@ -51,7 +51,8 @@ from inference.prediction import frame_scores, predict_clip, reconstruction_scor
 from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
 from jobs.cli import run
-from jobs.config import parse_config
+from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
+from model.diffusion import SAMPLE_STEPS
 
 log = logging.getLogger("re2pix.predict")
 
@@ -59,7 +60,7 @@ log = logging.getLogger("re2pix.predict")
 @dataclass
 class PredictConfig:
     store: str | None = field(
-        default="runs/demo/val.zarr", metadata={"help": "store to take the clip from (and, for --video, the PCA basis)"}
+        default=DEMO_VAL_STORE, metadata={"help": "store to take the clip from (and, for --video, the PCA basis)"}
     )
     clip: int = field(default=0, metadata={"help": "clip number in the store"})
     clip_id: str | None = field(default=None, metadata={"help": "clip by its id instead of --clip"})
@@ -72,19 +73,19 @@ class PredictConfig:
     allow_weights_mismatch: bool = field(
         default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
     )
-    stage1: str = field(default="runs/demo/train/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
-    stage2: str = field(default="runs/demo/train/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
+    stage1: str = field(default=f"{DEMO_RUNS}/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
+    stage2: str = field(default=f"{DEMO_RUNS}/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
     baseline: str | None = field(
-        default="runs/demo/train/baseline",
+        default=f"{DEMO_RUNS}/baseline",
         metadata={"help": "Baseline run dir or checkpoint; its row is left out when it holds none ('' for none)"},
     )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
-    steps: int = field(default=35, metadata={"help": "sampler steps"})
-    solver: str = field(default="heun", metadata={"help": "heun or euler"})
+    sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
+    sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     seed: int = 0
     guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
-    out: str = field(default="runs/demo/predict", metadata={"help": "output folder"})
+    out: str = field(default=f"{DEMO}/predict", metadata={"help": "output folder"})
     name: str | None = field(default=None, metadata={"help": "output file stem (default: clip id / video name)"})
     grid_frames: str = field(
         default="features",
@@ -98,9 +99,7 @@ class PredictConfig:
 
 def run_predict(cfg: PredictConfig) -> dict:
     t0 = time.time()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.threads)
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
@@ -113,7 +112,7 @@ def run_predict(cfg: PredictConfig) -> dict:
         clip = video_clip(cfg.video, space, dino, codec)
     else:
         clip = store_clip(store, cfg.clip, cfg.clip_id)
-    sampler = Sampler(cfg.steps, cfg.solver, cfg.guidance_channels, cfg.guidance_weight)
+    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight)
     with torch.no_grad():
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name

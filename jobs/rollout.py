@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from jobs.config import parse_config
+from jobs.config import DEMO_RUNS, DEMO_STORE, parse_config
 
 log = logging.getLogger("re2pix.rollout")
 
@@ -35,10 +35,10 @@ log = logging.getLogger("re2pix.rollout")
 @dataclass
 class RolloutConfig:
     checkpoint: str = field(
-        default="runs/demo/train/stage1",
+        default=f"{DEMO_RUNS}/stage1",
         metadata={"help": "a Stage 1 run dir (its latest checkpoint) or a checkpoint folder"},
     )
-    store: str = field(default="runs/demo/store.zarr", metadata={"help": "store path/URL, several separated by commas"})
+    store: str = field(default=DEMO_STORE, metadata={"help": "store path/URL, several separated by commas"})
     weights: str = field(default="auto", metadata={"help": "auto (EMA when the checkpoint has it), ema or model"})
     batch_size: int = 8
     chunk_rows: int = field(default=64, metadata={"help": "clip rows per progress record (the resume unit)"})

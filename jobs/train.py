@@ -12,8 +12,10 @@ checkpoint (a finished stage only reports its result) and makes `all` resumable 
 `--on-bad-clip skip` trains past clips whose chunks are missing or damaged (each is logged once and
 counted as skipped_clips in metrics.jsonl); the default, stop, ends the run with one line naming the chunk.
 
-Per-stage settings live in the preset's "stage1" and "stage2" objects (see StageConfig); override
-single keys with `--stage1 '{"steps": 200}'`, or for every stage trained now with --steps, --lr,
+Per-stage settings live in the preset's "stage1" and "stage2" objects (Stage1Settings, Stage2Settings; the
+model's sizes in their "model": a size name, tiny / paper / paper_large, or {"size": ..., field: value});
+override single keys with dotted flags (`--stage2.lr 1e-4`, `--stage1.model.num-layers 4`) or JSON
+(`--stage1 '{"steps": 200}'`), and for every stage trained now with --steps, --lr,
 --batch-size, --channels. `--store` takes several compatible stores separated by commas (sampled in
 proportion to their clip counts, or by weight: `a.zarr:0.5,b.zarr:0.3,c.zarr:0.2`), or a WebDataset
 export (its folder with manifest.json, or shard paths/brace patterns). Without `--val-store`, whole
@@ -29,13 +31,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from jobs.cli import run as run_main
-from jobs.config import load_preset, parse_config
+from jobs.config import DEMO_RUNS, DEMO_STORE, parse_config
+from model.diffusion import SAMPLE_STEPS
+from model.repa import AlignConfig
+from model.stage1 import Stage1Config
+from model.stage1_diffusion import DiffusionStage1Config
+from model.stage2 import DiTConfig
+from pipeline.config import ConfigError, to_dict
 
 log = logging.getLogger("re2pix.train")
 
@@ -44,10 +52,8 @@ STAGES = ("1", "2", "baseline", "repa", "videorepa", "all")
 
 @dataclass
 class StageConfig:
-    """One stage's model size and optimization. Fields a stage does not use are ignored by it."""
+    """What every stage trains with: the data it reads and the optimization."""
 
-    model: str = "tiny"  # model preset: tiny or paper (model/stage1.py, model/stage2.py)
-    model_overrides: dict = field(default_factory=dict)
     channels: int | None = None  # PCA channels read and modelled; None: all the store holds
     batch_size: int = 8  # global clips per optimizer step
     grad_accum: int = 1
@@ -64,21 +70,30 @@ class StageConfig:
     eval_every: int = 0
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
-    pred_p: float = 0.1  # Stage 2: probability of predicted future features (mixed supervision)
-    nested_dropout: bool = True  # Stage 2
-    sample_steps: int = 10  # Stage 2 evaluation: sampler steps
-    sample_solver: str = "heun"
-    sample_clips: int = 4  # Stage 2 evaluation: clips sampled per rank
-    align: dict = field(default_factory=dict)  # REPA / VideoREPA: model.repa.AlignConfig keys
-    diffusion: bool = False  # Stage 1: forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
 
-    @classmethod
-    def from_dict(cls, values: dict, where: str) -> StageConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise SystemExit(f"{where} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+
+@dataclass
+class Stage1Settings(StageConfig):
+    """Stage 1: the masked feature transformer; its channels, grid and context come from the store."""
+
+    model: Stage1Config = field(default_factory=Stage1Config.tiny)
+    diffusion: bool = False  # forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
+    sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
+    sample_solver: str = DiffusionStage1Config.sample_solver
+
+
+@dataclass
+class Stage2Settings(StageConfig):
+    """Stage 2 and the DiTs trained like it (Baseline, REPA, VideoREPA); feature and latent channels
+    come from the store."""
+
+    model: DiTConfig = field(default_factory=DiTConfig.tiny)
+    pred_p: float = 0.1  # probability of predicted future features (mixed supervision)
+    nested_dropout: bool = True
+    sample_steps: int = SAMPLE_STEPS  # evaluation: sampler steps
+    sample_solver: str = "heun"
+    sample_clips: int = 4  # evaluation: clips sampled per rank
+    align: AlignConfig = field(default_factory=AlignConfig.tiny)  # REPA / VideoREPA (its method: the stage)
 
 
 @dataclass
@@ -87,17 +102,18 @@ class TrainConfig:
         default="1", metadata={"help": "1, 2, baseline, repa, videorepa or all (1 -> rollout -> 2 -> baseline)"}
     )
     store: str = field(
-        default="runs/demo/store.zarr",
-        metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"},
+        default=DEMO_STORE, metadata={"help": "store path/URL, several separated by commas, or WebDataset shards"}
     )
     val_store: str | None = field(default=None, metadata={"help": "evaluate on this store (else hold out scenes)"})
-    run_dir: str = field(default="runs/demo/train", metadata={"help": "checkpoints and logs, one folder per stage"})
-    stage1: dict = field(default_factory=dict, metadata={"help": "JSON: Stage 1 settings (StageConfig keys)"})
-    stage2: dict = field(default_factory=dict, metadata={"help": "JSON: Stage 2 and Baseline settings"})
+    run_dir: str = field(default=DEMO_RUNS, metadata={"help": "checkpoints and logs, one folder per stage"})
+    stage1: Stage1Settings = field(default_factory=Stage1Settings, metadata={"help": "JSON: Stage 1 settings"})
+    stage2: Stage2Settings = field(
+        default_factory=Stage2Settings, metadata={"help": "JSON: Stage 2, Baseline, REPA and VideoREPA settings"}
+    )
     steps: int | None = field(default=None, metadata={"help": "override steps of every stage trained now"})
-    lr: float | None = None
-    batch_size: int | None = None
-    channels: int | None = None
+    lr: float | None = field(default=None, metadata={"help": "override lr of every stage trained now"})
+    batch_size: int | None = field(default=None, metadata={"help": "override batch_size of every stage trained now"})
+    channels: int | None = field(default=None, metadata={"help": "override channels of every stage trained now"})
     semantics: bool = field(default=True, metadata={"help": "--no-semantics: --stage 2 trains the Baseline"})
     val_clips: int = field(default=8, metadata={"help": "clips held out for evaluation when no --val-store"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
@@ -126,11 +142,9 @@ class TrainConfig:
 
 
 def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
-    sc = StageConfig.from_dict(getattr(cfg, which), f"the {which} settings")
-    for name in ("steps", "lr", "batch_size", "channels"):
-        if getattr(cfg, name) is not None:
-            setattr(sc, name, getattr(cfg, name))
-    return sc
+    """A stage's settings with the top-level --steps, --lr, --batch-size, --channels applied."""
+    overrides = {k: getattr(cfg, k) for k in ("steps", "lr", "batch_size", "channels") if getattr(cfg, k) is not None}
+    return dataclasses.replace(getattr(cfg, which), **overrides)
 
 
 def _sources(spec: str) -> tuple[list[str], list[float] | None]:
@@ -150,7 +164,7 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     if cfg.val_store:
         val_sources, weights = _sources(cfg.val_store)
         if weights is not None:
-            raise SystemExit("--val-store takes no mixing weights: evaluation reads every clip once")
+            raise ConfigError("--val-store takes no mixing weights: evaluation reads every clip once")
         val = open_stream(val_sources, batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
         return None, val.sources, None
@@ -185,14 +199,17 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, **common)
     channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
-        task = (Stage1DiffusionTask if sc.diffusion else Stage1Task)(sc.model, geometry, channels, sc.model_overrides)
+        if sc.diffusion:
+            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
+            task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
+        else:
+            task = Stage1Task(sc.model, geometry, channels)
     elif stage in ("repa", "videorepa"):
         task = AlignTask(
             stage,
             sc.model,
             geometry,
             channels,
-            sc.model_overrides,
             sc.align,
             sample_steps=sc.sample_steps,
             sample_solver=sc.sample_solver,
@@ -203,7 +220,6 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             sc.model,
             geometry,
             channels,
-            sc.model_overrides,
             semantic=stage == "stage2",
             pred_p=sc.pred_p,
             nested_dropout=sc.nested_dropout,
@@ -213,7 +229,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         )
     per_rank, rem = divmod(sc.batch_size, runtime.world * sc.grad_accum)
     if rem or per_rank < 1:
-        raise SystemExit(
+        raise ConfigError(
             f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
             f"{sc.grad_accum} accumulation steps"
         )
@@ -232,33 +248,13 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
 
     def make_val():
         with_pred = stage == "stage2" and has_pred_features(val_sources, storage)
+        kw = {"shuffle": False, "remainder": "keep", "loop": False, "with_pred": with_pred, **common}
+        kw.update(batch_size=per_rank, latents=task.needs_latents)
         if isinstance(val_idx, str):  # WebDataset without a val store: a few training batches
             import itertools
 
-            val = open_stream(
-                val_sources,
-                batch_size=per_rank,
-                shuffle=False,
-                remainder="keep",
-                loop=False,
-                with_pred=with_pred,
-                latents=task.needs_latents,
-                **common,
-            )
-            return itertools.islice(iter(val), 2)
-        val = open_stream(
-            val_sources,
-            batch_size=per_rank,
-            clips=val_idx,
-            shuffle=False,
-            random_variant=False,
-            remainder="keep",
-            loop=False,
-            with_pred=with_pred,
-            latents=task.needs_latents,
-            **common,
-        )
-        return iter(val)
+            return itertools.islice(iter(open_stream(val_sources, **kw)), 2)
+        return iter(open_stream(val_sources, clips=val_idx, random_variant=False, **kw))
 
     loop_cfg = LoopConfig(
         steps=sc.steps,
@@ -285,7 +281,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             "store": sources,
             "store_weights": weights,
             "val_store": cfg.val_store,
-            "stage_config": asdict(sc),
+            "stage_config": to_dict(sc),
         },
     )
     return train(
@@ -310,7 +306,7 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     stores = _sources(cfg.store)[0] + (_sources(cfg.val_store)[0] if cfg.val_store else [])
     webdataset = [s for s in stores if is_webdataset(s, storage)]
     if webdataset:
-        raise SystemExit(
+        raise ConfigError(
             f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
             "the Zarr store and export the shards again, then train --stage 2"
         )
@@ -333,9 +329,9 @@ def run(cfg: TrainConfig) -> dict:
     from model.runtime import init_runtime
 
     if cfg.stage not in STAGES:
-        raise SystemExit(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
+        raise ConfigError(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.on_bad_clip not in ON_BAD_CLIP:
-        raise SystemExit(f"--on-bad-clip must be one of {ON_BAD_CLIP}, got {cfg.on_bad_clip!r}")
+        raise ConfigError(f"--on-bad-clip must be one of {ON_BAD_CLIP}, got {cfg.on_bad_clip!r}")
     if cfg.threads > 0:
         import torch
 
@@ -388,13 +384,7 @@ def print_summary(results: dict) -> None:
 
 
 def parse(argv=None) -> TrainConfig:
-    cfg, args = parse_config(TrainConfig, "train", argv, description=__doc__)
-    preset = load_preset("train", args.preset)
-    for key in ("stage1", "stage2"):  # CLI JSON merges into the preset's object, key by key
-        cli = getattr(args, key)
-        if cli is not None:
-            setattr(cfg, key, {**preset.get(key, {}), **cli})
-    return cfg
+    return parse_config(TrainConfig, "train", argv, description=__doc__)[0]
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from inference import InferenceError
 from jobs.cli import run
-from jobs.config import parse_config
+from jobs.config import DEMO, DEMO_STORE, parse_config
 
 log = logging.getLogger("re2pix.train_dpt")
 IGNORE = 255
@@ -45,7 +45,7 @@ IGNORE = 255
 
 @dataclass
 class TrainDPTConfig:
-    store: str = "runs/demo/store.zarr"
+    store: str = DEMO_STORE
     val_store: str | None = None
     labels: str = field(default="source", metadata={"help": "source (read_targets) or cityscapes (gtFine)"})
     tasks: str = field(default="segmentation,depth", metadata={"help": "segmentation, depth or both"})
@@ -62,7 +62,7 @@ class TrainDPTConfig:
     max_clips: int | None = None
     seed: int = 0
     threads: int = 0
-    out: str = "runs/demo/heads"
+    out: str = f"{DEMO}/heads"
 
 
 def frame_labels(store, labels: str, annotated_frame: int):

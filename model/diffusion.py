@@ -58,6 +58,7 @@ __all__ = [
 
 CONTEXT_C_NOISE = 0.001  # c_noise of the clean context latents (appendix 9.1)
 NESTED_DROPOUT_CHOICES = (8, 16, 32, 64, 128, 256, 512, 1152)  # section 3.4
+SAMPLE_STEPS = 35  # the sampler's steps at paper size (Heun, as Cosmos-Predict2 samples); the tiny presets take fewer
 MISSING_PRED_FEATURES = "store has no clips/pred_features: run the rollout job first (make rollout)"
 
 # A denoiser network: (x_in [B,C,T,h,w], c_noise [B,T], context_mask [B,T] bool, features or None) -> F
@@ -289,7 +290,7 @@ def sample(
     model: Network,
     context_latents: torch.Tensor,
     features: torch.Tensor | None = None,
-    num_steps: int = 35,
+    num_steps: int = SAMPLE_STEPS,
     solver: str = "heun",
     sigma_max: float = 80.0,
     sigma_min: float = 0.002,

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.errors import ConfigError
+
 from .checkpoint import (
     CheckpointError,
     check_run_dir,
@@ -92,6 +94,8 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...
 
     def model_config(self) -> dict: ...
+
+    def saved_config(self, saved: dict) -> dict: ...  # a checkpoint's model_config in this code's names
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor | tuple: ...
 
@@ -229,7 +233,11 @@ def resume_point(run_dir: Path, resume: bool, strict: bool, runtime: Runtime) ->
 def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device: torch.device) -> tuple[int, dict]:
     """Load a checkpoint into the trainee and the stream; (its step, the summary it recorded)."""
     meta = read_meta(ckpt)
-    if meta.get("task") != task.name or meta.get("model_config") != task.model_config():
+    try:  # keys renamed since the checkpoint was saved are mapped; an unknown one is a mismatch
+        saved = task.saved_config(meta.get("model_config") or {})
+    except ConfigError:
+        saved = meta.get("model_config")
+    if meta.get("task") != task.name or saved != task.model_config():
         raise CheckpointError(
             f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
             f"this run builds {task.name} {task.model_config()}: use another --run-dir"

@@ -30,11 +30,13 @@ features, as in REPA, would make it 791,955,712).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.config import Sized
 
 from . import diffusion
 from .stage2 import DiTConfig, Re2PixDiT, features_to_grid, parameter_breakdown
@@ -59,8 +61,10 @@ REPA_DEPTH_FRACTION = 8 / 28  # REPA: block 8 of SiT-XL/2's 28
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(Sized):
     """The alignment loss and its projector. The defaults are the papers' (``paper()``)."""
+
+    SIZES = {"tiny": {"projector_dim": 128}, "paper": {}}
 
     method: str = "repa"  # repa (cosine) | videorepa (token-relation distillation)
     depth: int | None = None  # align the tokens after this block (1-based); None: REPA's 8/28 of the depth
@@ -83,21 +87,6 @@ class AlignConfig:
             raise ValueError(f"alignment depth {depth} is past the DiT's {num_layers} blocks")
         return depth
 
-    @classmethod
-    def paper(cls, **overrides) -> AlignConfig:
-        return cls(**overrides)
-
-    @classmethod
-    def tiny(cls, **overrides) -> AlignConfig:
-        return cls(**{"projector_dim": 128, **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AlignConfig:
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown AlignConfig fields: {sorted(unknown)}")
-        return cls(**values)
-
 
 class Projector(nn.Module):
     """REPA's projector: Linear(dim, hidden) - SiLU - Linear(hidden, hidden) - SiLU - Linear(hidden, out)."""
@@ -113,10 +102,10 @@ class Projector(nn.Module):
 
 
 class AlignedDiT(nn.Module):
-    """The Baseline DiT plus the projector of its block-``depth`` tokens to ``feature_channels``.
+    """The Baseline DiT plus the projector of its block-``depth`` tokens to ``num_pca_channels``.
 
     forward(x, c_noise, context_mask, features=None) -> F, as the Baseline DiT (features must be None);
-    forward(..., aligned=True) -> (F, projected tokens [B, T, S, feature_channels]).
+    forward(..., aligned=True) -> (F, projected tokens [B, T, S, num_pca_channels]).
     """
 
     def __init__(self, dit: DiTConfig, align: AlignConfig) -> None:
@@ -128,7 +117,7 @@ class AlignedDiT(nn.Module):
         self.align_config = align
         self.depth = align.depth_for(dit.num_layers)
         self.dit = Re2PixDiT(dit)
-        self.projector = Projector(dit.dim, align.projector_dim, dit.feature_channels)
+        self.projector = Projector(dit.dim, align.projector_dim, dit.num_pca_channels)
 
     @property
     def cfg(self) -> DiTConfig:

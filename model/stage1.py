@@ -8,21 +8,21 @@ SmoothL1 loss. At inference it rolls out autoregressively with a sliding 4-frame
 Architecture, as in the reference implementation (its ``simple_replace`` masking with
 ``--seperable_attention``, window size 1):
 
-* a linear input projection ``num_pca_channels -> hidden`` (with bias) of the context frames; the
+* a linear input projection ``num_pca_channels -> dim`` (with bias) of the context frames; the
   target frame's tokens are a learned ``mask_token`` (the reference's "replace vector"), put in
   *after* the projection, so the target frame's input values can never reach the output;
-* broadcast 3D position embeddings: three learned tables for t, h and w of ``hidden // 3``
+* broadcast 3D position embeddings: three learned tables for t, h and w of ``dim // 3``
   channels each, broadcast over the other two axes and concatenated on the channel axis (the
   reference's ``AddBroadcastPosEmbed``) and added to the tokens;
-* ``depth`` pre-norm blocks with separable attention: temporal self-attention over the T = 5 frames
+* ``num_layers`` pre-norm blocks with separable attention: temporal self-attention over the T = 5 frames
   at each spatial position, then spatial self-attention over the H*W tokens of each frame, then an
-  MLP (GELU, ``mlp_ratio`` x hidden). This is the reference's order (temporal first); both
+  MLP (GELU, ``mlp_ratio`` x dim). This is the reference's order (temporal first); both
   attentions have qkv and output biases, like ``nn.MultiheadAttention``;
 * a final LayerNorm (the reference has none; a pre-norm stack conventionally ends with one, it
-  costs 2*hidden parameters) and a linear output projection ``hidden -> num_pca_channels`` whose
+  costs 2*dim parameters) and a linear output projection ``dim -> num_pca_channels`` whose
   weight starts at zero (as in the reference), so a fresh model predicts its output bias (zero).
 
-Parameter count of :meth:`Stage1Config.paper` (C = hidden = 1152, 12 blocks, mlp 4x):
+Parameter count of :meth:`Stage1Config.paper` (C = dim = 1152, 12 blocks, mlp 4x):
 per block 2 * (4 d^2 + 4 d) attention + (8 d^2 + 5 d) MLP + 3 * 2 d norms = 16 d^2 + 19 d
 = 21,255,552; times 12 = 255,066,624; plus the input and output projections 2 * (C d + d) =
 2,656,512, the position tables (5 + 32 + 56) * 384 = 35,712, the final norm 2,304 and the mask token
@@ -33,7 +33,6 @@ Shapes: features are channels-last, ``[B, T, H, W, C]``, as the store keeps them
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import einops
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import Sized
 
 __all__ = [
     "MaskedFeatureTransformer",
@@ -52,26 +53,37 @@ __all__ = [
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(Sized):
     """Sizes of the Stage 1 masked feature transformer.
 
     ``feature_hw`` is the DINOv2 patch grid (32 x 56 for 448 x 784 inputs); ``context_frames`` are
     latent-rate feature frames (one DINOv2 map per VAE latent frame). ``dropout`` applies to the
     attention probabilities and the MLP (as ``nn.MultiheadAttention`` + the reference MLP do).
     ``smooth_l1_beta`` is the SmoothL1 transition point: DINO-Foresight's ``--beta_smoothl1``
-    defaults to 0.1 and its published commands keep that default.
+    defaults to 0.1 and its published commands keep that default. The sizes are named as the Stage 2
+    DiT's (``dim``, ``num_layers``, ``num_heads``); ``SIZES`` holds the named ones.
     """
 
     num_pca_channels: int = 1152
     feature_hw: tuple[int, int] = (32, 56)
     context_frames: int = 4
-    hidden: int = 1152
-    depth: int = 12
-    heads: int = 8
+    dim: int = 1152
+    num_layers: int = 12
+    num_heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     smooth_l1_beta: float = 0.1
     gradient_checkpointing: bool = False
+
+    # paper: Re2Pix app. 9.2 / DINO-Foresight, 12 layers, hidden 1152, 8 heads (the reference's
+    # ``--hidden_dim 1152 --heads 8 --layers 12 --dropout 0.1``), 1152 PCA channels on a 32 x 56 grid,
+    # 4 context frames; tiny: the CPU demo and tests, 64 PCA channels on an 8 x 14 grid, dim 96, 2 blocks
+    SIZES = {
+        "tiny": {"num_pca_channels": 64, "feature_hw": (8, 14), "dim": 96, "num_layers": 2, "num_heads": 4},
+        "paper": {"dropout": 0.1},
+    }
+    FROM_DATA = ("num_pca_channels", "feature_hw", "context_frames")  # the trainer takes these from the store
+    RENAMED = {"hidden": "dim", "depth": "num_layers", "heads": "num_heads"}  # checkpoints saved before
 
     def __post_init__(self) -> None:
         self.feature_hw = tuple(int(v) for v in self.feature_hw)  # JSON presets give lists
@@ -79,10 +91,10 @@ class Stage1Config:
             raise ValueError(f"feature_hw must be (H, W) with H, W >= 1, got {self.feature_hw}")
         if self.context_frames < 1:
             raise ValueError(f"context_frames must be >= 1, got {self.context_frames}")
-        if self.hidden % 3 != 0:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by 3 (t, h, w position tables)")
-        if self.hidden % self.heads != 0:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.dim % 3 != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by 3 (t, h, w position tables)")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.smooth_l1_beta < 0:
@@ -92,49 +104,6 @@ class Stage1Config:
     def num_frames(self) -> int:
         """Frames the transformer attends over: the context plus the one masked target frame."""
         return self.context_frames + 1
-
-    @classmethod
-    def paper(cls, **overrides) -> Stage1Config:
-        """Re2Pix app. 9.2 / DINO-Foresight: 12 layers, hidden 1152, 8 heads (the reference's
-        ``--hidden_dim 1152 --heads 8 --layers 12 --dropout 0.1``), 1152 PCA channels on a 32 x 56
-        grid, 4 context frames."""
-        base = cls(
-            num_pca_channels=1152,
-            feature_hw=(32, 56),
-            context_frames=4,
-            hidden=1152,
-            depth=12,
-            heads=8,
-            mlp_ratio=4.0,
-            dropout=0.1,
-        )
-        return dataclasses.replace(base, **overrides)
-
-    @classmethod
-    def tiny(cls, **overrides) -> Stage1Config:
-        """CPU demo and test size: 64 PCA channels on an 8 x 14 grid, hidden 96, 2 blocks, 4 heads."""
-        base = cls(
-            num_pca_channels=64,
-            feature_hw=(8, 14),
-            context_frames=4,
-            hidden=96,
-            depth=2,
-            heads=4,
-            mlp_ratio=4.0,
-            dropout=0.0,
-        )
-        return dataclasses.replace(base, **overrides)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Stage1Config:
-        """From a preset file or a checkpoint's saved config; unknown keys are an error."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class BroadcastPosEmbed(nn.Module):
@@ -228,13 +197,13 @@ class MaskedFeatureTransformer(nn.Module):
     def __init__(self, config: Stage1Config):
         super().__init__()
         self.config = config
-        c, d = config.num_pca_channels, config.hidden
+        c, d = config.num_pca_channels, config.dim
         h, w = config.feature_hw
         self.input_proj = nn.Linear(c, d, bias=True)
         self.mask_token = nn.Parameter(torch.empty(d))  # the reference's learned "replace vector"
         self.pos_embed = BroadcastPosEmbed((config.num_frames, h, w), d)
         self.blocks = nn.ModuleList(
-            SeparableBlock(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+            SeparableBlock(d, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.num_layers)
         )
         self.norm_out = nn.LayerNorm(d)
         self.output_proj = nn.Linear(d, c, bias=True)

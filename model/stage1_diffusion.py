@@ -66,13 +66,13 @@ class FeatureDenoiser(nn.Module):
     def __init__(self, config: DiffusionStage1Config):
         super().__init__()
         self.config = config
-        c, d = config.num_pca_channels, config.hidden
+        c, d = config.num_pca_channels, config.dim
         h, w = config.feature_hw
         self.input_proj = nn.Linear(c + 1, d)
         self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.pos_embed = BroadcastPosEmbed((config.num_frames, h, w), d)
         self.blocks = nn.ModuleList(
-            SeparableBlock(d, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+            SeparableBlock(d, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.num_layers)
         )
         self.norm_out = nn.LayerNorm(d)
         self.output_proj = nn.Linear(d, c)
@@ -92,7 +92,7 @@ class FeatureDenoiser(nn.Module):
         dtype = self.input_proj.weight.dtype
         mask = context_mask.to(dtype)[:, :, None, None, None].expand(b, t, h, w, 1)
         tokens = self.input_proj(torch.cat([einops.rearrange(x.to(dtype), "b c t h w -> b t h w c"), mask], -1))
-        noise = self.noise_mlp(timestep_embedding(c_noise, cfg.hidden).to(dtype))  # [B, T, d]
+        noise = self.noise_mlp(timestep_embedding(c_noise, cfg.dim).to(dtype))  # [B, T, d]
         tokens = tokens + noise[:, :, None, None, :] + self.pos_embed().to(dtype)
         for block in self.blocks:
             tokens = block(tokens)

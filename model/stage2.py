@@ -57,12 +57,14 @@ hook that REPA and VideoREPA (``model.repa``) align with the features.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from pipeline.config import Sized
 
 __all__ = [
     "DiTConfig",
@@ -79,8 +81,8 @@ __all__ = [
 
 
 @dataclass
-class DiTConfig:
-    """Sizes of the Stage 2 DiT. The defaults are the paper's (``paper()``)."""
+class DiTConfig(Sized):
+    """Sizes of the Stage 2 DiT. The defaults are the paper's (``paper()``); ``SIZES`` holds the named ones."""
 
     num_layers: int = 14
     num_heads: int = 16
@@ -90,13 +92,23 @@ class DiTConfig:
     latent_channels: int = 16
     mlp_ratio: float = 4.0
     adaln_lora_rank: int = 256
-    feature_channels: int = 1152  # PCA channels of the semantic features (num_pca_channels)
+    num_pca_channels: int = 1152  # PCA channels of the semantic features it takes
     semantic: bool = True  # False: the Baseline, no feature branch at all
     rope_theta: float = 10000.0
     # The sinusoidal timestep embedding sees timestep_scale * c_noise; Cosmos-Predict2 calls this
     # rectified_flow_t_scaling_factor (1.0 in its own configs, 1000 in its WAN-based ones).
     timestep_scale: float = 1.0
     norm_eps: float = 1e-6
+
+    # paper: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M); paper_large:
+    # Baseline-Large (paper table 1, "1.5B"), 28 blocks instead of 14; tiny: CPU demos and tests (~0.2M)
+    SIZES = {
+        "tiny": {"num_layers": 2, "num_heads": 4, "dim": 96, "adaln_lora_rank": 16, "num_pca_channels": 64},
+        "paper": {},
+        "paper_large": {"num_layers": 28},
+    }
+    FROM_DATA = ("num_pca_channels", "latent_channels", "semantic")  # the trainer takes these from the store and stage
+    RENAMED = {"feature_channels": "num_pca_channels"}  # checkpoints saved before
 
     def __post_init__(self) -> None:
         if self.patch_temporal != 1:
@@ -116,7 +128,7 @@ class DiTConfig:
             "patch_spatial",
             "latent_channels",
             "adaln_lora_rank",
-            "feature_channels",
+            "num_pca_channels",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -130,29 +142,8 @@ class DiTConfig:
         return int(self.dim * self.mlp_ratio)
 
     @classmethod
-    def paper(cls, **overrides) -> DiTConfig:
-        """The paper's DiT: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M)."""
-        return cls(**overrides)
-
-    @classmethod
-    def paper_large(cls, **overrides) -> DiTConfig:
-        """Baseline-Large (paper table 1, "1.5B"): the paper's DiT with 28 blocks instead of 14."""
-        return cls(**{"num_layers": 28, **overrides})
-
-    @classmethod
-    def tiny(cls, **overrides) -> DiTConfig:
-        """A CPU-sized DiT for demos and tests (same architecture, ~0.2M parameters)."""
-        values = {"num_layers": 2, "num_heads": 4, "dim": 96, "adaln_lora_rank": 16, "feature_channels": 64}
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
-        return cls(**values)
+    def paper_large(cls, **values) -> DiTConfig:
+        return cls.sized("paper_large", **values)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -333,7 +324,7 @@ class Re2PixDiT(nn.Module):
         self.cfg = cfg
         p, pt = cfg.patch_spatial, cfg.patch_temporal
         self.x_embedder = nn.Linear((cfg.latent_channels + 1) * p * p * pt, cfg.dim, bias=False)
-        self.feature_embedder = nn.Linear(cfg.feature_channels, cfg.dim, bias=False) if cfg.semantic else None
+        self.feature_embedder = nn.Linear(cfg.num_pca_channels, cfg.dim, bias=False) if cfg.semantic else None
         self.t_embedder = TimestepEmbedder(cfg)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.num_layers)])
         self.final_layer = FinalLayer(cfg)
@@ -357,7 +348,7 @@ class Re2PixDiT(nn.Module):
     def embed_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Resize features [B, T, Hf, Wf, C<=Cf] to the token grid and embed them: [B, T, Hs*Ws, dim].
 
-        Features with fewer channels than ``feature_channels`` (a reader that fetched only the first c
+        Features with fewer channels than ``num_pca_channels`` (a reader that fetched only the first c
         PCA channels) are zero-padded, which is exactly nested truncation to c channels.
         """
         if self.feature_embedder is None:
@@ -365,7 +356,7 @@ class Re2PixDiT(nn.Module):
         if features.ndim != 5:
             raise ValueError(f"features must be [B, T, Hf, Wf, C], got shape {tuple(features.shape)}")
         c = features.shape[-1]
-        cf = self.cfg.feature_channels
+        cf = self.cfg.num_pca_channels
         if c > cf:
             raise ValueError(f"features have {c} channels, the model takes at most {cf}")
         dtype = self.feature_embedder.weight.dtype

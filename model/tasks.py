@@ -1,9 +1,9 @@
 """What the shared loop trains: Stage 1 (masked feature transformer, or the feature diffusion model of
 model/stage1_diffusion.py), Stage 2 (semantic DiT), the Baseline (the same DiT without the feature
 branch), and REPA / VideoREPA (the Baseline DiT with an alignment loss to the features, model/repa.py).
-Each task builds its model from a preset name ('tiny', 'paper', or 'paper_large' for the 28-block DiT
-of Baseline-Large) plus overrides, with the sizes that come from the data (PCA channels read, feature
-grid, context frames) taken from the store, and computes the loss and the evaluation metrics.
+Each task builds its model from the model config of its stage's settings (jobs/train.py) with the sizes
+that come from the data (PCA channels read, feature grid, context frames, latent channels) taken from the
+store, and computes the loss and the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
+from pipeline.config import from_dict, to_dict
 from pipeline.store.geometry import Geometry
 
 from . import diffusion, repa, stage1, stage1_diffusion, stage2
@@ -26,13 +27,16 @@ class Stage1Task:
     needs_pred_features = False
     needs_latents = False
 
-    def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
+    config_class = stage1.Stage1Config
+
+    def __init__(self, model: stage1.Stage1Config, geometry: Geometry, channels: int, **settings):
+        """settings: the config class's own fields beyond Stage1Config's (the diffusion sampler's)."""
         data = {
             "num_pca_channels": channels,
             "feature_hw": geometry.feature_hw,
             "context_frames": geometry.context_latents,
         }
-        self.config = _preset(stage1.Stage1Config, preset)(**{**data, **(overrides or {})})
+        self.config = from_dict(self.config_class, {**to_dict(model), **settings, **data}, "the Stage 1 model")
         self.future = geometry.future_latents
 
     @property
@@ -44,7 +48,10 @@ class Stage1Task:
         return stage1.MaskedFeatureTransformer(self.config)
 
     def model_config(self) -> dict:
-        return _jsonable(dataclasses.asdict(self.config))
+        return to_dict(self.config)
+
+    def saved_config(self, saved: dict) -> dict:
+        return to_dict(from_dict(self.config_class, saved, "the checkpoint's model config"))
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         # a window of train_window frames from the loader (the target is its last), or whole clips
@@ -60,19 +67,24 @@ class Stage1Task:
         for batch in batches:
             feats = batch["features"]  # [B, 7, H, W, C]
             context, future = feats[:, :n], feats[:, n:]
-            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # [B, 3, H, W, C]
+            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # [B, 3, H, W, C], sampled or not
             means.update(feature_metrics(pred, future, first_frame=n))
             copy = context[:, -1:].expand_as(future)
             means.update(
                 {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
                 prefix="copy_last/",
             )
-            losses = [
-                stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
-                for t in range(n, feats.shape[1])
-            ]
-            means.update({"loss": torch.stack(losses).mean().expand(feats.shape[0])})
+            means.update({"loss": self.future_loss(model, feats, generator)})
         return means
+
+    def future_loss(self, model, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The teacher-forced loss of every future frame, [B] (the batch's mean for each clip)."""
+        n = self.config.context_frames
+        losses = [
+            stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
+            for t in range(n, feats.shape[1])
+        ]
+        return torch.stack(losses).mean().expand(feats.shape[0])
 
 
 class Stage1DiffusionTask(Stage1Task):
@@ -81,15 +93,7 @@ class Stage1DiffusionTask(Stage1Task):
     EDM loss on every future frame as "loss"."""
 
     name = "stage1_diffusion"
-
-    def __init__(self, preset: str, geometry: Geometry, channels: int, overrides: dict | None = None):
-        data = {
-            "num_pca_channels": channels,
-            "feature_hw": geometry.feature_hw,
-            "context_frames": geometry.context_latents,
-        }
-        self.config = _preset(stage1_diffusion.DiffusionStage1Config, preset)(**{**data, **(overrides or {})})
-        self.future = geometry.future_latents
+    config_class = stage1_diffusion.DiffusionStage1Config
 
     def build_model(self) -> stage1_diffusion.FeatureDiffusion:
         return stage1_diffusion.FeatureDiffusion(self.config)
@@ -98,25 +102,14 @@ class Stage1DiffusionTask(Stage1Task):
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         return stage1_diffusion.training_loss(model, context, target, generator)[0]
 
-    def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
-        means = Means()
+    def future_loss(self, model, feats: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The EDM loss of every future frame given its 4 ground-truth predecessors, [B]."""
         n = self.config.context_frames
-        for batch in batches:
-            feats = batch["features"]  # [B, 7, H, W, C]
-            context, future = feats[:, :n], feats[:, n:]
-            pred = stage1.rollout(model, context, steps=future.shape[1]).float()  # sampled: [B, 3, H, W, C]
-            means.update(feature_metrics(pred, future, first_frame=n))
-            copy = context[:, -1:].expand_as(future)
-            means.update(
-                {k: v for k, v in feature_metrics(copy, future, first_frame=n).items() if "@" not in k},
-                prefix="copy_last/",
-            )
-            losses = [
-                stage1_diffusion.training_loss(model, feats[:, t - n : t], feats[:, t], generator)[1]["loss_per_sample"]
-                for t in range(n, feats.shape[1])
-            ]
-            means.update({"loss": torch.stack(losses).mean(dim=0)})
-        return means
+        losses = [
+            stage1_diffusion.training_loss(model, feats[:, t - n : t], feats[:, t], generator)[1]["loss_per_sample"]
+            for t in range(n, feats.shape[1])
+        ]
+        return torch.stack(losses).mean(dim=0)
 
 
 class Stage2Task:
@@ -130,10 +123,9 @@ class Stage2Task:
 
     def __init__(
         self,
-        preset: str,
+        model: stage2.DiTConfig,
         geometry: Geometry,
         channels: int,
-        overrides: dict | None = None,
         *,
         semantic: bool = True,
         pred_p: float = 0.1,
@@ -142,8 +134,8 @@ class Stage2Task:
         sample_solver: str = "heun",
         sample_clips: int = 4,
     ):
-        data = {"feature_channels": channels, "latent_channels": geometry.latent_channels, "semantic": semantic}
-        self.config = _preset(stage2.DiTConfig, preset)(**{**data, **(overrides or {})})
+        data = {"num_pca_channels": channels, "latent_channels": geometry.latent_channels, "semantic": semantic}
+        self.config = from_dict(stage2.DiTConfig, {**to_dict(model), **data}, "the Stage 2 model")
         self.name = "stage2" if semantic else "baseline"
         self.context_latents = geometry.context_latents
         self.pred_p = pred_p if semantic else 0.0
@@ -155,7 +147,10 @@ class Stage2Task:
         return stage2.Re2PixDiT(self.config)
 
     def model_config(self) -> dict:
-        return _jsonable(dataclasses.asdict(self.config))
+        return to_dict(self.config)
+
+    def saved_config(self, saved: dict) -> dict:
+        return to_dict(from_dict(stage2.DiTConfig, saved, "the checkpoint's model config"))
 
     def _features(self, batch: dict, generator, train: bool):
         if not self.config.semantic:
@@ -216,21 +211,19 @@ class AlignTask(Stage2Task):
     def __init__(
         self,
         method: str,
-        preset: str,
+        model: stage2.DiTConfig,
         geometry: Geometry,
         channels: int,
-        overrides: dict | None = None,
-        align: dict | None = None,
+        align: repa.AlignConfig | None = None,
         *,
         sample_steps: int = 10,
         sample_solver: str = "heun",
         sample_clips: int = 4,
     ):
         super().__init__(
-            preset,
+            model,
             geometry,
             channels,
-            overrides,
             semantic=False,
             pred_p=0.0,
             nested_dropout=False,
@@ -239,13 +232,19 @@ class AlignTask(Stage2Task):
             sample_clips=sample_clips,
         )
         self.name = method
-        self.align = _preset(repa.AlignConfig, preset)(**{**(align or {}), "method": method})
+        self.align = dataclasses.replace(align or repa.AlignConfig(), method=method)
 
     def build_model(self) -> repa.AlignedDiT:
         return repa.AlignedDiT(self.config, self.align)
 
     def model_config(self) -> dict:
-        return {"dit": _jsonable(dataclasses.asdict(self.config)), "align": dataclasses.asdict(self.align)}
+        return {"dit": to_dict(self.config), "align": to_dict(self.align)}
+
+    def saved_config(self, saved: dict) -> dict:
+        return {
+            "dit": super().saved_config(saved.get("dit", {})),
+            "align": to_dict(from_dict(repa.AlignConfig, saved.get("align", {}), "the checkpoint's align config")),
+        }
 
     def loss(self, model, batch: dict, generator: torch.Generator):
         loss, logs = repa.training_loss(
@@ -283,17 +282,3 @@ class AlignTask(Stage2Task):
         for values in terms:
             means.update(values)
         return means
-
-
-MODEL_PRESETS = ("tiny", "paper", "paper_large")  # paper_large: Baseline-Large's DiT (stage2.DiTConfig only)
-
-
-def _preset(cls, preset: str):
-    if preset not in MODEL_PRESETS or not hasattr(cls, preset):
-        known = [p for p in MODEL_PRESETS if hasattr(cls, p)]
-        raise ValueError(f"model preset for {cls.__name__} must be one of {known}, got {preset!r}")
-    return getattr(cls, preset)
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -18,3 +18,9 @@ class TooManyFailuresError(Re2pixError):
     """More inputs failed than `--max-failures` allows; the work that succeeded is kept."""
 
     exit_code = 2
+
+
+class ConfigError(Re2pixError, ValueError):
+    """A setting that cannot work: an unknown key in a preset, a checkpoint's or a manifest's config, or a
+    value its class refuses. Also a ValueError, so that a reader of someone else's file (a manifest's
+    geometry) that refuses bad values keeps refusing these in the same words."""

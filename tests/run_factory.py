@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from model.checkpoint import save_checkpoint
 from model.stage1 import MaskedFeatureTransformer, Stage1Config
 from model.stage2 import DiTConfig, Re2PixDiT
-
-
-def _jsonable(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def perturb(model, seed):
@@ -32,13 +26,11 @@ def write_runs(root, stage1_channels=64, stage2_channels=64):
         1,
         model=s1,
         state={},
-        meta={"task": "stage1", "model_config": _jsonable(dataclasses.asdict(s1.config))},
+        meta={"task": "stage1", "model_config": s1.config.to_dict()},
     )
     for task, semantic in (("stage2", True), ("baseline", False)):
-        m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=stage2_channels)), 2)
-        save_checkpoint(
-            root / task, 1, model=m, state={}, meta={"task": task, "model_config": dataclasses.asdict(m.cfg)}
-        )
+        m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, num_pca_channels=stage2_channels)), 2)
+        save_checkpoint(root / task, 1, model=m, state={}, meta={"task": task, "model_config": m.cfg.to_dict()})
     return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
 
 

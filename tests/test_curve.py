@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     # Stage 2 keeps three checkpoints (steps 10, 20, 30), each with other weights; the Baseline two
     for task, semantic, steps in (("stage2", True, (10, 20, 30)), ("baseline", False, (10, 20))):
         for step in steps:
-            m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, feature_channels=64)), step)
+            m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, num_pca_channels=64)), step)
             save_checkpoint(
                 root / "runs" / task,
                 step,
@@ -44,7 +44,7 @@ def config(setup, **kw):
     values = dict(
         store=str(root / "store.zarr"),
         samples=2,
-        steps=2,
+        sample_steps=2,
         threads=1,
         progress=False,
         decode=False,

@@ -26,13 +26,14 @@ from tests.store_factory import make_store
 # --------------------------------------------------------------------------- DPT heads
 
 
-def test_dpt_head_paper_configuration():
-    head = DPTHead(DPTConfig.paper("segmentation"))
-    assert [p.in_channels for p in head.projects] == [768] * 4
-    assert [p.out_channels for p in head.projects] == [128, 256, 512, 512]
-    assert [getattr(head.scratch, f"layer{i}_rn").out_channels for i in range(1, 5)] == [256] * 4
-    assert head.scratch.output_conv2[-1].out_channels == 19
-    assert DPTHead(DPTConfig.paper("depth")).scratch.output_conv2[-1].out_channels == 256
+def test_dpt_paper_heads_map_dinov2_base_blocks_to_per_pixel_classes_and_depth_bins():
+    # four 768-d DINOv2-B blocks on an h x w patch grid -> logits at the input's pixels (h, w x 14)
+    blocks = [torch.randn(1, 768, 3, 4) for _ in range(4)]
+    with torch.no_grad():
+        seg = DPTHead(DPTConfig.paper("segmentation")).eval()(blocks)
+        depth = DPTHead(DPTConfig.paper("depth")).eval()(blocks)
+    assert seg.shape == (1, 19, 3 * 14, 4 * 14) and depth.shape == (1, 256, 3 * 14, 4 * 14)
+    assert torch.isfinite(seg).all() and torch.isfinite(depth).all()
 
 
 def test_dpt_head_shapes_and_checkpoint_round_trip(tmp_path):
@@ -117,7 +118,7 @@ def config(setup, **kw):
     values = dict(
         store=str(root / "store.zarr"),
         samples=2,
-        steps=2,
+        sample_steps=2,
         threads=1,
         progress=False,
         out=str(root / "results.json"),

@@ -23,7 +23,7 @@ def evaluate(tmp_path, store):
         EvaluateConfig(
             store=str(store),
             samples=1,
-            steps=2,
+            sample_steps=2,
             threads=1,
             progress=False,
             out=None,

@@ -169,8 +169,7 @@ def test_a_truncated_shard_is_damage_naming_its_row(store):
 
 # ---- finding 2: resume trusts damaged weights --------------------------------------------------------
 STAGE1 = {
-    "model": "tiny",
-    "model_overrides": {"hidden": 48, "heads": 4, "depth": 1},
+    "model": {"size": "tiny", "dim": 48, "num_heads": 4, "num_layers": 1},
     "batch_size": 2,
     "steps": 4,
     "lr": 0.002,

@@ -14,6 +14,7 @@ from jobs.train import main as train_main
 from model.checkpoint import latest_checkpoint, load_state, read_meta
 from model.data import apportion, open_stream, parse_store_list
 from pipeline.store.format import StoreError
+from pipeline.errors import ConfigError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
 from tests.store_factory import CountingSource, make_store
@@ -134,11 +135,11 @@ def test_weighted_webdataset_sources_draw_shards_by_weight(stores, tmp_path):
 
 def test_training_mixes_weighted_stores_and_records_the_weights(stores, tmp_path):
     a, b = _paths(stores)
-    stage1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2}
+    stage1 = {"model": {"size": "tiny", "dim": 48, "num_heads": 4}, "batch_size": 2, "steps": 2}
     stage1 |= {"ckpt_every": 2, "log_every": 1, "eval_every": 0}
     args = ["--stage", "1", "--run-dir", str(tmp_path), "--val-clips", "1", "--no-progress", "--workers", "0"]
     args += ["--threads", "1", "--stage1", json.dumps(stage1)]
-    with pytest.raises(SystemExit, match="--val-store takes no mixing weights"):
+    with pytest.raises(ConfigError, match="--val-store takes no mixing weights"):
         train_main([*args, "--store", f"{a}:1,{b}:3", "--val-store", f"{b}:1"])
     train_main([*args, "--store", f"{a}:1,{b}:3"])
     meta = read_meta(latest_checkpoint(tmp_path / "stage1"))
@@ -227,7 +228,7 @@ def test_training_stopped_under_torchrun_at_2_ranks_resumes_on_1(tmp_path):
     root = Path(__file__).resolve().parents[1]
     store = tmp_path / "store.zarr"
     make_store(store, scenes=3, frames=33, channel_chunk=16)  # 9 clips, 3 held out: 6 train
-    stage1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 4, "grad_accum": 2}
+    stage1 = {"model": {"size": "tiny", "dim": 48, "num_heads": 4}, "batch_size": 4, "grad_accum": 2}
     stage1 |= {"steps": 2, "ckpt_every": 2, "log_every": 1, "eval_every": 0}
     args = ["--stage", "1", "--store", str(store), "--run-dir", str(tmp_path / "run"), "--val-clips", "3"]
     args += ["--no-progress", "--workers", "0", "--threads", "1", "--stage1", json.dumps(stage1)]

@@ -32,7 +32,7 @@ def config(setup, **kw):
     from jobs.predict import PredictConfig
 
     root, runs = setup
-    values = dict(store=str(root / "store.zarr"), steps=2, out=str(root / "out"), threads=1, **runs)
+    values = dict(store=str(root / "store.zarr"), sample_steps=2, out=str(root / "out"), threads=1, **runs)
     values.update(kw)
     return PredictConfig(**values)
 

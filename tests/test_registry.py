@@ -172,8 +172,7 @@ def test_a_wan22_store_has_48_latent_channels_and_trains_stage2(wan22_store, tmp
     assert store.manifest["encoders"]["vae"]["name"] == "wan2.2_vae"
     assert len(store.manifest["latent_norm"]["mean"]) == 48
     settings = {
-        "model": "tiny",
-        "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+        "model": {"size": "tiny", "dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
         "batch_size": 2,
         "steps": 3,
         "log_every": 1,

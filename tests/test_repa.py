@@ -72,9 +72,9 @@ def test_paper_presets_build_the_table_1_rows(argv, expected):
     cfg = parse(argv)
     sc = stage_config(cfg, "stage2")
     if cfg.stage == "baseline":
-        task = Stage2Task(sc.model, PAPER, PAPER.num_pca_channels, sc.model_overrides, semantic=False)
+        task = Stage2Task(sc.model, PAPER, PAPER.num_pca_channels, semantic=False)
     else:
-        task = AlignTask(cfg.stage, sc.model, PAPER, PAPER.num_pca_channels, sc.model_overrides, sc.align)
+        task = AlignTask(cfg.stage, sc.model, PAPER, PAPER.num_pca_channels, sc.align)
         assert (task.align.weight, task.align.projector_dim, task.align.depth_for(14)) == (0.5, 2048, 4)
     with torch.device("meta"):
         model = task.build_model()
@@ -180,7 +180,7 @@ def test_trd_distils_relations_not_the_features_themselves():
 
 
 def test_target_is_the_fusions_resize_of_the_features():
-    sem = Re2PixDiT(DiTConfig.tiny(feature_channels=64))
+    sem = Re2PixDiT(DiTConfig.tiny(num_pca_channels=64))
     _, features = _batch()
     with torch.no_grad():
         sem.feature_embedder.weight.copy_(torch.eye(96, 64))  # the embedding reads the resized features out
@@ -222,8 +222,7 @@ def store(tmp_path_factory):
 
 
 STAGE2 = {
-    "model": "tiny",
-    "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+    "model": {"size": "tiny", "dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
     "batch_size": 2,
     "steps": 3,
     "log_every": 1,

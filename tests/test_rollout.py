@@ -20,7 +20,7 @@ from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 from tests.store_factory import make_store
 
-TINY1 = {"model": "tiny", "model_overrides": {"hidden": 48, "heads": 4}, "batch_size": 2, "steps": 2, "log_every": 1}
+TINY1 = {"model": {"size": "tiny", "dim": 48, "num_heads": 4}, "batch_size": 2, "steps": 2, "log_every": 1}
 
 
 def _train_stage1(store, run_dir, seed=0):
@@ -142,8 +142,7 @@ def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):
     store = str(tmp_path / "store.zarr")
     make_store(store, scenes=3, frames=33, channel_chunk=16)  # 9 clips: 6 to train, 3 held out
     stage2 = {
-        "model": "tiny",
-        "model_overrides": {"dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
+        "model": {"size": "tiny", "dim": 48, "num_heads": 4, "adaln_lora_rank": 8},
         "batch_size": 2,
         "steps": 2,
         "log_every": 1,
@@ -181,7 +180,7 @@ def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):
     assert {"loss", "sample_mse", "sample_mse_gt_features", "copy_last_mse"} <= set(s2["eval"])
     assert {"loss", "sample_mse", "copy_last_mse"} <= set(bl["eval"])
     meta1, meta2, metab = (read_meta(latest_checkpoint(tmp_path / "run" / s)) for s in ("stage1", "stage2", "baseline"))
-    assert meta1["model_config"]["num_pca_channels"] == 16 and meta2["model_config"]["feature_channels"] == 64
+    assert meta1["model_config"]["num_pca_channels"] == 16 and meta2["model_config"]["num_pca_channels"] == 64
     assert meta2["model_config"]["semantic"] and not metab["model_config"]["semantic"]
     assert meta2["data"]["with_pred"] and not metab["data"]["with_pred"]
     assert {"stage1", "stage2", "baseline"} == {p.name for p in (tmp_path / "run").iterdir()}

@@ -29,11 +29,12 @@ def test_listing_and_frames():
     assert src.describe()["source_root"] == "builtin:synthetic" and src.describe()["fps"] == 12.0
 
 
-def test_get_source_defaults():
-    src = get_source("synthetic", None, "val")
-    assert src.name == "synthetic" and src.split == "val" and src.fps == 10.0
-    assert len(src.scenes()) == 8 and len(src.frames("scene-0000")) == 49
-    assert read(src, "scene-0000", 0).shape == (144, 256, 3)
+def test_get_source_passes_the_adapters_options_and_needs_no_data_root():
+    # what the cache job's --source-options reach
+    src = get_source("synthetic", None, "val", num_scenes=2, frames_per_scene=7, height=32, width=48, fps=5.0)
+    assert src.split == "val" and len(src.scenes()) == 2 and len(src.frames(src.scenes()[1])) == 7
+    assert read(src, src.scenes()[1], 6).shape == (32, 48, 3)
+    assert src.frames(src.scenes()[0])[5].timestamp == pytest.approx(1.0)
 
 
 def test_deterministic_per_seed():

@@ -32,14 +32,14 @@ def _features(b: int, t: int, cfg: Stage1Config, seed: int = 0) -> torch.Tensor:
 def test_tiny_forward_shapes():
     cfg = Stage1Config.tiny()
     assert cfg.num_frames == 5 and cfg.context_frames == 4
-    assert 64 <= cfg.hidden <= 96 and 2 <= cfg.depth <= 4 and cfg.heads == 4
+    assert 64 <= cfg.dim <= 96 and 2 <= cfg.num_layers <= 4 and cfg.num_heads == 4
     model = _tiny_model()
     context = _features(2, 4, cfg)
     pred = model(context)
     assert pred.shape == (2, *cfg.feature_hw, cfg.num_pca_channels)
     assert torch.isfinite(pred).all()
     # Transformer input: context + one masked frame, at hidden width.
-    assert model.embed(context).shape == (2, 5, *cfg.feature_hw, cfg.hidden)
+    assert model.embed(context).shape == (2, 5, *cfg.feature_hw, cfg.dim)
     # fp16 features (as stored) are accepted.
     assert model(context.half()).dtype == torch.float32
 
@@ -66,7 +66,7 @@ def test_target_frame_is_replaced_by_mask_token():
         # embedding, the same for every sample; frames 0-3 are the projected context.
         tokens = model.embed(window[:, :4])
         pos = model.pos_embed()  # [T, H, W, d]
-        expected_mask = model.mask_token.expand(*cfg.feature_hw, cfg.hidden) + pos[4]
+        expected_mask = model.mask_token.expand(*cfg.feature_hw, cfg.dim) + pos[4]
         torch.testing.assert_close(tokens[:, 4], expected_mask.expand(2, -1, -1, -1))
         torch.testing.assert_close(tokens[:, :4], model.input_proj(window[:, :4]) + pos[:4])
         # The output does depend on the context (the test above is not vacuous).
@@ -88,7 +88,7 @@ def test_position_embeddings_break_symmetry():
     with torch.no_grad():
         pred = model(const)
     assert pred.std(dim=(1, 2)).mean() > 1e-4
-    assert model.pos_embed().shape == (5, *cfg.feature_hw, cfg.hidden)
+    assert model.pos_embed().shape == (5, *cfg.feature_hw, cfg.dim)
 
 
 def test_rejects_wrong_shapes():
@@ -101,32 +101,32 @@ def test_rejects_wrong_shapes():
     with pytest.raises(ValueError):
         model(torch.randn(1, 4, *cfg.feature_hw, 32))  # wrong channels
     with pytest.raises(ValueError):
-        Stage1Config.tiny(hidden=100)  # not divisible by 3 for the (t, h, w) tables
+        Stage1Config.tiny(dim=100)  # not divisible by 3 for the (t, h, w) tables
     with pytest.raises(ValueError):
-        Stage1Config.tiny(hidden=96, heads=5)
+        Stage1Config.tiny(dim=96, num_heads=5)
 
 
 def test_config_round_trips_through_a_dict():
-    cfg = Stage1Config.tiny(depth=3)
+    cfg = Stage1Config.tiny(num_layers=3)
     # JSON turns the (H, W) tuple into a list; from_dict restores it.
     values = {**cfg.to_dict(), "feature_hw": list(cfg.feature_hw)}
     assert Stage1Config.from_dict(values) == cfg
     with pytest.raises(ValueError):
-        Stage1Config.from_dict({**cfg.to_dict(), "num_layers": 3})
+        Stage1Config.from_dict({**cfg.to_dict(), "num_blocks": 3})
 
 
 def test_paper_preset_parameter_count():
     cfg = Stage1Config.paper()
-    assert (cfg.hidden, cfg.depth, cfg.heads, cfg.num_pca_channels) == (1152, 12, 8, 1152)
+    assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.num_pca_channels) == (1152, 12, 8, 1152)
     assert cfg.feature_hw == (32, 56) and cfg.num_frames == 5
     with torch.device("meta"):
         model = MaskedFeatureTransformer(cfg)
     n = sum(p.numel() for p in model.parameters())
     print(f"Stage 1 paper preset: {n:,} parameters")
-    d, c, (h, w) = cfg.hidden, cfg.num_pca_channels, cfg.feature_hw
+    d, c, (h, w) = cfg.dim, cfg.num_pca_channels, cfg.feature_hw
     per_block = 2 * (4 * d * d + 4 * d) + (8 * d * d + 5 * d) + 3 * 2 * d  # 2 attentions, MLP, 3 norms
     expected = (
-        cfg.depth * per_block
+        cfg.num_layers * per_block
         + 2 * (c * d + d)  # input projection (C -> d), output projection (d -> C), with biases
         + (cfg.num_frames + h + w) * (d // 3)  # t, h, w position tables
         + 2 * d  # final norm
@@ -209,7 +209,7 @@ def test_loss_is_smooth_l1_with_dino_foresight_beta():
 
 
 def test_gradient_checkpointing_matches():
-    cfg = Stage1Config.tiny(depth=2)
+    cfg = Stage1Config.tiny(num_layers=2)
     x = _features(2, 4, cfg, seed=4)
     y = _features(2, 1, cfg, seed=5)[:, 0]
     grads = []

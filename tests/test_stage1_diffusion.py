@@ -29,7 +29,7 @@ def _moving_clips(n=2, seed=0):
 
 
 def _config(**kw):
-    return DiffusionStage1Config.tiny(**{"num_pca_channels": 16, "hidden": 48, "heads": 4, "sample_steps": 8, **kw})
+    return DiffusionStage1Config.tiny(**{"num_pca_channels": 16, "dim": 48, "num_heads": 4, "sample_steps": 8, **kw})
 
 
 def test_fresh_denoiser_outputs_zero_and_the_context_comes_back_unchanged():
@@ -103,14 +103,14 @@ def store(tmp_path_factory):
 
 def test_trainer_trains_it_and_the_rollout_job_writes_sampled_features(store, tmp_path):
     stage1 = {
-        "model": "tiny",
         "diffusion": True,
         "channels": 16,
         "batch_size": 2,
         "steps": 3,
         "log_every": 1,
         "ckpt_every": 3,
-        "model_overrides": {"hidden": 48, "heads": 4, "sample_steps": 2},
+        "model": {"size": "tiny", "dim": 48, "num_heads": 4},
+        "sample_steps": 2,
     }
     assert (
         train_main(

@@ -55,7 +55,7 @@ def test_paper_param_count_matches_baseline_782m():
         2,
         1,
     )
-    assert (cfg.latent_channels, cfg.mlp_ratio, cfg.adaln_lora_rank, cfg.feature_channels) == (
+    assert (cfg.latent_channels, cfg.mlp_ratio, cfg.adaln_lora_rank, cfg.num_pca_channels) == (
         16,
         4.0,
         256,

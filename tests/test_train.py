@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Stage 1 with dropout (the global RNG), EMA, gradient accumulation, warmup + cosine: every piece of
 # state a resume has to restore
 STAGE1 = {
-    "model": "tiny",
-    "model_overrides": {"dropout": 0.1, "hidden": 48, "heads": 4},
+    "model": {"size": "tiny", "dropout": 0.1, "dim": 48, "num_heads": 4},
     "batch_size": 4,
     "grad_accum": 2,
     "steps": 6,

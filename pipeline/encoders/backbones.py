@@ -19,8 +19,9 @@ import json
 import torch
 
 from ..frames import resize
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, to_nchw_float
-from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
+from ..store.geometry import TINY
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, checked_grid, feature_record, to_nchw_float
+from .hashing import EncoderWeightsError, HashedWeights, backbone_weights, load_pretrained, seeded
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 # tiny presets: small random configs of the real architectures, sized to fit geometry.TINY
@@ -39,7 +40,7 @@ SIGLIP2_DEFAULT = "google/siglip2-base-patch16-224"
 _FINAL_NORMS = ("layernorm", "post_layernorm", "norm", "ln_post")
 
 
-class ImageBackbone:
+class ImageBackbone(HashedWeights):
     """`encoder(frames)` uint8 [B, H, W, 3] -> features [B, h, w, len(layers) * hidden] float32 on `device`."""
 
     def __init__(
@@ -60,12 +61,7 @@ class ImageBackbone:
         cfg = model.config
         self.name = name
         self.patch_size = int(cfg.patch_size)
-        self.input_hw = tuple(int(s) for s in input_hw)
-        self.layers = tuple(int(i) for i in layers)
-        if any(s % self.patch_size for s in self.input_hw):
-            raise ValueError(f"input_hw {self.input_hw} must be multiples of the patch size {self.patch_size}")
-        if not self.layers or not all(1 <= i <= cfg.num_hidden_layers for i in self.layers):
-            raise ValueError(f"layers {self.layers} must be 1-based block indices in 1..{cfg.num_hidden_layers}")
+        self.input_hw, self.layers = checked_grid(input_hw, layers, self.patch_size, cfg.num_hidden_layers)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -76,7 +72,6 @@ class ImageBackbone:
         self._std = torch.tensor(self.std_rgb, device=self.device).view(1, 3, 1, 1)
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self.weights_id, self.revision, self.tiny_config = weights_id, revision, tiny_config
-        self._sha256 = None
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -96,22 +91,7 @@ class ImageBackbone:
 
     def describe(self) -> dict:
         """What the store manifest records about this encoder (same keys as DinoV2Encoder's)."""
-        if self._sha256 is None:
-            self._sha256 = state_dict_sha256(self.model)
-        d = {
-            "name": self.name,
-            "weights_id": self.weights_id,
-            "revision": self.revision,
-            "sha256": self._sha256,
-            "input_size": list(self.input_hw),
-            "layers": list(self.layers),
-            "layernorm": self.norm_name,
-            "tokens": "patch",
-            "resize": "bilinear-antialias-nocrop",
-            "normalization": {"mean": self.mean_rgb, "std": self.std_rgb},
-            "patch_size": self.patch_size,
-            "feature_dim": self.feature_dim,
-        }
+        d = feature_record(self, self.model, self.norm_name, {"mean": self.mean_rgb, "std": self.std_rgb})
         if self.tiny_config is not None:
             d["config"] = self.tiny_config
         return d
@@ -130,9 +110,7 @@ def _final_norm(model):
 def tiny_siglip_model():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP))
+    return seeded(lambda: SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)), TINY_SEED)
 
 
 def _even_layers(num_layers: int, n: int = 4) -> tuple[int, ...]:
@@ -166,29 +144,15 @@ def load_siglip2(
     cache_dir=None,
 ) -> ImageBackbone:
     """SigLIP-2's vision tower: "tiny" (random), a hub id or a local folder (vision or full SigLIP checkpoint)."""
-    if spec == "tiny":
-        model, wid, rev, tiny = tiny_siglip_model(), "tiny", None, {**TINY_SIGLIP, "seed": TINY_SEED}
-        mean, std = SIGLIP_MEAN, SIGLIP_STD
-    else:
-        from transformers import SiglipVisionModel
-
-        local, wid, rev = resolve_weights(
-            spec,
-            flag="--encoder",
-            allow_patterns=["*.json", "*.safetensors"],
-            allow_download=allow_download,
-            revision=revision,
-            cache_dir=cache_dir,
-        )
-        try:
-            model = SiglipVisionModel.from_pretrained(local, local_files_only=True).float()
-        except (OSError, ValueError) as e:
-            raise EncoderWeightsError(f"could not load SigLIP weights from {local} (for {spec!r}): {e}") from e
-        mean, std = _pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
-        tiny = None
+    where = {"allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    tiny_config = {**TINY_SIGLIP, "seed": TINY_SEED}
+    model, local, wid, rev, tiny = backbone_weights(
+        spec, tiny_siglip_model, tiny_config, "SiglipVisionModel", "SigLIP weights", **where
+    )
+    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if local is None else _pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
     p = int(model.config.patch_size)
     if input_hw is None:  # tiny: geometry.TINY's; else a 28 x 48 grid (448 x 768 at patch 16)
-        input_hw = (112, 196) if spec == "tiny" else (28 * p, 48 * p)
+        input_hw = TINY.dino_input_hw if spec == "tiny" else (28 * p, 48 * p)
     return ImageBackbone(
         model,
         name="siglip2",
@@ -219,18 +183,15 @@ def load_hf_backbone(
     two-tower checkpoint (CLIP, SigLIP) is taken. Pixel statistics from its preprocessor config."""
     from transformers import AutoModel
 
-    local, wid, rev = resolve_weights(
+    model, local, wid, rev = load_pretrained(
+        AutoModel,
         spec,
+        "a transformers model",
         flag="--encoder",
-        allow_patterns=["*.json", "*.safetensors"],
         allow_download=allow_download,
         revision=revision,
         cache_dir=cache_dir,
     )
-    try:
-        model = AutoModel.from_pretrained(local, local_files_only=True).float()
-    except (OSError, ValueError) as e:
-        raise EncoderWeightsError(f"could not load a transformers model from {local} (for {spec!r}): {e}") from e
     if hasattr(model, "vision_model") and hasattr(model.config, "vision_config"):
         model = model.vision_model  # two-tower: keep the image tower
         model.config = model.config if hasattr(model.config, "patch_size") else model.config.vision_config

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..frames import resize
-from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
+from ..store.geometry import PAPER, TINY
+from .hashing import HashedWeights, load_demo_model, load_pretrained, seeded
 
 if TYPE_CHECKING:  # transformers is imported only when a model is built or loaded
     from transformers import Dinov2WithRegistersModel
@@ -38,10 +39,11 @@ TINY_SEED = 0
 # demo preset: the tiny architecture TRAINED on the synthetic set's class maps and depth by
 # `python -m jobs.train_demo_dinov2` (weights/demo_dinov2.{safetensors,json}): semantic patch features
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_dinov2"
+# input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
 PRESETS = {
-    "tiny": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
-    "demo": {"input_hw": (112, 196), "layers": (1, 2, 3, 4)},
-    "default": {"input_hw": (448, 784), "layers": (3, 6, 9, 12)},
+    "tiny": {"input_hw": TINY.dino_input_hw, "layers": (1, 2, 3, 4)},
+    "demo": {"input_hw": TINY.dino_input_hw, "layers": (1, 2, 3, 4)},
+    "default": {"input_hw": PAPER.dino_input_hw, "layers": (3, 6, 9, 12)},
 }
 
 
@@ -53,7 +55,36 @@ def to_nchw_float(frames, device) -> torch.Tensor:
     return frames.to(device).permute(0, 3, 1, 2).float() / 255.0  # move as uint8, convert on device
 
 
-class DinoV2Encoder:
+def checked_grid(input_hw, layers, patch_size: int, num_layers: int) -> tuple[tuple, tuple]:
+    """(input_hw, layers) as int tuples, refused unless the input is whole patches and the layers are
+    1-based block indices of the model."""
+    input_hw, layers = tuple(int(s) for s in input_hw), tuple(int(i) for i in layers)
+    if any(s % patch_size for s in input_hw):
+        raise ValueError(f"input_hw {input_hw} must be multiples of the patch size {patch_size}")
+    if not layers or not all(1 <= i <= num_layers for i in layers):
+        raise ValueError(f"layers {layers} must be 1-based block indices in 1..{num_layers}")
+    return input_hw, layers
+
+
+IMAGENET_NORMALIZATION = {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def feature_record(encoder, module, layernorm: str, normalization: dict) -> dict:
+    """The manifest record every feature encoder starts with (DINOv2, the image and video backbones)."""
+    return {
+        **encoder.weights_identity(module),
+        "input_size": list(encoder.input_hw),
+        "layers": list(encoder.layers),
+        "layernorm": layernorm,
+        "tokens": "patch",
+        "resize": "bilinear-antialias-nocrop",
+        "normalization": normalization,
+        "patch_size": encoder.patch_size,
+        "feature_dim": encoder.feature_dim,
+    }
+
+
+class DinoV2Encoder(HashedWeights):
     """Frozen DINOv2-Reg. `encoder(frames)` -> features [B, h, w, len(layers) * hidden] float32 on `device`."""
 
     name = "dinov2_with_registers"
@@ -71,12 +102,7 @@ class DinoV2Encoder:
     ):
         cfg = model.config
         self.patch_size = int(cfg.patch_size)
-        self.input_hw = tuple(int(s) for s in input_hw)
-        self.layers = tuple(int(i) for i in layers)
-        if any(s % self.patch_size for s in self.input_hw):
-            raise ValueError(f"input_hw {self.input_hw} must be multiples of the patch size {self.patch_size}")
-        if not self.layers or not all(1 <= i <= cfg.num_hidden_layers for i in self.layers):
-            raise ValueError(f"layers {self.layers} must be 1-based block indices in 1..{cfg.num_hidden_layers}")
+        self.input_hw, self.layers = checked_grid(input_hw, layers, self.patch_size, cfg.num_hidden_layers)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -85,7 +111,6 @@ class DinoV2Encoder:
         self.weights_id, self.revision = weights_id, revision
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        self._sha256 = None
 
     @property
     def grid_hw(self) -> tuple[int, int]:  # (32, 56) at 448 x 784
@@ -110,22 +135,7 @@ class DinoV2Encoder:
 
     def describe(self) -> dict:
         """What the store manifest records about this encoder."""
-        if self._sha256 is None:
-            self._sha256 = state_dict_sha256(self.model)
-        d = {
-            "name": self.name,
-            "weights_id": self.weights_id,
-            "revision": self.revision,
-            "sha256": self._sha256,
-            "input_size": list(self.input_hw),
-            "layers": list(self.layers),
-            "layernorm": "final",
-            "tokens": "patch",
-            "resize": "bilinear-antialias-nocrop",
-            "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "patch_size": self.patch_size,
-            "feature_dim": self.feature_dim,
-        }
+        d = feature_record(self, self.model, "final", IMAGENET_NORMALIZATION)
         if self.weights_id == "tiny":
             d["config"] = {**TINY_CONFIG, "seed": TINY_SEED}
         if self.weights_id == "demo":
@@ -137,33 +147,20 @@ def tiny_dinov2_model() -> Dinov2WithRegistersModel:
     """The tiny preset's model: deterministic random weights (same seed -> same sha256)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_CONFIG))
+    return seeded(lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_CONFIG)), TINY_SEED)
 
 
 def demo_dinov2_model(stem: Path = DEMO_WEIGHTS) -> Dinov2WithRegistersModel:
     """The demo preset's trained model from weights/demo_dinov2.{safetensors,json} (no pickle)."""
-    import json
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not weights.is_file() or not meta.is_file():
-        raise EncoderWeightsError(
-            f"the demo DINOv2's weights are missing ({weights}, {meta.name}): train them "
-            "with `python -m jobs.train_demo_dinov2` (a few minutes on the CPU)"
-        )
-    try:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**json.loads(meta.read_text())["config"]))
-        model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise EncoderWeightsError(
-            f"could not load the demo DINOv2 from {weights}: {e}; retrain it with `python -m jobs.train_demo_dinov2`"
-        ) from e
-    return model.float()
+    return load_demo_model(
+        stem,
+        lambda config: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config)),
+        what="DINOv2",
+        train="jobs.train_demo_dinov2",
+        took="a few minutes on the CPU",
+    )
 
 
 def load_dinov2(
@@ -189,20 +186,17 @@ def load_dinov2(
     elif spec == "demo":
         model, weights_id, rev = demo_dinov2_model(), "demo", None
     else:
-        local, weights_id, rev = resolve_weights(
+        from transformers import Dinov2WithRegistersModel
+
+        model, _, weights_id, rev = load_pretrained(
+            Dinov2WithRegistersModel,
             spec,
+            "DINOv2-Reg weights",
             flag="--dinov2",
-            allow_patterns=["*.json", "*.safetensors"],
             allow_download=allow_download,
             revision=revision,
             cache_dir=cache_dir,
         )
-        from transformers import Dinov2WithRegistersModel
-
-        try:
-            model = Dinov2WithRegistersModel.from_pretrained(local, local_files_only=True).float()
-        except (OSError, ValueError) as e:
-            raise EncoderWeightsError(f"could not load DINOv2-Reg weights from {local} (for {spec!r}): {e}") from e
     return DinoV2Encoder(
         model,
         input_hw=input_hw,

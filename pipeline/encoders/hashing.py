@@ -35,11 +35,30 @@ def state_dict_sha256(module) -> str:
     return h.hexdigest()
 
 
+WEIGHT_FILES = ("*.json", "*.safetensors")  # what a hub snapshot fetches: configs and weights, no pickles
+
+
+class HashedWeights:
+    """What a store manifest records first about every encoder: its name, weights id, revision and the
+    sha256 of its weights as loaded (computed once, on first use)."""
+
+    name: str
+    weights_id: str
+    revision: str | None
+    _sha256: str | None = None
+
+    def weights_identity(self, module) -> dict:
+        if self._sha256 is None:
+            self._sha256 = state_dict_sha256(module)
+        return {"name": self.name, "weights_id": self.weights_id, "revision": self.revision, "sha256": self._sha256}
+
+
 def resolve_weights(
     spec: str,
     *,
     flag: str,
-    allow_patterns: list[str],
+    allow_patterns=WEIGHT_FILES,
+    subfolder: str | None = None,
     allow_download: bool = False,
     revision: str | None = None,
     cache_dir: str | None = None,
@@ -49,7 +68,78 @@ def resolve_weights(
     weights_id is the hub id, or the absolute path of a local folder; revision is the hub commit
     (None for a local folder). Hub ids are looked up in the local Hugging Face cache only, unless
     allow_download. `flag` names the command-line option that sets the spec, for the error message.
+    With `subfolder` (a diffusers repo's "vae"), only that folder is fetched, and the local folder is
+    it when it holds a config.json (else the folder given is taken to be the VAE's own).
     """
+    local, weights_id, rev = _locate(
+        spec, flag, [f"{subfolder}/*"] if subfolder else list(allow_patterns), allow_download, revision, cache_dir
+    )
+    if subfolder and (local / subfolder / "config.json").is_file():
+        local = local / subfolder
+    return local, weights_id, rev
+
+
+def load_pretrained(cls, spec: str, what: str, *, flag: str, **where) -> tuple:
+    """`cls.from_pretrained` (transformers or diffusers) of the weights `spec` names, from local files only,
+    in float32: (model, local folder, weights_id, revision). `where`: resolve_weights' keywords."""
+    local, weights_id, rev = resolve_weights(spec, flag=flag, **where)
+    return from_pretrained(cls, local, spec, what), local, weights_id, rev
+
+
+def backbone_weights(spec: str, tiny_model, tiny_config: dict, model_class: str, what: str, **where) -> tuple:
+    """(model, local folder or None, weights_id, revision, the tiny config to record or None) of a feature
+    backbone's spec: "tiny" is the preset's seeded random model, anything else `transformers.<model_class>`
+    by load_pretrained (flag --encoder; `where`: resolve_weights' keywords)."""
+    if spec == "tiny":
+        return tiny_model(), None, "tiny", None, tiny_config
+    import transformers
+
+    model, local, wid, rev = load_pretrained(getattr(transformers, model_class), spec, what, flag="--encoder", **where)
+    return model, local, wid, rev, None
+
+
+def from_pretrained(cls, local: Path, spec: str, what: str):
+    try:
+        return cls.from_pretrained(local, local_files_only=True).float()
+    except (OSError, ValueError) as e:
+        raise EncoderWeightsError(f"could not load {what} from {local} (for {spec!r}): {e}") from e
+
+
+def load_demo_model(stem: Path, build, *, what: str, train: str, took: str):
+    """A demo preset's trained model: `build(config)` from stem.json's "config", its weights from
+    stem.safetensors (no pickle); missing or unreadable files name the job that trains them."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file() or not meta.is_file():
+        raise EncoderWeightsError(
+            f"the demo {what}'s weights are missing ({weights}, {meta.name}): train them "
+            f"with `python -m {train}` ({took})"
+        )
+    try:
+        model = build(json.loads(meta.read_text())["config"])
+        model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise EncoderWeightsError(
+            f"could not load the demo {what} from {weights}: {e}; retrain it with `python -m {train}`"
+        ) from e
+    return model.float()
+
+
+def seeded(build, seed: int):
+    """`build()` under torch's global seed `seed`, leaving the caller's random state as it was: a tiny
+    preset's deterministic random weights (same seed -> same sha256)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _locate(spec, flag, allow_patterns, allow_download, revision, cache_dir) -> tuple[Path, str, str | None]:
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         return path.resolve(), str(path.resolve()), None

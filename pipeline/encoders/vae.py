@@ -16,8 +16,9 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from ..frames import resize
+from ..store.geometry import PAPER, TINY
 from .dinov2 import to_nchw_float
-from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
+from .hashing import HashedWeights, load_demo_model, load_pretrained, seeded
 
 DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # tiny preset: same architecture (z_dim 16, 8x spatial, 4x temporal, default latents_mean/std) from a
@@ -41,18 +42,19 @@ TINY_WAN22_CONFIG = {
 TINY_SEED = 0
 # demo preset: the same architecture at a small width, TRAINED on the synthetic driving set by
 # `python -m jobs.train_demo_vae` (weights + config with its own latents_mean/std in weights/), so that
-# the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents, matches geometry.TINY
+# the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents at geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
+# input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
 PRESETS = {
-    "tiny": {"input_hw": (96, 160)},
-    "tiny-wan2.2": {"input_hw": (96, 160)},
-    "demo": {"input_hw": (96, 160)},
-    "default": {"input_hw": (432, 768)},
+    "tiny": {"input_hw": TINY.vae_input_hw},
+    "tiny-wan2.2": {"input_hw": TINY.vae_input_hw},
+    "demo": {"input_hw": TINY.vae_input_hw},
+    "default": {"input_hw": PAPER.vae_input_hw},
 }
 _TINY = {"tiny": TINY_CONFIG, "tiny-wan2.2": TINY_WAN22_CONFIG}
 
 
-class WanVAEEncoder:
+class WanVAEEncoder(HashedWeights):
     """Frozen WAN VAE. `encoder(clips)` -> latents [B, z_dim, 1 + (T-1)/4, H/s, W/s] float32 on `device`:
     WAN2.1 z_dim 16, s = 8; Wan2.2 z_dim 48, s = 16 (its config's scale_factor_spatial, patch_size 2)."""
 
@@ -92,7 +94,6 @@ class WanVAEEncoder:
         self._mean = torch.tensor(self.latents_mean, device=self.device).view(shape)
         self._std = torch.tensor(self.latents_std, device=self.device).view(shape)
         self.weights_id, self.revision = weights_id, revision
-        self._sha256 = None
 
     def _autocast(self):
         return torch.autocast(
@@ -129,13 +130,8 @@ class WanVAEEncoder:
 
     def describe(self) -> dict:
         """What the store manifest records about this encoder."""
-        if self._sha256 is None:
-            self._sha256 = state_dict_sha256(self.vae)
         d = {
-            "name": self.name,
-            "weights_id": self.weights_id,
-            "revision": self.revision,
-            "sha256": self._sha256,
+            **self.weights_identity(self.vae),
             "input_size": list(self.input_hw),
             "resize": "bilinear-antialias-nocrop",
             "normalization": {"name": "minus_one_to_one"},
@@ -159,32 +155,18 @@ class WanVAEEncoder:
 
 def tiny_vae_model(preset: str = "tiny") -> AutoencoderKLWan:
     """A tiny preset's VAE (WAN2.1 "tiny" or "tiny-wan2.2"): deterministic random weights (same seed -> same sha256)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return AutoencoderKLWan(**_TINY[preset])
+    return seeded(lambda: AutoencoderKLWan(**_TINY[preset]), TINY_SEED)
 
 
 def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
     """The demo preset's trained VAE from weights/demo_wan_vae.{safetensors,json} (no pickle)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not weights.is_file() or not meta.is_file():
-        raise EncoderWeightsError(
-            f"the demo VAE's weights are missing ({weights}, {meta.name}): train them "
-            "with `python -m jobs.train_demo_vae` (about 25 min on one CPU core)"
-        )
-    try:
-        config = json.loads(meta.read_text())["config"]
-        vae = AutoencoderKLWan(**config)
-        vae.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise EncoderWeightsError(
-            f"could not load the demo VAE from {weights}: {e}; retrain it with `python -m jobs.train_demo_vae`"
-        ) from e
-    return vae.float()
+    return load_demo_model(
+        stem,
+        lambda config: AutoencoderKLWan(**config),
+        what="VAE",
+        train="jobs.train_demo_vae",
+        took="about 25 min on one CPU core",
+    )
 
 
 def load_vae(
@@ -225,21 +207,16 @@ def load_vae(
     elif spec == "demo":
         vae, weights_id, rev = demo_vae_model(), "demo", None
     else:
-        patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
-        local, weights_id, rev = resolve_weights(
+        vae, _, weights_id, rev = load_pretrained(
+            AutoencoderKLWan,
             spec,
+            "the WAN VAE",
             flag="--vae",
-            allow_patterns=patterns,
+            subfolder=subfolder,
             allow_download=allow_download,
             revision=revision,
             cache_dir=cache_dir,
         )
-        if subfolder and (local / subfolder / "config.json").is_file():
-            local = local / subfolder
-        try:
-            vae = AutoencoderKLWan.from_pretrained(local, local_files_only=True).float()
-        except (OSError, ValueError) as e:
-            raise EncoderWeightsError(f"could not load the WAN VAE from {local} (for {spec!r}): {e}") from e
     return WanVAEEncoder(
         vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=weights_id, revision=rev
     )

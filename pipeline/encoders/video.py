@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..frames import resize
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, to_nchw_float
-from .hashing import EncoderWeightsError, resolve_weights, state_dict_sha256
+from .dinov2 import IMAGENET_MEAN, IMAGENET_NORMALIZATION, IMAGENET_STD, feature_record, to_nchw_float
+from .hashing import HashedWeights, backbone_weights, seeded
 
 VJEPA2_DEFAULT = "facebook/vjepa2-vitl-fpc64-256"
 # tiny preset: V-JEPA 2's architecture at a small width; 112 x 112 crop, patch 16 -> 7 x 7, 4 x 32 = 128-d
@@ -41,7 +41,7 @@ TINY_SEED = 0
 DEFAULT_WINDOW = 4
 
 
-class VideoBackbone:
+class VideoBackbone(HashedWeights):
     """`encoder(windows)` uint8 [B, window, H, W, 3] (oldest frame first) -> features [B, h, w, D] float32."""
 
     name = "vjepa2"
@@ -84,7 +84,6 @@ class VideoBackbone:
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 1, 3, 1, 1)
         self.weights_id, self.revision, self.tiny_config = weights_id, revision, tiny_config
-        self._sha256 = None
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -108,21 +107,8 @@ class VideoBackbone:
         return torch.cat(feats, dim=-1).float()  # [B, h, w, D]
 
     def describe(self) -> dict:
-        if self._sha256 is None:
-            self._sha256 = state_dict_sha256(self.model)
         d = {
-            "name": self.name,
-            "weights_id": self.weights_id,
-            "revision": self.revision,
-            "sha256": self._sha256,
-            "input_size": list(self.input_hw),
-            "layers": list(self.layers),
-            "layernorm": "final",
-            "tokens": "patch",
-            "resize": "bilinear-antialias-nocrop",
-            "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "patch_size": self.patch_size,
-            "feature_dim": self.feature_dim,
+            **feature_record(self, self.model, "final", IMAGENET_NORMALIZATION),
             "window": self.window,
             "tubelet_size": self.tubelet_size,
             "alignment": "scene frames f-window+1..f (first frame repeated at a scene start), tubes averaged",
@@ -135,9 +121,7 @@ class VideoBackbone:
 def tiny_vjepa2_model():
     from transformers import VJEPA2Config, VJEPA2Model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return VJEPA2Model(VJEPA2Config(**TINY_VJEPA2))
+    return seeded(lambda: VJEPA2Model(VJEPA2Config(**TINY_VJEPA2)), TINY_SEED)
 
 
 def load_vjepa2(
@@ -153,24 +137,11 @@ def load_vjepa2(
     cache_dir=None,
 ) -> VideoBackbone:
     """V-JEPA 2's encoder: "tiny" (random), a hub id or a local folder."""
-    if spec == "tiny":
-        model, wid, rev, tiny = tiny_vjepa2_model(), "tiny", None, {**TINY_VJEPA2, "seed": TINY_SEED}
-    else:
-        from transformers import VJEPA2Model
-
-        local, wid, rev = resolve_weights(
-            spec,
-            flag="--encoder",
-            allow_patterns=["*.json", "*.safetensors"],
-            allow_download=allow_download,
-            revision=revision,
-            cache_dir=cache_dir,
-        )
-        try:
-            model = VJEPA2Model.from_pretrained(local, local_files_only=True).float()
-        except (OSError, ValueError) as e:
-            raise EncoderWeightsError(f"could not load V-JEPA 2 weights from {local} (for {spec!r}): {e}") from e
-        tiny = None
+    where = {"allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    tiny_config = {**TINY_VJEPA2, "seed": TINY_SEED}
+    model, _, wid, rev, tiny = backbone_weights(
+        spec, tiny_vjepa2_model, tiny_config, "VJEPA2Model", "V-JEPA 2 weights", **where
+    )
     return VideoBackbone(
         model,
         input_hw=input_hw,

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-
-from .hashing import EncoderWeightsError, resolve_weights
+from .hashing import EncoderWeightsError, from_pretrained, resolve_weights, seeded
 from .vae import WanVAEEncoder
 
 # tiny preset: HunyuanVideo's causal VAE (16 channels, 8x spatial, 4x temporal) at a small width
@@ -79,9 +77,7 @@ class DiffusersVideoVAE(WanVAEEncoder):
 def tiny_hunyuan_vae():
     from diffusers import AutoencoderKLHunyuanVideo
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return AutoencoderKLHunyuanVideo(**TINY_HUNYUAN)
+    return seeded(lambda: AutoencoderKLHunyuanVideo(**TINY_HUNYUAN), TINY_SEED)
 
 
 def load_diffusers_vae(
@@ -107,17 +103,8 @@ def load_diffusers_vae(
         )
     import diffusers
 
-    patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors"]
-    local, wid, rev = resolve_weights(
-        spec,
-        flag="--vae",
-        allow_patterns=patterns,
-        allow_download=allow_download,
-        revision=revision,
-        cache_dir=cache_dir,
-    )
-    if subfolder and (local / subfolder / "config.json").is_file():
-        local = local / subfolder
+    where = {"allow_download": allow_download, "revision": revision, "cache_dir": cache_dir}
+    local, wid, rev = resolve_weights(spec, flag="--vae", subfolder=subfolder, **where)
     try:
         name = json.loads((local / "config.json").read_text())["_class_name"]
     except (OSError, ValueError, KeyError) as e:
@@ -125,10 +112,7 @@ def load_diffusers_vae(
     cls = getattr(diffusers, str(name), None)
     if cls is None or not str(name).startswith("Autoencoder"):
         raise EncoderWeightsError(f"{local}: {name!r} is not a diffusers autoencoder class")
-    try:
-        vae = cls.from_pretrained(local, local_files_only=True).float()
-    except (OSError, ValueError) as e:
-        raise EncoderWeightsError(f"could not load {name} from {local} (for {spec!r}): {e}") from e
+    vae = from_pretrained(cls, local, spec, name)
     return DiffusersVideoVAE(
         vae, input_hw=input_hw, device=device, autocast_dtype=autocast_dtype, weights_id=wid, revision=rev
     )

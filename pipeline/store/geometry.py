@@ -7,7 +7,10 @@ Paper defaults (shared/DESIGN.md): K = 25 frames, the first 13 context; the WAN2
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
+
+from pipeline.config import ConfigError, from_dict
 
 # upper bounds on every field (far above any real video model), and on the values in one stored row
 _LIMITS = {
@@ -133,16 +136,22 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, d: dict) -> Geometry:
-        names = {f.name for f in fields(cls)}
-        if not isinstance(d, dict):
-            raise ValueError(f"geometry must be an object, got {type(d).__name__}")
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown geometry fields {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return from_dict(cls, d, "geometry")
 
 
 PAPER = Geometry()
 # CPU demo and tests: same clip structure (25 frames, 13 context, 7 latents), small pictures.
 TINY = Geometry(vae_input_hw=(96, 160), dino_input_hw=(112, 196), feature_dim=128, num_pca_channels=64)
 GEOMETRIES = {"paper": PAPER, "tiny": TINY}
+
+
+def resolve_geometry(spec) -> Geometry:
+    """A named geometry (tiny, paper), or the fields that differ from the paper's as a dict or JSON text."""
+    if isinstance(spec, str) and spec in GEOMETRIES:
+        return GEOMETRIES[spec]
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"geometry must be {' or '.join(GEOMETRIES)} or a JSON object, got {spec!r}") from e
+    return from_dict(Geometry, {**PAPER.to_dict(), **spec} if isinstance(spec, dict) else spec, "geometry")

@@ -1,0 +1,60 @@
+"""The evaluation's JSON record (`jobs.evaluate --out`), schema "re2pix-evaluation/1":
+
+  {"schema", "store", "dataset", "split", "clips", "clip_ids", "samples", "annotated_frame",
+   "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
+   "sampler": {...}, "checkpoints": {...},
+   "stage1": {metric: number},
+   "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...},
+   "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
+
+std is the sample standard deviation across runs (ddof 1; 0 for one run); a value that is not finite
+(e.g. PSNR of identical frames) is written as null.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCHEMA = "re2pix-evaluation/1"
+REFERENCE_NOTE = (
+    "PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
+    "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
+    "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
+    "reconstruction."
+)
+
+
+def evaluation_record(store: str, manifest: dict, measured: dict, *, decoded: bool, **run) -> dict:
+    """The record of one evaluation: `measured` as inference.evaluation.evaluate_store returns it; `run`
+    holds clips, samples, annotated_frame, sampler, checkpoints, skipped and seconds."""
+    return {
+        "schema": SCHEMA,
+        "store": store,
+        "dataset": manifest.get("dataset"),
+        "split": manifest.get("split"),
+        "clips": run["clips"],
+        "clip_ids": measured["clip_ids"],
+        "samples": run["samples"],
+        "annotated_frame": run["annotated_frame"],
+        "reference": {
+            "pixels": "vae_reconstruction" if decoded else None,
+            "note": REFERENCE_NOTE,
+            "fid_fvd": measured["fid_fvd_reference"],
+        },
+        "sampler": run["sampler"],
+        "checkpoints": run["checkpoints"],
+        "stage1": measured["stage1"],
+        "models": measured["models"],
+        "reference_metrics": measured["reference_metrics"],
+        "skipped": run["skipped"],
+        "seconds": run["seconds"],
+    }
+
+
+def write_json(path, value: dict) -> Path:
+    """`value` as indented JSON at `path` (its folder made); a value that is not finite is refused."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, allow_nan=False))
+    return path
