@@ -68,12 +68,12 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
     mcfg = model.config
     g = store.geometry
     if tuple(mcfg.feature_hw) != tuple(g.feature_hw) or mcfg.num_pca_channels > store.num_channels:
-        raise SystemExit(
+        raise StoreError(
             f"the Stage 1 model takes {mcfg.num_pca_channels} channels on a {tuple(mcfg.feature_hw)} "
             f"grid; {location} holds {store.num_channels} on {g.feature_hw}"
         )
     if mcfg.context_frames != g.context_latents:
-        raise SystemExit(f"the model has {mcfg.context_frames} context frames, the store {g.context_latents}")
+        raise StoreError(f"the model has {mcfg.context_frames} context frames, the store {g.context_latents}")
     summary = {"store": location, "fingerprint": fingerprint, "rows": len(store) * store.num_variants, "written": 0}
     if store.has_pred_features and store.pred_features_fingerprint == fingerprint and not cfg.overwrite:
         log.info("%s already holds the rollouts of %s", location, fingerprint[:12])
@@ -143,6 +143,7 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
 
 def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     from inference.stages import load_model
+    from model.data import parse_store_list
     from model.loop import init_runtime
 
     if cfg.threads > 0:
@@ -151,11 +152,8 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     stage1 = load_model(cfg.checkpoint, ("stage1", "stage1_diffusion"), cfg.weights, runtime.device)
     if runtime.is_main:
         log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
-    return [
-        rollout_store(stage1.model, stage1.fingerprint, s.strip(), cfg, runtime)
-        for s in cfg.store.split(",")
-        if s.strip()
-    ]
+    locations, _ = parse_store_list(cfg.store)  # mixing weights only matter to training
+    return [rollout_store(stage1.model, stage1.fingerprint, s, cfg, runtime) for s in locations]
 
 
 def main(argv=None) -> int:

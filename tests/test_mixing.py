@@ -13,8 +13,8 @@ import torch.distributed as dist
 from jobs.train import main as train_main
 from model.checkpoint import latest_checkpoint, load_state, read_meta
 from model.data import apportion, open_stream, parse_store_list
-from pipeline.store.format import StoreError
 from pipeline.errors import ConfigError
+from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
 from tests.store_factory import CountingSource, make_store
