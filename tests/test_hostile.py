@@ -308,7 +308,7 @@ def test_verify_checks_every_row_without_markers_and_lists_decode_errors_as_bad_
 
     proc = _job("jobs.store", "verify", path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"BAD frames/features[{f_missing}]: all its chunks are missing (reads as fill values)" in proc.stdout
+    assert f"BAD frames/features[{f_missing}]: its shard file c/{f_missing}/0/0/0 is missing" in proc.stdout
     assert "4 problems" in proc.stdout.splitlines()[-1]
     proc = _job("jobs.store", "verify", path, "--json")
     assert proc.returncode == 1 and len(json.loads(proc.stdout)["bad_rows"]) == 4
