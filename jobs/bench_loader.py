@@ -213,31 +213,30 @@ def one_core() -> None:
         zsync.cleanup_resources()
 
 
-def codecs() -> dict:
-    """label -> (Zarr v3 codec or None, numcodecs twin for the decode-only rate, writer name or None).
-    Blosc with byte shuffle and 1 MiB blocks, as the writer configures it (pipeline/store/writer.py)."""
+CODEC_TABLE = ("none", "blosc-lz4", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "zstd")  # --compression specs
+
+
+def decode_twin(spec: str):
+    """The numcodecs twin of a spec's Zarr codec (the decode-only rate of one chunk); None for `none`."""
     import numcodecs
-    from zarr.codecs import BloscCodec, ZstdCodec
 
-    def blosc(cname, level):
-        return (
-            BloscCodec(cname=cname, clevel=level, shuffle="shuffle", typesize=2, blocksize=1 << 20),
-            numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20),
-        )
+    from pipeline.store.lossy import parse_compression
 
-    return {
-        "none": (None, None, "none"),
-        "blosc-lz4": (*blosc("lz4", 5), None),
-        "blosc-zstd-1": (*blosc("zstd", 1), None),
-        "blosc-zstd-3": (*blosc("zstd", 3), None),
-        "blosc-zstd-5": (*blosc("zstd", 5), "blosc-zstd"),
-        "zstd-3": (ZstdCodec(level=3), numcodecs.Zstd(level=3), "zstd"),
-    }
+    c = parse_compression(spec)
+    if c.codec == "zstd":
+        return numcodecs.Zstd(level=c.level)
+    if c.codec.startswith("blosc-"):
+        cname = c.codec.removeprefix("blosc-")
+        return numcodecs.Blosc(cname=cname, clevel=c.level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20)
+    return None
 
 
-def recode_store(src: Path, dst: Path, codec, label: str) -> int:
-    """A copy of store `src` whose features and latents use `codec`; returns their bytes on disk."""
+def recode_store(src: Path, dst: Path, spec: str) -> int:
+    """A copy of store `src` whose features and latents use compression `spec` as the writer stores it (its
+    codec, then a crc32c); returns their bytes on disk."""
     import zarr
+
+    from pipeline.store.writer import chunk_codecs
 
     shutil.copytree(src, dst)
     g = zarr.open_group(str(dst), mode="r+")
@@ -250,14 +249,29 @@ def recode_store(src: Path, dst: Path, codec, label: str) -> int:
             dtype=old.dtype,
             chunks=old.chunks,
             shards=old.shards,
-            compressors=codec,
+            compressors=chunk_codecs(spec),
             fill_value=0,
             overwrite=True,
+            config={"write_empty_chunks": True},
         )
         for r in range(old.shape[0]):
             new[r] = old[r]
-    g.attrs["compression"] = label
+    g.attrs["compression"] = spec
     return _du(dst / "frames" / "features") + _du(dst / "clips" / "latents")
+
+
+def choose_default(table: dict) -> str:
+    """The README's rule: the codec the loader reads fastest (clips/CPU-s at 1152 channels), unless another
+    stores the same clips in <= 3/4 of its bytes (>= 1.33x smaller) while reading at >= 80 % of its speed
+    (then the smallest of those)."""
+    fastest = max(table, key=lambda k: table[k][1152]["per_cpu_s"])
+    f = table[fastest]
+    smaller = [
+        k
+        for k, t in table.items()
+        if t["disk"] * 1.33 <= f["disk"] and t[1152]["per_cpu_s"] >= 0.8 * f[1152]["per_cpu_s"]
+    ]
+    return min(smaller, key=lambda k: table[k]["disk"]) if smaller else fastest
 
 
 def decode_mb_per_s(twin, chunk: np.ndarray, seconds: float = 0.5) -> float:
@@ -454,6 +468,7 @@ def bench_loader(args) -> dict:
     import torch
     import zarr
 
+    from pipeline.store.lossy import parse_compression
     from pipeline.store.reader import Store
     from pipeline.store.writer import StoreWriter
 
@@ -497,35 +512,40 @@ def bench_loader(args) -> dict:
         # ---- the codec table
         chunk = store._features[0:1, :, :, :128]  # one inner chunk [1, 32, 56, 128]
         table, locations = {}, {}
-        for label, (codec, twin, writer_name) in codecs().items():
-            loc = base if label == "none" else work / f"{label}.zarr"
+        for spec in CODEC_TABLE:
+            loc = base if spec == "none" else work / f"{spec.replace(':', '-')}.zarr"
             disk = (
                 _du(base / "frames" / "features") + _du(base / "clips" / "latents")
-                if label == "none"
-                else recode_store(base, loc, codec, label)
+                if spec == "none"
+                else recode_store(base, loc, spec)
             )
-            locations[label] = str(loc)
+            locations[spec] = str(loc)
             raw_pass(Store(str(loc)))  # warm-up
-            table[label] = {
+            table[spec] = {
                 "disk": disk,
-                "decode": decode_mb_per_s(twin, chunk),
-                "writer": writer_name,
+                "decode": decode_mb_per_s(decode_twin(spec), chunk),
                 **{c: measure_loader(str(loc), c, 0, args.codec_seconds, args.batch_size) for c in (1152, 256)},
             }
         print(
-            f"\n{'codec table (loader: 0 workers)':34s}{'MB on disk':>11s}{'ratio':>7s}{'decode MB/s/core':>18s}"
-            f"{'clips/CPU-s c=1152':>20s}{'c=256':>8s}   writer's --compression"
+            f"\n{'codec table (loader: 0 workers), --compression':50s}{'MB on disk':>11s}{'ratio':>7s}"
+            f"{'decode MB/s/core':>18s}{'clips/CPU-s c=1152':>20s}{'c=256':>8s}"
         )
-        for label, t in table.items():
-            decode = "  (memcpy)" if label == "none" else f"{t['decode']:10.0f}"
+        for spec, t in table.items():
+            decode = "  (memcpy)" if spec == "none" else f"{t['decode']:10.0f}"
+            name = spec + (" (the writer's default)" if parse_compression(spec) == parse_compression(default) else "")
             print(
-                f"  {label:32s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
-                f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}   "
-                f"{t['writer'] + (' (default)' if t['writer'] == default else '') if t['writer'] else '-'}"
+                f"  {name:48s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
+                f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}"
             )
+        chosen = choose_default(table)
+        print(
+            f"  the rule (README): the codec read fastest at c=1152 unless another saves >= 1.33x the bytes at "
+            f">= 80 % of its speed -> {chosen}; the writer's default is {default}: "
+            f"{_verdict(parse_compression(chosen) == parse_compression(default))}"
+        )
 
         # ---- the loader on the writer's default codec, against the limit
-        label = next(k for k, t in table.items() if t["writer"] == default)
+        label = next(k for k in table if parse_compression(k) == parse_compression(default))
         location = locations[label]
         raw_pass(Store(location))
         limit = measure_limit(raw_dir, store, args.seconds)

@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -156,6 +157,30 @@ def test_a_flipped_byte_inside_a_chunk_fails_its_checksum(store, array):
     _flip(_chunk(path, array, row), 40)
     with pytest.raises(DamagedStoreError, match=rf"{array}\[{row}\] is damaged \(crc32c checksum mismatch"):
         Store(str(path)).read_clip(3)
+
+
+def test_uncompressed_reads_check_each_chunk_they_read_and_only_those(store):
+    """The direct path of `--compression none`: a changed byte in the third channel chunk fails a read of all
+    channels, not a prefix that ends before it; a shard index forged to point past the file is damage."""
+    path, index, written = store
+    row = int(index.clips[0].feature_rows[3])
+    chunk_bytes = 8 * 14 * 16 * 2  # TINY geometry: [8, 14] patches, channel chunks of 16
+    _flip(_chunk(path, "frames/features", row), 2 * (chunk_bytes + 4) + 7)
+    s = Store(str(path))
+    assert s._direct, "uncompressed local stores are read directly"
+    np.testing.assert_array_equal(s.read_features(0, channels=32)[3], written[("features", row)][..., :32])
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged \(crc32c checksum mismatch"):
+        s.read_features(0)
+    forged = int(index.clips[1].feature_rows[-1])  # not a frame of clip 0
+    p = _chunk(path, "frames/features", forged)
+    data = bytearray(p.read_bytes())
+    entries = np.frombuffer(bytes(data[-(16 * 4 + 4) : -4]), np.uint64).copy()
+    entries[0] = len(data)  # the first chunk's offset: the end of the file
+    body = entries.tobytes()
+    data[-(16 * 4 + 4) :] = body + google_crc32c.value(body).to_bytes(4, "little")  # a valid index checksum
+    p.write_bytes(bytes(data))
+    with pytest.raises(DamagedStoreError, match="its shard index places the chunk of channels 0..15 outside the file"):
+        s.read_feature_row(forged)
 
 
 def test_a_truncated_shard_is_damage_naming_its_row(store):
