@@ -183,6 +183,28 @@ def test_uncompressed_reads_check_each_chunk_they_read_and_only_those(store):
         s.read_feature_row(forged)
 
 
+@pytest.mark.parametrize("compression", ["blosc-lz4", "zstd:1"])
+def test_compressed_stores_read_through_zarr_detect_the_same_damage(tmp_path, compression):
+    path = tmp_path / "s.zarr"
+    _, index, written = make_store(path, channel_chunk=16, compression=compression)
+    s = Store(str(path))
+    assert not s._direct  # compressed chunks go through Zarr's codecs
+    row = int(index.clips[0].feature_rows[1])
+    np.testing.assert_array_equal(s.read_features(0)[1], written[("features", row)])
+    a = zarr.open_array(str(path / "frames" / "features"), mode="r+", config={"write_empty_chunks": False})
+    frame = written[("features", row)].copy()
+    frame[..., 32:48] = 0  # zarr leaves such a chunk out of the shard when not told to store every chunk
+    a[row] = frame
+    with pytest.raises(DamagedStoreError, match=r"channels 32..47 is missing"):
+        s.read_features(0)
+    _flip(_chunk(path, "clips/latents", 1), 30)
+    with pytest.raises(DamagedStoreError, match=r"clips/latents\[1\] is damaged"):
+        s.read_latents(1)
+    _chunk(path, "frames/features", row).unlink()
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged .*missing"):
+        s.read_features(0)
+
+
 def test_a_truncated_shard_is_damage_naming_its_row(store):
     path, index, _ = store
     row = int(index.clips[0].feature_rows[0])
