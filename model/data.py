@@ -481,6 +481,7 @@ class ZarrStream(ClipStream):
         `spare`, or left out; None if none is left."""
         buffers = {name: self._buffer(name, shape) for name, shape in self._batch_shapes(len(clips)).items()}
         feats, lats, preds = (buffers.get(name) for name in ("features", "latents", "pred_features"))
+        slots = {name: t.numpy() for name, t in buffers.items()}  # numpy views of the tensors, one per batch
         spare = iter(spare)
         taken, ids, skipped = [], [], 0
         for item in zip(clips, variants, starts):
@@ -488,9 +489,7 @@ class ZarrStream(ClipStream):
                 n = len(ids)
                 cid = self._read_clip(
                     *(int(x) for x in item),
-                    feats[n],
-                    None if lats is None else lats[n],
-                    None if preds is None else preds[n],
+                    *(slots[name][n] if name in slots else None for name in ("features", "latents", "pred_features")),
                 )
                 if cid is not None:
                     taken.append(item)
@@ -514,7 +513,7 @@ class ZarrStream(ClipStream):
         return batch
 
     def _read_clip(self, clip: int, variant: int, start: int, feats, lats, preds) -> str | None:
-        """Decode one clip into batch slots; its id, or None when it is damaged and skipped."""
+        """Decode one clip into batch slots (numpy views); its id, or None when it is damaged and skipped."""
         if (clip, variant) in self._bad:
             return None
         k = int(np.searchsorted(self.offsets, clip, side="right") - 1)
@@ -524,13 +523,13 @@ class ZarrStream(ClipStream):
                 i,
                 self.channels,
                 variant,
-                out=feats.numpy(),
+                out=feats,
                 frames=None if self.window is None else slice(start, start + self.window),
             )
             if lats is not None:
-                store.read_latents(i, variant, out=lats.numpy())
+                store.read_latents(i, variant, out=lats)
             if preds is not None:
-                store.read_pred_features(i, self.channels, variant, out=preds.numpy())
+                store.read_pred_features(i, self.channels, variant, out=preds)
         except DamagedStoreError as e:
             self._damaged(f"clip {store.clip_ids[i]} (variant {store.variants[variant]}) of {store.location}", e)
             self._bad.add((clip, variant))

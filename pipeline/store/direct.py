@@ -47,6 +47,9 @@ class DirectArray:
         self.index_bytes = 16 * math.prod(self.grid) + 4
         self._scratch = None  # one chunk + its checksum, reused: a chunk lands here when `out` cannot hold it
         self._crc = np.empty(4, np.uint8)
+        self._plans: dict[int, list] = {}  # channels -> _positions(channels)
+        d = len(chunk)  # [n chunks, *chunk] -> [*chunk[:-1], n chunks, k]: the chunks' channels side by side
+        self._interleave = (*range(1, d), 0, d)
 
     @classmethod
     def of(cls, array, root: str) -> DirectArray | None:
@@ -100,11 +103,10 @@ class DirectArray:
                 self._chunk(fd, 0, os.fstat(fd).st_size, out, (slice(None),) * out.ndim, c)
                 return out
             size = os.fstat(fd).st_size
-            index = self._index(fd, size)
-            last = -(-c // self.chunk[-1])  # chunks along the last axis that hold the prefix
+            index = self._index(fd, size).tolist()
             chunks = []  # (position in the grid, offset, nbytes) of each chunk to read
-            for pos in itertools.product(*(range(n) for n in self.grid[:-1]), range(last)):
-                offset, nbytes = (int(x) for x in index[np.ravel_multi_index(pos, self.grid)])
+            for pos, linear in self._positions(c):
+                offset, nbytes = index[linear]
                 if offset == _EMPTY and nbytes == _EMPTY:
                     raise ChunkDamage(f"the chunk of {self._where(pos)} is missing from its shard")
                 if nbytes != self.chunk_bytes + 4 or offset + nbytes > size - self.index_bytes:
@@ -121,6 +123,14 @@ class DirectArray:
         finally:
             os.close(fd)
         return out
+
+    def _positions(self, c: int) -> list[tuple[tuple[int, ...], int]]:
+        """(grid position, index in the shard index) of the chunks that hold the first c channels."""
+        if c not in self._plans:
+            last = -(-c // self.chunk[-1])  # chunks along the last axis that hold the prefix
+            grid = itertools.product(*(range(n) for n in self.grid[:-1]), range(last))
+            self._plans[c] = [(pos, int(np.ravel_multi_index(pos, self.grid))) for pos in grid]
+        return self._plans[c]
 
     def _where(self, pos: tuple[int, ...]) -> str:
         k = self.chunk[-1]
@@ -161,7 +171,7 @@ class DirectArray:
             if full:
                 dest = out[h : h + m, ..., : full * k]
                 dest.shape = (m, *out.shape[1:-1], full, k)
-                np.copyto(dest, np.moveaxis(data[:full], 0, -2))
+                np.copyto(dest, data[:full].transpose(self._interleave))
             if c > full * k:
                 np.copyto(out[h : h + m, ..., full * k :], data[full, ..., : c - full * k])
         for j in range(n):
