@@ -14,9 +14,11 @@ counted as skipped_clips in metrics.jsonl); the default, stop, ends the run with
 
 Per-stage settings live in the preset's "stage1" and "stage2" objects (see StageConfig); override
 single keys with `--stage1 '{"steps": 200}'`, or for every stage trained now with --steps, --lr,
---batch-size, --channels. `--store` takes several compatible stores separated by commas, or a
-WebDataset export (its folder with manifest.json, or shard paths/brace patterns). Without
-`--val-store`, whole scenes at the end of the (last) store are held out for evaluation.
+--batch-size, --channels. `--store` takes several compatible stores separated by commas (sampled in
+proportion to their clip counts, or by weight: `a.zarr:0.5,b.zarr:0.3,c.zarr:0.2`), or a WebDataset
+export (its folder with manifest.json, or shard paths/brace patterns). Without `--val-store`, whole
+scenes at the end of the (last) store are held out for evaluation. `--resume` may change the number of
+ranks: the data position is global, the rest of the epoch is split over the new ranks.
 
 Multi-GPU: `torchrun --nproc_per_node 8 -m jobs.train --preset paper --stage 1 --store ...`;
 batch_size is the global batch per optimizer step (split over ranks and accumulation steps).
@@ -131,8 +133,11 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
     return sc
 
 
-def _sources(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if s.strip()]
+def _sources(spec: str) -> tuple[list[str], list[float] | None]:
+    """A --store list's locations and mixing weights (model.data.parse_store_list)."""
+    from model.data import parse_store_list
+
+    return parse_store_list(spec)
 
 
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
@@ -143,7 +148,10 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     from pipeline.store.reader import Store
 
     if cfg.val_store:
-        val = open_stream(_sources(cfg.val_store), batch_size=1, remainder="keep", loop=False, **stream_kwargs)
+        val_sources, weights = _sources(cfg.val_store)
+        if weights is not None:
+            raise SystemExit("--val-store takes no mixing weights: evaluation reads every clip once")
+        val = open_stream(val_sources, batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
         return None, val.sources, None
     if probe.kind == "webdataset":
@@ -165,7 +173,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
-    sources = _sources(cfg.store)
+    sources, weights = _sources(cfg.store)
     storage = cfg.storage_options or None
     common = {
         "channels": sc.channels,
@@ -218,6 +226,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         window=task.train_window,
         latents=task.needs_latents,
         seed=cfg.seed,
+        weights=weights,
         **common,
     )
 
@@ -271,7 +280,13 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         strict_resume=cfg.strict_resume,
         seed=cfg.seed,
         progress=cfg.progress,
-        extra={"stage": stage, "store": sources, "val_store": cfg.val_store, "stage_config": asdict(sc)},
+        extra={
+            "stage": stage,
+            "store": sources,
+            "store_weights": weights,
+            "val_store": cfg.val_store,
+            "stage_config": asdict(sc),
+        },
     )
     return train(
         task,
@@ -292,7 +307,7 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
-    stores = _sources(cfg.store) + (_sources(cfg.val_store) if cfg.val_store else [])
+    stores = _sources(cfg.store)[0] + (_sources(cfg.val_store)[0] if cfg.val_store else [])
     webdataset = [s for s in stores if is_webdataset(s, storage)]
     if webdataset:
         raise SystemExit(

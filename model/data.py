@@ -5,22 +5,32 @@ so that the order of batches is a pure function of (seed, epoch, rank) and not o
 DataLoader workers read them. `open_stream` picks the reader for the sources' format
 (pipeline/store/open.py):
 
-- `ZarrStream`: each epoch is a permutation of all clips drawn from seed + epoch; rank r of W takes
-  every W-th clip of it; worker w of a DataLoader builds every nw-th batch (the DataLoader hands
+- `ZarrStream`: each epoch has one global order of clips, a function of the seed and the epoch only
+  (`epoch_order`): a permutation of all clips, or with mixing weights (`a.zarr:0.5,b.zarr:0.5`,
+  `parse_store_list`) as many clips as the stores hold together, store k supplying its share
+  w_k / sum(w) of them, drawn without replacement from an endless sequence of permutations of its own
+  clips (so across epochs a down-weighted store shows every clip before any repeats), then shuffled
+  together. Only then is the order split: global batch b is clips [b*W*B, (b+1)*W*B) of it, of which
+  rank r of W takes every W-th; worker w of a DataLoader builds every nw-th batch (the DataLoader hands
   batches out round-robin, which restores the order). Every rank gets the same number of batches:
   the remainder is dropped (`remainder="drop"`, other clips each epoch since the order changes) or
-  filled by repeating the start of the epoch's permutation (`"pad"`); `"keep"` keeps the uneven tail
+  filled by repeating the start of the epoch's order (`"pad"`); `"keep"` keeps the uneven tail
   for evaluation and rollouts, where no collective runs per batch. A resumed stream continues with
-  exactly the batches an uninterrupted run would have seen.
+  exactly the batches an uninterrupted run would have seen; its position is global (clips of the
+  epoch's order done), so a run stopped at W ranks resumes at W' ranks (or another per-rank batch)
+  with the rest of the epoch's order split over the new ranks: no clip of the epoch repeated or
+  skipped.
 - `WebDatasetStream` (a folder/URL with `manifest.json` from `export_webdataset`, or shard
   paths/brace patterns beside one): tar shards cannot seek, so each rank and worker draws shards at
   random with replacement ("resampled") into a shuffle buffer, an endless stream of which every rank
   takes the same number of batches per nominal epoch. Resuming reseeds the stream from the position:
   the batches after a resume are reproducible but not those an uninterrupted run would have seen.
-  Flip variants are separate samples there.
+  Flip variants are separate samples there. With mixing weights, each draw picks a source by its
+  weight, then one of its shards.
 
-`state_dict()` is the position of the next batch (and the count of skipped clips): batches() keeps
-it current in the training process whether the batches are read there or in DataLoader workers.
+`state_dict()` is the position of the next batch: (epoch, batch) and, for Zarr, `clips_done`, the clips
+of the epoch's global order handed out before it (and the count of skipped clips); batches() keeps it
+current in the training process whether the batches are read there or in DataLoader workers.
 
 Damaged data (`DamagedStoreError` from the reader): `on_bad_clip="stop"` lets it through (the job
 prints it as one line); `"skip"` logs the clip once, counts it in `skipped`, and fills its slot with
@@ -37,7 +47,7 @@ in shared memory inside a DataLoader worker (handed over without a copy), pinned
 asynchronous copy to the GPU when asked.
 
 Example:
-    stream = open_stream(["a.zarr", "b.zarr"], batch_size=8, channels=256, seed=0)
+    stream = open_stream(["a.zarr", "b.zarr"], batch_size=8, channels=256, seed=0, weights=[0.7, 0.3])
     for batch in stream.batches(workers=4, pin_memory=True): ...
 """
 
@@ -62,11 +72,49 @@ log = logging.getLogger("re2pix.data")
 REMAINDERS = ("drop", "pad", "keep")
 _SMALL = ("clip", "variant", "window_start")  # a batch's int64 tensors
 ON_BAD_CLIP = ("stop", "skip")
+_MIX = 0x6D6978  # keeps the mixing draws' seeds apart from the epochs' ([seed, epoch])
 MISSING_PRED = (
     "{where} has no finished clips/pred_features, and this run needs them (Stage 2 mixed "
     "supervision): run the rollout job on it first (make rollout), or set the mixing "
     "probability to 0"
 )
+
+
+def parse_store_list(spec: str) -> tuple[list[str], list[float] | None]:
+    """The locations of a `--store` list and their mixing weights: `a.zarr,b.zarr` -> (both, None: clips
+    sampled in proportion to the stores' clip counts); `a.zarr:0.7,s3://b/x.zarr:0.3` -> (both, [0.7, 0.3]).
+    A weight is a trailing `:number` (a URL's `host:port` is not one); give every store one or none."""
+    sources, weights = [], []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        head, _, tail = item.rpartition(":")
+        weight = None
+        if head and not (head.endswith(("/", ":")) or ("://" in head and "/" not in head.split("://", 1)[1])):
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise StoreError(f"--store {item!r}: a mixing weight must be a positive number")
+        sources.append(item if weight is None else head)
+        weights.append(weight)
+    if not sources:
+        raise StoreError(f"--store {spec!r} names no store")
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        missing = [s for s, g in zip(sources, given) if not g]
+        raise StoreError(f"--store {spec!r}: give every store a mixing weight or none ({missing[0]} has none)")
+    return sources, (weights if all(given) else None)
+
+
+def apportion(weights, n: int) -> np.ndarray:
+    """n clips split in proportion to `weights` (largest remainders, ties to the earlier store)."""
+    share = np.asarray(weights, np.float64) / np.sum(weights) * n
+    counts = np.floor(share).astype(np.int64)
+    rest = int(n - counts.sum())
+    counts[np.argsort(-(share - counts), kind="stable")[:rest]] += 1
+    return counts
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -118,6 +166,7 @@ class ClipStream(IterableDataset):
     and epoch (Stage 1 training: its context frames and target); None: all 7. latents: read them
     (Stage 1 does not need them). with_pred: also read Stage 1 rollouts (clear error if a source has
     none). loop: repeat over epochs forever (training) or stop after one epoch (evaluation, rollouts).
+    weights: one mixing weight per source (training, loop=True), None: sources in proportion to their clips.
     """
 
     kind = ""
@@ -139,6 +188,7 @@ class ClipStream(IterableDataset):
         world: int | None = None,
         storage_options: dict | None = None,
         on_bad_clip: str = "stop",
+        weights: list[float] | None = None,
     ):
         if not sources:
             raise ValueError("a clip stream needs at least one store or WebDataset source")
@@ -150,6 +200,15 @@ class ClipStream(IterableDataset):
             raise ValueError('remainder="keep" gives ranks uneven batch counts: only for loop=False')
         if on_bad_clip not in ON_BAD_CLIP:
             raise ValueError(f"on_bad_clip must be one of {ON_BAD_CLIP}, got {on_bad_clip!r}")
+        if weights is not None:
+            weights = [float(x) for x in weights]
+            if len(weights) != len(sources):
+                raise ValueError(f"{len(weights)} mixing weights for {len(sources)} sources")
+            if not all(math.isfinite(x) and x > 0 for x in weights):
+                raise ValueError(f"mixing weights must be positive numbers, got {weights}")
+            if not loop:
+                raise ValueError("mixing weights draw training epochs (loop=True); evaluation reads every clip once")
+        self.weights = weights
         r, w = rank_and_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.sources, self.storage_options = list(sources), storage_options
@@ -157,6 +216,9 @@ class ClipStream(IterableDataset):
         self.window, self.latents = window, latents
         self.remainder, self.loop, self.on_bad_clip = remainder, loop, on_bad_clip
         self.position = (0, 0)  # (epoch, batch) of the next batch to hand out
+        # a resume under another layout (world size x batch) mid-epoch: (that epoch, clips of its global
+        # order done before it); batch 0 of that epoch starts there
+        self._resumed_at = (-1, 0)
         self.skipped = 0  # damaged clips skipped so far (on_bad_clip="skip")
         self.pin_memory = False
         self._pool: dict[str, torch.Tensor] | None = None  # reused batch tensors (batches(reuse=True))
@@ -203,40 +265,77 @@ class ClipStream(IterableDataset):
 
     # ---- sizes and positions ----------------------------------------------------------------------
     def _plan_sizes(self) -> None:
-        n, w, b = self.num_clips, self.world, self.batch_size
+        self.batches_per_epoch = self._count_batches(self.num_clips)
+        used = self.batches_per_epoch * self.world * self.batch_size  # drop: fewer than n; pad: more
+        self.dropped_per_epoch = 0 if self.remainder == "keep" else abs(self.num_clips - used)
+
+    def _count_batches(self, n: int) -> int:
+        """Batches per rank that n clips of an epoch's order make under this stream's layout."""
+        w, b = self.world, self.batch_size
         if self.remainder == "keep":  # uneven, for evaluation: rank 0 has the most
-            self.batches_per_epoch = math.ceil(math.ceil(n / w) / b)
-            self.dropped_per_epoch = 0
-        elif self.remainder == "pad" and self.kind != WEBDATASET:
-            self.batches_per_epoch = math.ceil(n / (w * b))
-            self.dropped_per_epoch = self.batches_per_epoch * w * b - n
-        else:  # drop (a resampled WebDataset stream has no remainder to pad: its epoch is nominal)
-            self.batches_per_epoch = n // (w * b)
-            self.dropped_per_epoch = n - self.batches_per_epoch * w * b
+            return math.ceil(math.ceil(n / w) / b)
+        if self.remainder == "pad" and self.kind != WEBDATASET:
+            return math.ceil(max(n, 0) / (w * b))
+        return max(n, 0) // (w * b)  # drop (a resampled WebDataset stream has no remainder: its epoch is nominal)
+
+    def _epoch_start(self, epoch: int) -> int:
+        """Clips of the epoch's global order done before this stream's batch 0 of it (0 but after a resume
+        under another layout)."""
+        return self._resumed_at[1] if epoch == self._resumed_at[0] else 0
+
+    def epoch_batches(self, epoch: int) -> int:
+        """This rank's batches in an epoch: batches_per_epoch, or what is left of the epoch a resume under
+        another layout landed in."""
+        g = self._epoch_start(epoch)
+        return self.batches_per_epoch if g == 0 else self._count_batches(self.num_clips - g)
 
     def set_position(self, epoch: int, batch: int) -> None:
-        """Start the next iteration at (epoch, batch)."""
-        if not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"batch {batch} out of range (an epoch has {self.batches_per_epoch})")
+        """Start the next iteration at (epoch, batch), batches of this stream's layout from the epoch's start."""
+        self._resumed_at = (-1, 0)
+        if not 0 <= batch < self.epoch_batches(epoch):
+            raise ValueError(f"batch {batch} out of range (epoch {epoch} has {self.epoch_batches(epoch)})")
         self.position = (int(epoch), int(batch))
 
     def advance(self, epoch: int, batch: int) -> tuple[int, int]:
         """The position after the batch at (epoch, batch)."""
-        return (epoch + 1, 0) if batch + 1 >= self.batches_per_epoch else (epoch, batch + 1)
+        return (epoch + 1, 0) if batch + 1 >= self.epoch_batches(epoch) else (epoch, batch + 1)
+
+    def clips_done(self) -> int:
+        """Clips of the current epoch's global order handed out before the next batch (all ranks together)."""
+        epoch, b = self.position
+        return self._epoch_start(epoch) + b * self.world * self.batch_size
 
     def state_dict(self) -> dict:
-        """The position of the next batch: what a checkpoint stores to resume from."""
+        """The position of the next batch: what a checkpoint stores to resume from. clips_done is global,
+        the same on every rank: the position to resume from at any world size."""
         return {
             "epoch": self.position[0],
             "batch": self.position[1],
+            "clips_done": self.clips_done(),
             "seed": self.seed,
             "skipped": self.skipped,
             "batches_per_epoch": self.batches_per_epoch,
+            "world": self.world,
+            "batch_size": self.batch_size,
             "kind": self.kind,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state.get("skipped", 0))
+        epoch = int(state["epoch"])
+        if self.kind == "zarr" and "clips_done" in state:
+            if "world" in state and (state["world"], state["batch_size"]) != (self.world, self.batch_size):
+                log.info(
+                    "resuming epoch %d after %d clips of its order, handed out by %d ranks x %d; now %d x %d",
+                    epoch,
+                    state["clips_done"],
+                    state["world"],
+                    state["batch_size"],
+                    self.world,
+                    self.batch_size,
+                )
+            self._resume_at(epoch, int(state["clips_done"]))
+            return
         if state.get("batches_per_epoch") not in (None, self.batches_per_epoch):
             log.warning(
                 "the checkpoint's epochs had %s batches, this stream's have %d (other stores, batch size "
@@ -244,9 +343,20 @@ class ClipStream(IterableDataset):
                 state["batches_per_epoch"],
                 self.batches_per_epoch,
             )
-            self.position = (int(state["epoch"]), min(int(state["batch"]), self.batches_per_epoch - 1))
+            self.position = (epoch, min(int(state["batch"]), self.batches_per_epoch - 1))
             return
-        self.set_position(state["epoch"], state["batch"])
+        self.set_position(epoch, state["batch"])
+
+    def _resume_at(self, epoch: int, done: int) -> None:
+        """Continue the epoch's global order after its first `done` clips, whatever layout handed them out."""
+        per_batch = self.world * self.batch_size
+        self._resumed_at = (-1, 0)
+        if done % per_batch == 0:  # on a batch boundary of this layout: an ordinary position
+            self.position = (epoch, done // per_batch)
+        else:
+            self._resumed_at, self.position = (epoch, done), (epoch, 0)
+        if self.position[1] >= self.epoch_batches(epoch):  # too little left for one batch of this layout
+            self.position = (epoch + 1, 0)
 
     def _record(self, batch: dict) -> None:
         self.position = self.advance(batch["epoch"], batch["batch"])
@@ -382,6 +492,7 @@ class ClipStream(IterableDataset):
             "on_bad_clip": self.on_bad_clip,
             "window": self.window,
             "latents": self.latents,
+            "weights": self.weights,
         }
 
     def _window_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -421,6 +532,12 @@ class ZarrStream(ClipStream):
         self.clips = np.arange(total) if clips is None else np.asarray(clips, dtype=np.int64)
         if self.clips.size and (self.clips.min() < 0 or self.clips.max() >= total):
             raise IndexError(f"clip indices must be in 0..{total - 1}")
+        if self.weights is not None:  # each store's clips (of the subset), to draw its share from
+            store_of = np.searchsorted(self.offsets, self.clips, side="right") - 1
+            self._parts = [self.clips[store_of == k] for k in range(len(stores))]
+            for s, part in zip(self.sources, self._parts):
+                if not len(part):
+                    raise StoreError(f"{s} has a mixing weight but no clip to draw from (all held out?)")
         if self.with_pred:
             held = min(s.group["clips/pred_features"].attrs.get("channels", s.num_channels) for s in stores)
             if held < stores[0].num_channels:
@@ -439,21 +556,46 @@ class ZarrStream(ClipStream):
             self._pid = os.getpid()
         return self._stores
 
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This rank's (clips, variants, window starts) for an epoch, in batch order."""
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's global (clips, variants, window starts): a function of the seed and the epoch only."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = self.clips[rng.permutation(self.num_clips)] if self.shuffle else self.clips
+        if self.weights is not None:
+            order = self._mixed(epoch)
+            order = order[rng.permutation(len(order))] if self.shuffle else order
+        else:
+            order = self.clips[rng.permutation(self.num_clips)] if self.shuffle else self.clips
         nv = self.store_variants[np.searchsorted(self.offsets, order, side="right") - 1]
         variants = (
             (rng.random(len(order)) * nv).astype(np.int64) if self.random_variant else np.zeros(len(order), np.int64)
         )
-        starts = self._window_starts(rng, len(order))
-        w, r = self.world, self.rank
+        return order, variants, self._window_starts(rng, len(order))
+
+    def _mixed(self, epoch: int) -> np.ndarray:
+        """An epoch of the weighted mix, before shuffling: store k's share n_k of num_clips, positions
+        epoch*n_k on of an endless sequence of permutations of its clips (cycle j drawn from seed, k, j)."""
+        parts = []
+        for k, (clips, n) in enumerate(zip(self._parts, apportion(self.weights, self.num_clips))):
+            size, lo = len(clips), epoch * int(n)
+            first, stop = lo // size, -(-(lo + n) // size)  # the cycles that positions lo .. lo+n-1 fall in
+            cycles = [clips[self._cycle(k, j, size)] for j in range(first, stop)]
+            parts.append(np.concatenate([clips[:0], *cycles])[lo - first * size :][:n])
+        return np.concatenate(parts)
+
+    def _cycle(self, store: int, j: int, size: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(size)
+        return np.random.default_rng([self.seed, store, j, _MIX]).permutation(size)
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (clips, variants, window starts) for an epoch, in batch order: global batch b of the
+        epoch is clips [g + b*W*B, g + (b+1)*W*B) of its order (g: _epoch_start), rank r takes every W-th."""
+        order, variants, starts = self.epoch_order(epoch)
+        w, r, n = self.world, self.rank, len(order)
         if self.remainder == "keep":
-            idx = np.arange(r, len(order), w)
-        else:
-            used = self.batches_per_epoch * w * self.batch_size
-            idx = np.resize(np.arange(len(order)), used)[r::w]  # drop: first `used`; pad: wraps around
+            idx = np.arange(r, n, w)
+        else:  # drop: the epoch's rest is cut to whole batches; pad: wraps around to the start of the order
+            used = self.epoch_batches(epoch) * w * self.batch_size
+            idx = (self._epoch_start(epoch) + np.arange(used))[r::w] % n
         return order[idx], variants[idx], starts[idx]
 
     def _batches(self, worker: int, workers: int):
@@ -549,11 +691,12 @@ class WebDatasetStream(ClipStream):
         super().__init__(sources, **options)
 
     def _open_sources(self) -> tuple[dict, int, int]:
-        folders, self.urls, manifests = [], [], []
+        folders, self.urls, self._source_urls, manifests = [], [], [], []
         for s in self.sources:
             folder, shards = expand_shards(s, self.storage_options)
             folders.append(folder)
             self.urls += shards
+            self._source_urls.append(shards)
             manifests.append(_wds_manifest(folder, self.storage_options))
         check_compatible(manifests, folders)
         if self.with_pred:
@@ -583,11 +726,22 @@ class WebDatasetStream(ClipStream):
                 yield 0, j, self._batch(group, rng)
             return
         rng = np.random.default_rng([self.seed, start, self.rank, worker])
-        resampled = self._samples(self.urls[rng.integers(len(self.urls))] for _ in itertools.count())
+        resampled = self._samples(self._draw_shards(rng))
         samples = _shuffled(resampled, self.shuffle_buffer if self.shuffle else 1, rng)
         for k, group in enumerate(_chunks(samples, self.batch_size)):
             g = start + worker + k * workers
             yield g // self.batches_per_epoch, g % self.batches_per_epoch, self._batch(group, rng)
+
+    def _draw_shards(self, rng: np.random.Generator):
+        """Shards drawn with replacement: uniformly (sources in proportion to their shards), or a source
+        by its mixing weight, then one of its shards."""
+        if self.weights is None:
+            while True:
+                yield self.urls[rng.integers(len(self.urls))]
+        p = np.asarray(self.weights) / np.sum(self.weights)
+        while True:
+            shards = self._source_urls[rng.choice(len(p), p=p)]
+            yield shards[rng.integers(len(shards))]
 
     def _batch(self, group, rng: np.random.Generator) -> dict:
         c, b = self.channels, len(group)

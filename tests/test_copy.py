@@ -109,6 +109,69 @@ def test_a_killed_copy_resumes_and_ends_identical(source, tmp_path, monkeypatch)
         copy_store(source, out, progress=False)
 
 
+def _with_rollouts(path, predicted: int, finish: bool = True) -> str:
+    """A store whose clips/pred_features predict the first `predicted` channels (the rest zero), as the rollout
+    job writes them; its checkpoint fingerprint."""
+    make_store(path, scenes=2, frames=33, variants=("orig", "hflip"), channel_chunk=16)
+    writer, store, fingerprint = StoreWriter(str(path)), Store(str(path)), "ab" * 32
+    arr = writer.create_pred_features(fingerprint)
+    arr.attrs["channels"] = predicted
+    rng = np.random.default_rng(0)
+    for i in range(len(store)):
+        for v in range(store.num_variants):
+            p = np.zeros(arr.shape[1:], np.float16)
+            p[..., :predicted] = rng.standard_normal((*p.shape[:-1], predicted))
+            writer.write_pred_features(store.row(i, v), p)
+    if finish:
+        writer.finish_pred_features()
+    return fingerprint
+
+
+def test_rollouts_travel_with_a_copy_cut_to_its_channels_lossless_and_verified(tmp_path, monkeypatch):
+    src = str(tmp_path / "r.zarr")
+    fingerprint = _with_rollouts(tmp_path / "r.zarr", predicted=32)
+    a = Store(src)
+    rows = len(a) * a.num_variants
+    for channels, held in ((16, 16), (None, 32)):  # a 16-channel prefix; all 64, of which 32 predicted
+        out = str(tmp_path / f"c{channels}.zarr")
+        summary = copy_store(src, out, channels=channels, compression="zstd+trim7", rows_per_unit=4, progress=False)
+        b = Store(out)
+        assert summary["pred_features"] == fingerprint and b.has_pred_features
+        assert b.pred_features_fingerprint == fingerprint and b.group["clips/pred_features"].attrs["channels"] == held
+        for i in range(len(a)):  # equal: rollouts stay lossless under a lossy spec
+            for v in range(a.num_variants):
+                np.testing.assert_array_equal(
+                    b.read_pred_features(i, None, v), a.read_pred_features(i, b.num_channels, v)
+                )
+        report = b.verify()
+        assert report["ok"] and report["checked"]["clips/pred_features"] == rows and report["rows_without_digest"] == 0
+    # a copy killed among its rollout chunks resumes them
+    out, calls, real = str(tmp_path / "killed.zarr"), {"n": 0}, StoreWriter.write_pred_features
+
+    def dying(self, row, p):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # chunk 0 (4 rows) is marked, chunk 1 half written
+        return real(self, row, p)
+
+    monkeypatch.setattr(StoreWriter, "write_pred_features", dying)
+    with pytest.raises(KeyboardInterrupt):
+        copy_store(src, out, channels=16, rows_per_unit=4, progress=False)
+    monkeypatch.setattr(StoreWriter, "write_pred_features", real)
+    summary = copy_store(src, out, channels=16, rows_per_unit=4, progress=False)
+    chunks = -(-rows // 4)
+    assert summary["units_resumed"] == summary["units"] - chunks + 1  # every other unit, and rollout chunk 0
+    b = Store(out)
+    assert b.verify()["ok"]
+    for i in range(len(a)):
+        for v in range(a.num_variants):
+            np.testing.assert_array_equal(b.read_pred_features(i, None, v), a.read_pred_features(i, 16, v))
+    # unfinished rollouts stay behind
+    _with_rollouts(tmp_path / "u.zarr", predicted=8, finish=False)
+    copy_store(str(tmp_path / "u.zarr"), str(tmp_path / "uc.zarr"), progress=False)
+    assert "pred_features" not in Store(str(tmp_path / "uc.zarr")).group["clips"]
+
+
 @pytest.mark.parametrize("spec, tol", [("zstd+trim7", 2**-7), ("blosc-zstd+int8", None)])
 def test_lossy_copies_are_recorded_and_close(source, tmp_path, spec, tol):
     out = str(tmp_path / "l.zarr")

@@ -587,4 +587,4 @@ def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on
     row = int(store._feature_rows[store.row(0)][3])  # Stage 1 reads no latents; every window holds frame 3
     _chunk(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
-    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (all its chunks are missing")
+    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (its shard file c/{row}/0/0/0 is missing")

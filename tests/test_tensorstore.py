@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.store.card import _arrays
+from pipeline.store.copy import copy_store
 from pipeline.store.format import decode_strings
 from pipeline.store.reader import Store
 from tests.store_factory import make_store
@@ -13,8 +14,9 @@ from tests.store_factory import make_store
 ts = pytest.importorskip("tensorstore")
 
 
-def _open(path, name):
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{name}/"}}, open=True).result()
+def _open(path, name, kvstore=None):
+    kvstore = {"driver": "file", "path": f"{path}/{name}/"} if kvstore is None else kvstore
+    return ts.open({"driver": "zarr3", "kvstore": kvstore}, open=True).result()
 
 
 @pytest.mark.parametrize("compression", ["blosc-zstd", "zstd", "none", "blosc-zstd+int8"])
@@ -71,3 +73,28 @@ def test_an_old_store_with_vlen_strings_still_reads(tmp_path):
     a = g["clips"].create_array("id", shape=(len(ids),), dtype=str, overwrite=True)
     a[...] = np.array(ids, dtype=object)
     assert Store(str(path)).clip_ids == ids
+
+
+def test_tensorstore_reads_a_store_over_s3_equal_to_ours(tmp_path, s3_server, monkeypatch):
+    """tensorstore's s3 kvstore at a custom endpoint (the moto server on 127.0.0.1), credentials and region
+    from the standard AWS variables, as a user of another team would set them."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "s.zarr"
+    make_store(local, scenes=2, frames=29, channel_chunk=16, fail_clips=(1,))
+    bucket = s3_server.bucket()
+    copy_store(str(local), f"s3://{bucket}/s.zarr", dst_options=s3_server.storage_options, progress=False)
+    store = Store(f"s3://{bucket}/s.zarr", s3_server.storage_options)
+
+    def over_s3(name):
+        kv = {"driver": "s3", "bucket": bucket, "path": f"s.zarr/{name}/", "endpoint": s3_server.endpoint}
+        return _open(None, name, dict(kv, aws_region="us-east-1"))
+
+    names = [name for name, _ in _arrays(store.group)]
+    assert {"clips/id", "pca/components", "frames/features", "clips/latents"} <= set(names)
+    for name, arr in _arrays(store.group):
+        np.testing.assert_array_equal(over_s3(name).read().result(), arr[...], err_msg=name)
+    row = int(store._feature_rows[store.row(0)][0])  # a channel prefix
+    np.testing.assert_array_equal(
+        over_s3("frames/features")[row, :, :, :16].read().result(), store.read_features(0, 16)[0]
+    )

@@ -9,18 +9,24 @@ hash to the digest of what was written (recorded in the unit's marker, which `ve
 
 A copy with fewer channels holds the basis's first C components and records, under `pca.prefix_of`, the basis
 it is a prefix of: it stays compatible with its original (and other prefixes of it) for reading <= C channels.
+
+Finished Stage 1 rollouts (clips/pred_features) travel too, cut to the same C channels and always lossless (as
+the rollout job stores them), under the same checkpoint fingerprint; their units are recorded as the rollout
+job records its chunks (progress/rollout-{fingerprint[:16]}/chunk-NNNNNN.json, with the rows' digests), so
+`verify` checks them and a rollout rerun on the copy finds them done. Unfinished rollouts are not copied.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 
 import numpy as np
 
 from .basis import PCABasis
 from .format import StoreError, decode_strings
-from .location import is_url, open_group
+from .location import is_url, open_group, write_atomic
 from .lossy import parse_compression
 from .reader import DECODE_ERRORS, Store
 from .writer import (
@@ -77,15 +83,18 @@ def copy_store(
     c = source._channels(channels)
     spec = parse_compression(compression or source.manifest.get("compression", "blosc-zstd")).spec
     basis = source.basis if c == source.num_channels else source.basis.prefix(c)
+    rollouts = source.pred_features_fingerprint if source.has_pred_features else None
     origin = {
         "store": absolute_url(src),
         "pca_fingerprint": source.pca_fingerprint,
         "channels": c,
         "compression": spec,
         "clip_index_digest": source.manifest.get("clip_index_digest"),
+        "pred_features": rollouts,
         "command": command,
     }
     writer = _create_or_resume(source, dst, dst_options, basis, c, spec, origin, overwrite)
+    predicted = _create_rollouts(source, writer, rollouts, c, rows_per_unit) if rollouts else 0
 
     valid = source.group["clips/valid"][...]
     frame_rows = np.unique(source._feature_rows[valid]).tolist()
@@ -99,18 +108,32 @@ def copy_store(
         for i in range(0, len(clip_rows), rows_per_unit)
     }
     done = writer.done_units() & set(units)
+    todo = [(unit, kind, rows) for unit, (kind, rows) in units.items() if unit not in done]
+    # rollouts in chunks of rows, recorded as the rollout job records them (jobs/rollout.py)
+    chunks = [clip_rows[i : i + rows_per_unit] for i in range(0, len(clip_rows), rows_per_unit)] if rollouts else []
+    marks = f"{writer.root}/progress/rollout-{str(rollouts)[:16]}"
+    chunks_done = _marked_chunks(writer, marks) if rollouts else set()
+    todo += [(k, "pred_features", rows) for k, rows in enumerate(chunks) if k not in chunks_done]
     h, w = source.geometry.feature_hw
-    row_bytes = {"features": h * w * c * 2, "latents": int(np.prod(source.geometry.latents_shape)) * 2}
-    todo = {u: v for u, v in units.items() if u not in done}
-    total = sum(row_bytes[kind] * len(rows) for kind, rows in todo.values())
+    row_bytes = {
+        "features": h * w * c * 2,
+        "latents": int(np.prod(source.geometry.latents_shape)) * 2,
+        "pred_features": source.geometry.future_latents * h * w * c * 2,
+    }
+    total = sum(row_bytes[kind] * len(rows) for _, kind, rows in todo)
     with tqdm(
         total=total, desc=f"copy -> {dst}", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress
     ) as bar:
-        for unit, (kind, rows) in todo.items():
+        for unit, kind, rows in todo:
             digests = {}
             for r in rows:
-                digests[f"{kind}/{r}"] = _copy_row(source, writer, kind, int(r), c)
+                key = str(r) if kind == "pred_features" else f"{kind}/{r}"
+                digests[key] = _copy_row(source, writer, kind, int(r), c, predicted)
                 bar.update(row_bytes[kind])
+            if kind == "pred_features":  # the rollout job's chunk record
+                record = {"chunk": unit, "fingerprint": rollouts, "rows": sorted(map(int, rows)), "digests": digests}
+                write_atomic(writer.fs, f"{marks}/chunk-{unit:06d}.json", json.dumps(record, sort_keys=True).encode())
+                continue
             writer.mark_unit_done(
                 unit,
                 clip_rows=rows if kind == "latents" else (),
@@ -121,6 +144,11 @@ def copy_store(
     missing = set(units) - {r["unit"] for r in records}
     if missing:  # not reached unless markers vanished under us
         raise StoreError(f"{dst}: {len(missing)} copy units have no marker (e.g. {sorted(missing)[:3]}); rerun")
+    if rollouts:
+        left = set(range(len(chunks))) - _marked_chunks(writer, marks)
+        if left:  # not reached unless markers vanished under us
+            raise StoreError(f"{dst}: rollout chunks {sorted(left)[:3]} have no marker; rerun")
+        writer.finish_pred_features()
     writer.group["clips/valid"][...] = valid
     write_failures(writer.group, source.failures(), spec)
     writer.mark_complete(dict(source.manifest["counts"], done_units=len(records)))
@@ -129,26 +157,33 @@ def copy_store(
         "store": dst,
         "channels": c,
         "compression": spec,
-        "units": len(units),
-        "units_resumed": len(done),
+        "units": len(units) + len(chunks),
+        "units_resumed": len(done) + len(chunks_done),
         "frame_rows": len(frame_rows),
         "clip_rows": len(clip_rows),
+        "pred_features": rollouts,
         "bytes_copied": total,
     }
 
 
-def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int) -> str:
-    """Read one row from the source (crc32c, presence), write it, read it back: the digest of what is stored."""
+def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int, predicted: int) -> str:
+    """Read one row from the source (crc32c, presence), write it, read it back: the digest of what is stored.
+    predicted: the channels a rollout row holds (the rest are zero by design)."""
     if kind == "features":
-        a = source.read_feature_row(row, c)
-        source._check_present(a, "frames/features", row)
+        name, a = "frames/features", source.read_feature_row(row, c)
+        source._check_present(a, name, row)
         want = writer.write_features(row, a)
-        name = "frames/features"
-    else:
-        a = source.read_latent_row(row)
-        source._check_present(a, "clips/latents", row)
+    elif kind == "latents":
+        name, a = "clips/latents", source.read_latent_row(row)
+        source._check_present(a, name, row)
         want = writer.write_latents(row, a)
-        name = "clips/latents"
+    else:  # Stage 1 rollouts: float16, lossless whatever the spec
+        name = "clips/pred_features"
+        a = source._read_row(source.group[name], name, row, (slice(None), slice(None), slice(None), slice(0, c)))
+        for frame in a:
+            source._check_present(frame[..., :predicted], name, row)
+        writer.write_pred_features(row, a)
+        want = digest(a)
     try:
         back = writer.group[name][row]
     except DECODE_ERRORS as e:
@@ -161,6 +196,18 @@ def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int) -
     return want
 
 
+def _marked_chunks(writer: StoreWriter, marks: str) -> set[int]:
+    return {int(p.rsplit("chunk-", 1)[-1][: -len(".json")]) for p in writer.fs.glob(f"{marks}/chunk-*.json")}
+
+
+def _create_rollouts(source: Store, writer: StoreWriter, fingerprint: str, c: int, rows_per_unit: int) -> int:
+    """clips/pred_features in the copy (or the one a killed copy made); the channels its rows predict."""
+    predicted = min(c, int(source.group["clips/pred_features"].attrs.get("channels", source.num_channels)))
+    arr = writer.create_pred_features(fingerprint)
+    arr.attrs.update({"channels": predicted, "chunk_rows": rows_per_unit})
+    return predicted
+
+
 def _create_or_resume(
     source: Store, dst: str, options: dict | None, basis: PCABasis, c: int, spec: str, origin: dict, overwrite: bool
 ) -> StoreWriter:
@@ -171,7 +218,7 @@ def _create_or_resume(
         theirs = existing.get("copied_from") or {}
         same = all(
             theirs.get(k) == origin[k]
-            for k in ("store", "pca_fingerprint", "channels", "compression", "clip_index_digest")
+            for k in ("store", "pca_fingerprint", "channels", "compression", "clip_index_digest", "pred_features")
         )
         if not existing.get("complete") and same and not overwrite:
             return StoreWriter(dst, options)  # a killed copy of the same source and settings: resume it
