@@ -2,7 +2,8 @@
 
 Prints, from one run and measured in it:
 1. the limit: the uncompressed read of the same arrays (features + latents of a clip read with
-   `readinto` from raw files in the page cache: one copy, no decoding);
+   `readinto` from raw files in the page cache: one copy, no decoding, no checksum), timed side by side
+   with the loader at 1152 channels (their windows alternate, so the machine's load falls on both alike);
 2. a codec table: for none, Blosc-lz4, Blosc-zstd at levels 1/3/5 and zstd, the bytes on disk, the
    decode MB/s per core of one feature chunk, and the loader's clips/CPU-s at 1152 and 256 channels;
 3. on a store with the writer's default codec: the loader (`ClipStream.batches`, 0, 1 and 2
