@@ -2,7 +2,8 @@
 
 Prints, from one run and measured in it:
 1. the limit: the uncompressed read of the same arrays (features + latents of a clip read with
-   `readinto` from raw files in the page cache: one copy, no decoding);
+   `readinto` from raw files in the page cache: one copy, no decoding, no checksum), timed side by side
+   with the loader at 1152 channels (their windows alternate, so the machine's load falls on both alike);
 2. a codec table: for none, Blosc-lz4, Blosc-zstd at levels 1/3/5 and zstd, the bytes on disk, the
    decode MB/s per core of one feature chunk, and the loader's clips/CPU-s at 1152 and 256 channels;
 3. on a store with the writer's default codec: the loader (`ClipStream.batches`, 0, 1 and 2
@@ -143,7 +144,17 @@ def drop_page_cache() -> str:
 
 # ---- timing -----------------------------------------------------------------------------------------
 def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads), from /proc; 0 if it has gone."""
+    """CPU seconds of a process (all its threads), from /proc: each thread's time on a CPU in ns
+    (schedstat), else user + system clock ticks (10 ms: coarse against 0.5 s windows); 0 if it has gone."""
+    if pid == os.getpid():
+        return time.process_time()
+    try:
+        return (
+            sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0]) for t in os.listdir(f"/proc/{pid}/task"))
+            / 1e9
+        )
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -170,24 +181,36 @@ def timed(step, min_seconds: float, min_windows: int = 3, window_s: float = 0.5,
     each) until there are >= min_windows and >= min_seconds in all. Rates are medians over windows (robust to
     another program's bursts on a shared machine): clips per CPU-second of this process (and of its child
     processes when asked: DataLoader workers), and clips per wall-second."""
-    step()  # first calls pay one-off costs (allocator growth, lazy set-up)
+    return timed_together({"step": step}, min_seconds, min_windows, window_s, children)["step"]
+
+
+def timed_together(
+    steps: dict, min_seconds: float, min_windows: int = 3, window_s: float = 0.5, children: bool = False
+) -> dict:
+    """timed() for several steps side by side: their windows alternate (a, b, a, b, ...), so that a change
+    in the machine's load falls on each of them alike; min_seconds is each step's. name -> rates."""
+    for step in steps.values():
+        step()  # first calls pay one-off costs (allocator growth, lazy set-up)
     pids = [os.getpid()] + (_children(os.getpid()) if children else [])
     cpu = lambda: sum(_cpu_seconds(p) for p in pids)
-    windows, t_start = [], time.perf_counter()
-    while len(windows) < min_windows or time.perf_counter() - t_start < min_seconds:
-        c0, w0, clips = cpu(), time.perf_counter(), 0
-        while not clips or time.perf_counter() - w0 < window_s:
-            clips += step()
-        windows.append((clips, time.perf_counter() - w0, cpu() - c0))
-    clips = sum(w[0] for w in windows)
+    windows, t_start = {name: [] for name in steps}, time.perf_counter()
+    while len(windows[next(iter(steps))]) < min_windows or time.perf_counter() - t_start < min_seconds * len(steps):
+        for name, step in steps.items():
+            c0, w0, clips = cpu(), time.perf_counter(), 0
+            while not clips or time.perf_counter() - w0 < window_s:
+                clips += step()
+            windows[name].append((clips, time.perf_counter() - w0, cpu() - c0))
     return {
-        "clips": clips,
-        "windows": len(windows),
-        "wall_s": sum(w[1] for w in windows),
-        "cpu_s": sum(w[2] for w in windows),
-        "per_s": float(np.median([c / w for c, w, _ in windows])),
-        "per_cpu_s": float(np.median([c / max(u, 1e-9) for c, _, u in windows])),
-        "processes": len(pids),
+        name: {
+            "clips": sum(w[0] for w in ws),
+            "windows": len(ws),
+            "wall_s": sum(w[1] for w in ws),
+            "cpu_s": sum(w[2] for w in ws),
+            "per_s": float(np.median([c / w for c, w, _ in ws])),
+            "per_cpu_s": float(np.median([c / max(u, 1e-9) for c, _, u in ws])),
+            "processes": len(pids),
+        }
+        for name, ws in windows.items()
     }
 
 
@@ -213,31 +236,30 @@ def one_core() -> None:
         zsync.cleanup_resources()
 
 
-def codecs() -> dict:
-    """label -> (Zarr v3 codec or None, numcodecs twin for the decode-only rate, writer name or None).
-    Blosc with byte shuffle and 1 MiB blocks, as the writer configures it (pipeline/store/writer.py)."""
+CODEC_TABLE = ("none", "blosc-lz4", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd:5", "zstd")  # --compression specs
+
+
+def decode_twin(spec: str):
+    """The numcodecs twin of a spec's Zarr codec (the decode-only rate of one chunk); None for `none`."""
     import numcodecs
-    from zarr.codecs import BloscCodec, ZstdCodec
 
-    def blosc(cname, level):
-        return (
-            BloscCodec(cname=cname, clevel=level, shuffle="shuffle", typesize=2, blocksize=1 << 20),
-            numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20),
-        )
+    from pipeline.store.lossy import parse_compression
 
-    return {
-        "none": (None, None, "none"),
-        "blosc-lz4": (*blosc("lz4", 5), None),
-        "blosc-zstd-1": (*blosc("zstd", 1), None),
-        "blosc-zstd-3": (*blosc("zstd", 3), None),
-        "blosc-zstd-5": (*blosc("zstd", 5), "blosc-zstd"),
-        "zstd-3": (ZstdCodec(level=3), numcodecs.Zstd(level=3), "zstd"),
-    }
+    c = parse_compression(spec)
+    if c.codec == "zstd":
+        return numcodecs.Zstd(level=c.level)
+    if c.codec.startswith("blosc-"):
+        cname = c.codec.removeprefix("blosc-")
+        return numcodecs.Blosc(cname=cname, clevel=c.level, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=1 << 20)
+    return None
 
 
-def recode_store(src: Path, dst: Path, codec, label: str) -> int:
-    """A copy of store `src` whose features and latents use `codec`; returns their bytes on disk."""
+def recode_store(src: Path, dst: Path, spec: str) -> int:
+    """A copy of store `src` whose features and latents use compression `spec` as the writer stores it (its
+    codec, then a crc32c); returns their bytes on disk."""
     import zarr
+
+    from pipeline.store.writer import chunk_codecs
 
     shutil.copytree(src, dst)
     g = zarr.open_group(str(dst), mode="r+")
@@ -250,14 +272,29 @@ def recode_store(src: Path, dst: Path, codec, label: str) -> int:
             dtype=old.dtype,
             chunks=old.chunks,
             shards=old.shards,
-            compressors=codec,
+            compressors=chunk_codecs(spec),
             fill_value=0,
             overwrite=True,
+            config={"write_empty_chunks": True},
         )
         for r in range(old.shape[0]):
             new[r] = old[r]
-    g.attrs["compression"] = label
+    g.attrs["compression"] = spec
     return _du(dst / "frames" / "features") + _du(dst / "clips" / "latents")
+
+
+def choose_default(table: dict) -> str:
+    """The README's rule: the codec the loader reads fastest (clips/CPU-s at 1152 channels), unless another
+    stores the same clips in <= 3/4 of its bytes (>= 1.33x smaller) while reading at >= 80 % of its speed
+    (then the smallest of those)."""
+    fastest = max(table, key=lambda k: table[k][1152]["per_cpu_s"])
+    f = table[fastest]
+    smaller = [
+        k
+        for k, t in table.items()
+        if t["disk"] * 1.33 <= f["disk"] and t[1152]["per_cpu_s"] >= 0.8 * f[1152]["per_cpu_s"]
+    ]
+    return min(smaller, key=lambda k: table[k]["disk"]) if smaller else fastest
 
 
 def decode_mb_per_s(twin, chunk: np.ndarray, seconds: float = 0.5) -> float:
@@ -271,7 +308,7 @@ def decode_mb_per_s(twin, chunk: np.ndarray, seconds: float = 0.5) -> float:
     return n * chunk.nbytes / MB / (time.process_time() - t0)
 
 
-def measure_limit(raw_dir: Path, store, seconds: float) -> dict:
+def limit_step(raw_dir: Path, store):
     """The uncompressed read of a clip's arrays: 7 feature frames + latents, `readinto` one buffer."""
     g = store.geometry
     feats = np.empty(g.features_shape, np.float16)
@@ -288,21 +325,27 @@ def measure_limit(raw_dir: Path, store, seconds: float) -> dict:
             f.readinto(memoryview(lats).cast("B"))
         return 1
 
-    return timed(step, seconds)
+    return step
 
 
-def measure_loader(location: str, channels: int, workers: int, seconds: float, batch_size: int, **reads) -> dict:
+def loader_batches(location: str, channels: int, workers: int, batch_size: int, **reads):
     """The trainer's loader: ClipStream.batches() as the loop calls it (reused batch tensors; pinned on
-    GPU); `reads`: what the stream reads (Stage 1: window=5, latents=False)."""
+    GPU), started (worker processes, store handles, the first touch of each worker's reused batch sets);
+    `reads`: what the stream reads (Stage 1: window=5, latents=False)."""
     import torch
 
     from model.data import open_stream
 
     stream = open_stream(location, batch_size=batch_size, channels=channels, seed=0, **reads)
-    gpu = torch.cuda.is_available()
-    batches = stream.batches(workers=workers, pin_memory=gpu, reuse=True)
-    first = next(batches)  # start-up (worker processes, store handles) is not timed
-    assert first["features"].shape[-1] == channels
+    batches = stream.batches(workers=workers, pin_memory=torch.cuda.is_available(), reuse=True)
+    for _ in range(1 + workers * (2 + 2)):
+        assert next(batches)["features"].shape[-1] == channels
+    return batches
+
+
+def measure_loader(location: str, channels: int, workers: int, seconds: float, batch_size: int, **reads) -> dict:
+    """The loader's rates (loader_batches), start-up untimed."""
+    batches = loader_batches(location, channels, workers, batch_size, **reads)
     out = timed(lambda: len(next(batches)["clip"]), seconds, children=workers > 0)
     batches.close()  # shuts the workers down
     return out
@@ -454,6 +497,7 @@ def bench_loader(args) -> dict:
     import torch
     import zarr
 
+    from pipeline.store.lossy import parse_compression
     from pipeline.store.reader import Store
     from pipeline.store.writer import StoreWriter
 
@@ -497,38 +541,49 @@ def bench_loader(args) -> dict:
         # ---- the codec table
         chunk = store._features[0:1, :, :, :128]  # one inner chunk [1, 32, 56, 128]
         table, locations = {}, {}
-        for label, (codec, twin, writer_name) in codecs().items():
-            loc = base if label == "none" else work / f"{label}.zarr"
+        for spec in CODEC_TABLE:
+            loc = base if spec == "none" else work / f"{spec.replace(':', '-')}.zarr"
             disk = (
                 _du(base / "frames" / "features") + _du(base / "clips" / "latents")
-                if label == "none"
-                else recode_store(base, loc, codec, label)
+                if spec == "none"
+                else recode_store(base, loc, spec)
             )
-            locations[label] = str(loc)
+            locations[spec] = str(loc)
             raw_pass(Store(str(loc)))  # warm-up
-            table[label] = {
+            table[spec] = {
                 "disk": disk,
-                "decode": decode_mb_per_s(twin, chunk),
-                "writer": writer_name,
+                "decode": decode_mb_per_s(decode_twin(spec), chunk),
                 **{c: measure_loader(str(loc), c, 0, args.codec_seconds, args.batch_size) for c in (1152, 256)},
             }
         print(
-            f"\n{'codec table (loader: 0 workers)':34s}{'MB on disk':>11s}{'ratio':>7s}{'decode MB/s/core':>18s}"
-            f"{'clips/CPU-s c=1152':>20s}{'c=256':>8s}   writer's --compression"
+            f"\n{'codec table (loader: 0 workers), --compression':50s}{'MB on disk':>11s}{'ratio':>7s}"
+            f"{'decode MB/s/core':>18s}{'clips/CPU-s c=1152':>20s}{'c=256':>8s}"
         )
-        for label, t in table.items():
-            decode = "  (memcpy)" if label == "none" else f"{t['decode']:10.0f}"
+        for spec, t in table.items():
+            decode = "  (memcpy)" if spec == "none" else f"{t['decode']:10.0f}"
+            name = spec + (" (the writer's default)" if parse_compression(spec) == parse_compression(default) else "")
             print(
-                f"  {label:32s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
-                f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}   "
-                f"{t['writer'] + (' (default)' if t['writer'] == default else '') if t['writer'] else '-'}"
+                f"  {name:48s}{t['disk'] / MB:11.0f}{info['raw_bytes'] / t['disk']:7.2f}{decode:>18s}"
+                f"{t[1152]['per_cpu_s']:20.2f}{t[256]['per_cpu_s']:8.2f}"
             )
+        chosen = choose_default(table)
+        print(
+            f"  the rule (README): the codec read fastest at c=1152 unless another saves >= 1.33x the bytes at "
+            f">= 80 % of its speed -> {chosen}; the writer's default is {default}: "
+            f"{_verdict(parse_compression(chosen) == parse_compression(default))}"
+        )
 
         # ---- the loader on the writer's default codec, against the limit
-        label = next(k for k, t in table.items() if t["writer"] == default)
+        label = next(k for k in table if parse_compression(k) == parse_compression(default))
         location = locations[label]
         raw_pass(Store(location))
-        limit = measure_limit(raw_dir, store, args.seconds)
+        # the goal's pair side by side: the limit and the loader (0 workers) at 1152 channels, windows alternating
+        batches = loader_batches(location, 1152, 0, args.batch_size)
+        pair = timed_together(
+            {"limit": limit_step(raw_dir, store), "loader": lambda: len(next(batches)["clip"])}, args.seconds
+        )
+        batches.close()
+        limit = pair["limit"]
         results = {
             c: {
                 **measure_reads(location, c, args.seconds),
@@ -563,6 +618,11 @@ def bench_loader(args) -> dict:
         print(
             f"{'uncompressed read (readinto from raw files): the limit':52s}{limit['per_cpu_s']:11.2f}"
             f"{limit['per_s']:9.2f}"
+        )
+        loader = pair["loader"]
+        print(
+            f"{'  loader, 0 workers, its windows alternating with those':52s}{loader['per_cpu_s']:11.2f}"
+            f"{loader['per_s']:9.2f}"
         )
         for name, key in rows:
             if key is None:
@@ -600,14 +660,14 @@ def bench_loader(args) -> dict:
 
         # ---- goals
         r1, r2 = results[1152], results[256]
-        share = r1["loader0"]["per_cpu_s"] / limit["per_cpu_s"]
+        share = pair["loader"]["per_cpu_s"] / limit["per_cpu_s"]
         speed = r2["api_features"]["per_cpu_s"] / r1["api_features"]["per_cpu_s"]
         raw_speed = r2["raw_features"]["per_cpu_s"] / r1["raw_features"]["per_cpu_s"]
         one = r1["loader1"]["per_cpu_s"] / r1["loader0"]["per_cpu_s"]
         two = r1["loader2"]["per_s"] / r1["loader1"]["per_s"]
         goals = [
             (
-                "loader (0 workers) >= 50% of the uncompressed read, c=1152 (clips/CPU-s)",
+                "loader (0 workers) >= 50% of the uncompressed read, c=1152 (clips/CPU-s, side by side)",
                 f"{100 * share:.0f}%",
                 share >= 0.5,
             ),

@@ -69,7 +69,10 @@ class CacheConfig:
     batch_clips: int = 1
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
     max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
-    compression: str = DEFAULT_COMPRESSION
+    compression: str = field(
+        default=DEFAULT_COMPRESSION,
+        metadata={"help": "CODEC[:LEVEL][+trimK|+int8], CODEC in none, blosc-lz4, blosc-zstd, zstd"},
+    )
     channel_chunk: int = 128
     ray_address: str | None = field(
         default=None,

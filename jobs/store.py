@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     a.add_argument(
         "--compression",
         default=None,
-        help="CODEC[+trimK|+int8], CODEC in blosc-zstd, zstd, none (default: the source's)",
+        help="CODEC[:LEVEL][+trimK|+int8], CODEC in none, blosc-lz4, blosc-zstd, zstd (default: the source's)",
     )
     a.add_argument("--rows-per-unit", type=int, default=16, help="rows per resumable work unit")
     a.add_argument("--src-options", type=json.loads, default=None, help="fsspec options of SRC as JSON")

@@ -70,6 +70,7 @@ from pipeline.store.reader import Store, open_stores
 log = logging.getLogger("re2pix.data")
 
 REMAINDERS = ("drop", "pad", "keep")
+_SMALL = ("clip", "variant", "window_start")  # a batch's int64 tensors
 ON_BAD_CLIP = ("stop", "skip")
 _MIX = 0x6D6978  # keeps the mixing draws' seeds apart from the epochs' ([seed, epoch])
 MISSING_PRED = (
@@ -222,7 +223,7 @@ class ClipStream(IterableDataset):
         self.pin_memory = False
         self._pool: dict[str, torch.Tensor] | None = None  # reused batch tensors (batches(reuse=True))
         self._in_use: torch.Tensor | None = None  # workers' reused sets: 1 while a batch in it is out
-        self._sets: dict[int, dict[str, torch.Tensor]] = {}  # a worker's sets
+        self._sets: dict[int, dict[str, torch.Tensor]] = {}  # the workers' reused sets (made by batches())
         self._set: int | None = None  # the set the batch being built goes into (-1: fresh tensors)
         self.manifest, self.store_channels, self.num_clips = self._open_sources()
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
@@ -367,9 +368,9 @@ class ClipStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for epoch, b, batch in self._batches(worker, workers):
             batch.update(epoch=epoch, batch=b)
-            if self._set is not None:  # a worker's reused set: batches() releases it
+            if self._set is not None:  # a worker's reused set: batches() rebuilds the batch and releases it
                 if self._set >= 0:
-                    batch["buffer_set"] = self._set
+                    batch = self._by_reference(batch, self._set)
                 self._set = None
             if info is None:  # read here: this is the stream the loop asks for its state
                 self._record(batch)
@@ -384,7 +385,9 @@ class ClipStream(IterableDataset):
         (the loop's to_device copies it first); this saves the kernel's zeroing of fresh pages, about a
         quarter of a clip's read. Here: one set of tensors. In workers: each keeps prefetch_factor + 2
         sets in shared memory and reuses one once this process has moved past the batch in it (a flag
-        per set, in shared memory: set by the worker, cleared here); with none free it takes fresh ones."""
+        per set, in shared memory: set by the worker, cleared here); with none free it takes fresh ones.
+        The sets are made here before the workers start, so a batch in one crosses over as the set's
+        number and sizes only (no file descriptor to pass, nothing to map, no copy)."""
         self.pin_memory = pin_memory
         if workers == 0:
             self._pool = {} if reuse and not pin_memory else None
@@ -394,7 +397,10 @@ class ClipStream(IterableDataset):
                 self._pool = None
             return
         if reuse:
-            self._in_use = torch.zeros(workers * (prefetch_factor + 2), dtype=torch.int8).share_memory_()
+            sets = workers * (prefetch_factor + 2)
+            self._in_use = torch.zeros(sets, dtype=torch.int8).share_memory_()
+            shapes = self._batch_shapes(self.batch_size)  # pages are taken when first written, not here
+            self._sets = {k: {name: _shared(shape) for name, shape in shapes.items()} for k in range(sets)}
         held = None  # the set of the batch handed out last
         try:
             for batch in make_loader(self, workers, prefetch_factor, pin_memory):
@@ -402,11 +408,30 @@ class ClipStream(IterableDataset):
                 if held is not None:
                     self._in_use[held] = 0
                 held = batch.pop("buffer_set", None)
-                if pin_memory and held is not None:  # already copied into pinned memory
+                for name, n in batch.pop("in_set", {}).items():
+                    batch[name] = self._sets[held][name][:n]
+                    if pin_memory:
+                        batch[name] = batch[name].pin_memory()
+                for name in _SMALL:
+                    if isinstance(batch.get(name), np.ndarray):
+                        batch[name] = torch.from_numpy(batch[name])
+                if pin_memory and held is not None:  # copied into pinned memory
                     self._in_use[held], held = 0, None
                 yield batch
         finally:
-            self._in_use = None
+            self._in_use, self._sets = None, {}
+
+    def _by_reference(self, batch: dict, k: int) -> dict:
+        """A worker's batch in reused set k, as batches() rebuilds it: the set's tensors by their sizes,
+        the small ones as numpy arrays (pickled by value: a tensor would cross in a shared-memory file)."""
+        held = self._sets[k]
+        in_set = {
+            name: len(v)
+            for name, v in batch.items()
+            if name in held and torch.is_tensor(v) and v.data_ptr() == held[name].data_ptr()
+        }
+        out = {name: v.numpy() if name in _SMALL else v for name, v in batch.items() if name not in in_set}
+        return {**out, "buffer_set": k, "in_set": in_set}
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialized float16 batch tensor to decode into: in shared memory inside a DataLoader
@@ -428,10 +453,23 @@ class ClipStream(IterableDataset):
                     self._in_use[free[0]] = 1
             if self._set < 0:
                 return _shared(shape)
-            pool = self._sets.setdefault(self._set, {})
+            held = self._sets[self._set].get(name)
+            if held is None or held.shape[1:] != shape[1:] or len(held) < shape[0]:
+                return _shared(shape)  # a size the sets were not made for: handed over by handle
+            return held[: shape[0]]
         if name not in pool or tuple(pool[name].shape) != shape:
-            pool[name] = torch.empty(shape, dtype=torch.float16) if info is None else _shared(shape)
+            pool[name] = torch.empty(shape, dtype=torch.float16)
         return pool[name]
+
+    def _batch_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
+        """The float16 tensors of a batch of b clips, by name."""
+        g, c = self.geometry, self.channels
+        shapes = {"features": (b, self._frames(), *g.feature_hw, c)}  # [B, 7 (or window), H, W, c]
+        if self.latents:
+            shapes["latents"] = (b, *g.latents_shape)  # [B, 16, 7, h, w]
+        if self.with_pred:
+            shapes["pred_features"] = (b, g.future_latents, *g.feature_hw, c)  # [B, 3, H, W, c]
+        return shapes
 
     def _damaged(self, what: str, error: DamagedStoreError) -> None:
         if self.on_bad_clip == "stop":
@@ -583,14 +621,9 @@ class ZarrStream(ClipStream):
         """One batch of clips[j] (flip variant variants[j], window from starts[j]), decoded into the
         batch's tensors. A damaged clip is replaced by the next readable (clip, variant, start) of
         `spare`, or left out; None if none is left."""
-        g, c, b = self.geometry, self.channels, len(clips)
-        feats = self._buffer("features", (b, self._frames(), *g.feature_hw, c))  # [B, 7 (or window), H, W, c]
-        lats = self._buffer("latents", (b, *g.latents_shape)) if self.latents else None  # [B, 16, 7, h, w]
-        preds = (
-            self._buffer("pred_features", (b, g.future_latents, *g.feature_hw, c))  # [B, 3, H, W, c]
-            if self.with_pred
-            else None
-        )
+        buffers = {name: self._buffer(name, shape) for name, shape in self._batch_shapes(len(clips)).items()}
+        feats, lats, preds = (buffers.get(name) for name in ("features", "latents", "pred_features"))
+        slots = {name: t.numpy() for name, t in buffers.items()}  # numpy views of the tensors, one per batch
         spare = iter(spare)
         taken, ids, skipped = [], [], 0
         for item in zip(clips, variants, starts):
@@ -598,9 +631,7 @@ class ZarrStream(ClipStream):
                 n = len(ids)
                 cid = self._read_clip(
                     *(int(x) for x in item),
-                    feats[n],
-                    None if lats is None else lats[n],
-                    None if preds is None else preds[n],
+                    *(slots[name][n] if name in slots else None for name in ("features", "latents", "pred_features")),
                 )
                 if cid is not None:
                     taken.append(item)
@@ -624,7 +655,7 @@ class ZarrStream(ClipStream):
         return batch
 
     def _read_clip(self, clip: int, variant: int, start: int, feats, lats, preds) -> str | None:
-        """Decode one clip into batch slots; its id, or None when it is damaged and skipped."""
+        """Decode one clip into batch slots (numpy views); its id, or None when it is damaged and skipped."""
         if (clip, variant) in self._bad:
             return None
         k = int(np.searchsorted(self.offsets, clip, side="right") - 1)
@@ -634,13 +665,13 @@ class ZarrStream(ClipStream):
                 i,
                 self.channels,
                 variant,
-                out=feats.numpy(),
+                out=feats,
                 frames=None if self.window is None else slice(start, start + self.window),
             )
             if lats is not None:
-                store.read_latents(i, variant, out=lats.numpy())
+                store.read_latents(i, variant, out=lats)
             if preds is not None:
-                store.read_pred_features(i, self.channels, variant, out=preds.numpy())
+                store.read_pred_features(i, self.channels, variant, out=preds)
         except DamagedStoreError as e:
             self._damaged(f"clip {store.clip_ids[i]} (variant {store.variants[variant]}) of {store.location}", e)
             self._bad.add((clip, variant))
@@ -796,7 +827,12 @@ def make_loader(stream: ClipStream, workers: int = 0, prefetch_factor: int = 2, 
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
+        collate_fn=_as_is,  # not default_convert: batches() turns a reused set's numpy arrays into tensors
     )
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def split_by_scene(store: Store, holdout: int) -> tuple[np.ndarray, np.ndarray]:

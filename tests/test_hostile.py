@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -156,6 +157,52 @@ def test_a_flipped_byte_inside_a_chunk_fails_its_checksum(store, array):
     _flip(_chunk(path, array, row), 40)
     with pytest.raises(DamagedStoreError, match=rf"{array}\[{row}\] is damaged \(crc32c checksum mismatch"):
         Store(str(path)).read_clip(3)
+
+
+def test_uncompressed_reads_check_each_chunk_they_read_and_only_those(store):
+    """The direct path of `--compression none`: a changed byte in the third channel chunk fails a read of all
+    channels, not a prefix that ends before it; a shard index forged to point past the file is damage."""
+    path, index, written = store
+    row = int(index.clips[0].feature_rows[3])
+    chunk_bytes = 8 * 14 * 16 * 2  # TINY geometry: [8, 14] patches, channel chunks of 16
+    _flip(_chunk(path, "frames/features", row), 2 * (chunk_bytes + 4) + 7)
+    s = Store(str(path))
+    assert s._direct, "uncompressed local stores are read directly"
+    np.testing.assert_array_equal(s.read_features(0, channels=32)[3], written[("features", row)][..., :32])
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged \(crc32c checksum mismatch"):
+        s.read_features(0)
+    forged = int(index.clips[1].feature_rows[-1])  # not a frame of clip 0
+    p = _chunk(path, "frames/features", forged)
+    data = bytearray(p.read_bytes())
+    entries = np.frombuffer(bytes(data[-(16 * 4 + 4) : -4]), np.uint64).copy()
+    entries[0] = len(data)  # the first chunk's offset: the end of the file
+    body = entries.tobytes()
+    data[-(16 * 4 + 4) :] = body + google_crc32c.value(body).to_bytes(4, "little")  # a valid index checksum
+    p.write_bytes(bytes(data))
+    with pytest.raises(DamagedStoreError, match="its shard index places the chunk of channels 0..15 outside the file"):
+        s.read_feature_row(forged)
+
+
+@pytest.mark.parametrize("compression", ["blosc-lz4", "zstd:1"])
+def test_compressed_stores_read_through_zarr_detect_the_same_damage(tmp_path, compression):
+    path = tmp_path / "s.zarr"
+    _, index, written = make_store(path, channel_chunk=16, compression=compression)
+    s = Store(str(path))
+    assert not s._direct  # compressed chunks go through Zarr's codecs
+    row = int(index.clips[0].feature_rows[1])
+    np.testing.assert_array_equal(s.read_features(0)[1], written[("features", row)])
+    a = zarr.open_array(str(path / "frames" / "features"), mode="r+", config={"write_empty_chunks": False})
+    frame = written[("features", row)].copy()
+    frame[..., 32:48] = 0  # zarr leaves such a chunk out of the shard when not told to store every chunk
+    a[row] = frame
+    with pytest.raises(DamagedStoreError, match=r"channels 32..47 is missing"):
+        s.read_features(0)
+    _flip(_chunk(path, "clips/latents", 1), 30)
+    with pytest.raises(DamagedStoreError, match=r"clips/latents\[1\] is damaged"):
+        s.read_latents(1)
+    _chunk(path, "frames/features", row).unlink()
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged .*missing"):
+        s.read_features(0)
 
 
 def test_a_truncated_shard_is_damage_naming_its_row(store):
@@ -307,7 +354,7 @@ def test_verify_checks_every_row_without_markers_and_lists_decode_errors_as_bad_
 
     proc = _job("jobs.store", "verify", path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"BAD frames/features[{f_missing}]: all its chunks are missing (reads as fill values)" in proc.stdout
+    assert f"BAD frames/features[{f_missing}]: its shard file c/{f_missing}/0/0/0 is missing" in proc.stdout
     assert "4 problems" in proc.stdout.splitlines()[-1]
     proc = _job("jobs.store", "verify", path, "--json")
     assert proc.returncode == 1 and len(json.loads(proc.stdout)["bad_rows"]) == 4
@@ -539,4 +586,4 @@ def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on
     row = int(store._feature_rows[store.row(0)][3])  # Stage 1 reads no latents; every window holds frame 3
     _chunk(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
-    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (all its chunks are missing")
+    _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (its shard file c/{row}/0/0/0 is missing")

@@ -14,9 +14,25 @@ from tests.store_factory import make_store
 def test_specs_parse_and_unknown_ones_are_refused():
     assert parse_compression("blosc-zstd").lossy is None
     assert parse_compression("zstd+trim7").mantissa_bits == 7 and parse_compression("none+int8").dtype == "int8"
-    for bad in ("gzip", "zstd+trim0", "zstd+trim11", "zstd+int4", "zstd+"):
+    for bad in ("gzip", "zstd+trim0", "zstd+trim11", "zstd+int4", "zstd+", "none:3", "zstd:0", "blosc-zstd:10"):
         with pytest.raises(ValueError, match="compression|lossy"):
             parse_compression(bad)
+
+
+@pytest.mark.parametrize("spec", ["none", "blosc-lz4", "blosc-zstd:1", "blosc-zstd:3", "blosc-zstd", "zstd"])
+def test_every_codec_of_the_bench_table_writes_a_store_that_reads_back_exactly(tmp_path, spec):
+    """`--compression` keeps every choice of `make bench`'s codec table; a level is part of the spec."""
+    c = parse_compression(spec)
+    assert parse_compression(c.spec) == c and (c.level is None) == (spec == "none")
+    assert parse_compression("blosc-zstd:5") == parse_compression("blosc-zstd")  # 5 is Blosc's default level
+    _, index, written = make_store(tmp_path / "s.zarr", compression=spec)
+    store = Store(str(tmp_path / "s.zarr"))
+    assert store.manifest["compression"] == spec
+    codec = store.group["frames/features"].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+    assert [x["name"] for x in codec] == ["bytes"] + ([] if spec == "none" else [spec[:5].rstrip("-")]) + ["crc32c"]
+    for i, clip in enumerate(index.clips):
+        np.testing.assert_array_equal(store.read_latents(i), written[("latents", i)])
+        np.testing.assert_array_equal(store.read_features(i)[2], written[("features", clip.feature_rows[2])])
 
 
 def test_trimming_rounds_to_the_nearest_kept_value_and_never_to_inf():
@@ -40,7 +56,7 @@ def test_int8_keeps_one_scale_per_channel():
     assert np.all(np.abs(back - x) <= s * 0.5 + np.abs(x) * 2e-3 + 1e-6)  # small channels keep their precision
 
 
-@pytest.mark.parametrize("spec", ["blosc-zstd+trim6", "zstd+int8"])
+@pytest.mark.parametrize("spec", ["blosc-zstd+trim6", "zstd+int8", "none+trim7"])
 def test_the_writer_applies_the_spec_the_cache_job_passes_and_the_reader_undoes_int8(tmp_path, spec):
     _, index, written = make_store(tmp_path / "s.zarr", compression=spec)
     store = Store(str(tmp_path / "s.zarr"))

@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from .basis import PCABasis
+from .direct import ChunkDamage, DirectArray
 from .format import (
     DamagedStoreError,
     IncompatibleStoresError,
@@ -27,7 +28,7 @@ from .format import (
     decode_strings,
     geometry_of,
 )
-from .location import filesystem, open_group
+from .location import filesystem, is_url, open_group
 from .lossy import SCALES, dequantize_int8, parse_compression
 
 # What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
@@ -87,6 +88,12 @@ class Store:
                 self._scales = {name: self.group[s] for name, s in SCALES.items()}
             except KeyError as e:
                 raise DamagedStoreError(self.location, str(e).strip("'\""), None, "the array is missing") from e
+        # uncompressed chunks of a local store are read straight from their files (pipeline/store/direct.py)
+        self._direct = {}
+        if not self._scales and cached is None and (not is_url(self.location) or self.location.startswith("file://")):
+            root = filesystem(self.location)[1]
+            self._direct = {name: DirectArray.of(arrays[name], root) for name in ("frames/features", "clips/latents")}
+            self._direct = {name: d for name, d in self._direct.items() if d is not None}
         valid = self._read_small(arrays["clips/valid"], "clips/valid")
         self._feature_rows = self._read_small(arrays["clips/feature_rows"], "clips/feature_rows")
         self._check_clip_table(valid)
@@ -232,6 +239,12 @@ class Store:
         if frames is not None:
             rows = rows[frames]
         c = self._channels(channels)
+        if "frames/features" in self._direct:  # uncompressed: each row's chunks straight into `out`
+            if out is None:
+                out = np.empty((len(rows), *self.geometry.feature_hw, c), np.float16)
+            for k, r in enumerate(rows):
+                self.read_feature_row(int(r), c, out[k])
+            return out
         # basic slices only: an integer-array selection makes zarr's sharding codec index every
         # element (about 15x slower). A clip's rows are usually evenly spaced: one strided slice.
         step = rows[1] - rows[0] if len(rows) > 1 else 1
@@ -296,6 +309,18 @@ class Store:
         return p
 
     def _read_row(self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        """arr[row, *rest] (rest: () or full slices then a prefix slice(0, c) of the last axis), into `out`."""
+        direct = self._direct.get(name)
+        if direct is not None and arr.path == direct.array.path:
+            if out is None:
+                c = rest[-1].stop if rest else direct.row_shape[-1]
+                out = np.empty((*direct.row_shape[:-1], c), direct.dtype)
+            try:
+                return direct.read(row, out)
+            except ChunkDamage as e:
+                raise DamagedStoreError(self.location, name, row, str(e)) from e
+            except OSError as e:
+                raise DamagedStoreError(self.location, name, row, _reason(e)) from e
         try:
             return _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
@@ -304,7 +329,10 @@ class Store:
     def _check_present(self, a: np.ndarray, name: str, row: int) -> None:
         """Refuse a row holding a chunk that reads as fill values (zeros): its object is missing on disk.
         The writer stores every chunk (write_empty_chunks), and no encoder output is an exact-zero chunk.
-        Cheap: one pixel per channel chunk decides, a whole chunk is scanned only when that pixel is zero."""
+        Cheap: one pixel per channel chunk decides, a whole chunk is scanned only when that pixel is zero.
+        Rows read directly need no check: their reader finds every chunk it reads in the shard index."""
+        if name in self._direct:
+            return
         cc = self._channel_chunk(name, a.shape[-1])
         if name == "clips/latents":
             if not a.reshape(-1)[:4096].any() and not a.any():

@@ -14,7 +14,7 @@ import hashlib
 import json
 
 import numpy as np
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 
 from .. import __version__
 from ..clips import ClipIndex
@@ -33,27 +33,13 @@ from .format import (
 )
 from .geometry import Geometry
 from .location import filesystem, open_group, write_atomic
-from .lossy import CODECS, SCALES, parse_compression, quantize_int8, trim_mantissa
-
-COMPRESSIONS = CODECS  # lossless codecs; a spec may add a lossy step (pipeline/store/lossy.py)
-
-
-def compressor(name: str):
-    # Blosc's shuffle groups the bytes of float16 values: 1.15x vs zstd's 1.08x on PCA features,
-    # but only with a block of >= 1 MiB (the default block size loses the gain). Both are v3 codecs.
-    if name == "blosc-zstd":
-        return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=2, blocksize=1 << 20)
-    if name == "zstd":
-        return ZstdCodec(level=3)
-    if name == "none":
-        return None
-    raise ValueError(f"unknown compression {name!r}; choose from {COMPRESSIONS}")
+from .lossy import SCALES, parse_compression, quantize_int8, trim_mantissa
 
 
 def chunk_codecs(spec: str) -> tuple:
     """The spec's lossless compressor, then a crc32c checksum (a Zarr v3 codec): a changed byte in a chunk
     fails its read. Every array of a store uses these (the lossy step of a spec touches row values only)."""
-    comp = compressor(parse_compression(spec).codec)
+    comp = parse_compression(spec).compressor()
     return (Crc32cCodec(),) if comp is None else (comp, Crc32cCodec())
 
 
