@@ -15,11 +15,14 @@ forwarded to every worker through the runtime environment, never printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -98,10 +101,38 @@ def quiet_ray(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker.cc lines on the driver's stderr
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data resets its loggers' levels on import
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# a line of Ray's C++ log: "[2026-12-01 23:00:29,401 I 15039 15039] logging.cc:303: ..."
+RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] \S+:\d+: ")
+
+
+@contextlib.contextmanager
+def without_ray_log_lines(verbose: bool):
+    """Hold the process's stderr (fd 2) while Ray's core starts, then pass on every line but Ray's C++ log
+    lines: the core prints that it read RAY_BACKEND_LOG_LEVEL whatever level that sets."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not RAY_LOG_LINE.match(line)))
+            sys.stderr.flush()
 
 
 def start_ray(
@@ -146,7 +177,8 @@ def start_ray(
         if kind == "private" or _is_loopback(address):
             stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, **kwargs)
+        with without_ray_log_lines(verbose):
+            ray.init(address=address, **kwargs)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with a sys.exit that aborts
     else:
