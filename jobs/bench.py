@@ -42,7 +42,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     from pipeline.units import plan_units
 
     torch.set_num_threads(os.cpu_count())
-    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+    encoders, latent_norm, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
     source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
     StoreWriter.create(
