@@ -687,7 +687,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         if done - {"index"}:
             print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
-        rows, stats, pools = [], ActorStats(), {}
+        rows, stats, pools, res = [], ActorStats(), {}, None
         if todo:
             ds, pools, res, _ = encoding_plan(
                 ray, cfg, cluster, todo, source, geometry, basis, variants, True, window, footprint
@@ -721,6 +721,13 @@ def run_cache(cfg: CacheConfig) -> dict:
         "unreadable_inputs": len(index.failures),
         "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
         "pools": {k: list(v) for k, v in pools.items()},
+        # host memory each actor declared to Ray, by stage
+        "declared_mib": {
+            stage: round(getattr(res, f"{name}_memory") / 2**20)
+            for stage, name in (("encode", "encoder"), ("decode", "decode"), ("write", "write"))
+        }
+        if res
+        else {},
         # throughput once every actor is up: clips after the last encoder was ready / time since then
         "steady_clips_per_s": _steady_rate(rows),
         "stage_seconds": stage_seconds,
