@@ -333,6 +333,7 @@ def _pool(ray, sizes, in_flight: int | None = None):
 
 
 ENCODER_IN_FLIGHT = 2  # units per encoder actor: the next unit's frames wait at the actor, not at the driver
+OBJECT_STORE_UNITS = 4  # the object-store budget, in units per unit in flight
 
 
 def encoding_plan(
@@ -370,10 +371,14 @@ def encoding_plan(
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
     # Decoding is cheaper than encoding: unbounded, it would run ahead through the whole dataset and hold
     # every decoded unit in the object store (memory growing with the clip count, spilling at scale). Ray
-    # Data's object-store budget bounds it to the units in flight at every actor, twice over.
+    # Data's object-store budget bounds it to a few times the units in flight at every actor (Ray Data
+    # splits the budget between the stages: a tighter one left encoder actors without units), and never
+    # above Ray Data's own default, half the cluster's object store.
     in_flight = pools["encode"][1] * ENCODER_IN_FLIGHT + pools["decode"][1] + pools["write"][1]
+    budget = OBJECT_STORE_UNITS * in_flight * sum(unit)
+    budget = min(budget, ray.cluster_resources().get("object_store_memory", budget) / 2)
     limits = ds.context.execution_options.resource_limits
-    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=2 * in_flight * sum(unit))
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     ds.context.wait_for_min_actors_s = 900  # every encoder actor loads its models before units are dealt
     ds = ds.map_batches(
         DecodeStage,

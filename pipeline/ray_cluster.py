@@ -108,8 +108,11 @@ def quiet_ray(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# a line of Ray's C++ log: "[2026-12-01 23:00:29,401 I 15039 15039] logging.cc:303: ..."
-RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] \S+:\d+: ")
+# a line of Ray's C++ log ("[2026-12-01 23:00:29,401 I 15039 15039] logging.cc:303: ..."), or its notice
+# about token authentication, printed by the core as it connects
+RAY_LOG_LINE = re.compile(
+    r"^(\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] \S+:\d+: |Token authentication is enabled)"
+)
 
 
 @contextlib.contextmanager
