@@ -168,8 +168,13 @@ def start_ray(
         }
         if kind == "private":
             kwargs.update(
-                num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None, _node_ip_address="127.0.0.1"
-            )  # a one-machine cluster listens on loopback only
+                num_cpus=num_cpus or os.cpu_count(),
+                num_gpus=num_gpus or None,
+                _node_ip_address="127.0.0.1",  # a one-machine cluster listens on loopback only
+                # Ray starts workers 15 nice levels below the raylet: the actors doing the job's work
+                # would yield the CPU to every other process of the machine. They run at the job's own.
+                _system_config={"worker_niceness": 0},
+            )
             address = "local"
         if kind == "private" and (left := leftover_processes()):
             print(
