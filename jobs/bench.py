@@ -42,7 +42,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     from pipeline.units import plan_units
 
     torch.set_num_threads(os.cpu_count())
-    encoders, latent_norm, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+    encoders, latent_norm, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
     source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
     StoreWriter.create(
@@ -73,6 +73,15 @@ def run_loop(cfg, basis_path: str) -> dict:
     return {"clips": clips, "seconds": seconds, "clips_per_s": clips / seconds, "stage_seconds": stage}
 
 
+def verdict(value: float, goal: float, at_least: bool = True) -> str:
+    return "met" if (value >= goal if at_least else value <= goal) else "NOT met"
+
+
+def load() -> str:
+    """The machine's load average over the last minute: figures taken on a busy machine say so."""
+    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
 def encoder_share(stage: dict) -> float:
     total = sum(stage.values())
     return stage.get("encode", 0) / total if total else float("nan")
@@ -93,7 +102,8 @@ def compare(label: str, make_cfg, basis_path: str, note: str) -> dict:
         f"  ray job         {job['valid_clips']:4d} clips  {steady:.3f} clips/s once its encoders are loaded, "
         f"{job['valid_clips'] / job['seconds']:.3f} clips/s end to end ({job['seconds']:.0f} s incl. start-up)"
     )
-    print(f"  ray / loop      {100 * steady / loop['clips_per_s']:.0f}% (goal >= 90%)")
+    ratio = steady / loop["clips_per_s"]
+    print(f"  ray / loop      {100 * ratio:.0f}% (goal >= 90%: {verdict(ratio, 0.9)}; {load()})")
     print(
         f"  worker time in the encoders: {100 * encoder_share(job['stage_seconds']):.0f}% "
         f"(per stage, s: {json.dumps(job['stage_seconds'])})"
@@ -213,14 +223,23 @@ def bench_cache(args) -> None:
             f"{args.clips} clips of 25 frames, synthetic 144x256 -> "
             "VAE 96x160, DINOv2 112x196, random-weight tiny models",
         )
-        rates = {}
+        # The demo VAE (the tiny geometry's trained WAN VAE, 2.0M parameters against the random tiny one's
+        # 0.18M) costs ~3x the tiny VAE per clip. With the tiny VAE, decoding, writing and Ray's own
+        # processes take ~30% of the encoders' CPU time, and on 2 CPUs they share the cores with two
+        # encoder actors: that alone caps the ratio near 1.45x, whatever the job does.
+        rates, loads = {}, {}
         for n in (1, 2):
-            job = run_cache(tiny(f"actors{n}", encoder_actors=n, pca=tiny_basis))
-            rates[n] = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"]
-        print(f"\n[encoder actors] tiny encoders, one torch thread each, {args.clips} clips, same run")
+            job = run_cache(tiny(f"actors{n}", encoder_actors=n, pca=tiny_basis, vae="demo"))
+            rates[n], loads[n] = job["steady_clips_per_s"] or job["valid_clips"] / job["seconds"], load()
         print(
-            f"  1 actor  {rates[1]:.3f} clips/s\n  2 actors {rates[2]:.3f} clips/s\n"
-            f"  2 / 1    {rates[2] / rates[1]:.2f}x (goal >= 1.6x on {os.cpu_count()} CPUs)"
+            f"\n[encoder actors] tiny DINOv2 + the demo VAE (tiny geometry, 3x the tiny VAE's cost per clip, so "
+            f"that encoding, not decoding and Ray's own processes, fills the cores), one torch thread each, "
+            f"{args.clips} clips, same run"
+        )
+        ratio = rates[2] / rates[1]
+        print(
+            f"  1 actor  {rates[1]:.3f} clips/s ({loads[1]})\n  2 actors {rates[2]:.3f} clips/s ({loads[2]})\n"
+            f"  2 / 1    {ratio:.2f}x (goal >= 1.6x on {os.cpu_count()} CPUs: {verdict(ratio, 1.6)})"
         )
 
     if args.real_clips:
@@ -249,14 +268,17 @@ def bench_cache(args) -> None:
     stop_ray(cluster)  # the memory runs start clusters of their own
     if not args.memory_clips:
         return
-    peaks = {n: peak_memory(n, work, tiny_basis) for n in args.memory_clips}
+    peaks, loads = {}, {}
+    for n in args.memory_clips:
+        peaks[n], loads[n] = peak_memory(n, work, tiny_basis), load()
     first, last = peaks[args.memory_clips[0]], peaks[args.memory_clips[-1]]
     print("\n[peak memory] whole job (driver, raylet, workers), proportional set size")
     for n, mib in peaks.items():
-        print(f"  {n:4d} tiny clips  {mib:7.0f} MiB")
+        print(f"  {n:4d} tiny clips  {mib:7.0f} MiB ({loads[n]})")
+    growth = last / first - 1
     print(
-        f"  growth {100 * (last / first - 1):+.1f}% from {args.memory_clips[0]} to {args.memory_clips[-1]} clips "
-        "(goal: flat, within 10%)"
+        f"  growth {100 * growth:+.1f}% from {args.memory_clips[0]} to {args.memory_clips[-1]} clips "
+        f"(goal: flat, within 10%: {verdict(growth, 0.10, at_least=False)})"
     )
 
 

@@ -90,7 +90,16 @@ class CacheConfig:
         metadata={"help": "grow the encoder pool up to this many as an autoscaler adds GPUs (0: --encoder-actors)"},
     )
     gpus_per_encoder: float = field(default=1.0, metadata={"help": "GPUs per encoder actor (0.5: two per GPU)"})
-    encoder_memory_gb: float = field(default=0.0, metadata={"help": "host memory Ray reserves per encoder actor"})
+    encoder_memory_gb: float = field(
+        default=0.0,
+        metadata={
+            "help": "host memory Ray reserves per encoder actor (0: estimated from the encoders as loaded, the "
+            "geometry and the batch sizes)"
+        },
+    )
+    task_memory_gb: float = field(
+        default=0.0, metadata={"help": "host memory Ray reserves per decode and per write actor (0: estimated)"}
+    )
     decode_actors: int = field(
         default=0,
         metadata={
@@ -123,6 +132,7 @@ RUNTIME_ONLY = (
     "max_encoder_actors",
     "gpus_per_encoder",
     "encoder_memory_gb",
+    "task_memory_gb",
     "decode_actors",
     "dino_threads",
     "vae_threads",
@@ -267,23 +277,33 @@ def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
-def plan_resources(cfg: CacheConfig, cluster, units: int):
-    """Actor counts and resources from the cluster (overrides from the config)."""
+def encoder_device(cfg: CacheConfig, cluster) -> str:
+    return cfg.device if cfg.device != "auto" else ("cuda" if cluster.gpus else "cpu")
+
+
+def plan_resources(cfg: CacheConfig, cluster, units: int, memory: dict[str, int] | None = None):
+    """Actor counts and resources from the cluster (overrides from the config). `memory`: the estimated
+    bytes per actor by stage (pipeline.ray_cache.actor_memory); --encoder-memory-gb / --task-memory-gb win."""
     from pipeline.ray_cache import StageResources
 
     gpus = cluster.gpus
-    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
-    memory = int(cfg.encoder_memory_gb * 2**30)
+    device = encoder_device(cfg, cluster)
+    memory = memory or {}
+    task = int(cfg.task_memory_gb * 2**30)
+    declared = {
+        "encoder_memory": int(cfg.encoder_memory_gb * 2**30) or memory.get("encode", 0),
+        "decode_memory": task or memory.get("decode", 0),
+        "write_memory": task or memory.get("write", 0),
+    }
+    threads = {"dino_threads": cfg.dino_threads, "vae_threads": cfg.vae_threads}
     if gpus:
         per = cfg.gpus_per_encoder
-        res = StageResources(
-            gpus=per, encoder_memory=memory, dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads
-        )
+        res = StageResources(gpus=per, **declared, **threads)
         n = cfg.encoder_actors or max(1, int(gpus / per + 1e-9))
     else:
         if device == "cuda":
             raise Re2pixError("--device cuda: the Ray cluster has no GPU")
-        res = StageResources(encoder_memory=memory, dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads)
+        res = StageResources(**declared, **threads)
         n = cfg.encoder_actors or 1
     hi = max(n, cfg.max_encoder_actors)
     n, hi = min(n, units), min(hi, units)  # an actor without a unit would only load models
@@ -304,21 +324,60 @@ def _pool(ray, sizes, in_flight: int | None = None):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=in_flight)
 
 
+ENCODER_IN_FLIGHT = 2  # units per encoder actor: the next unit's frames wait at the actor, not at the driver
+OBJECT_STORE_UNITS = 4  # the object-store budget, in units per unit in flight
+
+
 def encoding_plan(
-    ray, cfg: CacheConfig, cluster, units, source, geometry, basis, variants, with_clips: bool, window: int = 1
+    ray,
+    cfg: CacheConfig,
+    cluster,
+    units,
+    source,
+    geometry,
+    basis,
+    variants,
+    with_clips: bool,
+    window: int = 1,
+    footprint: dict | None = None,
 ):
     """One row per unit -> decoded, resized frames -> encoder actors (features and latents, or PCA
-    moments when `basis` is None). Returns (dataset, pool sizes, device)."""
-    from pipeline.ray_cache import DecodeStage, EncodeStage
+    moments when `basis` is None). Returns (dataset, pool sizes, resources, device).
+    `footprint` (describe_encoders) sizes each actor's declared memory; None: nothing declared."""
+    from pipeline.ray_cache import DecodeStage, EncodeStage, actor_memory, unit_bytes
 
-    res, device, pools = plan_resources(cfg, cluster, len(units))
+    if with_clips:
+        unit = unit_bytes(geometry, cfg.unit_clips, cfg.stride, len(variants), window)
+    else:  # a PCA sample unit: frames for the feature encoder only; out: float64 moments (D x D)
+        frames = max(len(u.own) for u in units)
+        dh, dw = geometry.dino_input_hw
+        unit = (frames * window * dh * dw * 3, 8 * (geometry.feature_dim + 2) * geometry.feature_dim)
+    device = encoder_device(cfg, cluster)
+    memory = None
+    if footprint:
+        memory = actor_memory(footprint, geometry, unit, device, cfg.batch_frames, cfg.batch_clips)
+        # an estimate above every node's memory would leave the actor unplaceable: the job would wait forever
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        memory = {k: min(v, int(largest)) if largest else v for k, v in memory.items()}
+    res, device, pools = plan_resources(cfg, cluster, len(units), memory)
     ds = ray.data.from_items([{"plan": u.to_json()} for u in units], override_num_blocks=max(1, len(units)))
+    # Decoding is cheaper than encoding: unbounded, it would run ahead through the whole dataset and hold
+    # every decoded unit in the object store (memory growing with the clip count, spilling at scale). Ray
+    # Data's object-store budget bounds it to a few times the units in flight at every actor (Ray Data
+    # splits the budget between the stages: a tighter one left encoder actors without units), and never
+    # above Ray Data's own default, half the cluster's object store.
+    in_flight = pools["encode"][1] * ENCODER_IN_FLIGHT + pools["decode"][1] + pools["write"][1]
+    budget = OBJECT_STORE_UNITS * in_flight * sum(unit)
+    budget = min(budget, ray.cluster_resources().get("object_store_memory", budget) / 2)
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    ds.context.wait_for_min_actors_s = 900  # every encoder actor loads its models before units are dealt
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_args=(source, geometry, variants, with_clips, window),
         batch_size=1,
-        num_cpus=res.task_cpus,
         compute=_pool(ray, pools["decode"]),
+        **res.task_kwargs("decode"),
     )
     ds = ds.map_batches(
         EncodeStage,
@@ -335,22 +394,20 @@ def encoding_plan(
             cfg.allow_download,
         ),
         batch_size=1,
-        compute=_pool(ray, pools["encode"], in_flight=1),
+        compute=_pool(ray, pools["encode"], in_flight=ENCODER_IN_FLIGHT),
         **res.actor_kwargs(),
     )
     return ds, pools, res, device
 
 
-def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: int = 1):
+def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: int = 1, footprint: dict | None = None):
     """First pass: the feature encoder on an even sample of feature frames; float64 moments merged in unit order,
     so the basis (and its fingerprint) does not depend on which worker finished first."""
     from pipeline.pca import PCAAccumulator
     from pipeline.units import plan_frames
 
     units = plan_frames(index, cfg.pca_frames)
-    ds, _, _, _ = encoding_plan(
-        ray, cfg, cluster, units, source, geometry, None, ["orig"], with_clips=False, window=window
-    )
+    ds, _, _, _ = encoding_plan(ray, cfg, cluster, units, source, geometry, None, ["orig"], False, window, footprint)
     ds.context.execution_options.preserve_order = True  # units arrive in order: nothing waits in memory
     order = {u.unit_id: i for i, u in enumerate(units)}
     acc, pending, next_unit = PCAAccumulator(geometry.feature_dim), {}, 0
@@ -367,24 +424,37 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: i
     return acc.to_basis(geometry.num_pca_channels)
 
 
-def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict, object]:
-    """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, and the
-    geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression)."""
+def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict, object, dict]:
+    """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, the
+    geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression), and the
+    memory of this process (unique set size) with torch imported and with both encoders loaded: what a
+    worker and an encoder actor hold before their first unit (pipeline.ray_cache.actor_memory)."""
+    import psutil
+
     from pipeline.encoders import derive_geometry, load_encoder, load_vae
 
+    def uss() -> int:
+        return psutil.Process().memory_full_info().uss
+
+    import torch  # noqa: F401 -- part of every worker's footprint
+
+    worker = uss()
     enc = load_encoder(encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
     v = load_vae(vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=allow_download)
+    footprint = {"worker": worker, "encoders": uss()}
     derived = derive_geometry(geometry, enc, v)
     # the manifest's "dinov2" entry is the feature encoder, whichever it is: its "name" says which
-    return {"dinov2": enc.describe(), "vae": v.describe()}, {"mean": v.latents_mean, "std": v.latents_std}, derived
+    described = {"dinov2": enc.describe(), "vae": v.describe()}
+    return described, {"mean": v.latents_mean, "std": v.latents_std}, derived, footprint
 
 
-def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict, object]:
+def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict, object, dict]:
     """Hash the weights once per job, in a Ray worker when there is a cluster: the driver never holds
-    a model (at paper size two models and a minute of hashing)."""
+    a model (at paper size two models and a minute of hashing). The worker ends with the task
+    (max_calls=1), so the memory it took is given back for the rest of the job."""
     if ray is None:
         return describe_encoders(cfg.encoder, cfg.vae, geometry, cfg.allow_download)
-    task = ray.remote(num_cpus=0.25, max_retries=0)(describe_encoders)
+    task = ray.remote(num_cpus=0.25, max_retries=0, max_calls=1)(describe_encoders)
     try:
         return ray.get(task.remote(cfg.encoder, cfg.vae, geometry, cfg.allow_download))
     except ray.exceptions.RayTaskError as e:
@@ -532,7 +602,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
     if cfg.dry_run:  # in this process: a dry run starts no cluster
-        _, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
+        _, _, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
         source, geometry, index = _checked_index(cfg, geometry, source)
         return dry_run(cfg, source, geometry, index, variants)
     finished = finished_store(cfg)  # refuses a folder that is not ours, --overwrite or not
@@ -569,7 +639,7 @@ def run_cache(cfg: CacheConfig) -> dict:
 
         # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
         # Ray worker: the driver never holds a model)
-        encoders, latent_norm, geometry = encoder_descriptions(cfg, provisional, ray)
+        encoders, latent_norm, geometry, footprint = encoder_descriptions(cfg, provisional, ray)
         if geometry != provisional:
             source, geometry, index = _checked_index(cfg, geometry, source)
             check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
@@ -588,7 +658,7 @@ def run_cache(cfg: CacheConfig) -> dict:
             except (FileNotFoundError, OSError, KeyError, ValueError):
                 pass
         if basis is None:
-            basis = fit_basis(cfg, source, geometry, index, ray, cluster, window)
+            basis = fit_basis(cfg, source, geometry, index, ray, cluster, window, footprint)
 
         writer = StoreWriter.create(
             cfg.out,
@@ -614,15 +684,17 @@ def run_cache(cfg: CacheConfig) -> dict:
         if done - {"index"}:
             print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
-        rows, stats, pools = [], ActorStats(), {}
+        rows, stats, pools, res = [], ActorStats(), {}, None
         if todo:
-            ds, pools, res, _ = encoding_plan(ray, cfg, cluster, todo, source, geometry, basis, variants, True, window)
+            ds, pools, res, _ = encoding_plan(
+                ray, cfg, cluster, todo, source, geometry, basis, variants, True, window, footprint
+            )
             ds = ds.map_batches(
                 WriteStage,
                 fn_constructor_args=(cfg.out, options),
                 batch_size=1,
-                num_cpus=res.task_cpus,
                 compute=_pool(ray, pools["write"]),
+                **res.task_kwargs("write"),
             )
             progress = Progress("cache", sum(len(u.clips) for u in todo), "clips", cfg.progress)
             for row in ds.iter_rows():
@@ -646,6 +718,13 @@ def run_cache(cfg: CacheConfig) -> dict:
         "unreadable_inputs": len(index.failures),
         "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
         "pools": {k: list(v) for k, v in pools.items()},
+        # host memory each actor declared to Ray, by stage
+        "declared_mib": {
+            stage: round(getattr(res, f"{name}_memory") / 2**20)
+            for stage, name in (("encode", "encoder"), ("decode", "decode"), ("write", "write"))
+        }
+        if res
+        else {},
         # throughput once every actor is up: clips after the last encoder was ready / time since then
         "steady_clips_per_s": _steady_rate(rows),
         "stage_seconds": stage_seconds,

@@ -27,9 +27,10 @@ def main(argv=None) -> int:
     try:
         import ray
 
-        encoders, _, geometry = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)  # sizes from them
+        encoders, _, geometry, footprint = encoder_descriptions(cfg, resolve_geometry(cfg.geometry), ray)
         source, geometry, index = build_index(cfg, geometry, source)
-        basis = fit_basis(cfg, source, geometry, index, ray, cluster, int(encoders["dinov2"].get("window", 1)))
+        window = int(encoders["dinov2"].get("window", 1))
+        basis = fit_basis(cfg, source, geometry, index, ray, cluster, window, footprint)
     finally:
         stop_ray(cluster)
     save_basis(basis, cfg.out, overwrite=cfg.overwrite, storage_options=cfg.storage_options or None)

@@ -35,7 +35,9 @@ class StageResources:
     encoder_cpus: float = 0.5  # per encoder actor when no GPU is asked for
     gpu_encoder_cpus: float = 0.25  # per GPU encoder actor: its CPU work is feeding the GPU
     task_cpus: float = 0.25  # decode and write actors
-    encoder_memory: int = 0  # bytes Ray reserves per encoder actor (0: none declared)
+    encoder_memory: int = 0  # bytes of host memory Ray reserves per encoder actor (0: none declared)
+    decode_memory: int = 0  # per decode actor
+    write_memory: int = 0  # per write actor
     dino_threads: int = 1  # intra-op torch threads for DINOv2 on CPU
     vae_threads: int = 0  # for the VAE on CPU; 0: every CPU of the node the actor runs on
 
@@ -45,7 +47,56 @@ class StageResources:
             if self.gpus > 0
             else {"num_cpus": self.encoder_cpus}
         )
-        return {**kw, **({"memory": self.encoder_memory} if self.encoder_memory else {})}
+        return {**kw, **_memory(self.encoder_memory)}
+
+    def task_kwargs(self, stage: str) -> dict:
+        return {"num_cpus": self.task_cpus, **_memory(getattr(self, f"{stage}_memory"))}
+
+
+def _memory(nbytes: int) -> dict:
+    return {"memory": int(nbytes)} if nbytes else {}
+
+
+# Host memory per actor, estimated before any actor starts (Ray schedules by it; Ray Data warns when an
+# actor's measured memory passes it). Activations on a CPU device, as multiples of the float32 input of
+# one batch, measured here with one torch thread: WAN2.1 VAE (127M) 93x at 144x256, the tiny and demo
+# VAEs 20x and 40x; a ViT's attention at DINOv2-B's 448x784 grid is ~36x. On a GPU they live on the GPU.
+VAE_ACTIVATIONS = 96
+FEATURE_ACTIVATIONS = 40
+HEADROOM = 1.25  # Ray Data's own margin: it warns below 1.25x the measured peak
+
+
+def unit_bytes(geometry: Geometry, unit_clips: int, stride: int, variants: int, window: int = 1) -> tuple[int, int]:
+    """Upper bounds of one work unit's bytes between stages: (decoded frames, encoded rows)."""
+    frames = (unit_clips - 1) * stride + geometry.clip_frames  # distinct frames of its clips, at most
+    own = unit_clips * geometry.latent_frames  # feature frames it owns, at most
+    (vh, vw), (dh, dw), (fh, fw) = geometry.vae_input_hw, geometry.dino_input_hw, geometry.feature_hw
+    decoded = variants * (frames * vh * vw * 3 + own * window * dh * dw * 3)
+    latents = int(np.prod(geometry.latents_shape))
+    encoded = variants * 2 * (own * fh * fw * geometry.num_pca_channels + unit_clips * latents)
+    return decoded, encoded
+
+
+def actor_memory(
+    footprint: dict, geometry: Geometry, unit: tuple[int, int], device: str, batch_frames: int, batch_clips: int
+) -> dict[str, int]:
+    """Bytes to declare per actor, by stage. `footprint` is measured where the encoders were loaded for
+    their weights' hashes (jobs/cache.py describe_encoders): "worker", a worker process with torch
+    imported; "encoders", the same with both encoders loaded. `unit` is unit_bytes()."""
+    decoded, encoded = unit
+    activations = 0
+    if not device.startswith("cuda"):
+        (vh, vw), (dh, dw) = geometry.vae_input_hw, geometry.dino_input_hw
+        activations = max(
+            VAE_ACTIVATIONS * batch_clips * geometry.clip_frames * vh * vw * 3 * 4,
+            FEATURE_ACTIVATIONS * batch_frames * dh * dw * 3 * 4,
+        )
+    worker, encoders = footprint["worker"], footprint["encoders"]
+    return {  # a unit in flight, one arriving, and their float copies on the way in or out
+        "encode": int(HEADROOM * (encoders + activations + 2 * decoded + 3 * encoded)),
+        "decode": int(HEADROOM * (worker + 3 * decoded)),
+        "write": int(HEADROOM * (worker + 3 * encoded)),
+    }
 
 
 def node_cpus() -> int:

@@ -15,11 +15,14 @@ forwarded to every worker through the runtime environment, never printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -98,10 +101,41 @@ def quiet_ray(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker.cc lines on the driver's stderr
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data resets its loggers' levels on import
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# a line of Ray's C++ log ("[2026-12-01 23:00:29,401 I 15039 15039] logging.cc:303: ..."), or its notice
+# about token authentication, printed by the core as it connects
+RAY_LOG_LINE = re.compile(
+    r"^(\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] \S+:\d+: |Token authentication is enabled)"
+)
+
+
+@contextlib.contextmanager
+def without_ray_log_lines(verbose: bool):
+    """Hold the process's stderr (fd 2) while Ray's core starts, then pass on every line but Ray's C++ log
+    lines: the core prints that it read RAY_BACKEND_LOG_LEVEL whatever level that sets."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not RAY_LOG_LINE.match(line)))
+            sys.stderr.flush()
 
 
 def start_ray(
@@ -134,8 +168,13 @@ def start_ray(
         }
         if kind == "private":
             kwargs.update(
-                num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus or None, _node_ip_address="127.0.0.1"
-            )  # a one-machine cluster listens on loopback only
+                num_cpus=num_cpus or os.cpu_count(),
+                num_gpus=num_gpus or None,
+                _node_ip_address="127.0.0.1",  # a one-machine cluster listens on loopback only
+                # Ray starts workers 15 nice levels below the raylet: the actors doing the job's work
+                # would yield the CPU to every other process of the machine. They run at the job's own.
+                _system_config={"worker_niceness": 0},
+            )
             address = "local"
         if kind == "private" and (left := leftover_processes()):
             print(
@@ -146,7 +185,8 @@ def start_ray(
         if kind == "private" or _is_loopback(address):
             stay_on_loopback()
         sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, **kwargs)
+        with without_ray_log_lines(verbose):
+            ray.init(address=address, **kwargs)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with a sys.exit that aborts
     else:

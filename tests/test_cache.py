@@ -323,3 +323,28 @@ def test_dry_run_estimates_without_writing(tmp_path):
     assert summary["store_bytes"]["uncompressed"] == 16 * 8 * 14 * 64 * 2 + 4 * 16 * 7 * 12 * 20 * 2
     assert summary["encoder_s_per_clip_on_this_cpu"] > 0
     assert not (tmp_path / "dry.zarr").exists()
+
+
+def test_actors_declare_memory_from_the_encoders_and_the_flags_override_it():
+    from jobs.cache import plan_resources
+    from pipeline.ray_cache import actor_memory, unit_bytes
+    from pipeline.ray_cluster import RayCluster
+    from pipeline.store.geometry import GEOMETRIES
+
+    tiny, paper = GEOMETRIES["tiny"], GEOMETRIES["paper"]
+    footprint = {"worker": 300 * 2**20, "encoders": 400 * 2**20}
+    gpus, cpus = RayCluster("x", "given", 16, 4, 1), RayCluster("x", "given", 2, 0, 1)
+
+    def declared(cfg, cluster, geometry=tiny):
+        device = "cuda" if cluster.gpus else "cpu"
+        memory = actor_memory(footprint, geometry, unit_bytes(geometry, 8, 4, 1), device, 16, 1)
+        res = plan_resources(cfg, cluster, 10, memory)[0]
+        return res.actor_kwargs()["memory"], res.task_kwargs("decode")["memory"], res.task_kwargs("write")["memory"]
+
+    enc, dec, wr = declared(CacheConfig(), cpus)
+    assert enc > footprint["encoders"] and dec > footprint["worker"] and wr > footprint["worker"]
+    # activations on a CPU device grow with the geometry; on a GPU they are not host memory
+    assert declared(CacheConfig(), cpus, paper)[0] > 5 * declared(CacheConfig(), gpus, paper)[0]
+    assert declared(CacheConfig(), gpus, paper)[1] > dec  # a paper-size unit's frames
+    enc, dec, wr = declared(CacheConfig(encoder_memory_gb=3, task_memory_gb=0.5), cpus)
+    assert (enc, dec, wr) == (3 * 2**30, 2**29, 2**29)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import weakref
 
 import fsspec
 import zarr
@@ -32,10 +33,26 @@ def fresh_options(location: str, storage_options: dict | None = None) -> dict:
 
 def open_group(location: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
     location = str(location) if mode == "r" else writable_location(location)
-    kwargs = {"storage_options": fresh_options(location, storage_options)} if is_url(location) else {}
-    if kwargs and not kwargs["storage_options"]:
-        kwargs = {}
-    return zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
+    if not is_url(location):
+        return zarr.open_group(location, mode=mode, zarr_format=3)
+    from zarr.storage import FsspecStore
+
+    options = fresh_options(location, storage_options) or None
+    store = FsspecStore.from_url(location, storage_options=options, read_only=mode == "r")
+    weakref.finalize(store, close_session, store.fs)  # also when opening fails, and at exit
+    return zarr.open_group(store, mode=mode, zarr_format=3)
+
+
+def close_session(fs) -> None:
+    """Close an async filesystem's HTTP session (s3fs, gcsfs, http), if it opened one. fsspec does this
+    itself for its sync instances only; the async ones zarr uses (one per opened group: no shared
+    instance, fresh listings) would each end with aiohttp's "Unclosed client session" on stderr."""
+    close = getattr(type(fs), "close_session", None)
+    session = getattr(fs, "_s3creator", None) or getattr(fs, "_session", None)
+    if close is not None and session is not None:
+        from zarr.core.sync import _get_loop  # the loop zarr runs its filesystems' coroutines on
+
+        close(_get_loop(), session)
 
 
 def filesystem(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
