@@ -23,7 +23,9 @@ import os
 import uuid
 
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.storage import FsspecStore, WrapperStore
+from zarr.storage import WrapperStore
+
+from pipeline.store.location import fsspec_store
 
 ENV_FOLDER, ENV_LIMIT_GB = "RE2PIX_CHUNK_CACHE", "RE2PIX_CHUNK_CACHE_GB"
 # per process: bytes the server returned (every read, metadata included) and bytes served from the cache
@@ -139,5 +141,5 @@ def cached_store(location: str, storage_options: dict | None = None):
     if not folder or "://" not in str(location) or str(location).startswith("file://"):
         return None
     limit = float(os.environ.get(ENV_LIMIT_GB, "100")) * 2**30
-    inner = FsspecStore.from_url(str(location), storage_options=storage_options, read_only=True)
+    inner = fsspec_store(str(location), storage_options, read_only=True)
     return CachingStore(inner, ChunkCache(folder, int(limit)), str(location))

@@ -35,12 +35,17 @@ def open_group(location: str, mode: str = "r", storage_options: dict | None = No
     location = str(location) if mode == "r" else writable_location(location)
     if not is_url(location):
         return zarr.open_group(location, mode=mode, zarr_format=3)
+    options = fresh_options(location, storage_options) or None
+    return zarr.open_group(fsspec_store(location, options, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
+def fsspec_store(location: str, storage_options: dict | None, read_only: bool):
+    """zarr's store for a URL, whose HTTP session is closed when the store goes (or at exit)."""
     from zarr.storage import FsspecStore
 
-    options = fresh_options(location, storage_options) or None
-    store = FsspecStore.from_url(location, storage_options=options, read_only=mode == "r")
+    store = FsspecStore.from_url(location, storage_options=storage_options, read_only=read_only)
     weakref.finalize(store, close_session, store.fs)  # also when opening fails, and at exit
-    return zarr.open_group(store, mode=mode, zarr_format=3)
+    return store
 
 
 def close_session(fs) -> None:
