@@ -21,8 +21,9 @@ Values are mean ± std over sampling runs (the paper's appendix 6.1), pooled ove
 (Stage 2 arms trained with seeds 0..N-1; Stage 1 and the head are trained once). Every table says
 whether the paper's direction showed up here: "reproduced" or "not reproduced".
 
-The full run takes about an hour on 2 CPU cores; --quick (a few minutes) runs every arm with a
-handful of steps on one clip: a smoke test of the harness, its numbers mean nothing.
+The full run is sized for at most 90 minutes on 2 CPU cores (its main cost is decoding: every evaluation
+decodes each clip once plus once per sampling run and model); --quick (a few minutes) runs every arm with
+a handful of steps on one clip: a smoke test of the harness, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from jobs.cli import run as run_main
 from pipeline.errors import Re2pixError
 
 MARKER = ".re2pix-experiment"  # a folder holding it was written by this job and may be replaced
+ANNOTATED_FRAME = 16  # the clip frame whose class map scores mIoU (evaluate's default, Cityscapes' frame 19)
 # metric -> (label, True when higher is better); miou_moving is left out: its classes are Cityscapes trainIds
 METRICS = {
     "latent_mse": ("latent MSE", False),
@@ -138,7 +140,7 @@ class Experiment:
                 + ["--dinov2", s.dinov2, "--source-options", scenes, *extra],
             )
 
-    def write_labels(self, annotated_frame: int = 16) -> None:
+    def write_labels(self, annotated_frame: int = ANNOTATED_FRAME) -> None:
         """{clip_id}.png: the class map the synthetic source renders for each val clip's annotated frame."""
         from PIL import Image
 
@@ -198,7 +200,8 @@ class Experiment:
             ["jobs.evaluate", "--preset", s.preset, "--store", str(self.val), "--stage1", str(self.stage1)]
             + ["--stage2", str(stage2), "--baseline", str(baseline) if baseline else "", "--seed", str(seed)]
             + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--steps", str(s.sample_steps)]
-            + ["--seg-head", str(self.head), "--labels", str(self.labels), "--no-progress"]
+            + ["--seg-head", str(self.head), "--labels", str(self.labels), "--annotated-frame", str(ANNOTATED_FRAME)]
+            + ["--no-progress"]
         )
 
 
