@@ -466,6 +466,7 @@ def fmt(v: dict | None) -> str:
 def build_report(ex: Experiment, results: dict, curves: list, seconds: float) -> Path:
     s = ex.s
     tabs = tables(s, results, curves)
+    ceiling = results[0, "re2pix"].get("reference_metrics", {}).get("seg/miou_all")
     plots = [plot_curve(curves, ex.run / "convergence.png")] + [
         plot_table(t, ex.run / f"{t['name']}.png") for t in tabs
     ]
@@ -475,6 +476,7 @@ def build_report(ex: Experiment, results: dict, curves: list, seconds: float) ->
         "machine": machine(),
         "seconds": round(seconds, 1),
         "settings": {**asdict(s), "train_preset_stage2": preset_stage2(s.preset)},
+        "miou_ceiling": ceiling,
         "timings": {k: round(v, 1) for k, v in ex.timings.items()},
         "tables": tabs,
         "curves": [str(ex.run / f"seed{i}" / "eval" / "curve.json") for i in range(len(curves))],
@@ -492,6 +494,9 @@ def build_report(ex: Experiment, results: dict, curves: list, seconds: float) ->
         f"mean ± std over {s.samples} sampling run(s) x {s.eval_clips} clip(s) per run, pooled over {s.seeds} seed(s)",
         "- copy-last-frame: evaluate's `copy_last` model when it reports one, else its latent MSE from the store",
         "- all numbers, per seed and per sampling run: experiment.json and seed*/eval/*.json beside this report",
+        f"- mIoU ceiling (the head on the VAE reconstruction of the ground truth, seed 0): {ceiling:.4g}"
+        if ceiling is not None
+        else "- mIoU ceiling: not measured",
         "",
     ]
     for t in tabs:
@@ -545,6 +550,7 @@ def plot_table(table: dict, path: Path) -> Path:
         means, stds = [rows[n][m]["mean"] for n in names], [rows[n][m]["std"] for n in names]
         ax.errorbar(range(len(names)), means, yerr=stds, fmt="o", capsize=4)  # the axis fits the values
         ax.set_xticks(range(len(names)), names)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(METRICS[m][0] + (" (higher is better)" if METRICS[m][1] else " (lower is better)"), fontsize=8)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.suptitle(table["title"], fontsize=9)
