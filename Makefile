@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: install test test-fast format demo cache pca train rollout predict evaluate bench info lint clean
+.PHONY: install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,10 @@ rollout: install
 # the whole product on the built-in synthetic set, tiny models, CPU
 demo: install
 	$(PY) -m jobs.demo --run runs/demo $(ARGS)
+
+# the paper's ablations at CPU scale (about an hour; ARGS=--quick: a few minutes): runs/experiment/report.md
+experiment: install
+	$(PY) -m jobs.experiment $(ARGS)
 
 # see the future of one clip (or ARGS="--video drive.mp4"): PNG grid + mp4 under $(RUN)/predict
 predict: install

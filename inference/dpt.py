@@ -238,11 +238,13 @@ def segmentation_confusion(pred: torch.Tensor, label: torch.Tensor, num_classes:
 
 def miou(confusion: torch.Tensor, classes=None) -> float:
     """Mean IoU over `classes` (default all) of a dataset-level confusion matrix; a class absent from
-    both labels and predictions is left out of the mean (nan if every class is)."""
+    both labels and predictions is left out of the mean (nan if every class is), and so is a class
+    beyond the matrix (Cityscapes' moving trainIds 11-18 under a head of fewer classes)."""
     c = confusion.double()
     inter = c.diag()
     union = c.sum(0) + c.sum(1) - inter
-    idx = torch.arange(c.shape[0]) if classes is None else torch.tensor(list(classes))
+    n = c.shape[0]
+    idx = torch.arange(n) if classes is None else torch.tensor([k for k in classes if 0 <= k < n], dtype=torch.long)
     inter, union = inter[idx], union[idx]
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")

@@ -19,11 +19,14 @@ class Sampler:
     solver: str = "heun"
     guidance_channels: int | None = None
     guidance_weight: float = 0.0
+    channels: int | None = None  # Stage 2 reads only the first c PCA channels, the rest zeroed (paper table 5)
 
     def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
         """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
-        from model.diffusion import sample
+        from model.diffusion import sample, truncate_features
 
+        if features is not None and self.channels is not None:
+            features = truncate_features(features, self.channels)
         guided = features is not None and self.guidance_weight != 0.0
         return sample(
             model,

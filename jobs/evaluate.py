@@ -81,6 +81,9 @@ class EvaluateConfig:
     seed: int = 0
     guidance_channels: int | None = None
     guidance_weight: float = 0.0
+    channels: int | None = field(
+        default=None, metadata={"help": "Stage 2 reads only the first c PCA channels (paper table 5); default all"}
+    )
     decode: bool = field(default=True, metadata={"help": "--no-decode: feature and latent metrics only"})
     ssim_channels: str = field(default="rgb", metadata={"help": "rgb (mean of channels) or luma"})
     fid: bool = field(default=False, metadata={"help": "require FID (on by itself when --fid-weights is given)"})
@@ -130,7 +133,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if heads and cfg.decode else None
     )
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
-    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight)
+    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight, cfg.channels)
     n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
     if n == 0:
         raise StoreError(f"{cfg.store} has no clips")

@@ -1,0 +1,114 @@
+"""jobs/experiment.py: the quick variant end to end (every arm lands in the report with numbers), the
+inference-time channel cut it relies on (paper table 5), and its refusal to replace a foreign folder."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from inference.dpt import MOVING_CLASSES, miou
+from inference.sampling import Sampler
+from jobs.experiment import ARMS, METRICS, ExperimentError, main, speedup
+from model.diffusion import truncate_features
+from model.stage2 import DiTConfig, Re2PixDiT
+
+
+def test_sampler_channels_reads_only_the_first_pca_channels():
+    torch.manual_seed(0)
+    dit = Re2PixDiT(DiTConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    ctx, feats = torch.randn(1, 16, 4, 4, 6, generator=g), torch.randn(1, 7, 4, 6, 64, generator=g)
+    noise = torch.randn(1, 16, 3, 4, 6, generator=g)
+    cut = Sampler(steps=3, channels=8)(dit, ctx, feats, noise)
+    assert torch.equal(cut, Sampler(steps=3)(dit, ctx, truncate_features(feats, 8), noise))
+    assert (cut - Sampler(steps=3)(dit, ctx, feats, noise)).abs().max() > 1e-3
+    assert torch.equal(Sampler(steps=3, channels=64)(dit, ctx, feats, noise), Sampler(steps=3)(dit, ctx, feats, noise))
+
+
+def _point(step, re2pix, baseline):
+    return {"step": step, "models": {"re2pix": {"psnr": {"mean": re2pix}}, "baseline": {"psnr": {"mean": baseline}}}}
+
+
+def test_speedup_is_the_final_step_over_the_first_step_re2pix_reaches_the_baselines_final_value():
+    points = [[_point(10, 11.0, 9.0), _point(20, 13.0, 10.0), _point(40, 14.0, 12.0)]]
+    assert speedup(points, "psnr") == {
+        "metric": "psnr",
+        "baseline_final": 12.0,
+        "reached_at": 20,
+        "ratio": 2.0,
+        "verdict": "reproduced",
+    }
+    worse = [[_point(10, 5.0, 9.0), _point(20, 6.0, 12.0)]]
+    assert speedup(worse, "psnr") == {
+        "metric": "psnr",
+        "baseline_final": 12.0,
+        "reached_at": None,
+        "ratio": None,
+        "note": "not reached",
+        "verdict": "not reproduced",
+    }
+    late = [[_point(10, 5.0, 9.0), _point(20, 12.0, 12.0)]]  # reached only at the last step: no speed-up
+    assert speedup(late, "psnr")["ratio"] == 1.0 and speedup(late, "psnr")["verdict"] == "not reproduced"
+
+
+def test_a_folder_it_did_not_write_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ExperimentError, match="not written by jobs.experiment"):
+        main(["--quick", "--run", str(tmp_path)])
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_quick_experiment_reports_every_arm_with_numbers(tmp_path):
+    run = tmp_path / "exp"
+    assert main(["--quick", "--run", str(run)]) == 0
+    data = json.loads((run / "experiment.json").read_text())
+    tables = {t["name"]: t for t in data["tables"]}
+    assert set(tables) == {"main", "table3", "table4", "table5", "table8", "table9"}
+    rows = {row for t in tables.values() for row in t["rows"]}
+    assert {a for a in ARMS} <= rows and {"channels_8", "channels_all", "guidance_off", "guidance_c8_w0.4"} <= rows
+    for t in tables.values():
+        assert "copy_last" in t["rows"] and t["rows"]["copy_last"]["latent_mse"]["mean"] > 0
+        for row, metrics in t["rows"].items():
+            if row != "copy_last":  # every trained arm has every metric, mIoU included
+                assert set(metrics) == set(METRICS), (t["name"], row)
+                assert all(m["n"] == 1 and m["mean"] == m["mean"] for m in metrics.values())
+        assert t["checks"] and all(c["verdict"] in ("reproduced", "not reproduced") for c in t["checks"])
+        assert (run / f"{t['name']}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert [s["metric"] for s in tables["main"]["speedup"]] == ["latent_mse", "psnr", "seg/miou_all"]
+    report = (run / "report.md").read_text()
+    for t in tables.values():
+        assert t["title"] in report and f"({t['name']}.png)" in report
+    # every table row carries a number, and every check its verdict
+    table_rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| row")]
+    assert len(table_rows) == sum(len(t["rows"]) for t in tables.values())
+    assert all(re.search(r"\d\.?\d* ± ", line) for line in table_rows)
+    assert report.count("**reproduced**") + report.count("**not reproduced**") >= len(tables)
+    assert "wall time" in report and data["seconds"] > 0
+
+
+def test_miou_leaves_out_classes_beyond_the_heads():
+    # the synthetic head has 10 classes; Cityscapes' moving trainIds (11-18) have no IoU there
+    confusion = torch.tensor([[4, 1, 0], [1, 2, 0], [0, 0, 0]])
+    assert miou(confusion, MOVING_CLASSES) != miou(confusion, MOVING_CLASSES)  # nan: none of them exist
+    assert miou(confusion, [0, 1, 12]) == pytest.approx((4 / 6 + 2 / 4) / 2)
+
+
+def test_copy_last_row_reads_evaluate_when_it_reports_one_else_the_stores_latents(tmp_path):
+    import numpy as np
+
+    from jobs.experiment import model_metrics
+    from tests.store_factory import make_store
+
+    _, _, arrays = make_store(tmp_path / "s.zarr")
+    reported = {"models": {"copy_last": {"psnr": {"mean": 20.0, "runs": [20.0]}}}}
+    assert model_metrics(reported, "copy_last") == {"psnr": [20.0]}
+    z = [arrays["latents", i].astype(np.float64) for i in range(2)]
+    want = np.mean([((c[:, 4:] - c[:, 3:4]) ** 2).mean() for c in z])
+    got = model_metrics({"models": {}, "store": str(tmp_path / "s.zarr"), "clip_ids": ["a", "b"]}, "copy_last")
+    assert got["latent_mse"][0] == pytest.approx(want)
