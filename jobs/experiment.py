@@ -199,7 +199,7 @@ class Experiment:
         return (
             ["jobs.evaluate", "--preset", s.preset, "--store", str(self.val), "--stage1", str(self.stage1)]
             + ["--stage2", str(stage2), "--baseline", str(baseline) if baseline else "", "--seed", str(seed)]
-            + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--steps", str(s.sample_steps)]
+            + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--sample-steps", str(s.sample_steps)]
             + ["--seg-head", str(self.head), "--labels", str(self.labels), "--annotated-frame", str(ANNOTATED_FRAME)]
             + ["--no-progress"]
         )
