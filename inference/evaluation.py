@@ -108,7 +108,7 @@ def evaluate_store(
     moving = semantic.labels.moving
     accs = {name: [Acc(moving) for _ in range(samples)] for name in names}
     accs[COPY_LAST] = [Acc(moving)]  # deterministic: one run
-    stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
+    stage1_means, stage1_acc, ref_acc = Means(), Acc(moving), Acc(moving)
     ref_fid, ref_fvd, clip_ids = [], [], []
     real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
     bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)

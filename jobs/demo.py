@@ -1,8 +1,11 @@
 """The whole product in one command (`make demo`), on the built-in synthetic driving set, tiny models, CPU:
 
-cache a train and a val store (Ray, tiny DINOv2 + the small trained demo WAN VAE, `--vae`) -> train
-Stage 1 -> roll it out into the store -> train Stage 2 (Re2Pix) and the Baseline -> evaluate both on
-val -> predict one val clip and draw it (context and ground truth rows: the synthetic source's frames).
+cache a train and a val store (Ray, the demo DINOv2 and the demo WAN VAE: small, trained on the synthetic
+set, `--encoder`, `--vae`) -> train Stage 1 -> roll it out into the stores -> train Stage 2 (Re2Pix) and
+the Baseline -> train a small segmentation head on the train store's features against the synthetic
+class maps -> evaluate Re2Pix, the Baseline and copy-last-frame on val (latent MSE, PSNR, SSIM, and the
+head's mIoU on the demo DINOv2's features of each decoded prediction, all classes and the moving ones)
+-> predict one val clip and draw it (context and ground truth rows: the synthetic source's frames).
 Each step is the same job a user runs by hand; the summary names every file it wrote.
 """
 
@@ -16,11 +19,20 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.cli import run as run_main
+from pipeline.errors import Re2pixError
+
+
+class DemoStepError(Re2pixError):
+    """A step of the demo exited with an error (its own message is printed above)."""
+
 
 def step(title: str, args: list[str], timings: dict) -> None:
     print(f"\n=== {title}: python -m {' '.join(args)}", flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", *args], check=True)
+    done = subprocess.run([sys.executable, "-m", *args])
+    if done.returncode:
+        raise DemoStepError(f"demo step {title!r} (python -m {args[0]}) exited with status {done.returncode}")
     timings[title] = time.time() - t0
 
 
@@ -31,6 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=2)
     p.add_argument("--eval-clips", type=int, default=8)
     p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
+    p.add_argument(
+        "--encoder",
+        default="demo",
+        help="DINOv2 spec for both stores: 'demo' (tiny, trained on the synthetic set: `python -m "
+        "jobs.train_demo_dinov2`), 'tiny' (random weights) or as jobs.cache",
+    )
     p.add_argument(
         "--vae",
         default="demo",
@@ -54,6 +72,8 @@ def main(argv=None) -> int:
             "train",
             "--out",
             str(store),
+            "--encoder",
+            args.encoder,
             "--vae",
             args.vae,
             "--source-options",
@@ -73,6 +93,8 @@ def main(argv=None) -> int:
             str(val),
             "--pca",
             str(store),
+            "--encoder",
+            args.encoder,
             "--vae",
             args.vae,
             "--source-options",
@@ -98,6 +120,21 @@ def main(argv=None) -> int:
         ],
         timings,
     )
+    step(
+        "segmentation head (synthetic class maps)",
+        [
+            "jobs.train_dpt",
+            "--preset",
+            "tiny",
+            "--store",
+            str(store),
+            "--tasks",
+            "segmentation",
+            "--out",
+            str(run / "heads"),
+        ],
+        timings,
+    )
     results = run / "eval" / "results.json"
     step(
         "evaluate",
@@ -117,6 +154,10 @@ def main(argv=None) -> int:
             str(args.samples),
             "--max-clips",
             str(args.eval_clips),
+            "--seg-head",
+            str(run / "heads" / "seg.safetensors"),
+            "--labels",
+            "source",
             "--out",
             str(results),
         ],
@@ -147,18 +188,27 @@ def main(argv=None) -> int:
     return 0
 
 
+MODELS = ("re2pix", "baseline", "copy_last")
+METRICS = {"latent_mse": "low", "psnr": "high", "ssim": "high", "seg/miou_all": "high", "seg/miou_moving": "high"}
+
+
 def summary(run: Path, results: Path, timings: dict, total: float) -> str:
     r = json.loads(results.read_text())
     lines = ["", "=" * 72, f"re2pix demo finished in {total / 60:.1f} min", ""]
     lines += [f"  {title:<52s} {sec:6.0f} s" for title, sec in timings.items()]
-    lines += ["", f"Re2Pix vs Baseline on {r['clips']} val clips x {r['samples']} samples (mean +- std over samples):"]
+    lines += [
+        "",
+        f"Re2Pix vs Baseline vs copy-last-frame on {r['clips']} val clips x {r['samples']} samples "
+        "(mean +- std over samples; copy-last is deterministic):",
+        f"  {'':16s}" + "".join(f"{name:>22s}" for name in MODELS),
+    ]
     models = r["models"]
-    for metric in ("latent_mse", "psnr", "ssim"):
-        row = [f"  {metric:<12s}"]
-        for name in ("re2pix", "baseline"):
+    for metric, better in METRICS.items():
+        cells = []
+        for name in MODELS:
             m = models.get(name, {}).get(metric)
-            row.append(f"{name} {m['mean']:.4f} +- {m['std']:.4f}" if m and m["mean"] is not None else f"{name} -")
-        lines.append("   ".join(row))
+            cells.append(f"{m['mean']:.4f} +- {m['std']:.4f}" if m and m["mean"] is not None else "-")
+        lines.append(f"  {metric + ' (' + better + ')':<16s}" + "".join(f"{c:>22s}" for c in cells))
     s1 = r.get("stage1", {})
     if s1:
         keys = [k for k in s1 if k.endswith("mse") and "/" not in k][:1] or list(s1)[:1]
@@ -169,6 +219,7 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
         "files:",
         f"  stores           {run / 'store.zarr'}, {run / 'val.zarr'}",
         f"  checkpoints      {run / 'train'}/{{stage1,stage2,baseline}} (metrics.jsonl in each)",
+        f"  seg head         {run / 'heads' / 'seg.safetensors'} (summary.json beside it)",
         f"  evaluation       {results}",
         *[f"  picture          {pic}" for pic in pictures],
         *[f"  video            {v}" for v in sorted((run / "predict").glob("*.mp4"))],
@@ -177,4 +228,4 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
