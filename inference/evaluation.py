@@ -3,7 +3,9 @@ names every metric and the JSON schema).
 
 For each batch of clips: Stage 1 rolls out the future features once (it is deterministic), then each
 of `samples` sampling runs draws Re2Pix and the Baseline from the same per-clip noise and the VAE
-decodes them. The pixel reference is the VAE reconstruction of the stored latents.
+decodes them. Copying the last context latent into every future latent is scored beside them as a
+model, `copy_last` (the bar a forecaster must clear; deterministic, so one run). The pixel reference
+is the VAE reconstruction of the stored latents.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from .sampling import Sampler, clip_noise, forecast_features, sample_models, sta
 from .semantic import Semantic
 from .stages import Models
 
+COPY_LAST = "copy_last"
+
 
 class Acc:
     """Sums of one model in one sampling run."""
 
-    def __init__(self):
+    def __init__(self, moving=None):
+        self.moving = moving  # the class ids of the "moving" mIoU (None: Cityscapes' trainIds 11-18)
         self.sums, self.counts = defaultdict(float), defaultdict(int)
         self.confusion = None
         self.depth = defaultdict(float)
@@ -46,7 +51,7 @@ class Acc:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         if self.confusion is not None:
             out["seg/miou_all"] = miou(self.confusion)
-            out["seg/miou_moving"] = miou(self.confusion, MOVING_CLASSES)
+            out["seg/miou_moving"] = miou(self.confusion, self.moving or MOVING_CLASSES)
         if self.depth.get("count"):
             out["depth/absrel"] = self.depth["absrel_sum"] / self.depth["count"]
             out["depth/delta1"] = self.depth["delta1_sum"] / self.depth["count"]
@@ -100,8 +105,10 @@ def evaluate_store(
     m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
     names = ["re2pix"] + (["baseline"] if models.baseline else [])
     c_read = max(models.stage1.model.config.num_pca_channels, models.stage2.model.cfg.num_pca_channels)
-    accs = {name: [Acc() for _ in range(samples)] for name in names}
-    stage1_means, stage1_acc, ref_acc = Means(), Acc(), Acc()
+    moving = semantic.labels.moving
+    accs = {name: [Acc(moving) for _ in range(samples)] for name in names}
+    accs[COPY_LAST] = [Acc(moving)]  # deterministic: one run
+    stage1_means, stage1_acc, ref_acc = Means(), Acc(moving), Acc(moving)
     ref_fid, ref_fvd, clip_ids = [], [], []
     real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
     bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)
@@ -146,8 +153,10 @@ def evaluate_store(
             noise = clip_noise(seed, run, idx, (latents.shape[1], fut, *latents.shape[3:])).to(device)
             with torch.no_grad():
                 sampled = sample_models(models, sampler, latents[:, :, :m], conditioning, noise)
-            for name in names:
-                acc, z = accs[name][run], sampled[name]
+            if run == 0:
+                sampled[COPY_LAST] = torch.cat([latents[:, :, :m], latents[:, :, m - 1 : m].expand_as(noise)], dim=2)
+            for name, z in sampled.items():
+                acc = accs[name][run]
                 err = (z[:, :, m:] - latents[:, :, m:]).pow(2)  # [B, 16, 3, h, w]
                 acc.add("latent_mse", err.mean(dim=(1, 2, 3, 4)))
                 for t in range(fut):
@@ -179,7 +188,7 @@ def evaluate_store(
     if not real:
         ref_acc.fid, ref_acc.fvd = [], []
     per_model = {}
-    for name in names:
+    for name in [*names, COPY_LAST]:
         per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
         keys = sorted({k for r in per_run for k in r})
         per_model[name] = {k: summarize([r.get(k, float("nan")) for r in per_run]) for k in keys}
@@ -265,7 +274,7 @@ def format_table(results: dict, per_frame: bool = False) -> str:
 
 CURVE_SCHEMA = "re2pix-curve/1"
 CURVE_METRICS = ("latent_mse", "psnr", "ssim", "fid", "fvd", "seg/miou_all", "seg/miou_moving")
-CURVE_COLOURS = {"re2pix": (40, 96, 220), "baseline": (220, 90, 40)}
+CURVE_COLOURS = {"re2pix": (40, 96, 220), "baseline": (220, 90, 40), COPY_LAST: (120, 120, 120)}
 
 
 def run_checkpoints(run_dir) -> dict[int, Path]:

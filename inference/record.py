@@ -4,7 +4,8 @@
    "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
    "sampler": {...}, "checkpoints": {...},
    "stage1": {metric: number},
-   "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...},
+   "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...,
+              "copy_last": ... (one deterministic run)},
    "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
 
 std is the sample standard deviation across runs (ddof 1; 0 for one run); a value that is not finite

@@ -69,7 +69,7 @@ class Semantic:
         for key, head in self.heads.items():
             dev = next(head.parameters()).device
             for b, (clip_id, meta) in enumerate(zip(clip_ids, metas)):
-                label = self.labels.seg(clip_id, meta) if key == "seg" else self.labels.depth(clip_id)
+                label = self.labels.seg(clip_id, meta) if key == "seg" else self.labels.depth(clip_id, meta)
                 if label is None:
                     self.missing[key].add(clip_id)
                     continue

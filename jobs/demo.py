@@ -1,8 +1,11 @@
 """The whole product in one command (`make demo`), on the built-in synthetic driving set, tiny models, CPU:
 
-cache a train and a val store (Ray, tiny DINOv2 + the small trained demo WAN VAE, `--vae`) -> train
-Stage 1 -> roll it out into the store -> train Stage 2 (Re2Pix) and the Baseline -> evaluate both on
-val -> predict one val clip and draw it (context and ground truth rows: the synthetic source's frames).
+cache a train and a val store (Ray, the demo DINOv2 and the demo WAN VAE: small, trained on the synthetic
+set, `--encoder`, `--vae`) -> train Stage 1 -> roll it out into the stores -> train Stage 2 (Re2Pix) and
+the Baseline -> train a small segmentation head on the train store's features against the synthetic
+class maps -> evaluate Re2Pix, the Baseline and copy-last-frame on val (latent MSE, PSNR, SSIM, and the
+head's mIoU on the demo DINOv2's features of each decoded prediction, all classes and the moving ones)
+-> predict one val clip and draw it (context and ground truth rows: the synthetic source's frames).
 Each step is the same job a user runs by hand; the summary names every file it wrote.
 """
 
@@ -13,15 +16,53 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from jobs.cli import run as run_main
+from pipeline.errors import Re2pixError
 
-def step(title: str, args: list[str], timings: dict) -> None:
-    print(f"\n=== {title}: python -m {' '.join(args)}", flush=True)
+
+class DemoStepError(Re2pixError):
+    """A step of the demo exited with an error (its own message is printed above)."""
+
+
+def step(title: str, args: list[str], timings: dict, log: Path | None = None) -> None:
+    print(f"\n=== {title}: python -m {' '.join(args)}" + (f"  (output: {log})" if log else ""), flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", *args], check=True)
+    if log:
+        with open(log, "w") as out:
+            done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT)
+    else:
+        done = subprocess.run([sys.executable, "-m", *args])
+    if done.returncode:
+        where = f"; its output is in {log}" if log else ""
+        raise DemoStepError(f"demo step {title!r} (python -m {args[0]}) exited with status {done.returncode}{where}")
     timings[title] = time.time() - t0
+
+
+def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: dict) -> None:
+    """Run lanes of steps at once (each step after the one before it in its lane): the tiny trainers use one
+    thread each, so two lanes keep both cores of a small machine busy. The first lane prints here, the
+    others write to logs/; the first failure is raised once every lane has stopped."""
+    logs.mkdir(parents=True, exist_ok=True)
+    errors: list[Exception] = []
+
+    def lane(i, steps):
+        try:
+            for title, args in steps:
+                step(title, args, timings, None if i == 0 else logs / f"{title.lower().replace(' ', '-')}.log")
+        except DemoStepError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=lane, args=(i, steps)) for i, steps in enumerate(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def main(argv=None) -> int:
@@ -31,6 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=2)
     p.add_argument("--eval-clips", type=int, default=8)
     p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
+    p.add_argument(
+        "--encoder",
+        default="demo",
+        help="DINOv2 spec for both stores: 'demo' (tiny, trained on the synthetic set: `python -m "
+        "jobs.train_demo_dinov2`), 'tiny' (random weights) or as jobs.cache",
+    )
     p.add_argument(
         "--vae",
         default="demo",
@@ -54,6 +101,8 @@ def main(argv=None) -> int:
             "train",
             "--out",
             str(store),
+            "--encoder",
+            args.encoder,
             "--vae",
             args.vae,
             "--source-options",
@@ -73,6 +122,8 @@ def main(argv=None) -> int:
             str(val),
             "--pca",
             str(store),
+            "--encoder",
+            args.encoder,
             "--vae",
             args.vae,
             "--source-options",
@@ -81,21 +132,38 @@ def main(argv=None) -> int:
         timings,
     )
     step("store info", ["jobs.store", "info", str(store)], timings)
-    step(
-        "train (Stage 1 -> rollout -> Stage 2 -> Baseline)",
+    train = ["jobs.train", "--preset", "tiny", "--store", str(store), "--val-store", str(val)]
+    train += ["--run-dir", str(run / "train")]
+    side_by_side(
         [
-            "jobs.train",
-            "--preset",
-            "tiny",
-            "--stage",
-            "all",
-            "--store",
-            str(store),
-            "--val-store",
-            str(val),
-            "--run-dir",
-            str(run / "train"),
+            [
+                ("train Stage 1", [*train, "--stage", "1"]),
+                (
+                    "rollout Stage 1",
+                    ["jobs.rollout", "--checkpoint", str(run / "train/stage1"), "--store", f"{store},{val}"],
+                ),
+                ("train Stage 2 (Re2Pix)", [*train, "--stage", "2"]),
+            ],
+            [
+                ("train Baseline", [*train, "--stage", "baseline", "--no-progress"]),
+                (
+                    "train segmentation head",
+                    [
+                        "jobs.train_dpt",
+                        "--preset",
+                        "tiny",
+                        "--store",
+                        str(store),
+                        "--tasks",
+                        "segmentation",
+                        "--threads",
+                        "1",
+                    ]
+                    + ["--out", str(run / "heads")],
+                ),
+            ],
         ],
+        run / "logs",
         timings,
     )
     results = run / "eval" / "results.json"
@@ -117,6 +185,10 @@ def main(argv=None) -> int:
             str(args.samples),
             "--max-clips",
             str(args.eval_clips),
+            "--seg-head",
+            str(run / "heads" / "seg.safetensors"),
+            "--labels",
+            "source",
             "--out",
             str(results),
         ],
@@ -147,18 +219,27 @@ def main(argv=None) -> int:
     return 0
 
 
+MODELS = ("re2pix", "baseline", "copy_last")
+METRICS = {"latent_mse": "low", "psnr": "high", "ssim": "high", "seg/miou_all": "high", "seg/miou_moving": "high"}
+
+
 def summary(run: Path, results: Path, timings: dict, total: float) -> str:
     r = json.loads(results.read_text())
     lines = ["", "=" * 72, f"re2pix demo finished in {total / 60:.1f} min", ""]
     lines += [f"  {title:<52s} {sec:6.0f} s" for title, sec in timings.items()]
-    lines += ["", f"Re2Pix vs Baseline on {r['clips']} val clips x {r['samples']} samples (mean +- std over samples):"]
+    lines += [
+        "",
+        f"Re2Pix vs Baseline vs copy-last-frame on {r['clips']} val clips x {r['samples']} samples "
+        "(mean +- std over samples; copy-last is deterministic):",
+        f"  {'':16s}" + "".join(f"{name:>22s}" for name in MODELS),
+    ]
     models = r["models"]
-    for metric in ("latent_mse", "psnr", "ssim"):
-        row = [f"  {metric:<12s}"]
-        for name in ("re2pix", "baseline"):
+    for metric, better in METRICS.items():
+        cells = []
+        for name in MODELS:
             m = models.get(name, {}).get(metric)
-            row.append(f"{name} {m['mean']:.4f} +- {m['std']:.4f}" if m and m["mean"] is not None else f"{name} -")
-        lines.append("   ".join(row))
+            cells.append(f"{m['mean']:.4f} +- {m['std']:.4f}" if m and m["mean"] is not None else "-")
+        lines.append(f"  {metric + ' (' + better + ')':<16s}" + "".join(f"{c:>22s}" for c in cells))
     s1 = r.get("stage1", {})
     if s1:
         keys = [k for k in s1 if k.endswith("mse") and "/" not in k][:1] or list(s1)[:1]
@@ -169,6 +250,7 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
         "files:",
         f"  stores           {run / 'store.zarr'}, {run / 'val.zarr'}",
         f"  checkpoints      {run / 'train'}/{{stage1,stage2,baseline}} (metrics.jsonl in each)",
+        f"  seg head         {run / 'heads' / 'seg.safetensors'} (summary.json beside it)",
         f"  evaluation       {results}",
         *[f"  picture          {pic}" for pic in pictures],
         *[f"  video            {v}" for v in sorted((run / "predict").glob("*.mp4"))],
@@ -177,4 +259,4 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -10,6 +10,8 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
 - Stage 1: model/metrics.py's feature MSE / cosine per future frame and PCA channel prefix, plus the
   same for copying the last context frame (`copy_last/`).
 - `latent_mse` (and per latent `t4`..`t6`): sampled vs stored future latents.
+- every model metric is also reported for `copy_last`: the last context latent copied into every future
+  latent and decoded like a prediction (deterministic: one run, std 0), the bar a forecaster must clear.
 - `psnr`, `ssim` (and per frame `f13`..`f24`): decoded frames 13-24 against the REFERENCE, the VAE
   reconstruction of the stored ground-truth latents (a store holds latents, not pixels: scores against
   the original frames would add the VAE's own error to every model alike). SSIM as inference/video_metrics.py.
@@ -25,14 +27,16 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
   (`--seg-head`, `--depth-head`, inference/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
   its un-projected forecast features (when the frame has a feature map); for `reference` on the VAE
   reconstruction. Labels: `--labels DIR` ({clip_id}.png of trainIds, 255 ignored), `--depth-labels DIR`
-  ({clip_id}.npy, in the depth head's units); Cityscapes stores find gtFine in their source root.
+  ({clip_id}.npy, in the depth head's units); Cityscapes stores find gtFine in their source root;
+  `--labels source` / `--depth-labels source` read them from a source that renders ground truth (the
+  synthetic set's class maps and depth in metres; its "moving" classes are its own: car, pedestrian).
   Without labels the metric is skipped and the JSON says why.
 
 `--every-checkpoint`: score every checkpoint the Stage 2 run kept (train it with keep_checkpoints 0 to keep
 them all), each against the Baseline's checkpoint of the same step: the curve (inference/curve.py), the
 paper's figure 3 for any run, to `--curve` (default: curve.json beside --out) and its plot (.png beside it).
 
-JSON written to `--out`: inference/record.py (schema "re2pix-evaluation/1").
+JSON written to `--out`: inference/record.py (schema "re2pix-evaluation/1"; models re2pix, baseline, copy_last).
 """
 
 from __future__ import annotations
@@ -92,8 +96,12 @@ class EvaluateConfig:
     fvd_weights: str | None = field(default=None, metadata={"help": "I3D TorchScript (i3d_torchscript.pt)"})
     seg_head: str | None = field(default=None, metadata={"help": "DPT segmentation head (safetensors)"})
     depth_head: str | None = field(default=None, metadata={"help": "DPT depth head (safetensors)"})
-    labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.png trainId maps"})
-    depth_labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.npy depth maps"})
+    labels: str | None = field(
+        default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source (the synthetic set's)"}
+    )
+    depth_labels: str | None = field(
+        default=None, metadata={"help": "folder of {clip_id}.npy depth maps, or source (the synthetic set's)"}
+    )
     annotated_frame: int = field(default=16, metadata={"help": "clip frame the labels annotate"})
     dinov2: str | None = None
     vae: str | None = None

@@ -165,7 +165,7 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
     } <= set(r)
     assert r["schema"] == "re2pix-evaluation/1" and r["clips"] == 2 and r["samples"] == 2
     assert r["reference"]["pixels"] == "vae_reconstruction" and "latents, not pixels" in r["reference"]["note"]
-    assert set(r["models"]) == {"re2pix", "baseline"}
+    assert set(r["models"]) == {"re2pix", "baseline", "copy_last"}
     for name, metrics in r["models"].items():
         want = {
             "latent_mse",
@@ -185,11 +185,14 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
             "depth/delta1",
         }
         assert want <= set(metrics), (name, want - set(metrics))
+        runs = 1 if name == "copy_last" else 2  # copying the last latent is deterministic: one run
         for key, v in metrics.items():
-            assert len(v["runs"]) == 2, key
+            assert len(v["runs"]) == runs, key
             assert math.isclose(v["mean"], np.mean(v["runs"]), rel_tol=1e-12, abs_tol=1e-12)
-            assert math.isclose(v["std"], np.std(v["runs"], ddof=1), rel_tol=1e-9, abs_tol=1e-12)
-        assert metrics["latent_mse"]["std"] > 0  # the runs differ: independent samples
+            if runs > 1:
+                assert math.isclose(v["std"], np.std(v["runs"], ddof=1), rel_tol=1e-9, abs_tol=1e-12)
+        if name != "copy_last":
+            assert metrics["latent_mse"]["std"] > 0  # the runs differ: independent samples
         assert 0 <= metrics["seg/miou_all"]["mean"] <= 1 and 0 <= metrics["depth/delta1"]["mean"] <= 1
         assert metrics["fid"]["mean"] >= 0 and metrics["fvd"]["mean"] >= 0
     s1 = r["stage1"]
@@ -208,7 +211,23 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
     assert "1 of 2 clips have no label" in r["skipped"]["seg_labels"]
     assert "fid" not in r["skipped"] and "fvd" not in r["skipped"]
     table = format_table(r)
-    assert "re2pix" in table and "baseline" in table and "±" in table and "fid" in table
+    assert "re2pix" in table and "baseline" in table and "copy_last" in table and "±" in table and "fid" in table
+
+
+def test_copy_last_is_scored_as_a_model_from_the_stored_latents(setup):
+    from jobs.evaluate import run_evaluate
+    from pipeline.store.reader import Store
+
+    root, _ = setup
+    r = run_evaluate(config(setup, decode=False, out=None))
+    store = Store(str(root / "store.zarr"))
+    latents = np.stack([store.read_latents(i) for i in range(len(store))]).astype(np.float64)
+    want = ((latents[:, :, 3:4] - latents[:, :, 4:]) ** 2).mean()
+    got = r["models"]["copy_last"]
+    assert got["latent_mse"]["mean"] == pytest.approx(want, rel=1e-5) and got["latent_mse"]["std"] == 0
+    per_t = [((latents[:, :, 3] - latents[:, :, t]) ** 2).mean() for t in (4, 5, 6)]
+    assert [got[f"latent_mse/t{t}"]["mean"] for t in (4, 5, 6)] == pytest.approx(per_t, rel=1e-5)
+    assert got["latent_mse"]["mean"] != r["models"]["re2pix"]["latent_mse"]["mean"]
 
 
 def test_refuses_fid_and_fvd_without_weights(setup):
@@ -236,7 +255,7 @@ def test_skips_are_explained_and_results_do_not_depend_on_batch_size(setup, tmp_
             seg_head=str(root / "seg.safetensors"),
         )
     )
-    assert set(a["models"]) == {"re2pix"} and "baseline" in a["skipped"]
+    assert set(a["models"]) == {"re2pix", "copy_last"} and "baseline" in a["skipped"]
     assert "no segmentation labels" in a["skipped"]["seg"] and "--labels" in a["skipped"]["seg"]
     assert "no --fid-weights" in a["skipped"]["fid"] and "--no-decode" in a["skipped"]["pixels"]
     assert a["reference"]["pixels"] is None and "psnr" not in a["models"]["re2pix"]
@@ -262,3 +281,27 @@ def test_cityscapes_labels_come_from_gtfine_of_the_annotated_frame(tmp_path):
     assert got.tolist() == [[0, 13, 11], [255, 18, 10]]
     assert labels.seg("any", {"scene": "frankfurt_000001_000100", "start": 4}) is None  # not annotated
     assert not Labels({"dataset": "synthetic"}, EvaluateConfig().annotated_frame).has_seg
+
+
+def test_source_labels_are_the_synthetic_class_maps_of_the_annotated_frame():
+    from inference import InferenceError
+    from inference.labels import Labels
+    from pipeline.sources import get_source
+    from pipeline.sources.synthetic import CAR, PEDESTRIAN
+
+    manifest = {
+        "dataset": "synthetic",
+        "split": "val",
+        "source_root": "builtin:synthetic",
+        "generator": {"num_scenes": 1, "frames_per_scene": 29},
+    }
+    labels = Labels(manifest, 16, "source", "source")
+    assert labels.has_seg and labels.has_depth and labels.moving == (CAR, PEDESTRIAN)
+    source = get_source("synthetic", split="val", num_scenes=1, frames_per_scene=29)
+    scene = source.scenes()[0]
+    want = source.read_targets(scene, source.frames(scene)[4 + 16])
+    meta = {"scene": scene, "start": 4}
+    assert np.array_equal(labels.seg("any", meta), want["classes"])
+    assert np.array_equal(labels.depth("any", meta), want["depth"])
+    with pytest.raises(InferenceError, match="labels from the source"):
+        Labels({"dataset": "videos", "split": "val"}, 16, "source")
