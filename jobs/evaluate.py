@@ -10,27 +10,17 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
 - Stage 1: model/metrics.py's feature MSE / cosine per future frame and PCA channel prefix, plus the
   same for copying the last context frame (`copy_last/`).
 - `latent_mse` (and per latent `t4`..`t6`): sampled vs stored future latents.
-- every model metric is also reported for `copy_last`: the last context latent copied into every future
-  latent and decoded like a prediction (deterministic: one run, std 0), the bar a forecaster must clear.
-- `psnr`, `ssim` (and per frame `f13`..`f24`): decoded frames 13-24 against the REFERENCE, the VAE
-  reconstruction of the stored ground-truth latents (a store holds latents, not pixels: scores against
-  the original frames would add the VAE's own error to every model alike). SSIM as inference/video_metrics.py.
-- `fid` (Inception-v3 pool features of all predicted frames vs the reference frames) and `fvd` (I3D
-  features of the 12-frame predicted clips vs the reference clips) when --fid-weights / --fvd-weights
-  give the networks (inference/video_metrics.py). `--fid` / `--fvd` without weights is an error. Their
-  reference is the REAL frames 13-24 when the store's source can be reopened here (the synthetic set
-  always can), resized as the cache job resizes; then `reference_metrics` holds the VAE reconstruction's
-  own FID / FVD against them (the floor). Otherwise the VAE reconstruction, labelled in
-  `reference.fid_fvd` = {"pixels": "vae_reconstruction", "why"}.
-- `seg/miou_all`, `seg/miou_moving` (trainIds 11-18) and `depth/absrel`, `depth/delta1` on the
-  annotated frame (`--annotated-frame`, Cityscapes: clip frame 16 = predicted frame 3) with DPT heads
-  (`--seg-head`, `--depth-head`, inference/dpt.py) on DINOv2 features of the decoded frame; for Stage 1 on
-  its un-projected forecast features (when the frame has a feature map); for `reference` on the VAE
-  reconstruction. Labels: `--labels DIR` ({clip_id}.png of trainIds, 255 ignored), `--depth-labels DIR`
-  ({clip_id}.npy, in the depth head's units); Cityscapes stores find gtFine in their source root;
-  `--labels source` / `--depth-labels source` read them from a source that renders ground truth (the
-  synthetic set's class maps and depth in metres; its "moving" classes are its own: car, pedestrian).
-  Without labels the metric is skipped and the JSON says why.
+- `copy_last` is scored as a model: the last context latent copied into every future one (one run).
+- `psnr`, `ssim` (and per frame `f13`..`f24`): decoded frames 13-24 against the VAE reconstruction of the
+  stored latents (scores against the original frames would add the VAE's own error to every model alike).
+- `fid` / `fvd` (Inception-v3 / I3D features, inference/video_metrics.py) when --fid-weights / --fvd-weights
+  give the networks; against the REAL frames 13-24 when the store's source reopens here (then
+  `reference_metrics` holds the VAE reconstruction's own FID / FVD: the floor), else against the VAE
+  reconstruction, labelled in `reference.fid_fvd`.
+- `seg/miou_all`, `seg/miou_moving`, `depth/absrel`, `depth/delta1` on `--annotated-frame` with DPT heads
+  (`--seg-head`, `--depth-head`) on DINOv2 features of the decoded frame (inference/semantic.py), against
+  `--labels DIR` ({clip_id}.png trainIds), `--depth-labels DIR` ({clip_id}.npy), gtFine for Cityscapes
+  stores, or `source` (the synthetic set's class maps and depth). Without labels the JSON says why.
 
 `--every-checkpoint`: score every checkpoint the Stage 2 run kept (train it with keep_checkpoints 0 to keep
 them all), each against the Baseline's checkpoint of the same step: the curve (inference/curve.py), the
@@ -137,9 +127,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     codec = LatentCodec(vae, space.latent_norm) if vae else None
     labels = Labels(store.manifest, cfg.annotated_frame, cfg.labels, cfg.depth_labels)
     heads = load_heads(cfg.seg_head, cfg.depth_head, labels, space, device, skipped)
-    dino = (
-        load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if heads and cfg.decode else None
-    )
+    dinov2 = heads and cfg.decode
+    dino = load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if dinov2 else None
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
     sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight, cfg.channels)
     n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
