@@ -10,8 +10,10 @@ its traceback.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.errors import Re2pixError
 
@@ -40,3 +42,15 @@ def run(main, argv=None, resume_hint: str | None = None) -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def replace_run_folder(run: Path, job: str) -> None:
+    """Empty `run` for a job that rewrites all of it (the demo, the experiment), refusing a folder that
+    holds anything this job did not write there: its marker file says it did."""
+    marker = run / f".re2pix-{job}"
+    if run.exists() and any(run.iterdir()) and not marker.exists():
+        raise Re2pixError(f"{run} is not empty and was not written by jobs.{job}: give another --run")
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    marker.write_text(f"written by python -m jobs.{job}\n")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from jobs.cli import replace_run_folder
 from jobs.cli import run as run_main
 from pipeline.errors import Re2pixError
 
@@ -67,7 +67,11 @@ def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
-    p.add_argument("--run", default="runs/demo", help="everything goes under this folder (replaced)")
+    p.add_argument(
+        "--run",
+        default="runs/demo",
+        help="everything goes under this folder (replaced when the demo wrote it; any other folder is refused)",
+    )
     p.add_argument("--train-scenes", type=int, default=8, help="synthetic scenes of 49 frames: 7 clips each")
     p.add_argument("--val-scenes", type=int, default=2)
     p.add_argument("--eval-clips", type=int, default=8)
@@ -86,51 +90,17 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     run = Path(args.run)
-    if run.exists():
-        shutil.rmtree(run)
+    replace_run_folder(run, "demo")
     store, val = run / "store.zarr", run / "val.zarr"
     t0, timings = time.time(), {}
-    scenes = lambda n: json.dumps({"num_scenes": n, "frames_per_scene": 49})  # noqa: E731
-    step(
-        "cache train",
-        [
-            "jobs.cache",
-            "--preset",
-            "tiny",
-            "--split",
-            "train",
-            "--out",
-            str(store),
-            "--encoder",
-            args.encoder,
-            "--vae",
-            args.vae,
-            "--source-options",
-            scenes(args.train_scenes),
-        ],
-        timings,
-    )
-    step(
-        "cache val",
-        [
-            "jobs.cache",
-            "--preset",
-            "tiny",
-            "--split",
-            "val",
-            "--out",
-            str(val),
-            "--pca",
-            str(store),
-            "--encoder",
-            args.encoder,
-            "--vae",
-            args.vae,
-            "--source-options",
-            scenes(args.val_scenes),
-        ],
-        timings,
-    )
+
+    def cache(split: str, out: Path, scenes: int, *extra: str) -> list[str]:
+        options = json.dumps({"num_scenes": scenes, "frames_per_scene": 49})
+        job = ["jobs.cache", "--preset", "tiny", "--split", split, "--out", str(out), *extra]
+        return job + ["--encoder", args.encoder, "--vae", args.vae, "--source-options", options]
+
+    step("cache train", cache("train", store, args.train_scenes), timings)
+    step("cache val", cache("val", val, args.val_scenes, "--pca", str(store)), timings)  # train's PCA basis
     step("store info", ["jobs.store", "info", str(store)], timings)
     train = ["jobs.train", "--preset", "tiny", "--store", str(store), "--val-store", str(val)]
     train += ["--run-dir", str(run / "train")]

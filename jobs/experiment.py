@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -41,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.cli import replace_run_folder
 from jobs.cli import run as run_main
 from pipeline.errors import Re2pixError
 
-MARKER = ".re2pix-experiment"  # a folder holding it was written by this job and may be replaced
 ANNOTATED_FRAME = 16  # the clip frame whose class map scores mIoU (evaluate's default, Cityscapes' frame 19)
 # metric -> (label, True when higher is better); miou_moving is left out: its classes are Cityscapes trainIds
 METRICS = {
@@ -224,12 +223,7 @@ def main(argv=None) -> int:
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     run = Path(args.run)
-    if run.exists() and any(run.iterdir()) and not (run / MARKER).exists():
-        raise ExperimentError(f"{run} exists and was not written by jobs.experiment: give another --run")
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
-    (run / MARKER).write_text("written by python -m jobs.experiment\n")
+    replace_run_folder(run, "experiment")
     t0 = time.time()
     ex = Experiment(run, s)
     ex.cache()

@@ -9,9 +9,10 @@ import torch
 
 from inference.dpt import MOVING_CLASSES, miou
 from inference.sampling import Sampler
-from jobs.experiment import ARMS, METRICS, ExperimentError, main, speedup
+from jobs.experiment import ARMS, METRICS, main, speedup
 from model.diffusion import truncate_features
 from model.stage2 import DiTConfig, Re2PixDiT
+from pipeline.errors import Re2pixError
 
 
 def test_sampler_channels_reads_only_the_first_pca_channels():
@@ -55,10 +56,13 @@ def test_speedup_is_the_final_step_over_the_first_step_re2pix_reaches_the_baseli
     assert speedup(late, "psnr")["ratio"] == 1.0 and speedup(late, "psnr")["verdict"] == "not reproduced"
 
 
-def test_a_folder_it_did_not_write_is_refused(tmp_path):
+@pytest.mark.parametrize("job", ["experiment", "demo"])
+def test_a_folder_it_did_not_write_is_refused(tmp_path, job):
+    import importlib
+
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(ExperimentError, match="not written by jobs.experiment"):
-        main(["--quick", "--run", str(tmp_path)])
+    with pytest.raises(Re2pixError, match=f"not written by jobs.{job}"):
+        importlib.import_module(f"jobs.{job}").main(["--run", str(tmp_path)])
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
