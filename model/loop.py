@@ -335,6 +335,26 @@ class Window:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
+def train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
+    """One metrics.jsonl line of training: the window's means over every rank, and its data budget."""
+    means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
+    if not math.isfinite(means["loss"]):
+        raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
+    record = {
+        "kind": "train",
+        "step": done,
+        "loss": means["loss"],
+        "lr": trainee.scheduler.get_last_lr()[0],
+        "epoch": stream.position[0],
+        "skipped_clips": round(means["skipped"] * runtime.world),
+        **{k: means[k] for k in terms},
+        **window.close(),
+    }
+    if cfg.grad_clip > 0:
+        record["grad_norm"] = means["grad_norm"]
+    return record
+
+
 def train(
     task: Task,
     cfg: LoopConfig,
@@ -375,25 +395,11 @@ def train(
     }
     metrics = MetricsLog(run_dir, start, runtime.is_main)
     if runtime.is_main:
-        log.info(
-            "%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
-            task.name,
-            f"{n_params:,}",
-            clips_per_step,
-            stream.batch_size,
-            runtime.world,
-            cfg.grad_accum,
-            json.dumps(stream.describe()),
-        )
-
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc=task.name,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (cfg.progress and runtime.is_main),
-    )
+        log.info("%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
+                 task.name, f"{n_params:,}", clips_per_step, stream.batch_size, runtime.world, cfg.grad_accum,
+                 json.dumps(stream.describe()))  # fmt: skip
+    show = cfg.progress and runtime.is_main
+    bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True, disable=not show)
     batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
     trainee.net.train()
     window = Window(clips_per_step)
@@ -403,21 +409,7 @@ def train(
         window.add(waited)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
-            if not math.isfinite(means["loss"]):
-                raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
-            record = {
-                "kind": "train",
-                "step": done,
-                "loss": means["loss"],
-                "lr": trainee.scheduler.get_last_lr()[0],
-                "epoch": stream.position[0],
-                "skipped_clips": round(means["skipped"] * runtime.world),
-                **{k: means[k] for k in terms},
-                **window.close(),
-            }
-            if cfg.grad_clip > 0:
-                record["grad_norm"] = means["grad_norm"]
+            record = train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
             metrics.write(record)
             summary["loss"] = record["loss"]
             bar.set_postfix(
