@@ -99,10 +99,10 @@ def verify(store: Store, as_json: bool) -> int:
     return 0 if report["ok"] else 1
 
 
-def check(locations: list[str]) -> str:
+def check(locations: list[str], storage_options: dict | None = None) -> str:
     from pipeline.store.verify import basis_problems
 
-    stores = open_stores(locations)
+    stores = open_stores(locations, storage_options)
     for s in stores:  # the fingerprint is what makes stores compatible: it must describe the basis they hold
         problems = basis_problems(s)
         if problems:
@@ -117,14 +117,18 @@ def main(argv=None) -> int:
         prog="python -m jobs.store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("info", help="describe a store")
+    remote = argparse.ArgumentParser(add_help=False)  # the reading commands' fsspec options
+    remote.add_argument(
+        "--storage-options", type=json.loads, default=None, help="fsspec options as JSON (e.g. an S3 endpoint)"
+    )
+    a = sub.add_parser("info", help="describe a store", parents=[remote])
     a.add_argument("store")
     a.add_argument("--json", action="store_true", help="print the manifest and failures as JSON")
     a.add_argument("--allow-incomplete", action="store_true", help="describe an unfinished store too")
-    a = sub.add_parser("verify", help="read and check every row; exit 1 when any is bad")
+    a = sub.add_parser("verify", help="read and check every row; exit 1 when any is bad", parents=[remote])
     a.add_argument("store")
     a.add_argument("--json", action="store_true", help="print the report as JSON (bad_rows: array, row, reason)")
-    a = sub.add_parser("check", help="check that stores can be read together")
+    a = sub.add_parser("check", help="check that stores can be read together", parents=[remote])
     a.add_argument("stores", nargs="+")
     a = sub.add_parser("export-wds", help="export WebDataset shards")
     a.add_argument("store")
@@ -148,25 +152,26 @@ def main(argv=None) -> int:
     a.add_argument("--src-options", type=json.loads, default=None, help="fsspec options of SRC as JSON")
     a.add_argument("--dst-options", type=json.loads, default=None, help="fsspec options of DST as JSON")
     a.add_argument("--overwrite", action="store_true", help="replace a finished store, or another unfinished one")
-    a = sub.add_parser("card", help="write README.md and card.json into a store")
+    a = sub.add_parser("card", help="write README.md and card.json into a store", parents=[remote])
     a.add_argument("store")
-    a.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
-    a = sub.add_parser("diagnose", help="latent temporal distance, per-channel latent and feature statistics")
+    a = sub.add_parser(
+        "diagnose", help="latent temporal distance, per-channel latent and feature statistics", parents=[remote]
+    )
     a.add_argument("stores", nargs="+")
     a.add_argument("--max-clips", type=int, default=256, help="clips read per store, evenly spread (0: all)")
     a.add_argument("--png", default="diagnose.png", help="where to write the figure")
     a.add_argument("--json", action="store_true", help="print the reports as JSON instead of the table")
     args = p.parse_args(argv)
     if args.cmd == "info":
-        store = Store(args.store, allow_incomplete=args.allow_incomplete)
+        store = Store(args.store, args.storage_options, allow_incomplete=args.allow_incomplete)
         if args.json:
             print(json.dumps({"manifest": store.manifest, "failures": store.failures()}, indent=1))
         else:
             print(info(store))
     elif args.cmd == "verify":
-        return verify(Store(args.store), args.json)
+        return verify(Store(args.store, args.storage_options), args.json)
     elif args.cmd == "check":
-        print(check(args.stores))
+        print(check(args.stores, args.storage_options))
     elif args.cmd == "export-wds":
         from pipeline.store.wds import export_webdataset
 
@@ -219,7 +224,7 @@ def main(argv=None) -> int:
     elif args.cmd == "diagnose":
         from pipeline.store import diagnose as d
 
-        reports = [d.diagnose(Store(s), args.max_clips or None) for s in args.stores]
+        reports = [d.diagnose(Store(s, args.storage_options), args.max_clips or None) for s in args.stores]
         print(json.dumps(reports, indent=1) if args.json else d.table(reports))
         print(f"figure: {d.plot_png(reports, args.png)}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -66,6 +66,20 @@ def test_cache_into_s3_with_storage_options_equals_a_local_store(local_store, s3
     assert secret not in json.dumps(store.manifest) and secret not in json.dumps(summary)
 
 
+def test_store_tools_read_an_s3_store_with_storage_options_alone(local_store, s3_server, capsys):
+    """No AWS_* in this process: the endpoint and credentials reach info / verify / check by the flag only."""
+    from jobs.store import main as store_main
+
+    url = f"s3://{s3_server.bucket()}/tools.zarr"
+    run_cache(tiny_config(url, storage_options=s3_server.storage_options))
+    options = ["--storage-options", json.dumps(s3_server.storage_options)]
+    assert store_main(["info", url, *options]) == 0
+    assert store_main(["verify", url, *options]) == 0
+    assert store_main(["check", url, str(local_store), *options]) == 0
+    out = capsys.readouterr().out
+    assert "compatible: 2 stores" in out and s3_server.storage_options["secret"] not in out
+
+
 @pytest.mark.slow
 def test_killed_job_into_s3_resumes_on_its_first_rerun(local_store, s3_server, ray_address, tmp_path):
     """Credentials and endpoint only in the environment (AWS_*): the job forwards them to its workers.
