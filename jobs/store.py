@@ -27,10 +27,10 @@ from pipeline.store.lossy import parse_compression
 from pipeline.store.reader import Store, open_stores
 
 
-def _size(location: str) -> str:
+def _size(location: str, storage_options: dict | None = None) -> str:
     from pipeline.store.location import filesystem
 
-    fs, root = filesystem(location)
+    fs, root = filesystem(location, storage_options)
     try:
         total = fs.du(root)
     except (OSError, NotImplementedError):
@@ -46,7 +46,7 @@ def info(store: Store) -> str:
     m, g = store.manifest, store.geometry
     enc = m.get("encoders", {})
     lines = [
-        f"store      {store.location}  ({_size(store.location)} on disk)",
+        f"store      {store.location}  ({_size(store.location, store.storage_options)} on disk)",
         (
             f"format     {m['format']} v{m['format_version']}, written by re2pix {m.get('pipeline_version')} "
             f"({m.get('created', '?')} .. {m.get('finished', '?')})"
