@@ -26,6 +26,7 @@ def _epoch(url, options, channels):
     return {k: chunk_cache.STATS[k] - before[k] for k in before}, out
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_a_second_epoch_fetches_under_5_percent_of_the_first(tmp_path, s3, monkeypatch):
     make_store(tmp_path / "s.zarr", scenes=3, frames=45, channel_chunk=16)
     url = "s3://cache/s.zarr"
@@ -44,6 +45,7 @@ def test_a_second_epoch_fetches_under_5_percent_of_the_first(tmp_path, s3, monke
         np.testing.assert_array_equal(f, a[i][0])
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_the_cache_stays_under_its_limit_and_a_damaged_entry_is_damage(tmp_path, s3, monkeypatch):
     from pipeline.store.format import DamagedStoreError
 
@@ -67,6 +69,7 @@ def test_the_cache_stays_under_its_limit_and_a_damaged_entry_is_damage(tmp_path,
         _epoch(url, s3["options"], None)
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_dataloader_workers_share_the_cache_and_a_second_epoch_adds_nothing(tmp_path, s3, monkeypatch):
     from model.data import make_loader, open_stream
 

@@ -205,6 +205,7 @@ def s3(s3_server):
     return {"bucket": "share", "options": s3_server.storage_options, "endpoint": s3_server.endpoint}
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_copy_to_s3_and_back_and_between_buckets(source, tmp_path, s3):
     url = "s3://share/team-a/p.zarr"
     copy_store(source, url, channels=16, dst_options=s3["options"], progress=False)

@@ -75,6 +75,7 @@ def test_an_old_store_with_vlen_strings_still_reads(tmp_path):
     assert Store(str(path)).clip_ids == ids
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_tensorstore_reads_a_store_over_s3_equal_to_ours(tmp_path, s3_server, monkeypatch):
     """tensorstore's s3 kvstore at a custom endpoint (the moto server on 127.0.0.1), credentials and region
     from the standard AWS variables, as a user of another team would set them."""

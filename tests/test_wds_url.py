@@ -20,6 +20,7 @@ def s3(s3_server):
     return {"options": s3_server.storage_options, "endpoint": s3_server.endpoint}
 
 
+@pytest.mark.slow  # a real S3 server round trip
 def test_export_to_s3_writes_there_and_reads_back_whole(tmp_path, s3, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards").mkdir()  # a local folder named like the bucket must not receive the shards
