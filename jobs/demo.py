@@ -137,54 +137,13 @@ def main(argv=None) -> int:
         timings,
     )
     results = run / "eval" / "results.json"
-    step(
-        "evaluate",
-        [
-            "jobs.evaluate",
-            "--preset",
-            "tiny",
-            "--store",
-            str(val),
-            "--stage1",
-            str(run / "train/stage1"),
-            "--stage2",
-            str(run / "train/stage2"),
-            "--baseline",
-            str(run / "train/baseline"),
-            "--samples",
-            str(args.samples),
-            "--max-clips",
-            str(args.eval_clips),
-            "--seg-head",
-            str(run / "heads" / "seg.safetensors"),
-            "--labels",
-            "source",
-            "--out",
-            str(results),
-        ],
-        timings,
-    )
-    step(
-        "predict",
-        [
-            "jobs.predict",
-            "--preset",
-            "tiny",
-            "--store",
-            str(val),
-            "--clip",
-            "0",
-            "--stage1",
-            str(run / "train/stage1"),
-            "--stage2",
-            str(run / "train/stage2"),
-            "--baseline",
-            str(run / "train/baseline"),
-            "--out",
-            str(run / "predict"),
-        ],
-        timings,
-    )
+    on_val = ["--preset", "tiny", "--store", str(val)]  # evaluate and predict read the same models
+    on_val += ["--stage1", str(run / "train/stage1"), "--stage2", str(run / "train/stage2")]
+    on_val += ["--baseline", str(run / "train/baseline")]
+    evaluate = ["jobs.evaluate", *on_val, "--samples", str(args.samples), "--max-clips", str(args.eval_clips)]
+    evaluate += ["--seg-head", str(run / "heads" / "seg.safetensors"), "--labels", "source", "--out", str(results)]
+    step("evaluate", evaluate, timings)
+    step("predict", ["jobs.predict", *on_val, "--clip", "0", "--out", str(run / "predict")], timings)
     print(summary(run, results, timings, time.time() - t0))
     return 0
 
