@@ -12,6 +12,7 @@ Each step is the same job a user runs by hand; the summary names every file it w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -31,11 +32,8 @@ class DemoStepError(Re2pixError):
 def step(title: str, args: list[str], timings: dict, log: Path | None = None) -> None:
     print(f"\n=== {title}: python -m {' '.join(args)}" + (f"  (output: {log})" if log else ""), flush=True)
     t0 = time.time()
-    if log:
-        with open(log, "w") as out:
-            done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT)
-    else:
-        done = subprocess.run([sys.executable, "-m", *args])
+    with open(log, "w") if log else contextlib.nullcontext() as out:  # a second lane's output goes to its log
+        done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT if log else None)
     if done.returncode:
         where = f"; its output is in {log}" if log else ""
         raise DemoStepError(f"demo step {title!r} (python -m {args[0]}) exited with status {done.returncode}{where}")
@@ -104,6 +102,7 @@ def main(argv=None) -> int:
     step("store info", ["jobs.store", "info", str(store)], timings)
     train = ["jobs.train", "--preset", "tiny", "--store", str(store), "--val-store", str(val)]
     train += ["--run-dir", str(run / "train")]
+    head = ["jobs.train_dpt", "--preset", "tiny", "--store", str(store), "--tasks", "segmentation", "--threads", "1"]
     side_by_side(
         [
             [
@@ -116,21 +115,7 @@ def main(argv=None) -> int:
             ],
             [
                 ("train Baseline", [*train, "--stage", "baseline", "--no-progress"]),
-                (
-                    "train segmentation head",
-                    [
-                        "jobs.train_dpt",
-                        "--preset",
-                        "tiny",
-                        "--store",
-                        str(store),
-                        "--tasks",
-                        "segmentation",
-                        "--threads",
-                        "1",
-                    ]
-                    + ["--out", str(run / "heads")],
-                ),
+                ("train segmentation head", [*head, "--out", str(run / "heads")]),
             ],
         ],
         run / "logs",
