@@ -10,9 +10,12 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.errors import Re2pixError
@@ -54,3 +57,21 @@ def replace_run_folder(run: Path, job: str) -> None:
         shutil.rmtree(run)
     run.mkdir(parents=True)
     marker.write_text(f"written by python -m jobs.{job}\n")
+
+
+class StepError(Re2pixError):
+    """A job run as a step of another (the demo, the experiment) exited with an error; its own message is in
+    its output."""
+
+
+def step(title: str, args: list[str], timings: dict, log: Path | None = None) -> None:
+    """Run `python -m *args` as one titled step, its output to the terminal or to `log`; its seconds add to
+    timings[title]."""
+    print(f"\n=== {title}: python -m {' '.join(args)}" + (f"  (output: {log})" if log else ""), flush=True)
+    t0 = time.time()
+    with open(log, "w") if log else contextlib.nullcontext() as out:
+        done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT if log else None)
+    if done.returncode:
+        where = f"its output is in {log}" if log else "its output is above"
+        raise StepError(f"step {title!r} (python -m {args[0]}) exited with status {done.returncode}; {where}")
+    timings[title] = timings.get(title, 0.0) + time.time() - t0

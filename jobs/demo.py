@@ -12,32 +12,14 @@ Each step is the same job a user runs by hand; the summary names every file it w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from jobs.cli import replace_run_folder
+from jobs.cli import StepError, replace_run_folder, step
 from jobs.cli import run as run_main
-from pipeline.errors import Re2pixError
-
-
-class DemoStepError(Re2pixError):
-    """A step of the demo exited with an error (its own message is printed above)."""
-
-
-def step(title: str, args: list[str], timings: dict, log: Path | None = None) -> None:
-    print(f"\n=== {title}: python -m {' '.join(args)}" + (f"  (output: {log})" if log else ""), flush=True)
-    t0 = time.time()
-    with open(log, "w") if log else contextlib.nullcontext() as out:  # a second lane's output goes to its log
-        done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT if log else None)
-    if done.returncode:
-        where = f"; its output is in {log}" if log else ""
-        raise DemoStepError(f"demo step {title!r} (python -m {args[0]}) exited with status {done.returncode}{where}")
-    timings[title] = time.time() - t0
 
 
 def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: dict) -> None:
@@ -51,7 +33,7 @@ def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: 
         try:
             for title, args in steps:
                 step(title, args, timings, None if i == 0 else logs / f"{title.lower().replace(' ', '-')}.log")
-        except DemoStepError as e:
+        except StepError as e:
             errors.append(e)
 
     threads = [threading.Thread(target=lane, args=(i, steps)) for i, steps in enumerate(lanes)]

@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ import numpy as np
 
 from jobs.cli import replace_run_folder
 from jobs.cli import run as run_main
+from jobs.cli import step as run_step
 from pipeline.errors import Re2pixError
 
 ANNOTATED_FRAME = 16  # the clip frame whose class map scores mIoU (evaluate's default, Cityscapes' frame 19)
@@ -119,12 +119,7 @@ class Experiment:
         self.stage1 = run / "stage1" / "stage1"
 
     def step(self, title: str, args: list[str]) -> None:
-        print(f"\n=== {title}: python -m {' '.join(args)}", flush=True)
-        t0 = time.time()
-        done = subprocess.run([sys.executable, "-m", *args])
-        if done.returncode:
-            raise ExperimentError(f"{title} failed with status {done.returncode} (its output is above)")
-        self.timings[title] = self.timings.get(title, 0.0) + time.time() - t0
+        run_step(title, args, self.timings)
 
     def cache(self) -> None:
         s = self.s
