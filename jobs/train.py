@@ -38,6 +38,7 @@ import numpy as np
 
 from jobs.cli import run as run_main
 from jobs.config import DEMO_RUNS, DEMO_STORE, parse_config
+from model.data import parse_store_list
 from model.diffusion import SAMPLE_STEPS
 from model.repa import AlignConfig
 from model.stage1 import Stage1Config
@@ -147,13 +148,6 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
     return dataclasses.replace(getattr(cfg, which), **overrides)
 
 
-def _sources(spec: str) -> tuple[list[str], list[float] | None]:
-    """A --store list's locations and mixing weights (model.data.parse_store_list)."""
-    from model.data import parse_store_list
-
-    return parse_store_list(spec)
-
-
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
     few training batches of a WebDataset)."""
@@ -162,7 +156,7 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     from pipeline.store.reader import Store
 
     if cfg.val_store:
-        val_sources, weights = _sources(cfg.val_store)
+        val_sources, weights = parse_store_list(cfg.val_store)
         if weights is not None:
             raise ConfigError("--val-store takes no mixing weights: evaluation reads every clip once")
         val = open_stream(val_sources, batch_size=1, remainder="keep", loop=False, **stream_kwargs)
@@ -187,7 +181,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
-    sources, weights = _sources(cfg.store)
+    sources, weights = parse_store_list(cfg.store)
     storage = cfg.storage_options or None
     common = {
         "channels": sc.channels,
@@ -303,7 +297,7 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
-    stores = _sources(cfg.store)[0] + (_sources(cfg.val_store)[0] if cfg.val_store else [])
+    stores = parse_store_list(cfg.store)[0] + (parse_store_list(cfg.val_store)[0] if cfg.val_store else [])
     webdataset = [s for s in stores if is_webdataset(s, storage)]
     if webdataset:
         raise ConfigError(
