@@ -372,6 +372,10 @@ def encoding_plan(
     limits = ds.context.execution_options.resource_limits
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     ds.context.wait_for_min_actors_s = 900  # every encoder actor loads its models before units are dealt
+    # Ray Data deals a unit to an actor on the node that holds its frames while that actor has room,
+    # even when an actor elsewhere is idle: on a cluster, GPUs on the other nodes waited. A unit's frames
+    # are cheap to move next to a GPU-second of encoding, so the least busy actor gets the next unit.
+    ds.context.execution_options.actor_locality_enabled = False
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_args=(source, geometry, variants, with_clips, window),
