@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 
 from jobs.cli import run
@@ -375,7 +376,10 @@ def encoding_plan(
     # Ray Data deals a unit to an actor on the node that holds its frames while that actor has room,
     # even when an actor elsewhere is idle: on a cluster, GPUs on the other nodes waited. A unit's frames
     # are cheap to move next to a GPU-second of encoding, so the least busy actor gets the next unit.
-    ds.context.execution_options.actor_locality_enabled = False
+    # Ray 2.60 marks the option deprecated (it still works): its warning would be noise in every job's stderr.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*actor_locality_enabled", category=DeprecationWarning)
+        ds.context.execution_options.actor_locality_enabled = False
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_args=(source, geometry, variants, with_clips, window),
