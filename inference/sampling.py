@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.diffusion import SAMPLE_STEPS
+from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 
 from .stages import Models
 
@@ -20,6 +20,14 @@ class Sampler:
     guidance_channels: int | None = None
     guidance_weight: float = 0.0
     channels: int | None = None  # Stage 2 reads only the first c PCA channels, the rest zeroed (paper table 5)
+    sigma_max: float = SIGMA_MAX  # the noise range the sampler walks down
+    sigma_min: float = SIGMA_MIN
+
+    @classmethod
+    def of(cls, cfg) -> Sampler:
+        """The sampler a job's config names: sample_steps, sample_solver, guidance_*, sigma_* (channels if any)."""
+        fields = (cfg.guidance_channels, cfg.guidance_weight, getattr(cfg, "channels", None))
+        return cls(cfg.sample_steps, cfg.sample_solver, *fields, cfg.sigma_max, cfg.sigma_min)
 
     def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
         """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
@@ -34,6 +42,8 @@ class Sampler:
             features,
             num_steps=self.steps,
             solver=self.solver,
+            sigma_max=self.sigma_max,
+            sigma_min=self.sigma_min,
             num_future=noise.shape[2],
             initial_noise=noise,
             guidance_channels=self.guidance_channels if guided else None,

@@ -51,7 +51,7 @@ from inference.stages import Models, resolve_device
 from inference.video_metrics import load_feature_networks
 from jobs.cli import run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
-from model.diffusion import SAMPLE_STEPS
+from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
 
@@ -72,6 +72,8 @@ class EvaluateConfig:
     batch_size: int = field(default=4, metadata={"help": "clips per batch"})
     sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
+    sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
+    sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
     seed: int = 0
     guidance_channels: int | None = None
     guidance_weight: float = 0.0
@@ -86,12 +88,8 @@ class EvaluateConfig:
     fvd_weights: str | None = field(default=None, metadata={"help": "I3D TorchScript (i3d_torchscript.pt)"})
     seg_head: str | None = field(default=None, metadata={"help": "DPT segmentation head (safetensors)"})
     depth_head: str | None = field(default=None, metadata={"help": "DPT depth head (safetensors)"})
-    labels: str | None = field(
-        default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source (the synthetic set's)"}
-    )
-    depth_labels: str | None = field(
-        default=None, metadata={"help": "folder of {clip_id}.npy depth maps, or source (the synthetic set's)"}
-    )
+    labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source"})
+    depth_labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.npy depth maps, or source"})
     annotated_frame: int = field(default=16, metadata={"help": "clip frame the labels annotate"})
     dinov2: str | None = None
     vae: str | None = None
@@ -130,7 +128,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     dinov2 = heads and cfg.decode
     dino = load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if dinov2 else None
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
-    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight, cfg.channels)
+    sampler = Sampler.of(cfg)
     n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
     if n == 0:
         raise StoreError(f"{cfg.store} has no clips")

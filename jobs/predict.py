@@ -52,7 +52,7 @@ from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
 from jobs.cli import run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
-from model.diffusion import SAMPLE_STEPS
+from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 
 log = logging.getLogger("re2pix.predict")
 
@@ -82,6 +82,8 @@ class PredictConfig:
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
+    sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
+    sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
     seed: int = 0
     guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
@@ -112,7 +114,7 @@ def run_predict(cfg: PredictConfig) -> dict:
         clip = video_clip(cfg.video, space, dino, codec)
     else:
         clip = store_clip(store, cfg.clip, cfg.clip_id)
-    sampler = Sampler(cfg.sample_steps, cfg.sample_solver, cfg.guidance_channels, cfg.guidance_weight)
+    sampler = Sampler.of(cfg)
     with torch.no_grad():
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name

@@ -269,9 +269,11 @@ def mix_features(
 
 # --------------------------------------------------------------------------- sampler
 
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002  # EDM's noise range (Cosmos-Predict2.5 uses 200 / 0.01)
+
 
 def karras_sigmas(
-    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, device=None
+    num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0, device=None
 ) -> torch.Tensor:
     """EDM's schedule: num_steps noise levels from sigma_max down to sigma_min, then a final 0 (float64)."""
     if num_steps < 1:
@@ -292,8 +294,8 @@ def sample(
     features: torch.Tensor | None = None,
     num_steps: int = SAMPLE_STEPS,
     solver: str = "heun",
-    sigma_max: float = 80.0,
-    sigma_min: float = 0.002,
+    sigma_max: float = SIGMA_MAX,
+    sigma_min: float = SIGMA_MIN,
     rho: float = 7.0,
     generator: torch.Generator | None = None,
     *,

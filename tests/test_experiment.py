@@ -30,6 +30,26 @@ def test_sampler_channels_reads_only_the_first_pca_channels():
     assert torch.equal(Sampler(steps=3, channels=64)(dit, ctx, feats, noise), Sampler(steps=3)(dit, ctx, feats, noise))
 
 
+@pytest.mark.parametrize("job", ["evaluate", "predict"])
+def test_sampler_walks_the_noise_range_the_command_line_gives(job):
+    from jobs.config import parse_config
+    from jobs.evaluate import EvaluateConfig
+    from jobs.predict import PredictConfig
+    from model.diffusion import sample
+
+    cls = {"evaluate": EvaluateConfig, "predict": PredictConfig}[job]
+    cfg, _ = parse_config(cls, job, ["--sample-steps", "3", "--sigma-max", "20", "--sigma-min", "0.2"])
+    sampler = Sampler.of(cfg)
+    torch.manual_seed(0)
+    dit = Re2PixDiT(DiTConfig.tiny()).eval()
+    g = torch.Generator().manual_seed(0)
+    ctx, feats = torch.randn(1, 16, 4, 4, 6, generator=g), torch.randn(1, 7, 4, 6, 64, generator=g)
+    noise = torch.randn(1, 16, 3, 4, 6, generator=g)
+    want = sample(dit, ctx, feats, num_steps=3, sigma_max=20.0, sigma_min=0.2, num_future=3, initial_noise=noise)
+    assert torch.equal(sampler(dit, ctx, feats, noise), want)
+    assert not torch.equal(Sampler(steps=3)(dit, ctx, feats, noise), want)  # the default range is another one
+
+
 def _point(step, re2pix, baseline):
     return {"step": step, "models": {"re2pix": {"psnr": {"mean": re2pix}}, "baseline": {"psnr": {"mean": baseline}}}}
 
