@@ -44,6 +44,7 @@ def test_demo_vae_record():
     assert meta["training"]["steps"] > 0 and meta["training"]["val"]["psnr_db"] > 20
 
 
+@pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
     from pipeline.encoders.vae import DEMO_WEIGHTS
 

@@ -128,6 +128,7 @@ def config(setup, **kw):
     return EvaluateConfig(**values)
 
 
+@pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_evaluation_json_schema_and_mean_std_over_runs(setup):
     from inference.evaluation import format_table
     from jobs.evaluate import run_evaluate

@@ -1,6 +1,7 @@
 """FID / FVD against the source's real frames when the store's source is readable; the VAE reconstruction
 (labelled) otherwise."""
 
+import pytest
 import torch
 
 from tests.run_factory import MeanClip, MeanColour, write_runs
@@ -34,6 +35,7 @@ def evaluate(tmp_path, store):
     )
 
 
+@pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_fid_and_fvd_use_real_frames_when_the_source_is_readable(tmp_path):
     r = evaluate(tmp_path, synthetic_store(tmp_path / "synthetic.zarr", split="val", encoders=encoders()))
     assert r["reference"]["fid_fvd"] == {"pixels": "source_frames"}
@@ -42,6 +44,7 @@ def test_fid_and_fvd_use_real_frames_when_the_source_is_readable(tmp_path):
     assert r["models"]["re2pix"]["fid"]["mean"] > 0
 
 
+@pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_vae_reconstruction_is_the_labelled_fallback(tmp_path):
     make_store(tmp_path / "counting.zarr", scenes=1, frames=29, encoders=encoders())
     r = evaluate(tmp_path, tmp_path / "counting.zarr")

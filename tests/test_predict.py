@@ -202,6 +202,7 @@ def test_command_line_error_is_one_line_and_status_1(setup, capsys):
     assert err[-1].startswith("error: ") and "no clip 'nope'" in err[-1] and "Traceback" not in "".join(err)
 
 
+@pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_path):
     from inference.inputs import store_clip
     from jobs.predict import run_predict
