@@ -2,8 +2,9 @@
 
 Prints, from one run and measured in it:
 1. the limit: the uncompressed read of the same arrays (features + latents of a clip read with
-   `readinto` from raw files in the page cache: one copy, no decoding, no checksum), timed side by side
-   with the loader at 1152 channels (their windows alternate, so the machine's load falls on both alike);
+   `readinto` from raw files in the page cache into page-aligned buffers: one copy, no decoding, no
+   checksum), timed side by side with the loader at 1152 channels (their windows alternate, so the
+   machine's load falls on both alike);
 2. a codec table: for none, Blosc-lz4, Blosc-zstd at levels 1/3/5 and zstd, the bytes on disk, the
    decode MB/s per core of one feature chunk, and the loader's clips/CPU-s at 1152 and 256 channels;
 3. on a store with the writer's default codec: the loader (`ClipStream.batches`, 0, 1 and 2
@@ -23,6 +24,7 @@ warm-up pass.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -308,11 +310,21 @@ def decode_mb_per_s(twin, chunk: np.ndarray, seconds: float = 0.5) -> float:
     return n * chunk.nbytes / MB / (time.process_time() - t0)
 
 
+def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialized float16 array starting on a page boundary. A buffer from np.empty starts 16 bytes
+    past one (glibc's header), and the kernel copies a file into such a destination up to 8x slower (AMD
+    EPYC here): the limit would then measure the allocator, not the read."""
+    raw = np.empty(2 * math.prod(shape) + 4096, np.uint8)
+    skip = -raw.ctypes.data % 4096
+    return raw[skip : skip + 2 * math.prod(shape)].view(np.float16).reshape(shape)
+
+
 def limit_step(raw_dir: Path, store):
-    """The uncompressed read of a clip's arrays: 7 feature frames + latents, `readinto` one buffer."""
+    """The uncompressed read of a clip's arrays: 7 feature frames + latents, `readinto` one page-aligned
+    buffer (the loader's batch tensors are aligned too)."""
     g = store.geometry
-    feats = np.empty(g.features_shape, np.float16)
-    lats = np.empty(g.latents_shape, np.float16)
+    feats = page_aligned(g.features_shape)
+    lats = page_aligned(g.latents_shape)
     rows = [store._feature_rows[store.row(i)] for i in range(len(store))]
     it = _cycle(len(store))
 
