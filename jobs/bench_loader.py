@@ -204,18 +204,18 @@ def timed_together(
     for step in steps.values():
         step()  # first calls pay one-off costs (allocator growth, lazy set-up)
     own = workers or ({name: _children(os.getpid()) for name in steps} if children else {})
-    helpers = {name: tuple(own.get(name, ())) for name in steps}
+    pids_of = {name: tuple(own.get(name, ())) for name in steps}
     windows, marks, t_start = {name: [] for name in steps}, {name: [] for name in steps}, time.perf_counter()
     while len(windows[next(iter(steps))]) < min_windows or time.perf_counter() - t_start < min_seconds * len(steps):
         for name, step in steps.items():
-            marks[name].append(_cpu_of(helpers[name]))
+            marks[name].append(_cpu_of(pids_of[name]))
             c0, w0, clips = time.process_time(), time.perf_counter(), 0
             while not clips or time.perf_counter() - w0 < window_s:
                 clips += step()
             windows[name].append((clips, time.perf_counter() - w0, time.process_time() - c0))
     out = {}
     for name, ws in windows.items():
-        ends = marks[name][1:] + [_settled(helpers[name])]
+        ends = marks[name][1:] + [_settled(pids_of[name])]
         ws = [(c, w, u + end - start) for (c, w, u), start, end in zip(ws, marks[name], ends)]
         out[name] = {
             "clips": sum(w[0] for w in ws),
@@ -224,7 +224,7 @@ def timed_together(
             "cpu_s": sum(w[2] for w in ws),
             "per_s": float(np.median([c / w for c, w, _ in ws])),
             "per_cpu_s": float(np.median([c / max(u, 1e-9) for c, _, u in ws])),
-            "processes": 1 + len(helpers[name]),
+            "processes": 1 + len(pids_of[name]),
         }
     return out
 
@@ -351,7 +351,7 @@ def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
 
 def limit_step(raw_dir: Path, store):
     """The uncompressed read of a clip's arrays: 7 feature frames + latents, `readinto` one page-aligned
-    buffer (the loader's batch tensors are aligned too)."""
+    buffer (the loader's batch tensors are 64-byte aligned or better)."""
     g = store.geometry
     feats = page_aligned(g.features_shape)
     lats = page_aligned(g.latents_shape)
