@@ -183,6 +183,25 @@ def test_uncompressed_reads_check_each_chunk_they_read_and_only_those(store):
         s.read_feature_row(forged)
 
 
+def test_a_shard_with_its_chunks_out_of_order_reads_right_after_an_in_order_one(store):
+    """Another writer may store a shard's chunks in any order (its index says where): such a shard is read
+    chunk by chunk, and must read right after an in-order shard was read a block of rows at a time."""
+    path, index, written = store
+    rows = [int(r) for r in index.clips[0].feature_rows]
+    p = _chunk(path, "frames/features", rows[1])
+    data = p.read_bytes()
+    n = len(data) // (8 * 14 * 16 * 2 + 4)  # TINY geometry: [8, 14] patches, channel chunks of 16
+    size, body = (len(data) - (16 * n + 4)) // n, data[: -(16 * n + 4)]
+    chunks = [body[j * size : (j + 1) * size] for j in range(n)]
+    entries = np.array([[(n - 1 - j) * size, size] for j in range(n)], np.uint64)  # chunk j stored (n-1-j)th
+    table = entries.tobytes()
+    p.write_bytes(b"".join(reversed(chunks)) + table + google_crc32c.value(table).to_bytes(4, "little"))
+    s = Store(str(path))
+    features = s.read_features(0)  # rows[0] in order (blocks of rows), then rows[1] chunk by chunk
+    for k, r in enumerate(rows):
+        np.testing.assert_array_equal(features[k], written[("features", r)])
+
+
 @pytest.mark.parametrize("compression", ["blosc-lz4", "zstd:1"])
 def test_compressed_stores_read_through_zarr_detect_the_same_damage(tmp_path, compression):
     path = tmp_path / "s.zarr"
