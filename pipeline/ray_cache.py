@@ -24,6 +24,7 @@ import numpy as np
 from .frames import hflip, resize_frames
 from .sources.base import FrameRef, Source, SourceError
 from .store.basis import PCABasis
+from .store.format import StoreError
 from .store.geometry import Geometry
 from .units import UnitPlan
 
@@ -428,6 +429,12 @@ class WriteStage:
         clips = [c for c, _ in json.loads(str(_first(batch["clips"])))]
         features, latents = _first(batch["features"]), _first(batch["latents"])
         depth = _first(batch["pseudo_depth"]) if "pseudo_depth" in batch else None
+        stored = "pseudo_depth" in writer.manifest
+        if (depth is not None) != stored:  # a unit marker must mean that every row of the unit is there
+            raise StoreError(
+                f"{writer.location}: the store {'holds' if stored else 'has no'} pseudo-depth, the encoders "
+                f"{'computed none' if stored else 'computed it'}: rerun with the store's own --pseudo-depth"
+            )
         digests, frame_rows, clip_rows = {}, [], []
         for var in range(v):  # stage outputs are variant-major; store rows are clip-major
             for j, row in enumerate(own_rows):

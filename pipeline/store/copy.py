@@ -126,7 +126,7 @@ def copy_store(
         "features": h * w * c * 2,
         "latents": int(np.prod(source.geometry.latents_shape)) * 2,
         "pred_features": source.geometry.future_latents * h * w * c * 2,
-        "pseudo_depth": int(np.prod(source.manifest["pseudo_depth"]["shape"])) * 2 if source.has_pseudo_depth else 0,
+        "pseudo_depth": int(np.prod(source.group[PSEUDO_DEPTH].shape[1:])) * 2 if source.has_pseudo_depth else 0,
     }
     total = sum(row_bytes[kind] * len(rows) for _, kind, rows in todo)
     with tqdm(
@@ -273,7 +273,7 @@ def _create_or_resume(
         g, Geometry.from_dict(m["geometry"]), counts["frames"] * v, counts["clips"] * v, m["channel_chunk"], spec
     )
     if source.has_pseudo_depth:
-        create_pseudo_depth(g, counts["frames"] * v, m["pseudo_depth"]["shape"], spec)
+        create_pseudo_depth(g, counts["frames"] * v, source.group[PSEUDO_DEPTH].shape[1:], spec)  # checked at open
     for name in _COLUMNS:
         values = source._read_small(source.group[name], name)
         group, key = g.require_group(name.split("/")[0]), name.split("/", 1)[1]
