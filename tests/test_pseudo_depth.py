@@ -52,13 +52,19 @@ def depth_model(tmp_path_factory):
     return save_tiny_depth_anything(tmp_path_factory.mktemp("depth-anything"))
 
 
+def job(out, **kw):
+    """The cache job of the `cached` store: tiny, both variants (frame row 2f+v, v=1 the flipped frame)."""
+    from tests.test_cache import tiny_config
+
+    return tiny_config(out, flip=True, **kw)
+
+
 @pytest.fixture(scope="module")
 def cached(ray_address, depth_model, tmp_path_factory):
     from jobs.cache import run_cache
-    from tests.test_cache import tiny_config
 
     out = tmp_path_factory.mktemp("pseudo-depth") / "store.zarr"
-    run_cache(tiny_config(out, pseudo_depth=depth_model))
+    run_cache(job(out, pseudo_depth=depth_model))
     return out
 
 
@@ -112,7 +118,7 @@ def test_cache_refuses_a_bad_scale_before_anything_runs(tmp_path):
 def test_the_cache_job_stores_the_disparity_of_every_feature_frame(cached, depth_model):
     from pipeline.clips import build_clip_index
     from pipeline.encoders import load_pseudo_depth
-    from pipeline.frames import resize_frames
+    from pipeline.frames import hflip, resize_frames
     from pipeline.sources import get_source
     from tests.test_cache import SYNTH
 
@@ -125,13 +131,16 @@ def test_the_cache_job_stores_the_disparity_of_every_feature_frame(cached, depth
     assert store.has_pseudo_depth and store.read_pseudo_depth(3).shape == (7, *DEPTH_HW)
     source = get_source("synthetic", None, "train", **SYNTH)
     index = build_clip_index(source, TINY, stride=4, progress=False)
-    for row in (0, 9):  # frames of both scenes, written by different work units
-        scene, ref = index.frames[row]
+    for f in (0, 9):  # frames of both scenes, written by different work units
+        scene, ref = index.frames[f]
         frame = resize_frames(source.read_frame(scene, ref)[None], TINY.dino_input_hw)
-        want = model(frame)[0].numpy()
-        np.testing.assert_allclose(store.read_pseudo_depth_row(row).astype(np.float32), want, rtol=2e-3, atol=2e-3)
+        for row, want in ((2 * f, model(frame)[0]), (2 * f + 1, model(hflip(frame))[0])):
+            got = store.read_pseudo_depth_row(row).astype(np.float32)
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=2e-3)
+    # clip 1 (scene 0 from frame 4) starts on feature frame 1: its flipped variant on row 3
+    np.testing.assert_array_equal(store.read_pseudo_depth(1, variant=1)[0], store.read_pseudo_depth_row(3))
     report = store.verify()
-    assert report["ok"] and report["checked"][PSEUDO_DEPTH] == 16 and report["rows_without_digest"] == 0
+    assert report["ok"] and report["checked"][PSEUDO_DEPTH] == 32 and report["rows_without_digest"] == 0
     assert "pseudo-depth" in (cached / "README.md").read_text()
 
 
@@ -172,34 +181,32 @@ def test_an_interrupted_job_resumes_its_pseudo_depth(cached, depth_model, tmp_pa
     """A store left unfinished with one unit undone (marker and rows gone) is finished by a rerun, to the same maps."""
     from jobs.cache import run_cache
     from pipeline.errors import Re2pixError
-    from tests.test_cache import tiny_config
 
     killed = tmp_path / "store.zarr"
     shutil.copytree(cached, killed)
     g = zarr.open_group(str(killed), mode="r+")
     g.attrs["complete"] = False
-    (killed / "progress" / "unit-000002.json").unlink()  # the first clip of scene 1: it owns frame rows 8..14
-    for row in range(8, 15):
+    (killed / "progress" / "unit-000002.json").unlink()  # scene 1's first clip: it owns frames 8..14, rows 16..29
+    for row in range(16, 30):
         (killed / "frames" / "pseudo_depth" / "c" / str(row) / "0" / "0").unlink()
     with pytest.raises(Re2pixError, match="pseudo_depth"):  # a rerun without the option does not resume it
-        run_cache(tiny_config(killed))
-    run_cache(tiny_config(killed, pseudo_depth=depth_model))
+        run_cache(job(killed))
+    run_cache(job(killed, pseudo_depth=depth_model))
     resumed, original = Store(str(killed)), Store(str(cached))
     assert resumed.verify()["ok"]
-    for row in range(16):
+    for row in range(32):
         np.testing.assert_array_equal(resumed.read_pseudo_depth_row(row), original.read_pseudo_depth_row(row))
 
 
 def test_a_rerun_of_a_finished_store_with_other_pseudo_depth_settings_is_refused(cached, depth_model):
     from jobs.cache import run_cache
     from pipeline.errors import Re2pixError
-    from tests.test_cache import tiny_config
 
-    assert run_cache(tiny_config(cached, pseudo_depth=depth_model))["already_complete"]
+    assert run_cache(job(cached, pseudo_depth=depth_model))["already_complete"]
     with pytest.raises(Re2pixError, match="other settings"):
-        run_cache(tiny_config(cached))
+        run_cache(job(cached))
     with pytest.raises(Re2pixError, match="other settings"):
-        run_cache(tiny_config(cached, pseudo_depth=depth_model, pseudo_depth_scale=2))
+        run_cache(job(cached, pseudo_depth=depth_model, pseudo_depth_scale=2))
 
 
 def test_a_copy_carries_the_pseudo_depth(cached, tmp_path):
@@ -208,8 +215,8 @@ def test_a_copy_carries_the_pseudo_depth(cached, tmp_path):
     copy_store(str(cached), str(tmp_path / "copy.zarr"), channels=16, progress=False)
     copy, original = Store(str(tmp_path / "copy.zarr")), Store(str(cached))
     report = copy.verify()
-    assert report["ok"] and report["checked"][PSEUDO_DEPTH] == 16 and report["rows_without_digest"] == 0
-    np.testing.assert_array_equal(copy.read_pseudo_depth(2), original.read_pseudo_depth(2))
+    assert report["ok"] and report["checked"][PSEUDO_DEPTH] == 32 and report["rows_without_digest"] == 0
+    np.testing.assert_array_equal(copy.read_pseudo_depth(2, variant=1), original.read_pseudo_depth(2, variant=1))
 
 
 def test_the_depth_head_trains_on_the_stores_pseudo_depth(cached, tmp_path):
