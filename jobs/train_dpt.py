@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from inference import InferenceError
+from inference.labels import PSEUDO_DEPTH
 from jobs.cli import run
 from jobs.config import DEMO, DEMO_STORE, parse_config
 
 log = logging.getLogger("re2pix.train_dpt")
 IGNORE = 255
-PSEUDO_DEPTH = "pseudo-depth"
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainDPTConfig:
 
 def frame_labels(store, labels: str, annotated_frame: int):
     """[(clip row, feature index, {"seg": uint8 [H, W] or None, "depth": float32 [H, W] or None})], class names."""
-    from inference.labels import Labels
+    from inference.labels import Labels, normalized_disparity
     from pipeline.sources.reopen import reopen_source
 
     g = store.geometry
@@ -126,13 +126,6 @@ def frame_labels(store, labels: str, annotated_frame: int):
                     out.append((i, k, {"seg": None, "depth": normalized_disparity(d)}))
         return out, []
     raise InferenceError(f"--labels must be source, cityscapes or {PSEUDO_DEPTH}, got {labels!r}")
-
-
-def normalized_disparity(d: np.ndarray) -> np.ndarray:
-    """A relative disparity map (known up to scale and shift, not constant) min-max normalized to [0, 1], float32."""
-    d = np.asarray(d, np.float32)
-    lo, hi = float(d.min()), float(d.max())
-    return (d - lo) / (hi - lo)
 
 
 def load_frames(store, labels: str, annotated_frame: int, max_clips: int | None):

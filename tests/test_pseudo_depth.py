@@ -93,7 +93,8 @@ def test_missing_weights_say_what_to_set(tmp_path):
 
 def test_pseudo_depth_labels_are_per_frame_normalized_disparity_in_linear_bins():
     from inference.dpt import DPTConfig
-    from jobs.train_dpt import normalized_disparity, targets
+    from inference.labels import normalized_disparity
+    from jobs.train_dpt import targets
 
     disparity = np.array([[2.0, 4.0, 5.9], [6.0, 7.9, 10.0]], np.float16)  # any scale and shift
     x = normalized_disparity(disparity)
@@ -237,8 +238,24 @@ def test_the_depth_head_trains_on_the_stores_pseudo_depth(cached, tmp_path):
     assert (tmp_path / "heads" / "summary.json").is_file()
 
 
+def test_evaluation_scores_depth_against_the_annotated_frames_normalized_pseudo_depth(cached):
+    from inference import InferenceError
+    from inference.labels import Labels, normalized_disparity
+
+    store = Store(str(cached))
+    labels = Labels(store.manifest, 16, None, "pseudo-depth", store)
+    meta = store.clip_meta(2, variant=1)
+    got = labels.depth(meta["clip_id"], meta)  # frame 16: the clip's feature frame 4
+    np.testing.assert_array_equal(got, normalized_disparity(store.read_pseudo_depth(2, variant=1)[4]))
+    assert labels.has_depth and got.shape == DEPTH_HW and (got.min(), got.max()) == (0, 1)
+    assert labels.depth("no-such-clip", meta) is None
+    with pytest.raises(InferenceError, match="no feature frame"):
+        Labels(store.manifest, 15, None, "pseudo-depth", store)
+
+
 def test_train_dpt_refuses_pseudo_depth_that_is_not_there(tmp_path):
     from inference import InferenceError
+    from inference.labels import Labels
     from jobs.train_dpt import run_train_dpt
     from tests.store_factory import synthetic_store
     from tests.test_train_dpt import config
@@ -248,3 +265,5 @@ def test_train_dpt_refuses_pseudo_depth_that_is_not_there(tmp_path):
         run_train_dpt(config(tmp_path, store=store, labels="pseudo-depth", tasks="depth"))
     with pytest.raises(InferenceError, match="no classes"):
         run_train_dpt(config(tmp_path, store=store, labels="pseudo-depth"))
+    with pytest.raises(InferenceError, match="holds none"):
+        Labels(Store(str(store)).manifest, 16, None, "pseudo-depth", Store(str(store)))
