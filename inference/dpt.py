@@ -68,8 +68,10 @@ class DPTConfig:
             raise ValueError(f"task must be 'segmentation' or 'depth', got {self.task!r}")
         if self.num_blocks != 4 or len(self.out_channels) != 4:
             raise ValueError("the DPT head takes exactly four blocks with four out_channels")
-        if self.depth_spacing not in ("linear", "log") or not 0 < self.depth_min < self.depth_max:
-            raise ValueError("depth bins need 0 < depth_min < depth_max and spacing 'linear' or 'log'")
+        if self.depth_spacing not in ("linear", "log") or not 0 <= self.depth_min < self.depth_max:
+            raise ValueError("depth bins need 0 <= depth_min < depth_max and spacing 'linear' or 'log'")
+        if self.depth_spacing == "log" and self.depth_min == 0:  # linear bins from 0: normalized disparity
+            raise ValueError("log-spaced depth bins need depth_min > 0")
 
     @classmethod
     def paper(cls, task: str = "segmentation", **overrides) -> DPTConfig:

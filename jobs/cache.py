@@ -3,7 +3,9 @@
 source -> clip index -> cheap checks -> (PCA basis: reuse --pca, or fit on a sample) -> Ray Data:
 decode+resize -> encode (feature encoder -> PCA -> float16, video VAE; one fused actor per GPU) -> store.
 --encoder chooses DINOv2-Reg, SigLIP-2, any transformers backbone or V-JEPA 2, --vae the WAN2.1 or Wan2.2
-VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them.
+VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them. --pseudo-depth also
+stores Depth Anything V2's relative disparity of every feature frame (frames/pseudo_depth), the depth head's
+labels for jobs.train_dpt --depth-labels pseudo-depth.
 A rerun of the same command resumes a killed job and exits 0 at once on a finished store.
 The Ray cluster: --ray-address / RAY_ADDRESS, else a running local cluster, else a private one.
 
@@ -59,6 +61,16 @@ class CacheConfig:
     vae: str = field(
         default="tiny",
         metadata={"help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"},
+    )
+    pseudo_depth: str | None = field(
+        default=None,
+        metadata={
+            "help": "also store Depth Anything V2's relative disparity of each feature frame (frames/pseudo_depth): "
+            "a hub id (e.g. depth-anything/Depth-Anything-V2-Small-hf) or a local folder; default off"
+        },
+    )
+    pseudo_depth_scale: int = field(
+        default=4, metadata={"help": "the stored pseudo-depth map's size, in multiples of the feature grid (1..16)"}
     )
     allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     pca: str | None = field(default=None, metadata={"help": "reuse this PCA basis (path/URL) instead of fitting"})
@@ -143,7 +155,22 @@ RUNTIME_ONLY = (
 
 
 def recorded_config(cfg: CacheConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    recorded = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    if cfg.pseudo_depth is None:  # off: recorded as stores made before the option were (their reruns still match)
+        del recorded["pseudo_depth"], recorded["pseudo_depth_scale"]
+    return recorded
+
+
+def pseudo_depth_size(cfg: CacheConfig, geometry) -> tuple[int, int] | None:
+    """The stored pseudo-depth map's [h, w] (None: --pseudo-depth is off); a bad scale is one line."""
+    from pipeline.store.format import pseudo_depth_hw
+
+    if cfg.pseudo_depth is None:
+        return None
+    try:
+        return pseudo_depth_hw(geometry, cfg.pseudo_depth_scale)
+    except ValueError as e:
+        raise Re2pixError(f"--pseudo-depth-scale: {e}") from e
 
 
 def absolute_location(location: str) -> str:
@@ -180,14 +207,16 @@ def build_index(cfg: CacheConfig, geometry=None, source=None):
 
 
 # ---- cheap checks, before any encoder runs ----------------------------------------------------------
-def estimated_bytes(index, geometry, variants: int) -> int:
-    """Uncompressed size of a store's features and latents (compression rarely saves more than ~1.4x)."""
+def estimated_bytes(index, geometry, variants: int, depth_hw: tuple[int, int] | None = None) -> int:
+    """Uncompressed size of a store's features and latents (compression rarely saves more than ~1.4x), and
+    of its pseudo-depth maps when `depth_hw`."""
     import math
 
     h, w = geometry.feature_hw
     features = len(index.frames) * variants * h * w * geometry.num_pca_channels * 2
     latents = len(index.clips) * variants * math.prod(geometry.latents_shape) * 2
-    return features + latents
+    depth = len(index.frames) * variants * math.prod(depth_hw) * 2 if depth_hw else 0
+    return features + latents + depth
 
 
 def finished_store(cfg: CacheConfig) -> dict | None:
@@ -400,6 +429,8 @@ def encoding_plan(
             res,
             len(variants),
             cfg.allow_download,
+            cfg.pseudo_depth if with_clips else None,
+            pseudo_depth_size(cfg, geometry) if with_clips else None,
         ),
         batch_size=1,
         compute=_pool(ray, pools["encode"], in_flight=ENCODER_IN_FLIGHT),
@@ -432,14 +463,18 @@ def fit_basis(cfg: CacheConfig, source, geometry, index, ray, cluster, window: i
     return acc.to_basis(geometry.num_pca_channels)
 
 
-def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) -> tuple[dict, dict, object, dict]:
+def describe_encoders(
+    encoder: str, vae: str, geometry, allow_download: bool, pseudo_depth: str | None = None, depth_scale: int = 4
+) -> tuple[dict, dict, object, dict]:
     """The encoders' manifest entries (weights hashed as loaded), the VAE's latent normalization, the
     geometry with the sizes the encoders fix (patch, feature dim, latent channels, compression), and the
     memory of this process (unique set size) with torch imported and with both encoders loaded: what a
-    worker and an encoder actor hold before their first unit (pipeline.ray_cache.actor_memory)."""
+    worker and an encoder actor hold before their first unit (pipeline.ray_cache.actor_memory).
+    With `pseudo_depth` (a Depth Anything spec), the entries hold "pseudo_depth" too: {"scale", "model"}."""
     import psutil
 
-    from pipeline.encoders import derive_geometry, load_encoder, load_vae
+    from pipeline.encoders import derive_geometry, load_encoder, load_pseudo_depth, load_vae
+    from pipeline.store.format import pseudo_depth_hw
 
     def uss() -> int:
         return psutil.Process().memory_full_info().uss
@@ -449,22 +484,32 @@ def describe_encoders(encoder: str, vae: str, geometry, allow_download: bool) ->
     worker = uss()
     enc = load_encoder(encoder, input_hw=geometry.dino_input_hw, device="cpu", allow_download=allow_download)
     v = load_vae(vae, input_hw=geometry.vae_input_hw, device="cpu", allow_download=allow_download)
-    footprint = {"worker": worker, "encoders": uss()}
     derived = derive_geometry(geometry, enc, v)
     # the manifest's "dinov2" entry is the feature encoder, whichever it is: its "name" says which
     described = {"dinov2": enc.describe(), "vae": v.describe()}
+    if pseudo_depth is not None:
+        hw = pseudo_depth_hw(derived, depth_scale)
+        depth = load_pseudo_depth(pseudo_depth, derived.dino_input_hw, hw, "cpu", allow_download=allow_download)
+        described["pseudo_depth"] = {"scale": depth_scale, "model": depth.describe()}
+    footprint = {"worker": worker, "encoders": uss()}
     return described, {"mean": v.latents_mean, "std": v.latents_std}, derived, footprint
 
 
-def encoder_descriptions(cfg: CacheConfig, geometry, ray=None) -> tuple[dict, dict, object, dict]:
+def encoder_descriptions(
+    cfg: CacheConfig, geometry, ray=None, with_pseudo_depth: bool = False
+) -> tuple[dict, dict, object, dict]:
     """Hash the weights once per job, in a Ray worker when there is a cluster: the driver never holds
     a model (at paper size two models and a minute of hashing). The worker ends with the task
-    (max_calls=1), so the memory it took is given back for the rest of the job."""
+    (max_calls=1), so the memory it took is given back for the rest of the job. `with_pseudo_depth`:
+    --pseudo-depth's model too (describe_encoders)."""
+    args = (cfg.encoder, cfg.vae, geometry, cfg.allow_download)
+    if with_pseudo_depth and cfg.pseudo_depth is not None:
+        args += (cfg.pseudo_depth, cfg.pseudo_depth_scale)
     if ray is None:
-        return describe_encoders(cfg.encoder, cfg.vae, geometry, cfg.allow_download)
+        return describe_encoders(*args)
     task = ray.remote(num_cpus=0.25, max_retries=0, max_calls=1)(describe_encoders)
     try:
-        return ray.get(task.remote(cfg.encoder, cfg.vae, geometry, cfg.allow_download))
+        return ray.get(task.remote(*args))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, Re2pixError):
             raise e.cause from None
@@ -537,7 +582,7 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
     from pipeline.units import plan_units
 
     units = plan_units(index, cfg.unit_clips)
-    est = estimated_bytes(index, geometry, len(variants))
+    est = estimated_bytes(index, geometry, len(variants), pseudo_depth_size(cfg, geometry))
     stage = EncodeStage(
         cfg.encoder,
         cfg.vae,
@@ -549,6 +594,8 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
         StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
         len(variants),
         cfg.allow_download,
+        cfg.pseudo_depth,
+        pseudo_depth_size(cfg, geometry),
     )
     window = int(getattr(stage.encoder, "window", 1))  # a video encoder's frames per feature frame
     unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, True, window)  # one clip
@@ -609,6 +656,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     options = cfg.storage_options or None
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
+    pseudo_depth_size(cfg, resolve_geometry(cfg.geometry))  # a bad --pseudo-depth-scale: before anything runs
     if cfg.dry_run:  # in this process: a dry run starts no cluster
         _, _, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
         source, geometry, index = _checked_index(cfg, geometry, source)
@@ -639,7 +687,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         }
     # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
     source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
-    check_writable(cfg, estimated_bytes(index, provisional, len(variants)))
+    check_writable(cfg, estimated_bytes(index, provisional, len(variants), pseudo_depth_size(cfg, provisional)))
 
     cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
     try:
@@ -647,10 +695,11 @@ def run_cache(cfg: CacheConfig) -> dict:
 
         # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
         # Ray worker: the driver never holds a model)
-        encoders, latent_norm, geometry, footprint = encoder_descriptions(cfg, provisional, ray)
+        encoders, latent_norm, geometry, footprint = encoder_descriptions(cfg, provisional, ray, True)
+        pseudo_depth = encoders.pop("pseudo_depth", None)  # a target, not an encoder of the features
         if geometry != provisional:
             source, geometry, index = _checked_index(cfg, geometry, source)
-            check_writable(cfg, estimated_bytes(index, geometry, len(variants)))
+            check_writable(cfg, estimated_bytes(index, geometry, len(variants), pseudo_depth_size(cfg, geometry)))
         check_visible_from_every_node(cfg, cluster)
         window = int(encoders["dinov2"].get("window", 1))  # a video encoder's frames per feature frame
         basis = None
@@ -683,6 +732,7 @@ def run_cache(cfg: CacheConfig) -> dict:
             overwrite=cfg.overwrite,
             storage_options=options,
             extra={"cache_config": recorded_config(cfg)},
+            pseudo_depth=pseudo_depth,
         )
         units = plan_units(index, cfg.unit_clips)
         done = writer.done_units()

@@ -7,7 +7,14 @@ features) and split into the four blocks (inference/dpt.py). Labels, per feature
  * `--labels source`: the store's own source, reopened from its manifest, when it renders ground truth
    (`Source.read_targets`: the synthetic set's classes and depth in metres);
  * `--labels cityscapes`: gtFine trainIds of the annotated frame only (`--annotated-frame`, Cityscapes: 19);
-   segmentation only.
+   segmentation only;
+ * `--depth-labels pseudo-depth` (or `--labels pseudo-depth`, depth only): the store's own frames/pseudo_depth,
+   Depth Anything V2's relative disparity that `jobs.cache --pseudo-depth` stored for every feature frame (the
+   paper's depth labels for Cityscapes and nuScenes). It is known up to scale and shift only, so each frame's map
+   is min-max normalized to [0, 1] and binned into `depth_bins` linear bins (bin b: [b, b+1) / depth_bins, the
+   top bin closed; a constant map is left out); the head predicts that normalized disparity, and its AbsRel /
+   delta1 are in it.
+   `--depth-labels` defaults to `--labels`.
 Heads: DPTConfig.paper (in_dim 768, 256 features, out channels [128, 256, 512, 512]) or .tiny (preset), with
 as many classes as the labels have (19 trainIds, the source's class list), and for depth `depth_bins`
 log-spaced bins in [depth_min, depth_max] metres; depth is trained as a classification of the bin index
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from inference import InferenceError
+from inference.labels import PSEUDO_DEPTH
 from jobs.cli import run
 from jobs.config import DEMO, DEMO_STORE, parse_config
 
@@ -47,7 +55,16 @@ IGNORE = 255
 class TrainDPTConfig:
     store: str = DEMO_STORE
     val_store: str | None = None
-    labels: str = field(default="source", metadata={"help": "source (read_targets) or cityscapes (gtFine)"})
+    labels: str = field(
+        default="source", metadata={"help": "source (read_targets), cityscapes (gtFine) or pseudo-depth (depth only)"}
+    )
+    depth_labels: str = field(
+        default="",
+        metadata={
+            "help": "the depth head's labels: source, or pseudo-depth (the store's frames/pseudo_depth, cached with "
+            "jobs.cache --pseudo-depth); empty: as --labels"
+        },
+    )
     tasks: str = field(default="segmentation,depth", metadata={"help": "segmentation, depth or both"})
     head: str = field(default="tiny", metadata={"help": "tiny or paper (inference.dpt.DPTConfig)"})
     annotated_frame: int = 16
@@ -67,7 +84,7 @@ class TrainDPTConfig:
 
 def frame_labels(store, labels: str, annotated_frame: int):
     """[(clip row, feature index, {"seg": uint8 [H, W] or None, "depth": float32 [H, W] or None})], class names."""
-    from inference.labels import Labels
+    from inference.labels import Labels, normalized_disparity
     from pipeline.sources.reopen import reopen_source
 
     g = store.geometry
@@ -97,7 +114,18 @@ def frame_labels(store, labels: str, annotated_frame: int):
             if seg is not None:
                 out.append((i, annotated_frame // g.temporal_downsample, {"seg": seg, "depth": None}))
         return out, [str(c) for c in range(19)]
-    raise InferenceError(f"--labels must be source or cityscapes, got {labels!r}")
+    if labels == PSEUDO_DEPTH:
+        if not store.has_pseudo_depth:
+            raise InferenceError(
+                f"{store.location} holds no pseudo-depth: cache it with `python -m jobs.cache --pseudo-depth "
+                "depth-anything/Depth-Anything-V2-Small-hf ...`"
+            )
+        for i in range(len(store)):
+            for k, d in enumerate(store.read_pseudo_depth(i)):
+                if d.max() > d.min():  # a constant map has no depth order: no label at all
+                    out.append((i, k, {"seg": None, "depth": normalized_disparity(d)}))
+        return out, []
+    raise InferenceError(f"--labels must be source, cityscapes or {PSEUDO_DEPTH}, got {labels!r}")
 
 
 def load_frames(store, labels: str, annotated_frame: int, max_clips: int | None):
@@ -120,9 +148,15 @@ def head_config(cfg: TrainDPTConfig, task: str, feature_dim: int, num_classes: i
 
     make = DPTConfig.paper if cfg.head == "paper" else DPTConfig.tiny
     extra = {"in_dim": feature_dim // 4, "num_classes": num_classes if task == "segmentation" else cfg.depth_bins}
-    if task == "depth":
+    if task == "depth" and depth_source(cfg) == PSEUDO_DEPTH:  # per-frame normalized disparity in [0, 1]
+        extra.update(depth_min=0.0, depth_max=1.0, depth_spacing="linear")
+    elif task == "depth":
         extra.update(depth_min=cfg.depth_min, depth_max=cfg.depth_max, depth_spacing="log")
     return make(task, **extra)
+
+
+def depth_source(cfg: TrainDPTConfig) -> str:
+    return cfg.depth_labels or cfg.labels
 
 
 def targets(labels: list[dict], task: str, size, head_cfg) -> torch.Tensor:
@@ -133,9 +167,11 @@ def targets(labels: list[dict], task: str, size, head_cfg) -> torch.Tensor:
             m = torch.from_numpy(np.array(lab["seg"])).long()
         else:
             d = torch.from_numpy(np.array(lab["depth"], np.float32))
-            lo, hi = math.log(head_cfg.depth_min), math.log(head_cfg.depth_max)
-            b = (d.clamp(head_cfg.depth_min, head_cfg.depth_max).log() - lo) / (hi - lo) * head_cfg.num_classes
-            m = b.long().clamp(0, head_cfg.num_classes - 1)
+            lo, hi = head_cfg.depth_min, head_cfg.depth_max
+            x = d.clamp(lo, hi)
+            if head_cfg.depth_spacing == "log":
+                x, lo, hi = x.log(), math.log(lo), math.log(hi)
+            m = ((x - lo) / (hi - lo) * head_cfg.num_classes).long().clamp(0, head_cfg.num_classes - 1)
             m[~torch.isfinite(d)] = IGNORE
         maps.append(F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long())
     return torch.stack(maps)
@@ -180,22 +216,32 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     if not tasks or set(tasks) - {"segmentation", "depth"}:
         raise InferenceError(f"--tasks must name segmentation and/or depth, got {cfg.tasks!r}")
-    if cfg.labels == "cityscapes" and "depth" in tasks:
-        raise InferenceError("Cityscapes gtFine has no depth: --tasks segmentation")
+    if "depth" in tasks and depth_source(cfg) not in ("source", PSEUDO_DEPTH):
+        raise InferenceError(f"{depth_source(cfg)} labels have no depth: --tasks segmentation, or --depth-labels")
+    if "segmentation" in tasks and cfg.labels == PSEUDO_DEPTH:
+        raise InferenceError("pseudo-depth labels have no classes: --tasks depth, or --labels source / cityscapes")
     store = Store(cfg.store)
-    feats, labels, names = load_frames(store, cfg.labels, cfg.annotated_frame, cfg.max_clips)
-    val = load_frames(Store(cfg.val_store), cfg.labels, cfg.annotated_frame, cfg.max_clips) if cfg.val_store else None
-    log.info(
-        "%d labelled frames of %s (%d classes)%s",
-        len(feats),
-        cfg.store,
-        len(names),
-        f", {len(val[0])} of {cfg.val_store}" if val else "",
-    )
+    val_store = Store(cfg.val_store) if cfg.val_store else None
+    kinds = {"segmentation": cfg.labels, "depth": depth_source(cfg)}
+    loaded = {}  # labels kind -> (train frames, val frames or None): one read per kind for both heads
+    for kind in dict.fromkeys(kinds[t] for t in tasks):
+        loaded[kind] = (
+            load_frames(store, kind, cfg.annotated_frame, cfg.max_clips),
+            load_frames(val_store, kind, cfg.annotated_frame, cfg.max_clips) if val_store else None,
+        )
+        log.info(
+            "%s labels: %d frames of %s%s",
+            kind,
+            len(loaded[kind][0][0]),
+            cfg.store,
+            f", {len(loaded[kind][1][0])} of {cfg.val_store}" if val_store else "",
+        )
+    names = loaded[cfg.labels][0][2] if cfg.labels in loaded else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"config": asdict(cfg), "classes": names, "frames": len(feats), "heads": {}}
+    summary = {"config": asdict(cfg), "classes": names, "heads": {}}
     for task in tasks:
+        (feats, labels, _), val = loaded[kinds[task]]
         torch.manual_seed(cfg.seed)
         hc = head_config(cfg, task, feats.shape[-1], len(names))
         head = DPTHead(hc).train()
@@ -225,6 +271,8 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
         scored = score(head, *(val[:2] if val else (feats, labels)), task)
         summary["heads"][name] = {
             "path": str(path),
+            "labels": kinds[task],
+            "frames": len(feats),
             "loss_per_epoch": losses,
             "steps": total,
             ("val" if val else "train_frames"): scored,

@@ -1,5 +1,6 @@
 """The Ray Data plan of the cache job: decode+resize (CPU actors) -> encode (one fused actor per GPU:
-the feature encoder + PCA, then the video VAE; encoders/registry.py) -> store writer (CPU actors).
+the feature encoder + PCA, then the video VAE; encoders/registry.py; with --pseudo-depth, Depth Anything
+on the feature frames too) -> store writer (CPU actors).
 One row per work unit; stages hand each other flat numpy arrays, and every row carries, per stage,
 which actor handled it and how long it was busy (the job's summary reports actors, clips, busy seconds).
 
@@ -23,6 +24,7 @@ import numpy as np
 from .frames import hflip, resize_frames
 from .sources.base import FrameRef, Source, SourceError
 from .store.basis import PCABasis
+from .store.format import StoreError
 from .store.geometry import Geometry
 from .units import UnitPlan
 
@@ -278,10 +280,12 @@ class EncodeStage:
         res: StageResources,
         num_variants: int = 1,
         allow_download: bool = False,
+        pseudo_depth: str | None = None,
+        pseudo_depth_hw: tuple[int, int] | None = None,
     ):
         import torch
 
-        from .encoders import load_encoder, load_vae
+        from .encoders import load_encoder, load_pseudo_depth, load_vae
 
         self.dino_threads = res.dino_threads or node_cpus()
         self.vae_threads = res.vae_threads or node_cpus()
@@ -302,6 +306,19 @@ class EncodeStage:
                 vae_spec,
                 input_hw=geometry.vae_input_hw,
                 device=device,
+                autocast_dtype=_autocast(device),
+                allow_download=allow_download,
+            )
+        )
+        # the pseudo-depth target (optional): Depth Anything on the frames the feature encoder sees
+        self.depth = (
+            None
+            if pseudo_depth is None or basis is None
+            else load_pseudo_depth(
+                pseudo_depth,
+                geometry.dino_input_hw,
+                pseudo_depth_hw,
+                device,
                 autocast_dtype=_autocast(device),
                 allow_download=allow_download,
             )
@@ -348,6 +365,17 @@ class EncodeStage:
         c = self.projector.weight.shape[1]
         return np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.float16)
 
+    def pseudo_depth(self, frames: np.ndarray) -> np.ndarray:
+        """[N, h, w] float16 relative disparity of the feature frames (a video encoder's: each window's last)."""
+        import torch
+
+        frames = frames[:, -1] if frames.ndim == 5 else frames
+        parts = [
+            self.depth(frames[s : s + self.batch_frames]).to(torch.float16).numpy()
+            for s in range(0, len(frames), self.batch_frames)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.depth.out_hw), np.float16)
+
     def latents(self, frames: np.ndarray, clips: list) -> np.ndarray:
         import torch
 
@@ -369,6 +397,8 @@ class EncodeStage:
             out["t_dino"] = np.array([time.perf_counter() - t0])
         else:
             out["features"] = self.projected(frames)[None]
+            if self.depth is not None:
+                out["pseudo_depth"] = self.pseudo_depth(frames)[None]
             t1 = time.perf_counter()
             out["t_dino"] = np.array([t1 - t0])
             self._threads(self.vae_threads)
@@ -398,11 +428,20 @@ class WriteStage:
         own_rows = json.loads(str(_first(batch["own_rows"])))
         clips = [c for c, _ in json.loads(str(_first(batch["clips"])))]
         features, latents = _first(batch["features"]), _first(batch["latents"])
+        depth = _first(batch["pseudo_depth"]) if "pseudo_depth" in batch else None
+        stored = "pseudo_depth" in writer.manifest
+        if (depth is not None) != stored:  # a unit marker must mean that every row of the unit is there
+            raise StoreError(
+                f"{writer.location}: the store {'holds' if stored else 'has no'} pseudo-depth, the encoders "
+                f"{'computed none' if stored else 'computed it'}: rerun with the store's own --pseudo-depth"
+            )
         digests, frame_rows, clip_rows = {}, [], []
         for var in range(v):  # stage outputs are variant-major; store rows are clip-major
             for j, row in enumerate(own_rows):
                 r = row * v + var
                 digests[f"features/{r}"] = writer.write_features(r, features[var * len(own_rows) + j])
+                if depth is not None:
+                    digests[f"pseudo_depth/{r}"] = writer.write_pseudo_depth(r, depth[var * len(own_rows) + j])
                 frame_rows.append(r)
             for j, clip in enumerate(clips):
                 r = clip * v + var

@@ -32,7 +32,8 @@ def test_heads_train_on_the_sources_classes_and_depth_and_load_for_evaluation(tm
     store = synthetic_store(tmp_path / "train.zarr")
     val = synthetic_store(tmp_path / "val.zarr", split="val")
     s = run_train_dpt(config(tmp_path, store=store, val_store=str(val), epochs=6))
-    assert s["classes"] == list(CLASSES) and s["frames"] == 2 * 7  # every feature frame of both clips
+    assert s["classes"] == list(CLASSES)
+    assert s["heads"]["seg"]["frames"] == s["heads"]["depth"]["frames"] == 2 * 7  # every feature frame of both clips
     seg, depth = load_head(s["heads"]["seg"]["path"], task="segmentation"), load_head(s["heads"]["depth"]["path"])
     assert seg.cfg.num_classes == len(CLASSES) and seg.cfg.in_dim == TINY.feature_dim // 4
     assert depth.cfg.task == "depth" and depth.cfg.num_classes == 16 and depth.cfg.depth_spacing == "log"

@@ -91,6 +91,7 @@ def build_card(store) -> dict:
             "variants": store.variants,
             "pca_channels": store.num_channels,
             "pred_features": store.has_pred_features,
+            "pseudo_depth": m.get("pseudo_depth"),
             "bytes": sum(a["bytes"] or 0 for a in arrays.values()),
         },
         "arrays": arrays,
@@ -127,7 +128,12 @@ def render_markdown(card: dict) -> str:
         f"- {h['usable_clips']} usable clips of {h['indexed_clips']} indexed ({h['failed_clips']} failed), "
         f"variants {', '.join(h['variants'])}; {h['frames']} feature frames shared by overlapping clips",
         f"- DINOv2 features in {h['pca_channels']} PCA channels, WAN2.1-VAE latents"
-        + ("; Stage 1 rollouts (clips/pred_features)" if h["pred_features"] else ""),
+        + ("; Stage 1 rollouts (clips/pred_features)" if h["pred_features"] else "")
+        + (
+            f"; Depth Anything pseudo-depth, relative disparity at {h['pseudo_depth']['shape']} (frames/pseudo_depth)"
+            if h.get("pseudo_depth")
+            else ""
+        ),
         f"- {h['bytes'] / 2**20:.1f} MiB in all; compression `{card['compression']}`"
         + (f" (lossy: {json.dumps(card['lossy'])})" if card["lossy"] else " (lossless)"),
         "",

@@ -14,6 +14,7 @@ Finished Stage 1 rollouts (clips/pred_features) travel too, cut to the same C ch
 the rollout job stores them), under the same checkpoint fingerprint; their units are recorded as the rollout
 job records its chunks (progress/rollout-{fingerprint[:16]}/chunk-NNNNNN.json, with the rows' digests), so
 `verify` checks them and a rollout rerun on the copy finds them done. Unfinished rollouts are not copied.
+A store's pseudo-depth maps (frames/pseudo_depth, cache --pseudo-depth) travel too, lossless, in units of their own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import numpy as np
 
 from .basis import PCABasis
-from .format import StoreError, decode_strings
+from .format import PSEUDO_DEPTH, StoreError, decode_strings
 from .location import is_url, open_group, write_atomic
 from .lossy import parse_compression
 from .reader import DECODE_ERRORS, Store
@@ -33,6 +34,7 @@ from .writer import (
     ALL_CHUNKS,
     StoreWriter,
     chunk_codecs,
+    create_pseudo_depth,
     create_row_arrays,
     digest,
     existing_store,
@@ -107,6 +109,11 @@ def copy_store(
         f"copy-clips-{i // rows_per_unit:06d}": ("latents", clip_rows[i : i + rows_per_unit])
         for i in range(0, len(clip_rows), rows_per_unit)
     }
+    if source.has_pseudo_depth:
+        units |= {
+            f"copy-depth-{i // rows_per_unit:06d}": ("pseudo_depth", frame_rows[i : i + rows_per_unit])
+            for i in range(0, len(frame_rows), rows_per_unit)
+        }
     done = writer.done_units() & set(units)
     todo = [(unit, kind, rows) for unit, (kind, rows) in units.items() if unit not in done]
     # rollouts in chunks of rows, recorded as the rollout job records them (jobs/rollout.py)
@@ -119,6 +126,7 @@ def copy_store(
         "features": h * w * c * 2,
         "latents": int(np.prod(source.geometry.latents_shape)) * 2,
         "pred_features": source.geometry.future_latents * h * w * c * 2,
+        "pseudo_depth": int(np.prod(source.group[PSEUDO_DEPTH].shape[1:])) * 2 if source.has_pseudo_depth else 0,
     }
     total = sum(row_bytes[kind] * len(rows) for _, kind, rows in todo)
     with tqdm(
@@ -137,7 +145,7 @@ def copy_store(
             writer.mark_unit_done(
                 unit,
                 clip_rows=rows if kind == "latents" else (),
-                frame_rows=rows if kind == "features" else (),
+                frame_rows=rows if kind in ("features", "pseudo_depth") else (),
                 digests=digests,
             )
     records = [r for r in writer.unit_records() if r["unit"] in units]
@@ -177,6 +185,9 @@ def _copy_row(source: Store, writer: StoreWriter, kind: str, row: int, c: int, p
         name, a = "clips/latents", source.read_latent_row(row)
         source._check_present(a, name, row)
         want = writer.write_latents(row, a)
+    elif kind == "pseudo_depth":  # its reader refuses NaN, its missing chunk
+        name, a = PSEUDO_DEPTH, source.read_pseudo_depth_row(row)
+        want = writer.write_pseudo_depth(row, a)
     else:  # Stage 1 rollouts: float16, lossless whatever the spec
         name = "clips/pred_features"
         a = source._read_row(source.group[name], name, row, (slice(None), slice(None), slice(None), slice(0, c)))
@@ -261,6 +272,8 @@ def _create_or_resume(
     create_row_arrays(
         g, Geometry.from_dict(m["geometry"]), counts["frames"] * v, counts["clips"] * v, m["channel_chunk"], spec
     )
+    if source.has_pseudo_depth:
+        create_pseudo_depth(g, counts["frames"] * v, source.group[PSEUDO_DEPTH].shape[1:], spec)  # checked at open
     for name in _COLUMNS:
         values = source._read_small(source.group[name], name)
         group, key = g.require_group(name.split("/")[0]), name.split("/", 1)[1]

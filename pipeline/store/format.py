@@ -18,6 +18,11 @@ STORE_LAYOUT = ("zarr.json", "pca", "frames", "clips", "failures", "progress")
 # unless another saves >= 1.33x the bytes at >= 80 % of that speed (fp16 PCA features gain only ~1.16x)
 DEFAULT_COMPRESSION = "none"
 VARIANT_SUFFIX = {"orig": "", "hflip": "-hflip"}  # clip id suffix of each cached variant
+# The optional pseudo-depth target (cache --pseudo-depth): one float16 [h, w] map per frame row at `scale` x the
+# feature grid, recorded under the manifest's "pseudo_depth"; it is no part of the features' compatibility.
+PSEUDO_DEPTH = "frames/pseudo_depth"
+PSEUDO_DEPTH_TARGET = "relative inverse depth (disparity), up to scale and shift"
+MAX_PSEUDO_DEPTH_SCALE = 16
 
 # Encoder description keys that may differ between compatible stores: the same weights can be
 # loaded from a hub id or from a local folder; what must match is which encoder (its name), its
@@ -111,6 +116,14 @@ def geometry_of(manifest: dict, where: str):
         return Geometry.from_dict(manifest.get("geometry"))
     except (ValueError, TypeError) as e:
         raise StoreError(f"{where}: the manifest's geometry is refused: {e}") from e
+
+
+def pseudo_depth_hw(geometry, scale) -> tuple[int, int]:
+    """The stored pseudo-depth map's size: `scale` x the feature grid (1 <= scale <= MAX_PSEUDO_DEPTH_SCALE)."""
+    if not (isinstance(scale, int) and not isinstance(scale, bool) and 1 <= scale <= MAX_PSEUDO_DEPTH_SCALE):
+        raise ValueError(f"the pseudo-depth scale must be an integer in 1..{MAX_PSEUDO_DEPTH_SCALE}, got {scale!r}")
+    h, w = geometry.feature_hw
+    return h * scale, w * scale
 
 
 def basis_root(manifest: dict) -> str | None:

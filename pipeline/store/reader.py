@@ -19,6 +19,7 @@ import zarr
 from .basis import PCABasis
 from .direct import ChunkDamage, DirectArray
 from .format import (
+    PSEUDO_DEPTH,
     DamagedStoreError,
     IncompatibleStoresError,
     NotAStoreError,
@@ -27,6 +28,7 @@ from .format import (
     check_manifest,
     decode_strings,
     geometry_of,
+    pseudo_depth_hw,
 )
 from .location import filesystem, is_url, open_group
 from .lossy import SCALES, dequantize_int8, parse_compression
@@ -136,12 +138,30 @@ class Store:
                     f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
                     f"and geometry say {list(want[name])}: the store is damaged or forged"
                 )
+        if "pseudo_depth" in self.manifest:
+            self._check_pseudo_depth_shape(frames)
         recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
         if recorded is not None and recorded != self.pca_fingerprint:
             raise StoreError(
                 f"{self.location}: pca/ holds basis {str(recorded)[:12]}, but the manifest says "
                 f"{str(self.pca_fingerprint)[:12]}: the basis was swapped; features would be "
                 "read in the wrong space"
+            )
+
+    def _check_pseudo_depth_shape(self, frames: int) -> None:
+        entry = self.manifest["pseudo_depth"]
+        try:
+            hw = pseudo_depth_hw(self.geometry, entry.get("scale") if isinstance(entry, dict) else None)
+        except ValueError as e:
+            raise StoreError(f"{self.location}: the manifest's pseudo_depth is refused: {e}") from e
+        try:
+            arr = self.group[PSEUDO_DEPTH]
+        except KeyError as e:
+            raise DamagedStoreError(self.location, PSEUDO_DEPTH, None, "the array is missing") from e
+        if tuple(arr.shape) != (frames, *hw):
+            raise StoreError(
+                f"{self.location}: {PSEUDO_DEPTH} has shape {list(arr.shape)}, but the manifest's counts "
+                f"and pseudo-depth scale say {[frames, *hw]}: the store is damaged or forged"
             )
 
     def _check_clip_table(self, valid: np.ndarray) -> None:
@@ -207,6 +227,29 @@ class Store:
         if "pred_features" not in self.group["clips"]:
             return None
         return self.group["clips/pred_features"].attrs.get("checkpoint_fingerprint")
+
+    @property
+    def has_pseudo_depth(self) -> bool:
+        """Whether the cache job stored Depth Anything's relative disparity of every frame (--pseudo-depth)."""
+        return "pseudo_depth" in self.manifest
+
+    def read_pseudo_depth_row(self, row: int) -> np.ndarray:
+        """[h, w] float16: one stored frame row's relative disparity (manifest "pseudo_depth": its scale and
+        model). A missing chunk reads as NaN (the array's fill value) and is refused, as is any non-finite value."""
+        if not self.has_pseudo_depth:
+            raise StoreError(
+                f"{self.location} holds no pseudo-depth: cache it with `python -m jobs.cache --pseudo-depth`"
+            )
+        d = self._read_row(self.group[PSEUDO_DEPTH], PSEUDO_DEPTH, row, ())
+        if not np.isfinite(d).all():
+            raise DamagedStoreError(
+                self.location, PSEUDO_DEPTH, row, "it holds NaN/Inf (a chunk missing on disk reads as NaN)"
+            )
+        return d
+
+    def read_pseudo_depth(self, i: int, variant: int = 0) -> np.ndarray:
+        """[7, h, w] float16: the relative disparity of the clip's feature frames."""
+        return np.stack([self.read_pseudo_depth_row(int(r)) for r in self._feature_rows[self.row(i, variant)]])
 
     def row(self, i: int, variant: int = 0) -> int:
         if not 0 <= i < len(self):

@@ -4,7 +4,8 @@ Checked, whether or not a progress marker still lists the row: every latents row
 every feature frame such a clip uses (and every row a marker recorded), every Stage 1 rollout row when
 the store has them; each must decode (crc32c, codec, shard index), have all its chunks on disk (none
 reading as fill values), hold only finite numbers, and hash to the digest its work unit recorded where
-one was. The PCA basis must have the geometry's shapes and hash to the manifest's fingerprint.
+one was. The PCA basis must have the geometry's shapes and hash to the manifest's fingerprint. A store cached
+with --pseudo-depth has its map of each such frame checked alike (a missing chunk of it reads as NaN).
 A problem is a bad row: (array, row, reason); rows are never skipped because an earlier one failed.
 """
 
@@ -15,9 +16,13 @@ import json
 import numpy as np
 
 from .basis import BASIS_ARRAYS, PCABasis
-from .format import DamagedStoreError
+from .format import PSEUDO_DEPTH, DamagedStoreError
 from .location import filesystem
 from .reader import DECODE_ERRORS, Store, _reason
+
+# a unit marker's digest keys are "<kind>/<row>"
+DIGEST_KINDS = {"features": "frames/features", "latents": "clips/latents", "pseudo_depth": PSEUDO_DEPTH}
+DIGEST_DIFFERS = "differs from the digest recorded when it was written"
 
 
 def verify_store(store: Store, progress: bool = False) -> dict:
@@ -36,8 +41,8 @@ def verify_store(store: Store, progress: bool = False) -> dict:
         try:
             for key, want in json.loads(fs.cat_file(path)).get("digests", {}).items():
                 kind, row = key.split("/")
-                digests[("frames/features" if kind == "features" else "clips/latents", int(row))] = want
-        except (ValueError, AttributeError, OSError) as e:
+                digests[(DIGEST_KINDS[kind], int(row))] = want
+        except (ValueError, AttributeError, OSError, KeyError) as e:
             bad.append(
                 {
                     "array": f"progress/{path.rsplit('/', 1)[-1]}",
@@ -52,6 +57,8 @@ def verify_store(store: Store, progress: bool = False) -> dict:
         "frames/features": frame_rows | {r for a, r in digests if a == "frames/features"},
         "clips/latents": clip_rows | {r for a, r in digests if a == "clips/latents"},
     }
+    if store.has_pseudo_depth:
+        rows[PSEUDO_DEPTH] = frame_rows | {r for a, r in digests if a == PSEUDO_DEPTH}
     if store.pred_features_fingerprint is not None:
         rows["clips/pred_features"] = clip_rows
         digests.update(_rollout_digests(store))
@@ -69,11 +76,14 @@ def verify_store(store: Store, progress: bool = False) -> dict:
             bar.update(1)
             checked[name] = checked.get(name, 0) + 1
             try:
-                a = store._read_row(arr, name, row, ())
-                if name in store._scales:  # int8 stores: the row's scales must read too
-                    store._read_row(store._scales[name], store._scales[name].path, row, ())
-                for part in a if name == "clips/pred_features" else [a]:
-                    store._check_present(part[..., :predicted] if predicted else part, name, row)
+                if name == PSEUDO_DEPTH:  # its reader refuses NaN, its fill value: a chunk missing on disk
+                    a = store.read_pseudo_depth_row(row)
+                else:
+                    a = store._read_row(arr, name, row, ())
+                    if name in store._scales:  # int8 stores: the row's scales must read too
+                        store._read_row(store._scales[name], store._scales[name].path, row, ())
+                    for part in a if name == "clips/pred_features" else [a]:
+                        store._check_present(part[..., :predicted] if predicted else part, name, row)
             except DamagedStoreError as e:
                 bad.append({"array": name, "row": row, "reason": e.reason})
                 continue
@@ -85,9 +95,7 @@ def verify_store(store: Store, progress: bool = False) -> dict:
             if want is None:
                 undigested += 1
             elif digest(a) != want:
-                bad.append(
-                    {"array": name, "row": row, "reason": "differs from the digest recorded when it was written"}
-                )
+                bad.append({"array": name, "row": row, "reason": DIGEST_DIFFERS})
     bar.close()
     return {
         "store": store.location,

@@ -23,6 +23,8 @@ from .format import (
     DEFAULT_COMPRESSION,
     FORMAT_NAME,
     FORMAT_VERSION,
+    PSEUDO_DEPTH,
+    PSEUDO_DEPTH_TARGET,
     STORE_LAYOUT,
     VARIANT_SUFFIX,
     StoreError,
@@ -30,6 +32,7 @@ from .format import (
     compatibility_view,
     decode_strings,
     encode_strings,
+    pseudo_depth_hw,
 )
 from .geometry import Geometry
 from .location import filesystem, open_group, write_atomic
@@ -90,10 +93,12 @@ class StoreWriter:
         extra: dict | None = None,
         storage_options: dict | None = None,
         overwrite: bool = False,
+        pseudo_depth: dict | None = None,
     ) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
         same manifest (a rerun after a kill resumes). A finished store is left alone unless
-        `overwrite`; an unfinished store made with other settings is refused, naming the field."""
+        `overwrite`; an unfinished store made with other settings is refused, naming the field.
+        `pseudo_depth` {"scale": int, "model": its description}: the store also holds frames/pseudo_depth."""
         if basis.num_components != geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
             raise ValueError(
                 f"PCA basis is {basis.num_components}x{basis.feature_dim}, geometry wants "
@@ -130,6 +135,7 @@ class StoreWriter:
             },
             "clip_index_digest": _index_digest(index),
             "skipped_windows": index.skipped,
+            **({"pseudo_depth": pseudo_depth_entry(geometry, **pseudo_depth)} if pseudo_depth else {}),
             **(extra or {}),
             "complete": False,
         }
@@ -145,6 +151,8 @@ class StoreWriter:
         g = open_group(location, mode="a", storage_options=storage_options)
         manifest["created"] = _now()
         _write_metadata(g, index, geometry, basis, variants, channel_chunk, compression)
+        if pseudo_depth:
+            create_pseudo_depth(g, len(index.frames) * len(variants), manifest["pseudo_depth"]["shape"], compression)
         g.attrs.update(manifest)
         return cls(location, storage_options)
 
@@ -175,6 +183,15 @@ class StoreWriter:
         if z.shape != expected:
             raise ValueError(f"latents for clip row {clip_row} have shape {z.shape}, store wants {expected}")
         return self._write_row("clips/latents", clip_row, z, channel_axis=0)
+
+    def write_pseudo_depth(self, frame_row: int, depth: np.ndarray) -> str:
+        """depth [h, w]: the frame's relative disparity, stored as float16 (lossless whatever the spec)."""
+        d = np.asarray(depth, np.float16)
+        expected = self.group[PSEUDO_DEPTH].shape[1:]
+        if d.shape != expected:
+            raise ValueError(f"pseudo-depth for frame row {frame_row} has shape {d.shape}, store wants {expected}")
+        self.group[PSEUDO_DEPTH][frame_row] = d
+        return digest(d)
 
     # ---- progress ----------------------------------------------------------------------------
     # progress/*.json are the cache job's unit markers; other jobs (rollout) keep theirs in sub-folders
@@ -334,7 +351,7 @@ def remove_store(location: str, storage_options: dict | None = None) -> None:
 
 def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
     a, b = compatibility_view(existing), compatibility_view(manifest)
-    for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split"):
+    for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split", "pseudo_depth"):
         a[key], b[key] = existing.get(key), manifest.get(key)
     for m, view in ((existing, a), (manifest, b)):  # the exact basis too, not only the one it is a prefix of
         view["pca.stored"] = m.get("pca")
@@ -442,6 +459,26 @@ def create_row_arrays(
             fill_value=0,
             config=ALL_CHUNKS,
         )
+
+
+def pseudo_depth_entry(geometry: Geometry, scale: int, model: dict) -> dict:
+    """The manifest's "pseudo_depth": where the maps are, what they hold, their size and the model that made them."""
+    h, w = pseudo_depth_hw(geometry, scale)
+    return {"array": PSEUDO_DEPTH, "target": PSEUDO_DEPTH_TARGET, "scale": scale, "shape": [h, w], "model": model}
+
+
+def create_pseudo_depth(g, frame_rows: int, shape, compression: str) -> None:
+    """frames/pseudo_depth [frame_rows, h, w] float16, a chunk per row (one writer each), lossless. Its fill
+    value is NaN, not 0: a relative disparity map may be all zeros, a missing chunk must still read as damage."""
+    g.require_group("frames").create_array(
+        PSEUDO_DEPTH.split("/", 1)[1],
+        shape=(frame_rows, *shape),
+        dtype="float16",
+        chunks=(1, *shape),
+        compressors=chunk_codecs(compression),
+        fill_value=float("nan"),
+        config=ALL_CHUNKS,
+    )
 
 
 def write_column(group, name: str, values, compression: str) -> None:
