@@ -20,9 +20,8 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
 - `seg/miou_all`, `seg/miou_moving`, `depth/absrel`, `depth/delta1` on `--annotated-frame` with DPT heads
   (`--seg-head`, `--depth-head`) on DINOv2 features of the decoded frame (inference/semantic.py), against
   `--labels DIR` ({clip_id}.png trainIds), `--depth-labels DIR` ({clip_id}.npy), gtFine for Cityscapes
-  stores, or `source` (the synthetic set's class maps and depth); `--depth-labels pseudo-depth`: the store's own
-  Depth Anything pseudo-depth (cache --pseudo-depth), normalized per frame as train_dpt trains a head on it.
-  Without labels the JSON says why.
+  stores, or `source` (the synthetic set's class maps and depth); `--depth-labels pseudo-depth`: the store's
+  Depth Anything pseudo-depth (cache --pseudo-depth), normalized per frame as train_dpt does. Else the JSON says why.
 
 `--every-checkpoint`: score every checkpoint the Stage 2 run kept (train it with keep_checkpoints 0 to keep
 them all), each against the Baseline's checkpoint of the same step: the curve (inference/curve.py), the
@@ -91,9 +90,7 @@ class EvaluateConfig:
     seg_head: str | None = field(default=None, metadata={"help": "DPT segmentation head (safetensors)"})
     depth_head: str | None = field(default=None, metadata={"help": "DPT depth head (safetensors)"})
     labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source"})
-    depth_labels: str | None = field(
-        default=None, metadata={"help": "folder of {clip_id}.npy depth maps, source, or pseudo-depth (the store's)"}
-    )
+    depth_labels: str | None = field(default=None, metadata={"help": "{clip_id}.npy folder, source or pseudo-depth"})
     annotated_frame: int = field(default=16, metadata={"help": "clip frame the labels annotate"})
     dinov2: str | None = None
     vae: str | None = None
