@@ -54,7 +54,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--train-scenes", type=int, default=8, help="synthetic scenes of 49 frames: 7 clips each")
     p.add_argument("--val-scenes", type=int, default=2)
-    p.add_argument("--eval-clips", type=int, default=8)
+    p.add_argument(
+        "--eval-clips",
+        type=int,
+        default=None,
+        help="val clips to evaluate (default all 14: the first 8 are mostly one scene and ranked the models otherwise)",
+    )
     p.add_argument("--samples", type=int, default=2, help="sampling runs per clip in the evaluation")
     p.add_argument(
         "--encoder",
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
     on_val = ["--preset", "tiny", "--store", str(val)]  # evaluate and predict read the same models
     on_val += ["--stage1", str(run / "train/stage1"), "--stage2", str(run / "train/stage2")]
     on_val += ["--baseline", str(run / "train/baseline")]
-    evaluate = ["jobs.evaluate", *on_val, "--samples", str(args.samples), "--max-clips", str(args.eval_clips)]
+    evaluate = ["jobs.evaluate", *on_val, "--samples", str(args.samples)]
+    evaluate += [] if args.eval_clips is None else ["--max-clips", str(args.eval_clips)]
     evaluate += ["--seg-head", str(run / "heads" / "seg.safetensors"), "--labels", "source", "--out", str(results)]
     step("evaluate", evaluate, timings)
     step("predict", ["jobs.predict", *on_val, "--clip", "0", "--out", str(run / "predict")], timings)
