@@ -132,14 +132,18 @@ class Store:
         if "pca" in self.group and "components" in self.group["pca"]:
             want["pca/components"] = (g.num_pca_channels, g.feature_dim)
             got["pca/components"] = self.group["pca/components"].shape
+        if "pseudo_depth" in self.manifest:
+            want[PSEUDO_DEPTH] = (frames, *self._pseudo_depth_hw())
+            try:
+                got[PSEUDO_DEPTH] = self.group[PSEUDO_DEPTH].shape
+            except KeyError as e:
+                raise DamagedStoreError(self.location, PSEUDO_DEPTH, None, "the array is missing") from e
         for name in want:
             if tuple(got[name]) != tuple(want[name]):
                 raise StoreError(
                     f"{self.location}: {name} has shape {list(got[name])}, but the manifest's counts "
                     f"and geometry say {list(want[name])}: the store is damaged or forged"
                 )
-        if "pseudo_depth" in self.manifest:
-            self._check_pseudo_depth_shape(frames)
         recorded = self.group["pca"].attrs.get("fingerprint") if "pca" in self.group else None
         if recorded is not None and recorded != self.pca_fingerprint:
             raise StoreError(
@@ -148,21 +152,13 @@ class Store:
                 "read in the wrong space"
             )
 
-    def _check_pseudo_depth_shape(self, frames: int) -> None:
+    def _pseudo_depth_hw(self) -> tuple[int, int]:
+        """The map size the manifest's pseudo_depth scale gives at this geometry (refused when out of bounds)."""
         entry = self.manifest["pseudo_depth"]
         try:
-            hw = pseudo_depth_hw(self.geometry, entry.get("scale") if isinstance(entry, dict) else None)
+            return pseudo_depth_hw(self.geometry, entry.get("scale") if isinstance(entry, dict) else None)
         except ValueError as e:
             raise StoreError(f"{self.location}: the manifest's pseudo_depth is refused: {e}") from e
-        try:
-            arr = self.group[PSEUDO_DEPTH]
-        except KeyError as e:
-            raise DamagedStoreError(self.location, PSEUDO_DEPTH, None, "the array is missing") from e
-        if tuple(arr.shape) != (frames, *hw):
-            raise StoreError(
-                f"{self.location}: {PSEUDO_DEPTH} has shape {list(arr.shape)}, but the manifest's counts "
-                f"and pseudo-depth scale say {[frames, *hw]}: the store is damaged or forged"
-            )
 
     def _check_clip_table(self, valid: np.ndarray) -> None:
         """The small arrays read at open must agree with the manifest: a missing chunk of them reads as
