@@ -32,9 +32,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
-# the quick lane while you work (no Ray clusters, torchrun or overfitting runs); CI runs `make test`
+# the quick lane while you work (no Ray clusters, torchrun or overfitting runs), one pytest-xdist
+# worker per core (its tests share no session state); CI runs `make test`, serially: one Ray start
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n auto
 
 lint: install
 	$(PY) -m ruff check pipeline model inference jobs tests
