@@ -119,7 +119,7 @@ def _even_layers(num_layers: int, n: int = 4) -> tuple[int, ...]:
     return tuple(round(num_layers * (i + 1) / n) for i in range(n))
 
 
-def _pixel_stats(folder, default):
+def pixel_stats(folder, default):
     """image_mean / image_std from a checkpoint's preprocessor_config.json, else `default`."""
     f = folder / "preprocessor_config.json"
     try:
@@ -149,7 +149,7 @@ def load_siglip2(
     model, local, wid, rev, tiny = backbone_weights(
         spec, tiny_siglip_model, tiny_config, "SiglipVisionModel", "SigLIP weights", **where
     )
-    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if local is None else _pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
+    mean, std = (SIGLIP_MEAN, SIGLIP_STD) if local is None else pixel_stats(local, (SIGLIP_MEAN, SIGLIP_STD))
     p = int(model.config.patch_size)
     if input_hw is None:  # tiny: geometry.TINY's; else a 28 x 48 grid (448 x 768 at patch 16)
         input_hw = TINY.dino_input_hw if spec == "tiny" else (28 * p, 48 * p)
@@ -200,7 +200,7 @@ def load_hf_backbone(
             f"{local}: {type(model).__name__} is not a ViT-like vision backbone "
             "(its config has no patch_size / num_hidden_layers)"
         )
-    mean, std = _pixel_stats(local, (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = pixel_stats(local, (IMAGENET_MEAN, IMAGENET_STD))
     p = int(model.config.patch_size)
     return ImageBackbone(
         model,

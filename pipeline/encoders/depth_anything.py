@@ -93,7 +93,7 @@ def load_pseudo_depth(
     allow_download) or a local folder; pixel statistics from its preprocessor config when it has one."""
     from transformers import DepthAnythingForDepthEstimation
 
-    from .backbones import _pixel_stats
+    from .backbones import pixel_stats
 
     model, local, weights_id, rev = load_pretrained(
         DepthAnythingForDepthEstimation,
@@ -104,7 +104,7 @@ def load_pseudo_depth(
         revision=revision,
         cache_dir=cache_dir,
     )
-    mean, std = _pixel_stats(local, (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = pixel_stats(local, (IMAGENET_MEAN, IMAGENET_STD))
     return PseudoDepth(
         model,
         frame_hw=frame_hw,
