@@ -237,6 +237,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         latents=task.needs_latents,
         seed=cfg.seed,
         weights=weights,
+        channel_blocks=True,  # chunks read straight into the batch; to_device lays channels side by side
         **common,
     )
 

@@ -38,13 +38,23 @@ the next readable clip of the rank's epoch (training batches keep their size and
 it out (evaluation); in a WebDataset, the rest of the damaged shard is skipped.
 
 Every batch is a dict: features [B, 7, H, W, c] float16 (the first c PCA channels; [B, window, ...]
-with a window, its first frame in window_start [B] int64), latents [B, 16, 7, h, w] float16 (unless
+with a window, its first frame in window_start [B] int64; with channel_blocks, [B, 7, H, W, nb, k]
+where the store's chunks allow it, see below), latents [B, 16, 7, h, w] float16 (unless
 latents=False), pred_features [B, 3, H, W, c] float16 when asked for (as stored; the loop casts them
 to float32 on the device), clip [B] int64 (index into the concatenated stores; -1 for WebDataset),
 variant [B] int64, clip_id (list of str), skipped (clips skipped while building it) and the batch's
 position `epoch`, `batch` (ints). Arrays are decoded straight into the batch's tensors:
 in shared memory inside a DataLoader worker (handed over without a copy), pinned for an
 asynchronous copy to the GPU when asked.
+
+channel_blocks (the training loop asks for it): a store whose features are read directly (uncompressed,
+local) keeps each frame's channels in chunks of k (128) channels, [H, W, k] each. Putting them side by
+side into [H, W, c] rows on the CPU is a second pass over every byte after the file read (about as
+costly as the read itself). With channel_blocks a batch's features are a view [B, F, H, W, nb, k] of
+memory laid out [B, F, nb, H, W, k], into which each chunk is read straight from its file; the loop's
+to_device (model/runtime.py) moves it to the device as it is and lays the channels side by side there,
+in the same pass that makes them float32. Where the store cannot (compressed or remote stores, a
+channel count that is not whole chunks, WebDataset) features stay [B, F, H, W, c]: `block` is None.
 
 Example:
     stream = open_stream(["a.zarr", "b.zarr"], batch_size=8, channels=256, seed=0, weights=[0.7, 0.3])
@@ -189,6 +199,7 @@ class ClipStream(IterableDataset):
         storage_options: dict | None = None,
         on_bad_clip: str = "stop",
         weights: list[float] | None = None,
+        channel_blocks: bool = False,
     ):
         if not sources:
             raise ValueError("a clip stream needs at least one store or WebDataset source")
@@ -233,6 +244,7 @@ class ClipStream(IterableDataset):
                 f"asked for {channels} feature channels; the {self.kind} source holds {self.store_channels}"
             )
         self.channels = c
+        self.block = self._feature_block(c) if channel_blocks else None  # see the module doc
         frames = self.geometry.latent_frames
         if window is not None and not 0 < window <= frames:
             raise ValueError(f"window must be in 1..{frames} feature frames, got {window}")
@@ -262,6 +274,10 @@ class ClipStream(IterableDataset):
     def _batches(self, worker: int, workers: int):
         """(epoch, batch, batch dict) of this rank, from self.position on, for DataLoader worker `worker`."""
         raise NotImplementedError
+
+    def _feature_block(self, c: int) -> int | None:
+        """The channel block features can be read in straight from their files (module doc), or None."""
+        return None
 
     # ---- sizes and positions ----------------------------------------------------------------------
     def _plan_sizes(self) -> None:
@@ -412,6 +428,7 @@ class ClipStream(IterableDataset):
                     batch[name] = self._sets[held][name][:n]
                     if pin_memory:
                         batch[name] = batch[name].pin_memory()
+                    batch[name] = self._view(name, batch[name])
                 for name in _SMALL:
                     if isinstance(batch.get(name), np.ndarray):
                         batch[name] = torch.from_numpy(batch[name])
@@ -462,14 +479,20 @@ class ClipStream(IterableDataset):
         return pool[name]
 
     def _batch_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
-        """The float16 tensors of a batch of b clips, by name."""
-        g, c = self.geometry, self.channels
+        """The float16 tensors of a batch of b clips, by name, as laid out in memory (see _view)."""
+        g, c, k = self.geometry, self.channels, self.block
         shapes = {"features": (b, self._frames(), *g.feature_hw, c)}  # [B, 7 (or window), H, W, c]
+        if k is not None:
+            shapes["features"] = (b, self._frames(), c // k, *g.feature_hw, k)  # [B, 7, nb, H, W, k]
         if self.latents:
             shapes["latents"] = (b, *g.latents_shape)  # [B, 16, 7, h, w]
         if self.with_pred:
             shapes["pred_features"] = (b, g.future_latents, *g.feature_hw, c)  # [B, 3, H, W, c]
         return shapes
+
+    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor as the batch hands it out: channel-blocked features [B, F, H, W, nb, k]."""
+        return t.permute(0, 1, 3, 4, 2, 5) if name == "features" and self.block is not None else t
 
     def _damaged(self, what: str, error: DamagedStoreError) -> None:
         if self.on_bad_clip == "stop":
@@ -493,6 +516,7 @@ class ClipStream(IterableDataset):
             "window": self.window,
             "latents": self.latents,
             "weights": self.weights,
+            "channel_block": self.block,
         }
 
     def _window_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -544,6 +568,11 @@ class ZarrStream(ClipStream):
                 log.warning("rollouts hold %d predicted channels (the rest are zero)", held)
         self._stores, self._pid = stores, os.getpid()
         return stores[0].manifest, stores[0].num_channels, len(self.clips)
+
+    def _feature_block(self, c: int) -> int | None:
+        blocks = {s.feature_block(c) for s in self._stores}
+        k = blocks.pop() if len(blocks) == 1 else c
+        return k if k < c else None  # one block of all c channels is the row layout
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -645,7 +674,8 @@ class ZarrStream(ClipStream):
             return None
         n = len(ids)
         clips, variants, starts = (torch.as_tensor(np.array(x, dtype=np.int64)) for x in zip(*taken))
-        batch = {"features": feats[:n], "clip": clips, "variant": variants, "clip_id": ids, "skipped": skipped}
+        batch = {"features": self._view("features", feats[:n]), "clip": clips, "variant": variants}
+        batch.update(clip_id=ids, skipped=skipped)
         if lats is not None:
             batch["latents"] = lats[:n]
         if preds is not None:
@@ -661,13 +691,11 @@ class ZarrStream(ClipStream):
         k = int(np.searchsorted(self.offsets, clip, side="right") - 1)
         store, i = self._open()[k], clip - int(self.offsets[k])
         try:
-            store.read_features(
-                i,
-                self.channels,
-                variant,
-                out=feats,
-                frames=None if self.window is None else slice(start, start + self.window),
-            )
+            frames = None if self.window is None else slice(start, start + self.window)
+            if self.block is not None:
+                store.read_feature_blocks(i, feats, variant, frames)
+            else:
+                store.read_features(i, self.channels, variant, out=feats, frames=frames)
             if lats is not None:
                 store.read_latents(i, variant, out=lats)
             if preds is not None:

@@ -283,3 +283,42 @@ def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stor
     seen = [cid for b in skipping for cid in b["clip_id"]]
     per_shard = [len(list(real(u))) for u in wds.shard_urls(str(tmp_path / "wds"))]
     assert skipping.skipped == 1 and len(seen) == sum(per_shard) - per_shard[1] and len(per_shard) > 2
+
+
+@pytest.mark.parametrize("reads", [{}, {"window": 5, "latents": False}])
+def test_channel_blocked_batches_hold_the_same_features_once_on_the_device(stores, reads):
+    """channel_blocks (the training loop's stream): a's features sit in chunks of 16 channels, each read
+    straight into its place of [B, F, nb, H, W, 16]; to_device lays them side by side. Same clips, same
+    numbers as the row layout, with 0 and 2 workers, reused sets, resumed mid-epoch; a prefix of whole
+    chunks stays blocked, any other is read in rows."""
+    rows = open_stream(str(stores / "a.zarr"), batch_size=2, channels=48, seed=7, **reads)
+    blocked = open_stream(str(stores / "a.zarr"), batch_size=2, channels=48, seed=7, channel_blocks=True, **reads)
+    assert (rows.block, blocked.block) == (None, 16)
+    expected = [to_device(b, torch.device("cpu")) for b in itertools.islice(rows.batches(), 8)]
+    for workers in (0, 2):
+        blocked.set_position(0, 0)
+        batches = blocked.batches(workers=workers, prefetch_factor=1, reuse=True)
+        for want in expected:
+            got = next(batches)
+            assert got["features"].shape == (2, 5 if reads else 7, 8, 14, 3, 16)
+            got = to_device(got, torch.device("cpu"))
+            assert got["features"].dtype == torch.float32 and got["features"].is_contiguous()
+            assert got["clip"].tolist() == want["clip"].tolist()
+            for k in ("features", "latents", "window_start"):
+                if k in want:
+                    torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+        batches.close()
+    blocked.load_state_dict({"epoch": 1, "batch": 1, "batches_per_epoch": 3})
+    resumed = next(iter(blocked))
+    assert resumed["clip"].tolist() == expected[4]["clip"].tolist()  # 3 batches an epoch: (1, 1) is the 5th
+    assert open_stream(str(stores / "a.zarr"), batch_size=2, channels=40, channel_blocks=True).block is None
+    assert open_stream(str(stores / "b.zarr"), batch_size=2, channel_blocks=True).block == 16
+
+
+def test_channel_blocks_fall_back_to_rows_where_a_store_is_not_read_directly(stores, tmp_path):
+    make_store(tmp_path / "z.zarr", scenes=1, frames=33, seed=1, channel_chunk=16, compression="zstd:1")
+    assert open_stream(str(tmp_path / "z.zarr"), batch_size=2, channel_blocks=True).block is None
+    mixed = open_stream([str(stores / "b.zarr"), str(tmp_path / "z.zarr")], batch_size=2, channel_blocks=True)
+    assert mixed.block is None  # one layout per batch: rows, since the compressed store cannot give blocks
+    batch = next(iter(mixed))
+    assert batch["features"].shape == (2, 7, 8, 14, 64)

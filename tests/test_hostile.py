@@ -198,8 +198,10 @@ def test_a_shard_with_its_chunks_out_of_order_reads_right_after_an_in_order_one(
     p.write_bytes(b"".join(reversed(chunks)) + table + google_crc32c.value(table).to_bytes(4, "little"))
     s = Store(str(path))
     features = s.read_features(0)  # rows[0] in order (blocks of rows), then rows[1] chunk by chunk
+    blocks = s.read_feature_blocks(0, np.empty((7, 4, 8, 14, 16), np.float16))  # each chunk where its index says
     for k, r in enumerate(rows):
         np.testing.assert_array_equal(features[k], written[("features", r)])
+        np.testing.assert_array_equal(blocks[k].transpose(1, 2, 0, 3).reshape(8, 14, 64), written[("features", r)])
 
 
 @pytest.mark.parametrize("compression", ["blosc-lz4", "zstd:1"])
@@ -606,3 +608,30 @@ def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on
     _chunk(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
     _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (its shard file c/{row}/0/0/0 is missing")
+
+
+def test_channel_blocked_reads_refuse_each_kind_of_damage_they_meet(store):
+    """read_feature_blocks (the trainer's path: chunks straight into the batch) checks what read_features
+    checks: a changed byte, an inner chunk missing from its shard, an index pointing past the file, a
+    deleted shard; a prefix that ends before the damage reads."""
+    path, index, written = store
+    s = Store(str(path))
+    rows = [int(r) for r in index.clips[0].feature_rows]
+    out = np.empty((7, 4, 8, 14, 16), np.float16)  # [F, nb, H, W, k]: channels 0..63 in chunks of 16
+    s.read_feature_blocks(0, out)
+    for k, r in enumerate(rows):
+        np.testing.assert_array_equal(out[k].transpose(1, 2, 0, 3).reshape(8, 14, 64), written[("features", r)])
+    chunk_bytes = 8 * 14 * 16 * 2
+    _flip(_chunk(path, "frames/features", rows[2]), 3 * (chunk_bytes + 4) + 9)  # inside channels 48..63
+    s.read_feature_blocks(0, out[:, :3])  # channels 0..47 only: the damaged chunk is not read
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{rows[2]}\] is damaged \(crc32c checksum"):
+        s.read_feature_blocks(0, out)
+    a = zarr.open_array(str(path / "frames" / "features"), mode="r+", config={"write_empty_chunks": False})
+    frame = written[("features", rows[4])].copy()
+    frame[..., 16:32] = 0  # zarr leaves an all-fill chunk out of the shard unless told to store every chunk
+    a[rows[4]] = frame
+    with pytest.raises(DamagedStoreError, match=r"channels 16..31 is missing from its shard"):
+        s.read_feature_blocks(0, out[4:5, :2], frames=slice(4, 5))
+    _chunk(path, "frames/features", rows[5]).unlink()
+    with pytest.raises(DamagedStoreError, match=rf"frames/features\[{rows[5]}\] is damaged \(its shard file"):
+        s.read_feature_blocks(0, out[5:6, :2], frames=slice(5, 6))

@@ -207,14 +207,16 @@ def test_a_val_store_under_another_pca_basis_is_refused(store, tmp_path):
 
 
 def test_a_damaged_clip_stops_training_or_is_skipped_and_counted_in_the_log(store, tmp_path, monkeypatch):
-    real = Store.read_features
+    def damaging(real):  # clip 0 raises what the reader raises for a missing or damaged chunk
+        def read(self, i, *args, **kwargs):
+            if i == 0:
+                raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
+            return real(self, i, *args, **kwargs)
 
-    def read_features(self, i, channels=None, variant=0, **kwargs):
-        if i == 0:  # what the reader raises for a missing or damaged chunk
-            raise DamagedStoreError(self.location, "frames/features", 0, "chunk missing")
-        return real(self, i, channels, variant, **kwargs)
+        return read
 
-    monkeypatch.setattr(Store, "read_features", read_features)
+    for name in ("read_features", "read_feature_blocks"):  # rows, or chunks straight into the batch
+        monkeypatch.setattr(Store, name, damaging(getattr(Store, name)))
     with pytest.raises(DamagedStoreError, match=r"frames/features\[0\] is damaged"):
         train_main(_args(store, tmp_path / "stop", "--workers", "0"))
     train_main(_args(store, tmp_path / "skip", "--workers", "0", "--on-bad-clip", "skip"))

@@ -126,6 +126,46 @@ class DirectArray:
             os.close(fd)
         return out
 
+    def block(self, c: int) -> int | None:
+        """The channel block `read_blocks` delivers the first c channels in (the chunk's channels), or None
+        when it cannot: a row split by more than its channels, or c not a whole number of chunks."""
+        k = self.chunk[-1]
+        if not self.sharded or math.prod(self.grid[:-1]) != 1 or c % k or not 0 < c <= self.row_shape[-1]:
+            return None
+        return k
+
+    def read_blocks(self, row: int, out: np.ndarray) -> np.ndarray:
+        """Row `row`'s first nb channel chunks into out [nb, *chunk], chunk j of the row into out[j]: each
+        chunk is read from the file straight into its place (no scratch, no interleave: one pass over
+        memory, as a plain file read) and its crc32c checked while it is still in cache. The trainer puts
+        the channels side by side on its device (model/runtime.py: to_device)."""
+        nb = out.shape[0]
+        k = self.block(nb * self.chunk[-1])
+        if k is None or out.shape[1:] != self.chunk or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out {out.dtype} {list(out.shape)} is not [blocks, {', '.join(map(str, self.chunk))}]")
+        path = os.path.join(self.folder, *self.key(row).split("/"))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ChunkDamage(f"its shard file {self.key(row)} is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            index = self._index(fd, size).tolist()
+            for pos, linear in self._positions(nb * k):
+                offset, nbytes = index[linear]
+                if offset == _EMPTY and nbytes == _EMPTY:
+                    raise ChunkDamage(f"the chunk of {self._where(pos)} is missing from its shard")
+                if nbytes != self.chunk_bytes + 4 or offset + nbytes > size - self.index_bytes:
+                    raise ChunkDamage(f"its shard index places the chunk of {self._where(pos)} outside the file")
+                data = out[pos[-1]].reshape(-1).view(np.uint8)
+                if os.preadv(fd, [data, self._crc], offset) != nbytes:
+                    raise ChunkDamage("its file ends inside a chunk")
+                if google_crc32c.value(data) != int.from_bytes(self._crc.tobytes(), "little"):
+                    raise ChunkDamage("crc32c checksum mismatch: its bytes changed on disk")
+        finally:
+            os.close(fd)
+        return out
+
     def _positions(self, c: int) -> list[tuple[tuple[int, ...], int]]:
         """(grid position, index in the shard index) of the chunks that hold the first c channels."""
         if c not in self._plans:

@@ -308,6 +308,37 @@ class Store:
             self._check_present(frame, "frames/features", int(r))
         return out
 
+    def feature_block(self, channels: int | None = None) -> int:
+        """The channel block in which read_feature_blocks reads the first c channels in one pass: the store's
+        channel chunk when its features are read directly (uncompressed, local) and c is whole chunks, else c
+        (one block: the row layout, as read_features)."""
+        c = self._channels(channels)
+        direct = self._direct.get("frames/features")
+        k = direct.block(c) if direct is not None else None
+        return k or c
+
+    def read_feature_blocks(self, i: int, out: np.ndarray, variant: int = 0, frames: slice | None = None) -> np.ndarray:
+        """The clip's features channel-blocked: out [F, nb, H, W, k] (k = feature_block(nb * k)) gets
+        channels j*k .. (j+1)*k - 1 of frame f in out[f, j], each chunk read from its file straight there.
+        With nb = 1 this is read_features into out[:, 0]."""
+        if out.shape[1] == 1:
+            self.read_features(i, out.shape[-1], variant, out=out[:, 0], frames=frames)
+            return out
+        rows = self._feature_rows[self.row(i, variant)]
+        rows = rows if frames is None else rows[frames]
+        if len(rows) != len(out) or self.feature_block(out.shape[1] * out.shape[-1]) != out.shape[-1]:
+            shape = f"[{len(rows)}, blocks, H, W, channel chunk]"
+            raise ValueError(f"out {list(out.shape)} is not {shape} of {self.location}")
+        direct = self._direct["frames/features"]
+        for k, r in enumerate(rows):
+            try:
+                direct.read_blocks(int(r), out[k])
+            except ChunkDamage as e:
+                raise DamagedStoreError(self.location, "frames/features", int(r), str(e)) from e
+            except OSError as e:
+                raise DamagedStoreError(self.location, "frames/features", int(r), _reason(e)) from e
+        return out
+
     def read_feature_row(self, row: int, channels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized."""
         c = self._channels(channels)
