@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,3 +76,27 @@ def step(title: str, args: list[str], timings: dict, log: Path | None = None) ->
         where = f"its output is in {log}" if log else "its output is above"
         raise StepError(f"step {title!r} (python -m {args[0]}) exited with status {done.returncode}; {where}")
     timings[title] = timings.get(title, 0.0) + time.time() - t0
+
+
+def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: dict) -> None:
+    """Run lanes of steps at once (each step after the one before it in its lane): the tiny trainers use one
+    thread each, so two lanes keep both cores of a small machine busy. The first lane prints here, the
+    others write to logs/; the first failure is raised once every lane has stopped."""
+    logs.mkdir(parents=True, exist_ok=True)
+    errors: list[Exception] = []
+
+    def lane(i, steps):
+        try:
+            for title, args in steps:
+                name = "".join(ch if ch.isalnum() or ch in "._" else "-" for ch in title.lower())
+                step(title, args, timings, None if i == 0 else logs / f"{name}.log")
+        except StepError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=lane, args=(i, steps)) for i, steps in enumerate(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

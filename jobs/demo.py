@@ -14,35 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
-from jobs.cli import StepError, replace_run_folder, step
+from jobs.cli import replace_run_folder, side_by_side, step
 from jobs.cli import run as run_main
-
-
-def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: dict) -> None:
-    """Run lanes of steps at once (each step after the one before it in its lane): the tiny trainers use one
-    thread each, so two lanes keep both cores of a small machine busy. The first lane prints here, the
-    others write to logs/; the first failure is raised once every lane has stopped."""
-    logs.mkdir(parents=True, exist_ok=True)
-    errors: list[Exception] = []
-
-    def lane(i, steps):
-        try:
-            for title, args in steps:
-                step(title, args, timings, None if i == 0 else logs / f"{title.lower().replace(' ', '-')}.log")
-        except StepError as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=lane, args=(i, steps)) for i, steps in enumerate(lanes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def main(argv=None) -> int:

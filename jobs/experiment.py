@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.cli import replace_run_folder
+from jobs.cli import replace_run_folder, side_by_side
 from jobs.cli import run as run_main
 from jobs.cli import step as run_step
 from pipeline.errors import Re2pixError
@@ -72,8 +72,9 @@ class Settings:
     vae: str = "demo"
     dinov2: str = "demo"
     train_scenes: int = 8
-    val_scenes: int = 2
-    frames_per_scene: int = 49
+    val_scenes: int = 4
+    frames_per_scene: int = 49  # train scenes: 7 clips each
+    val_frames_per_scene: int = 25  # one clip a val scene: the evaluated clips are 4 scenes, not one
     stage1_steps: int | None = None  # None: the train preset's
     steps: int | None = None  # Stage 2 arms; None: the train preset's
     batch_size: int | None = None
@@ -82,7 +83,7 @@ class Settings:
     seeds: int = 1
     eval_clips: int = 4  # every evaluation decodes each clip 1 + samples x models times: the run's main cost
     samples: int = 3
-    sample_steps: int = 10
+    sample_steps: int = 20  # the demo's Heun steps (10 scored 0.046 worse latent MSE there: docs/demo_tuning.md)
     channels: tuple = (8, 16, 32, 0)  # table 5; 0: all the model reads
     guidance_w: float = 0.4  # table 8's fixed w
     guidance_cs: tuple = (8, 16, 32)  # table 8
@@ -96,6 +97,7 @@ class Settings:
             train_scenes=2,
             val_scenes=1,
             frames_per_scene=25,
+            val_frames_per_scene=25,
             stage1_steps=4,
             steps=4,
             batch_size=2,
@@ -123,11 +125,11 @@ class Experiment:
 
     def cache(self) -> None:
         s = self.s
-        for split, out, n, extra in (
-            ("train", self.store, s.train_scenes, []),
-            ("val", self.val, s.val_scenes, ["--pca", str(self.store)]),
+        for split, out, n, frames, extra in (
+            ("train", self.store, s.train_scenes, s.frames_per_scene, []),
+            ("val", self.val, s.val_scenes, s.val_frames_per_scene, ["--pca", str(self.store)]),
         ):
-            scenes = json.dumps({"num_scenes": n, "frames_per_scene": s.frames_per_scene})
+            scenes = json.dumps({"num_scenes": n, "frames_per_scene": frames})
             self.step(
                 f"cache {split}",
                 ["jobs.cache", "--preset", s.preset, "--split", split, "--out", str(out), "--vae", s.vae]
@@ -164,29 +166,36 @@ class Experiment:
             out.update(sample_steps=s.sample_steps)
         return out
 
-    def train(self, stage: str, run_dir: Path, settings: dict, seed: int) -> None:
+    def lanes(self, steps: list[tuple[str, list[str]]]) -> None:
+        """Run independent steps in two lanes at once (one torch thread each: both cores busy), in the order
+        given, dealt to the lanes in turn."""
+        lanes = [steps[0::2], steps[1::2]]
+        side_by_side([lane for lane in lanes if lane], self.run / "logs", self.timings)
+
+    def train(self, stage: str, run_dir: Path, settings: dict, seed: int) -> tuple[str, list[str]]:
+        """The step that trains one stage (one torch thread)."""
         key = "stage1" if stage == "1" else "stage2"
-        self.step(
+        return (
             f"train {run_dir.relative_to(self.run)}",
             ["jobs.train", "--preset", self.s.preset, "--stage", stage, "--store", str(self.store)]
-            + ["--val-store", str(self.val), "--run-dir", str(run_dir), "--seed", str(seed)]
+            + ["--val-store", str(self.val), "--run-dir", str(run_dir), "--seed", str(seed), "--threads", "1"]
             + [f"--{key}", json.dumps(settings)],
         )
 
-    def evaluate(self, name: str, seed: int, stage2: Path, extra: list[str], baseline: Path | None = None) -> dict:
-        """jobs.evaluate of one Stage 2 checkpoint (and the Baseline when given) on the val store: its results."""
-        out = self.run / f"seed{seed}" / "eval" / f"{name}.json"
-        self.step(
-            f"evaluate seed {seed} {name}", self.evaluate_args(seed, stage2, baseline) + ["--out", str(out), *extra]
-        )
-        return json.loads(out.read_text())
+    def eval_path(self, seed: int, name: str) -> Path:
+        return self.run / f"seed{seed}" / "eval" / f"{name}.json"
 
-    def curve(self, seed: int, stage2: Path, baseline: Path) -> dict:
-        """jobs.evaluate --every-checkpoint: Re2Pix and the Baseline at every kept checkpoint."""
-        path = self.run / f"seed{seed}" / "eval" / "curve.json"
+    def evaluate(self, name: str, seed: int, stage2: Path, extra: list[str], baseline: Path | None = None):
+        """The step of jobs.evaluate of one Stage 2 checkpoint (and the Baseline when given) on the val store,
+        its results to eval_path(seed, name)."""
+        out = self.eval_path(seed, name)
+        return f"evaluate seed {seed} {name}", self.evaluate_args(seed, stage2, baseline) + ["--out", str(out), *extra]
+
+    def curve(self, seed: int, stage2: Path, baseline: Path) -> tuple[str, list[str]]:
+        """jobs.evaluate --every-checkpoint: Re2Pix and the Baseline at every kept checkpoint (curve.json)."""
+        path = self.eval_path(seed, "curve")
         args = self.evaluate_args(seed, stage2, baseline) + ["--every-checkpoint", "--curve", str(path)]
-        self.step(f"evaluate seed {seed} every checkpoint", args)
-        return json.loads(path.read_text())
+        return f"evaluate seed {seed} every checkpoint", args
 
     def evaluate_args(self, seed: int, stage2: Path, baseline: Path | None) -> list[str]:
         s = self.s
@@ -195,7 +204,7 @@ class Experiment:
             + ["--stage2", str(stage2), "--baseline", str(baseline) if baseline else "", "--seed", str(seed)]
             + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--sample-steps", str(s.sample_steps)]
             + ["--seg-head", str(self.head), "--labels", str(self.labels), "--annotated-frame", str(ANNOTATED_FRAME)]
-            + ["--no-progress"]
+            + ["--no-progress", "--threads", "1"]
         )
 
 
@@ -223,29 +232,38 @@ def main(argv=None) -> int:
     ex = Experiment(run, s)
     ex.cache()
     ex.write_labels()
-    ex.step(
-        "train the segmentation head",
-        ["jobs.train_dpt", "--preset", s.preset, "--store", str(ex.store), "--tasks", "segmentation"]
-        + ["--labels", "source", "--epochs", str(s.head_epochs), "--out", str(run / "heads")],
+    head = ["jobs.train_dpt", "--preset", s.preset, "--store", str(ex.store), "--tasks", "segmentation"]
+    head += ["--labels", "source", "--epochs", str(s.head_epochs), "--out", str(run / "heads"), "--threads", "1"]
+    rollout = ["jobs.rollout", "--preset", s.preset, "--checkpoint", str(ex.stage1), "--store", str(ex.store)]
+    side_by_side(
+        [[ex.train("1", run / "stage1", ex.budget("stage1"), 0), ("rollout", rollout)], [("train head", head)]],
+        run / "logs",
+        ex.timings,
     )
-    ex.train("1", run / "stage1", ex.budget("stage1"), 0)
-    ex.step("rollout", ["jobs.rollout", "--preset", s.preset, "--checkpoint", str(ex.stage1), "--store", str(ex.store)])
-    results = {}  # (seed, row) -> evaluation results
-    curves = []
+    evaluations = {}  # (seed, row) -> the evaluation (name) whose results hold the row
+    steps, curve_steps = [], []
     for seed in range(s.seeds):
         arms = run / f"seed{seed}"
-        for arm, (stage, extra) in ARMS.items():
-            ex.train(stage, arms / arm, {**ex.budget("stage2"), **extra}, seed)
+        ex.lanes(
+            [
+                ex.train(stage, arms / arm, {**ex.budget("stage2"), **extra}, seed)
+                for arm, (stage, extra) in ARMS.items()
+            ]
+        )
         re2pix, base = arms / "re2pix" / "stage2", arms / "baseline" / "baseline"
-        main_eval = ex.evaluate("re2pix", seed, re2pix, [], baseline=base)
-        results[seed, "re2pix"], results[seed, "baseline"] = main_eval, main_eval
-        results[seed, "copy_last"] = main_eval
+        steps.append(ex.evaluate("re2pix", seed, re2pix, [], baseline=base))
+        evaluations.update({(seed, row): "re2pix" for row in ("re2pix", "baseline", "copy_last")})
         for arm in ("no_nested", "gt_only", "pred_only"):
-            results[seed, arm] = ex.evaluate(arm, seed, arms / arm / "stage2", [])
+            steps.append(ex.evaluate(arm, seed, arms / arm / "stage2", []))
+            evaluations[seed, arm] = arm
         for name, flags in inference_rows(s).items():
             if flags:
-                results[seed, name] = ex.evaluate(name, seed, re2pix, flags)
-        curves.append(ex.curve(seed, re2pix, base))
+                steps.append(ex.evaluate(name, seed, re2pix, flags))
+                evaluations[seed, name] = name
+        curve_steps.append(ex.curve(seed, re2pix, base))
+    ex.lanes(curve_steps + steps)  # the curves first: the longest evaluations
+    results = {key: json.loads(ex.eval_path(key[0], name).read_text()) for key, name in evaluations.items()}
+    curves = [json.loads(ex.eval_path(seed, "curve").read_text()) for seed in range(s.seeds)]
     report = build_report(ex, results, curves, time.time() - t0)
     print(f"\nwrote {report} ({(time.time() - t0) / 60:.1f} min)")
     return 0
