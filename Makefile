@@ -70,7 +70,7 @@ rollout: install
 demo: install
 	$(PY) -m jobs.demo --run runs/demo $(ARGS)
 
-# the paper's ablations at CPU scale (about an hour; ARGS=--quick: a few minutes): runs/experiment/report.md
+# the paper's ablations at CPU scale (about 30 min, 2 seeds; ARGS=--quick: under 3 min): runs/experiment/report.md
 experiment: install
 	$(PY) -m jobs.experiment $(ARGS)
 
