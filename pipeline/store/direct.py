@@ -95,25 +95,12 @@ class DirectArray:
         c = out.shape[-1]
         if out.shape[:-1] != self.row_shape[:-1] or not 0 < c <= self.row_shape[-1] or out.dtype != self.dtype:
             raise ValueError(f"out {out.dtype} {list(out.shape)} is not a prefix of a row {list(self.row_shape)}")
-        path = os.path.join(self.folder, *self.key(row).split("/"))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ChunkDamage(f"its {'shard' if self.sharded else 'chunk'} file {self.key(row)} is missing") from None
+        fd = self._open(row)
         try:
             if not self.sharded:
                 self._chunk(fd, 0, os.fstat(fd).st_size, out, (slice(None),) * out.ndim, c)
                 return out
-            size = os.fstat(fd).st_size
-            index = self._index(fd, size).tolist()
-            chunks = []  # (position in the grid, offset, nbytes) of each chunk to read
-            for pos, linear in self._positions(c):
-                offset, nbytes = index[linear]
-                if offset == _EMPTY and nbytes == _EMPTY:
-                    raise ChunkDamage(f"the chunk of {self._where(pos)} is missing from its shard")
-                if nbytes != self.chunk_bytes + 4 or offset + nbytes > size - self.index_bytes:
-                    raise ChunkDamage(f"its shard index places the chunk of {self._where(pos)} outside the file")
-                chunks.append((pos, offset, nbytes))
+            chunks = self._located(fd, c)
             if math.prod(self.grid[:-1]) == 1 and all(
                 b[1] == a[1] + a[2] for a, b in zip(chunks, chunks[1:])
             ):  # channel chunks, one after the other in the file (as the writer stores them): one read
@@ -137,26 +124,15 @@ class DirectArray:
     def read_blocks(self, row: int, out: np.ndarray) -> np.ndarray:
         """Row `row`'s first nb channel chunks into out [nb, *chunk], chunk j of the row into out[j]: each
         chunk is read from the file straight into its place (no scratch, no interleave: one pass over
-        memory, as a plain file read) and its crc32c checked while it is still in cache. The trainer puts
-        the channels side by side on its device (model/runtime.py: to_device)."""
+        memory, as a plain file read), then its crc32c checked. The trainer puts the channels side by side
+        on its device (model/runtime.py: to_device)."""
         nb = out.shape[0]
         k = self.block(nb * self.chunk[-1])
         if k is None or out.shape[1:] != self.chunk or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out {out.dtype} {list(out.shape)} is not [blocks, {', '.join(map(str, self.chunk))}]")
-        path = os.path.join(self.folder, *self.key(row).split("/"))
+        fd = self._open(row)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ChunkDamage(f"its shard file {self.key(row)} is missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            index = self._index(fd, size).tolist()
-            for pos, linear in self._positions(nb * k):
-                offset, nbytes = index[linear]
-                if offset == _EMPTY and nbytes == _EMPTY:
-                    raise ChunkDamage(f"the chunk of {self._where(pos)} is missing from its shard")
-                if nbytes != self.chunk_bytes + 4 or offset + nbytes > size - self.index_bytes:
-                    raise ChunkDamage(f"its shard index places the chunk of {self._where(pos)} outside the file")
+            for pos, offset, nbytes in self._located(fd, nb * k):
                 data = out[pos[-1]].reshape(-1).view(np.uint8)
                 if os.preadv(fd, [data, self._crc], offset) != nbytes:
                     raise ChunkDamage("its file ends inside a chunk")
@@ -165,6 +141,27 @@ class DirectArray:
         finally:
             os.close(fd)
         return out
+
+    def _open(self, row: int) -> int:
+        try:
+            return os.open(os.path.join(self.folder, *self.key(row).split("/")), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ChunkDamage(f"its {'shard' if self.sharded else 'chunk'} file {self.key(row)} is missing") from None
+
+    def _located(self, fd: int, c: int) -> list[tuple[tuple[int, ...], int, int]]:
+        """(position in the grid, offset, nbytes) of each chunk of a shard that holds the first c channels,
+        as its index gives them, each checked to lie inside the file."""
+        size = os.fstat(fd).st_size
+        index = self._index(fd, size).tolist()
+        chunks = []
+        for pos, linear in self._positions(c):
+            offset, nbytes = index[linear]
+            if offset == _EMPTY and nbytes == _EMPTY:
+                raise ChunkDamage(f"the chunk of {self._where(pos)} is missing from its shard")
+            if nbytes != self.chunk_bytes + 4 or offset + nbytes > size - self.index_bytes:
+                raise ChunkDamage(f"its shard index places the chunk of {self._where(pos)} outside the file")
+            chunks.append((pos, offset, nbytes))
+        return chunks
 
     def _positions(self, c: int) -> list[tuple[tuple[int, ...], int]]:
         """(grid position, index in the shard index) of the chunks that hold the first c channels."""
