@@ -701,14 +701,13 @@ def bench_loader(args) -> dict:
             f"{'uncompressed read (readinto raw files), batch: the limit':52s}{limit['per_cpu_s']:11.2f}"
             f"{limit['per_s']:9.2f}"
         )
-        loader, one = pair["loader"], pair["one_clip"]
+        loader, one_clip = pair["loader"], pair["one_clip"]
         print(
             f"{'  loader, 0 workers, its windows alternating with those':52s}{loader['per_cpu_s']:11.2f}"
             f"{loader['per_s']:9.2f}"
         )
-        print(
-            f"{'  (the same read into one clip-sized buffer, reused)':52s}{one['per_cpu_s']:11.2f}{one['per_s']:9.2f}"
-        )
+        side = "  (the same read into one clip-sized buffer, reused)"
+        print(f"{side:52s}{one_clip['per_cpu_s']:11.2f}{one_clip['per_s']:9.2f}")
         for name, key in rows:
             if key is None:
                 print(name)
@@ -758,7 +757,7 @@ def bench_loader(args) -> dict:
         # ---- goals
         r1, r2 = results[1152], results[256]
         share = pair["loader"]["per_cpu_s"] / limit["per_cpu_s"]
-        share_one = pair["loader"]["per_cpu_s"] / one["per_cpu_s"]
+        share_one = pair["loader"]["per_cpu_s"] / one_clip["per_cpu_s"]
         speed = r2["api_features"]["per_cpu_s"] / r1["api_features"]["per_cpu_s"]
         raw_speed = r2["raw_features"]["per_cpu_s"] / r1["raw_features"]["per_cpu_s"]
         one = workers_pair[1]["per_cpu_s"] / workers_pair[0]["per_cpu_s"]
@@ -804,7 +803,7 @@ def bench_loader(args) -> dict:
             "store": info,
             "codecs": table,
             "limit": limit,
-            "limit_one_clip": one,
+            "limit_one_clip": one_clip,
             "reads": results,
             "workers": workers_pair,
             "to_device": moved,
