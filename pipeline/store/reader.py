@@ -318,26 +318,27 @@ class Store:
         return k or c
 
     def read_feature_blocks(self, i: int, out: np.ndarray, variant: int = 0, frames: slice | None = None) -> np.ndarray:
-        """The clip's features channel-blocked: out [F, nb, H, W, k] (k = feature_block(nb * k)) gets
-        channels j*k .. (j+1)*k - 1 of frame f in out[f, j], each chunk read from its file straight there.
-        With nb = 1 this is read_features into out[:, 0]."""
-        if out.shape[1] == 1:
-            self.read_features(i, out.shape[-1], variant, out=out[:, 0], frames=frames)
-            return out
+        """The clip's features channel-blocked: out [F, nb, H, W, k] (k: the store's channel chunk, read
+        directly) gets channels j*k .. (j+1)*k - 1 of frame f in out[f, j], each chunk read from its file
+        straight there."""
         rows = self._feature_rows[self.row(i, variant)]
         rows = rows if frames is None else rows[frames]
-        if len(rows) != len(out) or self.feature_block(out.shape[1] * out.shape[-1]) != out.shape[-1]:
+        direct = self._direct.get("frames/features")
+        if len(rows) != len(out) or direct is None or direct.block(out.shape[1] * out.shape[-1]) != out.shape[-1]:
             shape = f"[{len(rows)}, blocks, H, W, channel chunk]"
             raise ValueError(f"out {list(out.shape)} is not {shape} of {self.location}")
-        direct = self._direct["frames/features"]
         for k, r in enumerate(rows):
-            try:
-                direct.read_blocks(int(r), out[k])
-            except ChunkDamage as e:
-                raise DamagedStoreError(self.location, "frames/features", int(r), str(e)) from e
-            except OSError as e:
-                raise DamagedStoreError(self.location, "frames/features", int(r), _reason(e)) from e
+            self._direct_read("frames/features", int(r), direct.read_blocks, out[k])
         return out
+
+    def _direct_read(self, name: str, row: int, read, out: np.ndarray) -> np.ndarray:
+        """read(row, out) of a DirectArray, its damage raised as the store's DamagedStoreError."""
+        try:
+            return read(row, out)
+        except ChunkDamage as e:
+            raise DamagedStoreError(self.location, name, row, str(e)) from e
+        except OSError as e:
+            raise DamagedStoreError(self.location, name, row, _reason(e)) from e
 
     def read_feature_row(self, row: int, channels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized."""
@@ -385,12 +386,7 @@ class Store:
             if out is None:
                 c = rest[-1].stop if rest else direct.row_shape[-1]
                 out = np.empty((*direct.row_shape[:-1], c), direct.dtype)
-            try:
-                return direct.read(row, out)
-            except ChunkDamage as e:
-                raise DamagedStoreError(self.location, name, row, str(e)) from e
-            except OSError as e:
-                raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+            return self._direct_read(name, row, direct.read, out)
         try:
             return _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
