@@ -263,7 +263,8 @@ def main(argv=None) -> int:
                 evaluations[seed, name] = name
         curve_steps.append(ex.curve(seed, re2pix, base))
     ex.lanes(curve_steps + steps)  # the curves first: the longest evaluations
-    results = {key: json.loads(ex.eval_path(key[0], name).read_text()) for key, name in evaluations.items()}
+    loaded = {(seed, name): json.loads(ex.eval_path(seed, name).read_text()) for (seed, _), name in evaluations.items()}
+    results = {(seed, row): loaded[seed, name] for (seed, row), name in evaluations.items()}
     curves = [json.loads(ex.eval_path(seed, "curve").read_text()) for seed in range(s.seeds)]
     report = build_report(ex, results, curves, time.time() - t0)
     print(f"\nwrote {report} ({(time.time() - t0) / 60:.1f} min)")
