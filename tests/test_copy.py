@@ -197,6 +197,21 @@ def test_the_cli_copies_and_refuses_an_unknown_spec_in_one_line(source, tmp_path
         store_main(["copy", source, str(tmp_path / "x.zarr"), "--compression", "gzip"])
 
 
+def test_a_copy_onto_its_own_source_is_refused_before_anything_is_removed(source, tmp_path):
+    """Self-copy with --overwrite once deleted the source: the same folder, a symlink alias of it and its
+    file:// URL are each refused, and the store still verifies."""
+    before = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, fs in os.walk(source) for f in fs)
+    alias = tmp_path / "alias.zarr"
+    alias.symlink_to(source)
+    for dst in (source, source + "/", str(alias), "file://" + source):
+        with pytest.raises(StoreError, match="is the source store itself"):
+            store_main(["copy", source, dst, "--overwrite"])
+    with pytest.raises(StoreError, match="is the source store itself"):
+        store_main(["copy", str(alias), source, "--overwrite", "--channels", "16"])
+    after = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, fs in os.walk(source) for f in fs)
+    assert after == before and Store(source).verify()["ok"]
+
+
 # ---- remote locations -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3(s3_server):

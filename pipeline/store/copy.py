@@ -27,7 +27,7 @@ import numpy as np
 
 from .basis import PCABasis
 from .format import PSEUDO_DEPTH, StoreError, decode_strings
-from .location import is_url, open_group, write_atomic
+from .location import is_url, open_group, same_location, write_atomic
 from .lossy import parse_compression
 from .reader import DECODE_ERRORS, Store
 from .writer import (
@@ -81,6 +81,8 @@ def copy_store(
     """Copy the finished store `src` to `dst`; returns a summary (rows, bytes, units done now and before)."""
     from tqdm.auto import tqdm
 
+    if same_location(src, dst):  # before anything is opened: --overwrite must never remove the source
+        raise StoreError(f"{dst} is the source store itself ({src}): copy it to another location")
     source = Store(src, src_options)
     c = source._channels(channels)
     spec = parse_compression(compression or source.manifest.get("compression", "blosc-zstd")).spec

@@ -60,6 +60,20 @@ def close_session(fs) -> None:
         close(_get_loop(), session)
 
 
+def same_location(a: str, b: str) -> bool:
+    """Whether two locations name one store: local paths (and file:// URLs) after resolving symlinks and
+    relative parts, URLs by protocol and path (trailing slashes aside)."""
+
+    def key(location: str) -> str:
+        location = writable_location(str(location))
+        if not is_url(location):
+            return "file://" + os.path.realpath(location)
+        protocol, _, path = location.partition("://")
+        return f"{protocol.lower()}://{path.rstrip('/')}"
+
+    return key(a) == key(b)
+
+
 def filesystem(location: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and root path of a store, for the small JSON files beside its arrays."""
     location = writable_location(location)
