@@ -26,8 +26,33 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from pipeline.errors import Re2pixError
+
 # the variables object-storage clients read; forwarded to workers, never logged
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "FSSPEC_")
+
+
+class RayConnectionError(Re2pixError):
+    """The job could not join the cluster it was given or found: one line saying what to set."""
+
+    def __init__(self, address: str, error: BaseException | None):
+        text = ""
+        while error is not None:  # Ray reports a refused token inside a RuntimeError's text
+            text += f"{type(error).__name__}: {error}\n"
+            error = error.__cause__ or error.__context__
+        if "AuthenticationError" in text or "InvalidAuthToken" in text:
+            why = (
+                "it refused this job's authentication token: set RAY_AUTH_TOKEN_PATH to the token file the "
+                "head's `ray start` used (~/.ray/auth_token on the head node), or RAY_AUTH_TOKEN to its contents"
+            )
+        elif text:
+            why = text.strip().splitlines()[-1]
+        else:
+            why = f"nothing answers there (is it running? `ray status --address {address}`)"
+        super().__init__(
+            f"ray: cannot join the Ray cluster at {address}: {why}; --ray-address local starts a private one "
+            "on this machine"
+        )
 
 
 @dataclass
@@ -54,7 +79,7 @@ def forwarded_env() -> dict[str, str]:
 
 
 def _alive(address: str, timeout: float = 1.0) -> bool:
-    host, _, port = address.rpartition(":")
+    host, _, port = address.split("://")[-1].rpartition(":")
     try:
         with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
             return True
@@ -82,6 +107,21 @@ def stay_on_loopback() -> None:
     import ray._private.ray_constants as constants
 
     constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+
+
+def use_cluster_token() -> None:
+    """Join a token-protected cluster. `ray start` protects its cluster with the machine's token
+    (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) whenever one exists, and any earlier private
+    cluster has written one; Ray's client turns token mode on by itself only for `address="auto"`, so a job
+    given an address (or finding one) does what `auto` does: token mode when RAY_AUTH_MODE is unset and a
+    token is at hand. A cluster without authentication ignores the token."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def leftover_processes() -> list[str]:
@@ -184,9 +224,18 @@ def start_ray(
             )
         if kind == "private" or _is_loopback(address):
             stay_on_loopback()
+        if kind != "private":
+            if address != "auto" and not _alive(address, timeout=5.0):  # Ray itself would retry for minutes
+                raise RayConnectionError(address, None)
+            use_cluster_token()
         sigterm = signal.getsignal(signal.SIGTERM)
-        with without_ray_log_lines(verbose):
-            ray.init(address=address, **kwargs)
+        try:
+            with without_ray_log_lines(verbose):
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError) as e:
+            if kind == "private":
+                raise
+            raise RayConnectionError(address, e) from None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with a sys.exit that aborts
     else:

@@ -95,20 +95,59 @@ def test_a_stopped_clusters_address_does_not_stop_the_job_and_sigterm_stops_it_c
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["valid_clips"] == 4
 
 
-def test_a_running_local_cluster_is_found_and_named(ray_tmpdir, tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
+def ray_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    ray = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=180)
 
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmpdir)
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    )
+
+def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(ray_tmpdir, tmp_path):
+    """The README's recipe: `ray start --head --port P --num-gpus 4` with Ray's default authentication
+    (a token on the machine, as any earlier private cluster leaves one), then the cache job with and
+    without RAY_ADDRESS: both join, place an encoder actor on every logical GPU and finish. A wrong token
+    and an address where nothing answers are one line each."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the cluster on loopback (this machine's rule for tests);
+    # nothing else differs from the README's command
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmpdir, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    assert ray_cli(["get-auth-token", "--generate"], env).returncode == 0
+    assert (home / ".ray" / "auth_token").exists()
+    port = free_port()
+    started = ray_cli(["start", "--head", "--port", str(port), "--num-gpus", "4", "--num-cpus", "2"], env)
     try:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_TMPDIR=ray_tmpdir, PYTHONPATH=str(ROOT))
-        run = subprocess.run(
-            cache_args(tmp_path / "store.zarr"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "Token authentication is enabled" in started.stdout + started.stderr
+        gcs = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+        assert gcs and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in gcs), gcs
+        address = f"127.0.0.1:{port}"
+        for name, extra in (("given", {"RAY_ADDRESS": address}), ("found", {})):
+            out = tmp_path / f"{name}.zarr"
+            run = subprocess.run(
+                [*cache_args(out), "--device", "cpu"],
+                cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stderr[-3000:]
+            where = "the Ray cluster at" if name == "given" else "the running local Ray cluster at"
+            assert f"ray: using {where} {address}: 1 node(s), 2 CPUs, 4 GPUs" in run.stderr
+            assert json.loads(run.stdout.strip().splitlines()[-1])["actors"]["encode"] >= 4
+        wrong = subprocess.run(
+            [*cache_args(tmp_path / "wrong.zarr")],
+            cwd=ROOT, env={**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN": "0" * 64},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+        assert f"error: ray: cannot join the Ray cluster at {address}: it refused this job's authentication token" in (
+            wrong.stderr
         )
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert f"ray: using the running local Ray cluster at {cluster.address}" in run.stderr
+        assert not (tmp_path / "wrong.zarr").exists()
     finally:
-        cluster.shutdown()
+        ray_cli(["stop", "--force"], env)
+    nobody = f"127.0.0.1:{free_port()}"
+    gone = subprocess.run(
+        cache_args(tmp_path / "none.zarr"), cwd=ROOT, env={**env, "RAY_ADDRESS": nobody},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert gone.returncode == 1 and gone.stderr.strip().splitlines() == [
+        f"error: ray: cannot join the Ray cluster at {nobody}: nothing answers there (is it running? "
+        f"`ray status --address {nobody}`); --ray-address local starts a private one on this machine"
+    ], gone.stderr
