@@ -2,7 +2,8 @@
 
 A path is a trainer run dir (its latest checkpoint) or a checkpoint folder (model/checkpoint.py):
 meta.json names the task and the model config, and the weights (model or EMA) must hash to the
-fingerprint meta.json recorded. Imports only `model/`: the rollout job, a training job, uses it too.
+fingerprint meta.json recorded, be finite, and the data they meet must be of the feature space they were
+trained in (meta.json's feature_space). Imports only `model/`: the rollout job, a training job, uses it too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError, load_verified
+from model.checkpoint import CheckpointError, check_feature_space, load_verified
 
 from . import InferenceError
 
@@ -26,9 +27,14 @@ class LoadedModel:
     task: str  # stage1, stage2, baseline
     fingerprint: str  # of the weights loaded: the rollout job records it beside its predictions
     checkpoint: str
+    meta: dict  # the checkpoint's meta.json
 
     def describe(self) -> dict:
         return {"task": self.task, "checkpoint": self.checkpoint, "fingerprint": self.fingerprint}
+
+    def check_space(self, where: str, manifest: dict | None, basis: str | None = None) -> None:
+        """Refuse data of another feature space than this model was trained in (model/checkpoint.py)."""
+        check_feature_space(self.meta, self.checkpoint, where, manifest, basis)
 
 
 def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu") -> LoadedModel:
@@ -38,9 +44,14 @@ def load_model(path, tasks: tuple[str, ...], weights: str = "auto", device="cpu"
         ckpt, meta, state, fingerprint = load_verified(path, tasks, weights)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from e
+    broken = next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if broken is not None:
+        raise CheckpointError(
+            f"{ckpt} holds non-finite weights (NaN/Inf in {broken}): the run diverged; use an earlier checkpoint"
+        )
     model = build_model(meta["task"], meta["model_config"])
     model.load_state_dict(state)
-    return LoadedModel(model.to(device).eval(), meta["task"], fingerprint, str(ckpt))
+    return LoadedModel(model.to(device).eval(), meta["task"], fingerprint, str(ckpt), meta)
 
 
 def build_model(task: str, config: dict) -> torch.nn.Module:
@@ -91,7 +102,11 @@ class Models:
             load_model(stage1, ("stage1",), weights, device), load_model(stage2, ("stage2",), weights, device), base
         )
 
-    def check(self, geometry, channels: int) -> None:
+    def check(self, geometry, channels: int, where: str, manifest: dict | None, basis: str | None = None) -> None:
+        """The data (`where`: its store's manifest, or only its PCA basis's fingerprint) must be of the models'
+        feature space, geometry and channels."""
+        for m in [self.stage1, self.stage2] + ([self.baseline] if self.baseline else []):
+            m.check_space(where, manifest, basis)
         s1, s2 = self.stage1.model.config, self.stage2.model.cfg
         if tuple(s1.feature_hw) != tuple(geometry.feature_hw) or s1.context_frames != geometry.context_latents:
             raise InferenceError(

@@ -118,7 +118,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if store.manifest.get("split") not in ("val", "test"):
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
-    models.check(store.geometry, store.num_channels)
+    models.check(store.geometry, store.num_channels, cfg.store, store.manifest)
     if not models.baseline:
         skipped["baseline"] = f"no Baseline checkpoint at {cfg.baseline}"
     weights = (cfg.allow_download, cfg.allow_weights_mismatch)

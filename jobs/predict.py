@@ -104,7 +104,8 @@ def run_predict(cfg: PredictConfig) -> dict:
     device = resolve_device(cfg.device, cfg.threads)
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
-    models.check(space.geometry, space.geometry.num_pca_channels)
+    basis = space.basis.fingerprint if space.basis is not None else None
+    models.check(space.geometry, space.geometry.num_pca_channels, cfg.store or cfg.pca, space.manifest, basis)
     vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
     codec = LatentCodec(vae, space.latent_norm)
     if cfg.video:

@@ -54,8 +54,9 @@ def _marker_dir(root: str, fingerprint: str) -> str:
     return f"{root}/progress/rollout-{fingerprint[:16]}"
 
 
-def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, runtime) -> dict:
-    """Write (or finish writing) the rollouts of one store; returns a summary."""
+def rollout_store(stage1, location: str, cfg: RolloutConfig, runtime) -> dict:
+    """Write (or finish writing) the rollouts of a Stage 1 (inference/stages.py's LoadedModel) into one store;
+    returns a summary."""
     from model.loop import autocast
     from model.stage1 import rollout
     from pipeline.store.format import StoreError
@@ -65,7 +66,8 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
 
     storage = cfg.storage_options or None
     store = Store(location, storage)
-    mcfg = model.config
+    stage1.check_space(location, store.manifest)  # predictions of another space must never reach Stage 2
+    model, fingerprint, mcfg = stage1.model, stage1.fingerprint, stage1.model.config
     g = store.geometry
     if tuple(mcfg.feature_hw) != tuple(g.feature_hw) or mcfg.num_pca_channels > store.num_channels:
         raise StoreError(
@@ -118,6 +120,12 @@ def rollout_store(model, fingerprint: str, location: str, cfg: RolloutConfig, ru
             with torch.no_grad(), autocast(runtime, cfg.amp):
                 pred = rollout(model, context, steps=g.future_latents)  # [B, 3, H, W, c]
             pred = pred.float().cpu().numpy().astype(np.float16)
+            if not np.isfinite(pred).all():  # a float16 overflow, or a diverged model: never written
+                ids = [store.clip_ids[i] for i, _ in rows]
+                raise StoreError(
+                    f"{location}: Stage 1 {fingerprint[:12]} predicts NaN/Inf features for clips {ids}; nothing "
+                    "of them is written"
+                )
             if c < C:  # the channels the model does not predict are zero
                 pred = np.concatenate([pred, np.zeros((*pred.shape[:-1], C - c), np.float16)], axis=-1)
             for (i, v), p in zip(rows, pred):
@@ -153,7 +161,7 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     if runtime.is_main:
         log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
     locations, _ = parse_store_list(cfg.store)  # mixing weights only matter to training
-    return [rollout_store(stage1.model, stage1.fingerprint, s, cfg, runtime) for s in locations]
+    return [rollout_store(stage1, s, cfg, runtime) for s in locations]
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@ Layout under a run directory:
                            ema.safetensors     EMA weights, when the run keeps them
                            state.pt            optimizer, LR scheduler, step, data position (tensors and
                                                plain values only: loaded with torch.load(weights_only=True))
-                           meta.json           task, model config, step, weight fingerprints, run config
+                           meta.json           task, model config, step, weight fingerprints, run config,
+                                               the feature space it was trained in (feature_space)
     latest.json                                {"checkpoint": "checkpoints/step-000500", "step": 500}
 
 A checkpoint folder is filled under a temporary name and renamed into place; `latest.json` is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -29,6 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import Re2pixError
+from pipeline.store.format import compatibility_view
+
+log = logging.getLogger("re2pix.checkpoint")
 
 LATEST = "latest.json"
 RUN_MARKS = (LATEST, "checkpoints", "metrics.jsonl")  # any of these makes a folder a re2pix run
@@ -36,6 +41,10 @@ RUN_MARKS = (LATEST, "checkpoints", "metrics.jsonl")  # any of these makes a fol
 
 class CheckpointError(Re2pixError):
     """A checkpoint is of the wrong kind, unreadable, or does not match the fingerprint it recorded."""
+
+
+class FeatureSpaceError(CheckpointError):
+    """Data of another feature space (PCA basis, encoders, geometry) than the checkpoint was trained in."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -256,3 +265,34 @@ def load_verified(path, tasks: tuple[str, ...], weights: str = "auto") -> tuple[
             "recorded: the checkpoint is damaged"
         )
     return ckpt, meta, state, fingerprint
+
+
+# ---- the feature space a model was trained in ----------------------------------------------------------
+def feature_space(manifest: dict, channels: int) -> dict:
+    """What meta.json records as "feature_space": the training stores' compatibility view (PCA basis, a
+    prefix copy's by the basis it is a prefix of; encoder identities; clip geometry; VAE latent
+    normalization: pipeline/store/format.py) and the PCA channels the model reads. JSON-normalized."""
+    return json.loads(json.dumps({**compatibility_view(manifest), "channels": channels}))
+
+
+def check_feature_space(meta: dict, ckpt, where: str, manifest: dict | None, basis: str | None = None) -> None:
+    """Refuse data of another feature space than the checkpoint was trained in, in one line naming both PCA
+    fingerprints. `manifest`: the data's store manifest; None where only its PCA basis is known (a video
+    projected with --pca): then `basis` is that basis's fingerprint. A checkpoint saved before checkpoints
+    recorded their space is used with a one-line warning."""
+    recorded = meta.get("feature_space")
+    if not isinstance(recorded, dict):
+        log.warning("%s records no feature space (saved before checkpoints did): not checked against %s", ckpt, where)
+        return
+    data = feature_space(manifest, recorded.get("channels")) if manifest is not None else {"pca.fingerprint": basis}
+    keys = set(recorded) | set(data) if manifest is not None else {"pca.fingerprint"}
+    # the PCA basis first, then an encoder's name: a store of another encoder is refused as such
+    for key in sorted(keys - {"channels"}, key=lambda k: (k != "pca.fingerprint", not k.endswith(".name"), k)):
+        if recorded.get(key) != data.get(key):
+            was, now = recorded.get(key), data.get(key)
+            other = "" if key == "pca.fingerprint" else f", and {key} differs ({was!r} vs {now!r})"
+            raise FeatureSpaceError(
+                f"{ckpt} was trained in feature space PCA {str(recorded.get('pca.fingerprint'))[:12]}; {where} "
+                f"holds PCA {str(data.get('pca.fingerprint'))[:12]}{other}: features of another space must not meet "
+                "this model (use a store cached under its basis: `python -m jobs.store check` compares stores)"
+            )

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Re2pixError
 
 from .checkpoint import (
     CheckpointError,
+    check_feature_space,
     check_run_dir,
+    feature_space,
     find_resumable,
     has_checkpoints,
     latest_checkpoint,
@@ -242,6 +244,7 @@ def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device
             f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
             f"this run builds {task.name} {task.model_config()}: use another --run-dir"
         )
+    check_feature_space(meta, ckpt, ", ".join(stream.sources), stream.manifest)
     trainee.model.load_state_dict(load_weights(ckpt, "model", device))
     if trainee.ema is not None:
         trainee.ema.model.load_state_dict(load_weights(ckpt, "ema", device))
@@ -311,6 +314,54 @@ def evaluate(
     return means.compute()
 
 
+class DivergedError(Re2pixError):
+    """The loss or the gradient norm went NaN/Inf: the run stops before it saves such weights."""
+
+
+class Divergence:
+    """Watches each step's loss and gradient norm for NaN/Inf without a device sync per step: the values stay
+    on the device, with the ids of the clips the step read, until `check` (before a log line or a checkpoint)
+    looks at them all at once and names the first step that went non-finite and its batch."""
+
+    def __init__(self, batches: Iterator[dict]):
+        self.pending: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, [loss, grad norm], clip ids)
+        self._ids: list[str] = []
+        self.batches = self._recording(batches)
+
+    def _recording(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self._ids.extend(batch.get("clip_id", []))
+            yield batch
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+        self.pending.append((step, values, self._ids))
+        self._ids = []
+
+    def check(self, task: Task, runtime: Runtime, sources, run_dir: Path) -> None:
+        """Raise DivergedError (on every rank alike) when a step since the last check went non-finite."""
+        if not self.pending:
+            return
+        values = torch.stack([v for _, v, _ in self.pending]).cpu()  # the one sync
+        bad = (~values.isfinite()).any(dim=1).nonzero().flatten().tolist()
+        first = self.pending[bad[0]] if bad else None
+        self.pending = []
+        if not runtime.mean({"bad": float(first is not None)})["bad"]:
+            return
+        if first is None:
+            where = "on another rank's batch"
+        else:
+            step, (loss, norm), ids = first[0], first[1].tolist(), first[2]
+            shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+            where = f"at step {step + 1} (loss {loss}, gradient norm {norm}) on the batch of clips {shown}"
+        saved = latest_checkpoint(run_dir)
+        kept = f"the last checkpoint is {saved}" if saved else "no checkpoint was saved"
+        raise DivergedError(
+            f"{task.name}: training went NaN/Inf {where} of {', '.join(sources)}; nothing after is saved "
+            f"({kept}): check those clips (`python -m jobs.store verify STORE`) or lower the learning rate"
+        )
+
+
 class Window:
     """Steps, clips and data-wait time since the last log line: the rate and the data budget."""
 
@@ -338,8 +389,6 @@ class Window:
 def train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
     """One metrics.jsonl line of training: the window's means over every rank, and its data budget."""
     means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
-    if not math.isfinite(means["loss"]):
-        raise FloatingPointError(f"{task.name}: loss is {means['loss']} at step {done}")
     record = {
         "kind": "train",
         "step": done,
@@ -392,6 +441,7 @@ def train(
         "loop": {k: v for k, v in asdict(cfg).items() if k != "extra"},
         "config": cfg.extra,
         "data": stream.describe(),
+        "feature_space": feature_space(stream.manifest, stream.channels),
     }
     metrics = MetricsLog(run_dir, start, runtime.is_main)
     if runtime.is_main:
@@ -401,14 +451,19 @@ def train(
     show = cfg.progress and runtime.is_main
     bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True, disable=not show)
     batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    divergence = Divergence(batches)
     trainee.net.train()
     window = Window(clips_per_step)
     for step in range(start, cfg.steps):
-        loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
+        loss, terms, grad_norm, waited = train_step(task, trainee, divergence.batches, cfg, runtime, step)
+        divergence.add(step, loss, grad_norm)
         done = step + 1
         window.add(waited)
         bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        logs, saves = done % cfg.log_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
+        if logs or saves:
+            divergence.check(task, runtime, stream.sources, run_dir)
+        if logs:
             record = train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
             metrics.write(record)
             summary["loss"] = record["loss"]
@@ -423,7 +478,7 @@ def train(
                 metrics.write({"kind": "eval", "step": done, **summary["eval"]})
                 if runtime.is_main:
                     log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if saves:
             save(run_dir, done, trainee, stream, meta, summary, cfg, runtime)
     bar.close()
     batches.close()  # stops the DataLoader workers
@@ -449,7 +504,11 @@ def save(
     cfg: LoopConfig,
     runtime: Runtime,
 ) -> None:
-    """A checkpoint at `step` (rank 0 writes it; every rank waits for it)."""
+    """A checkpoint at `step` (rank 0 writes it; every rank waits for it). Weights holding NaN/Inf are never
+    saved: every rank refuses alike (DDP keeps their weights equal)."""
+    weights = [*trainee.model.parameters(), *(trainee.ema.model.parameters() if trainee.ema else ())]
+    if not torch.stack([w.isfinite().all() for w in weights]).all():
+        raise DivergedError(f"{meta['task']}: the weights hold NaN/Inf at step {step}: not saved as a checkpoint")
     if runtime.is_main:
         state = {
             "optimizer": trainee.optimizer.state_dict(),

@@ -18,19 +18,27 @@ def perturb(model, seed):
     return model
 
 
-def write_runs(root, stage1_channels=64, stage2_channels=64):
-    """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py)."""
+def write_runs(root, stage1_channels=64, stage2_channels=64, manifest=None):
+    """Stage 1, Stage 2 and Baseline checkpoints in the trainer's format (model/checkpoint.py); with a store's
+    `manifest`, each records that store's feature space as the trainer does (without, they are as checkpoints
+    saved before the record)."""
+    from model.checkpoint import feature_space
+
+    def meta(task, config, channels):
+        space = {"feature_space": feature_space(manifest, channels)} if manifest is not None else {}
+        return {"task": task, "model_config": config, **space}
+
     s1 = perturb(MaskedFeatureTransformer(Stage1Config.tiny(num_pca_channels=stage1_channels)), 1)
     save_checkpoint(
         root / "stage1",
         1,
         model=s1,
         state={},
-        meta={"task": "stage1", "model_config": s1.config.to_dict()},
+        meta=meta("stage1", s1.config.to_dict(), stage1_channels),
     )
     for task, semantic in (("stage2", True), ("baseline", False)):
         m = perturb(Re2PixDiT(DiTConfig.tiny(semantic=semantic, num_pca_channels=stage2_channels)), 2)
-        save_checkpoint(root / task, 1, model=m, state={}, meta={"task": task, "model_config": m.cfg.to_dict()})
+        save_checkpoint(root / task, 1, model=m, state={}, meta=meta(task, m.cfg.to_dict(), stage2_channels))
     return {k: str(root / k) for k in ("stage1", "stage2", "baseline")}
 
 

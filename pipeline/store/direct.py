@@ -6,7 +6,8 @@ It serves arrays of local stores whose rows are one chunk (`bytes` + `crc32c`) o
 `--compression none` (and `none+trimK`). A row's selection is a prefix of its last axis (the first c PCA
 channels): only the chunks that hold it are read. Everything else goes through Zarr (`DirectArray.of`
 returns None). Damage is never handed out as data: a missing file or chunk, a failed checksum, a
-truncated or forged shard index raise ChunkDamage with the reason.
+truncated or forged shard index raise ChunkDamage with the reason. Asked to (`check_finite`; always for read_blocks,
+the trainer's path), a chunk holding NaN/Inf is refused too, checked while its bytes are still in cache.
 """
 
 from __future__ import annotations
@@ -24,8 +25,22 @@ _PAGE = 4096
 _PLAIN = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
+NONFINITE = "it holds NaN/Inf values"
+
+
 class ChunkDamage(Exception):
     """A row's data cannot be read as stored; str() is the reason."""
+
+
+def finite(a: np.ndarray) -> bool:
+    """Whether every value is finite. float16 (every stored row) by its bits, where NaN and Inf are the values
+    whose exponent bits are all set: as int16 the positive ones are >= 0x7C00, as uint16 the negative ones are
+    >= 0xFC00. Two integer max reductions: about 10x faster than np.isfinite(a).all() (4 against 49 ms over a
+    29 MB clip), which matters on the loader's path."""
+    if a.dtype == np.float16:
+        bits = a.view(np.int16)
+        return bool(bits.max() < 0x7C00 and bits.view(np.uint16).max() < 0xFC00)
+    return a.dtype.kind != "f" or bool(np.isfinite(a).all())
 
 
 def _plain(codecs, itemsize: int) -> bool:
@@ -90,25 +105,26 @@ class DirectArray:
     def key(self, row: int) -> str:
         return self.separator.join(["c", str(row)] + ["0"] * len(self.row_shape))
 
-    def read(self, row: int, out: np.ndarray) -> np.ndarray:
-        """Row `row`'s first out.shape[-1] entries of its last axis (all of the others) into `out`."""
+    def read(self, row: int, out: np.ndarray, check_finite: bool = False) -> np.ndarray:
+        """Row `row`'s first out.shape[-1] entries of its last axis (all of the others) into `out`; with `check_finite`,
+        a chunk of it holding NaN/Inf is damage."""
         c = out.shape[-1]
         if out.shape[:-1] != self.row_shape[:-1] or not 0 < c <= self.row_shape[-1] or out.dtype != self.dtype:
             raise ValueError(f"out {out.dtype} {list(out.shape)} is not a prefix of a row {list(self.row_shape)}")
         fd = self._open(row)
         try:
             if not self.sharded:
-                self._chunk(fd, 0, os.fstat(fd).st_size, out, (slice(None),) * out.ndim, c)
+                self._chunk(fd, 0, os.fstat(fd).st_size, out, (slice(None),) * out.ndim, c, check_finite)
                 return out
             chunks = self._located(fd, c)
             if math.prod(self.grid[:-1]) == 1 and all(
                 b[1] == a[1] + a[2] for a, b in zip(chunks, chunks[1:])
             ):  # channel chunks, one after the other in the file (as the writer stores them): one read
-                self._run(fd, chunks[0][1], len(chunks), out)
+                self._run(fd, chunks[0][1], len(chunks), out, check_finite)
             else:
                 for pos, offset, nbytes in chunks:
                     region = tuple(slice(p * k, (p + 1) * k) for p, k in zip(pos, self.chunk))
-                    self._chunk(fd, offset, nbytes, out, region, c)
+                    self._chunk(fd, offset, nbytes, out, region, c, check_finite)
         finally:
             os.close(fd)
         return out
@@ -124,8 +140,8 @@ class DirectArray:
     def read_blocks(self, row: int, out: np.ndarray) -> np.ndarray:
         """Row `row`'s first nb channel chunks into out [nb, *chunk], chunk j of the row into out[j]: each
         chunk is read from the file straight into its place (no scratch, no interleave: one pass over
-        memory, as a plain file read), then its crc32c checked. The trainer puts the channels side by side
-        on its device (model/runtime.py: to_device)."""
+        memory, as a plain file read), then its crc32c checked and its values found finite. The trainer puts the
+        channels side by side on its device (model/runtime.py: to_device)."""
         nb = out.shape[0]
         k = self.block(nb * self.chunk[-1])
         if k is None or out.shape[1:] != self.chunk or out.dtype != self.dtype or not out.flags.c_contiguous:
@@ -138,6 +154,8 @@ class DirectArray:
                     raise ChunkDamage("its file ends inside a chunk")
                 if google_crc32c.value(data) != int.from_bytes(self._crc.tobytes(), "little"):
                     raise ChunkDamage("crc32c checksum mismatch: its bytes changed on disk")
+                if not finite(out[pos[-1]]):
+                    raise ChunkDamage(NONFINITE)
         finally:
             os.close(fd)
         return out
@@ -186,7 +204,7 @@ class DirectArray:
             raise ChunkDamage("its shard index fails its crc32c checksum (the file is truncated or changed)")
         return np.frombuffer(raw, np.uint64, count=len(raw) // 16 * 2).reshape(-1, 2)
 
-    def _run(self, fd: int, offset: int, n: int, out: np.ndarray) -> None:
+    def _run(self, fd: int, offset: int, n: int, out: np.ndarray, check_finite: bool) -> None:
         """Read n consecutive channel chunks at `offset` into `out`, each one's crc32c checked: a block of
         rows of every chunk at a time (about _BLOCK bytes, so that it stays in cache between the file
         read and the one copy that interleaves the chunks' channels into `out`)."""
@@ -194,7 +212,7 @@ class DirectArray:
         step = max(1, min(rows, _BLOCK // (n * row_bytes)))
         if self._scratch is None or self._scratch.size < n * step * row_bytes:
             self._scratch = _aligned(self.grid[-1] * step * row_bytes)
-        crcs = [0] * n
+        crcs, nonfinite = [0] * n, False
         k, c = self.chunk[-1], out.shape[-1]
         full = c // k
         for h in range(0, rows, step):
@@ -207,6 +225,7 @@ class DirectArray:
                 crcs[j] = google_crc32c.extend(crcs[j], block[j])
             data = block.view(self.dtype)
             data.shape = (n, m, *self.chunk[1:])  # a view or an error, never a copy
+            nonfinite = nonfinite or (check_finite and not finite(data))  # reported after the checksums
             if full:
                 dest = out[h : h + m, ..., : full * k]
                 dest.shape = (m, *out.shape[1:-1], full, k)
@@ -217,8 +236,12 @@ class DirectArray:
             stored = os.pread(fd, 4, offset + j * (self.chunk_bytes + 4) + self.chunk_bytes)
             if crcs[j] != int.from_bytes(stored, "little"):
                 raise ChunkDamage("crc32c checksum mismatch: its bytes changed on disk")
+        if nonfinite:
+            raise ChunkDamage(NONFINITE)
 
-    def _chunk(self, fd: int, offset: int, nbytes: int, out: np.ndarray, region: tuple, c: int) -> None:
+    def _chunk(
+        self, fd: int, offset: int, nbytes: int, out: np.ndarray, region: tuple, c: int, check_finite: bool
+    ) -> None:
         """Read one chunk (`nbytes` at `offset`: data + crc32c) into out[region], at most c on the last axis."""
         if nbytes != self.chunk_bytes + 4:
             want = self.chunk_bytes + 4
@@ -239,6 +262,8 @@ class DirectArray:
             raise ChunkDamage(f"its file ends inside a chunk ({got} of {nbytes} bytes)")
         if google_crc32c.value(data) != int.from_bytes(crc.tobytes(), "little"):
             raise ChunkDamage("crc32c checksum mismatch: its bytes changed on disk")
+        if check_finite and not finite(data.view(self.dtype)):
+            raise ChunkDamage(NONFINITE)
         if not direct:
             chunk = data.view(self.dtype).reshape(self.chunk)
             np.copyto(dest, chunk[..., : dest.shape[-1]])

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from .basis import PCABasis
-from .direct import ChunkDamage, DirectArray
+from .direct import NONFINITE, ChunkDamage, DirectArray, finite
 from .format import (
     PSEUDO_DEPTH,
     DamagedStoreError,
@@ -306,6 +306,7 @@ class Store:
             raise
         for r, frame in zip(rows, out):
             self._check_present(frame, "frames/features", int(r))
+            self._check_finite(frame, "frames/features", int(r))
         return out
 
     def feature_block(self, channels: int | None = None) -> int:
@@ -341,21 +342,26 @@ class Store:
             raise DamagedStoreError(self.location, name, row, _reason(e)) from e
 
     def read_feature_row(self, row: int, channels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized."""
+        """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized; NaN/Inf refused."""
         c = self._channels(channels)
+        rest = (slice(None), slice(None), slice(0, c))
         if not self._scales:
-            return self._read_row(self._features, "frames/features", row, (slice(None), slice(None), slice(0, c)), out)
-        f = self._read_row(self._features, "frames/features", row, (slice(None), slice(None), slice(0, c)))
+            return self._read_row(self._features, "frames/features", row, rest, out, check_finite=True)
+        f = self._read_row(self._features, "frames/features", row, rest)
         scale = self._read_row(self._scales["frames/features"], "frames/feature_scales", row, (slice(0, c),))
-        return _into(out, dequantize_int8(f, scale))
+        f = _into(out, dequantize_int8(f, scale))
+        self._check_finite(f, "frames/features", row)
+        return f
 
     def read_latent_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
-        """[16, 7, h, w] float16: one stored clip row, int8 stores un-quantized."""
+        """[16, 7, h, w] float16: one stored clip row, int8 stores un-quantized; NaN/Inf refused."""
         if not self._scales:
-            return self._read_row(self._latents, "clips/latents", row, (), out)
+            return self._read_row(self._latents, "clips/latents", row, (), out, check_finite=True)
         z = self._read_row(self._latents, "clips/latents", row, ())
         scale = self._read_row(self._scales["clips/latents"], "clips/latent_scales", row, ())
-        return _into(out, dequantize_int8(z, scale[:, None, None, None]))
+        z = _into(out, dequantize_int8(z, scale[:, None, None, None]))
+        self._check_finite(z, "clips/latents", row)
+        return z
 
     def read_latents(self, i: int, variant: int = 0, out: np.ndarray | None = None) -> np.ndarray:
         """[16, 7, h, w] float16 (`out`: as in read_features)."""
@@ -373,24 +379,31 @@ class Store:
                 f"{self.location} has no finished clips/pred_features: run the rollout job first (make rollout)"
             )
         arr, row, c = self.group["clips/pred_features"], self.row(i, variant), self._channels(channels)
-        p = self._read_row(arr, "clips/pred_features", row, (slice(None), slice(None), slice(None), slice(0, c)), out)
+        rest = (slice(None), slice(None), slice(None), slice(0, c))
+        p = self._read_row(arr, "clips/pred_features", row, rest, out, check_finite=True)
         predicted = min(c, int(arr.attrs.get("channels", c)))  # channels past these are zeros by design
         for frame in p:
             self._check_present(frame[..., :predicted], "clips/pred_features", row)
         return p
 
-    def _read_row(self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None) -> np.ndarray:
-        """arr[row, *rest] (rest: () or full slices then a prefix slice(0, c) of the last axis), into `out`."""
+    def _read_row(
+        self, arr, name: str, row: int, rest: tuple, out: np.ndarray | None = None, check_finite: bool = False
+    ) -> np.ndarray:
+        """arr[row, *rest] (rest: () or full slices then a prefix slice(0, c) of the last axis), into `out`;
+        `check_finite`: a row holding NaN/Inf is damage too (verify counts them itself)."""
         direct = self._direct.get(name)
         if direct is not None and arr.path == direct.array.path:
             if out is None:
                 c = rest[-1].stop if rest else direct.row_shape[-1]
                 out = np.empty((*direct.row_shape[:-1], c), direct.dtype)
-            return self._direct_read(name, row, direct.read, out)
+            return self._direct_read(name, row, lambda r, o: direct.read(r, o, check_finite), out)
         try:
-            return _read(arr, (row, *rest), out)
+            a = _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
             raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+        if check_finite:
+            self._check_finite(a, name, row)
+        return a
 
     def _check_present(self, a: np.ndarray, name: str, row: int) -> None:
         """Refuse a row holding a chunk that reads as fill values (zeros): its object is missing on disk.
@@ -415,6 +428,12 @@ class Store:
                 raise DamagedStoreError(
                     self.location, name, row, f"the chunk of channels {k}..{last} is missing (reads as fill values)"
                 )
+
+    def _check_finite(self, a: np.ndarray, name: str, row: int) -> None:
+        """Refuse a row holding NaN or Inf: written so, or changed through Zarr (its checksums then pass), it is
+        damage all the same, and one such value makes a training loss NaN."""
+        if not finite(a):
+            raise DamagedStoreError(self.location, name, row, NONFINITE)
 
     def _channel_chunk(self, name: str, c: int) -> int:
         chunk = self.manifest.get("channel_chunk")
