@@ -130,6 +130,19 @@ class CacheConfig:
     progress: bool = True
     verbose: bool = field(default=False, metadata={"help": "show Ray's own log lines and notices"})
 
+    def __post_init__(self) -> None:
+        """Ranges and choices, checked when the config is built: before a source opens or Ray starts."""
+        from pipeline.config import at_least, require
+        from pipeline.store.lossy import parse_compression
+
+        at_least(self, 1, "pca_frames", "stride", "unit_clips", "batch_frames", "batch_clips", "channel_chunk")
+        at_least(self, 1, "max_clips")
+        at_least(self, -1, "max_failures")
+        at_least(self, 0, "encoder_actors", "max_encoder_actors", "decode_actors", "dino_threads", "vae_threads")
+        at_least(self, 0, "encoder_memory_gb", "task_memory_gb")
+        require(self.gpus_per_encoder > 0, "gpus_per_encoder", "> 0", self.gpus_per_encoder)
+        parse_compression(self.compression)  # a ValueError naming the codecs and levels
+
 
 # settings that do not change what is stored (where and how fast it runs): left out of the manifest
 RUNTIME_ONLY = (
@@ -268,10 +281,16 @@ def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
     if not os.path.exists(path):  # a new store: room for all of it (a resumed one already holds part)
         free = shutil.disk_usage(existing).free
         if free < need_bytes:
-            raise Re2pixError(
-                f"{cfg.out}: the store needs up to {need_bytes / 2**30:.2f} GiB, "
-                f"{existing} has {free / 2**30:.2f} GiB free"
-            )
+            need = _size(need_bytes)
+            raise Re2pixError(f"{cfg.out}: the store needs up to {need}, {existing} has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    """Bytes in the unit that keeps a figure readable (0.00 GiB said nothing of 3 MiB against 200 KiB)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} bytes"
 
 
 def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
