@@ -15,6 +15,7 @@ Exit status: 0 when the store is finished with at most --max-failures failed cli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -130,6 +131,19 @@ class CacheConfig:
     progress: bool = True
     verbose: bool = field(default=False, metadata={"help": "show Ray's own log lines and notices"})
 
+    def __post_init__(self) -> None:
+        """Ranges and choices, checked when the config is built: before a source opens or Ray starts."""
+        from pipeline.config import at_least, require
+        from pipeline.store.lossy import parse_compression
+
+        at_least(self, 1, "pca_frames", "stride", "unit_clips", "batch_frames", "batch_clips", "channel_chunk")
+        at_least(self, 1, "max_clips")
+        at_least(self, -1, "max_failures")
+        at_least(self, 0, "encoder_actors", "max_encoder_actors", "decode_actors", "dino_threads", "vae_threads")
+        at_least(self, 0, "encoder_memory_gb", "task_memory_gb")
+        require(self.gpus_per_encoder > 0, "gpus_per_encoder", "> 0", self.gpus_per_encoder)
+        parse_compression(self.compression)  # a ValueError naming the codecs and levels
+
 
 # settings that do not change what is stored (where and how fast it runs): left out of the manifest
 RUNTIME_ONLY = (
@@ -190,7 +204,7 @@ def get_source(cfg: CacheConfig):
 
 
 def build_index(cfg: CacheConfig, geometry=None, source=None):
-    from pipeline.clips import ClipIndex, build_clip_index
+    from pipeline.clips import build_clip_index
 
     geometry = geometry or resolve_geometry(cfg.geometry)
     source = source or get_source(cfg)
@@ -200,10 +214,19 @@ def build_index(cfg: CacheConfig, geometry=None, source=None):
         used = sorted({r for c in keep for r in c.feature_rows})
         remap = {r: i for i, r in enumerate(used)}
         keep = [type(c)(c.clip_id, c.scene, c.start, c.frames, tuple(remap[r] for r in c.feature_rows)) for c in keep]
-        index = ClipIndex(keep, [index.frames[r] for r in used], index.skipped, index.failures)
+        index = dataclasses.replace(index, clips=keep, frames=[index.frames[r] for r in used])
     for f in index.failures:
         print(f"skipped {f['file']}: {f['reason']}", file=sys.stderr)
+    for f in index.ignored:
+        print(f"ignored {f['file']}: {f['reason']}", file=sys.stderr)
+    for note in index.notes:
+        print(f"warning: {note}", file=sys.stderr)
     return source, geometry, index
+
+
+def listed_inputs(index) -> list[dict]:
+    """The store's failures table: unreadable scenes (their clips failed) and ignored inputs (no clip id)."""
+    return index.failures + [{"clip_id": "", **f} for f in index.ignored]
 
 
 # ---- cheap checks, before any encoder runs ----------------------------------------------------------
@@ -268,10 +291,16 @@ def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
     if not os.path.exists(path):  # a new store: room for all of it (a resumed one already holds part)
         free = shutil.disk_usage(existing).free
         if free < need_bytes:
-            raise Re2pixError(
-                f"{cfg.out}: the store needs up to {need_bytes / 2**30:.2f} GiB, "
-                f"{existing} has {free / 2**30:.2f} GiB free"
-            )
+            need = _size(need_bytes)
+            raise Re2pixError(f"{cfg.out}: the store needs up to {need}, {existing} has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    """Bytes in the unit that keeps a figure readable (0.00 GiB said nothing of 3 MiB against 200 KiB)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} bytes"
 
 
 def check_visible_from_every_node(cfg: CacheConfig, cluster) -> None:
@@ -616,6 +645,7 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
         "work_units": len(units),
         "skipped_windows": index.skipped,
         "failures_so_far": len(index.failures),
+        "ignored_inputs": index.ignored,
         "store_bytes": {"uncompressed": est, "blosc-zstd (~1.16x on features)": int(est / 1.16)},
         "encoder_s_per_clip_on_this_cpu": round(per_clip, 3),  # first call included
         "encoder_hours_on_one_such_worker": round(per_clip * len(index.clips) * len(variants) / 3600, 3),
@@ -638,7 +668,8 @@ def _checked_index(cfg: CacheConfig, geometry, source):
     if not index.clips:
         raise Re2pixError(
             f"{cfg.dataset} at {cfg.data_root}: no clip of {geometry.clip_frames} frames "
-            f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)})"
+            f"(skipped windows: {index.skipped or 'none'}; unreadable: {len(index.failures)}; "
+            f"ignored: {len(index.ignored)}, listed above)"
         )
     return source, geometry, index
 
@@ -684,6 +715,7 @@ def run_cache(cfg: CacheConfig) -> dict:
             "variants": finished.get("variants"),
             "seconds": round(time.time() - t0, 1),
             "skipped_windows": index.skipped,
+            "ignored_inputs": index.ignored,
         }
     # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
     source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
@@ -737,8 +769,8 @@ def run_cache(cfg: CacheConfig) -> dict:
         units = plan_units(index, cfg.unit_clips)
         done = writer.done_units()
         todo = [u for u in units if u.unit_id not in done]
-        if index.failures and "index" not in done:  # videos that could not be opened: listed like clips
-            writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=index.failures)
+        if listed_inputs(index) and "index" not in done:  # inputs that made no clip: listed like failed clips
+            writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=listed_inputs(index))
         if done - {"index"}:
             print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
@@ -774,6 +806,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         "seconds": round(time.time() - t0, 1),
         "skipped_windows": index.skipped,
         "unreadable_inputs": len(index.failures),
+        "ignored_inputs": index.ignored,
         "ray": {"cluster": cluster.kind, "nodes": cluster.nodes, "cpus": cluster.cpus, "gpus": cluster.gpus},
         "pools": {k: list(v) for k, v in pools.items()},
         # host memory each actor declared to Ray, by stage
@@ -812,10 +845,11 @@ def main(argv=None) -> int:
         print(
             f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
             f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "
-            f"{summary['skipped_windows'] or 'none'})"
+            f"{summary['skipped_windows'] or 'none'}; ignored inputs: {len(summary['ignored_inputs'])})"
         )
-    if summary["failed_clips"]:
-        print(f"failed clips are listed with file and reason: python -m jobs.store info {summary['store']}")
+    if summary["failed_clips"] or summary["ignored_inputs"]:
+        where = f"python -m jobs.store info {summary['store']}"
+        print(f"failed clips and ignored inputs are listed with file and reason: {where}")
     print(json.dumps(summary))
     if 0 <= cfg.max_failures < summary["failed_clips"]:
         raise TooManyFailuresError(

@@ -76,7 +76,7 @@ def info(store: Store) -> str:
         state = "complete" if store.has_pred_features else "unfinished"
         lines.append(f"rollouts   clips/pred_features from checkpoint {store.pred_features_fingerprint[:12]} ({state})")
     for f in store.failures()[:10]:
-        lines.append(f"failed     {f['clip_id']}: {f['file']}: {f['reason']}")
+        lines.append(f"failed     {f['clip_id'] or 'ignored'}: {f['file']}: {f['reason']}")
     if len(store.failures()) > 10:
         lines.append(f"failed     ... and {len(store.failures()) - 10} more (`info --json` lists all)")
     return "\n".join(lines)

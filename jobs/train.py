@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,12 @@ from jobs.cli import run as run_main
 from jobs.config import DEMO_RUNS, DEMO_STORE, parse_config
 from model.data import parse_store_list
 from model.diffusion import SAMPLE_STEPS
+from model.loop import SCHEDULES
 from model.repa import AlignConfig
 from model.stage1 import Stage1Config
 from model.stage1_diffusion import DiffusionStage1Config
 from model.stage2 import DiTConfig
-from pipeline.config import ConfigError, to_dict
+from pipeline.config import ConfigError, at_least, require, to_dict
 
 log = logging.getLogger("re2pix.train")
 
@@ -72,6 +74,23 @@ class StageConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
 
+    def __post_init__(self) -> None:
+        """Ranges checked when the config is built, before any store opens or a run folder is made."""
+        check_overrides(self)
+        at_least(self, 1, "grad_accum", "log_every", "ckpt_every", "keep_checkpoints")
+        at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "eval_every")
+        require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        require(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", "in [0, 1]", self.final_lr_ratio)
+        require(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay)
+        betas_ok = len(self.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)
+        require(betas_ok, "betas", "two numbers in [0, 1)", self.betas)
+
+
+def check_overrides(cfg) -> None:
+    """steps, lr, batch_size and channels: a stage's own or the top-level overrides (None: not given)."""
+    at_least(cfg, 1, "steps", "batch_size", "channels")
+    require(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), "lr", "a finite number > 0", cfg.lr)
+
 
 @dataclass
 class Stage1Settings(StageConfig):
@@ -81,6 +100,10 @@ class Stage1Settings(StageConfig):
     diffusion: bool = False  # forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
     sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
     sample_solver: str = DiffusionStage1Config.sample_solver
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least(self, 1, "sample_steps")
 
 
 @dataclass
@@ -95,6 +118,11 @@ class Stage2Settings(StageConfig):
     sample_solver: str = "heun"
     sample_clips: int = 4  # evaluation: clips sampled per rank
     align: AlignConfig = field(default_factory=AlignConfig.tiny)  # REPA / VideoREPA (its method: the stage)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 <= self.pred_p <= 1, "pred_p", "in [0, 1]", self.pred_p)
+        at_least(self, 1, "sample_steps", "sample_clips")
 
 
 @dataclass
@@ -140,6 +168,15 @@ class TrainConfig:
     rollout_batch_size: int = 8
     rollout_chunk_rows: int = 64
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from model.data import ON_BAD_CLIP
+
+        check_overrides(self)
+        require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
+        require(self.on_bad_clip in ON_BAD_CLIP, "on_bad_clip", " or ".join(ON_BAD_CLIP), self.on_bad_clip)
+        at_least(self, 0, "val_clips", "workers", "threads")
+        at_least(self, 1, "prefetch_factor", "rollout_batch_size", "rollout_chunk_rows")
 
 
 def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
@@ -320,13 +357,8 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
 
 
 def run(cfg: TrainConfig) -> dict:
-    from model.data import ON_BAD_CLIP
     from model.runtime import init_runtime
 
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"--stage must be one of {STAGES}, got {cfg.stage!r}")
-    if cfg.on_bad_clip not in ON_BAD_CLIP:
-        raise ConfigError(f"--on-bad-clip must be one of {ON_BAD_CLIP}, got {cfg.on_bad_clip!r}")
     if cfg.threads > 0:
         import torch
 

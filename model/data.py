@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.errors import ConfigError
 from pipeline.store.format import VARIANT_SUFFIX, DamagedStoreError, StoreError, check_compatible
 from pipeline.store.geometry import Geometry
 from pipeline.store.open import WEBDATASET, expand_shards, is_webdataset, source_format
@@ -239,9 +240,10 @@ class ClipStream(IterableDataset):
         self.manifest, self.store_channels, self.num_clips = self._open_sources()
         self.geometry = Geometry.from_dict(self.manifest["geometry"])
         c = self.store_channels if channels is None else int(channels)
-        if not 0 < c <= self.store_channels:
-            raise ValueError(
-                f"asked for {channels} feature channels; the {self.kind} source holds {self.store_channels}"
+        if not 0 < c <= self.store_channels:  # a setting the data cannot serve: one line (ConfigError)
+            raise ConfigError(
+                f"asked for {channels} feature channels (--channels); the {self.kind} source holds "
+                f"{self.store_channels}"
             )
         self.channels = c
         self.block = self._feature_block(c) if channel_blocks else None  # see the module doc
@@ -250,9 +252,9 @@ class ClipStream(IterableDataset):
             raise ValueError(f"window must be in 1..{frames} feature frames, got {window}")
         self._plan_sizes()
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.num_clips} clips cannot fill one batch of {batch_size} on each of "
-                f"{self.world} ranks: use a smaller batch or more clips"
+                f"{self.world} ranks: use a smaller batch (--batch-size) or more clips"
             )
         if self.rank == 0 and self.dropped_per_epoch:
             how = "dropped" if remainder == "drop" else "repeated (resampled)"

@@ -87,6 +87,11 @@ class Stage1Config(Sized):
 
     def __post_init__(self) -> None:
         self.feature_hw = tuple(int(v) for v in self.feature_hw)  # JSON presets give lists
+        for name in ("num_pca_channels", "dim", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if len(self.feature_hw) != 2 or min(self.feature_hw) < 1:
             raise ValueError(f"feature_hw must be (H, W) with H, W >= 1, got {self.feature_hw}")
         if self.context_frames < 1:

@@ -111,6 +111,9 @@ class DiTConfig(Sized):
     RENAMED = {"feature_channels": "num_pca_channels"}  # checkpoints saved before
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "dim"):  # before the divisions below use them
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_temporal != 1:
             raise ValueError(
                 "patch_temporal must be 1: the noise conditioning and the context mask are per latent frame"

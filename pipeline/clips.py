@@ -1,12 +1,16 @@
 """The clip index: a deterministic list of clips and of the frames their features need.
 
 Clip ids are stable across reruns and machines (`{scene}-{start:06d}`, characters limited to
-[A-Za-z0-9_-] so that WebDataset keys stay whole). Overlapping clips share feature frames: the
-frame table lists each (scene, frame) once, and every clip points into it with 7 rows.
+[A-Za-z0-9_-] so that WebDataset keys stay whole). Scenes whose names reduce to one id (`drive 1`,
+`drive_1`) stay apart: a scene whose name is that id keeps it, the others add a hash of their own name
+(`drive_1_3f2a9c01`). Overlapping clips share feature frames: the frame table lists each (scene, frame)
+once, and every clip points into it with 7 rows. Every input is accounted for: an unreadable scene is a
+failure, a scene too short for one clip and each file the source ignores are listed in `ignored`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -42,25 +46,42 @@ class ClipIndex:
     frames: list[tuple[str, FrameRef]]  # unique feature frames (scene, frame), in first-use order
     skipped: dict[str, int]  # why windows were not made into clips -> how many
     failures: list[dict] = field(default_factory=list)  # scenes that could not be read: clip_id, file, reason
+    ignored: list[dict] = field(default_factory=list)  # inputs that make no clip: file, reason
+    notes: list[str] = field(default_factory=list)  # how the source reads the scenes, worth a warning
 
     def __len__(self) -> int:
         return len(self.clips)
 
 
+def scene_ids(scenes: list[str]) -> dict[str, str]:
+    """Each scene's id: its safe name, made distinct with a hash of the name where several share one."""
+    by_id: dict[str, list[str]] = {}
+    for scene in scenes:
+        by_id.setdefault(safe_name(scene), []).append(scene)
+    ids = {}
+    for sid, named in by_id.items():
+        for scene in named:
+            unique = len(named) == 1 or scene == sid
+            ids[scene] = sid if unique else f"{sid}_{hashlib.sha1(scene.encode()).hexdigest()[:8]}"
+    return ids
+
+
 def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progress: bool = True) -> ClipIndex:
     """Slide a K-frame window over every scene (the source may veto windows, e.g. on time gaps).
-    A scene that cannot be read (an unreadable video) is listed in `failures`; the others go on."""
+    A scene that cannot be read (an unreadable video) is listed in `failures`, one too short for a clip
+    and the files the source ignores in `ignored`; the others go on."""
     if stride < 1:
         raise ValueError("stride must be >= 1")
     clips: list[Clip] = []
     frame_rows: dict[tuple[str, int], int] = {}
     frames: list[tuple[str, FrameRef]] = []
-    seen_ids: dict[str, str] = {}
     skipped: dict[str, int] = {}
     failures: list[dict] = []
+    ignored = list(source.ignored())
     k = geometry.clip_frames
+    ids = scene_ids(source.scenes())
     for scene in tqdm(source.scenes(), desc=f"index {source.name}", unit="scene", disable=not progress):
-        sid = safe_name(scene)
+        sid = ids[scene]
         try:
             scene_frames = source.frames(scene)
         except SourceError as e:
@@ -68,8 +89,11 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
             file = message.split(": ", 1)[0] if ": " in message else scene
             failures.append({"clip_id": sid, "file": file, "reason": message})
             continue
-        if seen_ids.setdefault(sid, scene) != scene:
-            raise ValueError(f"scenes {seen_ids[sid]!r} and {scene!r} reduce to the same id {sid!r}")
+        if len(scene_frames) < k:
+            file = scene_frames[0].path.rsplit("#", 1)[0] if scene_frames else scene
+            reason = f"too short for a clip: {len(scene_frames)} frames, a clip has {k}"
+            ignored.append({"file": file, "reason": reason})
+            continue
         starts, reasons = source.clip_windows(scene, scene_frames, k, stride)
         for reason, n in reasons.items():
             skipped[reason] = skipped.get(reason, 0) + n
@@ -85,4 +109,5 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
                     frames.append((scene, window[offset]))
                 rows.append(frame_rows[key])
             clips.append(Clip(f"{sid}-{start:06d}", scene, start, window, tuple(rows)))
-    return ClipIndex(clips, frames, skipped, failures)
+    notes = source.reading_notes(geometry.vae_input_hw[1] / geometry.vae_input_hw[0])
+    return ClipIndex(clips, frames, skipped, failures, ignored, notes)

@@ -10,20 +10,24 @@ preset file, a command line, a checkpoint's or a manifest's record (jobs/config.
   `{"size": NAME}` (`"model": "paper"`);
 - lists become tuples where the field is a tuple (JSON has no tuples);
 - `RENAMED` maps keys a class used to have to their names now (configs saved in older checkpoints).
-A value the class refuses in `__post_init__` (a ValueError) becomes a ConfigError naming where it was.
+- a value of the wrong type for a plain field (int, float, str, bool, list, dict) is a ConfigError naming
+  the field ("steps must be an integer, got 'ten'"); an integral float counts as an int (JSON writes 4.0).
+A value the class refuses in `__post_init__` (a ValueError) becomes a ConfigError naming where it was;
+`require` and `at_least` are the checks those `__post_init__`s share.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from typing import ClassVar
 
 from pipeline.errors import ConfigError
 
-__all__ = ["ConfigError", "Sized", "dataclass_type", "field_types", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "Sized", "at_least", "dataclass_type", "field_types", "from_dict", "require", "to_dict"]
 
 
 def _unwrap_optional(tp):
@@ -38,6 +42,58 @@ def field_types(cls) -> dict:
     """{field name: its type, Optional unwrapped} of a dataclass's init fields."""
     hints = typing.get_type_hints(cls)
     return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+
+
+@functools.cache
+def _nullable(cls) -> frozenset:
+    """Names of the init fields whose type admits None."""
+    hints = typing.get_type_hints(cls)
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init and type(None) in typing.get_args(hints[f.name]))
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
+
+
+def _typed(cls, name: str, tp, value):
+    """`value` as field `name` of type `tp` takes it (an integral float as an int); ValueError naming the
+    field when it is of another type. Types other than the plain ones are left to the class."""
+    if value is None:
+        if name in _nullable(cls):
+            return None
+        raise ValueError(f"{name} must not be null")
+    if dataclass_type(tp):  # a nested config arrives built (from a dict or a size name)
+        if not isinstance(value, tp):
+            raise ValueError(f"{name} must be an object, got {value!r}")
+        return value
+    origin = typing.get_origin(tp) or tp
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return value
+    if origin not in _KINDS:
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    ok = isinstance(value, bool) if tp is bool else isinstance(value, origin) and not isinstance(value, bool)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"{name} must be {_KINDS[origin]}, got {value!r}")
+    return value
+
+
+def require(ok: bool, name: str, rule: str, value) -> None:
+    """A ValueError "NAME must be RULE, got VALUE" unless `ok` (from_dict names where it was)."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def at_least(obj, minimum: float, *names: str) -> None:
+    """Each named field of `obj` (None allowed) is a finite number >= minimum."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            require(math.isfinite(value) and value >= minimum, name, f">= {minimum:g}", value)
 
 
 def dataclass_type(tp):
@@ -87,6 +143,8 @@ def from_dict(cls, values, where: str | None = None):
         elif typing.get_origin(types_[name]) is tuple and isinstance(value, list):
             values[name] = tuple(value)
     try:
+        for name, value in values.items():
+            values[name] = _typed(cls, name, types_[name], value)
         return cls(**values)
     except ConfigError:
         raise

@@ -67,6 +67,15 @@ class Source(ABC):
         dataset says otherwise (a gap in time, a fixed evaluation window)."""
         return list(range(0, len(frames) - length + 1, stride)), {}
 
+    def ignored(self) -> list[dict]:
+        """Files under the root that are no scene, each {"file", "reason"} (the cache job lists them)."""
+        return []
+
+    def reading_notes(self, clip_aspect: float) -> list[str]:
+        """Warnings on how the listed scenes will be read into clips of width/height `clip_aspect` (mixed
+        frame rates, frames stretched to another shape), each naming the option that changes it."""
+        return []
+
     def read_targets(self, scene: str, frame: FrameRef) -> dict | None:
         """Optional per-pixel ground truth of a frame, at the frame's resolution: {"classes": uint8 [H, W]
         (indices into `target_classes()["names"]`), "depth": float32 [H, W] metres (inf: no surface)}.

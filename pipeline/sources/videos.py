@@ -1,10 +1,19 @@
 """A folder of driving videos and/or image sequences, one scene each.
 
 Layout: `root/<split>/` if that folder exists, else `root/` itself. Each video file directly in it
-(`.mp4 .mov .mkv .avi`) is a scene named by its stem; each sub-folder holding images (`.png .jpg
+(`.mp4 .mov .mkv .avi .webm`) is a scene named by its stem; each sub-folder holding images (`.png .jpg
 .jpeg`, in natural name order: `f2` before `f10`) is a scene named by the folder. A root that is one
 video file, or one folder of images with no scenes in it, is a source of that one scene (how
-`jobs.predict --video` reads its input).
+`jobs.predict --video` reads its input). Anything else in the folder (another file type, a sub-folder
+without images, such as one holding more videos) is listed by `ignored()` with the reason; hidden
+files (`.name`) are passed over.
+
+Frames are read as players show them: a video's rotation flag (the display matrix, e.g. a phone's
+portrait video stored landscape) turns each decoded frame by its multiple of 90 degrees. Each video keeps
+its own frame rate unless `resample_fps` reads every video at that one rate (the nearest frame to each
+tick of its clock, frames dropped or repeated); `crop_aspect` (width / height) centre-crops every frame
+to that shape before the pipeline resizes it, instead of stretching it. `reading_notes` warns, naming
+these options, when the videos' rates differ or their shape is far from the clips'.
 
 Video frames are listed by demuxing (no decoding): presentation timestamps are the packets' pts
 (`pts * time_base` seconds), sorted, from the first keyframe on. Reading decodes sequentially: each
@@ -30,7 +39,9 @@ from PIL import Image
 from .base import FrameRef, Source, SourceError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 DEFAULT_FPS = 10.0
+ASPECT_TOLERANCE = 1.15  # frames stretched by more than this (width / height ratio) are warned about
 SEEK_AHEAD = 64  # frames: jumps further ahead than this seek instead of decoding through
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
@@ -48,12 +59,49 @@ def _rate(stream) -> float | None:
     return float(rate) if rate else None
 
 
+def _why_ignored(entry: Path, exts: tuple[str, ...]) -> str:
+    if entry.is_file():
+        return f"not a video ({' '.join(exts)}) nor in a folder of images"
+    below = sum(1 for p in entry.rglob("*") if p.suffix.lower() in exts + IMAGE_EXTENSIONS)
+    if below:
+        return f"a folder with no images directly in it ({below} videos or images further down are not read)"
+    return "a folder with no images in it"
+
+
 def _header_rate(path: Path) -> float | None:
     try:
         with av.open(str(path)) as container:
             return _rate(container.streams.video[0]) if container.streams.video else None
     except _AV_ERRORS:
         return None
+
+
+def upright(frame) -> np.ndarray:
+    """A decoded frame as RGB [H, W, 3], turned as its rotation flag says (counter-clockwise degrees, as
+    players and ffmpeg apply the display matrix)."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def centre_crop(image: np.ndarray, aspect: float) -> np.ndarray:
+    """The largest centred part of `image` whose width / height is `aspect`."""
+    h, w = image.shape[:2]
+    if w / h > aspect:
+        keep = max(1, round(h * aspect))
+        return image[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    keep = max(1, round(w / aspect))
+    return image[(h - keep) // 2 : (h - keep) // 2 + keep]
+
+
+def on_clock(times: list[float], fps: float) -> list[int]:
+    """Positions in `times` (sorted seconds) of the frame nearest each tick t0 + n / fps up to the last."""
+    picked = []
+    for n in range(int((times[-1] - times[0]) * fps + 1e-6) + 1):
+        t = times[0] + n / fps
+        i = bisect_left(times, t)
+        picked.append(i if i == 0 or (i < len(times) and times[i] - t < t - times[i - 1]) else i - 1)
+    return picked
 
 
 class _Decoder:
@@ -105,7 +153,7 @@ class _Decoder:
                 if frame.pts > pts:
                     return None
             self.last = frame.pts
-            self.buffer[frame.pts] = frame.to_ndarray(format="rgb24")
+            self.buffer[frame.pts] = upright(frame)
             while len(self.buffer) > self.buffer_frames:
                 self.buffer.popitem(last=False)
             if frame.pts >= pts:
@@ -119,18 +167,34 @@ class VideoFolderSource(Source):
     name = "videos"
     licence = "the user's own videos: their licence is not known to re2pix"
 
-    def __init__(self, root, split="train", fps=None, extensions=(".mp4", ".mov", ".mkv", ".avi"), buffer_frames=32):
+    def __init__(
+        self,
+        root,
+        split="train",
+        fps=None,
+        extensions=VIDEO_EXTENSIONS,
+        buffer_frames=32,
+        resample_fps=None,
+        crop_aspect=None,
+    ):
         if root is None or not Path(root).exists():
             raise SourceError(f"videos: root folder {root!r} does not exist")
+        if resample_fps is not None and not resample_fps > 0:
+            raise SourceError(f"videos: resample_fps must be > 0, got {resample_fps!r}")
+        if crop_aspect is not None and not crop_aspect > 0:
+            raise SourceError(f"videos: crop_aspect (width / height) must be > 0, got {crop_aspect!r}")
         self.root, self.split, self.buffer_frames = str(root), split, max(int(buffer_frames), 1)
+        self.resample_fps, self.crop_aspect = resample_fps, crop_aspect
         exts = tuple(e.lower() for e in extensions)
         self._scenes: dict[str, tuple[str, object]] = {}  # name -> ("video", path) | ("images", [paths])
+        self._ignored: list[dict] = []
         if Path(root).is_file():  # one video file: a source of that one scene
             if Path(root).suffix.lower() not in exts:
                 raise SourceError(f"videos: {root} is not a video file ({' '.join(exts)})")
             self._add(Path(root).stem, ("video", Path(root)))
         else:
             folder = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
+            loose = []  # files that are no scene (images, when the folder is no image sequence itself)
             for entry in sorted(folder.iterdir()):
                 if entry.name.startswith("."):
                     continue
@@ -138,24 +202,36 @@ class VideoFolderSource(Source):
                     self._add(entry.stem, ("video", entry))
                 elif entry.is_dir() and (images := _images(entry)):
                     self._add(entry.name, ("images", images))
+                else:
+                    loose.append(entry)
             if not self._scenes and (images := _images(folder)):  # one folder of frames: that one scene
                 self._add(folder.name, ("images", images))
+                loose = [e for e in loose if e not in images]
+            self._ignored += [{"file": str(e), "reason": _why_ignored(e, exts)} for e in loose]
         self._image_fps = float(fps) if fps else DEFAULT_FPS
-        self.fps = self._image_fps
-        if not fps:  # the first readable video's rate (an unreadable one fails later, in frames())
+        self.fps = float(resample_fps) if resample_fps else self._image_fps
+        if not fps and not resample_fps:  # the first readable video's rate (an unreadable one fails later)
             for kind, where in (self._scenes[s] for s in self.scenes()):
                 rate = _header_rate(where) if kind == "video" else None
                 if rate:
                     self.fps = rate
                     break
         self._listings: dict[str, tuple[list[FrameRef], list[int]]] = {}
+        self._shapes: dict[str, tuple[float, int, int]] = {}  # listed videos: (own fps, width, height as shown)
         self._decoders: OrderedDict[Path, _Decoder] = OrderedDict()
         self._lock = threading.Lock()
 
     def _add(self, name, scene):
-        if name in self._scenes:
-            raise SourceError(f"videos: two scenes named {name!r}: {self._scenes[name][1]} and {scene[1]}")
+        if name in self._scenes:  # drive.mp4 and drive.mkv: the first in name order is the scene
+            taken = self._scenes[name][1]
+            where = scene[1] if scene[0] == "video" else scene[1][0].parent
+            taken = taken if self._scenes[name][0] == "video" else taken[0].parent
+            self._ignored.append({"file": str(where), "reason": f"scene name {name!r} is already {taken}"})
+            return
         self._scenes[name] = scene
+
+    def ignored(self) -> list[dict]:
+        return list(self._ignored)
 
     def __getstate__(self):  # open decoders and locks stay in their process
         return {k: v for k, v in self.__dict__.items() if k not in ("_decoders", "_lock")}
@@ -173,7 +249,7 @@ class VideoFolderSource(Source):
 
     @staticmethod
     def _probe(path: Path):
-        """(time base, sorted unique packet pts from the first keyframe on)."""
+        """(time base, sorted unique packet pts from the first keyframe on, (own fps, width, height as shown))."""
         try:
             with av.open(str(path)) as container:
                 if not container.streams.video:
@@ -186,40 +262,51 @@ class VideoFolderSource(Source):
                         if packet.pts is None:
                             raise SourceError(f"{path}: packets without timestamps are not supported")
                         pts.add(packet.pts)
-                return stream.time_base or Fraction(1, 1), sorted(pts)
+                time_base, rate = stream.time_base or Fraction(1, 1), _rate(stream) or 0.0
+            with av.open(str(path)) as container:  # the first frame: its size as shown (rotation applied)
+                first = next(container.decode(video=0), None)
+                h, w = upright(first).shape[:2] if first is not None else (0, 0)
+            return time_base, sorted(pts), (rate, w, h)
         except _AV_ERRORS as err:
             raise SourceError(f"{path}: cannot read video: {err}") from err
 
-    def _listing(self, scene: str) -> tuple[list[FrameRef], list[int]]:
-        """The scene's frames and, for a video, their pts (cached: listing a video demuxes it)."""
+    def _listing(self, scene: str) -> tuple[list[FrameRef], list]:
+        """The scene's frames and what reads each: its image file, or its pts in the video (cached: listing
+        a video demuxes it). With resample_fps, the frames nearest the ticks of that clock."""
         kind, where = self._scene(scene)
         if scene not in self._listings:
             if kind == "images":
-                refs = [FrameRef(i, i / self._image_fps, str(p)) for i, p in enumerate(where)]
-                self._listings[scene] = refs, []
+                times, keys, names = [i / self._image_fps for i in range(len(where))], list(where), list(where)
             else:
-                time_base, pts = self._probe(where)
-                refs = [FrameRef(i, float(p * time_base), f"{where}#{i}") for i, p in enumerate(pts)]
-                self._listings[scene] = refs, pts
+                time_base, pts, self._shapes[scene] = self._probe(where)
+                times, keys, names = [float(p * time_base) for p in pts], pts, [f"{where}#{i}" for i in range(len(pts))]
+            picked = on_clock(times, self.resample_fps) if self.resample_fps and times else range(len(times))
+            step = 1 / self.resample_fps if self.resample_fps else None
+            refs = [FrameRef(n, times[0] + n * step if step else times[i], str(names[i])) for n, i in enumerate(picked)]
+            self._listings[scene] = refs, [keys[i] for i in picked]
         return self._listings[scene]
 
     def frames(self, scene: str) -> list[FrameRef]:
         return list(self._listing(scene)[0])
 
     def read_frame(self, scene: str, frame: FrameRef) -> np.ndarray:
+        image = self._read(scene, frame)
+        return centre_crop(image, self.crop_aspect) if self.crop_aspect else image
+
+    def _read(self, scene: str, frame: FrameRef) -> np.ndarray:
         kind, where = self._scene(scene)
-        refs, pts = self._listing(scene)
+        refs, keys = self._listing(scene)
         if not 0 <= frame.index < len(refs):
             raise SourceError(f"{frame.path}: frame {frame.index} out of range (scene has {len(refs)})")
         if kind == "images":
             try:
-                with Image.open(where[frame.index]) as im:
+                with Image.open(keys[frame.index]) as im:
                     return np.array(im.convert("RGB"))
             except (OSError, ValueError, SyntaxError) as err:
-                raise SourceError(f"{where[frame.index]}: cannot read image: {err}") from err
+                raise SourceError(f"{keys[frame.index]}: cannot read image: {err}") from err
         with self._lock:
             try:
-                decoder = self._decoders.pop(where, None) or _Decoder(where, pts, self.buffer_frames)
+                decoder = self._decoders.pop(where, None) or _Decoder(where, keys, self.buffer_frames)
                 self._decoders[where] = decoder  # most recently used last
                 while len(self._decoders) > 2:
                     self._decoders.popitem(last=False)[1].close()
@@ -228,3 +315,35 @@ class VideoFolderSource(Source):
                 if where in self._decoders:
                     self._decoders.pop(where).close()
                 raise SourceError(f"{refs[frame.index].path}: cannot decode: {err}") from err
+
+    def reading_notes(self, clip_aspect: float) -> list[str]:
+        """Mixed frame rates and shapes far from the clips' among the scenes listed so far (module doc)."""
+        notes = []
+        rates: dict[float, list[str]] = {}
+        for scene, (fps, _, _) in sorted(self._shapes.items()):
+            rates.setdefault(round(fps, 2), []).append(Path(self._scenes[scene][1]).name)
+        if any(kind == "images" for kind, _ in self._scenes.values()):
+            rates.setdefault(round(self._image_fps, 2), []).append("image folders")
+        if len(rates) > 1 and not self.resample_fps:
+            listed = "; ".join(f"{r:g} fps: {_some(names)}" for r, names in sorted(rates.items()))
+            notes.append(
+                f"videos: frame rates differ ({listed}): each clip keeps its video's own rate, so clips of one "
+                f"length span different times; --source-options '{{\"resample_fps\": {self.fps:g}}}' reads "
+                "every video at one rate"
+            )
+        stretched = []
+        for scene, (_, w, h) in sorted(self._shapes.items()):
+            aspect = self.crop_aspect or (w / h if h else clip_aspect)
+            if max(aspect / clip_aspect, clip_aspect / aspect) > ASPECT_TOLERANCE:
+                stretched.append(f"{Path(self._scenes[scene][1]).name} {w}x{h}")
+        if stretched:
+            notes.append(
+                f"videos: frames of another shape than the clips' ({clip_aspect:.2f}:1) are stretched to it "
+                f"({_some(stretched)}); --source-options '{{\"crop_aspect\": {clip_aspect:.4g}}}' centre-crops "
+                "them to the clips' shape instead"
+            )
+        return notes
+
+
+def _some(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

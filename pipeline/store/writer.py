@@ -232,7 +232,7 @@ class StoreWriter:
             frame_done[r["frame_rows"]] = True
             failures += r["failures"]
         ids = decode_strings(self.group["clips/id"][...])
-        failed_ids = {f["clip_id"] for f in failures}
+        failed_ids = {f["clip_id"] for f in failures if f["clip_id"]}  # "": an ignored input, no clip
         feature_rows = self.group["clips/feature_rows"][...]
         valid = clip_done & frame_done[feature_rows].all(axis=1) & ~np.isin(ids, list(failed_ids))
         # a clip is usable only if every variant of it is
