@@ -7,8 +7,6 @@ Zarr store (whose reader says clearly when it is not one).
 
 from __future__ import annotations
 
-import posixpath
-
 from .format import StoreError
 from .location import filesystem
 
@@ -33,10 +31,10 @@ def source_format(sources: list[str], storage_options: dict | None = None) -> st
 
 def expand_shards(location: str, storage_options: dict | None = None) -> tuple[str, list[str]]:
     """(folder holding manifest.json, shard URLs) of one WebDataset source."""
-    from .wds import shard_urls
+    from .wds import export_folder, shard_urls
 
     if location.endswith(".tar") or "{" in location:
         import braceexpand
 
-        return posixpath.dirname(location.rstrip("/")), list(braceexpand.braceexpand(location))
+        return export_folder(location), list(braceexpand.braceexpand(location))
     return location.rstrip("/"), shard_urls(location, storage_options)
