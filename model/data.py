@@ -74,7 +74,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.store.format import VARIANT_SUFFIX, DamagedStoreError, StoreError, check_compatible
 from pipeline.store.geometry import Geometry
-from pipeline.store.location import is_url
 from pipeline.store.open import WEBDATASET, expand_shards, is_webdataset, source_format
 from pipeline.store.reader import Store, open_stores
 from pipeline.store.wds import manifest_shapes
@@ -740,18 +739,12 @@ class WebDatasetStream(ClipStream):
         return manifests[0], channels, sum(m["webdataset"]["samples"] for m in manifests)  # variants count apart
 
     def _samples(self, urls):
-        """The samples of `urls`, shards opened through one filesystem per protocol (one session per worker)."""
-        import fsspec
-
+        """The samples of `urls`; remote shards open through one filesystem per worker (wds.reading_filesystem)."""
         from pipeline.store.wds import iter_shard
 
-        filesystems = {}
         for url in urls:
-            protocol = url.split("://", 1)[0] if is_url(url) else None
-            if protocol is not None and protocol not in filesystems:
-                filesystems[protocol] = fsspec.core.url_to_fs(url, **(self.storage_options or {}))[0]
             try:
-                yield from iter_shard(url, self.storage_options, self._shapes[url], filesystems.get(protocol))
+                yield from iter_shard(url, self.storage_options, self._shapes[url])
             except DamagedStoreError as e:
                 self._damaged(f"the rest of shard {url}", e)
                 self._pending_skips += 1

@@ -8,16 +8,17 @@ Zarr store (whose reader says clearly when it is not one).
 from __future__ import annotations
 
 from .format import StoreError
-from .location import filesystem
 
 ZARR, WEBDATASET = "zarr", "webdataset"
 
 
 def is_webdataset(location: str, storage_options: dict | None = None) -> bool:
     """A WebDataset export (shard paths, brace patterns, or a folder with manifest.json, no zarr.json)."""
+    from .wds import reading_filesystem
+
     if location.endswith(".tar") or "{" in location:
         return True
-    fs, root = filesystem(location, storage_options)
+    fs, root = reading_filesystem(location, storage_options)
     return not fs.exists(f"{root}/zarr.json") and fs.exists(f"{root}/manifest.json")
 
 

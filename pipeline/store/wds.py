@@ -262,14 +262,26 @@ def _remove_export(fs, root: str) -> None:
             fs.rmdir(folder)
 
 
+def reading_filesystem(location: str, storage_options: dict | None = None):
+    """(filesystem, root) for reading a finished export: one instance per process and options (fsspec's
+    instance cache, which a forked worker does not inherit), so one session, not one per file: a new S3
+    session costs more than the small reads it serves. No listing cache: what a listing said may change."""
+    import fsspec
+
+    location = str(location).removeprefix("file://")
+    if not is_url(location):
+        return filesystem(location)
+    return fsspec.core.url_to_fs(location, **{**(storage_options or {}), "use_listings_cache": False})
+
+
 def read_wds_manifest(out_dir: str, storage_options: dict | None = None) -> dict:
     """The export's manifest, with every size in it bounds-checked before anything is allocated."""
-    fs, root = filesystem(out_dir, storage_options)
+    fs, root = reading_filesystem(out_dir, storage_options)
     path = f"{root}/manifest.json"
-    if not fs.exists(path):
-        raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export")
     try:
         manifest = json.loads(fs.cat_file(path))
+    except FileNotFoundError as e:
+        raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export") from e
     except (ValueError, OSError) as e:
         raise StoreError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(manifest, dict):
@@ -317,7 +329,7 @@ def read_wds_basis(out_dir: str, storage_options: dict | None = None):
     from .basis import PCABasis
 
     manifest = read_wds_manifest(out_dir, storage_options)
-    fs, root = filesystem(out_dir, storage_options)
+    fs, root = reading_filesystem(out_dir, storage_options)
     try:
         with np.load(io.BytesIO(fs.cat_file(f"{root}/pca.npz")), allow_pickle=False) as z:
             basis = PCABasis(**{name: np.asarray(z[name], np.float32) for name in BASIS_ARRAYS})
@@ -345,7 +357,7 @@ def export_folder(shard_url: str) -> str:
 
 def expected_shapes(folder: str, storage_options: dict | None = None) -> dict[str, tuple] | None:
     """The array shapes an export's samples must have, from its manifest.json (None for bare shards)."""
-    fs, root = filesystem(folder, storage_options)
+    fs, root = reading_filesystem(folder, storage_options)
     if not fs.exists(f"{root}/manifest.json"):
         return None
     return manifest_shapes(read_wds_manifest(folder, storage_options), folder)
@@ -420,18 +432,16 @@ def decode_sample(sample: dict, shard: str = "?", shapes: dict | None = None) ->
 _LOOK_UP = object()  # iter_shard's shapes: read them from the export's manifest.json
 
 
-def iter_shard(url: str, storage_options: dict | None = None, shapes=_LOOK_UP, fs=None) -> Iterator[ClipArrays]:
+def iter_shard(url: str, storage_options: dict | None = None, shapes=_LOOK_UP) -> Iterator[ClipArrays]:
     """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
     `shapes` (expected_shapes), by default those of its export's manifest.json when there is one. A stream
-    that opens many shards passes the shapes it read once and its own filesystem `fs` (one session)."""
-    import fsspec
-
+    that opens many shards passes the shapes it read once; remote shards open through reading_filesystem."""
     if shapes is _LOOK_UP:
         shapes = expected_shapes(export_folder(url), storage_options)
-    if fs is not None:
-        opener = fs.open(url, "rb")
+    if is_url(url):
+        opener = reading_filesystem(url, storage_options)[0].open(url, "rb")
     else:
-        opener = fsspec.open(url, "rb", **(storage_options or {})) if is_url(url) else open(url, "rb")
+        opener = open(url, "rb")
     try:
         with opener as f, tarfile.open(fileobj=f, mode="r|") as tar:
             sample: dict = {}
