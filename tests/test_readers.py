@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from jobs.store import main as store_main
+from pipeline.store.copy import copy_store
 from pipeline.store.describe import CONVENTION
 from pipeline.store.format import decode_strings
 from pipeline.store.reader import Store
@@ -49,13 +50,21 @@ def test_xarray_opens_every_group_of_a_local_store_lazily(tmp_path):
     assert dict(consolidated["clips/latents"].attrs)[CONVENTION]["version"]
 
 
-def test_xarray_opens_an_s3_store(tmp_path, s3_server):
+@pytest.mark.slow  # tens of small S3 requests against moto
+def test_upgrade_over_s3_then_xarray_opens_the_store_there(tmp_path, s3_server, capsys):
     path = tmp_path / "s.zarr"
     make_store(path)
+    _strip_to_an_old_store(path)
     url = f"s3://{s3_server.bucket()}/s.zarr"
+    options = s3_server.storage_options
     s3_server.filesystem().put(str(path), url, recursive=True)
-    dt = xr.open_datatree(url, engine="zarr", storage_options=s3_server.storage_options)
-    _datatree_equals_our_reader(dt, Store(url, s3_server.storage_options), clips=1)
+    assert store_main(["upgrade", url, "--storage-options", json.dumps(options)]) == 0
+    assert options["secret"] not in capsys.readouterr().out
+    dt = xr.open_datatree(url, engine="zarr", storage_options=options)
+    store = Store(url, options)
+    _datatree_equals_our_reader(dt, store, clips=1)
+    with s3_server.filesystem().open(f"{url}/clips.parquet", "rb") as f:
+        assert list(pd.read_parquet(f)["id"]) == list(store.clip_table["id"])
 
 
 def test_clip_table_reads_with_pandas_equal_to_our_index(tmp_path):
@@ -129,3 +138,13 @@ def test_rollout_refreshes_consolidated_metadata_our_reader_never_needs(tmp_path
     pred = zarr.open_consolidated(str(path), zarr_format=3)["clips/pred_features"]
     assert pred.metadata.dimension_names == ("clip_row", "future_latent_frame", "y", "x", "pca_channel")
     assert xr.open_datatree(str(path), engine="zarr")["clips"]["pred_features"].shape == pred.shape
+
+
+def test_a_copy_is_published_too(tmp_path):
+    make_store(tmp_path / "s.zarr")
+    copy_store(str(tmp_path / "s.zarr"), str(tmp_path / "c.zarr"), channels=16, progress=False)
+    dt = xr.open_datatree(str(tmp_path / "c.zarr"), engine="zarr")
+    assert dt["frames"]["features"].shape[-1] == dt["pca"]["components"].shape[0] == 16
+    copied = Store(str(tmp_path / "c.zarr"))
+    assert list(pd.read_parquet(tmp_path / "c.zarr" / "clips.parquet")["id"]) == list(copied.clip_table["id"])
+    assert copied.verify()["ok"]

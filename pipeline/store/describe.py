@@ -124,8 +124,12 @@ def describe_arrays(fs, root: str) -> int:
             new = dict(meta, attributes=dict(attrs, **{CONVENTION: block}))
         else:
             continue
-        if new != meta:
-            write_atomic(fs, path, json.dumps(new, indent=2).encode())
+        if new != meta:  # an object store's PUT is whole or nothing already: no temporary copy to move
+            data = json.dumps(new, indent=2).encode()
+            if "file" in fs.protocol:
+                write_atomic(fs, path, data)
+            else:
+                fs.pipe_file(path, data)
             changed += 1
     return changed
 
