@@ -4,7 +4,9 @@ python -m jobs.bench cache     Ray cache job vs a plain single-process loop doin
                                share of worker time inside the encoders; peak memory vs clip count
 python -m jobs.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
                                at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
-python -m jobs.bench all       cache, then loader (`make bench`)
+python -m jobs.bench shards    the same training run from WebDataset shards on local disk and in an S3 bucket
+                               (a moto server): the ratio of their times (goal <= 1.5x)
+python -m jobs.bench all       cache, then loader, then shards (`make bench`)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from jobs import bench_loader
+from jobs import bench_loader, bench_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,17 +305,23 @@ def main(argv=None) -> int:
     bench_loader.add_arguments(
         sub.add_parser("loader", help="the trainer's loader against plain reads; cached vs online cost per sample")
     )
-    a = sub.add_parser("all", help="cache, then loader (loader options take a --loader- prefix)")
+    bench_shards.add_arguments(sub.add_parser("shards", help="training from S3 shards against local shards"))
+    a = sub.add_parser("all", help="cache, loader, shards (their options take a --loader-, --shards- prefix)")
     cache_arguments(a)
     bench_loader.add_arguments(a, prefix="loader-")
+    bench_shards.add_arguments(a, prefix="shards-")
     args = p.parse_args(argv)
     if args.bench in ("cache", "all"):
         bench_cache(args)
     if args.bench == "loader":
         bench_loader.bench_loader(args)
+    if args.bench == "shards":
+        bench_shards.bench_shards(args)
     if args.bench == "all":
         print("\n" + "=" * 100 + "\n")
         bench_loader.bench_loader(bench_loader.loader_args(args, prefix="loader-"))
+        print("\n" + "=" * 100 + "\n")
+        bench_shards.bench_shards(argparse.Namespace(clips=args.shards_clips, steps=args.shards_steps))
     return 0
 
 

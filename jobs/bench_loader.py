@@ -39,9 +39,11 @@ MB = 1e6
 
 
 # ---- the store ------------------------------------------------------------------------------------
-def write_paper_store(path: Path, clips: int, compression: str, raw_dir: Path | None = None, seed: int = 0) -> dict:
-    """`clips` clips at the paper geometry (scenes of 37 frames, stride 4: 4 clips and 10 feature frames
-    each), random float16 arrays, written through StoreWriter; the same arrays as raw files under
+def write_paper_store(
+    path: Path, clips: int, compression: str, raw_dir: Path | None = None, seed: int = 0, geometry=None
+) -> dict:
+    """`clips` clips at the paper geometry or `geometry` (scenes of 37 frames, stride 4: 4 clips and 10 feature
+    frames each), random float16 arrays, written through StoreWriter; the same arrays as raw files under
     `raw_dir` (one per feature frame and per latent row) for the uncompressed read."""
     from pipeline.clips import build_clip_index
     from pipeline.sources.base import FrameRef, Source
@@ -59,13 +61,13 @@ def write_paper_store(path: Path, clips: int, compression: str, raw_dir: Path | 
             return [f"scene-{i:03d}" for i in range(scenes)]
 
         def frames(self, scene):
-            n = PAPER.clip_frames + (per_scene - 1) * 4
+            n = (geometry or PAPER).clip_frames + (per_scene - 1) * 4
             return [FrameRef(i, i / self.fps, f"{scene}/{i:04d}") for i in range(n)]
 
         def read_frame(self, scene, frame):
             raise NotImplementedError
 
-    g = PAPER
+    g = geometry or PAPER
     index = build_clip_index(BenchSource(), g, stride=4, progress=False)
     index.clips[:] = index.clips[:clips]
     used = sorted({r for c in index.clips for r in c.feature_rows})

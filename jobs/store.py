@@ -1,4 +1,4 @@
-"""Store tools: `python -m jobs.store {info,verify,check,export-wds,copy,card,diagnose} ...`.
+"""Store tools: `python -m jobs.store {info,verify,check,export-wds,copy,card,upgrade,diagnose} ...`.
 
 info URL            what a store holds: dataset, geometry, encoders, PCA basis, counts, failures
 verify URL          read every row the store holds: decoding, missing chunks, NaN/Inf, recorded digests,
@@ -11,6 +11,8 @@ copy SRC DST        copy a store between fsspec locations (local, s3://, gs://, 
                     readable with the original), --compression re-encodes (lossy: +trimK, +int8);
                     resumable after a kill, verified as it goes
 card URL            write README.md and card.json into the store: what it holds, licence, how to read it
+upgrade URL         give a store written before them its arrays' dimension names and descriptions, clips.parquet
+                    and consolidated metadata (metadata only: no chunk is rewritten), for xarray, pandas, DuckDB
 diagnose URL ...    latent temporal distance curve, per-channel latent and feature statistics: a table
                     (one column per store) and a PNG (--png), to compare VAEs and encoders side by side
 """
@@ -154,6 +156,8 @@ def main(argv=None) -> int:
     a.add_argument("--overwrite", action="store_true", help="replace a finished store, or another unfinished one")
     a = sub.add_parser("card", help="write README.md and card.json into a store", parents=[remote])
     a.add_argument("store")
+    a = sub.add_parser("upgrade", help="dimension names, clips.parquet, consolidated metadata", parents=[remote])
+    a.add_argument("store")
     a = sub.add_parser(
         "diagnose", help="latent temporal distance, per-channel latent and feature statistics", parents=[remote]
     )
@@ -220,6 +224,15 @@ def main(argv=None) -> int:
         print(
             f"wrote README.md and card.json into {args.store} ({card['holds']['usable_clips']} clips, "
             f"{card['holds']['bytes'] / 2**20:.1f} MiB)"
+        )
+    elif args.cmd == "upgrade":
+        from pipeline.store.describe import publish
+
+        Store(args.store, args.storage_options)  # a finished store of ours, or one line saying why not
+        done = publish(args.store, args.storage_options)
+        print(
+            f"{args.store}: {done['arrays_described']} arrays and groups described, clips.parquet "
+            f"({done['clip_table_rows']} rows) and consolidated metadata written"
         )
     elif args.cmd == "diagnose":
         from pipeline.store import diagnose as d

@@ -77,6 +77,7 @@ from pipeline.store.format import VARIANT_SUFFIX, DamagedStoreError, StoreError,
 from pipeline.store.geometry import Geometry
 from pipeline.store.open import WEBDATASET, expand_shards, is_webdataset, source_format
 from pipeline.store.reader import Store, open_stores
+from pipeline.store.wds import manifest_shapes
 
 log = logging.getLogger("re2pix.data")
 
@@ -728,6 +729,9 @@ class WebDatasetStream(ClipStream):
             self.urls += shards
             self._source_urls.append(shards)
             manifests.append(_wds_manifest(folder, self.storage_options))
+        # each sample is checked against its export's shapes, read here once for the whole stream
+        shapes = [manifest_shapes(m, folder) for m, folder in zip(manifests, folders)]
+        self._shapes = {url: s for s, urls in zip(shapes, self._source_urls) for url in urls}
         check_compatible(manifests, folders)
         if self.with_pred:
             for m, folder in zip(manifests, folders):
@@ -737,11 +741,12 @@ class WebDatasetStream(ClipStream):
         return manifests[0], channels, sum(m["webdataset"]["samples"] for m in manifests)  # variants count apart
 
     def _samples(self, urls):
+        """The samples of `urls`; remote shards open through one filesystem per worker (wds.reading_filesystem)."""
         from pipeline.store.wds import iter_shard
 
         for url in urls:
             try:
-                yield from iter_shard(url, self.storage_options)
+                yield from iter_shard(url, self.storage_options, self._shapes[url])
             except DamagedStoreError as e:
                 self._damaged(f"the rest of shard {url}", e)
                 self._pending_skips += 1
@@ -757,7 +762,8 @@ class WebDatasetStream(ClipStream):
             return
         rng = np.random.default_rng([self.seed, start, self.rank, worker])
         resampled = self._samples(self._draw_shards(rng))
-        samples = _shuffled(resampled, self.shuffle_buffer if self.shuffle else 1, rng)
+        # a buffer larger than the sources would read them whole, several times over, before the first batch
+        samples = _shuffled(resampled, min(self.shuffle_buffer, self.num_clips) if self.shuffle else 1, rng)
         for k, group in enumerate(_chunks(samples, self.batch_size)):
             g = start + worker + k * workers
             yield g // self.batches_per_epoch, g % self.batches_per_epoch, self._batch(group, rng)

@@ -270,10 +270,10 @@ def test_a_damaged_webdataset_shard_stops_the_stream_or_its_rest_is_skipped(stor
     export_webdataset(store, str(tmp_path / "wds"), channels=16, shard_size_mb=0.05, progress=False)
     real, bad = wds.iter_shard, wds.shard_urls(str(tmp_path / "wds"))[1]
 
-    def iter_shard(url, storage_options=None):
+    def iter_shard(url, storage_options=None, *args):
         if url == bad:  # what the reader raises for a truncated or corrupt member
             raise DamagedStoreError(url, "tar member", 0, "truncated")
-        yield from real(url, storage_options)
+        yield from real(url, storage_options, *args)
 
     monkeypatch.setattr(wds, "iter_shard", iter_shard)
     options = {"batch_size": 2, "loop": False, "remainder": "keep"}

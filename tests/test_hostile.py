@@ -449,10 +449,11 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
     assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == [
         "NOTES.txt",
         "README.md",
+        "data",
         "manifest.json",
         "pca.npz",
-        "shard-000000.tar",
     ]
+    assert [p.name for p in (tmp_path / "wds" / "data").iterdir()] == ["shard-000000.tar"]
 
 
 def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):

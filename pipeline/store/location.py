@@ -32,11 +32,13 @@ def fresh_options(location: str, storage_options: dict | None = None) -> dict:
 
 
 def open_group(location: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """Never through consolidated metadata: a rollout adds arrays to a finished store (describe.py)."""
     location = str(location) if mode == "r" else writable_location(location)
     if not is_url(location):
-        return zarr.open_group(location, mode=mode, zarr_format=3)
+        return zarr.open_group(location, mode=mode, zarr_format=3, use_consolidated=False)
     options = fresh_options(location, storage_options) or None
-    return zarr.open_group(fsspec_store(location, options, read_only=mode == "r"), mode=mode, zarr_format=3)
+    store = fsspec_store(location, options, read_only=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def fsspec_store(location: str, storage_options: dict | None, read_only: bool):

@@ -7,19 +7,18 @@ Zarr store (whose reader says clearly when it is not one).
 
 from __future__ import annotations
 
-import posixpath
-
 from .format import StoreError
-from .location import filesystem
 
 ZARR, WEBDATASET = "zarr", "webdataset"
 
 
 def is_webdataset(location: str, storage_options: dict | None = None) -> bool:
     """A WebDataset export (shard paths, brace patterns, or a folder with manifest.json, no zarr.json)."""
+    from .wds import reading_filesystem
+
     if location.endswith(".tar") or "{" in location:
         return True
-    fs, root = filesystem(location, storage_options)
+    fs, root = reading_filesystem(location, storage_options)
     return not fs.exists(f"{root}/zarr.json") and fs.exists(f"{root}/manifest.json")
 
 
@@ -33,10 +32,10 @@ def source_format(sources: list[str], storage_options: dict | None = None) -> st
 
 def expand_shards(location: str, storage_options: dict | None = None) -> tuple[str, list[str]]:
     """(folder holding manifest.json, shard URLs) of one WebDataset source."""
-    from .wds import shard_urls
+    from .wds import export_folder, shard_urls
 
     if location.endswith(".tar") or "{" in location:
         import braceexpand
 
-        return posixpath.dirname(location.rstrip("/")), list(braceexpand.braceexpand(location))
+        return export_folder(location), list(braceexpand.braceexpand(location))
     return location.rstrip("/"), shard_urls(location, storage_options)

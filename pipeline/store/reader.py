@@ -64,7 +64,7 @@ class Store:
 
             cached = cached_store(self.location, storage_options)
             self.group = (
-                zarr.open_group(cached, mode="r", zarr_format=3)
+                zarr.open_group(cached, mode="r", zarr_format=3, use_consolidated=False)
                 if cached is not None
                 else open_group(self.location, mode="r", storage_options=storage_options)
             )

@@ -4,7 +4,8 @@ Checked, whether or not a progress marker still lists the row: every latents row
 every feature frame such a clip uses (and every row a marker recorded), every Stage 1 rollout row when
 the store has them; each must decode (crc32c, codec, shard index), have all its chunks on disk (none
 reading as fill values), hold only finite numbers, and hash to the digest its work unit recorded where
-one was. The PCA basis must have the geometry's shapes and hash to the manifest's fingerprint. A store cached
+one was. clips.parquet, where the store has one, must equal the clip index. The PCA basis must have the
+geometry's shapes and hash to the manifest's fingerprint. A store cached
 with --pseudo-depth has its map of each such frame checked alike (a missing chunk of it reads as NaN).
 A problem is a bad row: (array, row, reason); rows are never skipped because an earlier one failed.
 """
@@ -19,6 +20,7 @@ from .basis import BASIS_ARRAYS, PCABasis
 from .format import PSEUDO_DEPTH, DamagedStoreError
 from .location import filesystem
 from .reader import DECODE_ERRORS, Store, _reason
+from .tables import clip_table_problems
 
 # a unit marker's digest keys are "<kind>/<row>"
 DIGEST_KINDS = {"features": "frames/features", "latents": "clips/latents", "pseudo_depth": PSEUDO_DEPTH}
@@ -34,6 +36,7 @@ def verify_store(store: Store, progress: bool = False) -> dict:
     checked: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     _verify_basis(store, bad)
+    bad += clip_table_problems(store)
 
     digests: dict[tuple[str, int], str] = {}
     fs, root = filesystem(store.location, store.storage_options)

@@ -2,9 +2,11 @@
 
 A sample `{clip_id}` holds `{clip_id}.latents.npy` [16, 7, h, w], `{clip_id}.features.npy`
 [7, H, W, c] (optionally only the first c channels), `{clip_id}.pred_features.npy` when the store has
-rollouts, and `{clip_id}.json` (its metadata). A `manifest.json` beside the shards carries the store's
-manifest so readers can refuse incompatible shards; `pca.npz` carries the PCA basis (float32 arrays, no
-pickle) and `README.md` the naming scheme below. Arrays are .npy read with allow_pickle=False.
+rollouts, and `{clip_id}.json` (its metadata). The shards sit in `data/` (exports made before: beside the
+manifest); beside `data/`, `manifest.json` carries the store's manifest so readers can refuse incompatible
+shards, `pca.npz` the PCA basis (float32 arrays, no pickle) and `README.md` a Hugging Face dataset card: its
+YAML header names the shards and their features (float16 arrays), so `datasets.load_dataset(EXPORT)` loads
+the export as it is, and its text the naming scheme below. Arrays are .npy read with allow_pickle=False.
 The export goes to a local folder or any fsspec URL (s3://, gs://, ...), the shards written through fsspec.
 """
 
@@ -24,7 +26,8 @@ from .format import FORMAT_NAME, StoreError, check_manifest, geometry_of
 from .location import filesystem, is_url, write_atomic
 from .reader import ClipArrays, Store
 
-SHARD_PATTERN = "shard-%06d.tar"
+SHARD_FOLDER = "data"  # Hugging Face's layout: the data files in their own folder, the card beside it
+SHARD_PATTERN = f"{SHARD_FOLDER}/shard-%06d.tar"
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -35,7 +38,7 @@ def _npy(a: np.ndarray) -> bytes:
 
 EXPORT_MARK = ".re2pix-export.json"  # written first, removed after manifest.json: an export in progress
 EXPORT_FILES = ("manifest.json", "pca.npz", "README.md", EXPORT_MARK)  # besides the shards
-_SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
+_SHARD_NAME = re.compile(rf"(?:{SHARD_FOLDER}/)?shard-\d{{6}}\.tar")  # exports made before: beside the manifest
 _NPY = ("latents.npy", "features.npy", "pred_features.npy")
 
 
@@ -59,7 +62,7 @@ def export_webdataset(
     c = store._channels(channels)  # refused before anything is written
     fs, root = filesystem(out_dir, storage_options)
     _claim(fs, root, out_dir, overwrite)
-    fs.makedirs(root, exist_ok=True)
+    fs.makedirs(f"{root}/{SHARD_FOLDER}", exist_ok=True)
     source = absolute_url(store.location)
     write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps({"source_store": source}).encode())
     with_pred = store.has_pred_features
@@ -120,19 +123,30 @@ def _write_companions(
 
 
 def _readme(store: Store, source: str, c: int, shards: int, count: int, with_pred: bool) -> str:
+    """The export's dataset card: a YAML header for Hugging Face `datasets`, then the naming scheme."""
     g = store.geometry
     h, w = g.feature_hw
+    split = store.manifest.get("split")
+    split = split if isinstance(split, str) and re.fullmatch(r"\w+", split) else "train"
+    header = {
+        "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"{SHARD_FOLDER}/*.tar"}]}],
+        "dataset_info": {"features": _features(g, c, with_pred)},
+    }
     return "\n".join(
         [
+            "---",
+            _yaml(header).rstrip("\n"),
+            "---",
             f"# re2pix WebDataset export of {store.manifest.get('dataset')} / {store.manifest.get('split')}",
             "",
             f"Exported from `{source}` (PCA basis `{store.pca_fingerprint}`): {count} samples in {shards} shards.",
             "",
             "## Naming scheme",
             "",
-            "- `shard-NNNNNN.tar`: tar shards numbered from 000000, each a few hundred MB; samples in store order",
+            "- `data/shard-NNNNNN.tar`: tar shards numbered from 000000, each a few hundred MB; samples in store order",
             "- a sample is one clip row; its key is the clip id (`[A-Za-z0-9_-]`, `-hflip` for a flipped variant),",
-            "  and its members are:",
+            "  and its members are (the WebDataset convention names a column after the member's extension, and",
+            "  readers decode `.npy` by it, so these column names keep their `.npy`):",
             f"  - `KEY.latents.npy`: float16 {list(g.latents_shape)}, normalized WAN2.1-VAE posterior means",
             f"  - `KEY.features.npy`: float16 [{g.latent_frames}, {h}, {w}, {c}], the first {c} PCA channels of the "
             "DINOv2 features of frames 0, 4, ..., 24",
@@ -144,17 +158,66 @@ def _readme(store: Store, source: str, c: int, shards: int, count: int, with_pre
                 if with_pred
                 else []
             ),
-            "  - `KEY.json`: clip_id, scene, start, timestamps, variant",
+            "  - `KEY.json`: clip_id, scene, start, timestamps (seconds), variant",
             "- `manifest.json`: the store's manifest (encoders, geometry, PCA fingerprint, counts) and `webdataset`",
             "  (channels, the list of shards, samples, the absolute URL of the source store)",
             "- `pca.npz`: the PCA basis (mean, std, components, explained_variance; float32; `np.load(...,",
             "  allow_pickle=False)`); `pipeline.store.basis.PCABasis(**arrays).fingerprint` equals the manifest's",
             "",
-            "Read with `pipeline.store.wds.iter_webdataset(shard_urls(URL))` or any tar reader "
-            "(`.npy` files are plain NumPy arrays, never pickles).",
+            "## Reading it",
+            "",
+            "```python",
+            "import datasets, numpy as np  # the header above: Array4D float16 columns of the shapes listed",
+            f"ds = datasets.load_dataset(EXPORT, split={split!r})",
+            "arrays = ['latents.npy', 'features.npy']  # numpy's format casts to float32 unless told the dtype",
+            "ds = ds.with_format('numpy', columns=arrays, dtype=np.float16, output_all_columns=True)",
+            "shards = datasets.load_dataset('webdataset', data_dir=EXPORT + '/data')  # the shards alone",
+            "",
+            "import webdataset as wds  # plain webdataset; from a bucket, a `pipe:` opener streams each shard",
+            f"urls = 'pipe:aws s3 cp s3://BUCKET/EXPORT/data/shard-{{000000..{max(shards - 1, 0):06d}}}.tar -'",
+            "samples = wds.WebDataset(urls, shardshuffle=False).decode()  # add --endpoint-url URL for other S3s",
+            "```",
+            "",
+            "re2pix reads it with `pipeline.store.wds.iter_webdataset(shard_urls(URL))` and trains on it with "
+            "`--store URL`; `.npy` files are plain NumPy arrays, never pickles.",
             "",
         ]
     )
+
+
+def _features(g, c: int, with_pred: bool) -> list[dict]:
+    """The samples' columns as `datasets` declares them (dataset_info.features)."""
+    h, w = g.feature_hw
+
+    def array(shape):
+        return {f"array{len(shape)}_d": {"shape": list(shape), "dtype": "float16"}}
+
+    out = [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
+    out.append({"name": "latents.npy", "dtype": array(g.latents_shape)})
+    out.append({"name": "features.npy", "dtype": array((g.latent_frames, h, w, c))})
+    if with_pred:
+        out.append({"name": "pred_features.npy", "dtype": array((g.future_latents, h, w, c))})
+    meta = [{"name": k, "dtype": t} for k, t in (("clip_id", "string"), ("scene", "string"), ("start", "int64"))]
+    meta += [{"name": "timestamps", "list": "float64"}, {"name": "variant", "dtype": "string"}]
+    return [*out, {"name": "json", "struct": meta}]
+
+
+def _yaml(x, indent: int = 0) -> str:
+    """Block YAML of dicts, lists and scalars (JSON-quoted strings): the card header, without a YAML library."""
+    pad = " " * indent
+    if isinstance(x, dict):
+        out = ""
+        for k, v in x.items():
+            if isinstance(v, (dict, list)):
+                out += f"{pad}{k}:\n{_yaml(v, indent + 2)}"
+            else:
+                out += f"{pad}{k}: {json.dumps(v)}\n"
+        return out
+    out = ""
+    for v in x:
+        item = _yaml(v, indent + 2) if isinstance(v, (dict, list)) else f"{pad}  {json.dumps(v)}\n"
+        out += f"{pad}- {item.lstrip()}"
+    return out
 
 
 def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
@@ -188,22 +251,37 @@ def _is_export_manifest(fs, path: str) -> bool:
 
 def _remove_export(fs, root: str) -> None:
     """Delete an export's own files (its shards, manifest.json, the in-progress mark), nothing else."""
-    for p in fs.ls(root, detail=False):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if _SHARD_NAME.fullmatch(name) or name in EXPORT_FILES:
-            fs.rm(p)
-    if not fs.ls(root, detail=False):
-        fs.rmdir(root)
+    for folder in (f"{root}/{SHARD_FOLDER}", root):
+        if not fs.isdir(folder):
+            continue
+        for p in fs.ls(folder, detail=False):
+            name = p.rstrip("/")[len(root) :].strip("/")
+            if _SHARD_NAME.fullmatch(name) or name in EXPORT_FILES:
+                fs.rm(p)
+        if not fs.ls(folder, detail=False):
+            fs.rmdir(folder)
+
+
+def reading_filesystem(location: str, storage_options: dict | None = None):
+    """(filesystem, root) for reading a finished export: one instance per process and options (fsspec's
+    instance cache, which a forked worker does not inherit), so one session, not one per file: a new S3
+    session costs more than the small reads it serves. No listing cache: what a listing said may change."""
+    import fsspec
+
+    location = str(location).removeprefix("file://")
+    if not is_url(location):
+        return filesystem(location)
+    return fsspec.core.url_to_fs(location, **{**(storage_options or {}), "use_listings_cache": False})
 
 
 def read_wds_manifest(out_dir: str, storage_options: dict | None = None) -> dict:
     """The export's manifest, with every size in it bounds-checked before anything is allocated."""
-    fs, root = filesystem(out_dir, storage_options)
+    fs, root = reading_filesystem(out_dir, storage_options)
     path = f"{root}/manifest.json"
-    if not fs.exists(path):
-        raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export")
     try:
         manifest = json.loads(fs.cat_file(path))
+    except FileNotFoundError as e:
+        raise StoreError(f"{out_dir} has no manifest.json: not a re2pix WebDataset export") from e
     except (ValueError, OSError) as e:
         raise StoreError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(manifest, dict):
@@ -251,7 +329,7 @@ def read_wds_basis(out_dir: str, storage_options: dict | None = None):
     from .basis import PCABasis
 
     manifest = read_wds_manifest(out_dir, storage_options)
-    fs, root = filesystem(out_dir, storage_options)
+    fs, root = reading_filesystem(out_dir, storage_options)
     try:
         with np.load(io.BytesIO(fs.cat_file(f"{root}/pca.npz")), allow_pickle=False) as z:
             basis = PCABasis(**{name: np.asarray(z[name], np.float32) for name in BASIS_ARRAYS})
@@ -271,12 +349,22 @@ def _check_member(name: str, shard: str) -> None:
         raise StoreError(f"{shard}: tar member {name!r} is not a plain file name; refusing the shard")
 
 
-def _expected_shapes(folder: str, storage_options: dict | None = None) -> dict[str, tuple] | None:
-    """The array shapes a shard's samples must have, from the manifest.json beside it (None for a bare shard)."""
-    fs, root = filesystem(folder, storage_options)
-    if not fs.exists(f"{root}/manifest.json"):  # read once per shard (a shard holds hundreds of MB)
+def export_folder(shard_url: str) -> str:
+    """The export folder of a shard: the folder holding data/ (or, for exports made before, the shard)."""
+    folder = posixpath.dirname(shard_url.rstrip("/")) or "."
+    return (posixpath.dirname(folder) or ".") if posixpath.basename(folder) == SHARD_FOLDER else folder
+
+
+def expected_shapes(folder: str, storage_options: dict | None = None) -> dict[str, tuple] | None:
+    """The array shapes an export's samples must have, from its manifest.json (None for bare shards)."""
+    fs, root = reading_filesystem(folder, storage_options)
+    if not fs.exists(f"{root}/manifest.json"):
         return None
-    m = read_wds_manifest(folder, storage_options)
+    return manifest_shapes(read_wds_manifest(folder, storage_options), folder)
+
+
+def manifest_shapes(m: dict, folder: str) -> dict[str, tuple]:
+    """The sample shapes of the export whose (checked) manifest is `m`."""
     g, c = geometry_of(m, folder), m["webdataset"]["channels"]
     h, w = g.feature_hw
     return {
@@ -341,13 +429,19 @@ def decode_sample(sample: dict, shard: str = "?", shapes: dict | None = None) ->
     )
 
 
-def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[ClipArrays]:
-    """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
-    the manifest.json beside it when there is one."""
-    import fsspec
+_LOOK_UP = object()  # iter_shard's shapes: read them from the export's manifest.json
 
-    shapes = _expected_shapes(posixpath.dirname(url.rstrip("/")) or ".", storage_options)
-    opener = fsspec.open(url, "rb", **(storage_options or {})) if is_url(url) else open(url, "rb")
+
+def iter_shard(url: str, storage_options: dict | None = None, shapes=_LOOK_UP) -> Iterator[ClipArrays]:
+    """Stream one tar shard (local path or URL) without extracting it; its samples are checked against
+    `shapes` (expected_shapes), by default those of its export's manifest.json when there is one. A stream
+    that opens many shards passes the shapes it read once; remote shards open through reading_filesystem."""
+    if shapes is _LOOK_UP:
+        shapes = expected_shapes(export_folder(url), storage_options)
+    if is_url(url):
+        opener = reading_filesystem(url, storage_options)[0].open(url, "rb")
+    else:
+        opener = open(url, "rb")
     try:
         with opener as f, tarfile.open(fileobj=f, mode="r|") as tar:
             sample: dict = {}

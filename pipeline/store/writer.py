@@ -19,6 +19,7 @@ from zarr.codecs import Crc32cCodec
 from .. import __version__
 from ..clips import ClipIndex
 from .basis import PCABasis
+from .describe import publish
 from .format import (
     DEFAULT_COMPRESSION,
     FORMAT_NAME,
@@ -256,6 +257,7 @@ class StoreWriter:
             from .card import write_card
 
             write_card(self.location, self.storage_options)
+        publish(self.location, self.storage_options)
         return counts
 
     # ---- Stage 1 rollouts (written later by the rollout job) ----------------------------------
@@ -300,6 +302,8 @@ class StoreWriter:
 
     def finish_pred_features(self) -> None:
         self.group["clips/pred_features"].attrs["complete"] = True
+        if self.group.attrs.get("complete"):  # a rollout into a finished store (a copy publishes at its end)
+            publish(self.location, self.storage_options)
 
 
 def _index_digest(index: ClipIndex) -> str:
