@@ -455,14 +455,16 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
     ]
 
 
-def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
-    from pipeline.store.wds import export_webdataset
+def test_a_failed_export_is_never_taken_for_finished(store, tmp_path):
+    from pipeline.store.wds import export_webdataset, shard_urls
 
     path, index, _ = store
     _chunk(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[3\]"):
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
-    assert not (tmp_path / "wds").exists()
+    assert not (tmp_path / "wds" / "manifest.json").exists()  # its finished shards stay, for a rerun to resume
+    with pytest.raises(StoreError, match="no manifest.json"):
+        shard_urls(str(tmp_path / "wds"))
 
 
 def _tar(path: Path, members: dict[str, bytes]) -> str:
