@@ -67,22 +67,20 @@ def quiet_pending_tasks() -> None:
 
 
 # how a full disk reads in errors that lost their errno on the way (torch's writer, safetensors, a Ray worker)
-_DISK_FULL = re.compile(r"No space left on device|os error 28|\[Errno 28\]|inline_container\.cc:\d+.*unexpected pos")
+_DISK_FULL = re.compile(r"No space left on device|os error 28|inline_container\.cc:\d+.*unexpected pos")
 _PATH = re.compile(r"No space left on device: '([^']+)'")
 
 
 def disk_full(error: BaseException) -> str | None:
     """One line for a write that found its disk full, naming the path and its free space; None for any other
-    error. The path is the error's own, else the location this process was writing (its lock's)."""
-    from pipeline.store.lock import written_locations
-
+    error. The path is the error's own, else the location the job was writing (set by its lock's release)."""
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if getattr(e, "errno", None) == errno.ENOSPC or _DISK_FULL.search(str(e)):
             found = getattr(e, "filename", None) or (m.group(1) if (m := _PATH.search(str(e))) else None)
-            path = found or next(reversed(written_locations()), None)
+            path = found or getattr(error, "written", None)
             where = f"{path or 'the output'}{_free(path)}"
             return f"no space left on device writing {where}: free space and rerun the same command"
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__

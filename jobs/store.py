@@ -182,6 +182,7 @@ def main(argv=None) -> int:
                 args.out,
                 args.channels,
                 args.shard_size_mb,
+                progress=sys.stderr.isatty(),
                 overwrite=args.overwrite,
                 storage_options=args.storage_options,
             )

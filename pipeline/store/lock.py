@@ -29,16 +29,9 @@ from .location import filesystem, is_url
 
 LOCK_FILE = ".re2pix-lock.json"
 
-_held: list[str] = []  # the locations this process holds, newest last (what it is writing)
-
 
 class LockedError(Re2pixError):
     """Another job holds the lock of the folder this job would write."""
-
-
-def written_locations() -> list[str]:
-    """The locations this process holds locks on, newest last: where a failed write most likely was."""
-    return list(_held)
 
 
 @contextlib.contextmanager
@@ -86,7 +79,6 @@ class Lock:
     def acquire(self) -> None:
         for _ in range(3):  # a stale lock taken over by another job between our read and our create: look again
             if self._create():
-                _held.append(self.location)
                 return
             holder = self.read()
             if holder is None:  # released between our create and our read
@@ -110,8 +102,12 @@ class Lock:
         raise LockedError(f"{self.location}: its lock {self.path} changes hands too often to take it; rerun")
 
     def release(self) -> None:
-        if self.location in _held:
-            _held.remove(self.location)
+        """Remove the lock (call in a `finally`): an error on its way out learns, as `written`, the location
+        the job was writing, for a message that has no path of its own (a full disk: jobs/cli.py)."""
+        error = sys.exc_info()[1]
+        if error is not None and getattr(error, "written", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                error.written = self.location
         self._remove_if(self.mine)
         parent = self.path.rsplit("/", 1)[0]
         if self.made and not os.listdir(parent):  # a job refused before writing anything leaves no folder

@@ -10,6 +10,7 @@ The export goes to a local folder or any fsspec URL (s3://, gs://, ...), the sha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -80,34 +81,49 @@ def export_webdataset(
     record()
     limit, current, sink, f, size = int(shard_size_mb * 2**20), None, None, None, 0
     rows = [(i, v) for i in range(len(store)) for v in range(store.num_variants)]
-    for i, v in tqdm(rows[count:], desc="export", unit="clip", disable=not progress):
-        clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
-        sample = {
-            "__key__": clip.clip_id,
-            "latents.npy": _npy(clip.latents),
-            "features.npy": _npy(clip.features),
-            "json": json.dumps(clip.meta).encode(),
-        }
-        if with_pred:
-            sample["pred_features.npy"] = _npy(clip.pred_features)
-        if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
-            if sink is not None:
-                sink.close()
-                f.close()
-                shards.append(current)
-                record()
-            current = SHARD_PATTERN % len(shards)
-            f = fs.open(f"{root}/{current}", "wb")
-            sink, size = wds.TarWriter(f, mtime=0), 0
-        size += sink.write(sample)
-        count += 1
-    if sink is not None:
-        sink.close()
-        f.close()
-        shards.append(current)
+    try:
+        for i, v in tqdm(rows[count:], desc="export", unit="clip", disable=not progress):
+            clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
+            sample = {
+                "__key__": clip.clip_id,
+                "latents.npy": _npy(clip.latents),
+                "features.npy": _npy(clip.features),
+                "json": json.dumps(clip.meta).encode(),
+            }
+            if with_pred:
+                sample["pred_features.npy"] = _npy(clip.pred_features)
+            if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
+                if sink is not None:
+                    sink.close()
+                    f.close()
+                    shards.append(current)
+                    record()
+                current = SHARD_PATTERN % len(shards)
+                f = fs.open(f"{root}/{current}", "wb")
+                sink, size = wds.TarWriter(f, mtime=0), 0
+            size += sink.write(sample)
+            count += 1
+        if sink is not None:
+            sink.close()
+            f.close()
+            shards.append(current)
+    except BaseException:
+        if sink is not None and current not in shards:  # unfinished, not in the mark: dropped (a rerun redoes it)
+            _abandon(sink, f, fs, f"{root}/{current}")
+        raise
     _write_companions(fs, root, store, source, c, shards, count, with_pred)
     fs.rm(f"{root}/{EXPORT_MARK}")
     return [f"{out_dir.rstrip('/')}/{s}" for s in shards]
+
+
+def _abandon(sink, f, fs, path: str) -> None:
+    """Drop an unfinished shard without flushing it: on a full disk a flush fails again (and tarfile would try
+    once more when collected, printing a traceback at exit)."""
+    sink.tarstream.closed = sink.tarstream.fileobj.closed = True
+    with contextlib.suppress(OSError):
+        f.close()
+    with contextlib.suppress(OSError):
+        fs.rm(path)
 
 
 def _write_companions(
