@@ -146,8 +146,10 @@ def leftover_processes() -> list[str]:
         processes |= {(p, t) for p, t in r.get("processes", [])}
         spent.append(path)
     found = []
-    for p in psutil.process_iter(["pid", "ppid", "name", "uids", "create_time"]):
+    for p in psutil.process_iter(["pid", "ppid", "name", "uids", "create_time", "status"]):
         if not (p.info["name"] or "").startswith("ray::") or p.info["ppid"] != 1:
+            continue
+        if p.info["status"] == psutil.STATUS_ZOMBIE:  # already ended
             continue
         if p.info["uids"] is None or p.info["uids"].real != os.getuid():
             continue
