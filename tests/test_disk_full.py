@@ -18,7 +18,6 @@ import pytest
 
 from jobs.cli import run
 from pipeline.store.format import IncompleteStoreError
-from pipeline.store.lock import locked
 from pipeline.store.reader import Store
 from tests.store_factory import make_store
 
@@ -127,6 +126,8 @@ def test_a_write_without_a_path_names_the_location_the_job_holds(tmp_path, capsy
 
     monkeypatch.setattr(torch, "save", short_write)
 
+    from pipeline.store.lock import locked
+
     def fail():
         with locked(str(tmp_path / "run" / "stage1"), "jobs.train --stage stage1"):
             torch.save({}, tmp_path / "run" / "stage1" / "state.pt")
@@ -141,6 +142,8 @@ def test_enospc_inside_a_ray_worker_is_one_line(tmp_path, capsys):
 
     cause = OSError(errno.ENOSPC, "No space left on device")
     remote = RayTaskError("WriteStage.__call__", "Traceback ...\nOSError: [Errno 28] No space left on device", cause)
+
+    from pipeline.store.lock import locked
 
     def fail():
         with locked(str(tmp_path / "s.zarr"), "jobs.cache"):
