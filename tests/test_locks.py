@@ -166,3 +166,12 @@ def test_an_object_store_lock_refuses_a_second_writer(s3_server):
             Lock(url, "jobs.cache", options).acquire()
     with locked(url, "jobs.cache", options):  # released: free again
         pass
+
+
+def test_a_file_where_the_folder_should_be_is_refused_and_kept(tmp_path):
+    from pipeline.errors import Re2pixError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(Re2pixError, match="notes.txt is a file, not a folder"):
+        Lock(str(tmp_path / "notes.txt"), "jobs.store export-wds").acquire()
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -139,6 +139,8 @@ class Lock:
     def _create(self) -> bool:
         data = json.dumps(self.mine).encode()
         parent = self.path.rsplit("/", 1)[0]
+        if self.fs.isfile(parent):
+            raise Re2pixError(f"{self.location} is a file, not a folder: refusing to write there")
         self.made = self.local and not self.fs.exists(parent)  # removed again on release if left empty
         self.fs.makedirs(parent, exist_ok=True)
         if self.local:
