@@ -171,7 +171,9 @@ def quiet_ray(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker.cc lines on the driver's stderr
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data resets its loggers' levels on import
+    # Ray Data resets its loggers' levels on import; its ERROR lines only announce (with a stack trace) the
+    # exception the job then raises, which the job reports itself (in one line where it is the user's)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
