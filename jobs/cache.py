@@ -679,6 +679,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     from pipeline.ray_cluster import start_ray, stop_ray
     from pipeline.store.basis import PCABasis
     from pipeline.store.location import open_group
+    from pipeline.store.lock import Lock
     from pipeline.store.writer import StoreWriter
     from pipeline.units import plan_units
 
@@ -721,8 +722,11 @@ def run_cache(cfg: CacheConfig) -> dict:
     source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
     check_writable(cfg, estimated_bytes(index, provisional, len(variants), pseudo_depth_size(cfg, provisional)))
 
-    cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
+    lock = Lock(cfg.out, "jobs.cache", options)  # one writer per store: a second cache job is refused here
+    lock.acquire()
+    cluster = None
     try:
+        cluster = start_ray(cfg.ray_address, verbose=cfg.verbose)
         import ray
 
         # the encoders fix the clip geometry's patch, feature dim, latent channels and compression (in a
@@ -795,6 +799,7 @@ def run_cache(cfg: CacheConfig) -> dict:
         counts = writer.finalize([u.unit_id for u in units])
     finally:
         stop_ray(cluster)
+        lock.release()
     stage_seconds = {s: round(sum(a["busy_s"] for a in actors.values()), 3) for s, actors in stats.stages.items()}
     summary = {
         "store": cfg.out,

@@ -4,13 +4,18 @@
         sys.exit(run(main))
 
 A `Re2pixError` prints `error: <message>` and exits with its `exit_code` (1, or 2 for too many
-failures); Ctrl-C exits 130 and SIGTERM 143, each with one line; anything else is a bug and keeps
-its traceback.
+failures); a full disk (wherever the write failed: here, in a Ray worker, in torch's or safetensors'
+writers) prints one line naming the path and its free space, exit 1; Ctrl-C exits 130 and SIGTERM 143,
+each with one line; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,13 +44,57 @@ def run(main, argv=None, resume_hint: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        quiet_pending_tasks()
         print("interrupted" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr)
         return 130
     except Terminated:
+        quiet_pending_tasks()
         print("terminated" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr)
         return 143
+    except Exception as e:
+        if (message := disk_full(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_pending_tasks() -> None:
+    """An interrupted job leaves coroutines of zarr's or fsspec's event loop unfinished; asyncio would log
+    "Task was destroyed but it is pending!" for each as they are collected at exit."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+# how a full disk reads in errors that lost their errno on the way (torch's writer, safetensors, a Ray worker)
+_DISK_FULL = re.compile(r"No space left on device|os error 28|inline_container\.cc:\d+.*unexpected pos")
+_PATH = re.compile(r"No space left on device: '([^']+)'")
+
+
+def disk_full(error: BaseException) -> str | None:
+    """One line for a write that found its disk full, naming the path and its free space; None for any other
+    error. The path is the error's own, else the location the job was writing (set by its lock's release)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or _DISK_FULL.search(str(e)):
+            found = getattr(e, "filename", None) or (m.group(1) if (m := _PATH.search(str(e))) else None)
+            path = found or getattr(error, "written", None)
+            where = f"{path or 'the output'}{_free(path)}"
+            return f"no space left on device writing {where}: free space and rerun the same command"
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _free(path: str | None) -> str:
+    """' (N MiB free there)' for a local path (its nearest existing folder), '' where that cannot be known."""
+    if not path or ("://" in str(path) and not str(path).startswith("file://")):
+        return ""
+    folder = os.path.abspath(str(path).removeprefix("file://"))
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)"
 
 
 def replace_run_folder(run: Path, job: str) -> None:

@@ -18,6 +18,7 @@ Rollouts of another checkpoint are refused unless --overwrite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -153,6 +154,7 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     from inference.stages import load_model
     from model.data import parse_store_list
     from model.loop import init_runtime
+    from pipeline.store.lock import locked
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -161,7 +163,11 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     if runtime.is_main:
         log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
     locations, _ = parse_store_list(cfg.store)  # mixing weights only matter to training
-    return [rollout_store(stage1, s, cfg, runtime) for s in locations]
+    done = []
+    for s in locations:  # one writer per store; under torchrun rank 0 holds the lock
+        with locked(s, "jobs.rollout", cfg.storage_options or None) if runtime.is_main else contextlib.nullcontext():
+            done.append(rollout_store(stage1, s, cfg, runtime))
+    return done
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ import sys
 
 from jobs.cli import run
 from pipeline.store.format import StoreError
+from pipeline.store.lock import locked
 from pipeline.store.lossy import parse_compression
 from pipeline.store.reader import Store, open_stores
 
@@ -179,19 +180,21 @@ def main(argv=None) -> int:
     elif args.cmd == "export-wds":
         from pipeline.store.wds import export_webdataset
 
-        shards = export_webdataset(
-            Store(args.store),
-            args.out,
-            args.channels,
-            args.shard_size_mb,
-            overwrite=args.overwrite,
-            storage_options=args.storage_options,
-        )
+        with locked(args.out, "jobs.store export-wds", args.storage_options):  # one export into OUT at a time
+            shards = export_webdataset(
+                Store(args.store),
+                args.out,
+                args.channels,
+                args.shard_size_mb,
+                progress=sys.stderr.isatty(),
+                overwrite=args.overwrite,
+                storage_options=args.storage_options,
+            )
         print(f"wrote {len(shards)} shards, manifest.json, pca.npz and README.md to {args.out}")
     elif args.cmd == "copy":
         import shlex
 
-        from pipeline.store.copy import copy_store
+        from pipeline.store.copy import copy_store, refuse_self_copy
 
         try:
             parse_compression(args.compression or "zstd")  # an unknown spec is the user's error: one line
@@ -204,18 +207,20 @@ def main(argv=None) -> int:
             + (["--channels", str(args.channels)] if args.channels else [])
             + (["--compression", args.compression] if args.compression else [])
         )
-        summary = copy_store(
-            args.src,
-            args.dst,
-            channels=args.channels,
-            compression=args.compression,
-            src_options=args.src_options,
-            dst_options=args.dst_options,
-            rows_per_unit=args.rows_per_unit,
-            overwrite=args.overwrite,
-            progress=sys.stderr.isatty(),
-            command=command.replace("'python -m jobs.store copy'", "python -m jobs.store copy"),
-        )
+        refuse_self_copy(args.src, args.dst)  # before the lock goes into it
+        with locked(args.dst, "jobs.store copy", args.dst_options):  # one writer per store
+            summary = copy_store(
+                args.src,
+                args.dst,
+                channels=args.channels,
+                compression=args.compression,
+                src_options=args.src_options,
+                dst_options=args.dst_options,
+                rows_per_unit=args.rows_per_unit,
+                overwrite=args.overwrite,
+                progress=sys.stderr.isatty(),
+                command=command.replace("'python -m jobs.store copy'", "python -m jobs.store copy"),
+            )
         print(json.dumps(summary))
     elif args.cmd == "card":
         from pipeline.store.card import write_card
@@ -244,4 +249,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    writes = sys.argv[1:2] in (["copy"], ["export-wds"])  # the commands that resume where they stopped
+    sys.exit(run(main, resume_hint="rerun the same command to resume" if writes else None))

@@ -28,6 +28,7 @@ batch_size is the global batch per optimizer step (split over ranks and accumula
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -213,9 +214,11 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
+    from model.checkpoint import check_run_dir
     from model.data import has_pred_features, open_stream
     from model.loop import LoopConfig, train
     from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
+    from pipeline.store.lock import locked
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
     sources, weights = parse_store_list(cfg.store)
@@ -316,17 +319,21 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             "stage_config": to_dict(sc),
         },
     )
-    return train(
-        task,
-        loop_cfg,
-        stream,
-        Path(cfg.run_dir) / stage,
-        runtime=runtime,
-        make_val=make_val,
-        resume=cfg.resume,
-        workers=cfg.workers,
-        prefetch_factor=cfg.prefetch_factor,
-    )
+    run_dir = Path(cfg.run_dir) / stage
+    check_run_dir(run_dir)  # before the lock goes into it: never into a folder that is not a run
+    # one trainer per run folder; under torchrun rank 0 holds the lock
+    with locked(str(run_dir), f"jobs.train --stage {stage}") if runtime.is_main else contextlib.nullcontext():
+        return train(
+            task,
+            loop_cfg,
+            stream,
+            run_dir,
+            runtime=runtime,
+            make_val=make_val,
+            resume=cfg.resume,
+            workers=cfg.workers,
+            prefetch_factor=cfg.prefetch_factor,
+        )
 
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import Re2pixError
 from pipeline.store.format import compatibility_view
+from pipeline.store.lock import LOCK_FILE
 
 log = logging.getLogger("re2pix.checkpoint")
 
@@ -139,7 +140,8 @@ def check_run_dir(run_dir) -> None:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file, not a run folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / m).exists() for m in RUN_MARKS):
+    mine = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []  # the trainer's lock
+    if mine and not any((run_dir / m).exists() for m in RUN_MARKS):
         shown = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
         raise CheckpointError(
             f"{run_dir} is not empty and is not a re2pix run (it holds {shown}, and no "

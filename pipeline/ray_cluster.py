@@ -16,6 +16,7 @@ forwarded to every worker through the runtime environment, never printed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -124,15 +125,84 @@ def use_cluster_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def leftover_processes() -> list[str]:
-    """Ray processes whose node is gone (re-parented to init): what a SIGKILLed driver of a private
-    cluster leaves behind (Ray ends its workers, raylet and GCS, but not always its agents)."""
+def _clusters_dir() -> str:
+    """Where this user's jobs record the private clusters they start (a per-user state folder)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "re2pix", "ray-clusters")
+
+
+def _started(pid: int) -> float | None:
     import psutil
 
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def record_private_cluster() -> None:
+    """Record the private cluster this job just started: its raylet (whose workers carry RAY_RAYLET_PID) and
+    the agents it started (which carry nothing that names their cluster), each with its start time."""
+    import psutil
+
+    me = psutil.Process()
+    raylets = [p for p in me.children() if p.name() == "raylet"]
+    record = {
+        "driver": [me.pid, me.create_time()],
+        "raylets": [p.pid for p in raylets],
+        "processes": [[c.pid, c.create_time()] for r in raylets for c in r.children(recursive=True)],
+    }
+    os.makedirs(_clusters_dir(), exist_ok=True)
+    path = os.path.join(_clusters_dir(), f"{me.pid}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def forget_private_cluster() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(_clusters_dir(), f"{os.getpid()}.json"))
+
+
+def leftover_processes() -> list[str]:
+    """Ray processes left by this user's earlier killed jobs of this project: processes of a private cluster
+    a job recorded (record_private_cluster) whose driver no longer runs, re-parented to init (Ray ends its
+    workers, raylet and GCS with a SIGKILLed driver, but not always its agents and actors). Other users' and
+    other jobs' Ray processes are never named. A record with nothing left is removed."""
+    import psutil
+
+    raylets, processes, spent = set(), set(), []
+    for name in os.listdir(_clusters_dir()) if os.path.isdir(_clusters_dir()) else []:
+        path = os.path.join(_clusters_dir(), name)
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            driver, started = r["driver"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _started(driver) == started:  # that job still runs: its processes are its own
+            continue
+        raylets |= {str(p) for p in r.get("raylets", [])}
+        processes |= {(p, t) for p, t in r.get("processes", [])}
+        spent.append(path)
     found = []
-    for p in psutil.process_iter(["pid", "ppid", "name"]):
-        if (p.info["name"] or "").startswith("ray::") and p.info["ppid"] == 1:
+    for p in psutil.process_iter(["pid", "ppid", "name", "uids", "create_time", "status"]):
+        if not (p.info["name"] or "").startswith("ray::") or p.info["ppid"] != 1:
+            continue
+        if p.info["status"] == psutil.STATUS_ZOMBIE:  # already ended
+            continue
+        if p.info["uids"] is None or p.info["uids"].real != os.getuid():
+            continue
+        try:
+            raylet = p.environ().get("RAY_RAYLET_PID")
+        except psutil.Error:
+            continue
+        if raylet in raylets or (p.info["pid"], p.info["create_time"]) in processes:
             found.append(f"{p.info['pid']} ({p.info['name']})")
+    if not found:
+        for path in spent:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     return found
 
 
@@ -141,7 +211,9 @@ def quiet_ray(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # core_worker.cc lines on the driver's stderr
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data resets its loggers' levels on import
+    # Ray Data resets its loggers' levels on import; its ERROR lines only announce (with a stack trace) the
+    # exception the job then raises, which the job reports itself (in one line where it is the user's)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     for name in ("ray", "ray.data", "ray._private", "ray.util"):
@@ -238,6 +310,8 @@ def start_ray(
             raise RayConnectionError(address, e) from None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with a sys.exit that aborts
+        if kind == "private":  # so that a later job can name what a kill of this one leaves behind
+            record_private_cluster()
     else:
         kind, address = "given", ray.get_runtime_context().gcs_address
     ctx = ray.data.DataContext.get_current()
@@ -261,3 +335,5 @@ def stop_ray(cluster: RayCluster | None) -> None:
 
     if cluster is not None and cluster.owned and ray.is_initialized():
         ray.shutdown()
+        if cluster.kind == "private":
+            forget_private_cluster()

@@ -309,3 +309,51 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
         self.wfile.write(data[start : end + 1])
+
+
+def _store_job(*args, code: str | None = None, **kw):
+    """`python -m jobs.store ARGS` (run as __main__), after `code` (a test's slowdown) where given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    main = f"import runpy, sys\n{code or ''}\nsys.argv = ['jobs.store', *{list(map(str, args))!r}]; "
+    main += "runpy.run_module('jobs.store', run_name='__main__')"
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", main], cwd=root, env=env, text=True, **kw)
+
+
+def test_a_store_with_a_deleted_pca_chunk_is_one_line_pointing_at_verify(tmp_path):
+    make_store(tmp_path / "s.zarr")
+    (tmp_path / "s.zarr" / "pca" / "components" / "c" / "0" / "0").unlink()
+    for args in (
+        ["copy", tmp_path / "s.zarr", tmp_path / "copy.zarr"],
+        ["export-wds", tmp_path / "s.zarr", tmp_path / "w"],
+    ):
+        out, err = _store_job(*args, stdout=-1, stderr=-1).communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 's.zarr'}: pca is damaged"), err
+        assert f"run `python -m jobs.store verify {tmp_path / 's.zarr'}`" in lines[0]
+        assert not (tmp_path / "copy.zarr").exists() and not (tmp_path / "w").exists()  # nothing written
+
+
+def test_a_sigterm_during_a_copy_is_one_line_saying_how_to_resume(source, tmp_path):
+    import signal
+    import time
+
+    slow = (
+        "import time, pipeline.store.copy as c; f = c._copy_row; c._copy_row = lambda *a: (time.sleep(0.2), f(*a))[1]"
+    )
+    dst = tmp_path / "dst.zarr"
+    job = _store_job("copy", source, dst, "--rows-per-unit", "1", code=slow, stdout=-1, stderr=-1)
+    deadline = time.time() + 120
+    while not list((dst / "progress").glob("*.json")) and time.time() < deadline:  # copying now
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err
+    assert err.strip().splitlines() == ["terminated: rerun the same command to resume"], err
+    done = _store_job("copy", source, dst, stdout=-1, stderr=-1)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0 and json.loads(out.splitlines()[-1])["units_resumed"] > 0, err

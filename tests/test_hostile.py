@@ -456,14 +456,16 @@ def test_export_wds_refuses_a_foreign_folder_and_replaces_only_its_own_export(st
     assert [p.name for p in (tmp_path / "wds" / "data").iterdir()] == ["shard-000000.tar"]
 
 
-def test_a_failed_export_leaves_no_shard_behind(store, tmp_path):
-    from pipeline.store.wds import export_webdataset
+def test_a_failed_export_is_never_taken_for_finished(store, tmp_path):
+    from pipeline.store.wds import export_webdataset, shard_urls
 
     path, index, _ = store
     _chunk(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[3\]"):
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
-    assert not (tmp_path / "wds").exists()
+    assert not (tmp_path / "wds" / "manifest.json").exists()  # its finished shards stay, for a rerun to resume
+    with pytest.raises(StoreError, match="no manifest.json"):
+        shard_urls(str(tmp_path / "wds"))
 
 
 def _tar(path: Path, members: dict[str, bytes]) -> str:
@@ -636,3 +638,29 @@ def test_channel_blocked_reads_refuse_each_kind_of_damage_they_meet(store):
     _chunk(path, "frames/features", rows[5]).unlink()
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{rows[5]}\] is damaged \(its shard file"):
         s.read_feature_blocks(0, out[5:6, :2], frames=slice(5, 6))
+
+
+def test_an_export_killed_mid_way_resumes_to_the_same_shards(store, tmp_path):
+    path, _, _ = store
+    killed = (  # SIGKILL at the fourth clip: no cleanup runs, as when a machine goes away
+        "import os, signal\n"
+        "from pipeline.store.reader import Store\n"
+        "from pipeline.store.wds import export_webdataset\n"
+        "read, seen = Store.read_clip, []\n"
+        "def dying(self, *a, **kw):\n"
+        "    seen.append(1)\n"
+        "    if len(seen) == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return read(self, *a, **kw)\n"
+        "Store.read_clip = dying\n"
+        f"export_webdataset(Store({str(path)!r}), {str(tmp_path / 'wds')!r}, shard_size_mb=0.05, progress=False)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    assert subprocess.run([sys.executable, "-c", killed], env=env, cwd=ROOT, timeout=300).returncode == -9
+    assert list((tmp_path / "wds").glob("shard-*.tar")) and not (tmp_path / "wds" / "manifest.json").exists()
+    again = _job("jobs.store", "export-wds", path, tmp_path / "wds", "--shard-size-mb", "0.05")
+    assert again.returncode == 0 and "resuming the export" in again.stdout, again.stderr
+    clean = _job("jobs.store", "export-wds", path, tmp_path / "clean", "--shard-size-mb", "0.05")
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "wds").iterdir()), clean.stderr
+    assert all((tmp_path / "wds" / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)

@@ -65,6 +65,11 @@ def absolute_url(location: str) -> str:
     return location if is_url(location) else "file://" + os.path.abspath(location)
 
 
+def refuse_self_copy(src: str, dst: str) -> None:
+    if same_location(src, dst):
+        raise StoreError(f"{dst} is the source store itself ({src}): copy it to another location")
+
+
 def copy_store(
     src: str,
     dst: str,
@@ -81,8 +86,7 @@ def copy_store(
     """Copy the finished store `src` to `dst`; returns a summary (rows, bytes, units done now and before)."""
     from tqdm.auto import tqdm
 
-    if same_location(src, dst):  # before anything is opened: --overwrite must never remove the source
-        raise StoreError(f"{dst} is the source store itself ({src}): copy it to another location")
+    refuse_self_copy(src, dst)  # before anything is opened: --overwrite must never remove the source
     source = Store(src, src_options)
     c = source._channels(channels)
     spec = parse_compression(compression or source.manifest.get("compression", "blosc-zstd")).spec

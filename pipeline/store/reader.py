@@ -22,6 +22,7 @@ from .format import (
     PSEUDO_DEPTH,
     DamagedStoreError,
     IncompatibleStoresError,
+    IncompleteStoreError,
     NotAStoreError,
     StoreError,
     check_compatible,
@@ -31,6 +32,7 @@ from .format import (
     pseudo_depth_hw,
 )
 from .location import filesystem, is_url, open_group
+from .lock import live_holder
 from .lossy import SCALES, dequantize_int8, parse_compression
 
 # What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
@@ -71,7 +73,12 @@ class Store:
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
             raise NotAStoreError(f"{self.location} is not a re2pix store: no Zarr v3 group there ({e})") from e
         self.manifest = dict(self.group.attrs)
-        check_manifest(self.manifest, self.location, allow_incomplete=allow_incomplete)
+        try:
+            check_manifest(self.manifest, self.location, allow_incomplete=allow_incomplete)
+        except IncompleteStoreError:
+            if holder := live_holder(self.location, storage_options):  # not stopped early: still being written
+                raise IncompleteStoreError(f"{self.location} is being written by {holder}; wait for it") from None
+            raise
         self.geometry = geometry_of(self.manifest, self.location)
         self.variants: list[str] = list(self.manifest["variants"])
         try:
@@ -210,7 +217,10 @@ class Store:
 
     @cached_property
     def basis(self) -> PCABasis:
-        return PCABasis.load(self.group["pca"])
+        try:
+            return PCABasis.load(self.group["pca"])
+        except (KeyError, *DECODE_ERRORS) as e:  # a deleted or damaged chunk, a missing array
+            raise DamagedStoreError(self.location, "pca", None, str(e).strip("'\"")) from e
 
     @property
     def has_pred_features(self) -> bool:

@@ -12,6 +12,7 @@ The export goes to a local folder or any fsspec URL (s3://, gs://, ...), the sha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -24,6 +25,7 @@ import numpy as np
 from .basis import BASIS_ARRAYS
 from .format import FORMAT_NAME, StoreError, check_manifest, geometry_of
 from .location import filesystem, is_url, write_atomic
+from .lock import LOCK_FILE
 from .reader import ClipArrays, Store
 
 SHARD_FOLDER = "data"  # Hugging Face's layout: the data files in their own folder, the card beside it
@@ -52,51 +54,79 @@ def export_webdataset(
     storage_options: dict | None = None,
 ) -> list[str]:
     """Write every valid clip row of `store` into tar shards of about `shard_size_mb` under `out_dir` (a folder
-    or an fsspec URL). `out_dir` must be new, empty, or an earlier export (replaced only with `overwrite`); a
-    failed export removes the shards it wrote."""
+    or an fsspec URL). `out_dir` must be new, empty, an unfinished export of the same store and settings
+    (resumed after its last finished shard), or an earlier export (replaced only with `overwrite`)."""
     import webdataset as wds
     from tqdm.auto import tqdm
 
     from .copy import absolute_url
 
-    c = store._channels(channels)  # refused before anything is written
+    c = store._channels(channels)  # refused before anything is written, like a damaged basis
+    _ = store.basis  # loaded (and checked) now; written beside the shards at the end
     fs, root = filesystem(out_dir, storage_options)
-    _claim(fs, root, out_dir, overwrite)
-    fs.makedirs(f"{root}/{SHARD_FOLDER}", exist_ok=True)
-    source = absolute_url(store.location)
-    write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps({"source_store": source}).encode())
     with_pred = store.has_pred_features
-    limit, count, shards, sink, f, size = int(shard_size_mb * 2**20), 0, [], None, None, 0
+    source = absolute_url(store.location)
+    settings = {
+        "source_store": source,
+        "pca_fingerprint": store.pca_fingerprint,
+        "channels": c,
+        "shard_size_mb": shard_size_mb,
+        "pred_features": store.pred_features_fingerprint if with_pred else None,
+    }
+    shards, count = _claim(fs, root, out_dir, overwrite, settings)  # shards finished by a killed export
+    if shards:
+        print(f"resuming the export to {out_dir}: {len(shards)} shards ({count} samples) already written")
+    fs.makedirs(f"{root}/{SHARD_FOLDER}", exist_ok=True)
+
+    def record():  # the finished shards, so that a killed export resumes after the last of them
+        write_atomic(fs, f"{root}/{EXPORT_MARK}", json.dumps(dict(settings, shards=shards, samples=count)).encode())
+
+    record()
+    limit, current, sink, f, size = int(shard_size_mb * 2**20), None, None, None, 0
+    rows = [(i, v) for i in range(len(store)) for v in range(store.num_variants)]
     try:
-        for i in tqdm(range(len(store)), desc="export", unit="clip", disable=not progress):
-            for v in range(store.num_variants):
-                clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
-                sample = {
-                    "__key__": clip.clip_id,
-                    "latents.npy": _npy(clip.latents),
-                    "features.npy": _npy(clip.features),
-                    "json": json.dumps(clip.meta).encode(),
-                }
-                if with_pred:
-                    sample["pred_features.npy"] = _npy(clip.pred_features)
-                if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
-                    if sink is not None:
-                        sink.close()
-                        f.close()
-                    shards.append(SHARD_PATTERN % len(shards))
-                    f = fs.open(f"{root}/{shards[-1]}", "wb")
-                    sink, size = wds.TarWriter(f, mtime=0), 0
-                size += sink.write(sample)
-                count += 1
+        for i, v in tqdm(rows[count:], desc="export", unit="clip", disable=not progress):
+            clip = store.read_clip(i, channels=c, variant=v, with_pred=with_pred)
+            sample = {
+                "__key__": clip.clip_id,
+                "latents.npy": _npy(clip.latents),
+                "features.npy": _npy(clip.features),
+                "json": json.dumps(clip.meta).encode(),
+            }
+            if with_pred:
+                sample["pred_features.npy"] = _npy(clip.pred_features)
+            if sink is None or size >= limit:  # the next shard, through fsspec (local or remote alike)
+                if sink is not None:
+                    sink.close()
+                    f.close()
+                    shards.append(current)
+                    record()
+                current = SHARD_PATTERN % len(shards)
+                f = fs.open(f"{root}/{current}", "wb")
+                sink, size = wds.TarWriter(f, mtime=0), 0
+            size += sink.write(sample)
+            count += 1
         if sink is not None:
             sink.close()
             f.close()
-        _write_companions(fs, root, store, source, c, shards, count, with_pred)
+            shards.append(current)
     except BaseException:
-        _remove_export(fs, root)  # ours alone: the folder was empty or an export of ours
+        if sink is not None and current not in shards:  # unfinished, not in the mark: dropped (a rerun redoes it)
+            _abandon(sink, f, fs, f"{root}/{current}")
         raise
+    _write_companions(fs, root, store, source, c, shards, count, with_pred)
     fs.rm(f"{root}/{EXPORT_MARK}")
     return [f"{out_dir.rstrip('/')}/{s}" for s in shards]
+
+
+def _abandon(sink, f, fs, path: str) -> None:
+    """Drop an unfinished shard without flushing it: on a full disk a flush fails again (and tarfile would try
+    once more when collected, printing a traceback at exit)."""
+    sink.tarstream.closed = sink.tarstream.fileobj.closed = True
+    with contextlib.suppress(OSError):
+        f.close()
+    with contextlib.suppress(OSError):
+        fs.rm(path)
 
 
 def _write_companions(
@@ -220,15 +250,17 @@ def _yaml(x, indent: int = 0) -> str:
     return out
 
 
-def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
-    """Refuse a target that holds anything but an export of ours; clear ours only with `overwrite`."""
+def _claim(fs, root: str, out_dir: str, overwrite: bool, settings: dict) -> tuple[list[str], int]:
+    """Refuse a target that holds anything but an export of ours; clear ours only with `overwrite`. Returns the
+    finished shards and their samples of an unfinished export of the same store and settings (to resume)."""
     if not fs.exists(root):
-        return
+        return [], 0
     if not fs.isdir(root):
         raise StoreError(f"{out_dir} is a file, not a folder: refusing to export there")
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    names = [n for n in names if n != LOCK_FILE]  # this export's own lock
     if not names:
-        return
+        return [], 0
     ours = EXPORT_MARK in names or _is_export_manifest(fs, f"{root}/manifest.json")
     if not ours:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
@@ -236,9 +268,24 @@ def _claim(fs, root: str, out_dir: str, overwrite: bool) -> None:
             f"{out_dir} is not empty and is not a re2pix WebDataset export (it holds {shown}): "
             "refusing to write there, with or without --overwrite; choose a new or empty folder"
         )
-    if not overwrite:
+    if overwrite:
+        _remove_export(fs, root)
+        return [], 0
+    if EXPORT_MARK not in names:
         raise StoreError(f"{out_dir} already holds a WebDataset export; pass --overwrite to replace it")
-    _remove_export(fs, root)
+    try:
+        mark = json.loads(fs.cat_file(f"{root}/{EXPORT_MARK}"))
+    except (OSError, ValueError):
+        mark = {}
+    if {k: mark.get(k) for k in settings} != settings or not _int_in(mark.get("samples"), 0, 1 << 40):
+        raise StoreError(
+            f"{out_dir} holds an unfinished export of another store or with other settings (channels, "
+            "shard size): pass --overwrite to replace it"
+        )
+    shards = mark.get("shards")
+    if not (isinstance(shards, list) and shards == [SHARD_PATTERN % k for k in range(len(shards))]):
+        raise StoreError(f"{root}/{EXPORT_MARK} is damaged: pass --overwrite to export again")
+    return shards, mark["samples"]
 
 
 def _is_export_manifest(fs, path: str) -> bool:

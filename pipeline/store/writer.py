@@ -37,6 +37,7 @@ from .format import (
 )
 from .geometry import Geometry
 from .location import filesystem, open_group, write_atomic
+from .lock import LOCK_FILE
 from .lossy import SCALES, parse_compression, quantize_int8, trim_mantissa
 
 
@@ -323,7 +324,7 @@ def existing_store(location: str, storage_options: dict | None) -> dict | None:
     if not fs.isdir(root):
         raise StoreError(f"{location} is a file, not a folder: refusing to write a store there")
     entries = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    entries = [e for e in entries if e and e != root.rstrip("/").rsplit("/", 1)[-1]]
+    entries = [e for e in entries if e and e != root.rstrip("/").rsplit("/", 1)[-1] and e != LOCK_FILE]
     if not entries:
         return None
     attrs = None
