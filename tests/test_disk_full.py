@@ -156,22 +156,3 @@ def test_enospc_inside_a_ray_worker_is_one_line(tmp_path, capsys):
 def test_other_errors_keep_their_traceback():
     with pytest.raises(OSError, match="Permission denied"):
         run(lambda argv: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied")))
-
-
-def test_a_cache_job_whose_disk_fills_in_a_ray_worker_is_one_line(tmp_path, small_disk, ray_address):
-    disk, grow = small_disk
-    out = disk / "store.zarr"
-    out.mkdir()  # an existing --out is a resumed store: the job skips its up-front free-space check
-    synth = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
-    args = ["--preset", "tiny", "--dataset", "synthetic", "--source-options", json.dumps(synth), "--out", out]
-    proc = _job("jobs.cache", *args, "--ray-address", ray_address, "--no-progress")
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
-    assert errors[0].startswith(f"error: no space left on device writing {out}") and DISK_FULL in errors[0]
-    with pytest.raises(IncompleteStoreError):
-        Store(str(out))
-    grow()
-    done = _job("jobs.cache", *args, "--ray-address", ray_address, "--no-progress")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert Store(str(out)).verify(progress=False)["ok"]
