@@ -85,3 +85,18 @@ def test_the_trainer_streams_the_new_layout_and_old_exports(export, tmp_path):
     for source in (out, old, out / "data" / "shard-{000000..000001}.tar"):
         stream = open_stream(str(source), batch_size=2, channels=16, loop=False, remainder="keep")
         assert sorted(cid for b in stream for cid in b["clip_id"]) == sorted(new), source
+
+
+def test_a_stream_fills_its_buffer_from_what_the_sources_hold_and_reads_the_manifest_once(export, monkeypatch):
+    import pipeline.store.wds as wds
+
+    _, out = export
+    stream = open_stream(str(out), batch_size=2, channels=16, shuffle_buffer=256)  # 8 samples in 2 shards
+    opened, manifests = [], []
+    real_shard, real_manifest = wds.iter_shard, wds.read_wds_manifest
+    monkeypatch.setattr(wds, "iter_shard", lambda url, *a: opened.append(url) or real_shard(url, *a))
+    monkeypatch.setattr(wds, "read_wds_manifest", lambda *a: manifests.append(a) or real_manifest(*a))
+    first = next(iter(stream))
+    # the buffer holds 8 samples (not 256): filling it and one batch open at most 4 shards of 4 samples
+    assert len(first["clip_id"]) == 2 and len(opened) <= 4
+    assert manifests == []  # the shapes each sample is checked against were read when the stream opened

@@ -34,7 +34,7 @@ def _datatree_equals_our_reader(dt, store: Store, clips: int | None = None) -> N
         np.testing.assert_array_equal(features[store._feature_rows[row]].values, store.read_features(i))
     assert list(decode_strings(dt["clips"]["id"].values)) == list(store.clip_table["id"])
     assert dt["clips"]["timestamps"].attrs[CONVENTION]["units"] == "seconds"
-    assert "latent_norm" in latents.attrs[CONVENTION]["description"]
+    assert "(z[c] - mean[c]) / std[c]" in latents.attrs[CONVENTION]["latent_norm"]["applied"]
     assert dt["clips"]["id"].dims == ("clip_row", "id_byte") and dt["clips"]["scene"].dims == ("clip_row", "scene_byte")
 
 

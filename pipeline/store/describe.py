@@ -87,6 +87,12 @@ ARRAYS: dict[str, tuple[tuple[str, ...], str, str | None, str]] = {
     "failures/file": (("failure", "file_byte"), "the source file that failed", None, TEXT),
     "failures/reason": (("failure", "reason_byte"), "why it failed", None, TEXT),
 }
+# how the stored latents relate to the VAE's: machine-readable beside the description
+LATENT_NORM = {
+    "applied": "stored[c] = (z[c] - mean[c]) / std[c], z the VAE posterior mean",
+    "inverse": "z[c] = stored[c] * std[c] + mean[c]",
+    "values": "the root group's attribute latent_norm {mean, std}, one per latent_channel",
+}
 GROUPS = {
     "frames": "one row per encoded frame and variant; overlapping clips share frames",
     "clips": "one row per clip and variant (row = clip x variants + variant)",
@@ -103,6 +109,8 @@ def array_attributes(name: str, ndim: int) -> tuple[list[str], dict]:
     block = {"version": CONVENTION_VERSION, "description": description, "dtype_meaning": dtype}
     if units:
         block["units"] = units
+    if name == "clips/latents":
+        block["latent_norm"] = LATENT_NORM
     return dims, block
 
 
