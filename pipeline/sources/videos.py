@@ -179,10 +179,10 @@ class VideoFolderSource(Source):
     ):
         if root is None or not Path(root).exists():
             raise SourceError(f"videos: root folder {root!r} does not exist")
-        if resample_fps is not None and not resample_fps > 0:
-            raise SourceError(f"videos: resample_fps must be > 0, got {resample_fps!r}")
-        if crop_aspect is not None and not crop_aspect > 0:
-            raise SourceError(f"videos: crop_aspect (width / height) must be > 0, got {crop_aspect!r}")
+        for name, value in (("resample_fps", resample_fps), ("crop_aspect", crop_aspect)):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not (number and 0 < value < float("inf")):
+                raise SourceError(f"videos: {name} must be a number > 0, got {value!r}")
         self.root, self.split, self.buffer_frames = str(root), split, max(int(buffer_frames), 1)
         self.resample_fps, self.crop_aspect = resample_fps, crop_aspect
         exts = tuple(e.lower() for e in extensions)
