@@ -11,6 +11,12 @@ Exact resume: every source of randomness is a function of (seed, step): the data
 the stream's position, and before each micro-batch the global torch RNG and the task's generator
 are seeded from (seed, step, micro-batch, rank). With the optimizer, scheduler, EMA and weights
 restored, a resumed run computes the same losses as an uninterrupted one (from Zarr stores).
+
+No host sync between log lines: the task's generator lives on the training device, so sigma, noise,
+masks and dropout draws are made there (no copy from pageable memory), the tasks mask with torch.where
+(never boolean indexing), the step's loss stays a device tensor until a log line reduces it, and a
+background thread moves the next batch to the device while the step runs (DeviceBatches). Checkpoints
+are snapshotted to host memory and written by a background thread (model/checkpoint.py, AsyncSaver).
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -271,15 +280,14 @@ def train_step(
     total, terms, waited = torch.zeros((), device=runtime.device), {}, 0.0
     for micro in range(cfg.grad_accum):
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches)  # already on the device (DeviceBatches)
         waited += time.perf_counter() - t0
-        batch = to_device(batch, runtime.device)
         seed = step_seed(cfg.seed, step, micro, runtime.rank)
         torch.manual_seed(seed)  # dropout and any other draw from the global RNG
         last = micro == cfg.grad_accum - 1 or not runtime.distributed  # DDP: reduce on the last only
         with contextlib.nullcontext() if last else net.no_sync():
             with autocast(runtime, cfg.amp):
-                loss = task.loss(net, batch, torch.Generator().manual_seed(seed))
+                loss = task.loss(net, batch, torch.Generator(device=runtime.device).manual_seed(seed))
             loss, logged = loss if isinstance(loss, tuple) else (loss, {})
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float() / cfg.grad_accum
@@ -302,7 +310,7 @@ def evaluate(
         return {}
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0, runtime.rank, purpose=1))
+    gen = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, 0, 0, runtime.rank, purpose=1))
     batches = (to_device(b, runtime.device) for b in make_val())
     with torch.no_grad(), autocast(runtime, cfg.amp):
         means = task.evaluate(model, batches, gen)
@@ -332,6 +340,79 @@ class Window:
         }
         self.__init__(self.clips_per_step)
         return out
+
+
+class DeviceBatches:
+    """A stream's batches moved to the device by a background thread, `ahead` batches in advance: the
+    host work of a batch (waiting for it, pinning, float16 -> float32 on a CPU) leaves the main thread,
+    and on a GPU its copies are queued on the device's stream ahead of the step that reads them (the
+    same stream: ordered without events). The stream's own position runs ahead of the step, so this
+    object stands in for it where the loop records positions: `position`, `skipped` and state_dict()
+    are those after the batch handed out last. A reading error is raised here, at the batch it hit."""
+
+    _END = object()
+
+    def __init__(self, stream: ClipStream, batches: Iterator[dict], device: torch.device, ahead: int = 1):
+        self._state = stream.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        args = (stream, batches, device, self._queue, self._stop)
+        self._thread = threading.Thread(target=_move_batches, args=args, name="device-batches", daemon=True)
+        self._thread.start()
+        # a run that dies without close() (an exception in the step) still stops the thread and its workers
+        self._finalizer = weakref.finalize(self, self._stop.set)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self._state["epoch"], self._state["batch"]
+
+    @property
+    def skipped(self) -> int:
+        return self._state["skipped"]
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _move_batches(stream, batches, device, out: queue.Queue, stop: threading.Event) -> None:
+    """DeviceBatches' thread: (batch on the device, stream state after it) into `out` until stopped."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for batch in batches:
+            if not put((to_device(batch, device), stream.state_dict())):
+                return
+        put(DeviceBatches._END)
+    except BaseException as e:  # handed to the main thread, which raises it
+        put(e)
+    finally:
+        batches.close()  # stops the DataLoader workers, from the thread that iterated them
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -400,7 +481,8 @@ def train(
                  json.dumps(stream.describe()))  # fmt: skip
     show = cfg.progress and runtime.is_main
     bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True, disable=not show)
-    batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    read = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    batches = DeviceBatches(stream, read, runtime.device)
     trainee.net.train()
     window = Window(clips_per_step)
     for step in range(start, cfg.steps):
@@ -409,7 +491,7 @@ def train(
         window.add(waited)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            record = train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
+            record = train_record(task, done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
             metrics.write(record)
             summary["loss"] = record["loss"]
             bar.set_postfix(
@@ -424,7 +506,7 @@ def train(
                 if runtime.is_main:
                     log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(run_dir, done, trainee, stream, meta, summary, cfg, runtime)
+            save(run_dir, done, trainee, batches, meta, summary, cfg, runtime)
     bar.close()
     batches.close()  # stops the DataLoader workers
     metrics.close()
