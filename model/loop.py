@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import ConfigError
 
 from .checkpoint import (
+    AsyncSaver,
     CheckpointError,
     check_run_dir,
     find_resumable,
@@ -51,7 +52,6 @@ from .checkpoint import (
     load_state,
     load_weights,
     read_meta,
-    save_checkpoint,
 )
 from .data import ClipStream
 from .metrics import Means
@@ -485,6 +485,7 @@ def train(
     batches = DeviceBatches(stream, read, runtime.device)
     trainee.net.train()
     window = Window(clips_per_step)
+    saver = AsyncSaver()
     for step in range(start, cfg.steps):
         loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
         done = step + 1
@@ -506,10 +507,13 @@ def train(
                 if runtime.is_main:
                     log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(run_dir, done, trainee, batches, meta, summary, cfg, runtime)
+            save(saver, run_dir, done, trainee, batches, meta, summary, cfg, runtime)
     bar.close()
     batches.close()  # stops the DataLoader workers
     metrics.close()
+    if runtime.is_main:
+        saver.wait()  # the last checkpoint is on disk (or its failure raised) before the run reports it
+    runtime.barrier()
     final = latest_checkpoint(run_dir)
     return {
         "task": task.name,
@@ -522,6 +526,7 @@ def train(
 
 
 def save(
+    saver: AsyncSaver,
     run_dir: Path,
     step: int,
     trainee: Trainee,
@@ -531,7 +536,8 @@ def save(
     cfg: LoopConfig,
     runtime: Runtime,
 ) -> None:
-    """A checkpoint at `step` (rank 0 writes it; every rank waits for it)."""
+    """A checkpoint at `step`: rank 0 snapshots it to host memory and `saver` writes it in the background
+    while training goes on; every rank waits for the snapshot."""
     if runtime.is_main:
         state = {
             "optimizer": trainee.optimizer.state_dict(),
@@ -539,7 +545,7 @@ def save(
             "data": stream.state_dict(),
             "summary": summary,
         }
-        save_checkpoint(
+        saver.save(
             run_dir,
             step,
             model=trainee.model,
