@@ -1,7 +1,7 @@
 """A training step never makes the host wait for the device: no `.item()`, no tensor truth value, no copy
-to the host and no boolean indexing (its output size is known only after a sync), in Stage 1, Stage 2
-and the Baseline, between log lines. On a GPU, torch.cuda.set_sync_debug_mode("error") checks the
-same; on a CPU a TorchFunctionMode refuses the calls that would sync there."""
+to the host and no boolean indexing (its output size is known only after a sync), in Stage 1, Stage 2,
+the Baseline, REPA and VideoREPA, between log lines. On a GPU, torch.cuda.set_sync_debug_mode("error")
+checks the same; on a CPU a TorchFunctionMode records the calls that would sync there."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import model.loop
 from model import stage1, stage2
 from model.loop import LoopConfig, train
 from model.runtime import Runtime
-from model.tasks import Stage1Task, Stage2Task
+from model.tasks import AlignTask, Stage1Task, Stage2Task
 from pipeline.store.geometry import TINY
 
 # each makes the host wait for the device's result on a GPU
@@ -89,6 +89,8 @@ class RandomClips:
 def _task(stage: str):
     if stage == "stage1":
         return Stage1Task(stage1.Stage1Config.tiny(dropout=0.1), TINY, 64)
+    if stage in ("repa", "videorepa"):
+        return AlignTask(stage, stage2.DiTConfig.tiny(), TINY, 64)
     # Stage 2 mixes predicted futures in half the time and drops channels; the Baseline takes no features
     return Stage2Task(stage2.DiTConfig.tiny(), TINY, 64, semantic=stage == "stage2", pred_p=0.5)
 
@@ -122,7 +124,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stage", ["stage1", "stage2", "baseline"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "baseline", "repa", "videorepa"])
 def test_a_training_step_makes_no_host_sync(stage, device, tmp_path, monkeypatch):
     per_step = syncs_per_step(stage, device, tmp_path / stage, monkeypatch)
     assert per_step == [[]] * 4
