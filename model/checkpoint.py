@@ -165,12 +165,12 @@ class AsyncSaver:
                 e = CheckpointError(f"writing {run_dir}/checkpoints/step-{step:06d} failed ({type(e).__name__}: {e})")
             self._error = e
 
-    def wait(self) -> None:
+    def wait(self, raise_error: bool = True) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and raise_error:
             raise error
 
 

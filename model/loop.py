@@ -29,7 +29,6 @@ import os
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -359,8 +358,6 @@ class DeviceBatches:
         args = (stream, batches, device, self._queue, self._stop)
         self._thread = threading.Thread(target=_move_batches, args=args, name="device-batches", daemon=True)
         self._thread.start()
-        # a run that dies without close() (an exception in the step) still stops the thread and its workers
-        self._finalizer = weakref.finalize(self, self._stop.set)
 
     def __iter__(self):
         return self
@@ -486,33 +483,37 @@ def train(
     trainee.net.train()
     window = Window(clips_per_step)
     saver = AsyncSaver()
-    for step in range(start, cfg.steps):
-        loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
-        done = step + 1
-        window.add(waited)
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            record = train_record(task, done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
-            metrics.write(record)
-            summary["loss"] = record["loss"]
-            bar.set_postfix(
-                loss=f"{record['loss']:.4g}",
-                clips_s=f"{record['clips_per_s']:.1f}",
-                data=f"{100 * record['data_share']:.0f}%",
-            )
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
-            if summary["eval"]:
-                metrics.write({"kind": "eval", "step": done, **summary["eval"]})
-                if runtime.is_main:
-                    log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save(saver, run_dir, done, trainee, batches, meta, summary, cfg, runtime)
+    try:
+        for step in range(start, cfg.steps):
+            loss, terms, grad_norm, waited = train_step(task, trainee, batches, cfg, runtime, step)
+            done = step + 1
+            window.add(waited)
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                record = train_record(task, done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
+                metrics.write(record)
+                summary["loss"] = record["loss"]
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}",
+                    clips_s=f"{record['clips_per_s']:.1f}",
+                    data=f"{100 * record['data_share']:.0f}%",
+                )
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
+                if summary["eval"]:
+                    metrics.write({"kind": "eval", "step": done, **summary["eval"]})
+                    if runtime.is_main:
+                        log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save(saver, run_dir, done, trainee, batches, meta, summary, cfg, runtime)
+    except BaseException:  # a stopped run: its workers stop, and its checkpoint in flight is finished whole
+        batches.close()
+        saver.wait(raise_error=False)  # the stop is what the user sees
+        raise
     bar.close()
     batches.close()  # stops the DataLoader workers
     metrics.close()
-    if runtime.is_main:
-        saver.wait()  # the last checkpoint is on disk (or its failure raised) before the run reports it
+    saver.wait()  # the last checkpoint is on disk (or its failure raised) before the run reports it
     runtime.barrier()
     final = latest_checkpoint(run_dir)
     return {
