@@ -13,16 +13,22 @@ Layout under a run directory:
 A checkpoint folder is filled under a temporary name and renamed into place; `latest.json` is
 replaced atomically after it. The fingerprint is a sha256 over the weight tensors (names, dtypes,
 shapes, bytes): the rollout job records it beside the predictions it writes.
+
+The training loop saves through an `AsyncSaver`: the state is copied to host memory (`host_snapshot`)
+and written and hashed by a background thread while training goes on; a save waits only for the one
+before it, and the run waits for its last before it ends.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -68,8 +74,25 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _tensors(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's weights on the host (a host_snapshot's as they are)."""
+    if isinstance(weights, dict):
+        return weights
+    return {k: v.detach().cpu().contiguous() for k, v in unwrap(weights).state_dict().items()}
+
+
+def host_snapshot(obj):
+    """`obj` copied to host memory: a module's weights, or nested dicts and lists of tensors and plain
+    values (an optimizer's state); training can go on changing the originals while this is written."""
+    if isinstance(obj, torch.nn.Module):
+        return host_snapshot(unwrap(obj).state_dict())
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True).contiguous()
+    if isinstance(obj, dict):
+        return {k: host_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -83,21 +106,21 @@ def save_checkpoint(
     run_dir,
     step: int,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     state: dict,
     meta: dict,
-    ema: torch.nn.Module | None = None,
+    ema: torch.nn.Module | dict[str, torch.Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write checkpoints/step-{step}, point latest.json at it, keep the newest `keep` checkpoints.
-    Returns the checkpoint folder. Call on one rank only."""
+    model, ema: modules or their host_snapshot. Returns the checkpoint folder. Call on one rank only."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    weights = _tensors(unwrap(model))
+    weights = _tensors(model)
     meta = dict(meta, step=step, model_fingerprint=weights_fingerprint(weights))
     save_file(weights, str(tmp / "model.safetensors"))
     if ema is not None:
@@ -118,6 +141,47 @@ def save_checkpoint(
     for stale in root.glob(".tmp-*"):  # left by a kill during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+class AsyncSaver:
+    """Checkpoints written off the training step: save() snapshots the state to host memory and hands
+    it to a background thread that writes and hashes it (save_checkpoint: same files, same atomic
+    renames, same fingerprints); it waits only for the previous save. wait() waits for the last. A
+    failed write is raised by the next save() or wait(), as one line naming the checkpoint. The thread
+    is not a daemon: a run stopped by an error or a signal still finishes the checkpoint in flight."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, run_dir, step: int, *, model, state: dict, meta: dict, ema=None, keep: int = 2) -> None:
+        self.wait()
+        snap = {
+            "model": host_snapshot(model),
+            "ema": host_snapshot(ema) if ema is not None else None,
+            "state": host_snapshot(state),
+            "meta": copy.deepcopy(meta),
+        }
+        self._thread = threading.Thread(
+            target=self._write, args=(Path(run_dir), step, snap, keep), name=f"checkpoint-{step}"
+        )
+        self._thread.start()
+
+    def _write(self, run_dir: Path, step: int, snap: dict, keep: int) -> None:
+        try:
+            save_checkpoint(run_dir, step, **snap, keep=keep)
+        except BaseException as e:  # raised in the training thread by the next save() or wait()
+            if not isinstance(e, Re2pixError):
+                e = CheckpointError(f"writing {run_dir}/checkpoints/step-{step:06d} failed ({type(e).__name__}: {e})")
+            self._error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def latest_checkpoint(run_dir) -> Path | None:

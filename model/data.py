@@ -67,12 +67,13 @@ import itertools
 import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Re2pixError
 from pipeline.store.format import VARIANT_SUFFIX, DamagedStoreError, StoreError, check_compatible
 from pipeline.store.geometry import Geometry
 from pipeline.store.open import WEBDATASET, expand_shards, is_webdataset, source_format
@@ -81,6 +82,12 @@ from pipeline.store.wds import manifest_shapes
 
 log = logging.getLogger("re2pix.data")
 
+
+class ShmError(Re2pixError):
+    """The DataLoader workers' batch sets cannot fit in /dev/shm's free space."""
+
+
+SHM = "/dev/shm"
 REMAINDERS = ("drop", "pad", "keep")
 _SMALL = ("clip", "variant", "window_start")  # a batch's int64 tensors
 ON_BAD_CLIP = ("stop", "skip")
@@ -405,6 +412,7 @@ class ClipStream(IterableDataset):
         quarter of a clip's read. Here: one set of tensors. In workers: each keeps prefetch_factor + 2
         sets in shared memory and reuses one once this process has moved past the batch in it (a flag
         per set, in shared memory: set by the worker, cleared here); with none free it takes fresh ones.
+        Where /dev/shm cannot hold them all, workers prefetch fewer batches (_fit_prefetch).
         The sets are made here before the workers start, so a batch in one crosses over as the set's
         number and sizes only (no file descriptor to pass, nothing to map, no copy)."""
         self.pin_memory = pin_memory
@@ -416,6 +424,7 @@ class ClipStream(IterableDataset):
                 self._pool = None
             return
         if reuse:
+            prefetch_factor = self._fit_prefetch(workers, prefetch_factor)
             sets = workers * (prefetch_factor + 2)
             self._in_use = torch.zeros(sets, dtype=torch.int8).share_memory_()
             shapes = self._batch_shapes(self.batch_size)  # pages are taken when first written, not here
@@ -440,6 +449,29 @@ class ClipStream(IterableDataset):
                 yield batch
         finally:
             self._in_use, self._sets = None, {}
+
+    def _fit_prefetch(self, workers: int, prefetch_factor: int) -> int:
+        """The prefetch factor whose reused sets, workers x (prefetch + 2) of them in /dev/shm (batches in
+        the DataLoader's queue, one being built, one in the training step), fit its free space: the one
+        asked for, or a smaller one with a warning; one line saying what to set when not even 1 fits."""
+        free = shm_free()
+        set_bytes = 2 * sum(math.prod(shape) for shape in self._batch_shapes(self.batch_size).values())
+        if free is None:  # no /dev/shm: torch's shared memory is elsewhere
+            return prefetch_factor
+        fits = free // (workers * set_bytes) - 2
+        if fits < 1:
+            raise ShmError(
+                f"{SHM} has {free / 1e9:.2f} GB free, and {workers} DataLoader workers need {workers * 3} batch sets "
+                f"of {set_bytes / 1e9:.2f} GB ({workers * 3 * set_bytes / 1e9:.2f} GB): set --workers "
+                f"{free // (3 * set_bytes)} or fewer (0 reads in the training process), or a smaller --batch-size, "
+                "or give the container a larger /dev/shm (docker --shm-size)"
+            )
+        if fits < prefetch_factor:
+            log.warning(
+                "%s has %.2f GB free: %d workers prefetch %d batches each instead of %d (batch sets of %.2f GB)",
+                SHM, free / 1e9, workers, fits, prefetch_factor, set_bytes / 1e9,
+            )  # fmt: skip
+        return min(prefetch_factor, fits)
 
     def _by_reference(self, batch: dict, k: int) -> dict:
         """A worker's batch in reused set k, as batches() rebuilds it: the set's tensors by their sizes,
@@ -813,6 +845,14 @@ class WebDatasetStream(ClipStream):
         out = self._buffer(name, (len(arrays), *arrays[0].shape))
         np.stack(arrays, out=out.numpy())
         return out
+
+
+def shm_free() -> int | None:
+    """Bytes free in /dev/shm, where DataLoader workers' batch tensors live (None: there is none)."""
+    try:
+        return shutil.disk_usage(SHM).free
+    except OSError:
+        return None
 
 
 def _shared(shape: tuple[int, ...]) -> torch.Tensor:

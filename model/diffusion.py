@@ -261,9 +261,10 @@ def mix_features(
             f"{tuple(gt_features.shape)}"
         )
     used = _rand((b,), generator, gt_features.device) < p
-    out = gt_features.clone()
-    future = out[:, -n_pred:]
-    future[used] = pred_features.to(out.device, out.dtype)[used]
+    future = gt_features[:, -n_pred:]
+    # torch.where, not future[used] = ...: boolean indexing makes the host wait for the device
+    mixed = torch.where(used.view(b, *[1] * (future.ndim - 1)), pred_features.to(future.device, future.dtype), future)
+    out = torch.cat([gt_features[:, :-n_pred], mixed], dim=1)
     return (out, used) if return_mask else out
 
 

@@ -11,6 +11,12 @@ Exact resume: every source of randomness is a function of (seed, step): the data
 the stream's position, and before each micro-batch the global torch RNG and the task's generator
 are seeded from (seed, step, micro-batch, rank). With the optimizer, scheduler, EMA and weights
 restored, a resumed run computes the same losses as an uninterrupted one (from Zarr stores).
+
+No host sync between log lines: the task's generator lives on the training device, so sigma, noise,
+masks and dropout draws are made there (no copy from pageable memory), the tasks mask with torch.where
+(never boolean indexing), the step's loss stays a device tensor until a log line reduces it, and a
+background thread moves the next batch to the device while the step runs (DeviceBatches). Checkpoints
+are snapshotted to host memory and written by a background thread (model/checkpoint.py, AsyncSaver).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +42,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import ConfigError, Re2pixError
 
 from .checkpoint import (
+    AsyncSaver,
     CheckpointError,
     check_feature_space,
     check_run_dir,
@@ -44,7 +53,6 @@ from .checkpoint import (
     load_state,
     load_weights,
     read_meta,
-    save_checkpoint,
 )
 from .data import ClipStream
 from .metrics import Means
@@ -274,15 +282,14 @@ def train_step(
     total, terms, waited = torch.zeros((), device=runtime.device), {}, 0.0
     for micro in range(cfg.grad_accum):
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches)  # already on the device (DeviceBatches)
         waited += time.perf_counter() - t0
-        batch = to_device(batch, runtime.device)
         seed = step_seed(cfg.seed, step, micro, runtime.rank)
         torch.manual_seed(seed)  # dropout and any other draw from the global RNG
         last = micro == cfg.grad_accum - 1 or not runtime.distributed  # DDP: reduce on the last only
         with contextlib.nullcontext() if last else net.no_sync():
             with autocast(runtime, cfg.amp):
-                loss = task.loss(net, batch, torch.Generator().manual_seed(seed))
+                loss = task.loss(net, batch, torch.Generator(device=runtime.device).manual_seed(seed))
             loss, logged = loss if isinstance(loss, tuple) else (loss, {})
             (loss / cfg.grad_accum).backward()
         total += loss.detach().float() / cfg.grad_accum
@@ -305,7 +312,7 @@ def evaluate(
         return {}
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 0, 0, runtime.rank, purpose=1))
+    gen = torch.Generator(device=runtime.device).manual_seed(step_seed(cfg.seed, 0, 0, runtime.rank, purpose=1))
     batches = (to_device(b, runtime.device) for b in make_val())
     with torch.no_grad(), autocast(runtime, cfg.amp):
         means = task.evaluate(model, batches, gen)
@@ -385,6 +392,77 @@ class Window:
         return out
 
 
+class DeviceBatches:
+    """A stream's batches moved to the device by a background thread, `ahead` batches in advance: the
+    host work of a batch (waiting for it, pinning, float16 -> float32 on a CPU) leaves the main thread,
+    and on a GPU its copies are queued on the device's stream ahead of the step that reads them (the
+    same stream: ordered without events). The stream's own position runs ahead of the step, so this
+    object stands in for it where the loop records positions: `position`, `skipped` and state_dict()
+    are those after the batch handed out last. A reading error is raised here, at the batch it hit."""
+
+    _END = object()
+
+    def __init__(self, stream: ClipStream, batches: Iterator[dict], device: torch.device, ahead: int = 1):
+        self._state = stream.state_dict()
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        args = (stream, batches, device, self._queue, self._stop)
+        self._thread = threading.Thread(target=_move_batches, args=args, name="device-batches", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._state = item
+        return batch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self._state["epoch"], self._state["batch"]
+
+    @property
+    def skipped(self) -> int:
+        return self._state["skipped"]
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _move_batches(stream, batches, device, out: queue.Queue, stop: threading.Event) -> None:
+    """DeviceBatches' thread: (batch on the device, stream state after it) into `out` until stopped."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for batch in batches:
+            if not put((to_device(batch, device), stream.state_dict())):
+                return
+        put(DeviceBatches._END)
+    except BaseException as e:  # handed to the main thread, which raises it
+        put(e)
+    finally:
+        batches.close()  # stops the DataLoader workers, from the thread that iterated them
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 def train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
     """One metrics.jsonl line of training: the window's means over every rank, and its data budget."""
@@ -450,39 +528,51 @@ def train(
                  json.dumps(stream.describe()))  # fmt: skip
     show = cfg.progress and runtime.is_main
     bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True, disable=not show)
-    batches = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    read = stream.batches(workers, prefetch_factor, pin_memory=runtime.device.type == "cuda", reuse=True)
+    batches = DeviceBatches(stream, read, runtime.device)
     divergence = Divergence(batches)
     trainee.net.train()
     window = Window(clips_per_step)
-    for step in range(start, cfg.steps):
-        loss, terms, grad_norm, waited = train_step(task, trainee, divergence.batches, cfg, runtime, step)
-        divergence.add(step, loss, grad_norm)
-        done = step + 1
-        window.add(waited)
-        bar.update(1)
-        logs, saves = done % cfg.log_every == 0 or done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
-        if logs or saves:
-            divergence.check(task, runtime, stream.sources, run_dir)
-        if logs:
-            record = train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
-            metrics.write(record)
-            summary["loss"] = record["loss"]
-            bar.set_postfix(
-                loss=f"{record['loss']:.4g}",
-                clips_s=f"{record['clips_per_s']:.1f}",
-                data=f"{100 * record['data_share']:.0f}%",
+    saver = AsyncSaver()
+    try:
+        for step in range(start, cfg.steps):
+            loss, terms, grad_norm, waited = train_step(task, trainee, divergence.batches, cfg, runtime, step)
+            divergence.add(step, loss, grad_norm)
+            done = step + 1
+            window.add(waited)
+            bar.update(1)
+            logs, saves = (
+                done % cfg.log_every == 0 or done == cfg.steps,
+                done % cfg.ckpt_every == 0 or done == cfg.steps,
             )
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
-            if summary["eval"]:
-                metrics.write({"kind": "eval", "step": done, **summary["eval"]})
-                if runtime.is_main:
-                    log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
-        if saves:
-            save(run_dir, done, trainee, stream, meta, summary, cfg, runtime)
+            if logs or saves:
+                divergence.check(task, runtime, stream.sources, run_dir)
+            if logs:
+                record = train_record(task, done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
+                metrics.write(record)
+                summary["loss"] = record["loss"]
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}",
+                    clips_s=f"{record['clips_per_s']:.1f}",
+                    data=f"{100 * record['data_share']:.0f}%",
+                )
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                summary["eval"] = evaluate(task, trainee.evaluated, make_val, runtime, cfg)
+                if summary["eval"]:
+                    metrics.write({"kind": "eval", "step": done, **summary["eval"]})
+                    if runtime.is_main:
+                        log.info("%s step %d eval: %s", task.name, done, _short(summary["eval"]))
+            if saves:
+                save(saver, run_dir, done, trainee, batches, meta, summary, cfg, runtime)
+    except BaseException:  # a stopped run: its workers stop, and its checkpoint in flight is finished whole
+        batches.close()
+        saver.wait(raise_error=False)  # the stop is what the user sees
+        raise
     bar.close()
     batches.close()  # stops the DataLoader workers
     metrics.close()
+    saver.wait()  # the last checkpoint is on disk (or its failure raised) before the run reports it
+    runtime.barrier()
     final = latest_checkpoint(run_dir)
     return {
         "task": task.name,
@@ -495,6 +585,7 @@ def train(
 
 
 def save(
+    saver: AsyncSaver,
     run_dir: Path,
     step: int,
     trainee: Trainee,
@@ -504,8 +595,9 @@ def save(
     cfg: LoopConfig,
     runtime: Runtime,
 ) -> None:
-    """A checkpoint at `step` (rank 0 writes it; every rank waits for it). Weights holding NaN/Inf are never
-    saved: every rank refuses alike (DDP keeps their weights equal)."""
+    """A checkpoint at `step`: rank 0 snapshots it to host memory and `saver` writes it in the background
+    while training goes on; every rank waits for the snapshot. Weights holding NaN/Inf are never saved: every
+    rank refuses alike (DDP keeps their weights equal)."""
     weights = [*trainee.model.parameters(), *(trainee.ema.model.parameters() if trainee.ema else ())]
     if not torch.stack([w.isfinite().all() for w in weights]).all():
         raise DivergedError(f"{meta['task']}: the weights hold NaN/Inf at step {step}: not saved as a checkpoint")
@@ -516,7 +608,7 @@ def save(
             "data": stream.state_dict(),
             "summary": summary,
         }
-        save_checkpoint(
+        saver.save(
             run_dir,
             step,
             model=trainee.model,

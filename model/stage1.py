@@ -308,14 +308,15 @@ def stage1_batch(
     ``start_idx = randint(...)``), always with ground-truth context (teacher forcing). A 7-frame
     clip holds exactly three such windows, ending at 4, 5 and 6; sampling among them uniformly uses
     every frame of the clip and matches the windows the rollout needs (with predicted context at
-    inference time). ``generator`` (a CPU ``torch.Generator``) makes the choice reproducible.
+    inference time). ``generator`` (on the features' device, or the CPU) makes the choice reproducible.
     """
     if features.ndim != 5:
         raise ValueError(f"expected features [B, T, H, W, C], got shape {tuple(features.shape)}")
     b, t_total = features.shape[:2]
     if t_total <= context_frames:
         raise ValueError(f"need more than {context_frames} frames to have a target, got {t_total}")
-    target_idx = torch.randint(context_frames, t_total, (b,), generator=generator)  # [B] in [4, T-1]
+    draw_on = generator.device if generator is not None else features.device  # a device generator draws there
+    target_idx = torch.randint(context_frames, t_total, (b,), generator=generator, device=draw_on)  # [B] in [4, T-1]
     target_idx = target_idx.to(features.device)
     rows = torch.arange(b, device=features.device)
     offsets = torch.arange(-context_frames, 0, device=features.device)  # [-4, -3, -2, -1]
