@@ -60,6 +60,9 @@ class RandomClips:
     Stage 1's predicted futures), as the loader hands them out."""
 
     batch_size = 2
+    sources = ["random"]
+    manifest: dict = {}  # no store: an empty feature space in meta.json
+    channels = TINY.num_pca_channels
 
     def __init__(self):
         self.position, self.skipped = (0, 0), 0
