@@ -386,7 +386,7 @@ class Window:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
+def train_record(done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
     """One metrics.jsonl line of training: the window's means over every rank, and its data budget."""
     means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
     record = {
@@ -464,7 +464,7 @@ def train(
         if logs or saves:
             divergence.check(task, runtime, stream.sources, run_dir)
         if logs:
-            record = train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
+            record = train_record(done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg)
             metrics.write(record)
             summary["loss"] = record["loss"]
             bar.set_postfix(
