@@ -464,7 +464,7 @@ def _move_batches(stream, batches, device, out: queue.Queue, stop: threading.Eve
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def train_record(task, done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
+def train_record(done, loss, terms, grad_norm, trainee, stream, window, runtime, cfg) -> dict:
     """One metrics.jsonl line of training: the window's means over every rank, and its data budget."""
     means = runtime.mean({**terms, "loss": loss, "grad_norm": grad_norm, "skipped": stream.skipped})
     record = {
@@ -548,7 +548,7 @@ def train(
             if logs or saves:
                 divergence.check(task, runtime, stream.sources, run_dir)
             if logs:
-                record = train_record(task, done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
+                record = train_record(done, loss, terms, grad_norm, trainee, batches, window, runtime, cfg)
                 metrics.write(record)
                 summary["loss"] = record["loss"]
                 bar.set_postfix(
