@@ -10,6 +10,7 @@ its traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import signal
@@ -20,6 +21,10 @@ import time
 from pathlib import Path
 
 from pipeline.errors import Re2pixError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The jobs' --help: the module docstring as written, each option's default after its help."""
 
 
 class Terminated(BaseException):

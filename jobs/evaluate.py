@@ -62,22 +62,22 @@ log = logging.getLogger("re2pix.evaluate")
 @dataclass
 class EvaluateConfig:
     store: str = field(default=DEMO_VAL_STORE, metadata={"help": "the store to evaluate on (its val split)"})
-    stage1: str = f"{DEMO_RUNS}/stage1"
-    stage2: str = f"{DEMO_RUNS}/stage2"
+    stage1: str = field(default=f"{DEMO_RUNS}/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
+    stage2: str = field(default=f"{DEMO_RUNS}/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
     baseline: str | None = field(
         default=f"{DEMO_RUNS}/baseline", metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"}
     )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     samples: int = field(default=3, metadata={"help": "sampling runs per clip (mean ± std across them)"})
-    max_clips: int | None = None
+    max_clips: int | None = field(default=None, metadata={"help": "evaluate the first N clips (None: all)"})
     batch_size: int = field(default=4, metadata={"help": "clips per batch"})
     sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
     sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
-    seed: int = 0
-    guidance_channels: int | None = None
-    guidance_weight: float = 0.0
+    seed: int = field(default=0, metadata={"help": "seed of the sampling noise"})
+    guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
+    guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
     channels: int | None = field(
         default=None, metadata={"help": "Stage 2 reads only the first c PCA channels (paper table 5); default all"}
     )
@@ -92,16 +92,21 @@ class EvaluateConfig:
     labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source"})
     depth_labels: str | None = field(default=None, metadata={"help": "{clip_id}.npy folder, source or pseudo-depth"})
     annotated_frame: int = field(default=16, metadata={"help": "clip frame the labels annotate"})
-    dinov2: str | None = None
-    vae: str | None = None
-    allow_download: bool = False
-    allow_weights_mismatch: bool = False
+    dinov2: str | None = field(
+        default=None,
+        metadata={"aliases": ["--encoder"], "help": "feature encoder spec for the DPT heads (None: the store's)"},
+    )
+    vae: str | None = field(default=None, metadata={"help": "VAE spec, as jobs.cache --vae (None: the store's)"})
+    allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
+    allow_weights_mismatch: bool = field(
+        default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
+    )
     out: str | None = field(default=f"{DEMO}/eval/results.json", metadata={"help": "JSON results path"})
     every_checkpoint: bool = field(default=False, metadata={"help": "score every kept Stage 2 checkpoint: the curve"})
     curve: str | None = field(default=None, metadata={"help": "curve JSON path (default curve.json beside --out)"})
-    device: str = "auto"
-    threads: int = 0
-    progress: bool = True
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar per sample run"})
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:

@@ -16,7 +16,7 @@ from jobs.config import parse_config
 
 
 def main(argv=None) -> int:
-    cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
+    cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__, prog="pca")
     from jobs.cache import encoder_descriptions, get_source, resolve_geometry
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray

@@ -67,9 +67,15 @@ class PredictConfig:
     video: str | None = field(default=None, metadata={"help": "a video file or a folder of frames (>= 13 frames)"})
     pca: str | None = field(default=None, metadata={"help": "--video without --store: PCA basis path/URL"})
     geometry: str = field(default="tiny", metadata={"help": "--video without --store: tiny or paper"})
-    dinov2: str | None = field(default=None, metadata={"help": "DINOv2 spec (default: the store's weights id)"})
-    vae: str | None = field(default=None, metadata={"help": "VAE spec (default: the store's weights id)"})
-    allow_download: bool = False
+    dinov2: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--encoder"],
+            "help": "encoder spec, as jobs.cache --encoder (None: the store's)",
+        },
+    )
+    vae: str | None = field(default=None, metadata={"help": "VAE spec, as jobs.cache --vae (None: the store's)"})
+    allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     allow_weights_mismatch: bool = field(
         default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
     )
@@ -84,7 +90,7 @@ class PredictConfig:
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
     sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the sampling noise"})
     guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
     out: str = field(default=f"{DEMO}/predict", metadata={"help": "output folder"})
@@ -95,8 +101,8 @@ class PredictConfig:
     )
     cell_height: int | None = field(default=None, metadata={"help": "grid cell height in px (default: frame size)"})
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
-    device: str = "auto"
-    threads: int = 0
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
 
 def run_predict(cfg: PredictConfig) -> dict:

@@ -72,6 +72,25 @@ class StageConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
 
+    HELP = {  # the --stageN.FIELD flags' help
+        "channels": "PCA channels read and modelled (None: all the store holds)",
+        "batch_size": "global clips per optimizer step",
+        "grad_accum": "micro-batches accumulated per optimizer step",
+        "steps": "optimizer steps",
+        "lr": "peak learning rate (AdamW)",
+        "schedule": "cosine, linear or constant after the warmup",
+        "warmup_steps": "linear warmup steps",
+        "final_lr_ratio": "the schedule's last lr as a fraction of lr",
+        "betas": "AdamW betas (JSON list)",
+        "weight_decay": "AdamW weight decay",
+        "grad_clip": "gradient norm clip (0: off)",
+        "ema_decay": "EMA of the weights (0: none)",
+        "log_every": "steps between lines of metrics.jsonl",
+        "eval_every": "steps between evaluations (0: at the end only)",
+        "ckpt_every": "steps between checkpoints",
+        "keep_checkpoints": "checkpoints kept (0: all, for jobs.evaluate --every-checkpoint)",
+    }
+
 
 @dataclass
 class Stage1Settings(StageConfig):
@@ -81,6 +100,14 @@ class Stage1Settings(StageConfig):
     diffusion: bool = False  # forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
     sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
     sample_solver: str = DiffusionStage1Config.sample_solver
+
+    HELP = {
+        **StageConfig.HELP,
+        "model": "the masked feature transformer's size",
+        "diffusion": "forecast by sampling a feature diffusion model (model/stage1_diffusion.py)",
+        "sample_steps": "with --stage1.diffusion: sampler steps",
+        "sample_solver": "with --stage1.diffusion: heun or euler",
+    }
 
 
 @dataclass
@@ -95,6 +122,17 @@ class Stage2Settings(StageConfig):
     sample_solver: str = "heun"
     sample_clips: int = 4  # evaluation: clips sampled per rank
     align: AlignConfig = field(default_factory=AlignConfig.tiny)  # REPA / VideoREPA (its method: the stage)
+
+    HELP = {
+        **StageConfig.HELP,
+        "model": "the DiT's size",
+        "pred_p": "probability of Stage 1's predicted future features in a batch (mixed supervision)",
+        "nested_dropout": "train on random PCA channel prefixes (nested dropout)",
+        "sample_steps": "evaluation: sampler steps",
+        "sample_solver": "evaluation: heun or euler",
+        "sample_clips": "evaluation: clips sampled per rank",
+        "align": "REPA / VideoREPA alignment (the stage names the method)",
+    }
 
 
 @dataclass
@@ -125,21 +163,21 @@ class TrainConfig:
             "and counted (skipped_clips in metrics.jsonl)"
         },
     )
-    prefetch_factor: int = 2
-    device: str = "auto"
+    prefetch_factor: int = field(default=2, metadata={"help": "batches each DataLoader worker reads ahead"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of initialization, data order and noise"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoints"})
     strict_resume: bool = field(
         default=False,
         metadata={"help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"},
     )
-    compile: bool = False
-    amp: bool = True
-    progress: bool = True
-    rollout_batch_size: int = 8
-    rollout_chunk_rows: int = 64
-    storage_options: dict = field(default_factory=dict)
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar per stage"})
+    rollout_batch_size: int = field(default=8, metadata={"help": "--stage all: clip rows per Stage 1 rollout call"})
+    rollout_chunk_rows: int = field(default=64, metadata={"help": "--stage all: rollout rows per progress record"})
+    storage_options: dict = field(default_factory=dict, metadata={"help": "JSON fsspec options for store URLs"})
 
 
 def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
