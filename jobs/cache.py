@@ -24,7 +24,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO_STORE, parse_config
 from pipeline.errors import Re2pixError, TooManyFailuresError
 from pipeline.store.format import DEFAULT_COMPRESSION
@@ -806,6 +806,7 @@ def _steady_rate(rows) -> float | None:
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
+    random_weights_notice({"encoder": cfg.encoder, "vae": cfg.vae})
     summary = run_cache(cfg)
     if summary.get("dry_run"):
         print(json.dumps(summary))

@@ -53,6 +53,26 @@ def run(main, argv=None, resume_hint: str | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+# the registry's seeded random-weight encoders (pipeline/encoders): the tests' and benches' plumbing
+RANDOM_WEIGHTS = ("tiny", "tiny-wan2.2", "siglip2:tiny")
+
+
+def random_weights_notice(specs: dict[str, str | None], manifest: dict | None = None) -> None:
+    """One line on stderr when a job runs with random-weight encoders. `specs`: {"encoder" | "vae": the spec
+    given, or None: the one the store's `manifest` records}."""
+    recorded = (manifest or {}).get("encoders", {})
+    keys = {"encoder": "dinov2", "vae": "vae"}
+    specs = {flag: spec or (recorded.get(keys[flag]) or {}).get("weights_id") for flag, spec in specs.items()}
+    named = [f"--{flag} {spec}" for flag, spec in specs.items() if spec in RANDOM_WEIGHTS]
+    if named:
+        print(
+            f"note: {' and '.join(named)}: RANDOM weights (plumbing tests), the features and pictures mean nothing; "
+            "for real data --encoder demo --vae demo (trained on the synthetic set) or --preset paper "
+            "(python -m jobs.list)",
+            file=sys.stderr,
+        )
+
+
 def replace_run_folder(run: Path, job: str) -> None:
     """Empty `run` for a job that rewrites all of it (the demo, the experiment), refusing a folder that
     holds anything this job did not write there: its marker file says it did."""

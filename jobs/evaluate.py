@@ -50,7 +50,7 @@ from inference.sampling import Sampler
 from inference.semantic import Semantic, load_heads
 from inference.stages import Models, resolve_device
 from inference.video_metrics import load_feature_networks
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
 from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 from pipeline.store.format import StoreError
@@ -120,6 +120,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     )
     store = Store(cfg.store)
     space = DataSpace.of_store(store)
+    random_weights_notice({"vae": cfg.vae}, store.manifest)
     if store.manifest.get("split") not in ("val", "test"):
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import sys
 
 from jobs.cache import CacheConfig, absolute_location, build_index, fit_basis
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import parse_config
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__, prog="pca")
+    random_weights_notice({"encoder": cfg.encoder})
     from jobs.cache import encoder_descriptions, get_source, resolve_geometry
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray

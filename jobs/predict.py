@@ -50,7 +50,7 @@ from inference.inputs import open_space, store_clip, video_clip
 from inference.prediction import frame_scores, predict_clip, reconstruction_scores
 from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
 from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 
@@ -109,6 +109,7 @@ def run_predict(cfg: PredictConfig) -> dict:
     t0 = time.time()
     device = resolve_device(cfg.device, cfg.threads)
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
+    random_weights_notice({"encoder": cfg.dinov2, "vae": cfg.vae}, space.manifest)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
     vae = load_vae_for(cfg.vae, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch)
