@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO_STORE, parse_config
-from pipeline.errors import Re2pixError, TooManyFailuresError
+from pipeline.errors import ConfigError, Re2pixError, TooManyFailuresError
 from pipeline.store.format import DEFAULT_COMPRESSION
 from pipeline.store.geometry import resolve_geometry
 
@@ -188,8 +188,10 @@ def absolute_location(location: str) -> str:
 
 
 def get_source(cfg: CacheConfig):
-    from pipeline.sources import get_source
+    from pipeline.sources import SOURCES, get_source
 
+    if cfg.data_root is None and cfg.dataset != "synthetic" and cfg.dataset in SOURCES:
+        raise ConfigError(f"--dataset {cfg.dataset} reads a folder: give it with --data-root DIR (make: DATA_ROOT=DIR)")
     return get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
 
 

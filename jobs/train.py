@@ -29,6 +29,7 @@ batch_size is the global batch per optimizer step (split over ranks and accumula
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -173,6 +174,10 @@ class TrainConfig:
         metadata={"help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"},
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    tensorboard: bool = field(
+        default=False,
+        metadata={"help": "also log to RUN_DIR/STAGE/tensorboard (pip install -e '.[tensorboard]')"},
+    )
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
     progress: bool = field(default=True, metadata={"help": "a progress bar per stage"})
     rollout_batch_size: int = field(default=8, metadata={"help": "--stage all: clip rows per Stage 1 rollout call"})
@@ -307,6 +312,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         ckpt_every=sc.ckpt_every,
         keep_checkpoints=sc.keep_checkpoints,
         strict_resume=cfg.strict_resume,
+        tensorboard=cfg.tensorboard,
         seed=cfg.seed,
         progress=cfg.progress,
         extra={
@@ -317,6 +323,8 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             "stage_config": to_dict(sc),
         },
     )
+    if cfg.resume:
+        check_resume(Path(cfg.run_dir) / stage, loop_cfg, runtime)
     return train(
         task,
         loop_cfg,
@@ -328,6 +336,67 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         workers=cfg.workers,
         prefetch_factor=cfg.prefetch_factor,
     )
+
+
+# what a resumed stage may change: how long it trains, how it logs, checkpoints and is evaluated
+RESUME_MAY_CHANGE = {
+    "steps",
+    "progress",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "strict_resume",
+    "compile",
+    "tensorboard",
+    "sample_steps",
+    "sample_solver",
+    "sample_clips",
+    "val_store",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"model.dim": 96, ...}: a nested dict's leaves by dotted name."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(run_dir: Path, loop_cfg, runtime) -> None:
+    """--resume (which `make train` always passes): say where the stage continues from, and refuse settings
+    that differ from those its checkpoint was trained with; a resumed stage keeps its own, so a changed
+    --lr would otherwise be silently ignored."""
+    from model.checkpoint import find_resumable, has_checkpoints, read_meta
+
+    ckpt = find_resumable(run_dir)[0] if has_checkpoints(run_dir) else None
+    if ckpt is None:
+        return
+    meta = read_meta(ckpt)
+    loop = {k: v for k, v in dataclasses.asdict(loop_cfg).items() if k != "extra"}
+    now = _flat(json.loads(json.dumps({"loop": loop, "config": loop_cfg.extra})))  # tuples as JSON lists
+    was = _flat({"loop": meta.get("loop", {}), "config": meta.get("config", {})})
+    names = {k: k.removeprefix("loop.").removeprefix("config.").removeprefix("stage_config.") for k in now}
+    changed = {
+        names[k]: (was[k], now[k])
+        for k in sorted(now.keys() & was.keys())
+        if was[k] != now[k] and names[k].rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE
+    }
+    if changed:
+        listed = ", ".join(f"{name} {a} (now {b})" for name, (a, b) in changed.items())
+        raise ConfigError(
+            f"{run_dir} was trained with {listed}; resuming keeps a run's own settings. Rerun with its "
+            "settings to resume, or start afresh in another run folder: --run-dir DIR (make train RUN=DIR)"
+        )
+    if runtime.is_main and meta.get("step", 0) >= loop_cfg.steps:
+        log.info(
+            "%s: already trained to step %d (%s), reporting its result; a larger --steps trains on, "
+            "another --run-dir (make train RUN=DIR) starts afresh",
+            run_dir.name,
+            meta["step"],
+            ckpt,
+        )
 
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
@@ -417,7 +486,13 @@ def print_summary(results: dict) -> None:
 
 
 def parse(argv=None) -> TrainConfig:
-    return parse_config(TrainConfig, "train", argv, description=__doc__)[0]
+    cfg = parse_config(TrainConfig, "train", argv, description=__doc__)[0]
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    return cfg
 
 
 def main(argv=None) -> int:

@@ -49,3 +49,60 @@ def test_make_predict_on_a_video_needs_no_val_store(run_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (run_folder / "val.zarr").exists()
     assert (run_folder / "predict" / "drive.png").is_file()
+
+
+def test_a_missing_data_root_names_the_flag(capsys):
+    from jobs.cache import main
+    from jobs.cli import run
+
+    assert run(main, ["--dataset", "videos", "--out", "unused.zarr"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --dataset videos reads a folder") and "--data-root" in err[-1]
+    assert "DATA_ROOT=" in err[-1] and "None" not in err[-1]
+
+
+def test_the_random_weight_encoders_are_named_when_a_job_runs_with_them(capsys):
+    from jobs.cli import random_weights_notice
+
+    random_weights_notice({"encoder": "tiny", "vae": "demo"})
+    assert "--encoder tiny: RANDOM weights" in capsys.readouterr().err
+    random_weights_notice({"encoder": None, "vae": None}, {"encoders": {"vae": {"weights_id": "tiny"}}})
+    assert "--vae tiny: RANDOM weights" in capsys.readouterr().err
+    random_weights_notice({"encoder": "demo", "vae": "demo"})
+    assert capsys.readouterr().err == ""
+
+
+def test_a_mistyped_checkpoint_path_says_it_does_not_exist(tmp_path):
+    from model.checkpoint import CheckpointError, resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match="stage11 does not exist"):
+        resolve_checkpoint(tmp_path / "stage11")
+
+
+def test_resume_names_changed_settings_and_says_when_a_stage_is_finished(tmp_path, caplog):
+    import logging
+
+    from jobs.train import main
+    from pipeline.errors import ConfigError
+    from tests.test_train import _args
+
+    make_store(tmp_path / "store.zarr", scenes=3, frames=33)
+    args = _args(str(tmp_path / "store.zarr"), tmp_path / "run", "--workers", "0")
+    main([*args, "--tensorboard"])  # metrics.jsonl stays; TensorBoard gets the same scalars
+    assert (tmp_path / "run/stage1/metrics.jsonl").is_file()
+    assert list((tmp_path / "run/stage1/tensorboard").glob("events.out.tfevents.*"))
+    with caplog.at_level(logging.INFO, logger="re2pix.train"):
+        main([*args, "--resume"])  # the same settings: resumes, and says the stage is already done
+    assert "stage1: already trained to step 6" in caplog.text
+    with pytest.raises(ConfigError, match=r"was trained with lr 0\.002 \(now 0\.5\).*--run-dir"):
+        main([*args, "--resume", "--stage1.lr", "0.5"])
+    main([*args, "--resume", "--stage1.steps", "8"])  # training on is a change a resume may make
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
+    from jobs.train import parse
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
+        parse(["--tensorboard"])

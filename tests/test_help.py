@@ -9,17 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import jobs
+from jobs.__main__ import job_names
+from jobs.__main__ import main as re2pix
 
-LIBRARIES = {"cli", "config", "__main__"}  # modules of jobs/ that are no job (__main__: the re2pix dispatcher)
-JOBS = sorted(m.name for m in pkgutil.iter_modules(jobs.__path__) if m.name not in LIBRARIES)
+JOBS = job_names()
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -113,3 +112,13 @@ def test_list_names_datasets_encoders_vaes_and_presets():
     ).stdout
     for word in ("videos", "synthetic", "demo", "random weights", "dinov2", "presets", "paper"):
         assert word in out, word
+
+
+def test_re2pix_runs_a_job_by_name_as_python_m_does(capsys):
+    assert re2pix(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"  {job} " in listing for job in ("cache", "train", "predict", "evaluate", "store"))
+    with pytest.raises(SystemExit) as done:
+        re2pix(["store", "--help"])
+    assert done.value.code == 0 and "{info,verify,check" in capsys.readouterr().out
+    assert re2pix(["trian"]) == 2 and "no job 'trian'" in capsys.readouterr().err
