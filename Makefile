@@ -27,7 +27,7 @@ help:
 	@echo "make train      STAGE=$(STAGE) (1|2|baseline|all) on STORE, run folder RUN=$(RUN)/train; reruns resume"
 	@echo "make rollout    Stage 1's forecasts into STORE"
 	@echo "make predict    a clip of VAL_STORE=$(VAL_STORE), or ARGS=\"--video drive.mp4\": PNG + mp4 in RUN/predict"
-	@echo "make evaluate   Re2Pix vs Baseline on VAL_STORE: RUN/eval/results.json"
+	@echo "make evaluate   Re2Pix vs Baseline on VAL_STORE (else the scenes training held out): RUN/eval/results.json"
 	@echo "make pca        a PCA basis on its own (RUN/basis.zarr)"
 	@echo "make info       describe STORE;  make bench / experiment / test / test-fast / lint / format / clean"
 	@echo "Every target takes PRESET=$(PRESET) (tiny|paper), RUN=$(RUN) and ARGS=\"...\" (the job's own flags:"
@@ -99,9 +99,12 @@ predict: install
 		--stage1 $(RUN)/train/stage1 \
 		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/predict $(ARGS)
 
-# Re2Pix vs Baseline on the validation store: table on screen, JSON in $(RUN)/eval/results.json
+# Re2Pix vs Baseline on the validation store, or without one on the scenes training held out
+# ($(RUN)/train/val_scenes.json): table on screen, JSON in $(RUN)/eval/results.json
+HELD_OUT = $(if $(wildcard $(VAL_STORE)),,$(wildcard $(RUN)/train/val_scenes.json))
 evaluate: install
-	$(PY) -m jobs.evaluate --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
+	$(PY) -m jobs.evaluate --preset $(PRESET) $(if $(HELD_OUT),--val-scenes $(HELD_OUT),--store $(VAL_STORE)) \
+		--stage1 $(RUN)/train/stage1 \
 		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/eval/results.json $(ARGS)
 
 # a PCA basis on its own, to share: teams caching with `ARGS="--pca $(RUN)/basis.zarr"` get compatible stores

@@ -62,6 +62,13 @@ log = logging.getLogger("re2pix.evaluate")
 @dataclass
 class EvaluateConfig:
     store: str = field(default=DEMO_VAL_STORE, metadata={"help": "the store to evaluate on (its val split)"})
+    val_scenes: str | None = field(
+        default=None,
+        metadata={
+            "help": "a training run's val_scenes.json (RUN/train/val_scenes.json, written when it held scenes out "
+            "for lack of a --val-store): evaluate those clips of the store it names instead of --store"
+        },
+    )
     stage1: str = field(default=f"{DEMO_RUNS}/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
     stage2: str = field(default=f"{DEMO_RUNS}/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
     baseline: str | None = field(
@@ -118,10 +125,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     fid_net, fvd_net = load_feature_networks(
         cfg.fid, cfg.fid_weights, cfg.fvd, cfg.fvd_weights, cfg.decode, device, skipped
     )
-    store = Store(cfg.store)
+    store, held_out = held_out_clips(cfg.val_scenes) if cfg.val_scenes else (Store(cfg.store), None)
     space = DataSpace.of_store(store)
     random_weights_notice({"vae": cfg.vae}, store.manifest)
-    if store.manifest.get("split") not in ("val", "test"):
+    if store.manifest.get("split") not in ("val", "test") and held_out is None:
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(store.geometry, store.num_channels)
@@ -136,9 +143,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     dino = load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if dinov2 else None
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
     sampler = Sampler.of(cfg)
-    n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
+    clips = list(range(len(store))) if held_out is None else held_out
+    clips = clips[: cfg.max_clips] if cfg.max_clips is not None else clips
+    n = len(clips)
     if n == 0:
-        raise StoreError(f"{cfg.store} has no clips")
+        raise StoreError(f"{store.location} has no clips")
 
     measured = evaluate_store(
         store,
@@ -146,7 +155,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         sampler,
         codec,
         semantic,
-        clips=n,
+        clips=clips,
         samples=cfg.samples,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
@@ -159,7 +168,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     for key, ids in measured["missing_labels"].items():
         skipped[f"{key}_labels"] = f"{len(ids)} of {n} clips have no label, left out: {ids[:5]}"
     results = evaluation_record(
-        cfg.store,
+        store.location if held_out is not None else cfg.store,
         store.manifest,
         measured,
         decoded=cfg.decode,
@@ -174,6 +183,28 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.out:
         write_json(cfg.out, results)
     return results
+
+
+def held_out_clips(path: str) -> tuple[Store, list[int]]:
+    """The store and clips a training run held out (jobs/train.py: record_val_scenes), checked by clip id."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InferenceError(
+            f"--val-scenes {path} does not exist (written by a training run without --val-store)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise InferenceError(f"--val-scenes {path} is not valid JSON: {e}") from e
+    store = Store(record["store"])
+    ids = store.clip_ids
+    if any(i >= len(ids) or ids[i] != cid for i, cid in zip(record["clips"], record["clip_ids"])):
+        raise InferenceError(f"--val-scenes {path}: {record['store']} no longer holds the clips it names")
+    log.info(
+        "evaluating the %d clips held out of %s (scenes %s)", len(record["clips"]), record["store"], record["scenes"]
+    )
+    return store, record["clips"]
 
 
 def run_curve(cfg: EvaluateConfig) -> dict:

@@ -105,10 +105,30 @@ class PredictConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
 
+def figure_header(cfg: PredictConfig, clip, store, models: Models, sampler: Sampler, geometry) -> list[str]:
+    """The picture's own words: which clip and frames, which checkpoints (their steps), which sampler."""
+    from model.checkpoint import read_meta
+
+    if cfg.video:
+        where = f"{cfg.video}: its first {clip.source['frames_used']} frames at {clip.fps:g} fps"
+    else:
+        meta = store.clip_meta(clip.source["clip"])
+        where = (
+            f"clip {meta['clip_id']} (no. {clip.source['clip']}) of {store.location}: scene {meta['scene']}, "
+            f"{geometry.clip_frames} frames from frame {meta['start']}"
+        )
+    steps = {name: read_meta(m["checkpoint"]).get("step") for name, m in models.describe().items()}
+    run = Path(models.describe()["stage2"]["checkpoint"]).parent.parent.parent
+    names = {"stage1": "Stage 1", "stage2": "Re2Pix (Stage 2)", "baseline": "Baseline"}
+    checkpoints = ", ".join(f"{names[name]} step {step}" for name, step in steps.items())
+    return [where, f"run {run}: {checkpoints}; {sampler.solver} sampler, {sampler.steps} steps, seed {cfg.seed}"]
+
+
 def run_predict(cfg: PredictConfig) -> dict:
     t0 = time.time()
     device = resolve_device(cfg.device, cfg.threads)
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
+    log.info("loading the checkpoints and the VAE on %s", device)
     random_weights_notice({"encoder": cfg.dinov2, "vae": cfg.vae}, space.manifest)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(space.geometry, space.geometry.num_pca_channels)
@@ -118,15 +138,25 @@ def run_predict(cfg: PredictConfig) -> dict:
         dino = load_dinov2_for(
             cfg.dinov2, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch
         )
+        log.info("encoding %s: DINOv2 on its feature frames, the VAE on its frames", cfg.video)
         clip = video_clip(cfg.video, space, dino, codec)
     else:
         clip = store_clip(store, cfg.clip, cfg.clip_id)
     sampler = Sampler.of(cfg)
+    log.info(
+        "%s: Stage 1 forecast, then sampling %s (%d %s steps each), then VAE decoding",
+        clip.name,
+        "Re2Pix and the Baseline" if models.baseline else "Re2Pix",
+        sampler.steps,
+        sampler.solver,
+    )
     with torch.no_grad():
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name
     out = Path(cfg.out)
-    png = save_png(out / f"{name}.png", prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
+    header = figure_header(cfg, clip, store, models, sampler, space.geometry)
+    grid = prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height, header)
+    png = save_png(out / f"{name}.png", grid)
     mp4 = write_mp4(
         out / f"{name}.mp4", prediction_video(pred, space.geometry, cfg.cell_height), fps=cfg.fps or clip.fps
     )
@@ -145,7 +175,7 @@ def run_predict(cfg: PredictConfig) -> dict:
         "sampler": {**asdict(sampler), "seed": cfg.seed},
         "scores": frame_scores(pred, space.geometry),
     }
-    if pred.ground_truth == "source_frames":
+    if pred.reconstruction is not None and pred.ground_truth in ("source_frames", "video"):
         summary["scores_vs_vae_reconstruction"] = frame_scores(pred, space.geometry, "vae_reconstruction")
         summary["vae_reconstruction"] = reconstruction_scores(pred)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -167,7 +197,7 @@ def main(argv=None) -> int:
     if summary.get("vae_reconstruction"):
         r = summary["vae_reconstruction"]
         print(
-            f"VAE reconstruction of the stored latents vs the source frames: PSNR {r['psnr']:.2f} dB  "
+            f"VAE reconstruction of the clip's latents vs its frames: PSNR {r['psnr']:.2f} dB  "
             f"SSIM {r['ssim']:.4f} (the ceiling)"
         )
     print(f"wrote {summary['png']}, {summary['mp4']} and {summary['json']} in {summary['seconds']} s")

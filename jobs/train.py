@@ -214,7 +214,27 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
         log.warning("no --val-store and too few scenes to hold one out: evaluating on training clips")
         return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips))
     offset = probe.num_clips - len(last)  # held-out scenes come from the last store
+    record_val_scenes(Path(cfg.run_dir), last, held)
     return np.concatenate([np.arange(offset), offset + train]), probe.sources, offset + held
+
+
+VAL_SCENES = "val_scenes.json"  # in the run dir: the scenes held out without --val-store, for jobs.evaluate
+
+
+def record_val_scenes(run_dir: Path, store, held) -> None:
+    """Name the held-out scenes and clips in RUN_DIR/val_scenes.json (`jobs.evaluate --val-scenes` reads it)."""
+    from model.checkpoint import write_json_atomic
+
+    metas = [store.clip_meta(int(i)) for i in held]
+    record = {
+        "store": store.location,
+        "scenes": sorted({m["scene"] for m in metas}),
+        "clips": [int(i) for i in held],
+        "clip_ids": [store.clip_ids[int(i)] for i in held],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / VAL_SCENES, record)
+    log.info("held out for evaluation: %d clips of scenes %s (%s)", len(held), record["scenes"], run_dir / VAL_SCENES)
 
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:

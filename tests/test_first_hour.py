@@ -79,16 +79,26 @@ def test_a_mistyped_checkpoint_path_says_it_does_not_exist(tmp_path):
         resolve_checkpoint(tmp_path / "stage11")
 
 
-def test_resume_names_changed_settings_and_says_when_a_stage_is_finished(tmp_path, caplog):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Stage 1 trained for 6 steps on a 3-scene store without --val-store, with --tensorboard."""
+    from jobs.train import main
+    from tests.test_train import _args
+
+    tmp_path = tmp_path_factory.mktemp("trained")
+    make_store(tmp_path / "store.zarr", scenes=3, frames=33)
+    args = _args(str(tmp_path / "store.zarr"), tmp_path / "run", "--workers", "0")
+    main([*args, "--tensorboard"])  # metrics.jsonl stays; TensorBoard gets the same scalars
+    return tmp_path, args
+
+
+def test_resume_names_changed_settings_and_says_when_a_stage_is_finished(trained, caplog):
     import logging
 
     from jobs.train import main
     from pipeline.errors import ConfigError
-    from tests.test_train import _args
 
-    make_store(tmp_path / "store.zarr", scenes=3, frames=33)
-    args = _args(str(tmp_path / "store.zarr"), tmp_path / "run", "--workers", "0")
-    main([*args, "--tensorboard"])  # metrics.jsonl stays; TensorBoard gets the same scalars
+    tmp_path, args = trained
     assert (tmp_path / "run/stage1/metrics.jsonl").is_file()
     assert list((tmp_path / "run/stage1/tensorboard").glob("events.out.tfevents.*"))
     with caplog.at_level(logging.INFO, logger="re2pix.train"):
@@ -106,3 +116,33 @@ def test_tensorboard_without_the_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
         parse(["--tensorboard"])
+
+
+def test_held_out_scenes_are_recorded_and_evaluate_reuses_them(trained, tmp_path, capsys):
+    import json
+
+    from inference.evaluation import format_table
+    from jobs.evaluate import EvaluateConfig, run_evaluate
+    from pipeline.store.reader import Store
+
+    run = trained[0] / "run"
+    record = json.loads((run / "val_scenes.json").read_text())
+    store = Store(record["store"])
+    assert record["scenes"] == ["scene-02"] and len(record["clips"]) == 3
+    assert {store.clip_meta(i)["scene"] for i in record["clips"]} == {"scene-02"}
+    runs = write_runs(tmp_path, stage1_channels=32, stage2_channels=64)
+    cfg = EvaluateConfig(
+        store="not-used.zarr",
+        val_scenes=str(run / "val_scenes.json"),
+        samples=1,
+        sample_steps=2,
+        decode=False,
+        out=None,
+        threads=1,
+        progress=False,
+        **runs,
+    )
+    results = run_evaluate(cfg)
+    assert results["clips"] == 3 and results["clip_ids"] == record["clip_ids"]
+    table = format_table(results)
+    assert "±" not in table and "one sampling run: no spread" in table  # one value has no spread
