@@ -146,3 +146,23 @@ def test_held_out_scenes_are_recorded_and_evaluate_reuses_them(trained, tmp_path
     assert results["clips"] == 3 and results["clip_ids"] == record["clip_ids"]
     table = format_table(results)
     assert "±" not in table and "one sampling run: no spread" in table  # one value has no spread
+
+
+def test_diagnose_png_shows_two_equal_stores_both_with_labelled_axes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.store.diagnose import COLORS, plot_png
+
+    report = {
+        "intervals_frames": [4, 8, 12],
+        "ltd_rms": [1.0, 1.5, 1.8],
+        "latent_channels": {"std": [1.0, 0.9, 1.1, 1.0]},
+        "vae": "wan2.1-vae",
+        "encoder": "dinov2",
+    }
+    reports = [{**report, "store": "a.zarr"}, {**report, "store": "b.zarr"}]  # the same curves
+    png = plot_png(reports, tmp_path / "diag.png")
+    panels = np.asarray(Image.open(png).convert("RGB"))[:300]  # above the legend
+    pixels = {tuple(p) for p in panels.reshape(-1, 3)}
+    assert {COLORS[0], COLORS[1]} <= pixels  # the second store's curve does not hide the first
