@@ -33,6 +33,7 @@ reconstruction's own PSNR / SSIM against the source ("vae_reconstruction": the V
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -101,6 +102,7 @@ class PredictConfig:
     )
     cell_height: int | None = field(default=None, metadata={"help": "grid cell height in px (default: frame size)"})
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
+    progress: bool = field(default=True, metadata={"help": "a bar over the sampler's network evaluations"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
 
@@ -122,6 +124,34 @@ def figure_header(cfg: PredictConfig, clip, store, models: Models, sampler: Samp
     names = {"stage1": "Stage 1", "stage2": "Re2Pix (Stage 2)", "baseline": "Baseline"}
     checkpoints = ", ".join(f"{names[name]} step {step}" for name, step in steps.items())
     return [where, f"run {run}: {checkpoints}; {sampler.solver} sampler, {sampler.steps} steps, seed {cfg.seed}"]
+
+
+@contextlib.contextmanager
+def sampling_progress(models: Models, sampler: Sampler, enabled: bool = True):
+    """A bar over the DiTs' network evaluations while they sample (minutes at the paper's size): steps
+    (+ steps - 1 for Heun's corrections), twice for Re2Pix under representation guidance."""
+    from tqdm.auto import tqdm
+
+    per_run = sampler.steps + (sampler.steps - 1 if sampler.solver == "heun" else 0)
+    guided = sampler.guidance_channels is not None and sampler.guidance_weight != 0
+    nets = [(models.stage2.model, "Re2Pix", per_run * (2 if guided else 1))]
+    nets += [(models.baseline.model, "Baseline", per_run)] if models.baseline else []
+    bar = tqdm(total=sum(n for *_, n in nets), desc="sampling", unit="eval", disable=not enabled)
+
+    def hook(name):
+        def counted(*_) -> None:  # a forward hook that returns nothing leaves the output alone
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+
+        return counted
+
+    hooks = [net.register_forward_hook(hook(name)) for net, name, _ in nets]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
 
 
 def run_predict(cfg: PredictConfig) -> dict:
@@ -150,7 +180,7 @@ def run_predict(cfg: PredictConfig) -> dict:
         sampler.steps,
         sampler.solver,
     )
-    with torch.no_grad():
+    with torch.no_grad(), sampling_progress(models, sampler, cfg.progress):
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name
     out = Path(cfg.out)

@@ -49,6 +49,9 @@ def test_make_predict_on_a_video_needs_no_val_store(run_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (run_folder / "val.zarr").exists()
     assert (run_folder / "predict" / "drive.png").is_file()
+    # what it is doing, as it does it: each phase named, a bar over the 2 x 3 network evaluations of 2 Heun steps
+    assert "encoding" in done.stderr and "then sampling Re2Pix and the Baseline (2 heun steps each)" in done.stderr
+    assert "sampling: 100%" in done.stderr and "6/6" in done.stderr
 
 
 def test_a_missing_data_root_names_the_flag(capsys):
@@ -139,10 +142,10 @@ def test_held_out_scenes_are_recorded_and_evaluate_reuses_them(trained, tmp_path
         decode=False,
         out=None,
         threads=1,
-        progress=False,
         **runs,
     )
     results = run_evaluate(cfg)
+    assert "clips 1-3 of 3, run 1/1: sampling re2pix and baseline (2 steps)" in capsys.readouterr().err
     assert results["clips"] == 3 and results["clip_ids"] == record["clip_ids"]
     table = format_table(results)
     assert "±" not in table and "one sampling run: no spread" in table  # one value has no spread
