@@ -662,6 +662,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     options = cfg.storage_options or None
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
+    random_weights_notice({"encoder": cfg.encoder, "vae": cfg.vae})  # once the job is under way
     pseudo_depth_size(cfg, resolve_geometry(cfg.geometry))  # a bad --pseudo-depth-scale: before anything runs
     if cfg.dry_run:  # in this process: a dry run starts no cluster
         _, _, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
@@ -808,7 +809,6 @@ def _steady_rate(rows) -> float | None:
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__)
-    random_weights_notice({"encoder": cfg.encoder, "vae": cfg.vae})
     summary = run_cache(cfg)
     if summary.get("dry_run"):
         print(json.dumps(summary))
