@@ -169,3 +169,11 @@ def test_diagnose_png_shows_two_equal_stores_both_with_labelled_axes(tmp_path):
     panels = np.asarray(Image.open(png).convert("RGB"))[:300]  # above the legend
     pixels = {tuple(p) for p in panels.reshape(-1, 3)}
     assert {COLORS[0], COLORS[1]} <= pixels  # the second store's curve does not hide the first
+
+
+def test_weights_missing_offline_name_the_flag_that_allows_downloads(tmp_path, monkeypatch):
+    from pipeline.encoders.hashing import EncoderWeightsError, _locate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderWeightsError, match=r"allow downloads \(--allow-download\)"):
+        _locate("nobody-here/no-such-encoder", "--encoder", None, False, None, str(tmp_path))
