@@ -193,7 +193,7 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
 
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
-    few training batches of a WebDataset)."""
+    few training batches of a WebDataset, the held-out scenes' record or None)."""
     from model.data import open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
@@ -204,37 +204,32 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
             raise ConfigError("--val-store takes no mixing weights: evaluation reads every clip once")
         val = open_stream(val_sources, batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
-        return None, val.sources, None
+        return None, val.sources, None, None
     if probe.kind == "webdataset":
         log.warning("no --val-store: evaluating on the first 2 training batches of the WebDataset")
-        return None, probe.sources, "first"
+        return None, probe.sources, "first", None
     last = Store(probe.sources[-1], cfg.storage_options or None)
     train, held = split_by_scene(last, cfg.val_clips)
     if len(held) == 0:
         log.warning("no --val-store and too few scenes to hold one out: evaluating on training clips")
-        return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips))
+        return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips)), None
     offset = probe.num_clips - len(last)  # held-out scenes come from the last store
-    record_val_scenes(Path(cfg.run_dir), last, held)
-    return np.concatenate([np.arange(offset), offset + train]), probe.sources, offset + held
+    train_idx = np.concatenate([np.arange(offset), offset + train])
+    return train_idx, probe.sources, offset + held, held_out_record(last, held)
 
 
 VAL_SCENES = "val_scenes.json"  # in the run dir: the scenes held out without --val-store, for jobs.evaluate
 
 
-def record_val_scenes(run_dir: Path, store, held) -> None:
-    """Name the held-out scenes and clips in RUN_DIR/val_scenes.json (`jobs.evaluate --val-scenes` reads it)."""
-    from model.checkpoint import write_json_atomic
-
+def held_out_record(store, held) -> dict:
+    """The held-out scenes and clips of `store`, as RUN_DIR/val_scenes.json names them."""
     metas = [store.clip_meta(int(i)) for i in held]
-    record = {
+    return {
         "store": store.location,
         "scenes": sorted({m["scene"] for m in metas}),
         "clips": [int(i) for i in held],
         "clip_ids": [store.clip_ids[int(i)] for i in held],
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / VAL_SCENES, record)
-    log.info("held out for evaluation: %d clips of scenes %s (%s)", len(held), record["scenes"], run_dir / VAL_SCENES)
 
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
@@ -290,7 +285,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
             f"{sc.grad_accum} accumulation steps"
         )
-    train_idx, val_sources, val_idx = _split(cfg, probe, common)
+    train_idx, val_sources, val_idx, held_out = _split(cfg, probe, common)
     stream = open_stream(
         sources,
         batch_size=per_rank,
@@ -345,7 +340,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     )
     if cfg.resume:
         check_resume(Path(cfg.run_dir) / stage, loop_cfg, runtime)
-    return train(
+    summary = train(
         task,
         loop_cfg,
         stream,
@@ -356,6 +351,12 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         workers=cfg.workers,
         prefetch_factor=cfg.prefetch_factor,
     )
+    if held_out and runtime.is_main:  # beside the stage folder the trainer has made its own
+        from model.checkpoint import write_json_atomic
+
+        write_json_atomic(Path(cfg.run_dir) / VAL_SCENES, held_out)
+        log.info("held out for evaluation: scenes %s (%s)", held_out["scenes"], Path(cfg.run_dir) / VAL_SCENES)
+    return summary
 
 
 # what a resumed stage may change: how long it trains, how it logs, checkpoints and is evaluated
