@@ -17,16 +17,34 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean
+.PHONY: help install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean
+
+# `make help`: the targets and the variables they take
+help:
+	@echo "make install    the venv in $(VENV): torch $(TORCH_VERSION), then re2pix and its dev tools (5-10 min)"
+	@echo "make demo       the whole product on the synthetic set, tiny models, CPU (runs/demo)"
+	@echo "make cache      cache DATASET=$(DATASET) [DATA_ROOT=DIR] [SPLIT=$(SPLIT)] into STORE=$(STORE)"
+	@echo "make train      STAGE=$(STAGE) (1|2|baseline|all) on STORE, run folder RUN=$(RUN)/train; reruns resume"
+	@echo "make rollout    Stage 1's forecasts into STORE"
+	@echo "make predict    a clip of VAL_STORE=$(VAL_STORE), or ARGS=\"--video drive.mp4\": PNG + mp4 in RUN/predict"
+	@echo "make evaluate   Re2Pix vs Baseline on VAL_STORE (else the scenes training held out): RUN/eval/results.json"
+	@echo "make pca        a PCA basis on its own (RUN/basis.zarr)"
+	@echo "make info       describe STORE;  make bench / experiment / test / test-fast / lint / format / clean"
+	@echo "Every target takes PRESET=$(PRESET) (tiny|paper), RUN=$(RUN) and ARGS=\"...\" (the job's own flags:"
+	@echo "python -m jobs.JOB --help; what to choose from: python -m jobs.list)."
 
 install: $(VENV)/.installed
 
 # torch first (its CPU build here; set TORCH_VERSION / TORCH_INDEX for a CUDA one), then the project
 $(VENV)/.installed: pyproject.toml
+	@echo "install: a virtual environment in $(VENV) ($(PYTHON))"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[dev]"
+	@echo "install: torch $(TORCH_VERSION) $(if $(TORCH_INDEX),from $(TORCH_INDEX),(CPU build)): about 1 GB, a few minutes"
+	$(PY) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@echo "install: re2pix (editable) with ray, zarr, transformers, diffusers and the dev tools: a few minutes"
+	$(PY) -m pip install -e ".[dev]"
+	@echo "install: done ($(VENV)); make help lists what to run next"
 	touch $@
 
 test: install
@@ -74,14 +92,19 @@ demo: install
 experiment: install
 	$(PY) -m jobs.experiment $(ARGS)
 
-# see the future of one clip (or ARGS="--video drive.mp4"): PNG grid + mp4 under $(RUN)/predict
+# see the future of a clip of VAL_STORE, or of ARGS="--video drive.mp4" (encoded here, with the PCA basis and
+# encoders of the training STORE: no val store needed): PNG grid + mp4 under $(RUN)/predict
 predict: install
-	$(PY) -m jobs.predict --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
+	$(PY) -m jobs.predict --preset $(PRESET) --store $(if $(findstring --video,$(ARGS)),$(STORE),$(VAL_STORE)) \
+		--stage1 $(RUN)/train/stage1 \
 		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/predict $(ARGS)
 
-# Re2Pix vs Baseline on the validation store: table on screen, JSON in $(RUN)/eval/results.json
+# Re2Pix vs Baseline on the validation store, or without one on the scenes training held out
+# ($(RUN)/train/val_scenes.json): table on screen, JSON in $(RUN)/eval/results.json
+HELD_OUT = $(if $(wildcard $(VAL_STORE)),,$(wildcard $(RUN)/train/val_scenes.json))
 evaluate: install
-	$(PY) -m jobs.evaluate --preset $(PRESET) --store $(VAL_STORE) --stage1 $(RUN)/train/stage1 \
+	$(PY) -m jobs.evaluate --preset $(PRESET) $(if $(HELD_OUT),--val-scenes $(HELD_OUT),--store $(VAL_STORE)) \
+		--stage1 $(RUN)/train/stage1 \
 		--stage2 $(RUN)/train/stage2 --baseline $(RUN)/train/baseline --out $(RUN)/eval/results.json $(ARGS)
 
 # a PCA basis on its own, to share: teams caching with `ARGS="--pca $(RUN)/basis.zarr"` get compatible stores

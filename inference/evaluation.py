@@ -82,7 +82,7 @@ def evaluate_store(
     codec,
     semantic: Semantic,
     *,
-    clips: int,
+    clips: int | list[int],
     samples: int,
     seed: int,
     batch_size: int,
@@ -92,7 +92,8 @@ def evaluate_store(
     ssim_channels: str = "rgb",
     progress: bool = True,
 ) -> dict:
-    """The metrics of the first `clips` clips: {"clip_ids", "stage1", "models": {name: {metric: summary}},
+    """The metrics of the first `clips` clips (or of these clip indices): {"clip_ids", "stage1",
+    "models": {name: {metric: summary}},
     "reference_metrics", "missing_labels": {head: clip ids}}. `codec` None: no decoding (feature and
     latent metrics only)."""
     from tqdm.auto import tqdm
@@ -111,9 +112,12 @@ def evaluate_store(
     stage1_means, stage1_acc, ref_acc = Means(), Acc(moving), Acc(moving)
     ref_fid, ref_fvd, clip_ids = [], [], []
     real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
-    bar = tqdm(total=clips * samples, desc="evaluate", unit="clip-run", disable=not progress)
-    for start in range(0, clips, batch_size):
-        idx = list(range(start, min(clips, start + batch_size)))
+    indices = list(range(clips)) if isinstance(clips, int) else [int(i) for i in clips]
+    bar = tqdm(total=len(indices) * samples, desc="evaluate", unit="clip-run", disable=not progress)
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        doing = f"clips {start + 1}-{start + len(idx)} of {len(indices)}"
+        bar.set_postfix_str(f"{doing}: reading, Stage 1 forecast")
         arrays = [store.read_clip(i, channels=c_read) for i in idx]
         ids = [c.clip_id for c in arrays]
         metas = [store.clip_meta(i) for i in idx]
@@ -132,6 +136,7 @@ def evaluate_store(
             semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
         conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
+            bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
             reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
             future_ref = reference[:, ctx_frames:]
             if fid_net:
@@ -150,6 +155,8 @@ def evaluate_store(
             if semantic.dino is not None:
                 semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
         for run in range(samples):
+            sampling = f"sampling {' and '.join(names)} ({sampler.steps} steps)"
+            bar.set_postfix_str(f"{doing}, run {run + 1}/{samples}: {sampling}")
             noise = clip_noise(seed, run, idx, (latents.shape[1], fut, *latents.shape[3:])).to(device)
             with torch.no_grad():
                 sampled = sample_models(models, sampler, latents[:, :, :m], conditioning, noise)
@@ -163,6 +170,7 @@ def evaluate_store(
                     acc.add(f"latent_mse/t{m + t}", err[:, :, t].mean(dim=(1, 2, 3)))
                 if codec is None:
                     continue
+                bar.set_postfix_str(f"{doing}, run {run + 1}/{samples}: decoding {name}")
                 frames = codec.decode(z)  # [B, 25, H, W, 3]
                 pred = frames[:, ctx_frames:]
                 p, s = psnr(pred, future_ref), ssim(pred, future_ref, ssim_channels)  # [B, 12]
@@ -238,6 +246,13 @@ def _row_keys(metrics: dict) -> list[str]:
     return [k for k in order if k in metrics]
 
 
+def _cell(v: dict | None) -> str:
+    """mean ± std, or the mean alone for one run (copy-last, --samples 1): one value has no spread."""
+    if v is None or v["mean"] is None:
+        return "-"
+    return f"{v['mean']:.4g}" + (f" ± {v['std']:.2g}" if len(v.get("runs", ())) > 1 else "")
+
+
 def format_table(results: dict, per_frame: bool = False) -> str:
     """The results JSON as a table: one row per metric, mean ± std over sampling runs per model."""
     names = list(results["models"])
@@ -246,15 +261,15 @@ def format_table(results: dict, per_frame: bool = False) -> str:
     lines = [
         (
             f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
-            f"(mean ± std over sampling runs; pixels vs {results['reference']['pixels']})"
+            f"({'mean ± std over sampling runs' if results['samples'] > 1 else 'one sampling run: no spread'}; "
+            f"pixels vs {results['reference']['pixels']})"
         ),
         f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names),
     ]
     for k in keys:
         cells = []
         for n in names:
-            v = results["models"][n].get(k)
-            cells.append("-" if v is None or v["mean"] is None else f"{v['mean']:.4g} ± {v['std']:.2g}")
+            cells.append(_cell(results["models"][n].get(k)))
         lines.append(f"{k:18s}" + "".join(f"{c:>24s}" for c in cells))
     s1 = results["stage1"]
     lines.append(

@@ -152,6 +152,20 @@ def make_grid(
     return np.asarray(canvas)
 
 
+def header_height(lines: int, style: GridStyle = GridStyle()) -> int:
+    """Pixels a header of `lines` text lines adds above a grid (`with_header`)."""
+    return style.margin + lines * (style.font_size + 6)
+
+
+def with_header(image: np.ndarray, lines: list[str], style: GridStyle = GridStyle()) -> np.ndarray:
+    """`image` under a band of text lines (what the picture shows: run, checkpoint steps, clip, frames)."""
+    band = Image.new("RGB", (image.shape[1], header_height(len(lines), style)), style.background)
+    draw, font = ImageDraw.Draw(band), _font(style.font_size)
+    for i, line in enumerate(lines):
+        draw.text((style.margin, style.margin + i * (style.font_size + 6)), line, fill=style.text, font=font)
+    return np.concatenate([np.asarray(band), image])
+
+
 def features_to_rgb(
     features: np.ndarray, reference: np.ndarray | None = None, percentiles: tuple[float, float] = (1.0, 99.0)
 ) -> np.ndarray:
@@ -252,10 +266,18 @@ def _cell_hw(frame_hw, cell_height):
     return int(cell_height), max(1, round(frame_hw[1] * cell_height / frame_hw[0]))
 
 
-def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", cell_height: int | None = None):
+def prediction_grid(
+    pred: Prediction,
+    geometry,
+    grid_frames: str = "features",
+    cell_height: int | None = None,
+    header: list[str] | None = None,
+):
     """The paper's figure as uint8 [H, W, 3]: context frames and their DINOv2 features bordered green,
-    then ground truth, Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB
-    of their first three PCA components, on one colour scale for the whole clip."""
+    then ground truth, the VAE reconstruction of its latents (what a perfect latent prediction would
+    show: the ceiling), Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB
+    of their first three PCA components, on one colour scale for the whole clip. `header`: text lines
+    above it (`with_header`)."""
     if grid_frames not in ("features", "all"):
         raise InferenceError(f"--grid-frames must be 'features' or 'all', got {grid_frames!r}")
     g, r = geometry, geometry.temporal_downsample
@@ -278,6 +300,8 @@ def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", c
     if gt is not None and len(gt) == g.clip_frames:
         label = "ground truth" + ("\n(VAE reconstruction)" if pred.ground_truth == "vae_reconstruction" else "")
         fut_rows.append(Row(label, [gt[k] for k in fut_cols]))
+    if _shows_reconstruction(pred):
+        fut_rows.append(Row("VAE reconstruction\n(the ceiling)", [pred.reconstruction[k] for k in fut_cols]))
     for name in ("Baseline", "Re2Pix"):
         if name in pred.frames:
             fut_rows.append(Row(name, [pred.frames[name][k] for k in fut_cols]))
@@ -294,7 +318,13 @@ def prediction_grid(pred: Prediction, geometry, grid_frames: str = "features", c
         ),
     ]
     frame_hw = pred.frames["Re2Pix"].shape[1:3]
-    return make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
+    grid = make_grid(sections, cell_hw=_cell_hw(frame_hw, cell_height))
+    return with_header(grid, header) if header else grid
+
+
+def _shows_reconstruction(pred: Prediction) -> bool:
+    """A reconstruction row beside real frames (when the ground truth is the reconstruction, it is that row)."""
+    return pred.reconstruction is not None and pred.ground_truth in ("source_frames", "video")
 
 
 def prediction_video(pred: Prediction, geometry, cell_height: int | None = None) -> np.ndarray:
@@ -313,4 +343,6 @@ def prediction_video(pred: Prediction, geometry, cell_height: int | None = None)
 def figure_rows(pred: Prediction, geometry) -> list[str]:
     """The predicted section's rows, top to bottom (a ground truth shorter than a clip has none)."""
     rows = [k for k, v in pred.frames.items() if k != "ground truth" or len(v) == geometry.clip_frames]
+    if _shows_reconstruction(pred):
+        rows.insert(1 if rows[0] == "ground truth" else 0, "VAE reconstruction")
     return rows + ["forecast features"]

@@ -40,7 +40,7 @@ def predict_clip(
     noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)
     sampled = sample_models(models, sampler, z_ctx, features, noise)
     frames, gt, recon = {}, None, None
-    if "store" in clip.source and clip.latents.shape[1] == geometry.latent_frames:
+    if clip.latents.shape[1] == geometry.latent_frames:  # a whole clip's latents (a store's, a 25-frame video's)
         recon = codec.decode(torch.from_numpy(clip.latents[None]))[0]
     if clip.frames is not None:
         frames["ground truth"], gt = clip.frames, clip.frames_kind
@@ -75,11 +75,11 @@ def frame_scores(pred: Prediction, geometry, reference: str = "ground truth") ->
 
 
 def reconstruction_scores(pred: Prediction) -> dict:
-    """Mean PSNR / SSIM of the VAE reconstruction against the source frames, context and predicted
-    frames: the most a decoded prediction can reach."""
+    """Mean PSNR / SSIM of the VAE reconstruction against the source (or video) frames, context and
+    predicted frames: the most a decoded prediction can reach."""
     from inference.video_metrics import psnr, ssim
 
-    if pred.ground_truth != "source_frames" or pred.reconstruction is None:
+    if pred.ground_truth not in ("source_frames", "video") or pred.reconstruction is None:
         return {}
     gt, rec = pred.frames["ground truth"], pred.reconstruction
     return {"psnr": round(float(psnr(rec, gt).mean()), 4), "ssim": round(float(ssim(rec, gt).mean()), 5)}

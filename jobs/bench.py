@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from jobs import bench_loader, bench_shards
+from jobs.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,22 +292,36 @@ def _has_gpu() -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
 
     def cache_arguments(c):
         c.add_argument("--clips", type=int, default=56, help="clips with tiny encoders (0 to skip)")
         c.add_argument("--real-clips", type=int, default=2, help="clips with real-size encoders (0 to skip)")
-        c.add_argument("--memory-clips", type=int, nargs="*", default=[50, 200], help="none to skip")
+        c.add_argument(
+            "--memory-clips",
+            type=int,
+            nargs="*",
+            default=[50, 200],
+            help="clip counts whose peak memory is compared (none to skip)",
+        )
 
-    cache_arguments(sub.add_parser("cache", help="the cache job against a plain loop"))
+    cache_arguments(sub.add_parser("cache", help="the cache job against a plain loop", formatter_class=HelpFormatter))
     bench_loader.add_arguments(
-        sub.add_parser("loader", help="the trainer's loader against plain reads; cached vs online cost per sample")
+        sub.add_parser(
+            "loader",
+            help="the trainer's loader against plain reads; cached vs online cost per sample",
+            formatter_class=HelpFormatter,
+        )
     )
-    bench_shards.add_arguments(sub.add_parser("shards", help="training from S3 shards against local shards"))
-    a = sub.add_parser("all", help="cache, loader, shards (their options take a --loader-, --shards- prefix)")
+    bench_shards.add_arguments(
+        sub.add_parser("shards", help="training from S3 shards against local shards", formatter_class=HelpFormatter)
+    )
+    a = sub.add_parser(
+        "all",
+        help="cache, loader, shards (their options take a --loader-, --shards- prefix)",
+        formatter_class=HelpFormatter,
+    )
     cache_arguments(a)
     bench_loader.add_arguments(a, prefix="loader-")
     bench_shards.add_arguments(a, prefix="shards-")

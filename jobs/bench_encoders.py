@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from jobs.cli import run
+from jobs.cli import HelpFormatter, run
 
 # Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (latents_mean/std: per-channel statistics; the
 # benchmark's random weights make their values irrelevant, so unit ones are used)
@@ -139,13 +139,13 @@ def bench_vaes(device: str, clip_hw: tuple[int, int], clip_frames: int, repeats:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.bench_encoders", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.bench_encoders", description=__doc__, formatter_class=HelpFormatter
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--frames", type=int, default=2, help="feature frames per call")
     p.add_argument("--clip-frames", type=int, default=9, help="frames per VAE clip (1 + 4k)")
     p.add_argument("--clip-hw", type=int, nargs=2, default=[96, 160], help="VAE input size (multiple of 32)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per encoder")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     args = p.parse_args(argv)
     import torch

@@ -841,3 +841,16 @@ def loader_args(args, prefix: str = ""):
     pre = prefix.replace("-", "_")
     names = [n.replace("-", "_") for n, *_ in LOADER_OPTIONS] + ["keep"]
     return argparse.Namespace(**{n: getattr(args, pre + n) for n in names})
+
+
+def main(argv=None) -> int:
+    """`python -m jobs.bench_loader ...` is `python -m jobs.bench loader ...`."""
+    import sys
+
+    from jobs.bench import main as bench
+
+    return bench(["loader", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

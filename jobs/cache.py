@@ -25,9 +25,9 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO_STORE, parse_config
-from pipeline.errors import Re2pixError, TooManyFailuresError
+from pipeline.errors import ConfigError, Re2pixError, TooManyFailuresError
 from pipeline.store.format import DEFAULT_COMPRESSION
 from pipeline.store.geometry import resolve_geometry
 
@@ -40,7 +40,7 @@ class CacheConfig:
         default="synthetic", metadata={"help": "synthetic, videos, nuscenes, cityscapes, kitti, covla"}
     )
     data_root: str | None = field(default=None, metadata={"help": "dataset folder (not needed for synthetic)"})
-    split: str = "train"
+    split: str = field(default="train", metadata={"help": "the dataset's split to cache (train, val, test)"})
     source_options: dict = field(default_factory=dict, metadata={"help": "JSON options for the dataset adapter"})
     out: str = field(default=DEMO_STORE, metadata={"help": "store path or fsspec URL (s3://...)"})
     storage_options: dict = field(
@@ -55,13 +55,17 @@ class CacheConfig:
         default="tiny",
         metadata={
             "aliases": ["--dinov2"],
-            "help": "feature encoder: 'tiny', 'demo', a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
+            "help": "feature encoder: 'tiny' (RANDOM weights: plumbing tests only), 'demo' (small, trained on the "
+            "synthetic set), a DINOv2-Reg hub id or folder, 'siglip2:SPEC', 'hf:SPEC', "
             "'vjepa2:SPEC' or JSON (pipeline/encoders/registry.py); --dinov2 is an alias",
         },
     )
     vae: str = field(
         default="tiny",
-        metadata={"help": "'tiny', 'tiny-wan2.2', 'demo', a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"},
+        metadata={
+            "help": "'tiny', 'tiny-wan2.2' (RANDOM weights: plumbing tests only), 'demo' (small, trained on the "
+            "synthetic set), a WAN2.1/Wan2.2 VAE hub id or folder, or 'diffusers:SPEC'"
+        },
     )
     pseudo_depth: str | None = field(
         default=None,
@@ -79,15 +83,15 @@ class CacheConfig:
     stride: int = field(default=4, metadata={"help": "frames between clip starts"})
     flip: bool = field(default=False, metadata={"help": "also cache each clip flipped left-right"})
     unit_clips: int = field(default=8, metadata={"help": "clips per work unit (the resume granularity)"})
-    batch_frames: int = 16
-    batch_clips: int = 1
+    batch_frames: int = field(default=16, metadata={"help": "frames per feature-encoder call"})
+    batch_clips: int = field(default=1, metadata={"help": "clips per VAE call"})
     max_clips: int | None = field(default=None, metadata={"help": "cache only the first N clips"})
     max_failures: int = field(default=-1, metadata={"help": "exit 2 when more clips fail (-1: any number)"})
     compression: str = field(
         default=DEFAULT_COMPRESSION,
         metadata={"help": "CODEC[:LEVEL][+trimK|+int8], CODEC in none, blosc-lz4, blosc-zstd, zstd"},
     )
-    channel_chunk: int = 128
+    channel_chunk: int = field(default=128, metadata={"help": "PCA channels per stored chunk"})
     ray_address: str | None = field(
         default=None,
         metadata={"help": "Ray cluster to use (default RAY_ADDRESS, else a running local one); 'local': a private one"},
@@ -124,11 +128,11 @@ class CacheConfig:
     vae_threads: int = field(
         default=0, metadata={"help": "torch threads for the VAE on CPU; 0: every CPU of the node the actor runs on"}
     )
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "replace a store (or basis) at --out"})
     dry_run: bool = field(
         default=False, metadata={"help": "build the index, estimate size and encoder time, write nothing"}
     )
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "a progress line while caching"})
     verbose: bool = field(default=False, metadata={"help": "show Ray's own log lines and notices"})
 
     def __post_init__(self) -> None:
@@ -198,8 +202,10 @@ def absolute_location(location: str) -> str:
 
 
 def get_source(cfg: CacheConfig):
-    from pipeline.sources import get_source
+    from pipeline.sources import SOURCES, get_source
 
+    if cfg.data_root is None and cfg.dataset != "synthetic" and cfg.dataset in SOURCES:
+        raise ConfigError(f"--dataset {cfg.dataset} reads a folder: give it with --data-root DIR (make: DATA_ROOT=DIR)")
     return get_source(cfg.dataset, cfg.data_root, cfg.split, **cfg.source_options)
 
 
@@ -688,6 +694,7 @@ def run_cache(cfg: CacheConfig) -> dict:
     options = cfg.storage_options or None
     variants = ["orig", "hflip"] if cfg.flip else ["orig"]
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts
+    random_weights_notice({"encoder": cfg.encoder, "vae": cfg.vae})  # once the job is under way
     pseudo_depth_size(cfg, resolve_geometry(cfg.geometry))  # a bad --pseudo-depth-scale: before anything runs
     if cfg.dry_run:  # in this process: a dry run starts no cluster
         _, _, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))

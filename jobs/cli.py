@@ -11,6 +11,7 @@ each with one line; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -25,6 +26,10 @@ import time
 from pathlib import Path
 
 from pipeline.errors import Re2pixError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The jobs' --help: the module docstring as written, each option's default after its help."""
 
 
 class Terminated(BaseException):
@@ -95,6 +100,26 @@ def _free(path: str | None) -> str:
     while not os.path.exists(folder) and folder != os.path.dirname(folder):
         folder = os.path.dirname(folder)
     return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free there)"
+
+
+# the registry's seeded random-weight encoders (pipeline/encoders): the tests' and benches' plumbing
+RANDOM_WEIGHTS = ("tiny", "tiny-wan2.2", "siglip2:tiny")
+
+
+def random_weights_notice(specs: dict[str, str | None], manifest: dict | None = None) -> None:
+    """One line on stderr when a job runs with random-weight encoders. `specs`: {"encoder" | "vae": the spec
+    given, or None: the one the store's `manifest` records}."""
+    recorded = (manifest or {}).get("encoders", {})
+    keys = {"encoder": "dinov2", "vae": "vae"}
+    specs = {flag: spec or (recorded.get(keys[flag]) or {}).get("weights_id") for flag, spec in specs.items()}
+    named = [f"--{flag} {spec}" for flag, spec in specs.items() if spec in RANDOM_WEIGHTS]
+    if named:
+        print(
+            f"note: {' and '.join(named)}: RANDOM weights (plumbing tests), the features and pictures mean nothing; "
+            "for real data --encoder demo --vae demo (trained on the synthetic set) or --preset paper "
+            "(python -m jobs.list)",
+            file=sys.stderr,
+        )
 
 
 def replace_run_folder(run: Path, job: str) -> None:

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, dataclass_type, field_types, from_dict
+from pipeline.config import ConfigError, dataclass_type, field_types, from_dict, to_dict
 
 PRESETS = Path(__file__).parent / "presets"
 # where the demo keeps its stores and runs: the default of every job's paths
@@ -52,22 +52,39 @@ def _parse_type(tp):
     return _json if tp in (list, tuple, dict) or dataclasses.is_dataclass(tp) or hasattr(tp, "__origin__") else str
 
 
-def _add_flags(p, cls, prefix: str = "") -> None:
-    """A flag per field of `cls`, and for each nested config one JSON flag plus its own dotted flags."""
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+
+
+def _add_flags(p, cls, defaults: dict, prefix: str = "") -> None:
+    """A flag per field of `cls`, and for each nested config one JSON flag plus its own dotted flags; each
+    flag's help ends with its default: `defaults`, the preset's resolved values. A field's help is its
+    metadata["help"], else the class's HELP table (classes whose fields are plain defaults)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in getattr(cls, "FROM_DATA", ())}
     if getattr(cls, "SIZES", None):
-        p.add_argument(f"--{prefix}size", dest=f"{prefix}size", choices=list(cls.SIZES), default=None)
+        p.add_argument(
+            f"--{prefix}size",
+            dest=f"{prefix}size",
+            choices=list(cls.SIZES),
+            default=None,
+            help=f"a named size, the --{prefix}FIELD flags on top (default: none, the values shown below)",
+        )
     for name, f in fields.items():
         tp, meta = field_types(cls)[name], f.metadata
         flags = ["--" + prefix + name.replace("_", "-"), *meta.get("aliases", ())]  # e.g. --dinov2 for --encoder
-        dest, help_text = prefix + name, meta.get("help", "")
+        dest, help_text = prefix + name, meta.get("help") or getattr(cls, "HELP", {}).get(name, "")
+        sub = dataclass_type(tp)
+        if sub:
+            help_text = f"{help_text}; merged key by key, defaults at its --{dest}.FIELD flags below"
+        else:
+            help_text = f"{help_text} (default: {_show(defaults.get(name))})"
+        help_text = help_text.replace("%", "%%")
         if tp is bool:
             p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        sub = dataclass_type(tp)
-        p.add_argument(*flags, dest=dest, type=_parse_type(tp), default=None, help=help_text or (sub and "JSON"))
+        p.add_argument(*flags, dest=dest, type=_parse_type(tp), default=None, help=help_text)
         if sub:
-            _add_flags(p.add_argument_group(prefix + name), sub, f"{prefix}{name}.")
+            _add_flags(p.add_argument_group(prefix + name), sub, defaults.get(name) or {}, f"{prefix}{name}.")
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -104,20 +121,37 @@ def _nested(path: list[str], value) -> dict:
     return value
 
 
-def parse_config(cls, job: str, argv=None, description: str = "", default_preset: str = "tiny"):
+def parse_config(
+    cls, job: str, argv=None, description: str = "", default_preset: str = "tiny", prog: str | None = None
+):
     """Build `cls` from its defaults, a preset and the command line (module docstring); returns
-    (config, argparse namespace)."""
+    (config, argparse namespace). `prog`: the job's name where it reads another job's presets (pca: cache's).
+    `--print-config` prints the resolved config as JSON and exits."""
+    argv = _normalise(sys.argv[1:] if argv is None else list(argv))
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default=default_preset)
+    preset = first.parse_known_args(argv)[0].preset
+    values = load_preset(job, preset)
     p = argparse.ArgumentParser(
-        prog=f"python -m jobs.{job}",
+        prog=f"python -m jobs.{prog or job}",
         usage="%(prog)s [--preset NAME] [--FIELD VALUE | --PART.FIELD VALUE | --PART JSON ...]",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"The defaults shown are preset {preset!r}'s (jobs/presets/{job}_{preset}.json over the built-ins).",
     )
-    p.add_argument("--preset", default=default_preset, help=f"presets in jobs/presets/{job}_*.json")
-    _add_flags(p, cls)
-    args = p.parse_args(_normalise(sys.argv[1:] if argv is None else list(argv)))
-    values = load_preset(job, args.preset)
-    given = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    p.add_argument(
+        "--preset", default=default_preset, help=f"presets in jobs/presets/{job}_*.json (default: %(default)s)"
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit (default: off)"
+    )
+    _add_flags(p, cls, to_dict(from_dict(cls, values, f"preset {preset!r}")))
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k not in ("preset", "print_config") and v is not None}
     for dest in sorted(given, key=lambda d: d.count(".")):  # whole parts (JSON) first, dotted flags after
         values = merge(cls, values, _nested(dest.split("."), given[dest]))
-    return from_dict(cls, values, f"the {job} config (preset {args.preset})"), args
+    cfg = from_dict(cls, values, f"the {job} config (preset {args.preset})")
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        raise SystemExit(0)
+    return cfg, args

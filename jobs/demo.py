@@ -17,19 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import replace_run_folder, side_by_side, step
+from jobs.cli import HelpFormatter, replace_run_folder, side_by_side, step
 from jobs.cli import run as run_main
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--run",
         default="runs/demo",
         help="everything goes under this folder (replaced when the demo wrote it; any other folder is refused)",
     )
     p.add_argument("--train-scenes", type=int, default=8, help="synthetic scenes of 49 frames: 7 clips each")
-    p.add_argument("--val-scenes", type=int, default=2)
+    p.add_argument("--val-scenes", type=int, default=2, help="synthetic scenes of the val store")
     p.add_argument(
         "--eval-clips",
         type=int,

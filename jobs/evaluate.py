@@ -50,7 +50,7 @@ from inference.sampling import Sampler
 from inference.semantic import Semantic, load_heads
 from inference.stages import Models, resolve_device
 from inference.video_metrics import load_feature_networks
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
 from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 from pipeline.store.format import StoreError
@@ -62,22 +62,29 @@ log = logging.getLogger("re2pix.evaluate")
 @dataclass
 class EvaluateConfig:
     store: str = field(default=DEMO_VAL_STORE, metadata={"help": "the store to evaluate on (its val split)"})
-    stage1: str = f"{DEMO_RUNS}/stage1"
-    stage2: str = f"{DEMO_RUNS}/stage2"
+    val_scenes: str | None = field(
+        default=None,
+        metadata={
+            "help": "a training run's val_scenes.json (RUN/train/val_scenes.json, written when it held scenes out "
+            "for lack of a --val-store): evaluate those clips of the store it names instead of --store"
+        },
+    )
+    stage1: str = field(default=f"{DEMO_RUNS}/stage1", metadata={"help": "Stage 1 run dir or checkpoint"})
+    stage2: str = field(default=f"{DEMO_RUNS}/stage2", metadata={"help": "Stage 2 (Re2Pix) run dir or checkpoint"})
     baseline: str | None = field(
         default=f"{DEMO_RUNS}/baseline", metadata={"help": "Baseline run dir; skipped when it holds no checkpoint"}
     )
     weights: str = field(default="auto", metadata={"help": "auto (EMA when saved), ema or model"})
     samples: int = field(default=3, metadata={"help": "sampling runs per clip (mean ± std across them)"})
-    max_clips: int | None = None
+    max_clips: int | None = field(default=None, metadata={"help": "evaluate the first N clips (None: all)"})
     batch_size: int = field(default=4, metadata={"help": "clips per batch"})
     sample_steps: int = field(default=SAMPLE_STEPS, metadata={"aliases": ["--steps"], "help": "sampler steps"})
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
     sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
-    seed: int = 0
-    guidance_channels: int | None = None
-    guidance_weight: float = 0.0
+    seed: int = field(default=0, metadata={"help": "seed of the sampling noise"})
+    guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
+    guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
     channels: int | None = field(
         default=None, metadata={"help": "Stage 2 reads only the first c PCA channels (paper table 5); default all"}
     )
@@ -92,16 +99,21 @@ class EvaluateConfig:
     labels: str | None = field(default=None, metadata={"help": "folder of {clip_id}.png trainId maps, or source"})
     depth_labels: str | None = field(default=None, metadata={"help": "{clip_id}.npy folder, source or pseudo-depth"})
     annotated_frame: int = field(default=16, metadata={"help": "clip frame the labels annotate"})
-    dinov2: str | None = None
-    vae: str | None = None
-    allow_download: bool = False
-    allow_weights_mismatch: bool = False
+    dinov2: str | None = field(
+        default=None,
+        metadata={"aliases": ["--encoder"], "help": "feature encoder spec for the DPT heads (None: the store's)"},
+    )
+    vae: str | None = field(default=None, metadata={"help": "VAE spec, as jobs.cache --vae (None: the store's)"})
+    allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
+    allow_weights_mismatch: bool = field(
+        default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
+    )
     out: str | None = field(default=f"{DEMO}/eval/results.json", metadata={"help": "JSON results path"})
     every_checkpoint: bool = field(default=False, metadata={"help": "score every kept Stage 2 checkpoint: the curve"})
     curve: str | None = field(default=None, metadata={"help": "curve JSON path (default curve.json beside --out)"})
-    device: str = "auto"
-    threads: int = 0
-    progress: bool = True
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar per sample run"})
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -113,9 +125,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     fid_net, fvd_net = load_feature_networks(
         cfg.fid, cfg.fid_weights, cfg.fvd, cfg.fvd_weights, cfg.decode, device, skipped
     )
-    store = Store(cfg.store)
+    store, held_out = held_out_clips(cfg.val_scenes) if cfg.val_scenes else (Store(cfg.store), None)
     space = DataSpace.of_store(store)
-    if store.manifest.get("split") not in ("val", "test"):
+    random_weights_notice({"vae": cfg.vae}, store.manifest)
+    if store.manifest.get("split") not in ("val", "test") and held_out is None:
         log.warning("%s holds the %r split, not a validation split", cfg.store, store.manifest.get("split"))
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     models.check(store.geometry, store.num_channels, cfg.store, store.manifest)
@@ -130,9 +143,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     dino = load_dinov2_for(cfg.dinov2, store.manifest, store.geometry, device, *weights) if dinov2 else None
     semantic = Semantic(heads, labels, space, cfg.annotated_frame, dino)
     sampler = Sampler.of(cfg)
-    n = len(store) if cfg.max_clips is None else min(len(store), cfg.max_clips)
+    clips = list(range(len(store))) if held_out is None else held_out
+    clips = clips[: cfg.max_clips] if cfg.max_clips is not None else clips
+    n = len(clips)
     if n == 0:
-        raise StoreError(f"{cfg.store} has no clips")
+        raise StoreError(f"{store.location} has no clips")
 
     measured = evaluate_store(
         store,
@@ -140,7 +155,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         sampler,
         codec,
         semantic,
-        clips=n,
+        clips=clips,
         samples=cfg.samples,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
@@ -153,7 +168,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     for key, ids in measured["missing_labels"].items():
         skipped[f"{key}_labels"] = f"{len(ids)} of {n} clips have no label, left out: {ids[:5]}"
     results = evaluation_record(
-        cfg.store,
+        store.location if held_out is not None else cfg.store,
         store.manifest,
         measured,
         decoded=cfg.decode,
@@ -168,6 +183,28 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.out:
         write_json(cfg.out, results)
     return results
+
+
+def held_out_clips(path: str) -> tuple[Store, list[int]]:
+    """The store and clips a training run held out (jobs/train.py: record_val_scenes), checked by clip id."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InferenceError(
+            f"--val-scenes {path} does not exist (written by a training run without --val-store)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise InferenceError(f"--val-scenes {path} is not valid JSON: {e}") from e
+    store = Store(record["store"])
+    ids = store.clip_ids
+    if any(i >= len(ids) or ids[i] != cid for i, cid in zip(record["clips"], record["clip_ids"])):
+        raise InferenceError(f"--val-scenes {path}: {record['store']} no longer holds the clips it names")
+    log.info(
+        "evaluating the %d clips held out of %s (scenes %s)", len(record["clips"]), record["store"], record["scenes"]
+    )
+    return store, record["clips"]
 
 
 def run_curve(cfg: EvaluateConfig) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.cli import replace_run_folder, side_by_side
+from jobs.cli import HelpFormatter, replace_run_folder, side_by_side
 from jobs.cli import run as run_main
 from jobs.cli import step as run_step
 from pipeline.errors import Re2pixError
@@ -210,18 +210,16 @@ class Experiment:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="python -m jobs.experiment", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", default="runs/experiment", help="everything goes under this folder (replaced)")
     p.add_argument("--quick", action="store_true", help="a few minutes: every arm, a handful of steps, one clip")
     p.add_argument("--seeds", type=int, default=None, help="train every Stage 2 arm with seeds 0..N-1 (default 2)")
     p.add_argument("--steps", type=int, default=None, help="Stage 2 steps of every arm (default: the train preset's)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="Stage 2 batch size (default: the train preset's)")
+    p.add_argument("--lr", type=float, default=None, help="Stage 2 learning rate (default: the train preset's)")
     p.add_argument("--ckpt-every", type=int, default=None, help="steps between the convergence curve's points")
     p.add_argument("--samples", type=int, default=None, help="sampling runs per clip")
-    p.add_argument("--eval-clips", type=int, default=None)
+    p.add_argument("--eval-clips", type=int, default=None, help="val clips evaluated (default: the settings')")
     args = p.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     for name in ("seeds", "steps", "batch_size", "lr", "ckpt_every", "samples", "eval_clips"):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from jobs.cli import run
+from jobs.cli import HelpFormatter, run
 
 RANGES = {"edm (80, 0.002)": (80.0, 0.002), "cosmos (200, 0.01)": (200.0, 0.01)}
 
@@ -37,15 +37,17 @@ def latents_of(split: str, seed: int, scenes: int, vae) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-scenes", type=int, default=8)
-    ap.add_argument("--val-scenes", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--sample-steps", type=int, default=35)
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = argparse.ArgumentParser(
+        prog="python -m jobs.measure_noise_range", description=__doc__, formatter_class=HelpFormatter
+    )
+    ap.add_argument("--train-scenes", type=int, default=8, help="synthetic training scenes")
+    ap.add_argument("--val-scenes", type=int, default=2, help="synthetic validation scenes")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the tiny DiT")
+    ap.add_argument("--batch", type=int, default=4, help="clips per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    ap.add_argument("--sample-steps", type=int, default=35, help="sampler steps")
+    ap.add_argument("--samples", type=int, default=3, help="sampling runs per clip")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="JSON of the numbers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -33,6 +33,7 @@ reconstruction's own PSNR / SSIM against the source ("vae_reconstruction": the V
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -50,7 +51,7 @@ from inference.inputs import open_space, store_clip, video_clip
 from inference.prediction import frame_scores, predict_clip, reconstruction_scores
 from inference.sampling import Sampler
 from inference.stages import Models, resolve_device
-from jobs.cli import run
+from jobs.cli import random_weights_notice, run
 from jobs.config import DEMO, DEMO_RUNS, DEMO_VAL_STORE, parse_config
 from model.diffusion import SAMPLE_STEPS, SIGMA_MAX, SIGMA_MIN
 
@@ -67,9 +68,15 @@ class PredictConfig:
     video: str | None = field(default=None, metadata={"help": "a video file or a folder of frames (>= 13 frames)"})
     pca: str | None = field(default=None, metadata={"help": "--video without --store: PCA basis path/URL"})
     geometry: str = field(default="tiny", metadata={"help": "--video without --store: tiny or paper"})
-    dinov2: str | None = field(default=None, metadata={"help": "DINOv2 spec (default: the store's weights id)"})
-    vae: str | None = field(default=None, metadata={"help": "VAE spec (default: the store's weights id)"})
-    allow_download: bool = False
+    dinov2: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--encoder"],
+            "help": "encoder spec, as jobs.cache --encoder (None: the store's)",
+        },
+    )
+    vae: str | None = field(default=None, metadata={"help": "VAE spec, as jobs.cache --vae (None: the store's)"})
+    allow_download: bool = field(default=False, metadata={"help": "let transformers/diffusers download weights"})
     allow_weights_mismatch: bool = field(
         default=False, metadata={"help": "use encoders whose sha256 differs from the store's record"}
     )
@@ -84,7 +91,7 @@ class PredictConfig:
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
     sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the sampling noise"})
     guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})
     out: str = field(default=f"{DEMO}/predict", metadata={"help": "output folder"})
@@ -95,14 +102,64 @@ class PredictConfig:
     )
     cell_height: int | None = field(default=None, metadata={"help": "grid cell height in px (default: frame size)"})
     fps: float | None = field(default=None, metadata={"help": "mp4 frame rate (default: the data's)"})
-    device: str = "auto"
-    threads: int = 0
+    progress: bool = field(default=True, metadata={"help": "a bar over the sampler's network evaluations"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+
+
+def figure_header(cfg: PredictConfig, clip, store, models: Models, sampler: Sampler, geometry) -> list[str]:
+    """The picture's own words: which clip and frames, which checkpoints (their steps), which sampler."""
+    from model.checkpoint import read_meta
+
+    if cfg.video:
+        where = f"{cfg.video}: its first {clip.source['frames_used']} frames at {clip.fps:g} fps"
+    else:
+        meta = store.clip_meta(clip.source["clip"])
+        where = (
+            f"clip {meta['clip_id']} (no. {clip.source['clip']}) of {store.location}: scene {meta['scene']}, "
+            f"{geometry.clip_frames} frames from frame {meta['start']}"
+        )
+    steps = {name: read_meta(m["checkpoint"]).get("step") for name, m in models.describe().items()}
+    run = Path(models.describe()["stage2"]["checkpoint"]).parent.parent.parent
+    names = {"stage1": "Stage 1", "stage2": "Re2Pix (Stage 2)", "baseline": "Baseline"}
+    checkpoints = ", ".join(f"{names[name]} step {step}" for name, step in steps.items())
+    return [where, f"run {run}: {checkpoints}; {sampler.solver} sampler, {sampler.steps} steps, seed {cfg.seed}"]
+
+
+@contextlib.contextmanager
+def sampling_progress(models: Models, sampler: Sampler, enabled: bool = True):
+    """A bar over the DiTs' network evaluations while they sample (minutes at the paper's size): steps
+    (+ steps - 1 for Heun's corrections), twice for Re2Pix under representation guidance."""
+    from tqdm.auto import tqdm
+
+    per_run = sampler.steps + (sampler.steps - 1 if sampler.solver == "heun" else 0)
+    guided = sampler.guidance_channels is not None and sampler.guidance_weight != 0
+    nets = [(models.stage2.model, "Re2Pix", per_run * (2 if guided else 1))]
+    nets += [(models.baseline.model, "Baseline", per_run)] if models.baseline else []
+    bar = tqdm(total=sum(n for *_, n in nets), desc="sampling", unit="eval", disable=not enabled)
+
+    def hook(name):
+        def counted(*_) -> None:  # a forward hook that returns nothing leaves the output alone
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+
+        return counted
+
+    hooks = [net.register_forward_hook(hook(name)) for net, name, _ in nets]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
 
 
 def run_predict(cfg: PredictConfig) -> dict:
     t0 = time.time()
     device = resolve_device(cfg.device, cfg.threads)
     space, store = open_space(cfg.store, bool(cfg.video), cfg.pca, cfg.geometry)
+    log.info("loading the checkpoints and the VAE on %s", device)
+    random_weights_notice({"encoder": cfg.dinov2, "vae": cfg.vae}, space.manifest)
     models = Models.load(cfg.stage1, cfg.stage2, cfg.baseline, cfg.weights, device)
     basis = space.basis.fingerprint if space.basis is not None else None
     models.check(space.geometry, space.geometry.num_pca_channels, cfg.store or cfg.pca, space.manifest, basis)
@@ -112,15 +169,25 @@ def run_predict(cfg: PredictConfig) -> dict:
         dino = load_dinov2_for(
             cfg.dinov2, space.manifest, space.geometry, device, cfg.allow_download, cfg.allow_weights_mismatch
         )
+        log.info("encoding %s: DINOv2 on its feature frames, the VAE on its frames", cfg.video)
         clip = video_clip(cfg.video, space, dino, codec)
     else:
         clip = store_clip(store, cfg.clip, cfg.clip_id)
     sampler = Sampler.of(cfg)
-    with torch.no_grad():
+    log.info(
+        "%s: Stage 1 forecast, then sampling %s (%d %s steps each), then VAE decoding",
+        clip.name,
+        "Re2Pix and the Baseline" if models.baseline else "Re2Pix",
+        sampler.steps,
+        sampler.solver,
+    )
+    with torch.no_grad(), sampling_progress(models, sampler, cfg.progress):
         pred = predict_clip(clip, models, sampler, codec, space.geometry, cfg.seed)
     name = cfg.name or clip.name
     out = Path(cfg.out)
-    png = save_png(out / f"{name}.png", prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height))
+    header = figure_header(cfg, clip, store, models, sampler, space.geometry)
+    grid = prediction_grid(pred, space.geometry, cfg.grid_frames, cfg.cell_height, header)
+    png = save_png(out / f"{name}.png", grid)
     mp4 = write_mp4(
         out / f"{name}.mp4", prediction_video(pred, space.geometry, cfg.cell_height), fps=cfg.fps or clip.fps
     )
@@ -139,7 +206,7 @@ def run_predict(cfg: PredictConfig) -> dict:
         "sampler": {**asdict(sampler), "seed": cfg.seed},
         "scores": frame_scores(pred, space.geometry),
     }
-    if pred.ground_truth == "source_frames":
+    if pred.reconstruction is not None and pred.ground_truth in ("source_frames", "video"):
         summary["scores_vs_vae_reconstruction"] = frame_scores(pred, space.geometry, "vae_reconstruction")
         summary["vae_reconstruction"] = reconstruction_scores(pred)
     summary["seconds"] = round(time.time() - t0, 2)
@@ -161,7 +228,7 @@ def main(argv=None) -> int:
     if summary.get("vae_reconstruction"):
         r = summary["vae_reconstruction"]
         print(
-            f"VAE reconstruction of the stored latents vs the source frames: PSNR {r['psnr']:.2f} dB  "
+            f"VAE reconstruction of the clip's latents vs its frames: PSNR {r['psnr']:.2f} dB  "
             f"SSIM {r['ssim']:.4f} (the ceiling)"
         )
     print(f"wrote {summary['png']}, {summary['mp4']} and {summary['json']} in {summary['seconds']} s")

@@ -41,14 +41,14 @@ class RolloutConfig:
     )
     store: str = field(default=DEMO_STORE, metadata={"help": "store path/URL, several separated by commas"})
     weights: str = field(default="auto", metadata={"help": "auto (EMA when the checkpoint has it), ema or model"})
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "clip rows per Stage 1 call"})
     chunk_rows: int = field(default=64, metadata={"help": "clip rows per progress record (the resume unit)"})
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
     overwrite: bool = field(default=False, metadata={"help": "replace rollouts of another checkpoint, start over"})
-    progress: bool = True
-    storage_options: dict = field(default_factory=dict)
+    progress: bool = field(default=True, metadata={"help": "a progress line while rolling out"})
+    storage_options: dict = field(default_factory=dict, metadata={"help": "JSON fsspec options for store URLs"})
 
 
 def _marker_dir(root: str, fingerprint: str) -> str:

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from jobs.cli import run
+from jobs.cli import HelpFormatter, run
 from pipeline.store.format import StoreError
 from pipeline.store.lock import locked
 from pipeline.store.lossy import parse_compression
@@ -116,35 +116,44 @@ def check(locations: list[str], storage_options: dict | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="python -m jobs.store", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     remote = argparse.ArgumentParser(add_help=False)  # the reading commands' fsspec options
     remote.add_argument(
         "--storage-options", type=json.loads, default=None, help="fsspec options as JSON (e.g. an S3 endpoint)"
     )
-    a = sub.add_parser("info", help="describe a store", parents=[remote])
-    a.add_argument("store")
+    a = sub.add_parser("info", help="describe a store", parents=[remote], formatter_class=HelpFormatter)
+    a.add_argument("store", help="store path or URL")
     a.add_argument("--json", action="store_true", help="print the manifest and failures as JSON")
     a.add_argument("--allow-incomplete", action="store_true", help="describe an unfinished store too")
-    a = sub.add_parser("verify", help="read and check every row; exit 1 when any is bad", parents=[remote])
-    a.add_argument("store")
+    a = sub.add_parser(
+        "verify",
+        help="read and check every row; exit 1 when any is bad",
+        parents=[remote],
+        formatter_class=HelpFormatter,
+    )
+    a.add_argument("store", help="store path or URL")
     a.add_argument("--json", action="store_true", help="print the report as JSON (bad_rows: array, row, reason)")
-    a = sub.add_parser("check", help="check that stores can be read together", parents=[remote])
-    a.add_argument("stores", nargs="+")
-    a = sub.add_parser("export-wds", help="export WebDataset shards")
-    a.add_argument("store")
-    a.add_argument("out")
+    a = sub.add_parser(
+        "check", help="check that stores can be read together", parents=[remote], formatter_class=HelpFormatter
+    )
+    a.add_argument("stores", nargs="+", help="store paths or URLs")
+    a = sub.add_parser("export-wds", help="export WebDataset shards", formatter_class=HelpFormatter)
+    a.add_argument("store", help="store path or URL")
+    a.add_argument("out", help="folder or URL of the shards")
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
-    a.add_argument("--shard-size-mb", type=float, default=300.0)
+    a.add_argument("--shard-size-mb", type=float, default=300.0, help="size of one shard")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     a.add_argument(
         "--storage-options", type=json.loads, default=None, help="fsspec options of OUT as JSON (e.g. an S3 endpoint)"
     )
-    a = sub.add_parser("copy", help="copy a store (a channel prefix, another compression) between locations")
-    a.add_argument("src")
-    a.add_argument("dst")
+    a = sub.add_parser(
+        "copy",
+        help="copy a store (a channel prefix, another compression) between locations",
+        formatter_class=HelpFormatter,
+    )
+    a.add_argument("src", help="the store to copy (path or URL)")
+    a.add_argument("dst", help="where the copy goes (path or URL)")
     a.add_argument("--channels", type=int, default=None, help="keep only the first C PCA channels")
     a.add_argument(
         "--compression",
@@ -155,14 +164,24 @@ def main(argv=None) -> int:
     a.add_argument("--src-options", type=json.loads, default=None, help="fsspec options of SRC as JSON")
     a.add_argument("--dst-options", type=json.loads, default=None, help="fsspec options of DST as JSON")
     a.add_argument("--overwrite", action="store_true", help="replace a finished store, or another unfinished one")
-    a = sub.add_parser("card", help="write README.md and card.json into a store", parents=[remote])
-    a.add_argument("store")
-    a = sub.add_parser("upgrade", help="dimension names, clips.parquet, consolidated metadata", parents=[remote])
-    a.add_argument("store")
     a = sub.add_parser(
-        "diagnose", help="latent temporal distance, per-channel latent and feature statistics", parents=[remote]
+        "upgrade",
+        help="dimension names, clips.parquet, consolidated metadata",
+        parents=[remote],
+        formatter_class=HelpFormatter,
     )
-    a.add_argument("stores", nargs="+")
+    a.add_argument("store", help="store path or URL")
+    a = sub.add_parser(
+        "card", help="write README.md and card.json into a store", parents=[remote], formatter_class=HelpFormatter
+    )
+    a.add_argument("store", help="store path or URL")
+    a = sub.add_parser(
+        "diagnose",
+        help="latent temporal distance, per-channel latent and feature statistics",
+        parents=[remote],
+        formatter_class=HelpFormatter,
+    )
+    a.add_argument("stores", nargs="+", help="store paths or URLs, compared in one figure")
     a.add_argument("--max-clips", type=int, default=256, help="clips read per store, evenly spread (0: all)")
     a.add_argument("--png", default="diagnose.png", help="where to write the figure")
     a.add_argument("--json", action="store_true", help="print the reports as JSON instead of the table")

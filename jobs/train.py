@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -75,6 +76,25 @@ class StageConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
 
+    HELP = {  # the --stageN.FIELD flags' help
+        "channels": "PCA channels read and modelled (None: all the store holds)",
+        "batch_size": "global clips per optimizer step",
+        "grad_accum": "micro-batches accumulated per optimizer step",
+        "steps": "optimizer steps",
+        "lr": "peak learning rate (AdamW)",
+        "schedule": "cosine, linear or constant after the warmup",
+        "warmup_steps": "linear warmup steps",
+        "final_lr_ratio": "the schedule's last lr as a fraction of lr",
+        "betas": "AdamW betas (JSON list)",
+        "weight_decay": "AdamW weight decay",
+        "grad_clip": "gradient norm clip (0: off)",
+        "ema_decay": "EMA of the weights (0: none)",
+        "log_every": "steps between lines of metrics.jsonl",
+        "eval_every": "steps between evaluations (0: at the end only)",
+        "ckpt_every": "steps between checkpoints",
+        "keep_checkpoints": "checkpoints kept (0: all, for jobs.evaluate --every-checkpoint)",
+    }
+
     def __post_init__(self) -> None:
         """Ranges checked when the config is built, before any store opens or a run folder is made."""
         check_overrides(self)
@@ -102,6 +122,14 @@ class Stage1Settings(StageConfig):
     sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
     sample_solver: str = DiffusionStage1Config.sample_solver
 
+    HELP = {
+        **StageConfig.HELP,
+        "model": "the masked feature transformer's size",
+        "diffusion": "forecast by sampling a feature diffusion model (model/stage1_diffusion.py)",
+        "sample_steps": "with --stage1.diffusion: sampler steps",
+        "sample_solver": "with --stage1.diffusion: heun or euler",
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         at_least(self, 1, "sample_steps")
@@ -119,6 +147,17 @@ class Stage2Settings(StageConfig):
     sample_solver: str = "heun"
     sample_clips: int = 4  # evaluation: clips sampled per rank
     align: AlignConfig = field(default_factory=AlignConfig.tiny)  # REPA / VideoREPA (its method: the stage)
+
+    HELP = {
+        **StageConfig.HELP,
+        "model": "the DiT's size",
+        "pred_p": "probability of Stage 1's predicted future features in a batch (mixed supervision)",
+        "nested_dropout": "train on random PCA channel prefixes (nested dropout)",
+        "sample_steps": "evaluation: sampler steps",
+        "sample_solver": "evaluation: heun or euler",
+        "sample_clips": "evaluation: clips sampled per rank",
+        "align": "REPA / VideoREPA alignment (the stage names the method)",
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,21 +193,25 @@ class TrainConfig:
             "and counted (skipped_clips in metrics.jsonl)"
         },
     )
-    prefetch_factor: int = 2
-    device: str = "auto"
+    prefetch_factor: int = field(default=2, metadata={"help": "batches each DataLoader worker reads ahead"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda or cpu"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads per process (0: torch's default)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of initialization, data order and noise"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoints"})
     strict_resume: bool = field(
         default=False,
         metadata={"help": "with --resume: stop at a damaged latest checkpoint instead of resuming from the one before"},
     )
-    compile: bool = False
-    amp: bool = True
-    progress: bool = True
-    rollout_batch_size: int = 8
-    rollout_chunk_rows: int = 64
-    storage_options: dict = field(default_factory=dict)
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    tensorboard: bool = field(
+        default=False,
+        metadata={"help": "also log to RUN_DIR/STAGE/tensorboard (pip install -e '.[tensorboard]')"},
+    )
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar per stage"})
+    rollout_batch_size: int = field(default=8, metadata={"help": "--stage all: clip rows per Stage 1 rollout call"})
+    rollout_chunk_rows: int = field(default=64, metadata={"help": "--stage all: rollout rows per progress record"})
+    storage_options: dict = field(default_factory=dict, metadata={"help": "JSON fsspec options for store URLs"})
 
     def __post_init__(self) -> None:
         from model.data import ON_BAD_CLIP
@@ -188,7 +231,7 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
 
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
-    few training batches of a WebDataset)."""
+    few training batches of a WebDataset, the held-out scenes' record or None)."""
     from model.data import open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
@@ -199,17 +242,32 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
             raise ConfigError("--val-store takes no mixing weights: evaluation reads every clip once")
         val = open_stream(val_sources, batch_size=1, remainder="keep", loop=False, **stream_kwargs)
         check_compatible([probe.manifest, val.manifest], [cfg.store, cfg.val_store])
-        return None, val.sources, None
+        return None, val.sources, None, None
     if probe.kind == "webdataset":
         log.warning("no --val-store: evaluating on the first 2 training batches of the WebDataset")
-        return None, probe.sources, "first"
+        return None, probe.sources, "first", None
     last = Store(probe.sources[-1], cfg.storage_options or None)
     train, held = split_by_scene(last, cfg.val_clips)
     if len(held) == 0:
         log.warning("no --val-store and too few scenes to hold one out: evaluating on training clips")
-        return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips))
+        return None, probe.sources, np.arange(min(cfg.val_clips, probe.num_clips)), None
     offset = probe.num_clips - len(last)  # held-out scenes come from the last store
-    return np.concatenate([np.arange(offset), offset + train]), probe.sources, offset + held
+    train_idx = np.concatenate([np.arange(offset), offset + train])
+    return train_idx, probe.sources, offset + held, held_out_record(last, held)
+
+
+VAL_SCENES = "val_scenes.json"  # in the run dir: the scenes held out without --val-store, for jobs.evaluate
+
+
+def held_out_record(store, held) -> dict:
+    """The held-out scenes and clips of `store`, as RUN_DIR/val_scenes.json names them."""
+    metas = [store.clip_meta(int(i)) for i in held]
+    return {
+        "store": store.location,
+        "scenes": sorted({m["scene"] for m in metas}),
+        "clips": [int(i) for i in held],
+        "clip_ids": [store.clip_ids[int(i)] for i in held],
+    }
 
 
 def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
@@ -267,7 +325,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
             f"{sc.grad_accum} accumulation steps"
         )
-    train_idx, val_sources, val_idx = _split(cfg, probe, common)
+    train_idx, val_sources, val_idx, held_out = _split(cfg, probe, common)
     stream = open_stream(
         sources,
         batch_size=per_rank,
@@ -309,6 +367,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         ckpt_every=sc.ckpt_every,
         keep_checkpoints=sc.keep_checkpoints,
         strict_resume=cfg.strict_resume,
+        tensorboard=cfg.tensorboard,
         seed=cfg.seed,
         progress=cfg.progress,
         extra={
@@ -321,9 +380,11 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     )
     run_dir = Path(cfg.run_dir) / stage
     check_run_dir(run_dir)  # before the lock goes into it: never into a folder that is not a run
+    if cfg.resume:
+        check_resume(run_dir, loop_cfg, runtime)
     # one trainer per run folder; under torchrun rank 0 holds the lock
     with locked(str(run_dir), f"jobs.train --stage {stage}") if runtime.is_main else contextlib.nullcontext():
-        return train(
+        summary = train(
             task,
             loop_cfg,
             stream,
@@ -333,6 +394,73 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             resume=cfg.resume,
             workers=cfg.workers,
             prefetch_factor=cfg.prefetch_factor,
+        )
+    if held_out and runtime.is_main:  # beside the stage folder the trainer has made its own
+        from model.checkpoint import write_json_atomic
+
+        write_json_atomic(Path(cfg.run_dir) / VAL_SCENES, held_out)
+        log.info("held out for evaluation: scenes %s (%s)", held_out["scenes"], Path(cfg.run_dir) / VAL_SCENES)
+    return summary
+
+
+# what a resumed stage may change: how long it trains, how it logs, checkpoints and is evaluated
+RESUME_MAY_CHANGE = {
+    "steps",
+    "progress",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "strict_resume",
+    "compile",
+    "tensorboard",
+    "sample_steps",
+    "sample_solver",
+    "sample_clips",
+    "val_store",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"model.dim": 96, ...}: a nested dict's leaves by dotted name."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resume(run_dir: Path, loop_cfg, runtime) -> None:
+    """--resume (which `make train` always passes): say where the stage continues from, and refuse settings
+    that differ from those its checkpoint was trained with; a resumed stage keeps its own, so a changed
+    --lr would otherwise be silently ignored."""
+    from model.checkpoint import find_resumable, has_checkpoints, read_meta
+
+    ckpt = find_resumable(run_dir)[0] if has_checkpoints(run_dir) else None
+    if ckpt is None:
+        return
+    meta = read_meta(ckpt)
+    loop = {k: v for k, v in dataclasses.asdict(loop_cfg).items() if k != "extra"}
+    now = _flat(json.loads(json.dumps({"loop": loop, "config": loop_cfg.extra})))  # tuples as JSON lists
+    was = _flat({"loop": meta.get("loop", {}), "config": meta.get("config", {})})
+    names = {k: k.removeprefix("loop.").removeprefix("config.").removeprefix("stage_config.") for k in now}
+    changed = {
+        names[k]: (was[k], now[k])
+        for k in sorted(now.keys() & was.keys())
+        if was[k] != now[k] and names[k].rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE
+    }
+    if changed:
+        listed = ", ".join(f"{name} {a} (now {b})" for name, (a, b) in changed.items())
+        raise ConfigError(
+            f"{run_dir} was trained with {listed}; resuming keeps a run's own settings. Rerun with its "
+            "settings to resume, or start afresh in another run folder: --run-dir DIR (make train RUN=DIR)"
+        )
+    if runtime.is_main and meta.get("step", 0) >= loop_cfg.steps:
+        log.info(
+            "%s: already trained to step %d (%s), reporting its result; a larger --steps trains on, "
+            "another --run-dir (make train RUN=DIR) starts afresh",
+            run_dir.name,
+            meta["step"],
+            ckpt,
         )
 
 
@@ -418,7 +546,13 @@ def print_summary(results: dict) -> None:
 
 
 def parse(argv=None) -> TrainConfig:
-    return parse_config(TrainConfig, "train", argv, description=__doc__)[0]
+    cfg = parse_config(TrainConfig, "train", argv, description=__doc__)[0]
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    return cfg
 
 
 def main(argv=None) -> int:

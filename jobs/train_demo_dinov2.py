@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.cli import run
+from jobs.cli import HelpFormatter, run
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "encoders" / "weights"
 
@@ -165,26 +165,28 @@ def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float],
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
+    ap = argparse.ArgumentParser(
+        prog="python -m jobs.train_demo_dinov2", description=__doc__, formatter_class=HelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=150, help="training steps")
     ap.add_argument("--probe-steps", type=int, default=40, help="steps of the random-preset comparison probe")
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--depth-weight", type=float, default=1.0)
-    ap.add_argument("--train-scenes", type=int, default=16)
-    ap.add_argument("--frames-per-scene", type=int, default=49)
-    ap.add_argument("--frame-stride", type=int, default=2)
-    ap.add_argument("--data-seed", type=int, default=1)
-    ap.add_argument("--val-scenes", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=12, help="frames per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth loss beside segmentation")
+    ap.add_argument("--train-scenes", type=int, default=16, help="synthetic training scenes")
+    ap.add_argument("--frames-per-scene", type=int, default=49, help="frames of each scene")
+    ap.add_argument("--frame-stride", type=int, default=2, help="every Nth frame is used")
+    ap.add_argument("--data-seed", type=int, default=1, help="synthetic generator seed of the training scenes")
+    ap.add_argument("--val-scenes", type=int, default=4, help="validation scenes (val split)")
     ap.add_argument(
         "--max-minutes",
         type=float,
         default=6.0,
         help="stop the encoder's training when it has run this long (the machine is shared); 0: no limit",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of initialization and data order")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="weights stem (default pipeline/encoders/weights/demo_dinov2)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.cli import HelpFormatter
+
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "encoders" / "weights"
 INPUT_HW = (96, 160)
 
@@ -145,15 +147,15 @@ def _training_of(weights: str) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.train_demo_vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.train_demo_vae", description=__doc__, formatter_class=HelpFormatter
     )
-    p.add_argument("--base-dim", type=int, default=14)
-    p.add_argument("--num-res-blocks", type=int, default=1)
-    p.add_argument("--steps", type=int, default=650)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--base-dim", type=int, default=14, help="the VAE's base channel width")
+    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution")
+    p.add_argument("--steps", type=int, default=650, help="phase 1: steps on short windows")
+    p.add_argument("--batch", type=int, default=2, help="phase 1: windows per step")
     p.add_argument("--frames", type=int, default=5, help="frames per training window (1 + 4k)")
     p.add_argument("--crop", type=int, nargs=2, default=[64, 96], help="training crop h w (multiples of 8)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="phase 1: learning rate")
     p.add_argument(
         "--long-steps",
         type=int,
@@ -161,26 +163,26 @@ def main(argv=None) -> int:
         help="phase 2: steps on 25-frame windows (the causal "
         "VAE drifts on later chunks when it only ever saw 5 frames)",
     )
-    p.add_argument("--long-batch", type=int, default=1)
-    p.add_argument("--long-frames", type=int, default=25)
-    p.add_argument("--long-crop", type=int, nargs=2, default=[48, 64])
-    p.add_argument("--long-lr", type=float, default=3e-4)
+    p.add_argument("--long-batch", type=int, default=1, help="phase 2: windows per step")
+    p.add_argument("--long-frames", type=int, default=25, help="phase 2: frames per window")
+    p.add_argument("--long-crop", type=int, nargs=2, default=[48, 64], help="phase 2: crop h w")
+    p.add_argument("--long-lr", type=float, default=3e-4, help="phase 2: learning rate")
     p.add_argument(
         "--init",
         default=None,
         help="start from these weights (.safetensors) instead of phase 1; "
         "with --steps 0 this resumes phase 2 from a saved phase 1",
     )
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--mse-weight", type=float, default=1.0)
-    p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--train-scenes", type=int, default=48)
-    p.add_argument("--frames-per-scene", type=int, default=49)
+    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
+    p.add_argument("--mse-weight", type=float, default=1.0, help="weight of the pixel MSE")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the KL term")
+    p.add_argument("--train-scenes", type=int, default=48, help="synthetic training scenes")
+    p.add_argument("--frames-per-scene", type=int, default=49, help="frames of each scene")
     p.add_argument("--data-seed", type=int, default=1, help="synthetic generator seed of the training scenes")
     p.add_argument("--stats-scenes", type=int, default=16, help="training scenes for latents_mean / std")
     p.add_argument("--val-scenes", type=int, default=2, help="val split, seed 0 (the demo's val scenes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialization and data order")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default=str(WEIGHTS_DIR / "demo_wan_vae"), help="output stem (.safetensors, .json)")
     args = p.parse_args(argv)
 

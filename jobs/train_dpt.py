@@ -53,8 +53,8 @@ IGNORE = 255
 
 @dataclass
 class TrainDPTConfig:
-    store: str = DEMO_STORE
-    val_store: str | None = None
+    store: str = field(default=DEMO_STORE, metadata={"help": "store whose DINOv2 features the heads learn from"})
+    val_store: str | None = field(default=None, metadata={"help": "store the heads are scored on (None: none)"})
     labels: str = field(
         default="source", metadata={"help": "source (read_targets), cityscapes (gtFine) or pseudo-depth (depth only)"}
     )
@@ -67,19 +67,19 @@ class TrainDPTConfig:
     )
     tasks: str = field(default="segmentation,depth", metadata={"help": "segmentation, depth or both"})
     head: str = field(default="tiny", metadata={"help": "tiny or paper (inference.dpt.DPTConfig)"})
-    annotated_frame: int = 16
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.0016
-    weight_decay: float = 0.0001
-    depth_bins: int = 256
-    depth_min: float = 1.0
-    depth_max: float = 150.0
-    max_clips: int | None = None
-    seed: int = 0
-    threads: int = 0
-    out: str = f"{DEMO}/heads"
+    annotated_frame: int = field(default=16, metadata={"help": "clip frame scored on the validation store"})
+    epochs: int = field(default=100, metadata={"help": "passes over the labelled frames"})
+    warmup_epochs: int = field(default=10, metadata={"help": "linear warmup epochs"})
+    batch_size: int = field(default=128, metadata={"help": "frames per optimizer step"})
+    lr: float = field(default=0.0016, metadata={"help": "peak learning rate (AdamW, cosine)"})
+    weight_decay: float = field(default=0.0001, metadata={"help": "AdamW weight decay"})
+    depth_bins: int = field(default=256, metadata={"help": "depth classification bins"})
+    depth_min: float = field(default=1.0, metadata={"help": "depth of the first bin"})
+    depth_max: float = field(default=150.0, metadata={"help": "depth of the last bin"})
+    max_clips: int | None = field(default=None, metadata={"help": "train on the first N clips (None: all)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialization and data order"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    out: str = field(default=f"{DEMO}/heads", metadata={"help": "folder of the heads (safetensors) and their scores"})
 
 
 def frame_labels(store, labels: str, annotated_frame: int):

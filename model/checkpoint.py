@@ -221,6 +221,8 @@ def has_checkpoints(run_dir) -> bool:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, given it or a run directory (its latest checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (a checkpoint folder or a run directory was expected)")
     if (path / "meta.json").exists():
         return path
     ckpt = latest_checkpoint(path)

@@ -82,6 +82,7 @@ class LoopConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     strict_resume: bool = False  # a damaged latest checkpoint stops the run instead of falling back
+    tensorboard: bool = False  # metrics.jsonl's records as TensorBoard scalars too (the tensorboard extra)
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints (the job's own config)
@@ -153,9 +154,10 @@ class EMA:
 
 # ---- logs ------------------------------------------------------------------------------------------
 class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0), and TensorBoard when it is installed."""
+    """metrics.jsonl in the run dir (rank 0), the source of truth, and with `tensorboard` the same numbers as
+    TensorBoard scalars under run_dir/tensorboard."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -170,12 +172,10 @@ class MetricsLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, self.path)
-        try:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:
-            pass
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -521,7 +521,7 @@ def train(
         "data": stream.describe(),
         "feature_space": feature_space(stream.manifest, stream.channels),
     }
-    metrics = MetricsLog(run_dir, start, runtime.is_main)
+    metrics = MetricsLog(run_dir, start, runtime.is_main, cfg.tensorboard)
     if runtime.is_main:
         log.info("%s: %s parameters, %d clips per step (%d per rank x %d ranks x %d accumulated), data %s",
                  task.name, f"{n_params:,}", clips_per_step, stream.batch_size, runtime.world, cfg.grad_accum,

@@ -73,6 +73,15 @@ class AlignConfig(Sized):
     spatial_margin: float = 0.1  # VideoREPA: margin of the relations within a frame
     temporal_margin: float = 0.1  # VideoREPA: margin of the relations across frames
 
+    HELP = {  # jobs.train's --stage2.align.FIELD help
+        "method": "repa (cosine) or videorepa (token-relation distillation)",
+        "depth": "align the tokens after this block (None: REPA's 8/28 of the depth)",
+        "weight": "lambda: loss = denoising + lambda * alignment",
+        "projector_dim": "hidden width of the MLP projector",
+        "spatial_margin": "VideoREPA: margin of the relations within a frame",
+        "temporal_margin": "VideoREPA: margin of the relations across frames",
+    }
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"alignment method must be one of {METHODS}, got {self.method!r}")

@@ -75,6 +75,16 @@ class Stage1Config(Sized):
     smooth_l1_beta: float = 0.1
     gradient_checkpointing: bool = False
 
+    HELP = {  # jobs.train's --stage1.model.FIELD help
+        "dim": "hidden width (divisible by 3 and by num_heads)",
+        "num_layers": "transformer blocks",
+        "num_heads": "attention heads",
+        "mlp_ratio": "MLP width / dim",
+        "dropout": "dropout of attention and MLP",
+        "smooth_l1_beta": "SmoothL1 loss transition point",
+        "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
+    }
+
     # paper: Re2Pix app. 9.2 / DINO-Foresight, 12 layers, hidden 1152, 8 heads (the reference's
     # ``--hidden_dim 1152 --heads 8 --layers 12 --dropout 0.1``), 1152 PCA channels on a 32 x 56 grid,
     # 4 context frames; tiny: the CPU demo and tests, 64 PCA channels on an 8 x 14 grid, dim 96, 2 blocks

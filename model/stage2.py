@@ -100,6 +100,19 @@ class DiTConfig(Sized):
     timestep_scale: float = 1.0
     norm_eps: float = 1e-6
 
+    HELP = {  # jobs.train's --stage2.model.FIELD help
+        "num_layers": "DiT blocks",
+        "num_heads": "attention heads",
+        "dim": "hidden width",
+        "patch_spatial": "latent patch size (pixels of the latent per token side)",
+        "patch_temporal": "latent frames per token (1)",
+        "mlp_ratio": "MLP width / dim",
+        "adaln_lora_rank": "rank of the AdaLN-LoRA modulation",
+        "rope_theta": "3D RoPE base",
+        "timestep_scale": "scale of the noise level fed to the timestep embedding",
+        "norm_eps": "LayerNorm epsilon",
+    }
+
     # paper: 14 layers, 16 heads, dim 2048, 2x2 patches, AdaLN-LoRA rank 256 (~782M); paper_large:
     # Baseline-Large (paper table 1, "1.5B"), 28 blocks instead of 14; tiny: CPU demos and tests (~0.2M)
     SIZES = {

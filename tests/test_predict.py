@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from inference import InferenceError
-from inference.figures import GridLayout, GridStyle, write_mp4
+from inference.figures import GridLayout, GridStyle, header_height, write_mp4
 from model.checkpoint import CheckpointError
 from pipeline.sources import SourceError
 from pipeline.store.format import StoreError
@@ -38,8 +38,9 @@ def config(setup, **kw):
 
 
 def grid_size(sections, cell_hw=(96, 160)):
+    """A prediction PNG's size: its grid under a header of 2 lines (the clip; the run, steps, sampler)."""
     layout = GridLayout(tuple(sections), cell_hw, GridStyle())
-    return layout.height, layout.width
+    return header_height(2) + layout.height, layout.width
 
 
 def test_predict_store_clip_writes_grid_video_and_summary(setup):
@@ -112,8 +113,10 @@ def test_predict_from_video_file_encodes_here(setup, tmp_path):
     s = run_predict(config(setup, video=str(path), out=str(tmp_path / "out"), grid_frames="all"))
     assert s["ground_truth"] == "video" and s["source"] == {"video": str(path), "frames_used": 25}
     assert s["name"] == "drive"
-    # every frame: context 2 x 13, future 4 x 12
-    assert np.asarray(Image.open(s["png"])).shape[:2] == grid_size([(2, 13), (4, 12)])
+    assert s["rows"] == ["context", "ground truth", "VAE reconstruction", "Baseline", "Re2Pix", "forecast features"]
+    assert set(s["vae_reconstruction"]) == {"psnr", "ssim"}  # the ceiling, also in the picture
+    # every frame: context 2 x 13, future 5 x 12
+    assert np.asarray(Image.open(s["png"])).shape[:2] == grid_size([(2, 13), (5, 12)])
     with av.open(s["mp4"]) as c:
         stream = c.streams.video[0]
         assert abs(float(stream.average_rate) - 12) < 1e-6  # the video's own rate
@@ -227,11 +230,11 @@ def test_store_clip_of_a_synthetic_source_shows_the_source_frames(setup, tmp_pat
 
     s = run_predict(config(setup, store=str(tmp_path / "syn.zarr"), clip=1, out=str(tmp_path / "out"), name="syn"))
     assert s["ground_truth"] == "source_frames"
-    assert s["rows"] == ["context", "ground truth", "Baseline", "Re2Pix", "forecast features"]
+    assert s["rows"] == ["context", "ground truth", "VAE reconstruction", "Baseline", "Re2Pix", "forecast features"]
     assert len(s["scores"]["re2pix"]["psnr"]) == 12 and len(s["scores_vs_vae_reconstruction"]["re2pix"]["psnr"]) == 12
     assert set(s["vae_reconstruction"]) == {"psnr", "ssim"}
-    grid = np.asarray(Image.open(s["png"]))
-    layout = GridLayout(((2, 4), (4, 3)), (96, 160), GridStyle())
+    grid = np.asarray(Image.open(s["png"]))[header_height(2) :]
+    layout = GridLayout(((2, 4), (5, 3)), (96, 160), GridStyle())
     for (section, row, col), frame in {(0, 0, 1): 4, (0, 0, 3): 12, (1, 0, 0): 16, (1, 0, 2): 24}.items():
         y, x = layout.cell_origin(section, row, col)  # context row: frames 0, 4, 8, 12; ground truth: 16, 20, 24
         assert np.array_equal(grid[y : y + 96, x : x + 160], want[frame])

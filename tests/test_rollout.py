@@ -183,4 +183,5 @@ def test_stage_all_trains_stage1_rolls_out_then_stage2_and_baseline(tmp_path):
     assert meta1["model_config"]["num_pca_channels"] == 16 and meta2["model_config"]["num_pca_channels"] == 64
     assert meta2["model_config"]["semantic"] and not metab["model_config"]["semantic"]
     assert meta2["data"]["with_pred"] and not metab["data"]["with_pred"]
-    assert {"stage1", "stage2", "baseline"} == {p.name for p in (tmp_path / "run").iterdir()}
+    run_files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert run_files == {"stage1", "stage2", "baseline", "val_scenes.json"}  # and the scenes held out

@@ -161,7 +161,7 @@ def _locate(spec, flag, allow_patterns, allow_download, revision, cache_dir) -> 
         )
     except Exception as e:  # not cached, unknown repo, offline, ...
         how = (
-            "allow downloads (allow_download=True), or " if not allow_download else ""
+            "allow downloads (--allow-download), or " if not allow_download else ""
         ) + f"pre-download it with `hf download {spec}` (HF_HOME / HF_HUB_CACHE choose the cache)"
         raise EncoderWeightsError(
             f"encoder weights {spec!r} (revision {revision or 'main'}) are not in the local Hugging Face "

@@ -9,7 +9,7 @@
 - per-channel statistics of the latents (mean, std, min, max) and of the PCA features.
 
 Clips are read evenly spread over the store (variant 0), each check the reader makes included.
-numpy and PIL only: no torch, no encoder.
+numpy (and matplotlib for the figure) only: no torch, no encoder.
 """
 
 from __future__ import annotations
@@ -133,50 +133,52 @@ COLORS = [(40, 96, 220), (220, 80, 40), (46, 170, 70), (150, 60, 180), (200, 160
 
 
 def plot_png(reports: list[dict], path, size=(900, 380)) -> Path:
-    """Two panels: the LTD curves (per-value RMS, against the interval in video frames) and the
-    per-channel latent std; one colour per store, legend below."""
-    from PIL import Image, ImageDraw
+    """Two panels with labelled axes: the latent temporal distance (LTD) per value against the interval in
+    video frames, and the per-channel latent std; one colour, line style and marker per store (so that equal
+    curves stay visible one over the other: the first store widest), a legend naming each store below."""
+    import matplotlib
 
-    w, h = size
-    legend = 16 * len(reports) + 8
-    img = Image.new("RGB", (w, h + legend), "white")
-    draw = ImageDraw.Draw(img)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    fig, axes = plt.subplots(1, 2, figsize=(size[0] / dpi, (size[1] + 22 * len(reports)) / dpi), dpi=dpi)
     panels = [
-        ("LTD rms vs frames", [(r["intervals_frames"], r["ltd_rms"]) for r in reports]),
+        (
+            "latent temporal distance (LTD): mean ||z[t+d] - z[t]||, per value",
+            "interval d (video frames)",
+            "LTD rms (lower growth: smoother latents)",
+            [(r["intervals_frames"], r["ltd_rms"]) for r in reports],
+        ),
         (
             "latent std per channel",
+            "latent channel",
+            "std over clips and positions",
             [(list(range(len(r["latent_channels"]["std"]))), r["latent_channels"]["std"]) for r in reports],
         ),
     ]
-    pw = w // len(panels)
-    for p, (title, series) in enumerate(panels):
-        x0, y0, x1, y1 = p * pw + 50, 24, (p + 1) * pw - 12, h - 28
-        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        draw.text((x0, 6), title, fill=(0, 0, 0))
-        xs = [x for s in series for x in s[0]] or [0, 1]
-        ys = [y for s in series for y in s[1]] or [0, 1]
-        xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
-        ymin, ymax = min(0.0, min(ys)), max(max(ys), 1e-12)
-        draw.text((x0 - 46, y0), f"{ymax:.3g}", fill=(0, 0, 0))
-        draw.text((x0 - 46, y1 - 10), f"{ymin:.3g}", fill=(0, 0, 0))
-        draw.text((x0, y1 + 4), f"{xmin}", fill=(0, 0, 0))
-        draw.text((x1 - 24, y1 + 4), f"{xmax}", fill=(0, 0, 0))
-
-        for s, (sx, sy) in enumerate(series):
-            pts = [
-                (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
-                for x, y in zip(sx, sy)
-            ]
-            color = COLORS[s % len(COLORS)]
-            if len(pts) > 1:
-                draw.line(pts, fill=color, width=2)
-            for px, py in pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-    for s, r in enumerate(reports):
-        y = h + 4 + 16 * s
-        draw.rectangle([12, y + 3, 24, y + 11], fill=COLORS[s % len(COLORS)])
-        draw.text((30, y), f"[{s}] {r['store']} (vae {r['vae']}, encoder {r['encoder']})", fill=(0, 0, 0))
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v", "x"]
+    for ax, (title, xlabel, ylabel, series) in zip(axes, panels):
+        for i, (xs, ys) in enumerate(series):
+            ax.plot(
+                xs,
+                [np.nan if y is None else y for y in ys],
+                linestyle=styles[i % len(styles)],
+                marker=markers[i % len(markers)],
+                color=[c / 255 for c in COLORS[i % len(COLORS)]],
+                linewidth=max(1.0, 3.0 - i),
+                markersize=max(3.0, 7.0 - 1.5 * i),
+                label=f"[{i}]",
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    labels = [f"[{i}] {r['store']} (vae {r['vae']}, encoder {r['encoder']})" for i, r in enumerate(reports)]
+    fig.legend(axes[0].get_lines(), labels, loc="lower left", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 22 * len(reports) / (size[1] + 22 * len(reports)), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
+    plt.close(fig)
     return path
