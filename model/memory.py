@@ -47,6 +47,9 @@ class Footprint:
     autocast_copies: int  # bf16 copies of the weights autocast keeps during a step
     activations: int  # per clip, every block's activations kept
     activations_checkpointed: int  # per clip, block inputs kept and one block recomputed
+    # per clip: the gradients of the block the backward pass is in, beside what is still kept (one block's
+    # activations; the term that brought the estimate to the measured CPU peaks, scripts/gpu_check.py)
+    workspace: int
     inputs: int  # per clip: the batch on the device
     flops: float  # per clip, forward + backward without recomputation
     read_bytes: int  # per clip, read from the store
@@ -56,7 +59,8 @@ class Footprint:
         return self.weights + self.grads + self.optimizer + self.ema + self.autocast_copies
 
     def per_clip(self, checkpointing: bool) -> int:
-        return (self.activations_checkpointed if checkpointing else self.activations) + self.inputs
+        kept = self.activations_checkpointed if checkpointing else self.activations
+        return kept + self.workspace + self.inputs
 
     def total(self, micro_batch: int, checkpointing: bool) -> int:
         return self.states + micro_batch * self.per_clip(checkpointing)
@@ -110,6 +114,7 @@ def dit_footprint(cfg, geometry, *, ema: bool, bf16: bool, pred_features: bool =
         **_states("Stage 2 DiT" if cfg.semantic else "Baseline DiT", params, ema, bf16),
         activations=unit * kept,
         activations_checkpointed=unit * checkpointed,
+        workspace=unit * per_block,
         inputs=inputs,
         flops=flops,
         read_bytes=2 * (latents + feature_frames * feature),
@@ -138,6 +143,7 @@ def stage1_footprint(cfg, *, ema: bool, bf16: bool) -> Footprint:
         **_states("Stage 1", params, ema, bf16),
         activations=unit * kept,
         activations_checkpointed=unit * checkpointed,
+        workspace=unit * per_block,
         inputs=inputs,
         flops=flops,
         read_bytes=2 * window,
