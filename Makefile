@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: help install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean
+.PHONY: help install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean gpu-check
 
 # `make help`: the targets and the variables they take
 help:
@@ -75,6 +75,10 @@ clean:
 
 bench: install
 	$(PY) -m jobs.bench all $(ARGS)
+
+# what the paper's sizes cost on this GPU, one JSON line per check (<= 8 min; a tiny CPU mode without CUDA)
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(ARGS)
 
 # STAGE=1|2|baseline|all (all: Stage 1 -> rollout -> Stage 2 -> Baseline); reruns continue the run in $(RUN)/train
 train: install

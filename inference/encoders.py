@@ -1,5 +1,6 @@
 """The frozen encoders at inference time, loaded as the store records them: its weights id unless another
-spec is given, and the sha256 it recorded checked (a mismatch is refused unless allowed)."""
+spec is given, the sha256 it recorded checked (a mismatch is refused unless allowed), and the precision
+the cache job encoded in (bf16 autocast or float32)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def load_vae_for(spec: str | None, manifest: dict | None, geometry, device, allo
             spec or _weights_id(manifest, "vae"),
             input_hw=geometry.vae_input_hw,
             device=device,
+            autocast_dtype=_recorded_precision(manifest, "vae"),
             allow_download=allow_download,
         ),
         manifest,
@@ -37,11 +39,20 @@ def load_dinov2_for(
         spec or _weights_id(manifest, "dinov2"),
         input_hw=geometry.dino_input_hw,
         device=device,
+        autocast_dtype=_recorded_precision(manifest, "dinov2"),
         allow_download=allow_download,
     )
     if enc.feature_dim != geometry.feature_dim:
         raise InferenceError(f"DINOv2 {spec} gives {enc.feature_dim}-d features; the data has {geometry.feature_dim}")
     return _checked(enc, manifest, "dinov2", allow_mismatch)
+
+
+def _recorded_precision(manifest: dict | None, name: str):
+    """The autocast dtype the cache job encoded with (its manifest's "precision"; float32 when it records none):
+    features and latents computed at inference then match the stored ones."""
+    from pipeline.encoders.registry import autocast_for
+
+    return autocast_for(((manifest or {}).get("encoders", {}).get(name) or {}).get("precision"))
 
 
 def _weights_id(manifest: dict | None, name: str) -> str:

@@ -22,22 +22,30 @@ class Sampler:
     channels: int | None = None  # Stage 2 reads only the first c PCA channels, the rest zeroed (paper table 5)
     sigma_max: float = SIGMA_MAX  # the noise range the sampler walks down
     sigma_min: float = SIGMA_MIN
+    # the network's evaluations under autocast: auto is bf16 on GPU, float32 on CPU; the sampler's own
+    # update arithmetic stays float32 (model.runtime.autocast_network)
+    precision: str = "auto"
 
     @classmethod
     def of(cls, cfg) -> Sampler:
-        """The sampler a job's config names: sample_steps, sample_solver, guidance_*, sigma_* (channels if any)."""
+        """The sampler a job's config names: sample_steps, sample_solver, guidance_*, sigma_*, channels and
+        precision if any."""
         fields = (cfg.guidance_channels, cfg.guidance_weight, getattr(cfg, "channels", None))
-        return cls(cfg.sample_steps, cfg.sample_solver, *fields, cfg.sigma_max, cfg.sigma_min)
+        precision = getattr(cfg, "precision", "auto")
+        return cls(cfg.sample_steps, cfg.sample_solver, *fields, cfg.sigma_max, cfg.sigma_min, precision)
 
     def __call__(self, model, context_latents, features, noise: torch.Tensor) -> torch.Tensor:
         """[B, 16, 4, h, w] context + [B, 7, H, W, c] features or None -> [B, 16, 7, h, w]."""
         from model.diffusion import sample, truncate_features
+        from model.runtime import autocast_dtype, autocast_network
 
+        device = context_latents.device
+        net = autocast_network(model, autocast_dtype(self.precision, device), device)
         if features is not None and self.channels is not None:
             features = truncate_features(features, self.channels)
         guided = features is not None and self.guidance_weight != 0.0
         return sample(
-            model,
+            net,
             context_latents,
             features,
             num_steps=self.steps,

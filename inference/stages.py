@@ -71,9 +71,14 @@ def build_model(task: str, config: dict) -> torch.nn.Module:
 
 def resolve_device(device: str, threads: int = 0) -> str:
     """ "auto": CUDA when there is a GPU, else the CPU; threads > 0 sets torch's CPU threads too."""
+    from model.runtime import fast_math
+
     if threads > 0:
         torch.set_num_threads(threads)
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device.startswith("cuda"):
+        fast_math()  # TF32 and cuDNN's autotuner, as in training
+    return device
 
 
 def has_checkpoint(path: str | None) -> bool:

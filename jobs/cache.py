@@ -740,6 +740,10 @@ def run_cache(cfg: CacheConfig) -> dict:
         # Ray worker: the driver never holds a model)
         encoders, latent_norm, geometry, footprint = encoder_descriptions(cfg, provisional, ray, True)
         pseudo_depth = encoders.pop("pseudo_depth", None)  # a target, not an encoder of the features
+        from pipeline.encoders.registry import cache_precision
+
+        for name, entry in encoders.items():  # what the encoder actors compute in: inference uses the same
+            entry["precision"] = cache_precision(name, encoder_device(cfg, cluster))
         if geometry != provisional:
             source, geometry, index = _checked_index(cfg, geometry, source)
             check_writable(cfg, estimated_bytes(index, geometry, len(variants), pseudo_depth_size(cfg, geometry)))

@@ -82,6 +82,9 @@ class EvaluateConfig:
     sample_solver: str = field(default="heun", metadata={"aliases": ["--solver"], "help": "heun or euler"})
     sigma_max: float = field(default=SIGMA_MAX, metadata={"help": "sampler's highest noise level"})
     sigma_min: float = field(default=SIGMA_MIN, metadata={"help": "sampler's lowest noise level before 0"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto | bf16 | fp32: the sampler's network evaluations (auto: bf16 on GPU)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the sampling noise"})
     guidance_channels: int | None = field(default=None, metadata={"help": "representation guidance: c"})
     guidance_weight: float = field(default=0.0, metadata={"help": "representation guidance: w (0: off)"})

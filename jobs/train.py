@@ -61,7 +61,7 @@ class StageConfig:
 
     channels: int | None = None  # PCA channels read and modelled; None: all the store holds
     batch_size: int = 8  # global clips per optimizer step
-    grad_accum: int = 1
+    grad_accum: int = 0  # micro-batches per optimizer step; 0: the fit plan chooses (model/memory.py)
     steps: int = 100
     lr: float = 1e-3
     schedule: str = "cosine"  # cosine | linear | constant after the warmup
@@ -208,6 +208,14 @@ class TrainConfig:
         metadata={"help": "also log to RUN_DIR/STAGE/tensorboard (pip install -e '.[tensorboard]')"},
     )
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "print each stage's parameters, memory per rank, fit plan and data rate, then stop"},
+    )
+    gpu_memory_gb: float = field(
+        default=0.0, metadata={"help": "memory per rank the fit plan fills (0: the device's, 80 without CUDA)"}
+    )
+    world_size: int = field(default=0, metadata={"help": "--dry-run: ranks to plan for (0: WORLD_SIZE, else 1)"})
     progress: bool = field(default=True, metadata={"help": "a progress bar per stage"})
     rollout_batch_size: int = field(default=8, metadata={"help": "--stage all: clip rows per Stage 1 rollout call"})
     rollout_chunk_rows: int = field(default=64, metadata={"help": "--stage all: rollout rows per progress record"})
@@ -219,7 +227,7 @@ class TrainConfig:
         check_overrides(self)
         require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
         require(self.on_bad_clip in ON_BAD_CLIP, "on_bad_clip", " or ".join(ON_BAD_CLIP), self.on_bad_clip)
-        at_least(self, 0, "val_clips", "workers", "threads")
+        at_least(self, 0, "val_clips", "workers", "threads", "gpu_memory_gb", "world_size")
         at_least(self, 1, "prefetch_factor", "rollout_batch_size", "rollout_chunk_rows")
 
 
@@ -270,26 +278,10 @@ def held_out_record(store, held) -> dict:
     }
 
 
-def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
-    """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
-    from model.checkpoint import check_run_dir
-    from model.data import has_pred_features, open_stream
-    from model.loop import LoopConfig, train
+def make_task(stage: str, sc: StageConfig, geometry, channels: int):
+    """What `stage` trains, with the sizes the data fixes."""
     from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
-    from pipeline.store.lock import locked
 
-    sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
-    sources, weights = parse_store_list(cfg.store)
-    storage = cfg.storage_options or None
-    common = {
-        "channels": sc.channels,
-        "storage_options": storage,
-        "rank": runtime.rank,
-        "world": runtime.world,
-        "on_bad_clip": cfg.on_bad_clip,
-    }
-    probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, **common)
-    channels, geometry = probe.channels, probe.geometry
     if stage == "stage1":
         if sc.diffusion:
             sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
@@ -319,12 +311,128 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             sample_solver=sc.sample_solver,
             sample_clips=sc.sample_clips,
         )
-    per_rank, rem = divmod(sc.batch_size, runtime.world * sc.grad_accum)
-    if rem or per_rank < 1:
-        raise ConfigError(
-            f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
-            f"{sc.grad_accum} accumulation steps"
+    return task
+
+
+def fit_plan(cfg: TrainConfig, stage: str, sc: StageConfig, task, geometry, world: int, bf16: bool):
+    """How each rank runs its share of the global batch (model/memory.py), or None for a model without an
+    estimate (the diffusion Stage 1: then micro-batch = the rank's share / grad_accum, at least 1)."""
+    import torch
+
+    from model import memory
+    from model.tasks import Stage1DiffusionTask, Stage1Task
+
+    if isinstance(task, Stage1DiffusionTask):
+        return None
+    ema = sc.ema_decay > 0
+    if isinstance(task, Stage1Task):
+        footprint = memory.stage1_footprint(task.config, ema=ema, bf16=bf16)
+    else:
+        footprint = memory.dit_footprint(
+            task.config, geometry, ema=ema, bf16=bf16, pred_features=task.needs_pred_features
         )
+    device_memory = cfg.gpu_memory_gb * memory.GiB
+    if not device_memory:
+        cuda = torch.cuda.is_available()
+        device_memory = (
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else 80 * memory.GiB
+        )
+    checkpointing = True if task.config.gradient_checkpointing else None  # asked for: kept; else chosen
+    try:
+        return memory.fit(
+            footprint, sc.batch_size, world, int(device_memory), grad_accum=sc.grad_accum, checkpointing=checkpointing
+        )
+    except ValueError as e:
+        raise ConfigError(f"{stage}: {e}") from e
+
+
+def no_fit(stage: str, plan) -> str:
+    from model.memory import GiB
+
+    return (
+        f"{stage}: the {plan.footprint.parameters / 1e6:.0f}M-parameter model needs about "
+        f"{plan.estimate / GiB:.1f} GiB per rank even at micro-batch {plan.micro_batch} with activation "
+        f"checkpointing {'on' if plan.checkpointing else 'off'}, more than the {plan.budget / GiB:.1f} GiB usable of "
+        f"{plan.device_memory / GiB:.1f} GiB (--gpu-memory-gb): run on more ranks, a larger device, or a smaller model"
+    )
+
+
+def dry_run(cfg: TrainConfig) -> dict:
+    """Each stage's fit plan as `train_stage` would make it, for cfg.world_size ranks of the device's memory:
+    printed, and returned by stage. Sizes from the store when it is there, else from the geometry whose PCA
+    channels the model takes (paper or tiny)."""
+    import os
+
+    from model.memory import describe
+    from pipeline.store.geometry import GEOMETRIES, PAPER
+
+    world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    stages = {
+        "1": ["stage1"],
+        "2": ["stage2" if cfg.semantics else "baseline"],
+        "all": ["stage1", "stage2", "baseline"],
+    }
+    plans = {}
+    for stage in stages.get(cfg.stage, [cfg.stage]):
+        sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
+        sources = parse_store_list(cfg.store)[0]
+        if all(Path(s).exists() for s in sources):
+            from model.data import open_stream
+
+            probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, channels=sc.channels)
+            geometry, channels, where = probe.geometry, probe.channels, cfg.store
+        else:
+            c = sc.model.num_pca_channels
+            geometry = next((g for g in GEOMETRIES.values() if g.num_pca_channels == c), PAPER)
+            channels, where = sc.channels or geometry.num_pca_channels, "no store: the model's geometry"
+        task = make_task(stage, sc, geometry, channels)
+        plan = fit_plan(cfg, stage, sc, task, geometry, world, bf16=cfg.amp)
+        if plan is None:
+            print(f"{stage}: no memory estimate for this model")
+            continue
+        print("\n".join(describe(plan)) + f"\n  sizes from {where}")
+        plans[stage] = plan
+    return plans
+
+
+def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
+    """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
+    from model.checkpoint import check_run_dir
+    from model.data import has_pred_features, open_stream
+    from model.loop import LoopConfig, train
+    from model.memory import describe, with_checkpointing
+    from pipeline.store.lock import locked
+
+    sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
+    sources, weights = parse_store_list(cfg.store)
+    storage = cfg.storage_options or None
+    common = {
+        "channels": sc.channels,
+        "storage_options": storage,
+        "rank": runtime.rank,
+        "world": runtime.world,
+        "on_bad_clip": cfg.on_bad_clip,
+    }
+    probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, **common)
+    channels, geometry = probe.channels, probe.geometry
+    task = make_task(stage, sc, geometry, channels)
+    bf16 = cfg.amp and runtime.device.type == "cuda"
+    plan = fit_plan(cfg, stage, sc, task, geometry, runtime.world, bf16)
+    if plan is None:
+        grad_accum = max(sc.grad_accum, 1)
+        per_rank, rem = divmod(sc.batch_size, runtime.world * grad_accum)
+        if rem or per_rank < 1:
+            raise ConfigError(
+                f"{stage}: batch_size {sc.batch_size} is not a multiple of {runtime.world} ranks x "
+                f"{grad_accum} accumulation steps"
+            )
+    else:
+        for line in describe(plan) if runtime.is_main else ():
+            log.info("%s", line)
+        if not plan.fits:
+            raise ConfigError(no_fit(stage, plan))
+        per_rank, grad_accum = plan.micro_batch, plan.grad_accum
+        task.config = with_checkpointing(task.config, plan.checkpointing)
     train_idx, val_sources, val_idx, held_out = _split(cfg, probe, common)
     stream = open_stream(
         sources,
@@ -358,7 +466,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         betas=tuple(sc.betas),
         weight_decay=sc.weight_decay,
         grad_clip=sc.grad_clip,
-        grad_accum=sc.grad_accum,
+        grad_accum=grad_accum,
         ema_decay=sc.ema_decay,
         compile=cfg.compile,
         amp=cfg.amp,
@@ -494,6 +602,8 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
 def run(cfg: TrainConfig) -> dict:
     from model.runtime import init_runtime
 
+    if cfg.dry_run:
+        return dry_run(cfg)
     if cfg.threads > 0:
         import torch
 

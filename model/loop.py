@@ -247,7 +247,7 @@ def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device
         saved = task.saved_config(meta.get("model_config") or {})
     except ConfigError:
         saved = meta.get("model_config")
-    if meta.get("task") != task.name or saved != task.model_config():
+    if meta.get("task") != task.name or _weights_config(saved) != _weights_config(task.model_config()):
         raise CheckpointError(
             f"{ckpt} holds a {meta.get('task')} model with config {meta.get('model_config')}; "
             f"this run builds {task.name} {task.model_config()}: use another --run-dir"
@@ -263,13 +263,24 @@ def restore(ckpt: Path, task: Task, trainee: Trainee, stream: ClipStream, device
     return int(state["step"]), state.get("summary", {})
 
 
+def _weights_config(config):
+    """A model config without gradient_checkpointing: recomputing activations changes memory, not the
+    weights, so the fit plan (model/memory.py) may turn it on or off between a run and its resume."""
+    if isinstance(config, dict):
+        return {k: _weights_config(v) for k, v in config.items() if k != "gradient_checkpointing"}
+    return config
+
+
 def wrap(model: nn.Module, cfg: LoopConfig, runtime: Runtime) -> nn.Module:
-    net = torch.compile(model) if cfg.compile else model
+    """DDP first, then torch.compile: compiling the DDP module lets the compiler split the graph at
+    DDP's gradient buckets so each all-reduce overlaps the rest of the backward (compiling the bare
+    model and wrapping it afterwards runs every all-reduce after the compiled backward)."""
+    net = model
     if runtime.distributed:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
-    return net
+    return torch.compile(net) if cfg.compile else net
 
 
 def train_step(

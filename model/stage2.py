@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import Sized
 
@@ -99,6 +100,9 @@ class DiTConfig(Sized):
     # rectified_flow_t_scaling_factor (1.0 in its own configs, 1000 in its WAN-based ones).
     timestep_scale: float = 1.0
     norm_eps: float = 1e-6
+    # recompute each block's activations in the backward pass (torch.utils.checkpoint): about a third
+    # more compute for a block's worth of activations instead of all of them (model/memory.py)
+    gradient_checkpointing: bool = False
 
     HELP = {  # jobs.train's --stage2.model.FIELD help
         "num_layers": "DiT blocks",
@@ -422,8 +426,12 @@ class Re2PixDiT(nn.Module):
         emb, base = self.t_embedder(c_noise)  # [B, T, dim], [B, T, 3 dim]
         angles = rope_angles(grid_positions(t, hs, ws, device=x.device), cfg.head_dim, cfg.rope_theta)
         hidden = None
+        recompute = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for depth, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, emb, base, angles)
+            if recompute:
+                tokens = checkpoint(block, tokens, emb, base, angles, use_reentrant=False)
+            else:
+                tokens = block(tokens, emb, base, angles)
             if depth == hidden_block:
                 hidden = tokens
         out = self.final_layer(tokens, emb, base)  # [B, T, S, p*p*16]

@@ -121,10 +121,10 @@ def actor_name() -> str:
     return f"pid-{os.getpid()}"
 
 
-def _autocast(device: str):
-    import torch
+def _autocast(device: str, name: str):
+    from .encoders.registry import autocast_for, cache_precision
 
-    return torch.bfloat16 if device.startswith("cuda") else None  # bf16 on GPU, float32 on CPU
+    return autocast_for(cache_precision(name, device))  # the precision the manifest records
 
 
 def _first(column):
@@ -296,7 +296,7 @@ class EncodeStage:
             encoder_spec,
             input_hw=geometry.dino_input_hw,
             device=device,
-            autocast_dtype=_autocast(device),
+            autocast_dtype=_autocast(device, "dinov2"),
             allow_download=allow_download,
         )
         self.vae = (
@@ -306,7 +306,7 @@ class EncodeStage:
                 vae_spec,
                 input_hw=geometry.vae_input_hw,
                 device=device,
-                autocast_dtype=_autocast(device),
+                autocast_dtype=_autocast(device, "vae"),
                 allow_download=allow_download,
             )
         )
@@ -319,7 +319,7 @@ class EncodeStage:
                 geometry.dino_input_hw,
                 pseudo_depth_hw,
                 device,
-                autocast_dtype=_autocast(device),
+                autocast_dtype=_autocast(device, "pseudo_depth"),
                 allow_download=allow_download,
             )
         )

@@ -24,6 +24,24 @@ from dataclasses import dataclass
 
 from .hashing import EncoderWeightsError
 
+# What each encoder computes in on a GPU in the cache job (float32 on a CPU), recorded in the store
+# manifest as its encoder's "precision" and used again at inference (inference/encoders.py).
+# scripts/gpu_check.py measures bf16 against float32 for DINOv2-Reg and the WAN VAE.
+GPU_PRECISION = {"dinov2": "bf16", "vae": "bf16", "pseudo_depth": "bf16"}
+
+
+def cache_precision(name: str, device: str) -> str:
+    """ "bf16" or "fp32": the precision the cache job runs encoder `name` in on `device`."""
+    return GPU_PRECISION[name] if str(device).startswith("cuda") else "fp32"
+
+
+def autocast_for(precision: str | None):
+    """The autocast dtype of a recorded precision: bf16, or None (float32; also for stores that record none)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 FEATURE_KINDS = ("dinov2", "siglip2", "hf", "vjepa2")
 
 

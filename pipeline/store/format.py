@@ -27,7 +27,7 @@ MAX_PSEUDO_DEPTH_SCALE = 16
 # Encoder description keys that may differ between compatible stores: the same weights can be
 # loaded from a hub id or from a local folder; what must match is which encoder (its name), its
 # sha256 and how it ran.
-_ENCODER_KEYS_FREE = {"weights_id", "revision", "device", "dtype_note"}
+_ENCODER_KEYS_FREE = {"weights_id", "revision", "device", "dtype_note", "precision"}
 
 
 class StoreError(Re2pixError):
