@@ -175,8 +175,8 @@ class StoreWriter:
         if appending is None:
             if "clips/pred_features" in g:
                 raise StoreError(
-                    f"{location} holds Stage 1 rollouts (clips/pred_features) the new clips would lack; "
-                    "append to a copy without them (jobs.store copy) or pass --overwrite"
+                    f"{location} holds Stage 1 rollouts (clips/pred_features) the new clips would lack; cache "
+                    "the new scenes into a store of their own with --pca of this one (training mixes both)"
                 )
             appending = {
                 "generation": existing.get("generation", 0) + 1,
