@@ -86,6 +86,7 @@ def test_the_writer_appends_rows_after_the_stored_ones_and_reads_unfinished_unti
     w, index, clips, frames = _grow(path, CountingSource(4), variants)
     with pytest.raises(IncompleteStoreError):  # a half-appended store is never taken for finished
         Store(str(path))
+    assert Store(str(path), allow_incomplete=True).clip_ids == [c.clip_id for c in index.clips[:4]]
     assert (clips, frames) == (4, 16) and w.manifest["appending"]["generation"] == 1
     rng, digests = np.random.default_rng(1), {}
     for r in range(frames * 2, len(index.frames) * 2):

@@ -173,6 +173,8 @@ class StoreWriter:
         _check_settings(existing, manifest, location, "is a store made with other settings")
         appending = existing.get("appending")
         if appending is None:
+            if not existing.get("complete"):
+                raise StoreError(f"{location} is an unfinished store: rerun the command that started it to resume")
             if "clips/pred_features" in g:
                 raise StoreError(
                     f"{location} holds Stage 1 rollouts (clips/pred_features) the new clips would lack; cache "
@@ -193,7 +195,9 @@ class StoreWriter:
             )
         v = len(existing["variants"])
         grow_row_arrays(g, (frames * v, len(index.frames) * v), (clips * v, len(index.clips) * v))
+        valid = g["clips/valid"][: clips * v]  # the stored clips stay readable (allow_incomplete) meanwhile
         _write_index_columns(g, index, existing["variants"], existing["compression"])
+        g["clips/valid"][: clips * v] = valid
         keep = ("counts", "clip_index_digest", "skipped_windows", "cache_config", "settings", "settings_digest")
         g.attrs.update({k: manifest[k] for k in keep if k in manifest})
         return cls(location, storage_options)
