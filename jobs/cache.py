@@ -6,7 +6,8 @@ decode+resize -> encode (feature encoder -> PCA -> float16, video VAE; one fused
 VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them. --pseudo-depth also
 stores Depth Anything V2's relative disparity of every feature frame (frames/pseudo_depth), the depth head's
 labels for jobs.train_dpt --depth-labels pseudo-depth.
-A rerun of the same command resumes a killed job and exits 0 at once on a finished store.
+A rerun of the same command resumes a killed job and exits 0 at once on a finished store; where the source
+gained scenes since, it appends only their clips, under the store's own basis and settings (StoreWriter._grow).
 The Ray cluster: --ray-address / RAY_ADDRESS, else a running local cluster, else a private one.
 
 Exit status: 0 when the store is finished with at most --max-failures failed clips (-1: any number),
