@@ -6,7 +6,8 @@ decode+resize -> encode (feature encoder -> PCA -> float16, video VAE; one fused
 VAE (pipeline/encoders/registry.py); the clip geometry takes the sizes they fix from them. --pseudo-depth also
 stores Depth Anything V2's relative disparity of every feature frame (frames/pseudo_depth), the depth head's
 labels for jobs.train_dpt --depth-labels pseudo-depth.
-A rerun of the same command resumes a killed job and exits 0 at once on a finished store.
+A rerun of the same command resumes a killed job and exits 0 at once on a finished store; where the source
+gained scenes since, it appends only their clips, under the store's own basis and settings (StoreWriter._grow).
 The Ray cluster: --ray-address / RAY_ADDRESS, else a running local cluster, else a private one.
 
 Exit status: 0 when the store is finished with at most --max-failures failed clips (-1: any number),
@@ -249,24 +250,45 @@ def estimated_bytes(index, geometry, variants: int, depth_hw: tuple[int, int] | 
 
 
 def finished_store(cfg: CacheConfig) -> dict | None:
-    """The manifest of a finished store at --out (None: nothing there yet, or an unfinished store of
-    ours). A folder that holds anything else is refused here, before any encoder runs."""
+    """The manifest of a finished store at --out, or of one being appended to (None: nothing there yet, or
+    an unfinished new store of ours). A folder that holds anything else is refused here, before any encoder runs."""
     from pipeline.store.writer import existing_store
 
     attrs = existing_store(cfg.out, cfg.storage_options or None)
-    return attrs if attrs and attrs.get("complete") else None
+    return attrs if attrs and (attrs.get("complete") or attrs.get("appending")) else None
 
 
-def same_settings(manifest: dict, cfg: CacheConfig, index) -> str | None:
-    """None if a finished store was made by this command on this data; else the first difference."""
-    from pipeline.store.writer import _index_digest
+# options free to change when a finished store grows: which scenes and clips there are, where the data is,
+# how the job runs, and the basis (a store grows under its own one: store_settings compares it)
+GROWTH_FREE = ("data_root", "max_clips", "unit_clips", "batch_frames", "batch_clips", "pca", "pca_frames")
 
-    if manifest.get("clip_index_digest") != _index_digest(index):
-        return "the clip index (dataset, split, stride or source options)"
+
+def same_settings(manifest: dict, cfg: CacheConfig) -> tuple[str, object, object] | None:
+    """None if a finished store was made by this command, its source free to have gained scenes; else the first
+    option that differs, with its value there and now."""
     recorded, now = dict(manifest.get("cache_config", {})), recorded_config(cfg)
     if "dinov2" in recorded and "encoder" not in recorded:  # stores made before --dinov2 became --encoder
         recorded["encoder"] = recorded.pop("dinov2")
-    return next((k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)), None)
+    for view in (recorded, now):
+        for key in GROWTH_FREE:
+            view.pop(key, None)
+        if isinstance(view.get("source_options"), dict):  # the synthetic source's scene count
+            view["source_options"] = {k: v for k, v in view["source_options"].items() if k != "num_scenes"}
+    key = next((k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)), None)
+    return None if key is None else (key, recorded.get(key), now.get(key))
+
+
+def grown_index(cfg: CacheConfig, index):
+    """The clip index of the store at --out grown by the source's new clips, and the clips and frames it
+    already holds (clips.grow_index)."""
+    from pipeline.clips import grow_index
+    from pipeline.store.writer import stored_index
+
+    ids, rows, frames = stored_index(cfg.out, cfg.storage_options or None)
+    try:
+        return grow_index(ids, rows, frames, index), len(ids), len(frames)
+    except ValueError as e:
+        raise Re2pixError(f"{cfg.out}: {e}; pass --overwrite to re-encode the store") from None
 
 
 def check_writable(cfg: CacheConfig, need_bytes: int) -> None:
@@ -700,18 +722,20 @@ def run_cache(cfg: CacheConfig) -> dict:
         _, _, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
         source, geometry, index = _checked_index(cfg, geometry, source)
         return dry_run(cfg, source, geometry, index, variants)
-    finished = finished_store(cfg)  # refuses a folder that is not ours, --overwrite or not
+    finished, grow = finished_store(cfg), []  # refuses a folder that is not ours, --overwrite or not
     if finished is not None and not cfg.overwrite:
         # settled before any encoder loads: a finished store records the geometry its encoders fixed
         from pipeline.store.geometry import Geometry
 
         source, geometry, index = _checked_index(cfg, Geometry.from_dict(finished["geometry"]), source)
-        differs = same_settings(finished, cfg, index)
+        differs = same_settings(finished, cfg)
         if differs:
             raise Re2pixError(
-                f"{cfg.out} is already a finished store made with other settings ({differs}); "
-                "pass --overwrite to replace it"
+                f"{cfg.out} is already a finished store made with other settings ({differs[0]}: {differs[1]!r} "
+                f"there, {differs[2]!r} now); pass --overwrite to replace it"
             )
+        index, *grow = grown_index(cfg, index)
+    if grow and grow[0] == len(index.clips) and finished.get("complete"):  # no new clip, no append under way
         counts = finished.get("counts", {})
         return {
             "store": cfg.out,
@@ -725,8 +749,10 @@ def run_cache(cfg: CacheConfig) -> dict:
             "skipped_windows": index.skipped,
             "ignored_inputs": index.ignored,
         }
-    # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
-    source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
+    if grow:  # the source gained clips: they are appended under the store's own settings and basis
+        provisional = geometry
+    else:  # the configured geometry bounds the store's size before any encoder loads; the encoders may refine it
+        source, provisional, index = _checked_index(cfg, resolve_geometry(cfg.geometry), source)
     check_writable(cfg, estimated_bytes(index, provisional, len(variants), pseudo_depth_size(cfg, provisional)))
 
     lock = Lock(cfg.out, "jobs.cache", options)  # one writer per store: a second cache job is refused here
@@ -744,7 +770,7 @@ def run_cache(cfg: CacheConfig) -> dict:
 
         for name, entry in encoders.items():  # what the encoder actors compute in: inference uses the same
             entry["precision"] = cache_precision(name, encoder_device(cfg, cluster))
-        if geometry != provisional:
+        if geometry != provisional and not grow:  # a grown store's own geometry: StoreWriter refuses another
             source, geometry, index = _checked_index(cfg, geometry, source)
             check_writable(cfg, estimated_bytes(index, geometry, len(variants), pseudo_depth_size(cfg, geometry)))
         check_visible_from_every_node(cfg, cluster)
@@ -754,10 +780,10 @@ def run_cache(cfg: CacheConfig) -> dict:
             from pipeline.pca import load_basis
 
             basis = load_basis(absolute_location(cfg.pca), storage_options=options)
-        elif not cfg.overwrite:  # resuming: reuse the basis the unfinished store was started with
+        elif not cfg.overwrite:  # resuming or growing: reuse the basis the store was started with
             try:
                 g = open_group(cfg.out, mode="r", storage_options=options)
-                if not g.attrs.get("complete", True) and "pca" in g:
+                if (grow or not g.attrs.get("complete", True)) and "pca" in g:
                     basis = PCABasis.load(g["pca"])
             except (FileNotFoundError, OSError, KeyError, ValueError):
                 pass
@@ -780,13 +806,18 @@ def run_cache(cfg: CacheConfig) -> dict:
             storage_options=options,
             extra={"cache_config": recorded_config(cfg)},
             pseudo_depth=pseudo_depth,
+            grow=tuple(grow) or None,
         )
-        units = plan_units(index, cfg.unit_clips)
+        # an append's units are named by its generation: the store's earlier units keep their markers
+        prefix = f"append{writer.manifest['appending']['generation']}-" if grow else ""
+        units = plan_units(index, cfg.unit_clips, *grow, prefix=f"{prefix}unit")
         done = writer.done_units()
         todo = [u for u in units if u.unit_id not in done]
-        if listed_inputs(index) and "index" not in done:  # inputs that made no clip: listed like failed clips
-            writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=listed_inputs(index))
-        if done - {"index"}:
+        listed = {(f["clip_id"], f["file"]) for r in writer.unit_records() for f in r["failures"]}
+        unlisted = [f for f in listed_inputs(index) if (f["clip_id"], f["file"]) not in listed]
+        if unlisted:  # inputs that made no clip (unreadable or ignored): listed like failed clips
+            writer.mark_unit_done(f"{prefix}index", clip_rows=[], frame_rows=[], failures=unlisted)
+        if len(todo) < len(units):
             print(f"resuming {cfg.out}: {len(units) - len(todo)} of {len(units)} work units already done")
 
         rows, stats, pools, res = [], ActorStats(), {}, None
@@ -820,6 +851,8 @@ def run_cache(cfg: CacheConfig) -> dict:
         "frames": counts["frames"],
         "variants": variants,
         "seconds": round(time.time() - t0, 1),
+        "encoded_units": len(todo),
+        "appended_clips": len(index.clips) - grow[0] if grow else 0,
         "skipped_windows": index.skipped,
         "unreadable_inputs": len(index.failures),
         "ignored_inputs": index.ignored,
@@ -858,6 +891,8 @@ def main(argv=None) -> int:
     if summary.get("already_complete"):
         print(f"{summary['store']} is already complete, nothing to do ({summary['valid_clips']} clips)")
     else:
+        if summary["appended_clips"]:
+            print(f"appended {summary['appended_clips']} new clips to {summary['store']} under its own basis")
         print(
             f"cached {summary['valid_clips']} of {summary['clips']} clips into {summary['store']} in "
             f"{summary['seconds']} s ({summary['failed_clips']} failed; skipped windows: "

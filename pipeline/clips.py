@@ -111,3 +111,35 @@ def build_clip_index(source: Source, geometry: Geometry, stride: int = 1, progre
             clips.append(Clip(f"{sid}-{start:06d}", scene, start, window, tuple(rows)))
     notes = source.reading_notes(geometry.vae_input_hw[1] / geometry.vae_input_hw[0])
     return ClipIndex(clips, frames, skipped, failures, ignored, notes)
+
+
+def grow_index(stored_ids: list[str], stored_rows: list[list[int]], stored_frames: list, index: ClipIndex) -> ClipIndex:
+    """A store's clips in their rows, then the clips of `index` the store lacks (in the index's order): the
+    clip index of a store that grows. `stored_frames` [(scene, FrameRef)] are the store's frame rows; a new
+    clip reuses a stored frame row where it needs that frame, its other frames get rows after them.
+    A stored clip the source no longer holds, or whose frames changed, is a ValueError: a store only grows."""
+    by_id = {c.clip_id: c for c in index.clips}
+    frame_row = {(scene, f.index): r for r, (scene, f) in enumerate(stored_frames)}
+    frames, clips = list(stored_frames), []
+    for clip_id, rows in zip(stored_ids, stored_rows):
+        clip = by_id.get(clip_id)
+        if clip is None:
+            raise ValueError(f"the store's clip {clip_id} is no longer in the source (a store only grows)")
+        now = [(index.frames[r][0], index.frames[r][1].index, index.frames[r][1].timestamp) for r in clip.feature_rows]
+        then = [(stored_frames[r][0], stored_frames[r][1].index, stored_frames[r][1].timestamp) for r in rows]
+        if now != then:
+            raise ValueError(f"the frames of the store's clip {clip_id} changed in the source since it was cached")
+        clips.append(Clip(clip_id, clip.scene, clip.start, clip.frames, tuple(rows)))
+    stored = set(stored_ids)
+    for clip in index.clips:
+        if clip.clip_id in stored:
+            continue
+        rows = []
+        for r in clip.feature_rows:
+            scene, f = index.frames[r]
+            if (scene, f.index) not in frame_row:
+                frame_row[(scene, f.index)] = len(frames)
+                frames.append((scene, f))
+            rows.append(frame_row[(scene, f.index)])
+        clips.append(Clip(clip.clip_id, clip.scene, clip.start, clip.frames, tuple(rows)))
+    return ClipIndex(clips, frames, index.skipped, index.failures, index.ignored, index.notes)

@@ -28,13 +28,17 @@ class UnitPlan:
         return cls(**json.loads(s))
 
 
-def plan_units(index: ClipIndex, unit_clips: int) -> list[UnitPlan]:
+def plan_units(
+    index: ClipIndex, unit_clips: int, first_clip: int = 0, stored_frames: int = 0, prefix: str = "unit"
+) -> list[UnitPlan]:
+    """Units of the clips from `first_clip` on. Frames of rows below `stored_frames` are already in the
+    store (a store that grows, clips.grow_index): no unit encodes them again."""
     if unit_clips < 1:
         raise ValueError("unit_clips must be >= 1")
     frame_key = {(scene, f.index): row for row, (scene, f) in enumerate(index.frames)}
-    owner: dict[int, int] = {}
+    owner: dict[int, int] = dict.fromkeys(range(stored_frames), -1)
     units = []
-    for u, start in enumerate(range(0, len(index.clips), unit_clips)):
+    for u, start in enumerate(range(first_clip, len(index.clips), unit_clips)):
         positions: dict[tuple[str, int], int] = {}
         frames, clips, own, own_rows = [], [], [], set()
         for c in range(start, min(start + unit_clips, len(index.clips))):
@@ -53,7 +57,7 @@ def plan_units(index: ClipIndex, unit_clips: int) -> list[UnitPlan]:
                     own.append((row, positions[(scene, f.index)]))
                     own_rows.add(row)
         assert all(frame_key[(frames[p][0], frames[p][1])] == r for r, p in own)
-        units.append(UnitPlan(f"unit-{u:06d}", frames, clips, own))
+        units.append(UnitPlan(f"{prefix}-{u:06d}", frames, clips, own))
     return units
 
 

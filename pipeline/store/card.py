@@ -86,6 +86,7 @@ def build_card(store) -> dict:
         "holds": {
             "usable_clips": len(store),
             "indexed_clips": counts.get("clips"),
+            "generation": m.get("generation", 0),  # appends it has had (StoreWriter._grow)
             "frames": counts.get("frames"),
             "failed_clips": counts.get("failed_clips", 0),
             "variants": store.variants,

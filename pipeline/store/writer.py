@@ -96,11 +96,14 @@ class StoreWriter:
         storage_options: dict | None = None,
         overwrite: bool = False,
         pseudo_depth: dict | None = None,
+        grow: tuple[int, int] | None = None,
     ) -> StoreWriter:
         """Make a new store, or attach to the unfinished one at `location` if it was started with the
         same manifest (a rerun after a kill resumes). A finished store is left alone unless
         `overwrite`; an unfinished store made with other settings is refused, naming the field.
-        `pseudo_depth` {"scale": int, "model": its description}: the store also holds frames/pseudo_depth."""
+        `pseudo_depth` {"scale": int, "model": its description}: the store also holds frames/pseudo_depth.
+        `grow` (clips, frames) the store at `location` already holds: append the rest of `index`
+        (clips.grow_index) to it instead, under its own settings (`_grow`)."""
         if basis.num_components != geometry.num_pca_channels or basis.feature_dim != geometry.feature_dim:
             raise ValueError(
                 f"PCA basis is {basis.num_components}x{basis.feature_dim}, geometry wants "
@@ -141,6 +144,10 @@ class StoreWriter:
             **(extra or {}),
             "complete": False,
         }
+        manifest["settings"] = store_settings(manifest)
+        manifest["settings_digest"] = settings_digest(manifest["settings"])
+        if grow is not None:
+            return cls._grow(location, manifest, index, *grow, storage_options)
         existing = existing_store(location, storage_options)
         if existing is not None and not overwrite:
             if existing.get("complete"):
@@ -156,6 +163,45 @@ class StoreWriter:
         if pseudo_depth:
             create_pseudo_depth(g, len(index.frames) * len(variants), manifest["pseudo_depth"]["shape"], compression)
         g.attrs.update(manifest)
+        return cls(location, storage_options)
+
+    @classmethod
+    def _grow(cls, location: str, manifest: dict, index: ClipIndex, clips: int, frames: int, storage_options):
+        """Start (or resume) appending clips `clips`.. and frames `frames`.. of `index` to a store made with
+        the same settings. The store reads as unfinished from the first write (complete=false, "appending"
+        names the generation) until finalize; its rows stay in place and are never rewritten."""
+        g = open_group(location, mode="r+", storage_options=storage_options)
+        existing = dict(g.attrs)
+        _check_settings(existing, manifest, location, "is a store made with other settings")
+        appending = existing.get("appending")
+        if appending is None:
+            if not existing.get("complete"):
+                raise StoreError(f"{location} is an unfinished store: rerun the command that started it to resume")
+            if "clips/pred_features" in g:
+                raise StoreError(
+                    f"{location} holds Stage 1 rollouts (clips/pred_features) the new clips would lack; cache "
+                    "the new scenes into a store of their own with --pca of this one (training mixes both)"
+                )
+            appending = {
+                "generation": existing.get("generation", 0) + 1,
+                "clips": [clips, len(index.clips)],
+                "frames": [frames, len(index.frames)],
+                "clip_index_digest": manifest["clip_index_digest"],
+                "started": _now(),
+            }
+            g.attrs.update({"complete": False, "appending": appending})  # first: from here on, unfinished
+        elif appending["clip_index_digest"] != manifest["clip_index_digest"]:
+            raise StoreError(
+                f"{location}: the append started there was to {appending['clips'][1]} clips and the source "
+                f"changed since (now {len(index.clips)}); pass --overwrite to re-encode the store"
+            )
+        v = len(existing["variants"])
+        grow_row_arrays(g, (frames * v, len(index.frames) * v), (clips * v, len(index.clips) * v))
+        valid = g["clips/valid"][: clips * v]  # the stored clips stay readable (allow_incomplete) meanwhile
+        _write_index_columns(g, index, existing["variants"], existing["compression"])
+        g["clips/valid"][: clips * v] = valid
+        keep = ("counts", "clip_index_digest", "skipped_windows", "cache_config", "settings", "settings_digest")
+        g.attrs.update({k: manifest[k] for k in keep if k in manifest})
         return cls(location, storage_options)
 
     # ---- rows (any worker) -------------------------------------------------------------------
@@ -251,8 +297,15 @@ class StoreWriter:
         return self.mark_complete(counts, card)
 
     def mark_complete(self, counts: dict, card: bool = True) -> dict:
-        """Set the final counts and complete=true (the last write of the store), then write its card."""
-        self.group.attrs.update({"counts": counts, "finished": _now(), "complete": True})
+        """Set the final counts and complete=true (the last write of the store), then write its card.
+        An append ends here too: its generation becomes the store's, in the same write."""
+        done = {"counts": counts, "finished": _now(), "complete": True}
+        appending = self.manifest.get("appending")
+        if appending:
+            done["generation"] = appending["generation"]
+            done["appended"] = [*self.manifest.get("appended", []), {**appending, "finished": done["finished"]}]
+            done["appending"] = None
+        self.group.attrs.update(done)
         self.manifest = dict(self.group.attrs)
         if card:
             from .card import write_card
@@ -354,29 +407,100 @@ def remove_store(location: str, storage_options: dict | None = None) -> None:
             fs.rm(f"{root}/{name}", recursive=True)
 
 
-def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
-    a, b = compatibility_view(existing), compatibility_view(manifest)
-    for key in ("clip_index_digest", "variants", "compression", "channel_chunk", "dataset", "split", "pseudo_depth"):
+# Settings that change what a store holds, beside compatibility_view's (encoders and their weights' hashes,
+# geometry, latent normalization, PCA basis): the source's (as its describe() records them) and the cache's.
+SOURCE_SETTINGS = ("dataset", "split", "fps", "eval_clip", "camera", "version", "channel", "generator")
+CACHE_SETTINGS = ("variants", "clip_stride", "compression", "channel_chunk", "pseudo_depth")
+
+
+def store_settings(manifest: dict) -> dict:
+    """Every setting that changes what a store holds, by dotted name (the manifest's "settings"). Which
+    scenes the source has is no setting: a store whose source gained scenes grows under the same ones."""
+    view = compatibility_view(manifest)
+    view["pca.stored"] = manifest.get("pca")  # the exact basis too, not only the one it is a prefix of
+    view["geometry.num_pca_channels"] = manifest.get("geometry", {}).get("num_pca_channels")
+    for key in SOURCE_SETTINGS + CACHE_SETTINGS:
+        view[key] = manifest.get(key)
+    if isinstance(view["generator"], dict):  # the synthetic source: its scene count only says how many
+        view["generator"] = {k: v for k, v in view["generator"].items() if k != "num_scenes"}
+    return json.loads(json.dumps(view))  # as read back from the store: lists, not tuples
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _check_settings(existing: dict, manifest: dict, location: str, what: str, also=()) -> None:
+    """Refuse, naming the first differing setting, a store at `location` made otherwise than `manifest`."""
+    a, b = store_settings(existing), store_settings(manifest)
+    for key in also:
         a[key], b[key] = existing.get(key), manifest.get(key)
-    for m, view in ((existing, a), (manifest, b)):  # the exact basis too, not only the one it is a prefix of
-        view["pca.stored"] = m.get("pca")
-        view["geometry.num_pca_channels"] = m.get("geometry", {}).get("num_pca_channels")
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             raise StoreError(
-                f"{location} is an unfinished store started with other settings ({key}: "
-                f"{a.get(key)!r} there, {b.get(key)!r} now); pass --overwrite to start again"
+                f"{location} {what} ({key}: {a.get(key)!r} there, {b.get(key)!r} now); pass --overwrite to re-encode it"
             )
+
+
+def _check_resumable(existing: dict, manifest: dict, location: str) -> None:
+    _check_settings(
+        existing, manifest, location, "is an unfinished store started with other settings", also=("clip_index_digest",)
+    )
+
+
+def stored_index(location: str, storage_options: dict | None = None) -> tuple[list, list, list]:
+    """What a store held before any append under way: clip ids, each clip's feature frame rows and the
+    frames [(scene, FrameRef)], of the original variant (clips.grow_index's `stored_*`)."""
+    from ..sources.base import FrameRef
+
+    g = open_group(location, mode="r", storage_options=storage_options)
+    m = dict(g.attrs)
+    v, appending = len(m["variants"]), m.get("appending")
+    nc, nf = (
+        (appending["clips"][0], appending["frames"][0]) if appending else (m["counts"]["clips"], m["counts"]["frames"])
+    )
+    ids = list(decode_strings(g["clips/id"][: nc * v : v]))
+    rows = (g["clips/feature_rows"][: nc * v : v] // v).tolist()
+    scenes, paths = decode_strings(g["frames/scene"][: nf * v : v]), decode_strings(g["frames/path"][: nf * v : v])
+    index, stamps = g["frames/index"][: nf * v : v], g["frames/timestamp"][: nf * v : v]
+    frames = [(str(s), FrameRef(int(i), float(t), str(p))) for s, i, t, p in zip(scenes, index, stamps, paths)]
+    return ids, rows, frames
+
+
+def grow_row_arrays(g, frame_rows: tuple[int, int], clip_rows: tuple[int, int]) -> None:
+    """Resize the row arrays from (old, new) rows, from the driver before any worker writes. New rows must
+    start at a shard boundary, so that each shard keeps one writer (rows of this writer are one shard each)."""
+    for name, (old, new) in (
+        ("frames/features", frame_rows),
+        ("frames/feature_scales", frame_rows),
+        (PSEUDO_DEPTH, frame_rows),
+        ("clips/latents", clip_rows),
+        ("clips/latent_scales", clip_rows),
+    ):
+        if name not in g:
+            continue
+        arr = g[name]
+        block = (arr.shards or arr.chunks)[0]
+        if old % block:
+            raise StoreError(f"{name}: {block} rows per shard, so rows from {old} on would share a shard")
+        if arr.shape[0] != new:
+            arr.resize((new, *arr.shape[1:]))
 
 
 def _write_metadata(
     g, index: ClipIndex, geometry: Geometry, basis: PCABasis, variants, channel_chunk: int, compression: str
 ) -> None:
     v = len(variants)
-    nf, nc = len(index.frames), len(index.clips)
     basis.save(g.require_group("pca"), chunk_codecs(compression))
+    create_row_arrays(g, geometry, len(index.frames) * v, len(index.clips) * v, channel_chunk, compression)
+    _write_index_columns(g, index, variants, compression)
+
+
+def _write_index_columns(g, index: ClipIndex, variants, compression: str) -> None:
+    """The clip index's columns (frames/scene ... clips/feature_rows, small arrays the driver writes whole)
+    and an all-false clips/valid that finalize sets."""
+    v = len(variants)
     fg, cg = g.require_group("frames"), g.require_group("clips")
-    create_row_arrays(g, geometry, nf * v, nc * v, channel_chunk, compression)
     columns = {
         "frames/scene": [s for s, _ in index.frames for _ in range(v)],
         "frames/index": np.array([f.index for _, f in index.frames for _ in range(v)], "int64"),
@@ -397,11 +521,12 @@ def _write_metadata(
         write_column(group, key, values, compression)
     cg.create_array(
         "valid",
-        shape=(nc * v,),
+        shape=(len(index.clips) * v,),
         dtype="bool",
         fill_value=False,
         compressors=chunk_codecs(compression),
         config=ALL_CHUNKS,
+        overwrite=True,
     )
 
 
