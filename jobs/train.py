@@ -79,7 +79,7 @@ class StageConfig:
     HELP = {  # the --stageN.FIELD flags' help
         "channels": "PCA channels read and modelled (None: all the store holds)",
         "batch_size": "global clips per optimizer step",
-        "grad_accum": "micro-batches accumulated per optimizer step",
+        "grad_accum": "micro-batches accumulated per optimizer step (0: the fit plan chooses)",
         "steps": "optimizer steps",
         "lr": "peak learning rate (AdamW)",
         "schedule": "cosine, linear or constant after the warmup",
@@ -98,8 +98,10 @@ class StageConfig:
     def __post_init__(self) -> None:
         """Ranges checked when the config is built, before any store opens or a run folder is made."""
         check_overrides(self)
-        at_least(self, 1, "grad_accum", "log_every", "ckpt_every")
-        at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip", "eval_every", "keep_checkpoints")  # 0: all
+        at_least(self, 1, "log_every", "ckpt_every")
+        at_least(
+            self, 0, "grad_accum", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "keep_checkpoints"
+        )  # 0: all
         require(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         require(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", "in [0, 1]", self.final_lr_ratio)
         require(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)", self.ema_decay)
