@@ -110,3 +110,16 @@ def bench_shards(args) -> dict:
 def add_arguments(p, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}clips", type=int, default=16, help="clips in the exported store")
     p.add_argument(f"--{prefix}steps", type=int, default=40, help="Stage 1 training steps of each run")
+
+
+def main(argv=None) -> int:
+    """`python -m jobs.bench_shards ...` is `python -m jobs.bench shards ...`."""
+    import sys
+
+    from jobs.bench import main as bench
+
+    return bench(["shards", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,8 +45,8 @@ def run(main, argv=None, resume_hint: str | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return main(argv) or 0
-    except Re2pixError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Re2pixError as e:  # a full disk reported by our own code (a background checkpoint write) included
+        print(f"error: {disk_full(e) or e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         quiet_pending_tasks()

@@ -528,6 +528,7 @@ RESUME_MAY_CHANGE = {
     "sample_solver",
     "sample_clips",
     "val_store",
+    "store",  # moved or copied: the feature-space check (model/checkpoint.py) refuses another space by name
 }
 
 

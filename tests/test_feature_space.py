@@ -47,7 +47,7 @@ def _rollout(store, ckpt):
 
 
 def _one_line_naming_both_bases(err: str, a: str, b: str) -> bool:
-    lines = err.strip().splitlines()
+    lines = [x for x in err.strip().splitlines() if not x.startswith("note: ")]  # e.g. random-weight encoders
     fa, fb = Store(a).pca_fingerprint[:12], Store(b).pca_fingerprint[:12]
     return len(lines) == 1 and lines[0].startswith("error: ") and fa in lines[0] and fb in lines[0]
 

@@ -657,10 +657,14 @@ def test_an_export_killed_mid_way_resumes_to_the_same_shards(store, tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     assert subprocess.run([sys.executable, "-c", killed], env=env, cwd=ROOT, timeout=300).returncode == -9
-    assert list((tmp_path / "wds").glob("shard-*.tar")) and not (tmp_path / "wds" / "manifest.json").exists()
+    assert list((tmp_path / "wds").glob("data/shard-*.tar")) and not (tmp_path / "wds" / "manifest.json").exists()
     again = _job("jobs.store", "export-wds", path, tmp_path / "wds", "--shard-size-mb", "0.05")
     assert again.returncode == 0 and "resuming the export" in again.stdout, again.stderr
     clean = _job("jobs.store", "export-wds", path, tmp_path / "clean", "--shard-size-mb", "0.05")
-    names = sorted(p.name for p in (tmp_path / "clean").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "wds").iterdir()), clean.stderr
+
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    names = files(tmp_path / "clean")
+    assert names == files(tmp_path / "wds") and "data/shard-000000.tar" in names, clean.stderr
     assert all((tmp_path / "wds" / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jobs.train import main as train_main
 from jobs.train import parse, stage_config
 from model import diffusion
-from model.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
+from model.checkpoint import latest_checkpoint, load_weights, read_meta
 from model.loop import read_metrics
 from model.repa import (
     AlignConfig,
@@ -25,6 +25,7 @@ from model.repa import (
 )
 from model.stage2 import DiTConfig, Re2PixDiT, parameter_breakdown
 from model.tasks import AlignTask, Stage2Task
+from pipeline.errors import ConfigError
 from pipeline.store.geometry import PAPER
 from tests.store_factory import make_store
 
@@ -276,7 +277,7 @@ def test_trainer_stage_trains_and_evaluates_the_aligned_baseline(store, tmp_path
     # a rerun with --resume finishes without training again; another alignment in the same dir is refused
     assert train_main([*args, "--resume"]) == 0
     other = {**STAGE2, "align": {"projector_dim": 32, "weight": 1.0}}
-    with pytest.raises(CheckpointError, match="use another --run-dir"):
+    with pytest.raises(ConfigError, match=r"align\.weight 0\.5 \(now 1\.0\).*another run folder"):
         train_main([*args[:-1], json.dumps(other), "--resume"])
 
 
