@@ -122,8 +122,8 @@ def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(r
         address = f"127.0.0.1:{port}"
         for name, extra in (("given", {"RAY_ADDRESS": address}), ("found", {})):
             out = tmp_path / f"{name}.zarr"
-            run = subprocess.run(
-                [*cache_args(out), "--device", "cpu"],
+            run = subprocess.run(  # 8 clips: enough units for an encoder actor on every logical GPU
+                [*cache_args(out), "--device", "cpu", "--source-options", json.dumps({**SYNTH, "num_scenes": 4})],
                 cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=900,
             )  # fmt: skip
             assert run.returncode == 0, run.stderr[-3000:]
