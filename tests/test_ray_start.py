@@ -113,7 +113,8 @@ def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(r
     assert ray_cli(["get-auth-token", "--generate"], env).returncode == 0
     assert (home / ".ray" / "auth_token").exists()
     port = free_port()
-    started = ray_cli(["start", "--head", "--port", str(port), "--num-gpus", "4", "--num-cpus", "2"], env)
+    # 4 logical CPUs as 4 GPUs: on a 2-core machine the pool's actors then all find room (as the cluster tests' nodes)
+    started = ray_cli(["start", "--head", "--port", str(port), "--num-gpus", "4", "--num-cpus", "4"], env)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         assert "Token authentication is enabled" in started.stdout + started.stderr
@@ -128,7 +129,8 @@ def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(r
             )  # fmt: skip
             assert run.returncode == 0, run.stderr[-3000:]
             where = "the Ray cluster at" if name == "given" else "the running local Ray cluster at"
-            assert f"ray: using {where} {address}: 1 node(s), 2 CPUs, 4 GPUs" in run.stderr
+            line = next(x for x in run.stderr.splitlines() if x.startswith("ray: using "))
+            assert line.startswith(f"ray: using {where} {address}") and line.endswith(": 1 node(s), 4 CPUs, 4 GPUs")
             assert json.loads(run.stdout.strip().splitlines()[-1])["actors"]["encode"] >= 4
         wrong = subprocess.run(
             [*cache_args(tmp_path / "wrong.zarr")],
@@ -147,7 +149,8 @@ def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(r
         cache_args(tmp_path / "none.zarr"), cwd=ROOT, env={**env, "RAY_ADDRESS": nobody},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert gone.returncode == 1 and gone.stderr.strip().splitlines() == [
+    lines = [x for x in gone.stderr.strip().splitlines() if not x.startswith("note: ")]  # random-weight notice
+    assert gone.returncode == 1 and lines == [
         f"error: ray: cannot join the Ray cluster at {nobody}: nothing answers there (is it running? "
         f"`ray status --address {nobody}`); --ray-address local starts a private one on this machine"
     ], gone.stderr
