@@ -97,7 +97,7 @@ def only_our_lines(stderr: str) -> list[str]:
     Data's logger, aiohttp's "Unclosed client session" from an s3fs session left open."""
     from pipeline.ray_cluster import RAY_LOG_LINE
 
-    ours = ("ray: using ", "index ", "pca sample", "cache:", "resuming ")
+    ours = ("ray: using ", "index ", "pca sample", "cache:", "resuming ", "note: ")
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith(ours)] + [
         line for line in stderr.splitlines() if RAY_LOG_LINE.match(line) or "Unclosed" in line
     ]
