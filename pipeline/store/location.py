@@ -42,20 +42,23 @@ def open_group(location: str, mode: str = "r", storage_options: dict | None = No
 
 
 def fsspec_store(location: str, storage_options: dict | None, read_only: bool):
-    """zarr's store for a URL, whose HTTP session is closed when the store goes (or at exit)."""
+    """zarr's store for a URL, whose HTTP session is closed when its filesystem goes (or at exit)."""
     from zarr.storage import FsspecStore
 
     store = FsspecStore.from_url(location, storage_options=storage_options, read_only=read_only)
-    weakref.finalize(store, close_session, store.fs)  # also when opening fails, and at exit
+    # on the filesystem, not the store: zarr hands the same filesystem to the stores it derives
+    # (with_read_only), which outlive the one made here. The session is made lazily, so the finalizer
+    # holds the filesystem's attribute dict (which does not keep the filesystem alive), not the session.
+    weakref.finalize(store.fs, _close_session, type(store.fs), vars(store.fs))
     return store
 
 
-def close_session(fs) -> None:
+def _close_session(kind: type, state: dict) -> None:
     """Close an async filesystem's HTTP session (s3fs, gcsfs, http), if it opened one. fsspec does this
     itself for its sync instances only; the async ones zarr uses (one per opened group: no shared
     instance, fresh listings) would each end with aiohttp's "Unclosed client session" on stderr."""
-    close = getattr(type(fs), "close_session", None)
-    session = getattr(fs, "_s3creator", None) or getattr(fs, "_session", None)
+    close = getattr(kind, "close_session", None)
+    session = state.get("_s3creator") or state.get("_session")
     if close is not None and session is not None:
         from zarr.core.sync import _get_loop  # the loop zarr runs its filesystems' coroutines on
 
