@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: help install test test-fast format demo experiment cache pca train rollout predict evaluate bench info lint clean gpu-check
+.PHONY: help install test test-slow test-all format demo experiment cache pca train rollout predict evaluate bench info lint clean gpu-check
 
 # `make help`: the targets and the variables they take
 help:
@@ -29,7 +29,7 @@ help:
 	@echo "make predict    a clip of VAL_STORE=$(VAL_STORE), or ARGS=\"--video drive.mp4\": PNG + mp4 in RUN/predict"
 	@echo "make evaluate   Re2Pix vs Baseline on VAL_STORE (else the scenes training held out): RUN/eval/results.json"
 	@echo "make pca        a PCA basis on its own (RUN/basis.zarr)"
-	@echo "make info       describe STORE;  make bench / experiment / test / test-fast / lint / format / clean"
+	@echo "make info       describe STORE;  make bench / experiment / test / test-slow / test-all / lint / format / clean"
 	@echo "Every target takes PRESET=$(PRESET) (tiny|paper), RUN=$(RUN) and ARGS=\"...\" (the job's own flags:"
 	@echo "python -m jobs.JOB --help; what to choose from: python -m jobs.list)."
 
@@ -47,13 +47,19 @@ $(VENV)/.installed: pyproject.toml
 	@echo "install: done ($(VENV)); make help lists what to run next"
 	touch $@
 
+# what CI runs: every test not marked slow, one pytest-xdist worker per core (its tests share no
+# session state), a few minutes with the install done
 test: install
-	$(PY) -m pytest
-
-# the quick lane while you work (no Ray clusters, torchrun or overfitting runs), one pytest-xdist
-# worker per core (its tests share no session state); CI runs `make test`, serially: one Ray start
-test-fast: install
 	$(PY) -m pytest -m "not slow" -n auto
+
+# the slow lane alone (Ray clusters, S3 round trips, torchrun, kills, overfitting runs), serially:
+# one Ray start for the session; run it before merging work that touches those paths (about an hour here)
+test-slow: install
+	$(PY) -m pytest -m slow
+
+# both lanes, serially
+test-all: install
+	$(PY) -m pytest
 
 lint: install
 	$(PY) -m ruff check pipeline model inference jobs tests

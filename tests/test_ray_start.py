@@ -22,16 +22,41 @@ SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
 pytestmark = pytest.mark.slow
 
 
-def ray_processes(tmpdir: str) -> list[str]:
+def cluster_processes(tmpdir: str) -> list[psutil.Process]:
     """Processes of a Ray cluster whose session lives under `tmpdir`."""
     found = []
-    for p in psutil.process_iter(["pid", "name"]):
+    for p in psutil.process_iter():
         try:
             if p.environ().get("RAY_TMPDIR") == tmpdir and p.pid != os.getpid():
-                found.append(f"{p.pid} {p.info['name']}")
+                found.append(p)
         except psutil.Error:
             pass
     return found
+
+
+def ray_processes(tmpdir: str) -> list[str]:
+    named = []
+    for p in cluster_processes(tmpdir):
+        try:
+            named.append(f"{p.pid} {p.name()}")
+        except psutil.Error:  # gone meanwhile
+            pass
+    return named
+
+
+def stop_cluster(tmpdir: str) -> None:
+    """Stop the Ray cluster whose session lives under `tmpdir`, and nothing else."""
+    procs = cluster_processes(tmpdir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    for p in psutil.wait_procs(procs, timeout=10)[1]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture
@@ -143,7 +168,7 @@ def test_the_readmes_ray_start_cluster_with_its_token_is_joined_given_or_found(r
         )
         assert not (tmp_path / "wrong.zarr").exists()
     finally:
-        ray_cli(["stop", "--force"], env)
+        stop_cluster(ray_tmpdir)  # not `ray stop`: it stops every Ray process on the machine, the session's own too
     nobody = f"127.0.0.1:{free_port()}"
     gone = subprocess.run(
         cache_args(tmp_path / "none.zarr"), cwd=ROOT, env={**env, "RAY_ADDRESS": nobody},
