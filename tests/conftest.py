@@ -16,7 +16,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that needs the Ray cluster (directly or through a fixture) is slow: `make test` skips it (`make test-slow` runs it)."""
+    """A test that needs the Ray cluster (directly or through a fixture) is slow: `make test` skips it."""
     for item in items:
         if "ray_address" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
