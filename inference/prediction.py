@@ -1,4 +1,4 @@
-"""One prediction (DESIGN, eq. 8): Stage 1 rolls out the features of latents 4-6 from the 4 context
+"""One prediction (docs/design.md, eq. 8): Stage 1 rolls out the features of latents 4-6 from the 4 context
 feature maps, Stage 2 samples latents 4-6 conditioned on [context features, forecast features] (Re2Pix)
 and without features (the Baseline, when there is one), both from the same initial noise, and the VAE
 decodes [z0..z3, ẑ4..ẑ6] as one sequence into 25 frames, of which 13-24 are the prediction. Scored by

@@ -19,7 +19,7 @@ Prints, from one run and measured in it:
 "Per core": torch, Blosc and Zarr's decode pool are limited to one thread each, and rates are clips per
 CPU-second of every process involved (the main one and any DataLoader worker); wall-clock rates are
 printed beside them. The stores hold random N(0, 1) float16 data (real PCA features compress a little
-better: DESIGN.md), written through the real writer; reads are timed from the page cache after a
+better: docs/design.md, "Facts measured"), written through the real writer; reads are timed from the page cache after a
 warm-up pass.
 """
 
@@ -319,7 +319,7 @@ def recode_store(src: Path, dst: Path, spec: str) -> int:
 
 
 def choose_default(table: dict) -> str:
-    """The README's rule: the codec the loader reads fastest (clips/CPU-s at 1152 channels), unless another
+    """docs/store_format.md's rule: the codec the loader reads fastest (clips/CPU-s at 1152 channels), unless another
     stores the same clips in <= 3/4 of its bytes (>= 1.33x smaller) while reading at >= 80 % of its speed
     (then the smallest of those)."""
     fastest = max(table, key=lambda k: table[k][1152]["per_cpu_s"])
@@ -635,7 +635,7 @@ def bench_loader(args) -> dict:
             )
         chosen = choose_default(table)
         print(
-            f"  the rule (README): the codec read fastest at c=1152 unless another saves >= 1.33x the bytes at "
+            f"  the rule (docs): the codec read fastest at c=1152 unless another saves >= 1.33x the bytes at "
             f">= 80 % of its speed -> {chosen}; the writer's default is {default}: "
             f"{_verdict(parse_compression(chosen) == parse_compression(default))}"
         )

@@ -2,7 +2,7 @@
 stage1 / stage2 -> model), a preset file in jobs/presets/{job}_{preset}.json that states only what
 differs from the dataclass defaults, and command-line overrides, built by `parse_config`.
 
-Command line (README, "Configuration"):
+Command line (docs/training.md, "Configuration"):
 - every field is a flag: `--batch-size 8`, `--flip` / `--no-flip`; lists and objects as JSON;
 - a nested field is a dotted flag: `--stage2.lr 1e-4`, `--stage1.model.num-layers 4`,
   `--stage2.model.size paper` (dashes or underscores);

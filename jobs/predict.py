@@ -11,7 +11,7 @@ Then Stage 1 rolls out the features of latents 4-6 from the 4 context feature ma
 latents 4-6 conditioned on [context features, forecast features] (Re2Pix) and without features
 (Baseline, when `--baseline` holds a checkpoint; its row is omitted otherwise), both from the same
 initial noise (`--seed`), and the VAE decodes [z0..z3, ẑ4..ẑ6] as one sequence into 25 frames, of
-which 13-24 are the prediction (DESIGN, eq. 8).
+which 13-24 are the prediction (docs/design.md, "Reading the paper": decoding, eq. 8).
 
 Writes OUT/NAME.png (the paper's figure: context frames and their DINOv2 features bordered green,
 then ground truth, Baseline, Re2Pix and the forecast features bordered blue; features shown as RGB of

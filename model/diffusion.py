@@ -1,8 +1,8 @@
-"""EDM-style diffusion for Stage 2 (paper section 3.2 and appendix 9.1, as read in DESIGN.md).
+"""EDM-style diffusion for Stage 2 (paper section 3.2 and appendix 9.1, as read in docs/design.md, "Reading the paper").
 
 Noise levels and preconditioning
 --------------------------------
-- ``sample_sigma``: log sigma ~ N(0, 1) (the paper's eq. 11 prints sigma = sigmoid(u); DESIGN reads it
+- ``sample_sigma``: log sigma ~ N(0, 1) (the paper's eq. 11 prints sigma = sigmoid(u); docs/design.md reads it
   as t = sigmoid(u), i.e. sigma = e^u), plus a 5 % tail with log sigma ~ U(log 200, log 1e5). One
   sigma per sample, shared by its future latents; float32.
 - With t = sigma / (1 + sigma): c_skip = 1 - t, c_out = -t, c_in = 1 - t, c_noise = t (eqs. 12-14).
@@ -28,7 +28,7 @@ jobs.measure_noise_range`: a tiny Baseline, 300 steps on demo-VAE latents of 8 s
 clips, 35 Heun steps, 3 sampling runs from the same noise), future-latent MSE 1.202 ± 0.011 with 80 / 0.002
 vs 1.219 ± 0.011 with 200 / 0.01, so 80 / 0.002 stays the default (a small gap, at a scale where both lose
 to copying the last latent, 0.462: re-measure on a trained model before changing it).
-Representation guidance (appendix 6.2, eq. 10 as DESIGN reads it): a second pass with every frame's
+Representation guidance (appendix 6.2, eq. 10 as docs/design.md reads it): a second pass with every frame's
 features truncated to their first c channels, D = (1 + w) D_full - w D_c; off by default.
 """
 

@@ -26,7 +26,7 @@ Parameter count of :meth:`Stage1Config.paper` (C = dim = 1152, 12 blocks, mlp 4x
 per block 2 * (4 d^2 + 4 d) attention + (8 d^2 + 5 d) MLP + 3 * 2 d norms = 16 d^2 + 19 d
 = 21,255,552; times 12 = 255,066,624; plus the input and output projections 2 * (C d + d) =
 2,656,512, the position tables (5 + 32 + 56) * 384 = 35,712, the final norm 2,304 and the mask token
-1,152: 257,762,304 in all, i.e. the "≈ 260M by our count" of DESIGN.md.
+1,152: 257,762,304 in all, i.e. the "≈ 260M by our count" of docs/design.md, "Reading the paper" (Sizes).
 
 Shapes: features are channels-last, ``[B, T, H, W, C]``, as the store keeps them.
 """

@@ -2,7 +2,7 @@
 
 Every job's `main` runs through `jobs.cli.run`, which turns a `Re2pixError` into one line on stderr
 and its `exit_code`, and lets any other exception show its traceback (a bug must stay visible).
-Exit statuses (README): 0 done, 1 error, 2 too many failures, 130 / 143 interrupted by SIGINT / SIGTERM.
+Exit statuses (docs/errors.md): 0 done, 1 error, 2 too many failures, 130 / 143 interrupted by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations

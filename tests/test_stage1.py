@@ -133,7 +133,7 @@ def test_paper_preset_parameter_count():
         + d  # mask token
     )
     assert n == expected == 257_762_304
-    # DESIGN.md: Stage 1 is "≈ 260M by our count"; the paper's Re2Pix 1.1B minus its 782M DiT
+    # docs/design.md, "Reading the paper": Stage 1 is "≈ 260M by our count"; the paper's Re2Pix 1.1B minus its 782M DiT
     # leaves ≈ 320M for Stage 1 plus the DiT's feature embedding. Within ±8 % of 260M.
     assert 240e6 <= n <= 280e6
 

@@ -12,7 +12,7 @@ from pipeline.errors import Re2pixError
 
 FORMAT_NAME = "re2pix-store"
 FORMAT_VERSION = 1
-# what a store's folder holds (README "The store"): all that --overwrite may remove
+# what a store's folder holds (docs/store_format.md, "Layout"): all that --overwrite may remove
 STORE_LAYOUT = ("zarr.json", "pca", "frames", "clips", "failures", "progress", "clips.parquet")
 # The default codec, chosen from `make bench`'s codec table: the one the loader reads fastest per core,
 # unless another saves >= 1.33x the bytes at >= 80 % of that speed (fp16 PCA features gain only ~1.16x)

@@ -1,6 +1,6 @@
 """Clip geometry: how many frames a clip has, which are context, and the sizes every array takes.
 
-Paper defaults (shared/DESIGN.md): K = 25 frames, the first 13 context; the WAN2.1 VAE maps
+Paper defaults (docs/design.md, "Clip geometry"): K = 25 frames, the first 13 context; the WAN2.1 VAE maps
 432x768 RGB to 16 x 7 x 54 x 96 latents (8x spatial, 4x temporal, causal); DINOv2 sees frames
 0, 4, ..., 24 (one per latent frame) at 448x784, a 32x56 patch grid, 3072-d, PCA'd to 1152.
 """
