@@ -62,11 +62,11 @@ test-all: install
 	$(PY) -m pytest
 
 lint: install
-	$(PY) -m ruff check pipeline model inference jobs tests
-	$(PY) -m ruff format --check pipeline model inference jobs tests
+	$(PY) -m ruff check pipeline model inference jobs tests benchmarks scripts
+	$(PY) -m ruff format --check pipeline model inference jobs tests benchmarks scripts
 
 format: install
-	$(PY) -m ruff format pipeline model inference jobs tests
+	$(PY) -m ruff format pipeline model inference jobs tests benchmarks scripts
 
 cache: install
 	$(PY) -m jobs.cache --preset $(PRESET) --dataset $(DATASET) --split $(SPLIT) --out $(STORE) \
@@ -80,7 +80,7 @@ clean:
 	rm -rf runs/demo
 
 bench: install
-	$(PY) -m jobs.bench all $(ARGS)
+	$(PY) -m benchmarks.bench all $(ARGS)
 
 # what the paper's sizes cost on this GPU, one JSON line per check (<= 8 min; a tiny CPU mode without CUDA)
 gpu-check:

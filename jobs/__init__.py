@@ -1,1 +1,1 @@
-"""Command-line entry points: cache, pca, train, rollout, predict, evaluate, store tools, bench."""
+"""Command-line entry points: cache, pca, train, rollout, predict, evaluate, store tools."""

@@ -40,14 +40,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--encoder",
         default="demo",
-        help="DINOv2 spec for both stores: 'demo' (tiny, trained on the synthetic set: `python -m "
-        "jobs.train_demo_dinov2`), 'tiny' (random weights) or as jobs.cache",
+        help="DINOv2 spec for both stores: 'demo' (tiny, trained on the synthetic set: `python "
+        "scripts/train_demo_dinov2.py`), 'tiny' (random weights) or as jobs.cache",
     )
     p.add_argument(
         "--vae",
         default="demo",
         help="VAE spec for both stores: 'demo' (small, trained on the "
-        "synthetic set: `python -m jobs.train_demo_vae`), 'tiny' (random weights) or as jobs.cache",
+        "synthetic set: `python scripts/train_demo_vae.py`), 'tiny' (random weights) or as jobs.cache",
     )
     args = p.parse_args(argv)
     run = Path(args.run)

@@ -23,8 +23,8 @@ Sampling: ``sample`` integrates the probability-flow ODE dx/dsigma = (x - D(x; s
 deterministic Euler or Heun steps (EDM Algorithm 1 without churn) on the Karras schedule
 sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0.
 Defaults sigma_max 80, sigma_min 0.002, rho 7 are EDM's and Cosmos-Predict2's (the paper gives none).
-Cosmos-Predict2.5 pairs the training tail with 200 / 0.01; measured side by side (`python -m
-jobs.measure_noise_range`: a tiny Baseline, 300 steps on demo-VAE latents of 8 synthetic scenes, 4 held-out
+Cosmos-Predict2.5 pairs the training tail with 200 / 0.01; measured side by side (`python
+scripts/measure_noise_range.py`: a tiny Baseline, 300 steps on demo-VAE latents of 8 synthetic scenes, 4 held-out
 clips, 35 Heun steps, 3 sampling runs from the same noise), future-latent MSE 1.202 ± 0.011 with 80 / 0.002
 vs 1.219 ± 0.011 with 200 / 0.01, so 80 / 0.002 stays the default (a small gap, at a scale where both lose
 to copying the last latent, 0.462: re-measure on a trained model before changing it).

@@ -39,7 +39,7 @@ def test_shipped_probe_reads_the_classes_from_the_demo_features():
     (val split: the demo's own scenes), far better than the most frequent class."""
     from safetensors.torch import load_file
 
-    from jobs.train_demo_dinov2 import render_set
+    from scripts.train_demo_dinov2 import render_set
 
     meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
     probe_state = load_file(str(DEMO_WEIGHTS.parent / "demo_dinov2_probe.safetensors"))

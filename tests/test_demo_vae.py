@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.store.geometry import TINY
 
-# jobs/train_demo_vae.py measured VAL_PSNR_DB (see weights/demo_wan_vae.json "training.val") on the
+# scripts/train_demo_vae.py measured VAL_PSNR_DB (see weights/demo_wan_vae.json "training.val") on the
 # synthetic val split at seed 0, scene-0000 and scene-0001, frames 0-24 and 24-48, posterior mean.
 # The clip here is scene-0000 frames 0-24 of that set; 3 dB below the measurement leaves room for
 # another torch build / CPU while still failing for random or wrongly loaded weights (~11-14 dB).
@@ -69,7 +69,7 @@ def test_missing_demo_weights_say_how_to_make_them(tmp_path):
     from pipeline.encoders import EncoderWeightsError
     from pipeline.encoders.vae import demo_vae_model
 
-    with pytest.raises(EncoderWeightsError, match="python -m jobs.train_demo_vae"):
+    with pytest.raises(EncoderWeightsError, match="python scripts/train_demo_vae.py"):
         demo_vae_model(tmp_path / "demo_wan_vae")
 
 

@@ -20,6 +20,12 @@ from jobs.__main__ import main as re2pix
 
 JOBS = job_names()
 ROOT = Path(__file__).resolve().parents[1]
+# the tools that ship outside the installed packages (benchmarks/: python -m benchmarks.TOOL, scripts/: by path)
+TOOLS = sorted(f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__") + [
+    "scripts.measure_noise_range",
+    "scripts.train_demo_dinov2",
+    "scripts.train_demo_vae",
+]
 
 
 class _Parsed(Exception):
@@ -27,11 +33,15 @@ class _Parsed(Exception):
 
 
 def job_parser(job: str, monkeypatch) -> argparse.ArgumentParser:
+    return module_parser(f"jobs.{job}", monkeypatch)
+
+
+def module_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
     def hand_back(self, args=None, namespace=None):
         raise _Parsed(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", hand_back)
-    module = importlib.import_module(f"jobs.{job}")
+    module = importlib.import_module(name)
     with pytest.raises(_Parsed) as got:
         module.main([])
     return got.value.args[0]
@@ -48,14 +58,29 @@ def options(parser: argparse.ArgumentParser, name: str):
 
 
 def test_every_module_of_jobs_is_walked():
-    assert {"cache", "train", "predict", "evaluate", "rollout", "store", "pca", "bench_loader"} <= set(JOBS)
+    assert {"cache", "train", "predict", "evaluate", "rollout", "store", "pca"} <= set(JOBS)
+    assert {"benchmarks.bench_loader", "scripts.train_demo_vae"} <= set(TOOLS)
+    assert not {tool.split(".")[1] for tool in TOOLS} & set(JOBS)  # the tools are no jobs of `re2pix`
 
 
 @pytest.mark.parametrize("job", JOBS)
 def test_every_option_has_help_and_shows_its_default(job, monkeypatch):
     parser = job_parser(job, monkeypatch)
-    parts_of_bench = ("bench_loader", "bench_shards")  # their --help is jobs.bench's subcommand's
-    assert parser.prog.split()[-1] == f"jobs.{job}" or job in parts_of_bench, parser.prog
+    assert parser.prog.split()[-1] == f"jobs.{job}", parser.prog
+    check_every_option(parser)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_option_of_the_tools_has_help_and_shows_its_default(tool, monkeypatch):
+    parser = module_parser(tool, monkeypatch)
+    folder, name = tool.split(".")
+    parts_of_bench = ("bench_loader", "bench_shards")  # their --help is benchmarks.bench's subcommand's
+    command = f"python -m {tool}" if folder == "benchmarks" else f"python {folder}/{name}.py"
+    assert parser.prog == command or name in parts_of_bench, parser.prog
+    check_every_option(parser)
+
+
+def check_every_option(parser: argparse.ArgumentParser) -> None:
     missing, no_default = [], []
     for where, formatter, action in options(parser, parser.prog):
         name = "/".join(action.option_strings) or action.dest
@@ -70,11 +95,11 @@ def test_every_option_has_help_and_shows_its_default(job, monkeypatch):
 def test_pca_help_names_pca_and_bench_loader_help_prints(monkeypatch, capsys):
     assert job_parser("pca", monkeypatch).prog == "python -m jobs.pca"
     monkeypatch.undo()
-    from jobs.bench_loader import main
+    from benchmarks.bench_loader import main
 
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m jobs.bench loader")
+    assert capsys.readouterr().out.startswith("usage: python -m benchmarks.bench loader")
 
 
 def test_typed_jobs_show_the_presets_value_as_default(monkeypatch):

@@ -93,6 +93,18 @@ def test_overlapping_clips_share_frames(store_path):
     assert list(rows[1][:6]) == list(rows[0][1:])
 
 
+def test_tools_read_the_arrays_as_stored_through_public_accessors(store_path):
+    """feature_rows, features_array and latents_array (benchmarks/bench_loader.py's raw reads) hold what
+    read_features and read_latents return."""
+    path, index, _ = store_path
+    store = Store(str(path))
+    for i, clip in enumerate(index.clips):
+        rows = store.feature_rows(i)
+        assert list(rows) == list(clip.feature_rows)
+        np.testing.assert_array_equal(np.stack([store.features_array[int(r)] for r in rows]), store.read_features(i))
+        np.testing.assert_array_equal(store.latents_array[store.row(i)], store.read_latents(i))
+
+
 def test_open_by_file_url(store_path):
     path, _index, written = store_path
     store = Store(f"file://{path}")

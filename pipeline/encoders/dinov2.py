@@ -37,7 +37,7 @@ TINY_CONFIG = {
 }
 TINY_SEED = 0
 # demo preset: the tiny architecture TRAINED on the synthetic set's class maps and depth by
-# `python -m jobs.train_demo_dinov2` (weights/demo_dinov2.{safetensors,json}): semantic patch features
+# `python scripts/train_demo_dinov2.py` (weights/demo_dinov2.{safetensors,json}): semantic patch features
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_dinov2"
 # input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
 PRESETS = {
@@ -158,7 +158,7 @@ def demo_dinov2_model(stem: Path = DEMO_WEIGHTS) -> Dinov2WithRegistersModel:
         stem,
         lambda config: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**config)),
         what="DINOv2",
-        train="jobs.train_demo_dinov2",
+        train="scripts/train_demo_dinov2.py",
         took="a few minutes on the CPU",
     )
 

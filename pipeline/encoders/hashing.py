@@ -107,7 +107,8 @@ def from_pretrained(cls, local: Path, spec: str, what: str):
 
 def load_demo_model(stem: Path, build, *, what: str, train: str, took: str):
     """A demo preset's trained model: `build(config)` from stem.json's "config", its weights from
-    stem.safetensors (no pickle); missing or unreadable files name the job that trains them."""
+    stem.safetensors (no pickle); missing or unreadable files name the script that trains them
+    (`train`: its path in a checkout, e.g. scripts/train_demo_vae.py)."""
     import json
 
     from safetensors import SafetensorError
@@ -116,15 +117,14 @@ def load_demo_model(stem: Path, build, *, what: str, train: str, took: str):
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not weights.is_file() or not meta.is_file():
         raise EncoderWeightsError(
-            f"the demo {what}'s weights are missing ({weights}, {meta.name}): train them "
-            f"with `python -m {train}` ({took})"
+            f"the demo {what}'s weights are missing ({weights}, {meta.name}): train them with `python {train}` ({took})"
         )
     try:
         model = build(json.loads(meta.read_text())["config"])
         model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise EncoderWeightsError(
-            f"could not load the demo {what} from {weights}: {e}; retrain it with `python -m {train}`"
+            f"could not load the demo {what} from {weights}: {e}; retrain it with `python {train}`"
         ) from e
     return model.float()
 

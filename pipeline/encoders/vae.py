@@ -41,7 +41,7 @@ TINY_WAN22_CONFIG = {
 }
 TINY_SEED = 0
 # demo preset: the same architecture at a small width, TRAINED on the synthetic driving set by
-# `python -m jobs.train_demo_vae` (weights + config with its own latents_mean/std in weights/), so that
+# `python scripts/train_demo_vae.py` (weights + config with its own latents_mean/std in weights/), so that
 # the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents at geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
 # input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
@@ -164,7 +164,7 @@ def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
         stem,
         lambda config: AutoencoderKLWan(**config),
         what="VAE",
-        train="jobs.train_demo_vae",
+        train="scripts/train_demo_vae.py",
         took="about 25 min on one CPU core",
     )
 

@@ -257,6 +257,24 @@ class Store:
         """[7, h, w] float16: the relative disparity of the clip's feature frames."""
         return np.stack([self.read_pseudo_depth_row(int(r)) for r in self._feature_rows[self.row(i, variant)]])
 
+    def feature_rows(self, i: int, variant: int = 0) -> np.ndarray:
+        """The stored frame rows (of frames/features) of the clip's 7 feature frames: what read_features reads.
+        Public for tools that read or time the arrays themselves (benchmarks/bench_loader.py)."""
+        return self._feature_rows[self.row(i, variant)]
+
+    @property
+    def features_array(self) -> zarr.Array:
+        """frames/features as stored, [frame rows, H, W, C]: the Zarr array itself, for tools that time or
+        inspect the raw reads (benchmarks/bench_loader.py). Reads through it skip every check of
+        read_features (missing chunks, NaN/Inf, int8 scales): a trainer reads through read_features."""
+        return self._features
+
+    @property
+    def latents_array(self) -> zarr.Array:
+        """clips/latents as stored, [clip rows, 16, 7, h, w]: the Zarr array itself, as features_array (rows,
+        not clip numbers: `row(i)`); a trainer reads through read_latents."""
+        return self._latents
+
     def row(self, i: int, variant: int = 0) -> int:
         if not 0 <= i < len(self):
             raise IndexError(f"clip {i} out of range for {self.location} ({len(self)} clips)")

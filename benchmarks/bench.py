@@ -1,12 +1,12 @@
 """Benchmarks (`make bench`): figures, not tests. Each prints what it measured and on what.
 
-python -m jobs.bench cache     Ray cache job vs a plain single-process loop doing the same work;
-                               share of worker time inside the encoders; peak memory vs clip count
-python -m jobs.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
-                               at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
-python -m jobs.bench shards    the same training run from WebDataset shards on local disk and in an S3 bucket
-                               (a moto server): the ratio of their times (goal <= 1.5x)
-python -m jobs.bench all       cache, then loader, then shards (`make bench`)
+python -m benchmarks.bench cache     Ray cache job vs a plain single-process loop doing the same work;
+                                     share of worker time inside the encoders; peak memory vs clip count
+python -m benchmarks.bench loader    the trainer's loader vs plain reads of a paper-geometry store, per core,
+                                     at 1152 and 256 channels; cached vs online (decode + DINOv2) cost per sample
+python -m benchmarks.bench shards    the same training run from WebDataset shards on local disk and in an S3
+                                     bucket (a moto server): the ratio of their times (goal <= 1.5x)
+python -m benchmarks.bench all       cache, then loader, then shards (`make bench`)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from jobs import bench_loader, bench_shards
+from benchmarks import bench_loader, bench_shards
 from jobs.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def _has_gpu() -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
 
     def cache_arguments(c):

@@ -1,4 +1,4 @@
-"""Train the small DINOv2-Reg of the demo (`--dinov2 demo`): `python -m jobs.train_demo_dinov2`.
+"""Train the small DINOv2-Reg of the demo (`--dinov2 demo`): `python scripts/train_demo_dinov2.py`.
 
 The "tiny" DINOv2 preset has random weights: its "semantic" features are a random projection of the
 pixels. This job trains the same architecture (transformers' Dinov2WithRegistersModel, the tiny config:
@@ -33,7 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.cli import HelpFormatter, run
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, installed or not (as scripts/gpu_check.py)
+
+from jobs.cli import HelpFormatter, run  # noqa: E402
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "encoders" / "weights"
 
@@ -166,7 +169,7 @@ def train(encoder, probe, data, args, train_encoder: bool) -> tuple[list[float],
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m jobs.train_demo_dinov2", description=__doc__, formatter_class=HelpFormatter
+        prog="python scripts/train_demo_dinov2.py", description=__doc__, formatter_class=HelpFormatter
     )
     ap.add_argument("--steps", type=int, default=150, help="training steps")
     ap.add_argument("--probe-steps", type=int, default=40, help="steps of the random-preset comparison probe")

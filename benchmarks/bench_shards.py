@@ -1,5 +1,6 @@
-"""`python -m jobs.bench shards`: the same Stage 1 training run from WebDataset shards on local disk and in an
-S3 bucket (a moto S3-protocol server on 127.0.0.1), wall-clock seconds of each and their ratio (goal <= 1.5x).
+"""`python -m benchmarks.bench shards`: the same Stage 1 training run from WebDataset shards on local disk and
+in an S3 bucket (a moto S3-protocol server on 127.0.0.1), wall-clock seconds of each and their ratio (goal <=
+1.5x).
 
 The export is of a small random store at the tiny geometry; each run is `python -m jobs.train` in its own
 process (start-up included, alike for both), the tiny preset's DataLoader worker, no evaluation.
@@ -80,7 +81,7 @@ def bench_shards(args) -> dict:
     import boto3
     import s3fs
 
-    from jobs.bench_loader import write_paper_store
+    from benchmarks.bench_loader import write_paper_store
     from pipeline.store.geometry import TINY
     from pipeline.store.reader import Store
     from pipeline.store.wds import export_webdataset
@@ -113,10 +114,10 @@ def add_arguments(p, prefix: str = "") -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m jobs.bench_shards ...` is `python -m jobs.bench shards ...`."""
+    """`python -m benchmarks.bench_shards ...` is `python -m benchmarks.bench shards ...`."""
     import sys
 
-    from jobs.bench import main as bench
+    from benchmarks.bench import main as bench
 
     return bench(["shards", *(sys.argv[1:] if argv is None else argv)])
 

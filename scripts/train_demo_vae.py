@@ -1,4 +1,4 @@
-"""Train the small WAN2.1 VAE of the demo (`--vae demo`): `python -m jobs.train_demo_vae`.
+"""Train the small WAN2.1 VAE of the demo (`--vae demo`): `python scripts/train_demo_vae.py`.
 
 The "tiny" VAE preset has random weights: its latents are fine for tests but it decodes colour blobs.
 This job trains the same architecture (diffusers' AutoencoderKLWan: z_dim 16, 8x spatial, 4x temporal,
@@ -41,7 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.cli import HelpFormatter
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, installed or not (as scripts/gpu_check.py)
+
+from jobs.cli import HelpFormatter  # noqa: E402
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "encoders" / "weights"
 INPUT_HW = (96, 160)
@@ -147,7 +150,7 @@ def _training_of(weights: str) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.train_demo_vae", description=__doc__, formatter_class=HelpFormatter
+        prog="python scripts/train_demo_vae.py", description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--base-dim", type=int, default=14, help="the VAE's base channel width")
     p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution")

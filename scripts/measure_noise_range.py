@@ -1,4 +1,4 @@
-"""Which sampler noise range suits the training noise law? `python -m jobs.measure_noise_range`.
+"""Which sampler noise range suits the training noise law? `python scripts/measure_noise_range.py`.
 
 Training draws log sigma ~ N(0, 1) plus a 5 % tail log sigma ~ U(log 200, log 1e5) (model/diffusion.py);
 EDM's sampler starts at sigma_max 80 and ends at sigma_min 0.002, Cosmos-Predict2.5 pairs the same tail with
@@ -14,11 +14,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from jobs.cli import HelpFormatter, run
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's packages, installed or not (as scripts/gpu_check.py)
+
+from jobs.cli import HelpFormatter, run  # noqa: E402
 
 RANGES = {"edm (80, 0.002)": (80.0, 0.002), "cosmos (200, 0.01)": (200.0, 0.01)}
 
@@ -38,7 +42,7 @@ def latents_of(split: str, seed: int, scenes: int, vae) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m jobs.measure_noise_range", description=__doc__, formatter_class=HelpFormatter
+        prog="python scripts/measure_noise_range.py", description=__doc__, formatter_class=HelpFormatter
     )
     ap.add_argument("--train-scenes", type=int, default=8, help="synthetic training scenes")
     ap.add_argument("--val-scenes", type=int, default=2, help="synthetic validation scenes")

@@ -1,4 +1,4 @@
-"""Benchmark of the registered frozen encoders at real size with random weights: `python -m jobs.bench_encoders`.
+"""Benchmark of the registered frozen encoders at real size with random weights: `python -m benchmarks.bench_encoders`.
 
 Feature encoders: DINOv2-Reg ViT-B/14 (the paper's), SigLIP-2 ViT-B/16, V-JEPA 2 ViT-L/16 (4-frame
 windows); VAEs: WAN2.1 and Wan2.2 (`AutoencoderKLWan` defaults / Wan2.2-TI2V-5B's VAE config).
@@ -139,7 +139,7 @@ def bench_vaes(device: str, clip_hw: tuple[int, int], clip_frames: int, repeats:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.bench_encoders", description=__doc__, formatter_class=HelpFormatter
+        prog="python -m benchmarks.bench_encoders", description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--frames", type=int, default=2, help="feature frames per call")

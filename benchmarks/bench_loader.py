@@ -1,4 +1,4 @@
-"""`python -m jobs.bench loader`: the trainer's data side on a local store at the paper's geometry.
+"""`python -m benchmarks.bench loader`: the trainer's data side on a local store at the paper's geometry.
 
 Prints, from one run and measured in it:
 1. the limit: the uncompressed read of the same arrays (features + latents of each clip of a batch read
@@ -121,11 +121,12 @@ def _du(path: Path) -> int:
 
 def raw_pass(store) -> float:
     """Read every clip's 7 feature frames (all channels) and latents once; clips/s."""
+    feats, lats = store.features_array, store.latents_array
     t0 = time.perf_counter()
     for i in range(len(store)):
-        for r in store._feature_rows[store.row(i)]:
-            store._features[int(r)]
-        store._latents[store.row(i)]
+        for r in store.feature_rows(i):
+            feats[int(r)]
+        lats[store.row(i)]
     return len(store) / (time.perf_counter() - t0)
 
 
@@ -360,7 +361,7 @@ def limit_step(raw_dir: Path, store, batch_size: int = 1):
     g = store.geometry
     feats = page_aligned((batch_size, *g.features_shape))
     lats = page_aligned((batch_size, *g.latents_shape))
-    rows = [store._feature_rows[store.row(i)] for i in range(len(store))]
+    rows = [store.feature_rows(i) for i in range(len(store))]
     it = _cycle(len(store))
 
     def step():
@@ -423,8 +424,8 @@ def measure_reads(location: str, channels: int, seconds: float) -> dict:
     from pipeline.store.reader import Store
 
     store = Store(location)
-    feats, lats = store._features, store._latents
-    rows = [store._feature_rows[store.row(i)] for i in range(len(store))]
+    feats, lats = store.features_array, store.latents_array
+    rows = [store.feature_rows(i) for i in range(len(store))]
 
     def raw(both):
         it = _cycle(len(store))
@@ -606,7 +607,7 @@ def bench_loader(args) -> dict:
         )
 
         # ---- the codec table
-        chunk = store._features[0:1, :, :, :128]  # one inner chunk [1, 32, 56, 128]
+        chunk = store.features_array[0:1, :, :, :128]  # one inner chunk [1, 32, 56, 128]
         table, locations = {}, {}
         for spec in CODEC_TABLE:
             loc = base if spec == "none" else work / f"{spec.replace(':', '-')}.zarr"
@@ -844,10 +845,10 @@ def loader_args(args, prefix: str = ""):
 
 
 def main(argv=None) -> int:
-    """`python -m jobs.bench_loader ...` is `python -m jobs.bench loader ...`."""
+    """`python -m benchmarks.bench_loader ...` is `python -m benchmarks.bench loader ...`."""
     import sys
 
-    from jobs.bench import main as bench
+    from benchmarks.bench import main as bench
 
     return bench(["loader", *(sys.argv[1:] if argv is None else argv)])
 
