@@ -64,7 +64,8 @@ def _why_ignored(entry: Path, exts: tuple[str, ...]) -> str:
         return f"not a video ({' '.join(exts)}) nor in a folder of images"
     below = sum(1 for p in entry.rglob("*") if p.suffix.lower() in exts + IMAGE_EXTENSIONS)
     if below:
-        return f"a folder with no images directly in it ({below} videos or images further down are not read)"
+        files = "1 video or image" if below == 1 else f"{below} videos or images"
+        return f"a folder with no images directly in it ({files} further down {'is' if below == 1 else 'are'} not read)"
     return "a folder with no images in it"
 
 
