@@ -366,7 +366,9 @@ def check_dinov2(sizes: Sizes, device) -> dict:
     except ImportError as e:
         return {"skipped": f"transformers is not importable ({e})"}
     torch.manual_seed(0)
-    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(image_size=518, num_register_tokens=4)).to(device).eval()
+    # facebook/dinov2-with-registers-base: ViT-B/14 (the library's default patch is 16)
+    config = Dinov2WithRegistersConfig(image_size=518, patch_size=14, num_register_tokens=4)
+    model = Dinov2WithRegistersModel(config).to(device).eval()
     frames = 7
     x = torch.randn(frames, 3, *sizes.encoder_hw, device=device)
     out = encoder_error(lambda v: model(pixel_values=v).last_hidden_state, x, device)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..frames import resize
 from ..store.geometry import PAPER, TINY
 from .hashing import HashedWeights, load_demo_model, load_pretrained, seeded
@@ -60,9 +61,12 @@ def checked_grid(input_hw, layers, patch_size: int, num_layers: int) -> tuple[tu
     1-based block indices of the model."""
     input_hw, layers = tuple(int(s) for s in input_hw), tuple(int(i) for i in layers)
     if any(s % patch_size for s in input_hw):
-        raise ValueError(f"input_hw {input_hw} must be multiples of the patch size {patch_size}")
+        raise ConfigError(
+            f"input_hw {input_hw} must be multiples of the patch size {patch_size}: this encoder's patches are "
+            f"{patch_size} pixels, so choose a --geometry whose dino_input_hw is whole patches of it"
+        )
     if not layers or not all(1 <= i <= num_layers for i in layers):
-        raise ValueError(f"layers {layers} must be 1-based block indices in 1..{num_layers}")
+        raise ConfigError(f"layers {layers} must be 1-based block indices in 1..{num_layers}")
     return input_hw, layers
 
 
