@@ -47,6 +47,21 @@ def parse_store_list(spec: str) -> tuple[list[str], list[float] | None]:
     return sources, (weights if all(given) else None)
 
 
+def checked_weights(weights, sources: int, loop: bool) -> list[float] | None:
+    """One mixing weight per source as floats (None: sources in proportion to their clips); a ValueError
+    for a wrong count, a weight that is not a positive number, or weights on a stream that reads every
+    clip once (loop=False)."""
+    if weights is not None:
+        weights = [float(x) for x in weights]
+        if len(weights) != sources:
+            raise ValueError(f"{len(weights)} mixing weights for {sources} sources")
+        if not all(math.isfinite(x) and x > 0 for x in weights):
+            raise ValueError(f"mixing weights must be positive numbers, got {weights}")
+        if not loop:
+            raise ValueError("mixing weights draw training epochs (loop=True); evaluation reads every clip once")
+    return weights
+
+
 def apportion(weights, n: int) -> np.ndarray:
     """n clips split in proportion to `weights` (largest remainders, ties to the earlier store)."""
     share = np.asarray(weights, np.float64) / np.sum(weights) * n

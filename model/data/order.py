@@ -44,6 +44,16 @@ class Layout(NamedTuple):
         return self.world * self.batch_size
 
 
+def check_layout(batch_size: int, remainder: str, loop: bool) -> None:
+    """A ValueError for a per-rank batch or a remainder a stream cannot lay out."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    if remainder == "keep" and loop:
+        raise ValueError('remainder="keep" gives ranks uneven batch counts: only for loop=False')
+
+
 def count_batches(n: int, layout: Layout) -> int:
     """Batches per rank that n clips of an epoch's order make under the layout."""
     w, b = layout.world, layout.batch_size

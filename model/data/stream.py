@@ -23,7 +23,6 @@ position `epoch`, `batch` (ints). Arrays are decoded straight into the batch's t
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,8 +32,7 @@ from pipeline.store.format import DamagedStoreError
 from pipeline.store.geometry import Geometry
 from pipeline.store.open import WEBDATASET
 
-from . import buffers, order
-from .order import REMAINDERS
+from . import buffers, mixing, order
 
 log = logging.getLogger("re2pix.data")
 
@@ -90,23 +88,10 @@ class ClipStream(IterableDataset):
     ):
         if not sources:
             raise ValueError("a clip stream needs at least one store or WebDataset source")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if remainder not in REMAINDERS:
-            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
-        if remainder == "keep" and loop:
-            raise ValueError('remainder="keep" gives ranks uneven batch counts: only for loop=False')
+        order.check_layout(batch_size, remainder, loop)
         if on_bad_clip not in ON_BAD_CLIP:
             raise ValueError(f"on_bad_clip must be one of {ON_BAD_CLIP}, got {on_bad_clip!r}")
-        if weights is not None:
-            weights = [float(x) for x in weights]
-            if len(weights) != len(sources):
-                raise ValueError(f"{len(weights)} mixing weights for {len(sources)} sources")
-            if not all(math.isfinite(x) and x > 0 for x in weights):
-                raise ValueError(f"mixing weights must be positive numbers, got {weights}")
-            if not loop:
-                raise ValueError("mixing weights draw training epochs (loop=True); evaluation reads every clip once")
-        self.weights = weights
+        self.weights = mixing.checked_weights(weights, len(sources), loop)
         r, w = rank_and_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.sources, self.storage_options = list(sources), storage_options
