@@ -1,4 +1,4 @@
-"""Clip streams (model/data.py): DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
+"""Clip streams (model/data/): DDP and worker splits, equal batch counts, resume positions, channel prefixes, flip
 variants, pred_features, refusal of incompatible stores, WebDataset exports."""
 
 import itertools

@@ -1,6 +1,6 @@
 """Mixing stores by weight (`--store a.zarr:0.7,b.zarr:0.3`) and resuming at another world size: the
 epoch's global order is a function of the seed and the epoch only, split over ranks afterwards, and the
-saved position is global (model/data.py)."""
+saved position is global (model/data/mixing.py, order.py)."""
 
 import collections
 import json

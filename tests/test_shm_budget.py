@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-import model.data
+import model.data.buffers
 from jobs.cli import run
 from jobs.train import main as train_main
 from model.data import open_stream
@@ -27,22 +27,22 @@ def _set_bytes(stream) -> int:
 def test_the_sets_shrink_to_fit_a_small_dev_shm(store, monkeypatch):
     stream = open_stream([store], batch_size=2, seed=0)
     workers, room = 2, _set_bytes(stream)
-    monkeypatch.setattr(model.data, "shm_free", lambda: room * workers * 3 + room // 2)  # 3 sets each, not 4
+    monkeypatch.setattr(model.data.buffers, "shm_free", lambda: room * workers * 3 + room // 2)  # 3 sets each, not 4
     batches = stream.batches(workers=workers, prefetch_factor=2, reuse=True)
     assert len(next(batches)["clip"]) == 2
-    assert len(stream._in_use) == workers * 3  # prefetch 1 + the one being built + the one in the step
+    assert len(stream._buffers.in_use) == workers * 3  # prefetch 1 + the one being built + the one in the step
     batches.close()
 
-    monkeypatch.setattr(model.data, "shm_free", lambda: room * 100)  # room enough: as asked
+    monkeypatch.setattr(model.data.buffers, "shm_free", lambda: room * 100)  # room enough: as asked
     batches = stream.batches(workers=workers, prefetch_factor=2, reuse=True)
     next(batches)
-    assert len(stream._in_use) == workers * 4
+    assert len(stream._buffers.in_use) == workers * 4
     batches.close()
 
 
 def test_a_dev_shm_too_small_for_the_workers_is_one_line_naming_what_to_set(store, tmp_path, monkeypatch, capsys):
     stream = open_stream([store], batch_size=2, seed=0, window=5, latents=False)  # what Stage 1 reads
-    monkeypatch.setattr(model.data, "shm_free", lambda: _set_bytes(stream) * 4)  # 2 workers need 6 sets
+    monkeypatch.setattr(model.data.buffers, "shm_free", lambda: _set_bytes(stream) * 4)  # 2 workers need 6 sets
     stage1 = {"model": {"size": "tiny", "dim": 48, "num_heads": 4}, "batch_size": 2, "steps": 2}
     args = ["--stage", "1", "--store", store, "--run-dir", str(tmp_path), "--val-clips", "2", "--no-progress"]
     code = run(train_main, [*args, "--workers", "2", "--threads", "1", "--stage1", json.dumps(stage1)])
