@@ -62,7 +62,7 @@ def init_runtime(device: str = "auto") -> Runtime:
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch to the device (asynchronously from pinned memory); stored float16 arrays become
     float32 there (the conversion on the CPU was a third of the loader's time). Channel-blocked features
-    [B, F, H, W, nb, k] (model/data.py) travel as they lie in memory and become [B, F, H, W, nb * k] on
+    [B, F, H, W, nb, k] (model/data/zarr_stream.py) travel as they lie in memory and become [B, F, H, W, nb * k] on
     the device, in the same pass as the conversion."""
 
     def move(name, v):
