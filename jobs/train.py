@@ -577,7 +577,7 @@ def check_resume(run_dir: Path, loop_cfg, runtime) -> None:
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
-    from jobs.rollout import RolloutConfig, run_rollout
+    from inference.rollout import write_rollouts
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
@@ -588,18 +588,16 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
             f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
             "the Zarr store and export the shards again, then train --stage 2"
         )
-    rcfg = RolloutConfig(
-        checkpoint=str(Path(cfg.run_dir) / "stage1"),
-        store=",".join(stores),
+    return write_rollouts(  # torch's threads were set by run()
+        str(Path(cfg.run_dir) / "stage1"),
+        ",".join(stores),
+        runtime,
         batch_size=cfg.rollout_batch_size,
         chunk_rows=cfg.rollout_chunk_rows,
-        device=cfg.device,
-        threads=cfg.threads,
         amp=cfg.amp,
         progress=cfg.progress,
         storage_options=cfg.storage_options,
     )
-    return run_rollout(rcfg, runtime)
 
 
 def run(cfg: TrainConfig) -> dict:
