@@ -95,25 +95,9 @@ def inference_rows(s: Settings) -> dict[str, list[str]]:
 
 def model_metrics(results: dict, row: str) -> dict:
     """{metric: [value per sampling run]} of one row in one evaluation: the arm's Re2Pix, the Baseline,
-    or copy-last-frame (results `models` when evaluate reports it there, else its latent MSE from the store)."""
-    models = results["models"]
+    or copy-last-frame (evaluate reports it as the model `copy_last`)."""
     name = row if row in ("baseline", "copy_last") else "re2pix"
-    if name == "copy_last" and "copy_last" not in models:
-        return {"latent_mse": [copy_last_latent_mse(results["store"], results["clip_ids"])]}
-    return {k: v["runs"] for k, v in models.get(name, {}).items() if k in METRICS}
-
-
-def copy_last_latent_mse(store_path: str, clip_ids: list[str]) -> float:
-    """The latent MSE of copying the last context latent into every future latent, over the evaluated clips."""
-    from pipeline.store.reader import Store
-
-    store = Store(store_path)
-    m = store.geometry.context_latents
-    errs = []
-    for i in range(len(clip_ids)):
-        z = store.read_clip(i, channels=1).latents.astype(np.float64)  # [16, 7, h, w]
-        errs.append(((z[:, m:] - z[:, m - 1 : m]) ** 2).mean())
-    return float(np.mean(errs))
+    return {k: v["runs"] for k, v in results["models"].get(name, {}).items() if k in METRICS}
 
 
 def pooled(results: dict, row: str, seeds: int) -> dict:
@@ -321,7 +305,7 @@ def build_report(
         f"- settings: {json.dumps(data['settings'])}",
         f"- every Stage 2 arm trained from {store} with the same budget; scored on {val}; "
         f"mean ± std over {s.samples} sampling run(s) x {s.eval_clips} clip(s) per run, pooled over {s.seeds} seed(s)",
-        "- copy-last-frame: evaluate's `copy_last` model when it reports one, else its latent MSE from the store",
+        "- copy-last-frame: evaluate's `copy_last` model",
         "- all numbers, per seed and per sampling run: experiment.json and seed*/eval/*.json beside this report",
         f"- mIoU ceiling (the head on the VAE reconstruction of the ground truth, seed 0): {ceiling:.4g}"
         if ceiling is not None
