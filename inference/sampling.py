@@ -71,10 +71,9 @@ def forecast_features(models: Models, context: torch.Tensor, future: int) -> tor
 def stage2_features(context: torch.Tensor, forecast: torch.Tensor, channels: int) -> torch.Tensor:
     """Re2Pix conditioning [B, 4 + F, H, W, channels]: ground-truth context features and Stage 1's
     forecast, cut or zero-padded to the DiT's channels (zero channels = nested truncation)."""
-    forecast = forecast[..., :channels]
-    if forecast.shape[-1] < channels:
-        forecast = torch.nn.functional.pad(forecast, (0, channels - forecast.shape[-1]))
-    return torch.cat([context[..., :channels].float(), forecast.float()], dim=1)
+    from model.diffusion import fit_channels
+
+    return torch.cat([context[..., :channels].float(), fit_channels(forecast, channels).float()], dim=1)
 
 
 def sample_models(

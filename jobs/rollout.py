@@ -13,24 +13,18 @@ Resumable: rows are done in chunks of --chunk-rows; each finished chunk is recor
 progress/rollout-{fingerprint[:16]}/chunk-NNNNNN.json (a folder beside the cache job's unit
 records, which stay the only *.json directly under progress/). A rerun skips recorded chunks and
 marks the array complete when every chunk is there. Under torchrun the chunks are split over ranks.
-Rollouts of another checkpoint are refused unless --overwrite.
+Rollouts of another checkpoint are refused unless --overwrite. The writer is inference/rollout.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from jobs.config import DEMO_RUNS, DEMO_STORE, parse_config
-
-log = logging.getLogger("re2pix.rollout")
 
 
 @dataclass
@@ -51,123 +45,26 @@ class RolloutConfig:
     storage_options: dict = field(default_factory=dict, metadata={"help": "JSON fsspec options for store URLs"})
 
 
-def _marker_dir(root: str, fingerprint: str) -> str:
-    return f"{root}/progress/rollout-{fingerprint[:16]}"
-
-
-def rollout_store(stage1, location: str, cfg: RolloutConfig, runtime) -> dict:
-    """Write (or finish writing) the rollouts of a Stage 1 (inference/stages.py's LoadedModel) into one store;
-    returns a summary."""
-    from model.loop import autocast
-    from model.stage1 import rollout
-    from pipeline.store.format import StoreError
-    from pipeline.store.location import write_atomic
-    from pipeline.store.reader import Store
-    from pipeline.store.writer import StoreWriter, digest
-
-    storage = cfg.storage_options or None
-    store = Store(location, storage)
-    stage1.check_space(location, store.manifest)  # predictions of another space must never reach Stage 2
-    model, fingerprint, mcfg = stage1.model, stage1.fingerprint, stage1.model.config
-    g = store.geometry
-    if tuple(mcfg.feature_hw) != tuple(g.feature_hw) or mcfg.num_pca_channels > store.num_channels:
-        raise StoreError(
-            f"the Stage 1 model takes {mcfg.num_pca_channels} channels on a {tuple(mcfg.feature_hw)} "
-            f"grid; {location} holds {store.num_channels} on {g.feature_hw}"
-        )
-    if mcfg.context_frames != g.context_latents:
-        raise StoreError(f"the model has {mcfg.context_frames} context frames, the store {g.context_latents}")
-    summary = {"store": location, "fingerprint": fingerprint, "rows": len(store) * store.num_variants, "written": 0}
-    if store.has_pred_features and store.pred_features_fingerprint == fingerprint and not cfg.overwrite:
-        log.info("%s already holds the rollouts of %s", location, fingerprint[:12])
-        return summary
-
-    existing = store.pred_features_fingerprint
-    if existing not in (None, fingerprint) and not cfg.overwrite:  # every rank refuses alike
-        raise StoreError(
-            f"{location} holds rollouts of checkpoint {existing[:12]}; pass --overwrite to replace "
-            f"them with {fingerprint[:12]}"
-        )
-    writer = StoreWriter(location, storage)
-    fs, marks = writer.fs, _marker_dir(writer.root, fingerprint)
-    if runtime.is_main:
-        if cfg.overwrite and fs.exists(marks):  # start over
-            fs.rm(marks, recursive=True)
-        # refuses rollouts of another checkpoint, finished or not, unless --overwrite
-        arr = writer.create_pred_features(fingerprint, overwrite=cfg.overwrite)
-        arr.attrs.update({"channels": mcfg.num_pca_channels, "chunk_rows": cfg.chunk_rows})
-    runtime.barrier()
-
-    work = [(i, v) for i in range(len(store)) for v in range(store.num_variants)]  # every clip row
-    chunks = [work[k : k + cfg.chunk_rows] for k in range(0, len(work), cfg.chunk_rows)]
-    done = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{marks}/chunk-*.json")}
-    mine = [k for k in range(len(chunks)) if k % runtime.world == runtime.rank and f"chunk-{k:06d}.json" not in done]
-    c, C, n = mcfg.num_pca_channels, store.num_channels, mcfg.context_frames
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=sum(len(chunks[k]) for k in mine),
-        desc=f"rollout {location}",
-        unit="row",
-        disable=not (cfg.progress and runtime.is_main),
-    )
-    t0 = time.perf_counter()
-    for k in mine:
-        digests = {}
-        for b in range(0, len(chunks[k]), cfg.batch_size):
-            rows = chunks[k][b : b + cfg.batch_size]
-            feats = np.stack([store.read_features(i, channels=c, variant=v)[:n] for i, v in rows])  # [B, 4, H, W, c]
-            context = torch.from_numpy(feats).float().to(runtime.device)
-            with torch.no_grad(), autocast(runtime, cfg.amp):
-                pred = rollout(model, context, steps=g.future_latents)  # [B, 3, H, W, c]
-            pred = pred.float().cpu().numpy().astype(np.float16)
-            if not np.isfinite(pred).all():  # a float16 overflow, or a diverged model: never written
-                ids = [store.clip_ids[i] for i, _ in rows]
-                raise StoreError(
-                    f"{location}: Stage 1 {fingerprint[:12]} predicts NaN/Inf features for clips {ids}; nothing "
-                    "of them is written"
-                )
-            if c < C:  # the channels the model does not predict are zero
-                pred = np.concatenate([pred, np.zeros((*pred.shape[:-1], C - c), np.float16)], axis=-1)
-            for (i, v), p in zip(rows, pred):
-                row = store.row(i, v)
-                writer.write_pred_features(row, p)
-                digests[str(row)] = digest(p)
-            bar.update(len(rows))
-        record = {"chunk": k, "fingerprint": fingerprint, "rows": sorted(int(r) for r in digests), "digests": digests}
-        write_atomic(fs, f"{marks}/chunk-{k:06d}.json", json.dumps(record, sort_keys=True).encode())
-        summary["written"] += len(chunks[k])
-    bar.close()
-    runtime.barrier()
-    if runtime.is_main:
-        done = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{marks}/chunk-*.json")}
-        missing = [k for k in range(len(chunks)) if f"chunk-{k:06d}.json" not in done]
-        if missing:
-            raise StoreError(f"{location}: rollout chunks {missing[:5]} are not done; rerun to resume")
-        writer.finish_pred_features()
-    runtime.barrier()
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
-
-
 def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
-    from inference.stages import load_model
-    from model.data import parse_store_list
+    """The job: a runtime (torchrun's ranks, or one device), then inference/rollout.py's write_rollouts."""
+    from inference.rollout import write_rollouts
     from model.loop import init_runtime
-    from pipeline.store.lock import locked
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     runtime = runtime or init_runtime(cfg.device)
-    stage1 = load_model(cfg.checkpoint, ("stage1", "stage1_diffusion"), cfg.weights, runtime.device)
-    if runtime.is_main:
-        log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
-    locations, _ = parse_store_list(cfg.store)  # mixing weights only matter to training
-    done = []
-    for s in locations:  # one writer per store; under torchrun rank 0 holds the lock
-        with locked(s, "jobs.rollout", cfg.storage_options or None) if runtime.is_main else contextlib.nullcontext():
-            done.append(rollout_store(stage1, s, cfg, runtime))
-    return done
+    return write_rollouts(
+        cfg.checkpoint,
+        cfg.store,
+        runtime,
+        weights=cfg.weights,
+        batch_size=cfg.batch_size,
+        chunk_rows=cfg.chunk_rows,
+        amp=cfg.amp,
+        overwrite=cfg.overwrite,
+        progress=cfg.progress,
+        storage_options=cfg.storage_options,
+    )
 
 
 def main(argv=None) -> int:

@@ -401,7 +401,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     """Train one stage ('stage1', 'stage2', 'baseline', 'repa' or 'videorepa'); returns the loop's summary."""
     from model.checkpoint import check_run_dir
     from model.data import has_pred_features, open_stream
-    from model.loop import LoopConfig, train
+    from model.loop import train
     from model.memory import describe, with_checkpointing
     from pipeline.store.lock import locked
 
@@ -459,27 +459,10 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
             return itertools.islice(iter(open_stream(val_sources, **kw)), 2)
         return iter(open_stream(val_sources, clips=val_idx, random_variant=False, **kw))
 
-    loop_cfg = LoopConfig(
-        steps=sc.steps,
-        lr=sc.lr,
-        schedule=sc.schedule,
-        warmup_steps=sc.warmup_steps,
-        final_lr_ratio=sc.final_lr_ratio,
-        betas=tuple(sc.betas),
-        weight_decay=sc.weight_decay,
-        grad_clip=sc.grad_clip,
-        grad_accum=grad_accum,
-        ema_decay=sc.ema_decay,
-        compile=cfg.compile,
-        amp=cfg.amp,
-        log_every=sc.log_every,
-        eval_every=sc.eval_every,
-        ckpt_every=sc.ckpt_every,
-        keep_checkpoints=sc.keep_checkpoints,
-        strict_resume=cfg.strict_resume,
-        tensorboard=cfg.tensorboard,
-        seed=cfg.seed,
-        progress=cfg.progress,
+    loop_cfg = loop_config(
+        sc,
+        cfg,
+        grad_accum,
         extra={
             "stage": stage,
             "store": sources,
@@ -511,6 +494,23 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         write_json_atomic(Path(cfg.run_dir) / VAL_SCENES, held_out)
         log.info("held out for evaluation: scenes %s (%s)", held_out["scenes"], Path(cfg.run_dir) / VAL_SCENES)
     return summary
+
+
+# what the loop takes from the run's settings rather than the stage's
+RUN_LOOP_FIELDS = ("compile", "amp", "strict_resume", "tensorboard", "seed", "progress")
+
+
+def loop_config(sc: StageConfig, cfg: TrainConfig, grad_accum: int, extra: dict):
+    """The stage's LoopConfig: every field StageConfig shares with it by name (steps, lr, the schedule, the
+    optimizer, logging and checkpointing), the fit plan's grad_accum, and the run-wide RUN_LOOP_FIELDS.
+    One place copies them, so a field added to both classes reaches the loop without another line here."""
+    from model.loop import LoopConfig
+
+    shared = {f.name for f in dataclasses.fields(LoopConfig)} & {f.name for f in dataclasses.fields(StageConfig)}
+    kw = {k: getattr(sc, k) for k in shared}
+    kw.update({k: getattr(cfg, k) for k in RUN_LOOP_FIELDS})
+    kw.update(betas=tuple(sc.betas), grad_accum=grad_accum, extra=extra)
+    return LoopConfig(**kw)
 
 
 # what a resumed stage may change: how long it trains, how it logs, checkpoints and is evaluated
@@ -577,7 +577,7 @@ def check_resume(run_dir: Path, loop_cfg, runtime) -> None:
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
-    from jobs.rollout import RolloutConfig, run_rollout
+    from inference.rollout import write_rollouts
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
@@ -588,18 +588,16 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
             f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
             "the Zarr store and export the shards again, then train --stage 2"
         )
-    rcfg = RolloutConfig(
-        checkpoint=str(Path(cfg.run_dir) / "stage1"),
-        store=",".join(stores),
+    return write_rollouts(  # torch's threads were set by run()
+        str(Path(cfg.run_dir) / "stage1"),
+        ",".join(stores),
+        runtime,
         batch_size=cfg.rollout_batch_size,
         chunk_rows=cfg.rollout_chunk_rows,
-        device=cfg.device,
-        threads=cfg.threads,
         amp=cfg.amp,
         progress=cfg.progress,
         storage_options=cfg.storage_options,
     )
-    return run_rollout(rcfg, runtime)
 
 
 def run(cfg: TrainConfig) -> dict:

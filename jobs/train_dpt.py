@@ -21,7 +21,7 @@ log-spaced bins in [depth_min, depth_max] metres; depth is trained as a classifi
 (cross-entropy, as the paper), pixels with no depth (the sky) ignored. Optimisation as appendix 9.3:
 AdamW, lr 0.0016, weight decay 1e-4, batch 128, 100 epochs with a 10-epoch linear warm-up, then polynomial
 decay (power 0.9) for segmentation and cosine annealing for depth. Labels are resized to the head's
-output (patch grid x 14) by nearest neighbour.
+output (patch grid x 14) by nearest neighbour. The labels, schedule and loop are inference/dpt_training.py.
 
 Writes `seg.safetensors` / `depth.safetensors` (inference.dpt.save_head: `python -m jobs.evaluate
 --seg-head ... --depth-head ...` reads them) and `summary.json` (loss per epoch, pixel mIoU /
@@ -32,23 +32,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from inference import InferenceError
+from inference.dpt_training import fit_head, load_frames, score, targets
 from inference.labels import PSEUDO_DEPTH
 from jobs.cli import run
 from jobs.config import DEMO, DEMO_STORE, parse_config
 
 log = logging.getLogger("re2pix.train_dpt")
-IGNORE = 255
 
 
 @dataclass
@@ -82,67 +79,6 @@ class TrainDPTConfig:
     out: str = field(default=f"{DEMO}/heads", metadata={"help": "folder of the heads (safetensors) and their scores"})
 
 
-def frame_labels(store, labels: str, annotated_frame: int):
-    """[(clip row, feature index, {"seg": uint8 [H, W] or None, "depth": float32 [H, W] or None})], class names."""
-    from inference.labels import Labels, normalized_disparity
-    from pipeline.sources.reopen import reopen_source
-
-    g = store.geometry
-    out = []
-    if labels == "source":
-        source, why = reopen_source(store.manifest)
-        if source is None:
-            raise InferenceError(f"{store.location}: cannot read the labels from its source: {why}")
-        names = (source.target_classes() or {}).get("names")
-        if not names:
-            dataset = store.manifest.get("dataset")
-            raise InferenceError(f"{store.location}: its source ({dataset}) renders no ground truth")
-        for i in range(len(store)):
-            meta = store.clip_meta(i)
-            refs = {f.index: f for f in source.frames(meta["scene"])}
-            for k in range(g.context_latents + g.future_latents):
-                t = source.read_targets(meta["scene"], refs[meta["start"] + k * g.temporal_downsample])
-                out.append((i, k, {"seg": t["classes"], "depth": t["depth"]}))
-        return out, list(names)
-    if labels == "cityscapes":
-        lab = Labels(store.manifest, annotated_frame)
-        if not lab.has_seg or annotated_frame % g.temporal_downsample:
-            raise InferenceError(f"{store.location}: no gtFine labels (or frame {annotated_frame} has no feature map)")
-        for i in range(len(store)):
-            meta = store.clip_meta(i)
-            seg = lab.seg(meta["clip_id"], meta)
-            if seg is not None:
-                out.append((i, annotated_frame // g.temporal_downsample, {"seg": seg, "depth": None}))
-        return out, [str(c) for c in range(19)]
-    if labels == PSEUDO_DEPTH:
-        if not store.has_pseudo_depth:
-            raise InferenceError(
-                f"{store.location} holds no pseudo-depth: cache it with `python -m jobs.cache --pseudo-depth "
-                "depth-anything/Depth-Anything-V2-Small-hf ...`"
-            )
-        for i in range(len(store)):
-            for k, d in enumerate(store.read_pseudo_depth(i)):
-                if d.max() > d.min():  # a constant map has no depth order: no label at all
-                    out.append((i, k, {"seg": None, "depth": normalized_disparity(d)}))
-        return out, []
-    raise InferenceError(f"--labels must be source, cityscapes or {PSEUDO_DEPTH}, got {labels!r}")
-
-
-def load_frames(store, labels: str, annotated_frame: int, max_clips: int | None):
-    """Un-projected features [N, h, w, D] float32, labels, class names."""
-    rows, names = frame_labels(store, labels, annotated_frame)
-    if max_clips is not None:
-        rows = [r for r in rows if r[0] < max_clips]
-    if not rows:
-        raise InferenceError(f"{store.location}: no labelled frames")
-    feats, cache = [], {}
-    for i, k, _ in rows:
-        if i not in cache:
-            cache = {i: store.read_clip(i).features}
-        feats.append(store.basis.unproject(cache[i][k].astype(np.float32)))
-    return np.stack(feats).astype(np.float32), [r[2] for r in rows], names
-
-
 def head_config(cfg: TrainDPTConfig, task: str, feature_dim: int, num_classes: int):
     from inference.dpt import DPTConfig
 
@@ -159,55 +95,8 @@ def depth_source(cfg: TrainDPTConfig) -> str:
     return cfg.depth_labels or cfg.labels
 
 
-def targets(labels: list[dict], task: str, size, head_cfg) -> torch.Tensor:
-    """Class (or depth-bin) index maps [N, *size] int64 at the head's output resolution; ignored = 255."""
-    maps = []
-    for lab in labels:
-        if task == "segmentation":
-            m = torch.from_numpy(np.array(lab["seg"])).long()
-        else:
-            d = torch.from_numpy(np.array(lab["depth"], np.float32))
-            lo, hi = head_cfg.depth_min, head_cfg.depth_max
-            x = d.clamp(lo, hi)
-            if head_cfg.depth_spacing == "log":
-                x, lo, hi = x.log(), math.log(lo), math.log(hi)
-            m = ((x - lo) / (hi - lo) * head_cfg.num_classes).long().clamp(0, head_cfg.num_classes - 1)
-            m[~torch.isfinite(d)] = IGNORE
-        maps.append(F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long())
-    return torch.stack(maps)
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    p = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return (1 - p) ** 0.9 if kind == "poly" else 0.5 * (1 + math.cos(math.pi * p))
-
-
-@torch.no_grad()
-def score(head, feats: np.ndarray, labels: list[dict], task: str) -> dict:
-    from inference.dpt import depth_metrics, miou, segmentation_confusion, split_blocks
-
-    head.eval()
-    conf, sums = None, {}
-    for j in range(len(feats)):
-        lab = labels[j]["seg"] if task == "segmentation" else labels[j]["depth"]
-        pred = head.predict(split_blocks(torch.from_numpy(feats[j : j + 1])), size=lab.shape[:2])[0]
-        target = torch.from_numpy(np.array(lab))
-        if task == "segmentation":
-            c = segmentation_confusion(pred, target, head.cfg.num_classes)
-            conf = c if conf is None else conf + c
-        else:
-            for k, v in depth_metrics(pred, target).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-    head.train()
-    if task == "segmentation":
-        return {"miou": miou(conf)}
-    return {"absrel": sums["absrel_sum"] / max(sums["count"], 1), "delta1": sums["delta1_sum"] / max(sums["count"], 1)}
-
-
 def run_train_dpt(cfg: TrainDPTConfig) -> dict:
-    from inference.dpt import DPTHead, save_head, split_blocks
+    from inference.dpt import DPTHead, save_head
     from pipeline.store.reader import Store
 
     t0 = time.time()
@@ -247,25 +136,18 @@ def run_train_dpt(cfg: TrainDPTConfig) -> dict:
         head = DPTHead(hc).train()
         h, w = feats.shape[1:3]
         y = targets(labels, task, (h * hc.patch_size, w * hc.patch_size), hc)
-        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        per_epoch = math.ceil(len(feats) / cfg.batch_size)
-        total, warmup = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch
-        kind = "poly" if task == "segmentation" else "cosine"
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, t=total, w=warmup, k=kind: lr_factor(s, t, w, k))
-        g = torch.Generator().manual_seed(cfg.seed)
-        losses = []
-        for _ in range(cfg.epochs):
-            order, epoch_loss = torch.randperm(len(feats), generator=g), []
-            for s in range(0, len(feats), cfg.batch_size):
-                idx = order[s : s + cfg.batch_size]
-                logits = head(split_blocks(torch.from_numpy(feats[idx.numpy()])))
-                loss = F.cross_entropy(logits, y[idx], ignore_index=IGNORE)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                epoch_loss.append(loss.item())
-            losses.append(round(float(np.mean(epoch_loss)), 5))
+        losses, total = fit_head(
+            head,
+            feats,
+            y,
+            task,
+            epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+        )
         name = "seg" if task == "segmentation" else "depth"
         path = save_head(out / f"{name}.safetensors", head)
         scored = score(head, *(val[:2] if val else (feats, labels)), task)

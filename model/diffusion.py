@@ -44,6 +44,7 @@ __all__ = [
     "MISSING_PRED_FEATURES",
     "NESTED_DROPOUT_CHOICES",
     "denoise",
+    "fit_channels",
     "karras_sigmas",
     "loss_weight",
     "mix_features",
@@ -206,10 +207,26 @@ def nested_dropout_choices(channels: int, choices: Sequence[int] = NESTED_DROPOU
     return sorted({c for c in choices if 0 < c <= channels} | {channels})
 
 
-def truncate_features(features: torch.Tensor, channels: int) -> torch.Tensor:
-    """Keep the first ``channels`` channels (last axis) of every frame, zero the rest."""
-    keep = torch.arange(features.shape[-1], device=features.device) < channels
+def truncate_features(features: torch.Tensor, channels: int | torch.Tensor) -> torch.Tensor:
+    """Keep the first ``channels`` channels (last axis) of every frame, zero the rest: nested truncation.
+
+    ``channels`` is one count for all, or a tensor [B] of one count per sample (nested dropout)."""
+    c_total = features.shape[-1]
+    keep = torch.arange(c_total, device=features.device)
+    if isinstance(channels, torch.Tensor):  # [B, 1, ..., 1, C]
+        keep = (keep[None, :] < channels[:, None]).view(features.shape[0], *([1] * (features.ndim - 2)), c_total)
+    else:
+        keep = keep < channels
     return features * keep.to(features.dtype)
+
+
+def fit_channels(features: torch.Tensor, channels: int) -> torch.Tensor:
+    """The first ``channels`` channels (last axis), zero-padded to ``channels`` when there are fewer: a reader
+    that fetched only the first c PCA channels conditions a model exactly as truncate_features to c does."""
+    features = features[..., :channels]
+    if features.shape[-1] < channels:
+        features = torch.nn.functional.pad(features, (0, channels - features.shape[-1]))
+    return features
 
 
 def nested_dropout(
@@ -228,8 +245,7 @@ def nested_dropout(
     b, c_total = features.shape[0], features.shape[-1]
     options = torch.tensor(nested_dropout_choices(c_total, choices), device=features.device)
     kept = options[_randint(len(options), (b,), generator, features.device)]  # [B]
-    keep = torch.arange(c_total, device=features.device)[None, :] < kept[:, None]  # [B, C]
-    out = features * keep.view(b, *([1] * (features.ndim - 2)), c_total).to(features.dtype)
+    out = truncate_features(features, kept)
     return (out, kept) if return_channels else out
 
 

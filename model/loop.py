@@ -194,6 +194,8 @@ class MetricsLog:
 
 
 def read_metrics(run_dir) -> list[dict]:
+    """Every record of a stage's metrics.jsonl (run_dir: the stage folder, e.g. runs/demo/train/stage1), [] when
+    it has none yet. No job reads it back: it is for users inspecting a run (a notebook, a plot script)."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

@@ -148,7 +148,8 @@ def from_model_config(config: dict) -> AlignedDiT:
 
 
 def parameter_counts(model: AlignedDiT) -> dict[str, int]:
-    """{"dit", "projector", "total"} (works on the meta device)."""
+    """{"dit", "projector", "total"} (works on the meta device). For users sizing a model: the module
+    docstring's paper-size count (the paper's "792M") is this on the meta device."""
     dit = parameter_breakdown(model.dit)["total"]
     projector = sum(p.numel() for p in model.projector.parameters())
     return {"dit": dit, "projector": projector, "total": dit + projector}

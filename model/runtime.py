@@ -16,7 +16,6 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -55,7 +54,7 @@ def init_runtime(device: str = "auto") -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
     if dist.is_initialized():
-        return Runtime(dev, dist.get_rank(), dist.get_world_size(), local)
+        return Runtime(dev, dist.get_rank(), dist.get_world_size())
     return Runtime(dev)
 
 

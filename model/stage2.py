@@ -65,6 +65,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.diffusion import fit_channels
 from pipeline.config import Sized
 
 __all__ = [
@@ -379,10 +380,7 @@ class Re2PixDiT(nn.Module):
         cf = self.cfg.num_pca_channels
         if c > cf:
             raise ValueError(f"features have {c} channels, the model takes at most {cf}")
-        dtype = self.feature_embedder.weight.dtype
-        maps = features.to(dtype)
-        if c < cf:
-            maps = F.pad(maps, (0, cf - c))
+        maps = fit_channels(features.to(self.feature_embedder.weight.dtype), cf)
         return self.feature_embedder(features_to_grid(maps, grid))
 
     def forward(

@@ -92,7 +92,8 @@ class PCAAccumulator:
 
 
 def fit_pca(feature_batches: Iterable, num_components: int) -> PCABasis:
-    """Fit a basis from an iterable of feature arrays [..., D] (streamed, one batch in memory at a time)."""
+    """Fit a basis from an iterable of feature arrays [..., D] (streamed, one batch in memory at a time).
+    The jobs feed a PCAAccumulator themselves; this is the one-call form for users fitting their own features."""
     acc = None
     for x in feature_batches:
         x = np.asarray(x)

@@ -25,7 +25,7 @@ CASES = [
         TRAINER_FORBIDDEN,
         id="jobs.train",
     ),
-    pytest.param(["jobs.rollout", "inference.stages"], "", TRAINER_FORBIDDEN, id="jobs.rollout"),
+    pytest.param(["jobs.rollout", "inference.rollout", "inference.stages"], "", TRAINER_FORBIDDEN, id="jobs.rollout"),
     pytest.param(INFERENCE, "", LAZY_FORBIDDEN, id="inference"),
     pytest.param(["jobs.predict", "jobs.evaluate"], "", LAZY_FORBIDDEN, id="jobs.predict+evaluate"),
     pytest.param(

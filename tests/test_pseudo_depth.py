@@ -93,8 +93,8 @@ def test_missing_weights_say_what_to_set(tmp_path):
 
 def test_pseudo_depth_labels_are_per_frame_normalized_disparity_in_linear_bins():
     from inference.dpt import DPTConfig
+    from inference.dpt_training import targets
     from inference.labels import normalized_disparity
-    from jobs.train_dpt import targets
 
     disparity = np.array([[2.0, 4.0, 5.9], [6.0, 7.9, 10.0]], np.float16)  # any scale and shift
     x = normalized_disparity(disparity)

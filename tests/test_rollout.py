@@ -94,16 +94,16 @@ def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(traine
         store.read_pred_features(0)
 
     written = []
-    from jobs import rollout as rollout_job
+    import inference.rollout
 
-    real_store = rollout_job.rollout_store
+    real_store = inference.rollout.rollout_store
 
     def recording(*args, **kwargs):
         summary = real_store(*args, **kwargs)
         written.append(summary["written"])
         return summary
 
-    monkeypatch.setattr(rollout_job, "rollout_store", recording)
+    monkeypatch.setattr(inference.rollout, "rollout_store", recording)
     _rollout(store_path, ckpt)
     assert written == [8]  # 12 rows in chunks of 4: the first chunk was recorded before the kill
 

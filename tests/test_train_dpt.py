@@ -1,4 +1,5 @@
-"""jobs/train_dpt.py: DPT heads trained on a store's features with the synthetic source's classes and depth."""
+"""jobs/train_dpt.py (inference/dpt_training.py): DPT heads trained on a store's features with the synthetic
+source's classes and depth."""
 
 import json
 
@@ -48,7 +49,7 @@ def test_heads_train_on_the_sources_classes_and_depth_and_load_for_evaluation(tm
 
 def test_depth_targets_are_log_bins_with_the_sky_ignored():
     from inference.dpt import DPTConfig
-    from jobs.train_dpt import IGNORE, targets
+    from inference.dpt_training import IGNORE, targets
 
     cfg = DPTConfig.tiny("depth", num_classes=4, depth_min=1.0, depth_max=16.0)
     depth = np.array([[1.0, 2.5, 5.0], [15.9, 100.0, np.inf]], np.float32)

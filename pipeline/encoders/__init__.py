@@ -20,7 +20,7 @@ __all__ = [
 
 _LAZY = {
     "load_dinov2": "dinov2",
-    "load_vae": "vae",
+    "load_vae": "registry",
     "load_pseudo_depth": "depth_anything",
     "load_encoder": "registry",
     "derive_geometry": "registry",

@@ -113,6 +113,48 @@ def load_encoder(
     return load_hf_backbone(s.weights, **kw)
 
 
+# the paper's VAE, what `--vae` defaults to
+DEFAULT_VAE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def load_vae(
+    spec: str = DEFAULT_VAE,
+    input_hw=None,
+    device="cpu",
+    *,
+    subfolder: str | None = "vae",
+    autocast_dtype=None,
+    allow_download: bool = False,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+):
+    """The frozen VAE a spec names (a vae.WanVAEEncoder or a video_vae.DiffusersVideoVAE, same interface).
+
+    spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
+    (looked up in the local HF cache unless allow_download) or a local folder.
+
+    "diffusers:SPEC" (or "tiny-hunyuan") loads any other diffusers video VAE (video_vae.py).
+    A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
+    (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
+    input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
+    """
+    from .vae import PRESETS, load_wan_vae
+
+    input_hw = input_hw or PRESETS[spec if spec in PRESETS else "default"]["input_hw"]
+    kw = {
+        "subfolder": subfolder,
+        "autocast_dtype": autocast_dtype,
+        "allow_download": allow_download,
+        "revision": revision,
+        "cache_dir": cache_dir,
+    }
+    if spec == "tiny-hunyuan" or spec.startswith("diffusers:"):  # any other diffusers video VAE
+        from .video_vae import load_diffusers_vae
+
+        return load_diffusers_vae(spec.removeprefix("diffusers:"), input_hw, device, **kw)
+    return load_wan_vae(spec, input_hw, device, **kw)
+
+
 def derive_geometry(geometry, encoder, vae):
     """`geometry` with the sizes the loaded encoders fix (Geometry.for_encoders); a misfit is an EncoderWeightsError."""
     try:

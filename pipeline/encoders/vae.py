@@ -20,7 +20,6 @@ from ..store.geometry import PAPER, TINY
 from .dinov2 import to_nchw_float
 from .hashing import HashedWeights, load_demo_model, load_pretrained, seeded
 
-DEFAULT_WEIGHTS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # tiny preset: same architecture (z_dim 16, 8x spatial, 4x temporal, default latents_mean/std) from a
 # small random config; 96 x 160 input -> 12 x 20 latents, matches geometry.TINY
 TINY_CONFIG = {"base_dim": 4, "num_res_blocks": 1}
@@ -169,9 +168,9 @@ def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
     )
 
 
-def load_vae(
-    spec: str = DEFAULT_WEIGHTS,
-    input_hw=None,
+def load_wan_vae(
+    spec: str,
+    input_hw,
     device="cpu",
     *,
     subfolder: str | None = "vae",
@@ -180,28 +179,13 @@ def load_vae(
     revision: str | None = None,
     cache_dir: str | None = None,
 ) -> WanVAEEncoder:
-    """spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
-    (looked up in the local HF cache unless allow_download) or a local folder.
+    """A WAN2.1 or Wan2.2 VAE: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic
+    set: weights/), a hub id (looked up in the local HF cache unless allow_download) or a local folder.
 
-    "diffusers:SPEC" (or "tiny-hunyuan") loads any other diffusers video VAE (video_vae.py).
     A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
     (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
-    input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
+    Callers go through registry.load_vae, which also reaches the other diffusers video VAEs (video_vae.py).
     """
-    input_hw = input_hw or PRESETS[spec if spec in PRESETS else "default"]["input_hw"]
-    if spec == "tiny-hunyuan" or spec.startswith("diffusers:"):  # any other diffusers video VAE
-        from .video_vae import load_diffusers_vae
-
-        return load_diffusers_vae(
-            spec.removeprefix("diffusers:"),
-            input_hw,
-            device,
-            subfolder=subfolder,
-            autocast_dtype=autocast_dtype,
-            allow_download=allow_download,
-            revision=revision,
-            cache_dir=cache_dir,
-        )
     if spec in _TINY:
         vae, weights_id, rev = tiny_vae_model(spec), spec, None
     elif spec == "demo":

@@ -6,6 +6,8 @@ The manifest lives in the root group's attributes. A store is readable as finish
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from pipeline.errors import Re2pixError
@@ -70,6 +72,25 @@ class DamagedStoreError(StoreError):
             return
         where = f"{array}[{row}]" if row is not None else array
         super().__init__(f"{location}: {where} is damaged ({reason}); run `python -m jobs.store verify {location}`")
+
+
+# What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
+# decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
+DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError)
+
+
+def decode_reason(e: BaseException) -> str:
+    """A DamagedStoreError's reason for one of DECODE_ERRORS raised by a read."""
+    text = str(e).split("\n")[0][:160]
+    if "checksum" in text:
+        return "crc32c checksum mismatch: its bytes changed on disk"
+    return f"cannot read or decode it: {type(e).__name__}: {text}"
+
+
+def digest(a: np.ndarray) -> str:
+    """A row's digest, as the writer records it in its unit markers and verify compares it."""
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
 class IncompatibleStoresError(StoreError):

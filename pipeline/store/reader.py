@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -19,6 +20,7 @@ import zarr
 from .basis import PCABasis
 from .direct import NONFINITE, ChunkDamage, DirectArray, finite
 from .format import (
+    DECODE_ERRORS,  # also imported from here (copy.py)
     PSEUDO_DEPTH,
     DamagedStoreError,
     IncompatibleStoresError,
@@ -27,6 +29,7 @@ from .format import (
     StoreError,
     check_compatible,
     check_manifest,
+    decode_reason,
     decode_strings,
     geometry_of,
     pseudo_depth_hw,
@@ -35,9 +38,6 @@ from .location import filesystem, is_url, open_group
 from .lock import live_holder
 from .lossy import SCALES, dequantize_int8, parse_compression
 
-# What a damaged chunk raises inside zarr: a failed crc32c ("checksum do not match"), a codec that cannot
-# decode truncated bytes, a shard index that does not parse. Any of these on a read is damage to the store.
-DECODE_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError)
 _SHAPED = ("frames/features", "clips/latents", "clips/valid", "clips/feature_rows")
 _MAX_ROWS = 1 << 27  # clips or frames in one store: far above any dataset, far below an absurd allocation
 
@@ -113,7 +113,7 @@ class Store:
         try:
             return arr[...]
         except DECODE_ERRORS as e:
-            raise DamagedStoreError(self.location, name, None, _reason(e)) from e
+            raise DamagedStoreError(self.location, name, None, decode_reason(e)) from e
 
     def _check_shapes(self, arrays: dict) -> None:
         """Every shape against the manifest's counts and geometry, before anything is read or allocated."""
@@ -367,7 +367,7 @@ class Store:
         except ChunkDamage as e:
             raise DamagedStoreError(self.location, name, row, str(e)) from e
         except OSError as e:
-            raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+            raise DamagedStoreError(self.location, name, row, decode_reason(e)) from e
 
     def read_feature_row(self, row: int, channels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """[H, W, c] float16: one stored frame row (not a clip number), int8 stores un-quantized; NaN/Inf refused."""
@@ -428,7 +428,7 @@ class Store:
         try:
             a = _read(arr, (row, *rest), out)
         except DECODE_ERRORS as e:
-            raise DamagedStoreError(self.location, name, row, _reason(e)) from e
+            raise DamagedStoreError(self.location, name, row, decode_reason(e)) from e
         if check_finite:
             self._check_finite(a, name, row)
         return a
@@ -475,7 +475,9 @@ class Store:
             table = {k: c[k][...] for k in ("id", "scene", "start", "timestamps")}
             table["id"], table["scene"] = decode_strings(table["id"]), decode_strings(table["scene"])
         except (KeyError, *DECODE_ERRORS) as e:
-            raise DamagedStoreError(self.location, "clips/id, scene, start or timestamps", None, _reason(e)) from e
+            raise DamagedStoreError(
+                self.location, "clips/id, scene, start or timestamps", None, decode_reason(e)
+            ) from e
         if any(not str(table["id"][r]) for r in self._clip_rows):
             raise DamagedStoreError(self.location, "clips/id", None, "usable clips have empty ids (fill values)")
         return table
@@ -507,12 +509,35 @@ class Store:
         try:
             cols = {k: decode_strings(fg[k][...]) for k in ("clip_id", "file", "reason")}
         except (KeyError, *DECODE_ERRORS) as e:
-            raise DamagedStoreError(self.location, "failures", None, _reason(e)) from e
+            raise DamagedStoreError(self.location, "failures", None, decode_reason(e)) from e
         return [{k: str(cols[k][j]) for k in cols} for j in range(len(cols["clip_id"]))]
 
     def unit_records(self) -> list[dict]:
         fs, root = filesystem(self.location, self.storage_options)
         return [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/progress/*.json"))]
+
+    def check_rows(self, name: str, rows) -> Iterator[tuple[int, np.ndarray | DamagedStoreError]]:
+        """Read each of `rows` of array `name` ("frames/features", "clips/latents", "clips/pred_features" or the
+        pseudo-depth maps) as stored and check it, for `verify`: each must decode (crc32c, codec, shard index),
+        its int8 scales too, and have all its chunks on disk (none reading as fill values; for pseudo depth,
+        none reading as NaN). Yields (row, the row's values) or (row, the DamagedStoreError that refused it);
+        a bad row never stops the others. NaN/Inf in a row are not refused here: the caller counts them."""
+        arr = self.group[name]
+        predicted = int(arr.attrs.get("channels", arr.shape[-1])) if name == "clips/pred_features" else None
+        for row in rows:
+            try:
+                if name == PSEUDO_DEPTH:  # its reader refuses NaN, its fill value: a chunk missing on disk
+                    a = self.read_pseudo_depth_row(row)
+                else:
+                    a = self._read_row(arr, name, row, ())
+                    if name in self._scales:  # int8 stores: the row's scales must read too
+                        self._read_row(self._scales[name], self._scales[name].path, row, ())
+                    for part in a if name == "clips/pred_features" else [a]:
+                        self._check_present(part[..., :predicted] if predicted else part, name, row)
+            except DamagedStoreError as e:
+                yield row, e
+                continue
+            yield row, a
 
     def verify(self, progress: bool = False) -> dict:
         """Read every row this store says it holds and check it (pipeline/store/verify.py): a report
@@ -538,13 +563,6 @@ def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
         return values
     out[...] = values
     return out
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).split("\n")[0][:160]
-    if "checksum" in text:
-        return "crc32c checksum mismatch: its bytes changed on disk"
-    return f"cannot read or decode it: {type(e).__name__}: {text}"
 
 
 def open_stores(locations: list[str], storage_options: dict | None = None) -> list[Store]:

@@ -13,14 +13,17 @@ A problem is a bad row: (array, row, reason); rows are never skipped because an 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .basis import BASIS_ARRAYS, PCABasis
-from .format import PSEUDO_DEPTH, DamagedStoreError
+from .format import DECODE_ERRORS, PSEUDO_DEPTH, DamagedStoreError, decode_reason, digest
 from .location import filesystem
-from .reader import DECODE_ERRORS, Store, _reason
 from .tables import clip_table_problems
+
+if TYPE_CHECKING:  # Store.verify calls verify_store: the reader imports this module, not the other way round
+    from .reader import Store
 
 # a unit marker's digest keys are "<kind>/<row>"
 DIGEST_KINDS = {"features": "frames/features", "latents": "clips/latents", "pseudo_depth": PSEUDO_DEPTH}
@@ -30,8 +33,6 @@ DIGEST_DIFFERS = "differs from the digest recorded when it was written"
 def verify_store(store: Store, progress: bool = False) -> dict:
     """A report: {"store", "ok", "bad_rows": [{"array", "row", "reason"}], "checked": {array: rows},
     "nonfinite": {array: values}, "rows_without_digest": n}."""
-    from .writer import digest  # the writer pulls in the clip index; only verification needs it
-
     bad: list[dict] = []
     checked: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
@@ -73,22 +74,11 @@ def verify_store(store: Store, progress: bool = False) -> dict:
     )
     undigested = 0
     for name, wanted in rows.items():
-        arr = store.group[name]
-        predicted = int(arr.attrs.get("channels", arr.shape[-1])) if name == "clips/pred_features" else None
-        for row in sorted(wanted):
+        for row, a in store.check_rows(name, sorted(wanted)):
             bar.update(1)
             checked[name] = checked.get(name, 0) + 1
-            try:
-                if name == PSEUDO_DEPTH:  # its reader refuses NaN, its fill value: a chunk missing on disk
-                    a = store.read_pseudo_depth_row(row)
-                else:
-                    a = store._read_row(arr, name, row, ())
-                    if name in store._scales:  # int8 stores: the row's scales must read too
-                        store._read_row(store._scales[name], store._scales[name].path, row, ())
-                    for part in a if name == "clips/pred_features" else [a]:
-                        store._check_present(part[..., :predicted] if predicted else part, name, row)
-            except DamagedStoreError as e:
-                bad.append({"array": name, "row": row, "reason": e.reason})
+            if isinstance(a, DamagedStoreError):
+                bad.append({"array": name, "row": row, "reason": a.reason})
                 continue
             n = int(a.size - np.count_nonzero(np.isfinite(a)))
             if n:
@@ -146,7 +136,7 @@ def _verify_basis(store: Store, bad: list[dict]) -> None:
         try:
             arrays[name] = np.asarray(group[name][...], np.float32)
         except DECODE_ERRORS as e:
-            bad.append({"array": f"pca/{name}", "row": None, "reason": _reason(e)})
+            bad.append({"array": f"pca/{name}", "row": None, "reason": decode_reason(e)})
     if len(arrays) < len(BASIS_ARRAYS):
         return
     try:

@@ -372,7 +372,8 @@ def shard_urls(out_dir: str, storage_options: dict | None = None) -> list[str]:
 
 
 def read_wds_basis(out_dir: str, storage_options: dict | None = None):
-    """The PCA basis the export carries (pca.npz), checked against the manifest's fingerprint."""
+    """The PCA basis the export carries (pca.npz), checked against the manifest's fingerprint. The trainer
+    does not need it (it trains on PCA features); users of the shards call it to un-project features."""
     from .basis import PCABasis
 
     manifest = read_wds_manifest(out_dir, storage_options)
@@ -513,5 +514,7 @@ def iter_shard(url: str, storage_options: dict | None = None, shapes=_LOOK_UP) -
 
 
 def iter_webdataset(urls: Iterable[str], storage_options: dict | None = None) -> Iterator[ClipArrays]:
+    """Every clip of the shards at `urls` (shard_urls(folder) lists an export's), in order. The trainer streams
+    shards one at a time with iter_shard (model/data.py); this is the reader the export's card names for users."""
     for url in urls:
         yield from iter_shard(url, storage_options)

@@ -32,6 +32,7 @@ from .format import (
     check_manifest,
     compatibility_view,
     decode_strings,
+    digest,  # noqa: F401  (also imported from here: jobs/rollout.py, tests)
     encode_strings,
     pseudo_depth_hw,
 )
@@ -51,11 +52,6 @@ def chunk_codecs(spec: str) -> tuple:
 # Zarr skips chunks equal to the fill value unless told otherwise; every row we write must be on disk,
 # so that a chunk missing on disk always means damage (readers refuse fill values where data belongs).
 ALL_CHUNKS = {"write_empty_chunks": True}
-
-
-def digest(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
 def _now() -> str:
