@@ -17,7 +17,7 @@ VAL_STORE ?= $(RUN)/val.zarr
 STAGE ?= all
 ARGS ?=
 
-.PHONY: help install test test-slow test-all format demo experiment cache pca train rollout predict evaluate bench info lint clean gpu-check
+.PHONY: help install test test-slow test-all format demo experiment cache pca train rollout predict evaluate bench info lint clean gpu-check smoke-paper
 
 # `make help`: the targets and the variables they take
 help:
@@ -29,6 +29,8 @@ help:
 	@echo "make predict    a clip of VAL_STORE=$(VAL_STORE), or ARGS=\"--video drive.mp4\": PNG + mp4 in RUN/predict"
 	@echo "make evaluate   Re2Pix vs Baseline on VAL_STORE (else the scenes training held out): RUN/eval/results.json"
 	@echo "make pca        a PCA basis on its own (RUN/basis.zarr)"
+	@echo "make smoke-paper  the paper-size models end to end on this machine (ARGS=--reduced: smaller frames)"
+	@echo "make gpu-check  what the paper sizes cost on this GPU, one JSON line per check"
 	@echo "make info       describe STORE;  make bench / experiment / test / test-slow / test-all / lint / format / clean"
 	@echo "Every target takes PRESET=$(PRESET) (tiny|paper), RUN=$(RUN) and ARGS=\"...\" (the job's own flags:"
 	@echo "python -m jobs.JOB --help; what to choose from: python -m jobs.list)."
@@ -81,6 +83,11 @@ clean:
 
 bench: install
 	$(PY) -m benchmarks.bench all $(ARGS)
+
+# the paper-size path end to end on this machine: real-size random-weight DINOv2-Reg and WAN2.1 VAE, the 258M
+# Stage 1 and the 782M DiT a step each, rollout, predict, evaluate (ARGS=--reduced: 144 x 256 frames, same models)
+smoke-paper: install
+	$(PY) scripts/smoke_paper.py $(ARGS)
 
 # what the paper's sizes cost on this GPU, one JSON line per check (<= 8 min; a tiny CPU mode without CUDA)
 gpu-check:
