@@ -39,7 +39,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     import torch
 
     from pipeline.cache import StageResources, build_index, encoder_descriptions
-    from pipeline.cache.stages import DecodeStage, EncodeStage, WriteStage
+    from pipeline.cache.stages import DecodeStage, EncodeSpec, EncodeStage, WriteStage
     from pipeline.pca import load_basis
     from pipeline.store.geometry import resolve_geometry
     from pipeline.store.writer import StoreWriter
@@ -64,7 +64,9 @@ def run_loop(cfg, basis_path: str) -> dict:
     threads = StageResources(
         dino_threads=cfg.dino_threads or os.cpu_count(), vae_threads=cfg.vae_threads or os.cpu_count()
     )  # the job's settings
-    encode = EncodeStage(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
+    encode = EncodeStage(
+        EncodeSpec(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
+    )
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
     for unit in plan_units(index, cfg.unit_clips):

@@ -18,7 +18,7 @@ Importing this package imports neither Ray nor torch: the stages and the cluster
 from .basis import describe_encoders, encoder_descriptions, fit_basis
 from .config import DEMO_STORE, RUNTIME_ONLY, CacheConfig, absolute_location, pseudo_depth_size, recorded_config
 from .index import build_index, get_source, listed_inputs
-from .plan import ENCODER_IN_FLIGHT, OBJECT_STORE_UNITS, encoding_plan
+from .plan import ENCODER_IN_FLIGHT, OBJECT_STORE_UNITS, encode_spec, encoding_plan
 from .preflight import (
     GROWTH_FREE,
     check_visible_from_every_node,
@@ -49,6 +49,7 @@ __all__ = [
     "check_writable",
     "describe_encoders",
     "dry_run",
+    "encode_spec",
     "encoder_descriptions",
     "encoder_device",
     "encoding_plan",

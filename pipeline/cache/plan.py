@@ -19,6 +19,27 @@ ENCODER_IN_FLIGHT = 2  # units per encoder actor: the next unit's frames wait at
 OBJECT_STORE_UNITS = 4  # the object-store budget, in units per unit in flight
 
 
+def encode_spec(cfg: CacheConfig, geometry, basis, device: str, res, num_variants: int, with_clips: bool = True):
+    """What every encode actor of a plan loads and how it runs (stages.EncodeSpec), from the config.
+    `with_clips` False: the PCA fitting pass, the feature encoder alone."""
+    from .stages import EncodeSpec
+
+    return EncodeSpec(
+        cfg.encoder,
+        cfg.vae if with_clips else None,
+        geometry,
+        basis,
+        device,
+        cfg.batch_frames,
+        cfg.batch_clips,
+        res,
+        num_variants,
+        cfg.allow_download,
+        cfg.pseudo_depth if with_clips else None,
+        pseudo_depth_size(cfg, geometry) if with_clips else None,
+    )
+
+
 def encoding_plan(
     ray,
     cfg: CacheConfig,
@@ -79,20 +100,7 @@ def encoding_plan(
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_args=(
-            cfg.encoder,
-            cfg.vae if with_clips else None,
-            geometry,
-            basis,
-            device,
-            cfg.batch_frames,
-            cfg.batch_clips,
-            res,
-            len(variants),
-            cfg.allow_download,
-            cfg.pseudo_depth if with_clips else None,
-            pseudo_depth_size(cfg, geometry) if with_clips else None,
-        ),
+        fn_constructor_args=(encode_spec(cfg, geometry, basis, device, res, len(variants), with_clips),),
         batch_size=1,
         compute=_pool(ray, pools["encode"], in_flight=ENCODER_IN_FLIGHT),
         **res.actor_kwargs(),

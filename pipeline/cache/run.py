@@ -15,7 +15,7 @@ from ..store.geometry import resolve_geometry
 from .basis import encoder_descriptions, fit_basis
 from .config import CacheConfig, absolute_location, pseudo_depth_size, recorded_config
 from .index import _checked_index, get_source, listed_inputs
-from .plan import _pool, encoding_plan
+from .plan import _pool, encode_spec, encoding_plan
 from .preflight import (
     check_visible_from_every_node,
     check_writable,
@@ -39,20 +39,8 @@ def dry_run(cfg: CacheConfig, source, geometry, index, variants) -> dict:
 
     units = plan_units(index, cfg.unit_clips)
     est = estimated_bytes(index, geometry, len(variants), pseudo_depth_size(cfg, geometry))
-    stage = EncodeStage(
-        cfg.encoder,
-        cfg.vae,
-        geometry,
-        _random_basis(geometry),
-        "cpu",
-        cfg.batch_frames,
-        cfg.batch_clips,
-        StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads),
-        len(variants),
-        cfg.allow_download,
-        cfg.pseudo_depth,
-        pseudo_depth_size(cfg, geometry),
-    )
+    res = StageResources(dino_threads=cfg.dino_threads, vae_threads=cfg.vae_threads)
+    stage = EncodeStage(encode_spec(cfg, geometry, _random_basis(geometry), "cpu", res, len(variants)))
     window = int(getattr(stage.encoder, "window", 1))  # a video encoder's frames per feature frame
     unit = read_unit(plan_units(index, 1)[0], source, geometry, variants, True, window)  # one clip
     clips = json.loads(unit["clips"])

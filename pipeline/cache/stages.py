@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,26 +101,35 @@ class Projector:
         return features @ self.weight - self.bias
 
 
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What an encode actor loads and how it runs, built once per plan (plan.encode_spec) and handed to
+    every actor of the pool. `vae` None: the PCA fitting pass (no VAE, no pseudo-depth)."""
+
+    encoder: str  # the feature encoder's spec (encoders/registry.py)
+    vae: str | None
+    geometry: Geometry
+    basis: PCABasis | None  # None: the PCA fitting pass
+    device: str
+    batch_frames: int
+    batch_clips: int
+    res: StageResources
+    num_variants: int = 1
+    allow_download: bool = False
+    pseudo_depth: str | None = None  # a Depth Anything spec
+    pseudo_depth_hw: tuple[int, int] | None = None
+
+
 class EncodeStage:
     """Actor: a unit's feature-encoder features (PCA-projected to float16 rows for the store) and its clips'
     video VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
     float64 moments of the features, and no VAE is loaded."""
 
-    def __init__(
-        self,
-        encoder_spec: str,
-        vae_spec: str | None,
-        geometry: Geometry,
-        basis: PCABasis | None,
-        device: str,
-        batch_frames: int,
-        batch_clips: int,
-        res: StageResources,
-        num_variants: int = 1,
-        allow_download: bool = False,
-        pseudo_depth: str | None = None,
-        pseudo_depth_hw: tuple[int, int] | None = None,
-    ):
+    def __init__(self, spec: EncodeSpec):
+        encoder_spec, vae_spec, geometry, basis = spec.encoder, spec.vae, spec.geometry, spec.basis
+        device, batch_frames, batch_clips, res = spec.device, spec.batch_frames, spec.batch_clips, spec.res
+        num_variants, allow_download = spec.num_variants, spec.allow_download
+        pseudo_depth, pseudo_depth_hw = spec.pseudo_depth, spec.pseudo_depth_hw
         import torch
 
         from ..encoders import load_encoder, load_pseudo_depth, load_vae
