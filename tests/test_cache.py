@@ -347,3 +347,10 @@ def test_actors_declare_memory_from_the_encoders_and_the_flags_override_it():
     assert declared(CacheConfig(), gpus, paper)[1] > dec  # a paper-size unit's frames
     enc, dec, wr = declared(CacheConfig(encoder_memory_gb=3, task_memory_gb=0.5), cpus)
     assert (enc, dec, wr) == (3 * 2**30, 2**29, 2**29)
+
+
+def test_out_defaults_to_the_demo_store_of_every_job():
+    """pipeline/ does not import jobs/: the cache config keeps its own copy of the demo store's path."""
+    from jobs.config import DEMO_STORE
+
+    assert CacheConfig().out == DEMO_STORE
