@@ -38,9 +38,10 @@ def run_loop(cfg, basis_path: str) -> dict:
     """The same decode -> DINOv2 -> PCA -> VAE -> write work as the Ray job, in one process."""
     import torch
 
-    from jobs.cache import build_index, encoder_descriptions, resolve_geometry
+    from pipeline.cache import StageResources, build_index, encoder_descriptions
+    from pipeline.cache.stages import DecodeStage, EncodeSpec, EncodeStage, WriteStage
     from pipeline.pca import load_basis
-    from pipeline.ray_cache import DecodeStage, EncodeStage, StageResources, WriteStage
+    from pipeline.store.geometry import resolve_geometry
     from pipeline.store.writer import StoreWriter
     from pipeline.units import plan_units
 
@@ -63,7 +64,9 @@ def run_loop(cfg, basis_path: str) -> dict:
     threads = StageResources(
         dino_threads=cfg.dino_threads or os.cpu_count(), vae_threads=cfg.vae_threads or os.cpu_count()
     )  # the job's settings
-    encode = EncodeStage(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
+    encode = EncodeStage(
+        EncodeSpec(cfg.encoder, cfg.vae, geometry, basis, "cpu", cfg.batch_frames, cfg.batch_clips, threads)
+    )
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
     for unit in plan_units(index, cfg.unit_clips):
@@ -91,7 +94,7 @@ def encoder_share(stage: dict) -> float:
 
 
 def compare(label: str, make_cfg, basis_path: str, note: str) -> dict:
-    from jobs.cache import run_cache
+    from pipeline.cache import run_cache
 
     loop = run_loop(make_cfg("loop"), basis_path)
     job = run_cache(dataclasses.replace(make_cfg("ray"), pca=basis_path))  # both use the same basis
@@ -184,10 +187,11 @@ def save_real_size_encoders(folder: Path) -> tuple[str, str]:
 def bench_cache(args) -> None:
     import numpy as np
 
-    from jobs.cache import CacheConfig, resolve_geometry, run_cache
+    from pipeline.cache import CacheConfig, run_cache
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray
     from pipeline.store.basis import PCABasis
+    from pipeline.store.geometry import resolve_geometry
 
     work = Path(tempfile.mkdtemp(prefix="re2pix-bench-"))
 

@@ -485,9 +485,9 @@ def measure_online(work: Path, frames: int, dino_frames: int) -> dict:
     import torch
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+    from pipeline.cache.stages import Projector
     from pipeline.encoders import load_dinov2
     from pipeline.frames import resize_frames
-    from pipeline.ray_cache import Projector
     from pipeline.sources.common import read_rgb
     from pipeline.store.basis import PCABasis
     from pipeline.store.geometry import PAPER

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import sys
 
-from jobs.cache import CacheConfig, absolute_location, build_index, fit_basis
 from jobs.cli import random_weights_notice, run
 from jobs.config import parse_config
+from pipeline.cache import CacheConfig, absolute_location, build_index, fit_basis
 
 
 def main(argv=None) -> int:
     cfg, _ = parse_config(CacheConfig, "cache", argv, description=__doc__, prog="pca")
-    from jobs.cache import encoder_descriptions, get_source, resolve_geometry
+    from pipeline.cache import encoder_descriptions, get_source
     from pipeline.pca import save_basis
     from pipeline.ray_cluster import start_ray, stop_ray
+    from pipeline.store.geometry import resolve_geometry
 
     cfg.out = absolute_location(cfg.out)
     source = get_source(cfg)  # a bad dataset or data root: one line, before any cluster starts

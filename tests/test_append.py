@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.cache import run_cache
+from pipeline.cache import run_cache
 from pipeline.clips import build_clip_index, grow_index
 from pipeline.errors import Re2pixError
 from pipeline.store.format import IncompleteStoreError, StoreError, check_compatible

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.cache import CacheConfig, run_cache
+from pipeline.cache import CacheConfig, run_cache
 from pipeline.clips import build_clip_index
 from pipeline.frames import hflip, resize_frames
 from pipeline.sources import get_source
@@ -326,8 +326,7 @@ def test_dry_run_estimates_without_writing(tmp_path):
 
 
 def test_actors_declare_memory_from_the_encoders_and_the_flags_override_it():
-    from jobs.cache import plan_resources
-    from pipeline.ray_cache import actor_memory, unit_bytes
+    from pipeline.cache import actor_memory, plan_resources, unit_bytes
     from pipeline.ray_cluster import RayCluster
     from pipeline.store.geometry import GEOMETRIES
 
@@ -348,3 +347,10 @@ def test_actors_declare_memory_from_the_encoders_and_the_flags_override_it():
     assert declared(CacheConfig(), gpus, paper)[1] > dec  # a paper-size unit's frames
     enc, dec, wr = declared(CacheConfig(encoder_memory_gb=3, task_memory_gb=0.5), cpus)
     assert (enc, dec, wr) == (3 * 2**30, 2**29, 2**29)
+
+
+def test_out_defaults_to_the_demo_store_of_every_job():
+    """pipeline/ does not import jobs/: the cache config keeps its own copy of the demo store's path."""
+    from jobs.config import DEMO_STORE
+
+    assert CacheConfig().out == DEMO_STORE

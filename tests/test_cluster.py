@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.cache import CacheConfig, run_cache
+from pipeline.cache import CacheConfig, run_cache
 from pipeline.store.reader import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,6 +34,8 @@ CASES = [
         ("transformers", "diffusers", "torch"),
         id="pipeline.encoders+store",
     ),
+    # the cache job's driver: Ray, torch and the stages are imported where used; nothing of jobs/
+    pytest.param(["pipeline.cache"], "", ("ray", "torch", "transformers", "diffusers", "jobs"), id="pipeline.cache"),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from jobs import cache
 from jobs.cli import run
+from pipeline.cache import listed_inputs
 from pipeline.clips import build_clip_index
 from pipeline.sources.videos import VideoFolderSource
 from pipeline.store.geometry import TINY
@@ -96,7 +97,7 @@ def test_short_videos_and_other_files_are_named(tmp_path):
 
     # the store's failures list holds them, as no failed clip
     writer, index, _ = make_store(tmp_path / "s.zarr", source=VideoFolderSource(tmp_path), stride=K, finalize=False)
-    writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=cache.listed_inputs(index))
+    writer.mark_unit_done("index", clip_rows=[], frame_rows=[], failures=listed_inputs(index))
     counts = writer.finalize()
     assert counts["failed_clips"] == 0 and counts["valid_clips"] == 2
     assert {f["file"]: f["reason"] for f in Store(str(tmp_path / "s.zarr")).failures()} == reasons

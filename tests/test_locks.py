@@ -78,7 +78,7 @@ def test_a_second_export_into_the_same_folder_is_refused(tmp_path, holder):
 
 
 def test_a_second_cache_job_on_one_out_is_refused_before_ray_starts(tmp_path, holder, monkeypatch):
-    import jobs.cache as cache
+    from pipeline.cache import run_cache
     from tests.test_cache import tiny_config
 
     out = tmp_path / "store.zarr"
@@ -89,7 +89,7 @@ def test_a_second_cache_job_on_one_out_is_refused_before_ray_starts(tmp_path, ho
 
     monkeypatch.setattr("pipeline.ray_cluster.start_ray", no_ray)
     with pytest.raises(LockedError, match=f"jobs.cache \\(PID {other.pid} on "):
-        cache.run_cache(tiny_config(out))
+        run_cache(tiny_config(out))
 
 
 def test_a_second_trainer_on_one_run_folder_is_refused(tmp_path, holder):

@@ -61,7 +61,7 @@ def job(out, **kw):
 
 @pytest.fixture(scope="module")
 def cached(ray_address, depth_model, tmp_path_factory):
-    from jobs.cache import run_cache
+    from pipeline.cache import run_cache
 
     out = tmp_path_factory.mktemp("pseudo-depth") / "store.zarr"
     run_cache(job(out, pseudo_depth=depth_model))
@@ -106,7 +106,7 @@ def test_pseudo_depth_labels_are_per_frame_normalized_disparity_in_linear_bins()
 
 
 def test_cache_refuses_a_bad_scale_before_anything_runs(tmp_path):
-    from jobs.cache import run_cache
+    from pipeline.cache import run_cache
     from pipeline.errors import Re2pixError
     from tests.test_cache import tiny_config
 
@@ -180,7 +180,7 @@ def test_a_store_whose_manifest_and_array_disagree_is_refused(cached, tmp_path):
 
 def test_an_interrupted_job_resumes_its_pseudo_depth(cached, depth_model, tmp_path):
     """A store left unfinished with one unit undone (marker and rows gone) is finished by a rerun, to the same maps."""
-    from jobs.cache import run_cache
+    from pipeline.cache import run_cache
     from pipeline.errors import Re2pixError
 
     killed = tmp_path / "store.zarr"
@@ -200,7 +200,7 @@ def test_an_interrupted_job_resumes_its_pseudo_depth(cached, depth_model, tmp_pa
 
 
 def test_a_rerun_of_a_finished_store_with_other_pseudo_depth_settings_is_refused(cached, depth_model):
-    from jobs.cache import run_cache
+    from pipeline.cache import run_cache
     from pipeline.errors import Re2pixError
 
     assert run_cache(job(cached, pseudo_depth=depth_model))["already_complete"]

@@ -85,7 +85,7 @@ SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}
 
 
 def _cache(tmp_path_factory, name, **kw):
-    from jobs.cache import CacheConfig, run_cache
+    from pipeline.cache import CacheConfig, run_cache
 
     out = tmp_path_factory.mktemp(name) / "store.zarr"
     run_cache(
@@ -213,8 +213,8 @@ class IndexedSource(CountingSource):
 
 
 def test_video_windows_end_at_each_feature_frame_and_repeat_the_scene_start():
+    from pipeline.cache.read import read_unit
     from pipeline.clips import build_clip_index
-    from pipeline.ray_cache import read_unit
     from pipeline.store.geometry import Geometry
     from pipeline.units import plan_units
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.cache import CacheConfig, run_cache
+from pipeline.cache import CacheConfig, run_cache
 from pipeline.store.reader import Store
 
 SYNTH = {"num_scenes": 2, "frames_per_scene": 29, "height": 72, "width": 128}

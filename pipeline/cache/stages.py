@@ -1,6 +1,6 @@
-"""The Ray Data plan of the cache job: decode+resize (CPU actors) -> encode (one fused actor per GPU:
-the feature encoder + PCA, then the video VAE; encoders/registry.py; with --pseudo-depth, Depth Anything
-on the feature frames too) -> store writer (CPU actors).
+"""The stages of the cache job's Ray Data plan (plan.py): decode+resize (CPU actors) -> encode (one fused
+actor per GPU: the feature encoder + PCA, then the video VAE; encoders/registry.py; with --pseudo-depth,
+Depth Anything on the feature frames too) -> store writer (CPU actors).
 One row per work unit; stages hand each other flat numpy arrays, and every row carries, per stage,
 which actor handled it and how long it was busy (the job's summary reports actors, clips, busy seconds).
 
@@ -21,84 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frames import hflip, resize_frames
-from .sources.base import FrameRef, Source, SourceError
-from .store.basis import PCABasis
-from .store.format import StoreError
-from .store.geometry import Geometry
-from .units import UnitPlan
-
-
-@dataclass
-class StageResources:
-    """What each actor asks Ray for. `gpus` > 0: encoder actors are GPU actors (also with device cpu)."""
-
-    gpus: float = 0.0  # per encoder actor
-    encoder_cpus: float = 0.5  # per encoder actor when no GPU is asked for
-    gpu_encoder_cpus: float = 0.25  # per GPU encoder actor: its CPU work is feeding the GPU
-    task_cpus: float = 0.25  # decode and write actors
-    encoder_memory: int = 0  # bytes of host memory Ray reserves per encoder actor (0: none declared)
-    decode_memory: int = 0  # per decode actor
-    write_memory: int = 0  # per write actor
-    dino_threads: int = 1  # intra-op torch threads for DINOv2 on CPU
-    vae_threads: int = 0  # for the VAE on CPU; 0: every CPU of the node the actor runs on
-
-    def actor_kwargs(self) -> dict:
-        kw = (
-            {"num_gpus": self.gpus, "num_cpus": self.gpu_encoder_cpus}
-            if self.gpus > 0
-            else {"num_cpus": self.encoder_cpus}
-        )
-        return {**kw, **_memory(self.encoder_memory)}
-
-    def task_kwargs(self, stage: str) -> dict:
-        return {"num_cpus": self.task_cpus, **_memory(getattr(self, f"{stage}_memory"))}
-
-
-def _memory(nbytes: int) -> dict:
-    return {"memory": int(nbytes)} if nbytes else {}
-
-
-# Host memory per actor, estimated before any actor starts (Ray schedules by it; Ray Data warns when an
-# actor's measured memory passes it). Activations on a CPU device, as multiples of the float32 input of
-# one batch, measured here with one torch thread: WAN2.1 VAE (127M) 93x at 144x256, the tiny and demo
-# VAEs 20x and 40x; a ViT's attention at DINOv2-B's 448x784 grid is ~36x. On a GPU they live on the GPU.
-VAE_ACTIVATIONS = 96
-FEATURE_ACTIVATIONS = 40
-HEADROOM = 1.25  # Ray Data's own margin: it warns below 1.25x the measured peak
-
-
-def unit_bytes(geometry: Geometry, unit_clips: int, stride: int, variants: int, window: int = 1) -> tuple[int, int]:
-    """Upper bounds of one work unit's bytes between stages: (decoded frames, encoded rows)."""
-    frames = (unit_clips - 1) * stride + geometry.clip_frames  # distinct frames of its clips, at most
-    own = unit_clips * geometry.latent_frames  # feature frames it owns, at most
-    (vh, vw), (dh, dw), (fh, fw) = geometry.vae_input_hw, geometry.dino_input_hw, geometry.feature_hw
-    decoded = variants * (frames * vh * vw * 3 + own * window * dh * dw * 3)
-    latents = int(np.prod(geometry.latents_shape))
-    encoded = variants * 2 * (own * fh * fw * geometry.num_pca_channels + unit_clips * latents)
-    return decoded, encoded
-
-
-def actor_memory(
-    footprint: dict, geometry: Geometry, unit: tuple[int, int], device: str, batch_frames: int, batch_clips: int
-) -> dict[str, int]:
-    """Bytes to declare per actor, by stage. `footprint` is measured where the encoders were loaded for
-    their weights' hashes (jobs/cache.py describe_encoders): "worker", a worker process with torch
-    imported; "encoders", the same with both encoders loaded. `unit` is unit_bytes()."""
-    decoded, encoded = unit
-    activations = 0
-    if not device.startswith("cuda"):
-        (vh, vw), (dh, dw) = geometry.vae_input_hw, geometry.dino_input_hw
-        activations = max(
-            VAE_ACTIVATIONS * batch_clips * geometry.clip_frames * vh * vw * 3 * 4,
-            FEATURE_ACTIVATIONS * batch_frames * dh * dw * 3 * 4,
-        )
-    worker, encoders = footprint["worker"], footprint["encoders"]
-    return {  # a unit in flight, one arriving, and their float copies on the way in or out
-        "encode": int(HEADROOM * (encoders + activations + 2 * decoded + 3 * encoded)),
-        "decode": int(HEADROOM * (worker + 3 * decoded)),
-        "write": int(HEADROOM * (worker + 3 * encoded)),
-    }
+from ..sources.base import Source
+from ..store.basis import PCABasis
+from ..store.format import StoreError
+from ..store.geometry import Geometry
+from ..units import UnitPlan
+from .read import read_unit
+from .resources import StageResources
 
 
 def node_cpus() -> int:
@@ -122,7 +51,7 @@ def actor_name() -> str:
 
 
 def _autocast(device: str, name: str):
-    from .encoders.registry import autocast_for, cache_precision
+    from ..encoders.registry import autocast_for, cache_precision
 
     return autocast_for(cache_precision(name, device))  # the precision the manifest records
 
@@ -130,97 +59,6 @@ def _autocast(device: str, name: str):
 def _first(column):
     """The single row of a batch_size=1 batch (ragged tensor columns arrive as object arrays)."""
     return column[0]
-
-
-def read_unit(
-    plan: UnitPlan, source: Source, geometry: Geometry, variants: list[str], with_clips: bool, window: int = 1
-) -> dict:
-    """Read and resize a unit's frames. A frame that cannot be read fails every clip that needs it.
-    window > 1 (a video feature encoder): each feature frame comes with the window of scene frames
-    ending at it, dino_frames [N, window, H, W, 3] (encoders/video.py)."""
-    images, failures, bad = {}, [], {}
-    for pos, (scene, index, ts, path) in enumerate(plan.frames):
-        try:
-            images[pos] = _rgb(np.asarray(source.read_frame(scene, FrameRef(index, ts, path))), path)
-        except Exception as e:  # noqa: BLE001 -- any reader error fails only this frame's clips
-            bad[pos] = f"{type(e).__name__}: {e}"
-    windows = _read_windows(plan, source, geometry, window, images, bad) if window > 1 else {}
-    ok_clips = []
-    for clip, clip_id, pos in plan.clips:
-        broken = [p for p in pos if p in bad]
-        if broken:
-            failures.append({"clip_id": clip_id, "file": plan.frames[broken[0]][3], "reason": bad[broken[0]]})
-        else:
-            ok_clips.append((clip, pos))
-    own_ok = [(row, p) for row, p in plan.own if p not in bad]
-    flip = "hflip" in variants
-
-    def prepared(positions, hw):
-        if not positions:
-            return np.zeros((0, *hw, 3), np.uint8)
-        # each frame resized on its own: a scene may hold frames of different sizes
-        x = np.stack([resize_frames(images[p][None], hw)[0] for p in positions])
-        return np.concatenate([x, hflip(x)]) if flip else x  # variant-major: all orig, then all hflip
-
-    def prepared_windows(positions, hw):  # [N, window, h, w, 3]
-        if not positions:
-            return np.zeros((0, window, *hw, 3), np.uint8)
-        x = resize_frames(np.concatenate([windows[p] for p in positions]), hw).reshape(-1, window, *hw, 3)
-        return np.concatenate([x, hflip(x)]) if flip else x
-
-    own_pos = [p for _, p in own_ok]
-    out = {
-        "plan": plan.to_json(),
-        "failures": json.dumps(failures),
-        "own_rows": json.dumps([r for r, _ in own_ok]),
-        "dino_frames": (
-            prepared_windows(own_pos, geometry.dino_input_hw)
-            if window > 1
-            else prepared(own_pos, geometry.dino_input_hw)
-        ),
-    }
-    if with_clips:
-        needed = sorted({p for _, pos in ok_clips for p in pos})
-        local = {p: i for i, p in enumerate(needed)}
-        out["vae_frames"] = prepared(needed, geometry.vae_input_hw)
-        out["clips"] = json.dumps([[clip, [local[p] for p in pos]] for clip, pos in ok_clips])
-    return out
-
-
-def _read_windows(plan: UnitPlan, source: Source, geometry: Geometry, window: int, images: dict, bad: dict) -> dict:
-    """For each feature frame of the unit (owned, or used by its clips): the `window` scene frames ending
-    at it (the scene's first frame repeated before its start), [window, H, W, 3]. An unreadable window
-    frame fails the feature frame, so every clip that uses it fails in every unit, not only the owner's."""
-    scene_refs, windows, own = {}, {}, {p for _, p in plan.own}
-    known = {(s, i): p for p, (s, i, _, _) in enumerate(plan.frames)}
-    used = {p for _, p in plan.own} | {pos[o] for _, _, pos in plan.clips for o in geometry.feature_frame_offsets}
-    for pos in sorted(used):
-        if pos in bad:
-            continue
-        scene, index = plan.frames[pos][0], plan.frames[pos][1]
-        refs = scene_refs.setdefault(scene, list(source.frames(scene)))
-        at = next(k for k, r in enumerate(refs) if r.index == index)
-        frames = []
-        for ref in (refs[max(0, k)] for k in range(at - window + 1, at + 1)):
-            p = known.get((scene, ref.index))
-            try:
-                img = images[p] if p in images else np.asarray(source.read_frame(scene, ref))
-                frames.append(_rgb(img, ref.path))
-            except Exception as e:  # noqa: BLE001 -- fails only this feature frame's clips
-                bad[pos] = f"{ref.path}: {type(e).__name__}: {e}"
-                break
-        else:
-            if len({f.shape for f in frames}) > 1:
-                bad[pos] = f"{plan.frames[pos][3]}: the frames of its window differ in size"
-            elif pos in own:
-                windows[pos] = np.stack(frames)
-    return windows
-
-
-def _rgb(img: np.ndarray, path: str) -> np.ndarray:
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise SourceError(f"{path}: source returned {img.dtype} {img.shape}, expected uint8 [H, W, 3]")
-    return img
 
 
 class DecodeStage:
@@ -263,29 +101,38 @@ class Projector:
         return features @ self.weight - self.bias
 
 
+@dataclass(frozen=True)
+class EncodeSpec:
+    """What an encode actor loads and how it runs, built once per plan (plan.encode_spec) and handed to
+    every actor of the pool. `vae` None: the PCA fitting pass (no VAE, no pseudo-depth)."""
+
+    encoder: str  # the feature encoder's spec (encoders/registry.py)
+    vae: str | None
+    geometry: Geometry
+    basis: PCABasis | None  # None: the PCA fitting pass
+    device: str
+    batch_frames: int
+    batch_clips: int
+    res: StageResources
+    num_variants: int = 1
+    allow_download: bool = False
+    pseudo_depth: str | None = None  # a Depth Anything spec
+    pseudo_depth_hw: tuple[int, int] | None = None
+
+
 class EncodeStage:
     """Actor: a unit's feature-encoder features (PCA-projected to float16 rows for the store) and its clips'
     video VAE posterior means (normalized, float16). With no basis it is the PCA fitting pass:
     float64 moments of the features, and no VAE is loaded."""
 
-    def __init__(
-        self,
-        encoder_spec: str,
-        vae_spec: str | None,
-        geometry: Geometry,
-        basis: PCABasis | None,
-        device: str,
-        batch_frames: int,
-        batch_clips: int,
-        res: StageResources,
-        num_variants: int = 1,
-        allow_download: bool = False,
-        pseudo_depth: str | None = None,
-        pseudo_depth_hw: tuple[int, int] | None = None,
-    ):
+    def __init__(self, spec: EncodeSpec):
+        encoder_spec, vae_spec, geometry, basis = spec.encoder, spec.vae, spec.geometry, spec.basis
+        device, batch_frames, batch_clips, res = spec.device, spec.batch_frames, spec.batch_clips, spec.res
+        num_variants, allow_download = spec.num_variants, spec.allow_download
+        pseudo_depth, pseudo_depth_hw = spec.pseudo_depth, spec.pseudo_depth_hw
         import torch
 
-        from .encoders import load_encoder, load_pseudo_depth, load_vae
+        from ..encoders import load_encoder, load_pseudo_depth, load_vae
 
         self.dino_threads = res.dino_threads or node_cpus()
         self.vae_threads = res.vae_threads or node_cpus()
@@ -345,7 +192,7 @@ class EncodeStage:
         """The PCA fitting pass: exact, mergeable float64 moments of a unit's features."""
         import torch
 
-        from .pca import PCAAccumulator
+        from ..pca import PCAAccumulator
 
         acc = PCAAccumulator(self.encoder.feature_dim)
         for f in self.features(frames):
@@ -415,7 +262,7 @@ class WriteStage:
     """Ray task body: write a unit's rows, then its completion marker (atomically, last)."""
 
     def __init__(self, location: str, storage_options: dict | None = None):
-        from .store.writer import StoreWriter
+        from ..store.writer import StoreWriter
 
         self.writer = StoreWriter(location, storage_options)  # opened once per actor, not per unit
         self.name = actor_name()
