@@ -89,8 +89,7 @@ def test_short_videos_and_other_files_are_named(tmp_path):
     reasons = {f["file"]: f["reason"] for f in index.ignored}
     assert reasons == {
         str(tmp_path / "notes.txt"): "not a video (.mp4 .mov .mkv .avi .webm) nor in a folder of images",
-        str(tmp_path / "trip2"): "a folder with no images directly in it "
-        "(1 video or image further down is not read)",
+        str(tmp_path / "trip2"): "a folder with no images directly in it (1 video or image further down is not read)",
         str(tmp_path / "one.mp4"): f"too short for a clip: 1 frames, a clip has {K}",
         str(tmp_path / "ten.mp4"): f"too short for a clip: {K - 1} frames, a clip has {K}",
     }
