@@ -61,6 +61,23 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
     verify_checkpoint(tmp_path / "checkpoints" / "step-000002")
 
 
+def test_a_snapshot_that_would_crowd_host_memory_is_written_in_the_training_thread(tmp_path, monkeypatch, caplog):
+    """A 782M DiT on a CPU: a host snapshot beside training would take 12.5 GB more of the same memory."""
+    import logging
+
+    events: list[str] = []
+    real_save_file, real_step = model.checkpoint.save_file, model.loop.train_step
+    monkeypatch.setattr(model.checkpoint, "host_available", lambda: 1000)  # bytes: nothing fits
+    monkeypatch.setattr(model.checkpoint, "save_file", lambda t, p: (events.append("write"), real_save_file(t, p)))
+    monkeypatch.setattr(model.loop, "train_step", lambda *a: (events.append("step"), real_step(*a))[1])
+    with caplog.at_level(logging.INFO, logger="re2pix.checkpoint"):
+        _tiny_run(tmp_path)
+    assert events == ["step", "step", "write", "step", "step", "write"]  # each save done before the next step
+    assert caplog.text.count("does not fit beside training in host memory") == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    verify_checkpoint(tmp_path / "checkpoints" / "step-000002")
+
+
 def test_a_failed_background_write_is_one_error_naming_the_checkpoint(tmp_path, monkeypatch):
     def full_disk(tensors, path):
         raise OSError(28, "No space left on device")
