@@ -86,6 +86,14 @@ class Source(ABC):
         """{"names": [class name per index], "moving": [indices of the moving classes]}, or None."""
         return None
 
+    def forecastability(self, scene: str, frames: list[FrameRef], context_frames: int) -> dict | None:
+        """How much of a clip's future its context shows, for `frames` (the clip's, in order) of which the
+        first `context_frames` are context: {"forecastable_share": the fraction of the moving objects' pixels
+        in the future frames that belong to objects in view in some context frame (1.0 where the future shows
+        none), "entries": names of the objects the future frames show that no context frame had in view}; so the
+        share is 1.0 exactly when there are no entries. None (the default) when the source cannot say."""
+        return None
+
     def describe(self) -> dict:
         """What goes into a store's manifest about where the frames came from."""
         return {"dataset": self.name, "split": self.split, "source_root": str(self.root), "fps": float(self.fps)}

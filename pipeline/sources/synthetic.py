@@ -8,6 +8,13 @@ road. Every position is a closed-form function of time, so a frame is a pure fun
 (seed, split, scene, frame index) and motion is smooth and forecastable. Objects are painted far to
 near; facades first, since nothing on the road or sidewalk can stand behind one.
 
+Dynamics (the `dynamics` option): "classic" is the traffic as drawn, where a car may overtake from
+behind or come over the horizon at any time, so a clip's future frames can hold what none of its
+context frames shows. "forecastable" keeps the same world and ego but only the cars and pedestrians
+in view from the scene's first frame (they move on, or leave the view for good), plus at most
+`entry_rate` per second of the classic scene's objects that come into view later: the scene's labelled
+entries. `SyntheticSource.forecastability` says per clip how much of the future the context shows.
+
 Road coordinates: `s` metres along the road, `X` metres right of its centre line, `Y` metres up.
 The road's centre at distance z ahead lies `bend(z)` to the right of the camera axis (small-angle
 double integral of the curvature), so a point (X, z) projects to x = cx + f (X + bend(z) - ego_x) / z.
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +32,10 @@ from .base import FrameRef, Source, SourceError
 
 CAM_HEIGHT = 1.5  # metres
 Z_NEAR, Z_FAR, FOG_DIST = 0.6, 150.0, 110.0  # metres
+FOCAL = 0.714  # focal length in image widths; the principal point is the image centre
+VIEW = 0.5 / FOCAL + 0.01  # |X offset / depth| of the image's side edges, with a margin
+CAR_HALF_WIDTH, PERSON_HALF_WIDTH = 1.1, 0.4  # metres, wheels and swinging arms included
+DYNAMICS = ("classic", "forecastable")
 LANES = ((-5.25, -1), (-1.75, -1), (1.75, 1), (5.25, 1))  # lane centre X, direction of travel
 CAR_COLOURS = np.array(
     [
@@ -86,6 +97,8 @@ class _Scene:
     cars: list  # (lane X, dir, s at t=0, lane speed, length, body top, roof, colour)
     people: list  # (X, s at t=0, velocity, height, shirt, trousers, gait phase)
     sky_cache: dict = field(default_factory=dict)
+    absent: frozenset = frozenset()  # names ("car-3", "person-0") of the objects left out of the scene
+    entries: dict = field(default_factory=dict)  # name -> first frame in view, of the objects that come in later
 
     def ego_s(self, t):
         return self.v0 * t + self.dv / self.wv * (np.cos(self.pv) - np.cos(self.wv * t + self.pv))
@@ -180,9 +193,11 @@ class _Painter:
     def __init__(self, img, sc: _Scene, s_ego: float, ego_x: float):
         self.img, self.sc, self.s, self.e, self.haze = img, sc, s_ego, ego_x, sc.sky_horizon
         self.classes = self.depth = None  # [H, W] uint8 / float32 when the targets are rendered too
+        self.instances = None  # [H, W] int32 when the moving objects' pixels are wanted
         self.label = SKY  # the class the next primitives paint
+        self.instance = 0  # which moving object they belong to (0: none)
         self.h, self.w = img.shape[1:]
-        self.f, self.cx, self.yh = 0.714 * self.w, self.w / 2, 0.45 * self.h
+        self.f, self.cx, self.yh = FOCAL * self.w, self.w / 2, 0.45 * self.h
         a0, a1, k, p = sc.curve
         phi = k * s_ego + p
         self._bend = (a0 / 2, a1 / k, k, phi, math.cos(phi), math.sin(phi))
@@ -213,6 +228,8 @@ class _Painter:
             if self.classes is not None:
                 self.classes[r0:r1, c0:c1] = self.label
                 self.depth[r0:r1, c0:c1] = z
+            if self.instances is not None:
+                self.instances[r0:r1, c0:c1] = self.instance
 
     def disc(self, X, Y, z, radius, colour):
         if z < Z_NEAR:
@@ -228,6 +245,8 @@ class _Painter:
             if self.classes is not None:
                 np.copyto(self.classes[r0:r1, c0:c1], self.label, where=inside)
                 np.copyto(self.depth[r0:r1, c0:c1], np.float32(z), where=inside)
+            if self.instances is not None:
+                np.copyto(self.instances[r0:r1, c0:c1], self.instance, where=inside)
 
     def wall(self, X, za, zb, Y0, Y1, colour, windows=None):
         """A vertical face along the road at lateral X from depth za to zb (perspective-correct).
@@ -270,6 +289,8 @@ class _Painter:
         if self.classes is not None:
             np.copyto(self.classes[r0:r1, c0:c1], self.label, where=inside)
             np.copyto(self.depth[r0:r1, c0:c1], z[None, :], where=inside)
+        if self.instances is not None:
+            np.copyto(self.instances[r0:r1, c0:c1], self.instance, where=inside)
 
 
 def _span(a, b, n):
@@ -440,13 +461,16 @@ def _building(p: _Painter, b, z0, z1):
         p.rect(min(a, b), max(a, b), 0.0, height, z0, colour)
 
 
-def render(sc: _Scene, t: float, height: int, width: int, targets: bool = False):
-    """The frame uint8 [H, W, 3]; with `targets`, also its class map uint8 [H, W] and depth float32 [H, W]."""
+def render(sc: _Scene, t: float, height: int, width: int, targets: bool = False, instances: bool = False):
+    """The frame uint8 [H, W, 3]; with `targets`, also its class map uint8 [H, W] and depth float32 [H, W];
+    with `instances`, last, which moving object each pixel shows int32 [H, W] (0: none, k: _object_names' k-1)."""
     img = np.empty((3, height, width), np.float32)
     s_ego = float(sc.ego_s(t))
     p = _Painter(img, sc, s_ego, float(sc.ego_x(t)))
     if targets:
         p.classes, p.depth = np.empty((height, width), np.uint8), np.empty((height, width), np.float32)
+    if instances:
+        p.instances = np.zeros((height, width), np.int32)
     _sky(p, sc)
     _ground(p)
     far = []  # facades: (near depth, far depth, building)
@@ -456,46 +480,123 @@ def render(sc: _Scene, t: float, height: int, width: int, targets: bool = False)
             far.append((z0, min(z1, Z_FAR + 30), b))
     for z0, z1, b in sorted(far, key=lambda i: -i[0]):
         _building(p, b, z0, z1)
-    near = []  # (depth, draw) for everything on the road and sidewalks
+    near = []  # (depth, draw, its arguments, object number) for everything on the road and sidewalks
     for item in sc.furniture:
         z = item[2] - s_ego
         if Z_NEAR < z < Z_FAR:
-            near.append((z, _furniture, (item, z)))
-    for car in sc.cars:
+            near.append((z, _furniture, (item, z), 0))
+    for k, car in enumerate(sc.cars, 1):
         z = car[2] + car[3] * t - s_ego
-        if -car[4] < z < Z_FAR:
-            near.append((z, _car, (car, z)))
-    for person in sc.people:
+        if -car[4] < z < Z_FAR and f"car-{k - 1}" not in sc.absent:
+            near.append((z, _car, (car, z), k))
+    for k, person in enumerate(sc.people, len(sc.cars) + 1):
         walked = person[2] * t
         z = person[1] + walked - s_ego
-        if 1.0 < z < Z_FAR:
-            near.append((z, _person, (person, person[0], z, abs(walked))))
-    for _, draw, args in sorted(near, key=lambda i: -i[0]):
+        if 1.0 < z < Z_FAR and f"person-{k - 1 - len(sc.cars)}" not in sc.absent:
+            near.append((z, _person, (person, person[0], z, abs(walked)), k))
+    for _, draw, args, k in sorted(near, key=lambda i: -i[0]):
+        p.instance = k
         draw(p, *args)
     img += 0.5
     np.clip(img, 0, 255, out=img)
     frame = img.transpose(1, 2, 0).astype(np.uint8, order="C")  # [H, W, 3]
-    return (frame, p.classes, p.depth) if targets else frame
+    out = (frame, p.classes, p.depth) if targets else (frame,)
+    if instances:
+        out += (p.instances,)
+    return out if len(out) > 1 else frame
+
+
+def _object_names(sc: _Scene) -> list[str]:
+    """The moving objects' names, cars then pedestrians, by their place in the scene's lists."""
+    return [f"car-{i}" for i in range(len(sc.cars))] + [f"person-{i}" for i in range(len(sc.people))]
+
+
+def _depths(sc: _Scene, times) -> np.ndarray:
+    """[objects, T] float64: each moving object's depth ahead of the camera (a car's rear) at each time."""
+    t = np.asarray(times, np.float64)
+    s_ego = sc.ego_s(t)
+    along = [(car[2], car[3]) for car in sc.cars] + [(person[1], person[2]) for person in sc.people]
+    return np.array([s0 + speed * t - s_ego for s0, speed in along]).reshape(len(along), len(t))
+
+
+def _in_view(sc: _Scene, times) -> np.ndarray:
+    """[objects, T] bool: whether some part of each moving object (_object_names' order) lies inside the
+    image's sides at each time, occlusion aside. A superset of where its pixels are, so an object that
+    is never in view there is never drawn."""
+    t = np.asarray(times, np.float64)
+    s_ego, e, depths = sc.ego_s(t), sc.ego_x(t), _depths(sc, t)
+    rows = []
+    for (X, _, _, _, length, *_), z in zip(sc.cars, depths):  # the side facing the camera reaches z + length
+        near, far = np.maximum(z, Z_NEAR), z + length
+        drawn = (z > -length) & (z < Z_FAR) & (far > Z_NEAR)
+        rows.append(drawn & _sees(sc, s_ego, e, X, CAR_HALF_WIDTH, np.stack([near, (near + far) / 2, far])))
+    for person, z in zip(sc.people, depths[len(sc.cars) :]):
+        rows.append((z > 1.0) & (z < Z_FAR) & _sees(sc, s_ego, e, person[0], PERSON_HALF_WIDTH, z[None]))
+    return np.array(rows, bool).reshape(len(rows), len(t))
+
+
+def _sees(sc: _Scene, s_ego, ego_x, X: float, half: float, depths: np.ndarray) -> np.ndarray:
+    """[T] whether the span X +- half, taken over `depths` [D, T] (its hull), meets the image's width."""
+    d = np.maximum(depths, Z_NEAR)
+    u = (X + sc.bend(s_ego, d) - ego_x) / d  # image x of the span's centre, in focal lengths from the centre
+    return ((u - half / d).min(0) < VIEW) & ((u + half / d).max(0) > -VIEW)
+
+
+def _forecastable(sc: _Scene, times: np.ndarray, entry_rate: float, rng: np.random.Generator) -> _Scene:
+    """The scene with only the moving objects in view from its first frame that leave the view for good
+    once they leave it, and at most `entry_rate` per second (rounded at random) of those that come into view
+    later and stay: the labelled entries."""
+    in_view = _in_view(sc, times)
+    names = _object_names(sc)
+    runs = in_view[:, 0] + (np.diff(in_view.astype(np.int8), axis=1) == 1).sum(1)  # stretches in view
+    keep = (runs == 1) & in_view[:, 0]
+    later = np.flatnonzero((runs == 1) & ~in_view[:, 0])
+    n = min(len(later), int(entry_rate * (times[-1] - times[0]) + rng.random()))
+    chosen = sorted(rng.choice(later, n, replace=False)) if n else []
+    entries = {names[i]: int(in_view[i].argmax()) for i in chosen}
+    absent = frozenset(name for name, kept in zip(names, keep) if not kept and name not in entries)
+    return replace(sc, absent=absent, entries=entries)
 
 
 class SyntheticSource(Source):
-    """`num_scenes` scenes of `frames_per_scene` frames; train and val scenes come from disjoint seeds."""
+    """`num_scenes` scenes of `frames_per_scene` frames; train and val scenes come from disjoint seeds.
+    `dynamics` is "classic" or "forecastable" (module docstring); `entry_rate` (entries per second,
+    forecastable only, default 0.1) bounds how often an object comes into view after a scene's first frame."""
 
     name = "synthetic"
     licence = "no third-party data: frames generated by re2pix (pipeline/sources/synthetic.py)"
 
     def __init__(
-        self, root=None, split="train", num_scenes=8, frames_per_scene=49, height=144, width=256, fps=10.0, seed=0
+        self,
+        root=None,
+        split="train",
+        num_scenes=8,
+        frames_per_scene=49,
+        height=144,
+        width=256,
+        fps=10.0,
+        seed=0,
+        dynamics="classic",
+        entry_rate=None,
     ):
         if num_scenes < 1 or frames_per_scene < 1 or height < 8 or width < 8 or fps <= 0:
             raise ValueError("synthetic: need num_scenes, frames_per_scene >= 1, height, width >= 8, fps > 0")
+        if dynamics not in DYNAMICS:
+            raise ValueError(f"synthetic: dynamics must be one of {', '.join(DYNAMICS)}, got {dynamics!r}")
+        if entry_rate is not None and dynamics != "forecastable":
+            raise ValueError("synthetic: entry_rate applies to dynamics 'forecastable' only")
+        rate = 0.1 if entry_rate is None else entry_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < math.inf:
+            raise ValueError(f"synthetic: entry_rate must be a number >= 0 (entries per second), got {entry_rate!r}")
         self.root, self.split, self.fps, self.seed = "builtin:synthetic", split, float(fps), int(seed)
         self.num_scenes, self.frames_per_scene = int(num_scenes), int(frames_per_scene)
         self.height, self.width = int(height), int(width)
+        self.dynamics, self.entry_rate = dynamics, float(rate)
         self._scenes: dict[str, _Scene] = {}
+        self._pixels: dict[tuple[str, int], np.ndarray] = {}  # (scene, frame index) -> pixels per moving object
 
     def __getstate__(self):  # scenes are regenerated from the seed on the other side
-        return {**self.__dict__, "_scenes": {}}
+        return {**self.__dict__, "_scenes": {}, "_pixels": {}}
 
     def scenes(self) -> list[str]:
         return [f"scene-{i:04d}" for i in range(self.num_scenes)]
@@ -510,8 +611,12 @@ class SyntheticSource(Source):
                 last = f"scene-{self.num_scenes - 1:04d}"
                 raise SourceError(f"synthetic: no scene {scene!r} (have scene-0000 .. {last})")
             seq = np.random.SeedSequence([self.seed, zlib.crc32(self.split.encode()), index])
-            duration = (self.frames_per_scene - 1) / self.fps
-            self._scenes[scene] = _make_scene(np.random.default_rng(seq), duration)
+            rng = np.random.default_rng(seq)
+            times = np.arange(self.frames_per_scene) / self.fps
+            sc = _make_scene(rng, times[-1])
+            if self.dynamics == "forecastable":  # the classic scene's world, its traffic thinned out
+                sc = _forecastable(sc, times, self.entry_rate, rng)
+            self._scenes[scene] = sc
         return self._scenes[scene]
 
     def frames(self, scene: str) -> list[FrameRef]:
@@ -532,6 +637,30 @@ class SyntheticSource(Source):
     def target_classes(self) -> dict:
         return {"names": list(CLASSES), "moving": list(MOVING_CLASSES)}
 
+    def entries(self, scene: str) -> dict[str, int]:
+        """The scene's labelled entries: {object name: the first frame it is in view} (none when classic)."""
+        return dict(self._scene(scene).entries)
+
+    def forecastability(self, scene: str, frames: list[FrameRef], context_frames: int) -> dict:
+        """See Source.forecastability. "In view" is geometric (inside the image's sides, occlusion aside: an
+        object hidden in the context and revealed later counts as shown); the pixels are those rendered."""
+        sc = self._scene(scene)
+        names = _object_names(sc)
+        shown = _in_view(sc, np.array([f.index / self.fps for f in frames[:context_frames]])).any(1)
+        pixels = sum((self._object_pixels(scene, f) for f in frames[context_frames:]), np.zeros(len(names), np.int64))
+        total = int(pixels.sum())
+        share = float(pixels[shown].sum() / total) if total else 1.0
+        return {"forecastable_share": share, "entries": [names[i] for i in np.flatnonzero((pixels > 0) & ~shown)]}
+
+    def _object_pixels(self, scene: str, frame: FrameRef) -> np.ndarray:
+        """[moving objects] how many pixels of the frame each shows (cached: clips overlap)."""
+        key = (scene, frame.index)
+        if key not in self._pixels:
+            sc = self._checked(scene, frame)
+            _, instances = render(sc, frame.index / self.fps, self.height, self.width, instances=True)
+            self._pixels[key] = np.bincount(instances.ravel(), minlength=len(sc.cars) + len(sc.people) + 1)[1:]
+        return self._pixels[key]
+
     def _checked(self, scene: str, frame: FrameRef) -> _Scene:
         sc = self._scene(scene)
         if not 0 <= frame.index < self.frames_per_scene:
@@ -540,13 +669,13 @@ class SyntheticSource(Source):
         return sc
 
     def describe(self) -> dict:
-        return {
-            **super().describe(),
-            "generator": {
-                "seed": self.seed,
-                "num_scenes": self.num_scenes,
-                "frames_per_scene": self.frames_per_scene,
-                "height": self.height,
-                "width": self.width,
-            },
+        generator = {
+            "seed": self.seed,
+            "num_scenes": self.num_scenes,
+            "frames_per_scene": self.frames_per_scene,
+            "height": self.height,
+            "width": self.width,
         }
+        if self.dynamics != "classic":  # a classic store's manifest stays as it was: its resume and append too
+            generator.update(dynamics=self.dynamics, entry_rate=self.entry_rate)
+        return {**super().describe(), "generator": generator}
