@@ -31,6 +31,9 @@ CACHE_CASES = [  # (extra arguments, what the one line must name)
     (["--source-options", '{"num_scenes": "ten"}'], r"num_scenes"),
     (["--source-options", '{"bogus": 1}'], r"bogus"),
     (["--source-options", "[1, 2]"], r"source_options"),
+    (["--source-options", '{"dynamics": "smooth"}'], r"dynamics"),
+    (["--source-options", '{"entry_rate": 0.2}'], r"entry_rate"),
+    (["--source-options", '{"dynamics": "forecastable", "entry_rate": -1}'], r"entry_rate"),
     (["--dataset", "videos", "--data-root", ".", "--source-options", '{"resample_fps": "x"}'], r"resample_fps"),
     (["--dataset", "videos", "--data-root", ".", "--source-options", '{"crop_aspect": -1}'], r"crop_aspect"),
 ]

@@ -36,6 +36,27 @@ def clip_table(store) -> dict[str, list]:
     }
 
 
+def clip_forecastability(store) -> dict[str, list] | None:
+    """Per clip row, how much of its future frames its context shows, from the source the store was cached
+    from, reopened here (Source.forecastability; the synthetic source's, under its recorded generator):
+    {"forecastable_share": [float], "entries": [[object name]]}. None where that source cannot be reopened
+    here or cannot say. Not a column of clips.parquet: that table holds only what the arrays hold."""
+    from pipeline.sources.reopen import reopen_source
+
+    source, _ = reopen_source(store.manifest)
+    if source is None:
+        return None
+    g, t = store.geometry, store.clip_table
+    keys = [(str(scene), int(start)) for scene, start in zip(t["scene"], t["start"])]
+    labels = {}
+    for scene, start in dict.fromkeys(keys):  # once per clip: its flip variants share its labels
+        frames = source.frames(scene)[start : start + g.clip_frames]
+        labels[scene, start] = source.forecastability(scene, frames, g.context_frames)
+        if labels[scene, start] is None:
+            return None
+    return {name: [labels[key][name] for key in keys] for name in ("forecastable_share", "entries")}
+
+
 def write_clip_table(store, fs, root: str) -> int:
     """Write clips.parquet into the store (atomically); returns its number of rows."""
     import pyarrow as pa
