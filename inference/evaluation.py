@@ -288,7 +288,7 @@ def format_table(results: dict, per_frame: bool = False) -> str:
         (
             f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
             f"({'mean ± std over sampling runs' if results['samples'] > 1 else 'one sampling run: no spread'}; "
-            f"bare pixel metrics vs the {results['reference']['pixels']}, _vs_frames vs the source's frames)"
+            f"pixels vs the {results['reference']['pixels']}; *_vs_frames vs the source's frames)"
         ),
         f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names),
     ]
