@@ -22,14 +22,15 @@ posterior (the sampled latent is decoded during training; the cache uses the mea
 The PV-VAE objective (predictive latents, issue #28), off by default (the defaults reproduce the shipped
 `--vae demo` weights; `--vae demo-predictive` is this script with the flags pipeline/encoders/vae.py's
 DEMO_VAES names):
- * `--predictive-drop P`: with probability P a window's encoder sees only its first k latent chunks'
-   frames (k uniform in 1..n for a window of n + 1 chunks: frame 0, then 4 frames a chunk), every later
-   frame replaced by the last kept one; the decoder still reconstructs, and the loss covers, every frame
-   of the real window. Repeating the last kept frame keeps the input 1 + 4n frames long, so the causal
-   encoder yields the n + 1 latents the decoder needs, and a still continuation carries no motion of the
-   dropped frames (zeros would be a grey scene cut, off the data the encoder ever sees at inference).
-   The kept chunks' latents are those of the full window (the encoder is causal): the decoder must
-   predict the dropped frames from them, which pushes them to hold the motion.
+ * `--predictive-drop P`: with probability P per step the encoder sees only the frames of the windows'
+   first k latent chunks (k uniform in 1..n for windows of n + 1 chunks: frame 0, then 4 frames a chunk),
+   as PV-VAE does: the later frames are cut, not filled, and the k latents are padded with zeros (the
+   prior's mean: no information) to the n + 1 the decoder needs; the decoder still reconstructs, and the
+   loss covers, every frame of the real window. A cut keeps the causal encoder's shapes (1 + 4(k - 1)
+   frames is a clip it takes, and its k latents are those of the whole window, the encoder being causal);
+   filling the dropped frames instead (the last kept frame, or zeros) would feed the decoder latents of a
+   still or grey continuation that the data never has. The decoder must predict the dropped frames from
+   the kept latents, which pushes those to hold the motion.
  * `--motion-weight W`: W * L1 between the reconstruction's and the target's frame differences
    x[t+1] - x[t] (the motion-aware temporal-difference loss).
  * `--decoder-steps N` (`--decoder-lr`): a last phase on the phase-2 windows with the encoder (and its
@@ -118,21 +119,19 @@ def latent_stats(vae, clips: np.ndarray, clip_len: int = 25) -> tuple[list[float
     return [round(float(v), 5) for v in z.mean(1)], [round(float(v), 5) for v in z.std(1)]
 
 
-def encoder_view(x: torch.Tensor, keep_chunks: int, temporal: int = 4) -> torch.Tensor:
-    """The window [B, 3, T, H, W] as the encoder sees it with only its first `keep_chunks` latent chunks:
-    frames after 1 + temporal * (keep_chunks - 1) replaced by the last kept frame (same shape)."""
-    last = temporal * (keep_chunks - 1)  # the last frame of chunk keep_chunks - 1
-    return torch.cat([x[:, :, : last + 1], x[:, :, last : last + 1].expand_as(x[:, :, last + 1 :])], dim=2)
+def kept_chunks(chunks: int, rng, p: float) -> int:
+    """How many of a window's `chunks` latent chunks the encoder sees under --predictive-drop p: with
+    probability p, k uniform in 1..chunks - 1, else all; p 0 draws nothing (the plain trainer's random stream)."""
+    if p <= 0 or chunks < 2 or rng.random() >= p:
+        return chunks
+    return int(rng.integers(1, chunks))
 
 
-def drop_future(x: torch.Tensor, rng, p: float, temporal: int = 4) -> torch.Tensor:
-    """The encoder's input under --predictive-drop p: each window, with probability p, cut to its first k
-    latent chunks (k uniform in 1..n of its n + 1); p 0 draws nothing (the plain trainer's random stream)."""
-    chunks = 1 + (x.shape[2] - 1) // temporal
-    if p <= 0 or chunks < 2:
-        return x
-    drop, keep = rng.random(len(x)) < p, rng.integers(1, chunks, size=len(x))
-    return torch.stack([encoder_view(w[None], int(k), temporal)[0] if d else w for w, d, k in zip(x, drop, keep)])
+def pad_latents(z: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Latents [B, C, k, h, w] of the kept chunks padded with zeros to `chunks` latent frames: the prior's
+    mean, which tells the decoder nothing about the dropped frames."""
+    missing = chunks - z.shape[2]
+    return z if missing == 0 else torch.cat([z, z.new_zeros(*z.shape[:2], missing, *z.shape[3:])], dim=2)
 
 
 def motion_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -153,10 +152,14 @@ def objective(y: torch.Tensor, x: torch.Tensor, post, args) -> tuple[torch.Tenso
 
 
 def training_loss(vae, x: torch.Tensor, rng, args, sample: bool = True):
-    """(loss, its parts, the reconstruction) of one batch of windows x: the encoder sees
-    drop_future(x), the decoder reconstructs all of x from the posterior's sample (or mean)."""
-    post = vae.encode(drop_future(x, rng, args.predictive_drop)).latent_dist
-    y = vae.decode(post.sample() if sample else post.mean).sample
+    """(loss, its parts, the reconstruction) of one batch of windows x [B, 3, 1 + 4n, H, W]: the encoder
+    sees the frames of the first k latent chunks (kept_chunks), the decoder reconstructs every frame of x
+    from their posterior's sample (or mean) padded to n + 1 latents (pad_latents)."""
+    temporal = vae.config.scale_factor_temporal
+    chunks = 1 + (x.shape[2] - 1) // temporal
+    k = kept_chunks(chunks, rng, args.predictive_drop)
+    post = vae.encode(x[:, :, : 1 + temporal * (k - 1)]).latent_dist
+    y = vae.decode(pad_latents(post.sample() if sample else post.mean, chunks)).sample
     loss, parts = objective(y, x, post, args)
     return loss, parts, y
 
@@ -247,8 +250,8 @@ def main(argv=None) -> int:
         "--predictive-drop",
         type=float,
         default=0.0,
-        help="PV-VAE: probability that a window's encoder sees only its first k latent chunks "
-        "(later frames replaced by the last kept one); the loss still covers every frame",
+        help="PV-VAE: probability per step that the encoder sees only the first k latent chunks' frames "
+        "(latents zero-padded for the decoder); the loss still covers every frame",
     )
     p.add_argument("--motion-weight", type=float, default=0.0, help="PV-VAE: weight of the L1 on frame differences")
     p.add_argument(

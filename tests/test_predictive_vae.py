@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.train_demo_vae import INPUT_HW, drop_future, motion_loss, train_phase, training_loss
+from scripts.train_demo_vae import INPUT_HW, kept_chunks, motion_loss, train_phase, training_loss
 
 
 def tiny_vae():
@@ -23,40 +23,46 @@ def objective_args(**kw) -> Namespace:
     return Namespace(**{**values, **kw})
 
 
-def encoder_input(vae, run) -> torch.Tensor:
-    """What the encoder saw during run(): the causal encoder's chunk calls joined along time."""
+def inputs_of(module, run) -> list[torch.Tensor]:
+    """What `module` was called with during run() (the causal WAN encoder and decoder go chunk by chunk)."""
     seen = []
-    hook = vae.encoder.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach().clone()))
+    hook = module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach().clone()))
     try:
         run()
     finally:
         hook.remove()
-    return torch.cat(seen, dim=2)
+    return seen
 
 
 def test_predictive_objective_drops_frames_at_the_encoder_only_and_scores_every_frame():
     vae = tiny_vae()
     x = torch.rand(2, 3, 9, 16, 16) * 2 - 1  # 3 latent chunks: frame 0, frames 1-4, frames 5-8
     args = objective_args(predictive_drop=1.0, motion_weight=0.5)
-    draws = np.random.default_rng(0)  # drop_future's draws: which windows drop (all, p = 1), then k
-    draws.random(2)
-    keep = draws.integers(1, 3, size=2)
+    draws = np.random.default_rng(0)
+    draws.random()  # kept_chunks' draws: whether to drop (always, p = 1), then k
+    k = int(draws.integers(1, 3))
     out = {}
-    seen = encoder_input(
-        vae, lambda: out.update(zip(("loss", "parts", "y"), training_loss(vae, x, np.random.default_rng(0), args)))
-    )
-    for i, k in enumerate(keep):
-        last = 4 * (int(k) - 1)  # the last frame of the last kept chunk
-        assert torch.equal(seen[i, :, : last + 1], x[i, :, : last + 1])
-        assert torch.equal(seen[i, :, last + 1 :], x[i, :, last : last + 1].expand(-1, 8 - last, -1, -1))
-        assert not torch.equal(seen[i], x[i])  # the encoder never saw the window's future
+
+    def step():
+        out["loss"], _, out["y"] = training_loss(vae, x, np.random.default_rng(0), args)
+
+    decoded = []
+    decoder_hook = vae.post_quant_conv.register_forward_pre_hook(lambda _, i: decoded.append(i[0].detach().clone()))
+    try:
+        seen = torch.cat(inputs_of(vae.encoder, step), dim=2)
+    finally:
+        decoder_hook.remove()
+    assert torch.equal(seen, x[:, :, : 1 + 4 * (k - 1)])  # the encoder saw the first k chunks' frames only
+    (z,) = decoded
+    assert z.shape[2] == 3 and torch.all(z[:, :, k:] == 0) and torch.any(z[:, :, :k] != 0)  # padded latents
     y = out["y"]
     assert y.shape == x.shape  # the decoder reconstructs every frame of the window
     want = (y - x).abs().mean() + ((y - x) ** 2).mean() + 0.5 * motion_loss(y, x)  # kl_weight 0
-    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
-    s = seen.to(y.dtype)
-    against_view = (y - s).abs().mean() + ((y - s) ** 2).mean() + 0.5 * motion_loss(y, s)
-    assert out["loss"].item() != pytest.approx(against_view.item(), rel=1e-3)  # the targets are the real frames
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)  # the loss covers every real frame
+    kept = slice(0, 1 + 4 * (k - 1))
+    yk, xk = y[:, :, kept], x[:, :, kept]
+    kept_only = (yk - xk).abs().mean() + ((yk - xk) ** 2).mean() + 0.5 * motion_loss(yk, xk)
+    assert out["loss"].item() != pytest.approx(kept_only.item(), rel=1e-3)  # not just the frames it saw
 
 
 def test_without_the_flag_the_encoder_sees_the_whole_window_and_no_random_draw_is_made():
@@ -64,9 +70,9 @@ def test_without_the_flag_the_encoder_sees_the_whole_window_and_no_random_draw_i
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     rng = np.random.default_rng(3)
     state = rng.bit_generator.state
-    seen = encoder_input(vae, lambda: training_loss(vae, x, rng, objective_args()))
+    seen = torch.cat(inputs_of(vae.encoder, lambda: training_loss(vae, x, rng, objective_args())), dim=2)
     assert torch.equal(seen, x) and rng.bit_generator.state == state  # today's trainer, draw for draw
-    assert torch.equal(drop_future(x, rng, 0.0), x)
+    assert kept_chunks(2, rng, 0.0) == 2 and rng.bit_generator.state == state
 
 
 def test_motion_loss_is_the_l1_of_frame_differences():

@@ -44,14 +44,15 @@ TINY_SEED = 0
 # the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents at geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
 # the demo VAEs by spec: (weights stem, the command that trains them from a checkout's root, how long it takes);
-# demo-predictive is the same training with the PV-VAE objective (predictive latents, issue #28)
+# demo-predictive is the same training with the PV-VAE objective (predictive latents, issue #28); its flag
+# values are a first choice, not tuned: keep this command the one its shipped JSON's training.args record
 DEMO_VAES = {
     "demo": (DEMO_WEIGHTS, "scripts/train_demo_vae.py", "about 25 min on one CPU core"),
     "demo-predictive": (
         DEMO_WEIGHTS.with_name("demo_wan_vae_predictive"),
         "scripts/train_demo_vae.py --predictive-drop 0.5 --motion-weight 0.5 --decoder-steps 150 "
         "--out pipeline/encoders/weights/demo_wan_vae_predictive",
-        "the demo VAE's training and its decoder phase",
+        "as long as the demo VAE's training, plus the decoder phase",
     ),
 }
 # input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
@@ -175,7 +176,7 @@ def demo_vae_model(stem: Path = DEMO_WEIGHTS, spec: str = "demo") -> Autoencoder
     return load_demo_model(
         stem,
         lambda config: AutoencoderKLWan(**config),
-        what="VAE" if spec == "demo" else f"VAE {spec!r}",
+        what="VAE" if spec == "demo" else "predictive VAE",
         train=train,
         took=took,
     )
