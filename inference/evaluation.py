@@ -4,8 +4,12 @@ names every metric and the JSON schema).
 For each batch of clips: Stage 1 rolls out the future features once (it is deterministic), then each
 of `samples` sampling runs draws Re2Pix and the Baseline from the same per-clip noise and the VAE
 decodes them. Copying the last context latent into every future latent is scored beside them as a
-model, `copy_last` (the bar a forecaster must clear; deterministic, so one run). The pixel reference
-is the VAE reconstruction of the stored latents.
+model, `copy_last` (the bar a forecaster must clear; deterministic, so one run). Decoded frames are
+scored against two references: the VAE reconstruction of the stored latents (`psnr`, `ssim`, `fid`,
+`fvd`: what a latent-space model can reach, the same VAE error on both sides), and the source's real
+frames resized as the cache job resized them (`psnr_vs_frames`, ...) whenever the store's source is
+readable here; the reconstruction itself is scored against the frames too (`reference_metrics`: the
+VAE's ceiling).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .semantic import Semantic
 from .stages import Models
 
 COPY_LAST = "copy_last"
+VS_FRAMES = "_vs_frames"  # the key suffix of a metric against the source's frames (bare keys: the reconstruction)
 
 
 class Acc:
@@ -44,7 +49,9 @@ class Acc:
     def add_confusion(self, c: torch.Tensor) -> None:
         self.confusion = c if self.confusion is None else self.confusion + c
 
-    def values(self, fid_ref=None, fvd_ref=None) -> dict[str, float]:
+    def values(self, refs: dict | None = None) -> dict[str, float]:
+        """The run's metrics; `refs` {key suffix: (FID reference stats, FVD reference stats)}, "" being the
+        VAE reconstruction and VS_FRAMES the source's frames."""
         from .dpt import MOVING_CLASSES, miou
         from .video_metrics import frechet_distance, gaussian_stats
 
@@ -55,11 +62,24 @@ class Acc:
         if self.depth.get("count"):
             out["depth/absrel"] = self.depth["absrel_sum"] / self.depth["count"]
             out["depth/delta1"] = self.depth["delta1_sum"] / self.depth["count"]
-        if self.fid and fid_ref is not None:
-            out["fid"] = frechet_distance(*fid_ref, *gaussian_stats(torch.cat(self.fid)))
-        if self.fvd and fvd_ref is not None:
-            out["fvd"] = frechet_distance(*fvd_ref, *gaussian_stats(torch.cat(self.fvd)))
+        for suffix, (fid_ref, fvd_ref) in (refs or {}).items():
+            if self.fid and fid_ref is not None:
+                out["fid" + suffix] = frechet_distance(*fid_ref, *gaussian_stats(torch.cat(self.fid)))
+            if self.fvd and fvd_ref is not None:
+                out["fvd" + suffix] = frechet_distance(*fvd_ref, *gaussian_stats(torch.cat(self.fvd)))
         return out
+
+    def add_pixels(self, pred, target, first_frame: int, suffix: str, ssim_channels: str) -> None:
+        """PSNR / SSIM of decoded frames [B, 12, H, W, 3] against `target` (same shape): clip means and per
+        frame (`psnr{suffix}/f13`...)."""
+        from .video_metrics import psnr, ssim
+
+        p, s = psnr(pred, target), ssim(pred, target, ssim_channels)  # [B, 12]
+        self.add("psnr" + suffix, p.mean(dim=1))
+        self.add("ssim" + suffix, s.mean(dim=1))
+        for k in range(p.shape[1]):
+            self.add(f"psnr{suffix}/f{first_frame + k}", p[:, k])
+            self.add(f"ssim{suffix}/f{first_frame + k}", s[:, k])
 
 
 def summarize(runs: list[float]) -> dict:
@@ -94,13 +114,13 @@ def evaluate_store(
 ) -> dict:
     """The metrics of the first `clips` clips (or of these clip indices): {"clip_ids", "stage1",
     "models": {name: {metric: summary}},
-    "reference_metrics", "missing_labels": {head: clip ids}}. `codec` None: no decoding (feature and
-    latent metrics only)."""
+    "reference_metrics", "missing_labels": {head: clip ids}, "frames_reference": {"pixels", "why"} or None}.
+    `codec` None: no decoding (feature and latent metrics only)."""
     from tqdm.auto import tqdm
 
     from model.metrics import Means, feature_metrics
 
-    from .video_metrics import gaussian_stats, psnr, ssim
+    from .video_metrics import gaussian_stats
 
     g = store.geometry
     m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
@@ -139,19 +159,19 @@ def evaluate_store(
             bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
             reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
             future_ref = reference[:, ctx_frames:]
+            real_future = None if real_missing else _source_futures(store.manifest, metas, g, real_missing)
+            if real_future is not None:  # the VAE's ceiling: the reconstruction against the frames
+                ref_acc.add_pixels(future_ref, real_future, ctx_frames, VS_FRAMES, ssim_channels)
             if fid_net:
                 ref_fid.append(fid_net(future_ref.reshape(-1, *future_ref.shape[2:])))
                 ref_acc.fid.append(ref_fid[-1])
+                if real_future is not None:
+                    real_fid.append(fid_net(real_future.reshape(-1, *real_future.shape[2:])))
             if fvd_net:
                 ref_fvd.append(fvd_net(future_ref))
                 ref_acc.fvd.append(ref_fvd[-1])
-            if (fid_net or fvd_net) and not real_missing:
-                real = _source_futures(store.manifest, metas, g, real_missing)
-                if real is not None:
-                    if fid_net:
-                        real_fid.append(fid_net(real.reshape(-1, *real.shape[2:])))
-                    if fvd_net:
-                        real_fvd.append(fvd_net(real))
+                if real_future is not None:
+                    real_fvd.append(fvd_net(real_future))
             if semantic.dino is not None:
                 semantic.score(ref_acc, semantic.frames_features(reference[:, a]), ids, metas)
         for run in range(samples):
@@ -173,12 +193,9 @@ def evaluate_store(
                 bar.set_postfix_str(f"{doing}, run {run + 1}/{samples}: decoding {name}")
                 frames = codec.decode(z)  # [B, 25, H, W, 3]
                 pred = frames[:, ctx_frames:]
-                p, s = psnr(pred, future_ref), ssim(pred, future_ref, ssim_channels)  # [B, 12]
-                acc.add("psnr", p.mean(dim=1))
-                acc.add("ssim", s.mean(dim=1))
-                for k in range(pred.shape[1]):
-                    acc.add(f"psnr/f{ctx_frames + k}", p[:, k])
-                    acc.add(f"ssim/f{ctx_frames + k}", s[:, k])
+                acc.add_pixels(pred, future_ref, ctx_frames, "", ssim_channels)
+                if real_future is not None:
+                    acc.add_pixels(pred, real_future, ctx_frames, VS_FRAMES, ssim_channels)
                 if fid_net:
                     acc.fid.append(fid_net(pred.reshape(-1, *pred.shape[2:])))
                 if fvd_net:
@@ -188,30 +205,33 @@ def evaluate_store(
             bar.update(len(idx))
     bar.close()
 
-    # FID / FVD against the real frames when every clip's could be read from the source, else (labelled)
-    # against the VAE reconstruction; with real frames the reconstruction's own FID / FVD is reported too
-    real = not real_missing and bool(real_fid or real_fvd)
-    fid_ref = gaussian_stats(torch.cat(real_fid if real else ref_fid)) if ref_fid else None
-    fvd_ref = gaussian_stats(torch.cat(real_fvd if real else ref_fvd)) if ref_fvd else None
-    if not real:
-        ref_acc.fid, ref_acc.fvd = [], []
+    # the frame-referenced scores only when every clip's frames could be read (a source that fails part-way
+    # leaves none: a mean over some clips would not compare with the reconstruction-referenced one)
+    readable = codec is not None and not real_missing
+    refs = {
+        "": tuple(gaussian_stats(torch.cat(f)) if f else None for f in (ref_fid, ref_fvd)),
+        VS_FRAMES: tuple(gaussian_stats(torch.cat(f)) if f and readable else None for f in (real_fid, real_fvd)),
+    }
     per_model = {}
     for name in [*names, COPY_LAST]:
-        per_run = [acc.values(fid_ref, fvd_ref) for acc in accs[name]]
-        keys = sorted({k for r in per_run for k in r})
+        per_run = [acc.values(refs) for acc in accs[name]]
+        keys = sorted({k for r in per_run for k in r if readable or VS_FRAMES not in k})
         per_model[name] = {k: summarize([r.get(k, float("nan")) for r in per_run]) for k in keys}
+    reference_metrics = {  # the reconstruction against itself is perfect: only its scores against the frames
+        k: finite(v) for k, v in ref_acc.values({VS_FRAMES: refs[VS_FRAMES]}).items() if readable or VS_FRAMES not in k
+    }
     return {
         "clip_ids": clip_ids,
         "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
         "models": per_model,
-        "reference_metrics": {k: finite(v) for k, v in ref_acc.values(fid_ref, fvd_ref).items()},
+        "reference_metrics": reference_metrics,
         "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},
-        "fid_fvd_reference": (
+        "frames_reference": (
             None
-            if not (ref_fid or ref_fvd)
+            if codec is None
             else {"pixels": "source_frames"}
-            if real
-            else {"pixels": "vae_reconstruction", "why": real_missing.get("reason")}
+            if readable
+            else {"pixels": None, "why": real_missing.get("reason")}
         ),
     }
 
@@ -238,6 +258,10 @@ def _row_keys(metrics: dict) -> list[str]:
         "ssim",
         "fid",
         "fvd",
+        "psnr" + VS_FRAMES,
+        "ssim" + VS_FRAMES,
+        "fid" + VS_FRAMES,
+        "fvd" + VS_FRAMES,
         "seg/miou_all",
         "seg/miou_moving",
         "depth/absrel",
@@ -257,12 +281,14 @@ def format_table(results: dict, per_frame: bool = False) -> str:
     """The results JSON as a table: one row per metric, mean ± std over sampling runs per model."""
     names = list(results["models"])
     first = results["models"][names[0]]
-    keys = _row_keys(first) + ([k for k in first if re.match(r"(psnr|ssim)/f\d+$", k)] if per_frame else [])
+    keys = _row_keys(first) + (
+        [k for k in first if re.match(r"(psnr|ssim)(_vs_frames)?/f\d+$", k)] if per_frame else []
+    )
     lines = [
         (
             f"{results['clips']} clips x {results['samples']} samples of {results['store']} "
             f"({'mean ± std over sampling runs' if results['samples'] > 1 else 'one sampling run: no spread'}; "
-            f"pixels vs {results['reference']['pixels']})"
+            f"pixels vs the {results['reference']['pixels']}; *_vs_frames vs the source's frames)"
         ),
         f"{'metric':18s}" + "".join(f"{n:>24s}" for n in names),
     ]
@@ -280,6 +306,12 @@ def format_table(results: dict, per_frame: bool = False) -> str:
             if s1.get(k) is not None
         )
     )
+    ceiling = results.get("reference_metrics", {})
+    if ceiling.get("psnr" + VS_FRAMES) is not None:
+        lines.append(
+            "VAE ceiling (stored latents decoded vs the source's frames 13-24): "
+            f"PSNR {ceiling['psnr' + VS_FRAMES]:.4g} dB  SSIM {ceiling['ssim' + VS_FRAMES]:.4g}"
+        )
     for k, why in results["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)

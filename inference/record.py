@@ -1,12 +1,17 @@
 """The evaluation's JSON record (`jobs.evaluate --out`), schema "re2pix-evaluation/1":
 
   {"schema", "store", "dataset", "split", "clips", "clip_ids", "samples", "annotated_frame",
-   "reference": {"pixels": "vae_reconstruction", "note", "fid_fvd": {"pixels", "why"} or null},
+   "reference": {"pixels": "vae_reconstruction", "note", "frames": {"pixels": "source_frames"} or
+                 {"pixels": null, "why"} (null without decoding)},
    "sampler": {...}, "checkpoints": {...},
    "stage1": {metric: number},
    "models": {"re2pix": {metric: {"mean", "std", "runs": [one value per sampling run]}}, "baseline": ...,
               "copy_last": ... (one deterministic run)},
    "reference_metrics": {metric: number}, "skipped": {metric: reason}, "seconds"}
+
+Pixel metrics come twice: `psnr`, `ssim`, `fid`, `fvd` (and `psnr/f13`...) against the VAE reconstruction
+of the stored latents, and `psnr_vs_frames`, ... against the source's real frames when they were readable.
+`reference_metrics` scores the reconstruction itself against the frames: the VAE's ceiling.
 
 std is the sample standard deviation across runs (ddof 1; 0 for one run); a value that is not finite
 (e.g. PSNR of identical frames) is written as null.
@@ -19,10 +24,10 @@ from pathlib import Path
 
 SCHEMA = "re2pix-evaluation/1"
 REFERENCE_NOTE = (
-    "PSNR and SSIM compare the decoded predictions (frames 13-24) with the VAE reconstruction of the "
-    "stored ground-truth latents (the store holds latents, not pixels); FID and FVD compare them with "
-    "the source's real frames when the source can be read here (reference.fid_fvd), else with the "
-    "reconstruction."
+    "psnr, ssim, fid and fvd compare the decoded predictions (frames 13-24) with the VAE reconstruction of "
+    "the stored ground-truth latents (the store holds latents, not pixels); the *_vs_frames metrics compare "
+    "them with the source's real frames, resized as the cache job resized them, when the source could be "
+    "read here (reference.frames); reference_metrics holds the reconstruction's own *_vs_frames scores."
 )
 
 
@@ -41,7 +46,7 @@ def evaluation_record(store: str, manifest: dict, measured: dict, *, decoded: bo
         "reference": {
             "pixels": "vae_reconstruction" if decoded else None,
             "note": REFERENCE_NOTE,
-            "fid_fvd": measured["fid_fvd_reference"],
+            "frames": measured["frames_reference"],
         },
         "sampler": run["sampler"],
         "checkpoints": run["checkpoints"],

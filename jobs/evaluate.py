@@ -12,11 +12,14 @@ Metrics (each model's value per run is a mean over clips; the JSON keeps every r
 - `latent_mse` (and per latent `t4`..`t6`): sampled vs stored future latents.
 - `copy_last` is scored as a model: the last context latent copied into every future one (one run).
 - `psnr`, `ssim` (and per frame `f13`..`f24`): decoded frames 13-24 against the VAE reconstruction of the
-  stored latents (scores against the original frames would add the VAE's own error to every model alike).
+  stored latents (the VAE-independent measure: the VAE's own error is on both sides).
 - `fid` / `fvd` (Inception-v3 / I3D features, inference/video_metrics.py) when --fid-weights / --fvd-weights
-  give the networks; against the REAL frames 13-24 when the store's source reopens here (then
-  `reference_metrics` holds the VAE reconstruction's own FID / FVD: the floor), else against the VAE
-  reconstruction, labelled in `reference.fid_fvd`.
+  give the networks, against the same reconstruction.
+- `psnr_vs_frames`, `ssim_vs_frames`, `fid_vs_frames`, `fvd_vs_frames` (and per frame): the same against the
+  source's REAL frames 13-24, resized as the cache job resized them (jobs/predict.py's path), whenever the
+  store's source reopens here (the synthetic set always does; `reference.frames` says which); then
+  `reference_metrics` holds the reconstruction's own `*_vs_frames` scores: the VAE's ceiling. A source that
+  does not reopen (moved data) is one `skipped` line, and only the reconstruction-referenced scores remain.
 - `seg/miou_all`, `seg/miou_moving`, `depth/absrel`, `depth/delta1` on `--annotated-frame` with DPT heads
   (`--seg-head`, `--depth-head`) on DINOv2 features of the decoded frame (inference/semantic.py), against
   `--labels DIR` ({clip_id}.png trainIds), `--depth-labels DIR` ({clip_id}.npy), gtFine for Cityscapes
@@ -168,6 +171,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         ssim_channels=cfg.ssim_channels,
         progress=cfg.progress,
     )
+    frames = measured["frames_reference"]
+    if frames and frames["pixels"] is None:
+        skipped["scores_vs_frames"] = (
+            f"the store's source is not readable here ({frames['why']}): scores vs the VAE reconstruction only"
+        )
     for key, ids in measured["missing_labels"].items():
         skipped[f"{key}_labels"] = f"{len(ids)} of {n} clips have no label, left out: {ids[:5]}"
     results = evaluation_record(

@@ -23,6 +23,7 @@ ENCODERS = [
 VAES = [
     ("tiny, tiny-wan2.2", "WAN2.1 / Wan2.2 VAE at a tiny size with RANDOM weights: plumbing tests only"),
     ("demo", "a small WAN VAE trained on the synthetic set (shipped: pipeline/encoders/weights)"),
+    ("demo-predictive", "the same, trained with the PV-VAE objective (predictive latents; weights/)"),
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "the paper's WAN2.1 VAE (hub id or a local folder)"),
     ("diffusers:SPEC", "any other diffusers video VAE"),
 ]

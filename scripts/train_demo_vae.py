@@ -18,6 +18,23 @@ fell from 23.5 dB on frames 0-4 to 14.6 dB on frame 24). `--init W --steps 0` re
 saved phase-1 weights W (how the shipped weights were made: see their JSON's training.init).
 Loss: L1 + `--mse-weight` * MSE on [-1, 1] pixels + `--kl-weight` * KL per latent element of the
 posterior (the sampled latent is decoded during training; the cache uses the mean).
+
+The PV-VAE objective (predictive latents, issue #28), off by default (the defaults reproduce the shipped
+`--vae demo` weights; `--vae demo-predictive` is this script with the flags pipeline/encoders/vae.py's
+DEMO_VAES names):
+ * `--predictive-drop P`: with probability P per step the encoder sees only the frames of the windows'
+   first k latent chunks (k uniform in 1..n for windows of n + 1 chunks: frame 0, then 4 frames a chunk),
+   as PV-VAE does: the later frames are cut, not filled, and the k latents are padded with zeros (the
+   prior's mean: no information) to the n + 1 the decoder needs; the decoder still reconstructs, and the
+   loss covers, every frame of the real window. A cut keeps the causal encoder's shapes (1 + 4(k - 1)
+   frames is a clip it takes, and its k latents are those of the whole window, the encoder being causal);
+   filling the dropped frames instead (the last kept frame, or zeros) would feed the decoder latents of a
+   still or grey continuation that the data never has. The decoder must predict the dropped frames from
+   the kept latents, which pushes those to hold the motion.
+ * `--motion-weight W`: W * L1 between the reconstruction's and the target's frame differences
+   x[t+1] - x[t] (the motion-aware temporal-difference loss).
+ * `--decoder-steps N` (`--decoder-lr`): a last phase on the phase-2 windows with the encoder (and its
+   quant_conv) frozen, decoding the posterior mean (what the cache stores; the KL has no gradient left).
 AdamW, linear warm-up then cosine decay, fixed seeds: the same arguments give the same weights (on the
 same torch build and thread count).
 
@@ -102,11 +119,67 @@ def latent_stats(vae, clips: np.ndarray, clip_len: int = 25) -> tuple[list[float
     return [round(float(v), 5) for v in z.mean(1)], [round(float(v), 5) for v in z.std(1)]
 
 
-def train_phase(vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, T: int, crop, lr: float, args):
-    """AdamW, linear warm-up then cosine decay to 5 %; random windows, crops and flips (module docstring)."""
+def kept_chunks(chunks: int, rng, p: float) -> int:
+    """How many of a window's `chunks` latent chunks the encoder sees under --predictive-drop p: with
+    probability p, k uniform in 1..chunks - 1, else all; p 0 draws nothing (the plain trainer's random stream)."""
+    if p <= 0 or chunks < 2 or rng.random() >= p:
+        return chunks
+    return int(rng.integers(1, chunks))
+
+
+def pad_latents(z: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Latents [B, C, k, h, w] of the kept chunks padded with zeros to `chunks` latent frames: the prior's
+    mean, which tells the decoder nothing about the dropped frames."""
+    missing = chunks - z.shape[2]
+    return z if missing == 0 else torch.cat([z, z.new_zeros(*z.shape[:2], missing, *z.shape[3:])], dim=2)
+
+
+def motion_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the frame differences y[t+1] - y[t] and x[t+1] - x[t] of [B, 3, T, H, W]."""
+    return (y.diff(dim=2) - x.diff(dim=2)).abs().mean()
+
+
+def objective(y: torch.Tensor, x: torch.Tensor, post, args) -> tuple[torch.Tensor, dict]:
+    """The loss of reconstruction y of window x (every frame): L1 + MSE + KL (+ the motion loss)."""
+    kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
+    rec = (y - x).abs().mean()
+    loss = rec + args.mse_weight * ((y - x) ** 2).mean() + args.kl_weight * kl
+    parts = {"l1": rec, "kl": kl}
+    if args.motion_weight > 0:
+        parts["motion"] = motion_loss(y, x)
+        loss = loss + args.motion_weight * parts["motion"]
+    return loss, parts
+
+
+def training_loss(vae, x: torch.Tensor, rng, args, sample: bool = True):
+    """(loss, its parts, the reconstruction) of one batch of windows x [B, 3, 1 + 4n, H, W]: the encoder
+    sees the frames of the first k latent chunks (kept_chunks), the decoder reconstructs every frame of x
+    from their posterior's sample (or mean) padded to n + 1 latents (pad_latents)."""
+    temporal = vae.config.scale_factor_temporal
+    chunks = 1 + (x.shape[2] - 1) // temporal
+    k = kept_chunks(chunks, rng, args.predictive_drop)
+    post = vae.encode(x[:, :, : 1 + temporal * (k - 1)]).latent_dist
+    y = vae.decode(pad_latents(post.sample() if sample else post.mean, chunks)).sample
+    loss, parts = objective(y, x, post, args)
+    return loss, parts, y
+
+
+def encoder_side(vae) -> list[torch.nn.Module]:
+    """The modules that make the latents (frozen in the decoder phase)."""
+    return [vae.encoder, vae.quant_conv]
+
+
+def train_phase(
+    vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, T: int, crop, lr: float, args, decoder_only=False
+):
+    """AdamW, linear warm-up then cosine decay to 5 %; random windows, crops and flips (module docstring).
+    decoder_only: the encoder side frozen, the posterior mean decoded."""
     from tqdm import tqdm
 
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    for m in encoder_side(vae):
+        m.requires_grad_(not decoder_only)
+    params = [q for q in vae.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))) * 0.95 + 0.05),
@@ -124,22 +197,19 @@ def train_phase(vae, train: np.ndarray, rng, desc: str, steps: int, batch: int, 
             c = train[idx[i], starts[i] : starts[i] + T, ys[i] : ys[i] + ch, xs[i] : xs[i] + cw]
             clips.append(c[:, :, ::-1] if flips[i] else c)
         x = to_input(np.stack(clips))
-        post = vae.encode(x).latent_dist
-        y = vae.decode(post.sample()).sample
-        kl = 0.5 * (post.mean**2 + post.var - 1.0 - post.logvar).mean()
-        rec = (y - x).abs().mean()
-        loss = rec + args.mse_weight * ((y - x) ** 2).mean() + args.kl_weight * kl
+        loss, parts, y = training_loss(vae, x, rng, args, sample=not decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(
-            l1=f"{rec.item():.4f}",
-            kl=f"{kl.item():.2f}",
+            **{k: f"{v.item():.4f}" for k, v in parts.items()},
             psnr=f"{psnr(to_uint8(y.detach()), to_uint8(x)):.2f}",
             refresh=False,
         )
+    for m in encoder_side(vae):
+        m.requires_grad_(True)
 
 
 def _training_of(weights: str) -> dict | None:
@@ -176,6 +246,21 @@ def main(argv=None) -> int:
         help="start from these weights (.safetensors) instead of phase 1; "
         "with --steps 0 this resumes phase 2 from a saved phase 1",
     )
+    p.add_argument(
+        "--predictive-drop",
+        type=float,
+        default=0.0,
+        help="PV-VAE: probability per step that the encoder sees only the first k latent chunks' frames "
+        "(latents zero-padded for the decoder); the loss still covers every frame",
+    )
+    p.add_argument("--motion-weight", type=float, default=0.0, help="PV-VAE: weight of the L1 on frame differences")
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=0,
+        help="PV-VAE: a last phase on the phase-2 windows with the encoder frozen",
+    )
+    p.add_argument("--decoder-lr", type=float, default=1e-4, help="the decoder phase's learning rate")
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
     p.add_argument("--mse-weight", type=float, default=1.0, help="weight of the pixel MSE")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the KL term")
@@ -210,14 +295,15 @@ def main(argv=None) -> int:
     if args.init:
         vae.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
         print(f"phase 1 skipped: starting from {args.init}", flush=True)
-    phases = [
-        ("short windows", args.steps, args.batch, args.frames, args.crop, args.lr),
-        ("25-frame windows", args.long_steps, args.long_batch, args.long_frames, args.long_crop, args.long_lr),
+    phases = [  # (name, steps, batch, frames, crop, lr, encoder frozen)
+        ("short windows", args.steps, args.batch, args.frames, args.crop, args.lr, False),
+        ("25-frame windows", args.long_steps, args.long_batch, args.long_frames, args.long_crop, args.long_lr, False),
+        ("decoder", args.decoder_steps, args.long_batch, args.long_frames, args.long_crop, args.decoder_lr, True),
     ]
     vae.train()
-    for desc, steps, batch, frames, crop, lr in phases:
+    for desc, steps, batch, frames, crop, lr, frozen in phases:
         if steps > 0:
-            train_phase(vae, train, rng, desc, steps, batch, frames, crop, lr, args)
+            train_phase(vae, train, rng, desc, steps, batch, frames, crop, lr, args, decoder_only=frozen)
     train_seconds = time.time() - t0
 
     # round to float16 as saved, then measure with exactly the weights that ship
@@ -237,7 +323,7 @@ def main(argv=None) -> int:
     meta = {
         "config": config,
         "training": {
-            "steps": args.steps + args.long_steps,
+            "steps": args.steps + args.long_steps + args.decoder_steps,
             "seed": args.seed,
             "args": vars(args) | {"out": None},
             "data": {
@@ -259,8 +345,8 @@ def main(argv=None) -> int:
                 "psnr_per_clip": [round(s, 3) for s in per_clip],
             },
             "phases": [
-                {"name": d, "steps": st, "batch": b, "frames": f, "crop": list(c), "lr": lr}
-                for d, st, b, f, c, lr in phases
+                {"name": d, "steps": st, "batch": b, "frames": f, "crop": list(c), "lr": lr, "encoder_frozen": e}
+                for d, st, b, f, c, lr, e in phases
             ],
             "init": None if not args.init else {"file": Path(args.init).name, "training": _training_of(args.init)},
             "parameters": n_params,

@@ -25,3 +25,25 @@ def test_summary_prints_re2pix_baseline_and_copy_last_on_every_metric(tmp_path):
     assert set(rows) == set(METRICS)
     assert "0.3000 +- 0.0100" in rows["latent_mse"] and "0.5000 +- 0.0000" in rows["latent_mse"]
     assert rows["seg/miou_moving"].split()[-4] == "-"  # the Baseline's missing cell, between the other two
+
+
+def test_summary_shows_scores_vs_the_frames_and_the_vae_ceiling_only_when_measured(tmp_path):
+    from jobs.demo import summary
+
+    def results(models: dict, reference_metrics: dict) -> str:
+        path = tmp_path / "results.json"
+        path.write_text(
+            json.dumps({"clips": 2, "samples": 1, "models": models, "reference_metrics": reference_metrics})
+        )
+        (tmp_path / "predict").mkdir(exist_ok=True)
+        return summary(tmp_path, path, {}, 60.0)
+
+    score = {"mean": 21.5, "std": 0.0, "runs": [21.5]}
+    both = results(
+        {"re2pix": {"psnr": score, "psnr_vs_frames": score}}, {"psnr_vs_frames": 23.25, "ssim_vs_frames": 0.7}
+    )
+    assert any(line.split()[:1] == ["psnr_vs_frames"] for line in both.splitlines())
+    assert "VAE ceiling (ground-truth latents decoded vs the frames): psnr 23.2500, ssim 0.7000" in both
+    recon_only = results({"re2pix": {"psnr": score}}, {})  # the source was not readable
+    assert "psnr_vs_frames" not in recon_only and "VAE ceiling" not in recon_only
+    assert any(line.split()[:1] == ["psnr"] for line in recon_only.splitlines())

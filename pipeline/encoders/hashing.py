@@ -115,9 +115,10 @@ def load_demo_model(stem: Path, build, *, what: str, train: str, took: str):
     from safetensors.torch import load_file
 
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    if not weights.is_file() or not meta.is_file():
+    missing = [str(f) for f in (weights, meta) if not f.is_file()]
+    if missing:
         raise EncoderWeightsError(
-            f"the demo {what}'s weights are missing ({weights}, {meta.name}): train them with `python {train}` ({took})"
+            f"the demo {what}'s weights are missing ({', '.join(missing)}): train them with `python {train}` ({took})"
         )
     try:
         model = build(json.loads(meta.read_text())["config"])

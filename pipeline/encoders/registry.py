@@ -9,7 +9,8 @@ Feature encoder specs (`--encoder`):
                                      frames ending at it (video.py documents the alignment)
     '{"kind": "hf", "weights": SPEC, "layers": [4, 8, 12]}'   JSON: any of them with the blocks to take
     (and for vjepa2 the "window" of frames, default 4)
-VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", a hub id or a folder of a WAN2.1 or Wan2.2 VAE;
+VAE specs (`--vae`): "tiny", "tiny-wan2.2", "demo", "demo-predictive" (the demo VAE trained with the PV-VAE
+objective), a hub id or a folder of a WAN2.1 or Wan2.2 VAE;
 "diffusers:SPEC" any other diffusers video VAE by its config's class ("tiny-hunyuan" for tests).
 
 Every feature encoder has the same interface (`__call__(frames) -> [B, h, w, feature_dim]`,
@@ -130,13 +131,13 @@ def load_vae(
 ):
     """The frozen VAE a spec names (a vae.WanVAEEncoder or a video_vae.DiffusersVideoVAE, same interface).
 
-    spec: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic set: weights/), a hub id
-    (looked up in the local HF cache unless allow_download) or a local folder.
+    spec: "tiny" / "tiny-wan2.2" (random weights), "demo" / "demo-predictive" (small, trained on the synthetic
+    set: weights/), a hub id (looked up in the local HF cache unless allow_download) or a local folder.
 
     "diffusers:SPEC" (or "tiny-hunyuan") loads any other diffusers video VAE (video_vae.py).
     A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
     (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
-    input_hw defaults to the preset's: tiny and demo (96, 160), else (432, 768).
+    input_hw defaults to the preset's: tiny and demo(-predictive) (96, 160), else (432, 768).
     """
     from .vae import PRESETS, load_wan_vae
 

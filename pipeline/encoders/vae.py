@@ -43,11 +43,24 @@ TINY_SEED = 0
 # `python scripts/train_demo_vae.py` (weights + config with its own latents_mean/std in weights/), so that
 # the demo's pictures show what the models predict; 96 x 160 -> 12 x 20 latents at geometry.TINY
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_wan_vae"
+# the demo VAEs by spec: (weights stem, the command that trains them from a checkout's root, how long it takes);
+# demo-predictive is the same training with the PV-VAE objective (predictive latents, issue #28); its flag
+# values are a first choice, not tuned: keep this command the one its shipped JSON's training.args record
+DEMO_VAES = {
+    "demo": (DEMO_WEIGHTS, "scripts/train_demo_vae.py", "about 25 min on one CPU core"),
+    "demo-predictive": (
+        DEMO_WEIGHTS.with_name("demo_wan_vae_predictive"),
+        "scripts/train_demo_vae.py --predictive-drop 0.5 --motion-weight 0.5 --decoder-steps 150 "
+        "--out pipeline/encoders/weights/demo_wan_vae_predictive",
+        "as long as the demo VAE's training, plus the decoder phase",
+    ),
+}
 # input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
 PRESETS = {
     "tiny": {"input_hw": TINY.vae_input_hw},
     "tiny-wan2.2": {"input_hw": TINY.vae_input_hw},
     "demo": {"input_hw": TINY.vae_input_hw},
+    "demo-predictive": {"input_hw": TINY.vae_input_hw},
     "default": {"input_hw": PAPER.vae_input_hw},
 }
 _TINY = {"tiny": TINY_CONFIG, "tiny-wan2.2": TINY_WAN22_CONFIG}
@@ -144,7 +157,7 @@ class WanVAEEncoder(HashedWeights):
         }
         if self.weights_id in _TINY:
             d["config"] = {**_TINY[self.weights_id], "seed": TINY_SEED}
-        if self.weights_id == "demo":
+        if self.weights_id in DEMO_VAES:
             d["config"] = {
                 k: self.vae.config[k]
                 for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
@@ -157,14 +170,15 @@ def tiny_vae_model(preset: str = "tiny") -> AutoencoderKLWan:
     return seeded(lambda: AutoencoderKLWan(**_TINY[preset]), TINY_SEED)
 
 
-def demo_vae_model(stem: Path = DEMO_WEIGHTS) -> AutoencoderKLWan:
-    """The demo preset's trained VAE from weights/demo_wan_vae.{safetensors,json} (no pickle)."""
+def demo_vae_model(stem: Path = DEMO_WEIGHTS, spec: str = "demo") -> AutoencoderKLWan:
+    """A demo preset's trained VAE from weights/demo_wan_vae{,_predictive}.{safetensors,json} (no pickle)."""
+    _, train, took = DEMO_VAES[spec]
     return load_demo_model(
         stem,
         lambda config: AutoencoderKLWan(**config),
-        what="VAE",
-        train="scripts/train_demo_vae.py",
-        took="about 25 min on one CPU core",
+        what="VAE" if spec == "demo" else "predictive VAE",
+        train=train,
+        took=took,
     )
 
 
@@ -179,8 +193,9 @@ def load_wan_vae(
     revision: str | None = None,
     cache_dir: str | None = None,
 ) -> WanVAEEncoder:
-    """A WAN2.1 or Wan2.2 VAE: "tiny" / "tiny-wan2.2" (random weights), "demo" (small, trained on the synthetic
-    set: weights/), a hub id (looked up in the local HF cache unless allow_download) or a local folder.
+    """A WAN2.1 or Wan2.2 VAE: "tiny" / "tiny-wan2.2" (random weights), "demo" / "demo-predictive" (small,
+    trained on the synthetic set: weights/), a hub id (looked up in the local HF cache unless allow_download)
+    or a local folder.
 
     A folder may be a whole diffusers repo (with `vae/`) or the VAE folder itself; WAN2.1 and Wan2.2
     (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers) both load as AutoencoderKLWan, told apart by their config.
@@ -188,8 +203,8 @@ def load_wan_vae(
     """
     if spec in _TINY:
         vae, weights_id, rev = tiny_vae_model(spec), spec, None
-    elif spec == "demo":
-        vae, weights_id, rev = demo_vae_model(), "demo", None
+    elif spec in DEMO_VAES:
+        vae, weights_id, rev = demo_vae_model(DEMO_VAES[spec][0], spec), spec, None
     else:
         vae, _, weights_id, rev = load_pretrained(
             AutoencoderKLWan,
