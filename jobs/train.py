@@ -449,7 +449,7 @@ def loop_config(sc: StageConfig, cfg: TrainConfig, grad_accum: int, extra: dict)
 
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
-    from inference.rollout import write_rollouts
+    from inference.rollout import RolloutOptions, write_rollouts
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
@@ -460,16 +460,10 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
             f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
             "the Zarr store and export the shards again, then train --stage 2"
         )
-    return write_rollouts(  # torch's threads were set by run()
-        str(Path(cfg.run_dir) / "stage1"),
-        ",".join(stores),
-        runtime,
-        batch_size=cfg.rollout_batch_size,
-        chunk_rows=cfg.rollout_chunk_rows,
-        amp=cfg.amp,
-        progress=cfg.progress,
-        storage_options=cfg.storage_options,
+    options = RolloutOptions(
+        cfg.rollout_batch_size, cfg.rollout_chunk_rows, cfg.amp, progress=cfg.progress, storage_options=storage
     )
+    return write_rollouts(str(Path(cfg.run_dir) / "stage1"), ",".join(stores), runtime, options)  # threads: run()
 
 
 def run(cfg: TrainConfig) -> dict:
