@@ -265,42 +265,6 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     return train_idx, probe.sources, offset + held, held_out_record(last, held)
 
 
-def make_task(stage: str, sc: StageConfig, geometry, channels: int):
-    """What `stage` trains, with the sizes the data fixes."""
-    from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
-
-    if stage == "stage1":
-        if sc.diffusion:
-            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
-            task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
-        else:
-            task = Stage1Task(sc.model, geometry, channels)
-    elif stage in ("repa", "videorepa"):
-        task = AlignTask(
-            stage,
-            sc.model,
-            geometry,
-            channels,
-            sc.align,
-            sample_steps=sc.sample_steps,
-            sample_solver=sc.sample_solver,
-            sample_clips=sc.sample_clips,
-        )
-    else:
-        task = Stage2Task(
-            sc.model,
-            geometry,
-            channels,
-            semantic=stage == "stage2",
-            pred_p=sc.pred_p,
-            nested_dropout=sc.nested_dropout,
-            sample_steps=sc.sample_steps,
-            sample_solver=sc.sample_solver,
-            sample_clips=sc.sample_clips,
-        )
-    return task
-
-
 def dry_run(cfg: TrainConfig) -> dict:
     """Each stage's fit plan as `train_stage` would make it, for cfg.world_size ranks of the device's memory:
     printed, and returned by stage. Sizes from the store when it is there, else from the geometry whose PCA
@@ -308,6 +272,7 @@ def dry_run(cfg: TrainConfig) -> dict:
     import os
 
     from model.memory import describe, fit_plan, planned_sizes
+    from model.tasks import make_task
 
     world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     stages = {
@@ -336,6 +301,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     from model.loop import train
     from model.memory import describe, fit_plan, no_fit, with_checkpointing
     from model.resume import check_resume
+    from model.tasks import make_task
     from pipeline.store.lock import locked
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
