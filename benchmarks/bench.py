@@ -38,28 +38,16 @@ def run_loop(cfg, basis_path: str) -> dict:
     """The same decode -> DINOv2 -> PCA -> VAE -> write work as the Ray job, in one process."""
     import torch
 
-    from pipeline.cache import StageResources, build_index, encoder_descriptions
+    from pipeline.cache import StageResources, build_index, encoder_descriptions, start_store
     from pipeline.cache.stages import DecodeStage, EncodeSpec, EncodeStage, WriteStage
     from pipeline.pca import load_basis
     from pipeline.store.geometry import resolve_geometry
-    from pipeline.store.writer import StoreWriter
-    from pipeline.units import plan_units
 
     torch.set_num_threads(os.cpu_count())
     encoders, latent_norm, geometry, _ = encoder_descriptions(cfg, resolve_geometry(cfg.geometry))
     source, geometry, index = build_index(cfg, geometry)
     basis = load_basis(basis_path)
-    StoreWriter.create(
-        cfg.out,
-        index=index,
-        geometry=geometry,
-        basis=basis,
-        source_info=source.describe(),
-        encoders=encoders,
-        latent_norm=latent_norm,
-        channel_chunk=cfg.channel_chunk,
-        overwrite=True,
-    )
+    _, units = start_store(cfg, source, index, geometry, basis, encoders, latent_norm, ["orig"])
     decode = DecodeStage(source, geometry, ["orig"], True, int(encoders["dinov2"].get("window", 1)))
     threads = StageResources(
         dino_threads=cfg.dino_threads or os.cpu_count(), vae_threads=cfg.vae_threads or os.cpu_count()
@@ -69,7 +57,7 @@ def run_loop(cfg, basis_path: str) -> dict:
     )
     write = WriteStage(cfg.out)
     t0, clips, stage = time.time(), 0, {}
-    for unit in plan_units(index, cfg.unit_clips):
+    for unit in units:
         row = write(encode(decode({"plan": [unit.to_json()]})))
         clips += int(row["clips"][0])
         for k, v in row.items():

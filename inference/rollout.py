@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,21 +34,21 @@ def _marker_dir(root: str, fingerprint: str) -> str:
     return f"{root}/progress/rollout-{fingerprint[:16]}"
 
 
-def rollout_store(
-    stage1,
-    location: str,
-    runtime,
-    *,
-    batch_size: int = 8,
-    chunk_rows: int = 64,
-    amp: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    storage_options: dict | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How rollouts are written, the same for every store."""
+
+    batch_size: int = 8  # clip rows per Stage 1 call
+    chunk_rows: int = 64  # clip rows per progress record (the resume unit)
+    amp: bool = True  # bf16 autocast on GPU
+    overwrite: bool = False  # replace rollouts of another checkpoint and start over
+    progress: bool = True
+    storage_options: dict | None = None
+
+
+def rollout_store(stage1, location: str, runtime, options: RolloutOptions = RolloutOptions()) -> dict:
     """Write (or finish writing) the rollouts of a Stage 1 (inference/stages.py's LoadedModel) into one store;
-    returns a summary. batch_size: clip rows per Stage 1 call; chunk_rows: clip rows per progress record
-    (the resume unit); overwrite: replace rollouts of another checkpoint and start over."""
+    returns a summary."""
     from model.loop import autocast
     from model.stage1 import rollout
     from pipeline.store.format import StoreError
@@ -55,7 +56,8 @@ def rollout_store(
     from pipeline.store.reader import Store
     from pipeline.store.writer import StoreWriter, digest
 
-    storage = storage_options or None
+    batch_size, chunk_rows, amp, overwrite = options.batch_size, options.chunk_rows, options.amp, options.overwrite
+    storage = options.storage_options or None
     store = Store(location, storage)
     stage1.check_space(location, store.manifest)  # predictions of another space must never reach Stage 2
     model, fingerprint, mcfg = stage1.model, stage1.fingerprint, stage1.model.config
@@ -99,7 +101,7 @@ def rollout_store(
         total=sum(len(chunks[k]) for k in mine),
         desc=f"rollout {location}",
         unit="row",
-        disable=not (progress and runtime.is_main),
+        disable=not (options.progress and runtime.is_main),
     )
     t0 = time.perf_counter()
     for k in mine:
@@ -144,14 +146,8 @@ def write_rollouts(
     checkpoint: str,
     stores: str,
     runtime,
-    *,
+    options: RolloutOptions = RolloutOptions(),
     weights: str = "auto",
-    batch_size: int = 8,
-    chunk_rows: int = 64,
-    amp: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    storage_options: dict | None = None,
 ) -> list[dict]:
     """Roll out the Stage 1 at `checkpoint` (a run dir or a checkpoint folder; `weights`: auto, ema or model)
     into every store of `stores` (paths/URLs separated by commas), each under its writer lock (rank 0 holds
@@ -164,16 +160,8 @@ def write_rollouts(
     if runtime.is_main:
         log.info("rollout of %s (weights %s)", stage1.checkpoint, stage1.fingerprint[:12])
     locations, _ = parse_store_list(stores)  # mixing weights only matter to training
-    kw = {
-        "batch_size": batch_size,
-        "chunk_rows": chunk_rows,
-        "amp": amp,
-        "overwrite": overwrite,
-        "progress": progress,
-        "storage_options": storage_options,
-    }
-    done = []
+    done, storage = [], options.storage_options or None
     for s in locations:  # one writer per store; under torchrun rank 0 holds the lock
-        with locked(s, "jobs.rollout", storage_options or None) if runtime.is_main else contextlib.nullcontext():
-            done.append(rollout_store(stage1, s, runtime, **kw))
+        with locked(s, "jobs.rollout", storage) if runtime.is_main else contextlib.nullcontext():
+            done.append(rollout_store(stage1, s, runtime, options))
     return done

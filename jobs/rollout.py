@@ -47,17 +47,13 @@ class RolloutConfig:
 
 def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
     """The job: a runtime (torchrun's ranks, or one device), then inference/rollout.py's write_rollouts."""
-    from inference.rollout import write_rollouts
+    from inference.rollout import RolloutOptions, write_rollouts
     from model.loop import init_runtime
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     runtime = runtime or init_runtime(cfg.device)
-    return write_rollouts(
-        cfg.checkpoint,
-        cfg.store,
-        runtime,
-        weights=cfg.weights,
+    options = RolloutOptions(
         batch_size=cfg.batch_size,
         chunk_rows=cfg.chunk_rows,
         amp=cfg.amp,
@@ -65,6 +61,7 @@ def run_rollout(cfg: RolloutConfig, runtime=None) -> list[dict]:
         progress=cfg.progress,
         storage_options=cfg.storage_options,
     )
+    return write_rollouts(cfg.checkpoint, cfg.store, runtime, options, weights=cfg.weights)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -242,7 +241,7 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
     few training batches of a WebDataset, the held-out scenes' record or None)."""
-    from model.data import open_stream, split_by_scene
+    from model.data import held_out_record, open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
 
@@ -266,107 +265,14 @@ def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     return train_idx, probe.sources, offset + held, held_out_record(last, held)
 
 
-VAL_SCENES = "val_scenes.json"  # in the run dir: the scenes held out without --val-store, for jobs.evaluate
-
-
-def held_out_record(store, held) -> dict:
-    """The held-out scenes and clips of `store`, as RUN_DIR/val_scenes.json names them."""
-    metas = [store.clip_meta(int(i)) for i in held]
-    return {
-        "store": store.location,
-        "scenes": sorted({m["scene"] for m in metas}),
-        "clips": [int(i) for i in held],
-        "clip_ids": [store.clip_ids[int(i)] for i in held],
-    }
-
-
-def make_task(stage: str, sc: StageConfig, geometry, channels: int):
-    """What `stage` trains, with the sizes the data fixes."""
-    from model.tasks import AlignTask, Stage1DiffusionTask, Stage1Task, Stage2Task
-
-    if stage == "stage1":
-        if sc.diffusion:
-            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
-            task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
-        else:
-            task = Stage1Task(sc.model, geometry, channels)
-    elif stage in ("repa", "videorepa"):
-        task = AlignTask(
-            stage,
-            sc.model,
-            geometry,
-            channels,
-            sc.align,
-            sample_steps=sc.sample_steps,
-            sample_solver=sc.sample_solver,
-            sample_clips=sc.sample_clips,
-        )
-    else:
-        task = Stage2Task(
-            sc.model,
-            geometry,
-            channels,
-            semantic=stage == "stage2",
-            pred_p=sc.pred_p,
-            nested_dropout=sc.nested_dropout,
-            sample_steps=sc.sample_steps,
-            sample_solver=sc.sample_solver,
-            sample_clips=sc.sample_clips,
-        )
-    return task
-
-
-def fit_plan(cfg: TrainConfig, stage: str, sc: StageConfig, task, geometry, world: int, bf16: bool):
-    """How each rank runs its share of the global batch (model/memory.py), or None for a model without an
-    estimate (the diffusion Stage 1: then micro-batch = the rank's share / grad_accum, at least 1)."""
-    import torch
-
-    from model import memory
-    from model.tasks import Stage1DiffusionTask, Stage1Task
-
-    if isinstance(task, Stage1DiffusionTask):
-        return None
-    ema = sc.ema_decay > 0
-    if isinstance(task, Stage1Task):
-        footprint = memory.stage1_footprint(task.config, ema=ema, bf16=bf16)
-    else:
-        footprint = memory.dit_footprint(
-            task.config, geometry, ema=ema, bf16=bf16, pred_features=task.needs_pred_features
-        )
-    device_memory = cfg.gpu_memory_gb * memory.GiB
-    if not device_memory:
-        cuda = torch.cuda.is_available()
-        device_memory = (
-            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else 80 * memory.GiB
-        )
-    checkpointing = True if task.config.gradient_checkpointing else None  # asked for: kept; else chosen
-    try:
-        return memory.fit(
-            footprint, sc.batch_size, world, int(device_memory), grad_accum=sc.grad_accum, checkpointing=checkpointing
-        )
-    except ValueError as e:
-        raise ConfigError(f"{stage}: {e}") from e
-
-
-def no_fit(stage: str, plan) -> str:
-    from model.memory import GiB
-
-    return (
-        f"{stage}: the {plan.footprint.parameters / 1e6:.0f}M-parameter model needs about "
-        f"{plan.estimate / GiB:.1f} GiB per rank even at micro-batch {plan.micro_batch} with activation "
-        f"checkpointing {'on' if plan.checkpointing else 'off'}, more than the {plan.budget / GiB:.1f} GiB usable of "
-        f"{plan.device_memory / GiB:.1f} GiB (--gpu-memory-gb): run on more ranks, a larger device, or a smaller model"
-    )
-
-
 def dry_run(cfg: TrainConfig) -> dict:
     """Each stage's fit plan as `train_stage` would make it, for cfg.world_size ranks of the device's memory:
     printed, and returned by stage. Sizes from the store when it is there, else from the geometry whose PCA
     channels the model takes (paper or tiny)."""
     import os
 
-    from model.memory import describe
-    from pipeline.store.geometry import GEOMETRIES, PAPER
+    from model.memory import describe, fit_plan, planned_sizes
+    from model.tasks import make_task
 
     world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     stages = {
@@ -377,18 +283,9 @@ def dry_run(cfg: TrainConfig) -> dict:
     plans = {}
     for stage in stages.get(cfg.stage, [cfg.stage]):
         sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
-        sources = parse_store_list(cfg.store)[0]
-        if all(Path(s).exists() for s in sources):
-            from model.data import open_stream
-
-            probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, channels=sc.channels)
-            geometry, channels, where = probe.geometry, probe.channels, cfg.store
-        else:
-            c = sc.model.num_pca_channels
-            geometry = next((g for g in GEOMETRIES.values() if g.num_pca_channels == c), PAPER)
-            channels, where = sc.channels or geometry.num_pca_channels, "no store: the model's geometry"
+        geometry, channels, where = planned_sizes(cfg.store, sc)
         task = make_task(stage, sc, geometry, channels)
-        plan = fit_plan(cfg, stage, sc, task, geometry, world, bf16=cfg.amp)
+        plan = fit_plan(stage, sc, task, geometry, world, cfg.amp, cfg.gpu_memory_gb)
         if plan is None:
             print(f"{stage}: no memory estimate for this model")
             continue
@@ -402,7 +299,9 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     from model.checkpoint import check_run_dir
     from model.data import has_pred_features, open_stream
     from model.loop import train
-    from model.memory import describe, with_checkpointing
+    from model.memory import describe, fit_plan, no_fit, with_checkpointing
+    from model.resume import check_resume
+    from model.tasks import make_task
     from pipeline.store.lock import locked
 
     sc = stage_config(cfg, "stage1" if stage == "stage1" else "stage2")
@@ -419,7 +318,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
     channels, geometry = probe.channels, probe.geometry
     task = make_task(stage, sc, geometry, channels)
     bf16 = cfg.amp and runtime.device.type == "cuda"
-    plan = fit_plan(cfg, stage, sc, task, geometry, runtime.world, bf16)
+    plan = fit_plan(stage, sc, task, geometry, runtime.world, bf16, cfg.gpu_memory_gb)
     if plan is None:
         grad_accum = max(sc.grad_accum, 1)
         per_rank, rem = divmod(sc.batch_size, runtime.world * grad_accum)
@@ -490,6 +389,7 @@ def train_stage(cfg: TrainConfig, stage: str, runtime) -> dict:
         )
     if held_out and runtime.is_main:  # beside the stage folder the trainer has made its own
         from model.checkpoint import write_json_atomic
+        from model.data import VAL_SCENES
 
         write_json_atomic(Path(cfg.run_dir) / VAL_SCENES, held_out)
         log.info("held out for evaluation: scenes %s (%s)", held_out["scenes"], Path(cfg.run_dir) / VAL_SCENES)
@@ -513,71 +413,9 @@ def loop_config(sc: StageConfig, cfg: TrainConfig, grad_accum: int, extra: dict)
     return LoopConfig(**kw)
 
 
-# what a resumed stage may change: how long it trains, how it logs, checkpoints and is evaluated
-RESUME_MAY_CHANGE = {
-    "steps",
-    "progress",
-    "log_every",
-    "eval_every",
-    "ckpt_every",
-    "keep_checkpoints",
-    "strict_resume",
-    "compile",
-    "tensorboard",
-    "sample_steps",
-    "sample_solver",
-    "sample_clips",
-    "val_store",
-    "store",  # moved or copied: the feature-space check (model/checkpoint.py) refuses another space by name
-}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"model.dim": 96, ...}: a nested dict's leaves by dotted name."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def check_resume(run_dir: Path, loop_cfg, runtime) -> None:
-    """--resume (which `make train` always passes): say where the stage continues from, and refuse settings
-    that differ from those its checkpoint was trained with; a resumed stage keeps its own, so a changed
-    --lr would otherwise be silently ignored."""
-    from model.checkpoint import find_resumable, has_checkpoints, read_meta
-
-    ckpt = find_resumable(run_dir)[0] if has_checkpoints(run_dir) else None
-    if ckpt is None:
-        return
-    meta = read_meta(ckpt)
-    loop = {k: v for k, v in dataclasses.asdict(loop_cfg).items() if k != "extra"}
-    now = _flat(json.loads(json.dumps({"loop": loop, "config": loop_cfg.extra})))  # tuples as JSON lists
-    was = _flat({"loop": meta.get("loop", {}), "config": meta.get("config", {})})
-    names = {k: k.removeprefix("loop.").removeprefix("config.").removeprefix("stage_config.") for k in now}
-    changed = {
-        names[k]: (was[k], now[k])
-        for k in sorted(now.keys() & was.keys())
-        if was[k] != now[k] and names[k].rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE
-    }
-    if changed:
-        listed = ", ".join(f"{name} {a} (now {b})" for name, (a, b) in changed.items())
-        raise ConfigError(
-            f"{run_dir} was trained with {listed}; resuming keeps a run's own settings. Rerun with its "
-            "settings to resume, or start afresh in another run folder: --run-dir DIR (make train RUN=DIR)"
-        )
-    if runtime.is_main and meta.get("step", 0) >= loop_cfg.steps:
-        log.info(
-            "%s: already trained to step %d (%s), reporting its result; a larger --steps trains on, "
-            "another --run-dir (make train RUN=DIR) starts afresh",
-            run_dir.name,
-            meta["step"],
-            ckpt,
-        )
-
-
 def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
     """Write Stage 1's predictions into every Zarr store that Stage 2 reads (train and val)."""
-    from inference.rollout import write_rollouts
+    from inference.rollout import RolloutOptions, write_rollouts
     from pipeline.store.open import is_webdataset
 
     storage = cfg.storage_options or None
@@ -588,16 +426,10 @@ def rollout_stores(cfg: TrainConfig, runtime) -> list[dict]:
             f"cannot write rollouts into WebDataset shards ({webdataset[0]}): run the rollout on "
             "the Zarr store and export the shards again, then train --stage 2"
         )
-    return write_rollouts(  # torch's threads were set by run()
-        str(Path(cfg.run_dir) / "stage1"),
-        ",".join(stores),
-        runtime,
-        batch_size=cfg.rollout_batch_size,
-        chunk_rows=cfg.rollout_chunk_rows,
-        amp=cfg.amp,
-        progress=cfg.progress,
-        storage_options=cfg.storage_options,
+    options = RolloutOptions(
+        cfg.rollout_batch_size, cfg.rollout_chunk_rows, cfg.amp, progress=cfg.progress, storage_options=storage
     )
+    return write_rollouts(str(Path(cfg.run_dir) / "stage1"), ",".join(stores), runtime, options)  # threads: run()
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from pipeline.config import ConfigError
 
 GiB = 1024**3
 # bytes per (token x width) that one block keeps for the backward pass: float32 / bf16 autocast
@@ -242,3 +245,53 @@ def describe(plan: Plan) -> list[str]:
 def with_checkpointing(config, on: bool):
     """The model config with gradient_checkpointing set (both stages name the switch so)."""
     return dataclasses.replace(config, gradient_checkpointing=on)
+
+
+def fit_plan(stage: str, sc, task, geometry, world: int, bf16: bool, gpu_memory_gb: float):
+    """How each rank runs its share of the global batch (`fit`), or None for a model without an
+    estimate (the diffusion Stage 1: then micro-batch = the rank's share / grad_accum, at least 1)."""
+    from .tasks import Stage1DiffusionTask, Stage1Task
+
+    if isinstance(task, Stage1DiffusionTask):
+        return None
+    ema = sc.ema_decay > 0
+    if isinstance(task, Stage1Task):
+        footprint = stage1_footprint(task.config, ema=ema, bf16=bf16)
+    else:
+        footprint = dit_footprint(task.config, geometry, ema=ema, bf16=bf16, pred_features=task.needs_pred_features)
+    device_memory = gpu_memory_gb * GiB
+    if not device_memory:
+        cuda = torch.cuda.is_available()
+        device_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else 80 * GiB
+    checkpointing = True if task.config.gradient_checkpointing else None  # asked for: kept; else chosen
+    try:
+        return fit(
+            footprint, sc.batch_size, world, int(device_memory), grad_accum=sc.grad_accum, checkpointing=checkpointing
+        )
+    except ValueError as e:
+        raise ConfigError(f"{stage}: {e}") from e
+
+
+def no_fit(stage: str, plan) -> str:
+    return (
+        f"{stage}: the {plan.footprint.parameters / 1e6:.0f}M-parameter model needs about "
+        f"{plan.estimate / GiB:.1f} GiB per rank even at micro-batch {plan.micro_batch} with activation "
+        f"checkpointing {'on' if plan.checkpointing else 'off'}, more than the {plan.budget / GiB:.1f} GiB usable of "
+        f"{plan.device_memory / GiB:.1f} GiB (--gpu-memory-gb): run on more ranks, a larger device, or a smaller model"
+    )
+
+
+def planned_sizes(store: str, sc) -> tuple:
+    """(geometry, channels, where they come from) a dry run plans stage settings `sc` with: the store's when
+    it is there, else those of the geometry whose PCA channels the model takes (paper or tiny)."""
+    from pipeline.store.geometry import GEOMETRIES, PAPER
+
+    from .data import open_stream, parse_store_list
+
+    sources = parse_store_list(store)[0]
+    if all(Path(s).exists() for s in sources):
+        probe = open_stream(sources, batch_size=1, remainder="keep", loop=False, channels=sc.channels)
+        return probe.geometry, probe.channels, store
+    c = sc.model.num_pca_channels
+    geometry = next((g for g in GEOMETRIES.values() if g.num_pca_channels == c), PAPER)
+    return geometry, sc.channels or geometry.num_pca_channels, "no store: the model's geometry"

@@ -1,7 +1,7 @@
 """What the shared loop trains: Stage 1 (masked feature transformer, or the feature diffusion model of
 model/stage1_diffusion.py), Stage 2 (semantic DiT), the Baseline (the same DiT without the feature
 branch), and REPA / VideoREPA (the Baseline DiT with an alignment loss to the features, model/repa.py).
-Each task builds its model from the model config of its stage's settings (jobs/train.py) with the sizes
+Each task builds its model from the model config of its stage's settings (jobs/train.py; make_task) with the sizes
 that come from the data (PCA channels read, feature grid, context frames, latent channels) taken from the
 store, and computes the loss and the evaluation metrics.
 """
@@ -282,3 +282,38 @@ class AlignTask(Stage2Task):
         for values in terms:
             means.update(values)
         return means
+
+
+def make_task(stage: str, sc, geometry, channels: int):
+    """What `stage` ("stage1", "stage2", "baseline", "repa" or "videorepa") trains, from its stage settings `sc`
+    (jobs/train.py's Stage1Settings / Stage2Settings) with the sizes the data fixes."""
+    if stage == "stage1":
+        if sc.diffusion:
+            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
+            task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
+        else:
+            task = Stage1Task(sc.model, geometry, channels)
+    elif stage in ("repa", "videorepa"):
+        task = AlignTask(
+            stage,
+            sc.model,
+            geometry,
+            channels,
+            sc.align,
+            sample_steps=sc.sample_steps,
+            sample_solver=sc.sample_solver,
+            sample_clips=sc.sample_clips,
+        )
+    else:
+        task = Stage2Task(
+            sc.model,
+            geometry,
+            channels,
+            semantic=stage == "stage2",
+            pred_p=sc.pred_p,
+            nested_dropout=sc.nested_dropout,
+            sample_steps=sc.sample_steps,
+            sample_solver=sc.sample_solver,
+            sample_clips=sc.sample_clips,
+        )
+    return task

@@ -10,7 +10,7 @@ resources.py  what each actor asks Ray for (counts, CPUs, GPUs, memory)
 plan.py       the Ray Data plan (object-store budget, DataContext)
 stages.py     its stages: decode (read.py), encode, write
 progress.py   the progress line, per-actor statistics
-run.py        run_cache, the dry run
+run.py        run_cache, the dry run, start_store (the store's writer and work units, also for benchmarks/)
 
 Importing this package imports neither Ray nor torch: the stages and the cluster are imported where used.
 """
@@ -30,7 +30,7 @@ from .preflight import (
 )
 from .progress import ActorStats, Progress
 from .resources import StageResources, actor_memory, encoder_device, plan_resources, unit_bytes
-from .run import dry_run, run_cache
+from .run import dry_run, run_cache, start_store
 
 __all__ = [
     "DEMO_STORE",
@@ -64,5 +64,6 @@ __all__ = [
     "recorded_config",
     "run_cache",
     "same_settings",
+    "start_store",
     "unit_bytes",
 ]

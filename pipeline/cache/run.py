@@ -85,8 +85,6 @@ def run_cache(cfg: CacheConfig, notice=None) -> dict:
     from pipeline.store.basis import PCABasis
     from pipeline.store.location import open_group
     from pipeline.store.lock import Lock
-    from pipeline.store.writer import StoreWriter
-    from pipeline.units import plan_units
 
     from .stages import WriteStage
 
@@ -170,27 +168,10 @@ def run_cache(cfg: CacheConfig, notice=None) -> dict:
         if basis is None:
             basis = fit_basis(cfg, source, geometry, index, ray, cluster, window, footprint)
 
-        writer = StoreWriter.create(
-            cfg.out,
-            index=index,
-            geometry=geometry,
-            basis=basis,
-            source_info=source.describe(),
-            encoders=encoders,
-            latent_norm=latent_norm,
-            variants=variants,
-            clip_stride=cfg.stride,
-            channel_chunk=cfg.channel_chunk,
-            compression=cfg.compression,
-            overwrite=cfg.overwrite,
-            storage_options=options,
-            extra={"cache_config": recorded_config(cfg)},
-            pseudo_depth=pseudo_depth,
-            grow=tuple(grow) or None,
+        writer, units = start_store(
+            cfg, source, index, geometry, basis, encoders, latent_norm, variants, pseudo_depth=pseudo_depth, grow=grow
         )
-        # an append's units are named by its generation: the store's earlier units keep their markers
-        prefix = f"append{writer.manifest['appending']['generation']}-" if grow else ""
-        units = plan_units(index, cfg.unit_clips, *grow, prefix=f"{prefix}unit")
+        prefix = append_prefix(writer, grow)
         done = writer.done_units()
         todo = [u for u in units if u.unit_id not in done]
         listed = {(f["clip_id"], f["file"]) for r in writer.unit_records() for f in r["failures"]}
@@ -251,6 +232,40 @@ def run_cache(cfg: CacheConfig, notice=None) -> dict:
         **stats.summary(),
     }
     return summary
+
+
+def start_store(
+    cfg: CacheConfig, source, index, geometry, basis, encoders, latent_norm, variants, *, pseudo_depth=None, grow=()
+):
+    """The store's writer (a new store, the unfinished one resumed, or `grow` = (clips, frames) it holds
+    appended to: StoreWriter.create) and the work units its clips are encoded in."""
+    from pipeline.store.writer import StoreWriter
+    from pipeline.units import plan_units
+
+    writer = StoreWriter.create(
+        cfg.out,
+        index=index,
+        geometry=geometry,
+        basis=basis,
+        source_info=source.describe(),
+        encoders=encoders,
+        latent_norm=latent_norm,
+        variants=variants,
+        clip_stride=cfg.stride,
+        channel_chunk=cfg.channel_chunk,
+        compression=cfg.compression,
+        overwrite=cfg.overwrite,
+        storage_options=cfg.storage_options or None,
+        extra={"cache_config": recorded_config(cfg)},
+        pseudo_depth=pseudo_depth,
+        grow=tuple(grow) or None,
+    )
+    return writer, plan_units(index, cfg.unit_clips, *grow, prefix=f"{append_prefix(writer, grow)}unit")
+
+
+def append_prefix(writer, grow) -> str:
+    """An append's units are named by its generation: the store's earlier units keep their markers."""
+    return f"append{writer.manifest['appending']['generation']}-" if grow else ""
 
 
 def _steady_rate(rows) -> float | None:
