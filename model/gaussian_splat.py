@@ -24,9 +24,9 @@ Why not normalise by the total weight (``sum w a / (sum w + eps)``): the feature
 coefficients, not colours, so a convex combination buys nothing; the plain sum is linear in the
 amplitudes, so the head can reproduce any map (the amplitudes absorb overlaps; one tiny Gaussian per
 cell is the linear head), and it has no division whose gradient explodes where coverage is thin.
-Each Gaussian is evaluated only on the ``window x window`` cells around its own cell (memory
-O(N * window^2) weights plus one map per window offset, never O(N * H * W)); the tail beyond the window
-is dropped (the rendered values stay smooth functions of the parameters, truncated in extent).
+Each Gaussian is evaluated only on the ``window x window`` cells around its own cell: memory is
+O(N * window^2) weights plus one B x H x W x C map per window offset in turn, never O(N * H * W). The
+tail beyond the window is dropped (rendered values stay smooth in the parameters, cut in extent).
 
 ``render_scale`` s > 1 renders on a grid s times finer and average-pools it back: each weight is the
 mean of the Gaussian over s x s sample points in the target cell. Because the render is linear in the

@@ -143,7 +143,9 @@ class Stage1Config(Sized):
         require(self.head in HEADS, "head", f"one of {', '.join(HEADS)}", self.head)
         require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}", self.loss)
         require(self.gaussians_per_token >= 1, "gaussians_per_token", ">= 1", self.gaussians_per_token)
-        require(self.render_window >= 3 and self.render_window % 2, "render_window", "odd and >= 3", self.render_window)
+        require(
+            self.render_window >= 3 and self.render_window % 2 == 1, "render_window", "odd and >= 3", self.render_window
+        )
         require(self.render_scale >= 1, "render_scale", ">= 1", self.render_scale)
         require(0 <= self.ssim_weight <= 1, "ssim_weight", "in [0, 1]", self.ssim_weight)
 
