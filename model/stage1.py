@@ -22,6 +22,11 @@ Architecture, as in the reference implementation (its ``simple_replace`` masking
   costs 2*dim parameters) and a linear output projection ``dim -> num_pca_channels`` whose
   weight starts at zero (as in the reference), so a fresh model predicts its output bias (zero).
 
+``head="gaussian"`` replaces that output projection with PredGS's adapter (model/gaussian_splat.py):
+each token of the masked frame emits K 2D Gaussians that are rendered onto the feature grid; it also
+starts at zero. ``loss`` picks SmoothL1 (the reference's), PDR's L1 + SSIM (model/ssim.py) or their sum;
+any head trains with any loss.
+
 Parameter count of :meth:`Stage1Config.paper` (C = dim = 1152, 12 blocks, mlp 4x):
 per block 2 * (4 d^2 + 4 d) attention + (8 d^2 + 5 d) MLP + 3 * 2 d norms = 16 d^2 + 19 d
 = 21,255,552; times 12 = 255,066,624; plus the input and output projections 2 * (C d + d) =
@@ -41,15 +46,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import Sized
+from pipeline.config import Sized, require
+
+from .gaussian_splat import GaussianHead
+from .ssim import SSIM_WEIGHT, l1_ssim
 
 __all__ = [
     "MaskedFeatureTransformer",
     "Stage1Config",
+    "config_loss",
     "loss",
     "rollout",
     "stage1_batch",
 ]
+
+HEADS = ("linear", "gaussian")
+LOSSES = ("smooth_l1", "l1_ssim", "smooth_l1+l1_ssim")
 
 
 @dataclass
@@ -61,7 +73,9 @@ class Stage1Config(Sized):
     attention probabilities and the MLP (as ``nn.MultiheadAttention`` + the reference MLP do).
     ``smooth_l1_beta`` is the SmoothL1 transition point: DINO-Foresight's ``--beta_smoothl1``
     defaults to 0.1 and its published commands keep that default. The sizes are named as the Stage 2
-    DiT's (``dim``, ``num_layers``, ``num_heads``); ``SIZES`` holds the named ones.
+    DiT's (``dim``, ``num_layers``, ``num_heads``); ``SIZES`` holds the named ones. ``head``, ``loss``
+    and the Gaussian head's sizes (module docstring) default to the reference's linear head and
+    SmoothL1: checkpoints saved before they existed load as that.
     """
 
     num_pca_channels: int = 1152
@@ -74,6 +88,12 @@ class Stage1Config(Sized):
     dropout: float = 0.0
     smooth_l1_beta: float = 0.1
     gradient_checkpointing: bool = False
+    head: str = "linear"
+    loss: str = "smooth_l1"
+    gaussians_per_token: int = 4
+    render_window: int = 5
+    render_scale: int = 2
+    ssim_weight: float = SSIM_WEIGHT
 
     HELP = {  # jobs.train's --stage1.model.FIELD help
         "dim": "hidden width (divisible by 3 and by num_heads)",
@@ -83,6 +103,12 @@ class Stage1Config(Sized):
         "dropout": "dropout of attention and MLP",
         "smooth_l1_beta": "SmoothL1 loss transition point",
         "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
+        "head": "output head: linear (a projection per token) or gaussian (PredGS: K rendered 2D Gaussians per token)",
+        "loss": "smooth_l1, l1_ssim (PDR: (1 - w) L1 + w (1 - SSIM)) or smooth_l1+l1_ssim (their sum)",
+        "gaussians_per_token": "with head gaussian: Gaussians K each token emits",
+        "render_window": "with head gaussian: side (grid cells, odd) of the window a Gaussian is rendered in",
+        "render_scale": "with head gaussian: render on a grid this many times finer, average-pooled back",
+        "ssim_weight": "with loss l1_ssim: the SSIM term's weight w (3DGS's 0.2)",
     }
 
     # paper: Re2Pix app. 9.2 / DINO-Foresight, 12 layers, hidden 1152, 8 heads (the reference's
@@ -114,6 +140,14 @@ class Stage1Config(Sized):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.smooth_l1_beta < 0:
             raise ValueError(f"smooth_l1_beta must be >= 0, got {self.smooth_l1_beta}")
+        require(self.head in HEADS, "head", f"one of {', '.join(HEADS)}", self.head)
+        require(self.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}", self.loss)
+        require(self.gaussians_per_token >= 1, "gaussians_per_token", ">= 1", self.gaussians_per_token)
+        require(
+            self.render_window >= 3 and self.render_window % 2 == 1, "render_window", "odd and >= 3", self.render_window
+        )
+        require(self.render_scale >= 1, "render_scale", ">= 1", self.render_scale)
+        require(0 <= self.ssim_weight <= 1, "ssim_weight", "in [0, 1]", self.ssim_weight)
 
     @property
     def num_frames(self) -> int:
@@ -221,7 +255,11 @@ class MaskedFeatureTransformer(nn.Module):
             SeparableBlock(d, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.num_layers)
         )
         self.norm_out = nn.LayerNorm(d)
-        self.output_proj = nn.Linear(d, c, bias=True)
+        if config.head == "gaussian":  # PredGS: tokens -> Gaussians -> the rendered frame
+            k, window, scale = config.gaussians_per_token, config.render_window, config.render_scale
+            self.output_proj = GaussianHead(d, c, k, window, scale)
+        else:
+            self.output_proj = nn.Linear(d, c, bias=True)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -232,8 +270,11 @@ class MaskedFeatureTransformer(nn.Module):
         nn.init.normal_(self.input_proj.weight, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         # Zero output weight, as the reference: a fresh model predicts zero (the PCA mean).
-        nn.init.zeros_(self.output_proj.weight)
-        nn.init.zeros_(self.output_proj.bias)
+        if isinstance(self.output_proj, GaussianHead):
+            self.output_proj.reset_parameters()  # zero amplitudes, its Gaussians on their start lattice
+        else:
+            nn.init.zeros_(self.output_proj.weight)
+            nn.init.zeros_(self.output_proj.bias)
 
     def _check_frames(self, frames: torch.Tensor) -> None:
         cfg = self.config
@@ -273,13 +314,33 @@ class MaskedFeatureTransformer(nn.Module):
         return self.output_proj(self.norm_out(x))  # [B, H, W, C]
 
 
-def loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
-    """SmoothL1 between the predicted and true masked frame ``[B, H, W, C]``, averaged over every
-    element of the frame (the whole frame is masked). ``beta = 0.1`` is DINO-Foresight's default;
-    pass ``config.smooth_l1_beta`` to follow a config. Computed in float32."""
+def loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    beta: float = 0.1,
+    kind: str = "smooth_l1",
+    ssim_weight: float = SSIM_WEIGHT,
+) -> torch.Tensor:
+    """The loss between the predicted and true masked frame ``[B, H, W, C]``, averaged over every
+    element of the frame (the whole frame is masked). ``kind`` "smooth_l1": SmoothL1, ``beta = 0.1``
+    being DINO-Foresight's default; "l1_ssim": PDR's (1 - ssim_weight) L1 + ssim_weight (1 - SSIM);
+    "smooth_l1+l1_ssim": their sum (:func:`config_loss` takes all three from a config).
+    Computed in float32."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
+    require(kind in LOSSES, "loss", f"one of {', '.join(LOSSES)}", kind)
+    parts = kind.split("+")
+    total = torch.zeros((), device=pred.device)
+    if "smooth_l1" in parts:
+        total = total + F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
+    if "l1_ssim" in parts:
+        total = total + l1_ssim(pred, target, ssim_weight)
+    return total
+
+
+def config_loss(config: Stage1Config, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`loss` as ``config`` chooses it (its kind, SmoothL1 beta and SSIM weight)."""
+    return loss(pred, target, config.smooth_l1_beta, config.loss, config.ssim_weight)
 
 
 def rollout(model: MaskedFeatureTransformer, context: torch.Tensor, steps: int = 3) -> torch.Tensor:

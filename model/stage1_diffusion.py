@@ -57,6 +57,8 @@ class DiffusionStage1Config(Stage1Config):
         super().__post_init__()
         if self.sample_steps < 1 or self.sample_solver not in ("heun", "euler"):
             raise ValueError("sample_steps must be >= 1 and sample_solver 'heun' or 'euler'")
+        if (self.head, self.loss) != ("linear", "smooth_l1"):  # its denoiser and EDM loss are its own
+            raise ValueError(f"head {self.head!r} and loss {self.loss!r} are the regression Stage 1's, not diffusion's")
 
 
 class FeatureDenoiser(nn.Module):

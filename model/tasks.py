@@ -21,7 +21,7 @@ from .metrics import Means, feature_metrics
 
 
 class Stage1Task:
-    """Teacher-forced masked-frame regression (SmoothL1); evaluated by autoregressive rollout."""
+    """Teacher-forced masked-frame regression (SmoothL1, L1 + SSIM or both); evaluated by autoregressive rollout."""
 
     name = "stage1"
     needs_pred_features = False
@@ -57,7 +57,7 @@ class Stage1Task:
         # a window of train_window frames from the loader (the target is its last), or whole clips
         context, target = stage1.stage1_batch(batch["features"], generator, self.config.context_frames)
         pred = model(context)  # [B, H, W, C]
-        return stage1.loss(pred, target, self.config.smooth_l1_beta)
+        return stage1.config_loss(self.config, pred, target)
 
     def evaluate(self, model, batches: Iterable[dict], generator: torch.Generator) -> Means:
         """Rollout metrics per future frame (model/metrics.py), the teacher-forced loss on every
@@ -81,8 +81,7 @@ class Stage1Task:
         """The teacher-forced loss of every future frame, [B] (the batch's mean for each clip)."""
         n = self.config.context_frames
         losses = [
-            stage1.loss(model(feats[:, t - n : t]), feats[:, t], self.config.smooth_l1_beta)
-            for t in range(n, feats.shape[1])
+            stage1.config_loss(self.config, model(feats[:, t - n : t]), feats[:, t]) for t in range(n, feats.shape[1])
         ]
         return torch.stack(losses).mean().expand(feats.shape[0])
 
