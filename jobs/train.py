@@ -123,6 +123,7 @@ class Stage1Settings(StageConfig):
     diffusion: bool = False  # forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
     sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
     sample_solver: str = DiffusionStage1Config.sample_solver
+    forecast_samples: int = DiffusionStage1Config.forecast_samples
 
     HELP = {
         **StageConfig.HELP,
@@ -130,11 +131,12 @@ class Stage1Settings(StageConfig):
         "diffusion": "forecast by sampling a feature diffusion model (model/stage1_diffusion.py)",
         "sample_steps": "with --stage1.diffusion: sampler steps",
         "sample_solver": "with --stage1.diffusion: heun or euler",
+        "forecast_samples": "with --stage1.diffusion: the forecast is the mean of this many samples",
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        at_least(self, 1, "sample_steps")
+        at_least(self, 1, "sample_steps", "forecast_samples")
 
 
 @dataclass
@@ -286,7 +288,7 @@ def make_task(stage: str, sc: StageConfig, geometry, channels: int):
 
     if stage == "stage1":
         if sc.diffusion:
-            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
+            sampler = {k: getattr(sc, k) for k in ("sample_steps", "sample_solver", "forecast_samples")}
             task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
         else:
             task = Stage1Task(sc.model, geometry, channels)
