@@ -207,6 +207,9 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
         "copy_last/mse",
         "seg/miou_all",
         "depth/absrel",
+        "t6/sharpness",
+        "copy_last/sharpness",
+        "copy_last/seg/miou_all",  # the head on the last context frame's features, the forecast's row to beat
     } <= set(s1)
     assert {"seg/miou_all", "depth/delta1"} <= set(r["reference_metrics"])
     assert "1 of 2 clips have no label" in r["skipped"]["seg_labels"]
