@@ -234,6 +234,23 @@ def test_copy_last_is_scored_as_a_model_from_the_stored_latents(setup):
     assert got["latent_mse"]["mean"] != r["models"]["re2pix"]["latent_mse"]["mean"]
 
 
+def test_a_diffusion_stage1_is_evaluated_like_the_regression_one(setup, tmp_path):
+    # the experiment's forecaster table conditions Re2Pix on each Stage 1, the diffusion one included
+    from jobs.evaluate import run_evaluate
+    from model.checkpoint import save_checkpoint
+    from model.stage1_diffusion import DiffusionStage1Config, FeatureDiffusion
+    from tests.run_factory import perturb
+
+    model = perturb(FeatureDiffusion(DiffusionStage1Config.tiny(num_pca_channels=64, sample_steps=2)), 3)
+    meta = {"task": "stage1_diffusion", "model_config": model.config.to_dict()}
+    save_checkpoint(tmp_path / "stage1", 1, model=model, state={}, meta=meta)
+    r = run_evaluate(config(setup, decode=False, out=None, stage1=str(tmp_path / "stage1"), samples=1))
+    regression = run_evaluate(config(setup, decode=False, out=None, samples=1))
+    assert r["checkpoints"]["stage1"]["task"] == "stage1_diffusion"
+    assert r["stage1"]["t6/mse"] > 0 and r["stage1"]["t6/mse"] != regression["stage1"]["t6/mse"]
+    assert r["stage1"]["copy_last/mse"] == regression["stage1"]["copy_last/mse"]
+
+
 def test_refuses_fid_and_fvd_without_weights(setup):
     from jobs.evaluate import main, run_evaluate
 
