@@ -105,7 +105,7 @@ rollout: install
 demo: install
 	$(PY) -m jobs.demo --run runs/demo $(ARGS)
 
-# the paper's ablations at CPU scale (about 30 min, 2 seeds; ARGS=--quick: under 3 min): runs/experiment/report.md
+# the paper's ablations at CPU scale and the Stage 1 forecasters (2 seeds; ARGS=--quick: a smoke test): runs/experiment/report.md
 experiment: install
 	$(PY) -m jobs.experiment $(ARGS)
 

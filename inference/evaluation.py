@@ -129,7 +129,7 @@ def evaluate_store(
     moving = semantic.labels.moving
     accs = {name: [Acc(moving) for _ in range(samples)] for name in names}
     accs[COPY_LAST] = [Acc(moving)]  # deterministic: one run
-    stage1_means, stage1_acc, ref_acc = Means(), Acc(moving), Acc(moving)
+    stage1_means, stage1_acc, copy_acc, ref_acc = Means(), Acc(moving), Acc(moving), Acc(moving)
     ref_fid, ref_fvd, clip_ids = [], [], []
     real_fid, real_fvd, real_missing = [], [], {}  # FID / FVD references from the source's own frames
     indices = list(range(clips)) if isinstance(clips, int) else [int(i) for i in clips]
@@ -154,6 +154,7 @@ def evaluate_store(
         )
         if semantic.active and a % g.temporal_downsample == 0 and a // g.temporal_downsample >= m:
             semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
+            semantic.score(copy_acc, semantic.pca_features(copy[:, 0]), ids, metas)
         conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
             bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
@@ -222,7 +223,14 @@ def evaluate_store(
     }
     return {
         "clip_ids": clip_ids,
-        "stage1": {k: finite(v) for k, v in {**stage1_means.compute(), **stage1_acc.values()}.items()},
+        "stage1": {
+            k: finite(v)
+            for k, v in {
+                **stage1_means.compute(),
+                **stage1_acc.values(),
+                **{f"copy_last/{k}": v for k, v in copy_acc.values().items()},
+            }.items()
+        },
         "models": per_model,
         "reference_metrics": reference_metrics,
         "missing_labels": {key: sorted(ids) for key, ids in semantic.missing.items()},

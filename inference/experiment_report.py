@@ -1,6 +1,7 @@
 """The experiment's design and report (the library behind `python -m jobs.experiment`, whose docstring says
-what it runs): its settings and Stage 2 arms, the inference-time rows, the tables with the paper's
-directions checked on them, the convergence speed-up, report.md, experiment.json and the PNG plots.
+what it runs): its settings, Stage 2 arms and Stage 1 forecasters, the inference-time rows, the tables with
+the paper's directions checked on them, the convergence speed-up, the copy-last ordering on two disjoint
+halves of the val clips, the forecaster table, report.md, experiment.json and the PNG plots.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ ARMS = {
     "gt_only": ("2", {"pred_p": 0.0}),
     "pred_only": ("2", {"pred_p": 1.0}),
 }
+# Stage 1 forecasters, each trained from the same store with the same budget: (name, --stage1 settings).
+# The first is the Stage 1 every Stage 2 arm trains with (its rollout is the store's pred_features).
+FORECASTERS = [
+    ("regression", {}),  # the masked feature transformer, SmoothL1
+    ("diffusion", {"diffusion": True}),
+]
+HALVES = ("half_a", "half_b")  # the main evaluation again on each half of the val scenes
 
 
 @dataclass
@@ -36,43 +44,44 @@ class Settings:
     vae: str = "demo"
     dinov2: str = "demo"
     train_scenes: int = 8
-    val_scenes: int = 4
+    val_scenes: int = 12  # the copy-last ordering is also reported on each half of them (6 scenes each)
     frames_per_scene: int = 49  # train scenes: 7 clips each
-    val_frames_per_scene: int = 25  # one clip a val scene: the evaluated clips are 4 scenes, not one
+    val_frames_per_scene: int = 25  # one clip a val scene: the evaluated clips are 12 scenes, not one
     stage1_steps: int | None = None  # None: the train preset's
     steps: int | None = None  # Stage 2 arms; None: the train preset's
     batch_size: int | None = None
     lr: float | None = None
-    ckpt_every: int | None = None  # the convergence curve's spacing; None: a quarter of the steps
-    seeds: int = 2  # the full run: about 30 min here with 2 seeds
-    eval_clips: int = 4  # every evaluation decodes each clip 1 + samples x models times: the run's main cost
+    ckpt_every: int | None = None  # the convergence curve's spacing; None: a tenth of the steps
+    seeds: int = 2
+    eval_clips: int = 12  # every evaluation decodes each clip 1 + samples x models times: the run's main cost
     samples: int = 3
     sample_steps: int = 20  # the demo's Heun steps (10 scored 0.046 worse latent MSE there: docs/demo_tuning.md)
     channels: tuple = (8, 16, 32, 0)  # table 5; 0: all the model reads
+    # guidance settings fixed before the run, each compared with no guidance on its own
     guidance_w: float = 0.4  # table 8's fixed w
     guidance_cs: tuple = (8, 16, 32)  # table 8
     guidance_c: int = 16  # table 9's fixed c (the paper: 128 of 1152)
-    guidance_ws: tuple = (0.2, 0.4, 0.8)  # table 9
+    guidance_ws: tuple = (0.2, 0.8)  # table 9 (w 0.4 at c 16 is table 8's row)
     head_epochs: int = 20
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(
             train_scenes=2,
-            val_scenes=1,
+            val_scenes=2,
             frames_per_scene=25,
             val_frames_per_scene=25,
             stage1_steps=4,
             steps=4,
             batch_size=2,
             ckpt_every=2,
-            eval_clips=1,
+            eval_clips=2,
             samples=1,
             sample_steps=2,
             channels=(8, 0),
             guidance_cs=(8,),
             guidance_c=8,
-            guidance_ws=(0.4,),
+            guidance_ws=(0.8,),
             head_epochs=1,
             seeds=1,
         )
@@ -100,11 +109,12 @@ def model_metrics(results: dict, row: str) -> dict:
     return {k: v["runs"] for k, v in results["models"].get(name, {}).items() if k in METRICS}
 
 
-def pooled(results: dict, row: str, seeds: int) -> dict:
-    """{metric: {"mean", "std", "n"}} over every sampling run of every seed (std ddof 1; 0 for one value)."""
+def pooled(results: dict, row: str, seeds: int, evaluation: str | None = None) -> dict:
+    """{metric: {"mean", "std", "n"}} over every sampling run of every seed (std ddof 1; 0 for one value);
+    `evaluation`: read the row from that evaluation instead of the row's own."""
     runs: dict[str, list] = {}
     for seed in range(seeds):
-        for k, v in model_metrics(results[seed, row], row).items():
+        for k, v in model_metrics(results[seed, evaluation or row], row).items():
             runs.setdefault(k, []).extend(x for x in v if x is not None)
     out = {}
     for k, v in runs.items():
@@ -137,7 +147,9 @@ def check(claim: str, rows: dict, metric: str, a: str, b: str) -> dict:
 
 
 def speedup(points: list[list[dict]], metric: str) -> dict:
-    """Steps at which Re2Pix first reaches the Baseline's final value (means over seeds per step)."""
+    """The step at which Re2Pix first reaches the Baseline's final value (means over seeds per step), linearly
+    interpolated between the two checkpoints around it; reached by the first checkpoint, the ratio is a lower
+    bound ("at_least")."""
     steps = sorted({p["step"] for pts in points for p in pts})
 
     def mean_at(step, model):
@@ -158,12 +170,24 @@ def speedup(points: list[list[dict]], metric: str) -> dict:
             "note": "no Baseline value at the last step",
             "verdict": "not measured",
         }
-    for step in steps:
-        v = mean_at(step, "re2pix")
-        if v is not None and better(metric, v, final):
-            ratio = steps[-1] / step  # the paper's direction: Re2Pix gets there before the Baseline's last step
+    curve = [(step, v) for step in steps if (v := mean_at(step, "re2pix")) is not None]
+    for k, (step, v) in enumerate(curve):
+        if better(metric, v, final):
+            if k == 0:
+                reached, at_least = float(step), True
+            else:  # the crossing between the previous checkpoint (not there yet) and this one
+                (s0, v0), at_least = curve[k - 1], False
+                reached = s0 + (step - s0) * (final - v0) / (v - v0)
+            ratio = steps[-1] / reached  # the paper's direction: Re2Pix gets there before the Baseline's last step
             verdict = "reproduced" if ratio > 1 else "not reproduced"
-            return {"metric": metric, "baseline_final": final, "reached_at": step, "ratio": ratio, "verdict": verdict}
+            return {
+                "metric": metric,
+                "baseline_final": final,
+                "reached_at": reached,
+                "ratio": ratio,
+                "at_least": at_least,
+                "verdict": verdict,
+            }
     return {
         "metric": metric,
         "baseline_final": final,
@@ -172,6 +196,60 @@ def speedup(points: list[list[dict]], metric: str) -> dict:
         "note": "not reached",
         "verdict": "not reproduced",
     }
+
+
+def ordering(rows: dict, metric: str) -> list[str]:
+    """The rows that have the metric, best first."""
+    have = [r for r in rows if metric in rows[r]]
+    return sorted(have, key=lambda r: rows[r][metric]["mean"] * (-1 if METRICS[metric][1] else 1))
+
+
+def halves_table(s: Settings, results: dict) -> dict:
+    """Re2Pix, the Baseline and copy-last-frame on each half of the val scenes, and per metric whether their
+    order is the same on both halves or flips."""
+    rows = {
+        f"{row} ({half})": pooled(results, row, s.seeds, evaluation=half)
+        for half in HALVES
+        for row in ("re2pix", "baseline", "copy_last")
+    }
+    checks = []
+    for m in METRICS:
+        orders = [
+            [r.split(" (")[0] for r in ordering({k: v for k, v in rows.items() if half in k}, m)] for half in HALVES
+        ]
+        same = orders[0] == orders[1]
+        checks.append(
+            {
+                "claim": f"the order on {METRICS[m][0]} is the same on both halves ({' > '.join(orders[0])} / "
+                f"{' > '.join(orders[1])})",
+                "verdict": "holds" if same else "flips",
+            }
+        )
+    return {
+        "name": "halves",
+        "title": "The copy-last ordering on two disjoint halves of the val scenes",
+        "rows": rows,
+        "checks": checks,
+    }
+
+
+def forecaster_table(forecasts: dict) -> dict:
+    """Copy-last and every Stage 1 forecaster (`forecasts`: name -> jobs.evaluate's results with that Stage 1
+    and seed 0's Re2Pix): per future frame its feature MSE, cosine and sharpness against the truth, the
+    segmentation head's mIoU on its features of the annotated frame, and Re2Pix's future-latent MSE when
+    conditioned on it (copy-last: Re2Pix is not sampled with it, "-")."""
+    rows = {}
+    for name, res in [("copy_last", next(iter(forecasts.values())))] + list(forecasts.items()):
+        prefix = "copy_last/" if name == "copy_last" else ""
+        s1 = res["stage1"]
+        frames = sorted({k.split("/")[-2] for k in s1 if k.startswith(prefix + "t") and k.endswith("/mse")})
+        row = {f"{t}/{m}": s1.get(f"{prefix}{t}/{m}") for t in frames for m in ("mse", "cos", "sharpness")}
+        row["seg/miou_all"] = s1.get(prefix + "seg/miou_all")
+        re2pix = res["models"].get("re2pix", {})
+        for key in [f"latent_mse/{t}" for t in frames] + ["latent_mse"]:
+            row[key] = None if prefix else (re2pix.get(key) or {}).get("mean")
+        rows[name] = row
+    return {"name": "forecasters", "title": "Stage 1 forecasters", "rows": rows}
 
 
 def tables(s: Settings, results: dict, curves: list) -> list[dict]:
@@ -248,14 +326,13 @@ def tables(s: Settings, results: dict, curves: list) -> list[dict]:
         keys = [f"guidance_c{c}_w{w:g}" for c, w in settings]
         rows = {k: pooled(results, "re2pix" if not inf[k] else k, seeds) for k in ["guidance_off", *keys]}
         rows["copy_last"] = main["copy_last"]
-        checks = []
-        for m in ("psnr", "seg/miou_all"):
-            sign = 1 if METRICS[m][1] else -1
-            best = max(keys, key=lambda k, m=m: sign * rows[k].get(m, {}).get("mean", -sign * np.inf))
-            checks.append(
-                check(f"some guided setting ({best}) improves {METRICS[m][0]}", rows, m, best, "guidance_off")
-            )
+        checks = [
+            check(f"guidance {k[len('guidance_') :]} improves {METRICS[m][0]}", rows, m, k, "guidance_off")
+            for k in keys
+            for m in ("psnr", "seg/miou_all")
+        ]
         out.append({"name": name, "title": title, "rows": rows, "checks": checks})
+    out.append(halves_table(s, results))
     return out
 
 
@@ -270,15 +347,18 @@ def build_report(
     curves: list,
     seconds: float,
     *,
+    forecasts: dict,
     store: Path,
     val: Path,
     timings: dict,
     train_preset_stage2: dict,
 ) -> Path:
     """report.md, experiment.json and the PNG plots in `run`: every table (tables()) from the evaluations
-    (`results`: (seed, row) -> jobs.evaluate's results) and the convergence curves (one curve.json per seed);
-    `store` / `val` are the stores the arms trained and were scored on, `timings` the wall time per step."""
+    (`results`: (seed, row) -> jobs.evaluate's results), the convergence curves (one curve.json per seed) and
+    the forecasters' evaluations (`forecasts`: forecaster_table); `store` / `val` are the stores the arms
+    trained and were scored on, `timings` the wall time per step."""
     tabs = tables(s, results, curves)
+    forecasters = forecaster_table(forecasts)
     ceiling = results[0, "re2pix"].get("reference_metrics", {}).get("seg/miou_all")
     plots = [plot_convergence(curves, run / "convergence.png")] + [
         plot_table(t, run / f"{t['name']}.png") for t in tabs
@@ -292,6 +372,7 @@ def build_report(
         "miou_ceiling": ceiling,
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "tables": tabs,
+        "forecasters": forecasters,
         "curves": [str(run / f"seed{i}" / "eval" / "curve.json") for i in range(len(curves))],
         "evaluations": sorted(
             {f"seed{seed}/eval/{row}.json" for seed, row in results if row not in ("baseline", "copy_last")}
@@ -321,12 +402,12 @@ def build_report(
             noise = " (the difference is within one std)" if c.get("within_one_std") else ""
             lines.append(f"- {c['claim']}: **{c['verdict']}**{noise}" + (f" ({c['why']})" if c.get("why") else ""))
         for sp in t.get("speedup", []):
-            got = f"{sp['ratio']:.2g}x (reached at step {sp['reached_at']})" if sp["ratio"] else sp.get("note", "")
             lines.append(
-                f"- speed-up on {METRICS[sp['metric']][0]} (the paper: 7x for FID, 14x for mIoU): {got}: "
+                f"- speed-up on {METRICS[sp['metric']][0]} (the paper: 7x for FID, 14x for mIoU): {speedup_text(sp)}: "
                 f"**{sp['verdict']}**"
             )
         lines += ["", f"![{t['name']}]({t['name']}.png)", ""]
+    lines += forecaster_lines(forecasters, s)
     lines += ["## Convergence", "", "![convergence](convergence.png)", "", "## Wall time per step", ""]
     lines += [f"- {k}: {v:.0f} s" for k, v in timings.items()]
     path = run / "report.md"
@@ -334,6 +415,38 @@ def build_report(
     print("\n".join(lines))
     print("plots: " + ", ".join(str(p) for p in plots))
     return path
+
+
+def speedup_text(sp: dict) -> str:
+    if not sp["ratio"]:
+        return sp.get("note", "")
+    if sp["at_least"]:
+        return f"at least {sp['ratio']:.2g}x (reached by the first checkpoint, step {sp['reached_at']:.0f})"
+    return f"{sp['ratio']:.2g}x (reached at step {sp['reached_at']:.0f}, interpolated between checkpoints)"
+
+
+def forecaster_lines(table: dict, s: Settings) -> list[str]:
+    """report.md's forecaster table: one row per forecaster, per future frame MSE / cosine / sharpness."""
+    rows = table["rows"]
+    frames = sorted({k.split("/")[0] for r in rows.values() for k in r if k.startswith("t")})
+    num = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    head = [f"{t} MSE / cos / sharpness" for t in frames] + ["mIoU (annotated frame)"]
+    head += [f"Re2Pix latent MSE {t}" for t in frames] + ["Re2Pix latent MSE"]
+    lines = [f"## {table['title']}", ""]
+    lines += [
+        f"Each trained from the same store with the same Stage 1 budget; scored on the first {s.eval_clips} val "
+        f"clips; Re2Pix is seed 0's, trained once on the rollouts of `{FORECASTERS[0][0]}`, its sampling "
+        f"({s.samples} run(s)) conditioned on each forecaster's rollout. Sharpness: the forecast's mean squared "
+        "spatial gradient over the truth's (1: as sharp as the truth).",
+        "",
+        "| forecaster | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    for name, r in rows.items():
+        cells = [" / ".join(num(r.get(f"{t}/{m}")) for m in ("mse", "cos", "sharpness")) for t in frames]
+        cells += [num(r.get("seg/miou_all"))] + [num(r.get(f"latent_mse/{t}")) for t in frames]
+        lines.append(f"| {name} | " + " | ".join(cells + [num(r.get("latent_mse"))]) + " |")
+    return lines + [""]
 
 
 def machine() -> str:

@@ -104,7 +104,9 @@ class Models:
         elif baseline:
             log.warning("no Baseline checkpoint at %s: its row is left out", baseline)
         return cls(
-            load_model(stage1, ("stage1",), weights, device), load_model(stage2, ("stage2",), weights, device), base
+            load_model(stage1, ("stage1", "stage1_diffusion"), weights, device),
+            load_model(stage2, ("stage2",), weights, device),
+            base,
         )
 
     def check(self, geometry, channels: int, where: str, manifest: dict | None, basis: str | None = None) -> None:

@@ -2,28 +2,36 @@
 
 On the built-in synthetic driving set (tiny models, the demo encoders): cache a train and a val store
 -> write the val clips' class maps (the source's ground truth) and train a DPT segmentation head on
-the train store's features (the mIoU of every table) -> train Stage 1 once and roll it out into the
-train store -> train every Stage 2 arm from that store with the same budget (steps, batch, lr, seed)
--> evaluate each arm on the val store -> report.md, experiment.json and PNG plots in --run.
+the train store's features (the mIoU of every table) -> train every Stage 1 forecaster with the same budget
+and roll the first (regression) out into the train store -> train every Stage 2 arm from that store with the
+same budget (steps, batch, lr, seed; the lr constant after its warmup, as the paper's figure 3) -> evaluate
+each arm on the val store -> report.md, experiment.json and PNG plots in --run.
 Each step is the same job a user runs by hand (jobs.cache, jobs.train_dpt, jobs.train, jobs.rollout,
 jobs.evaluate), started as a subprocess. The settings, tables, report and plots are inference/experiment_report.py.
 
 Tables (the paper's numbering; each has copy-last-frame as a row):
-- convergence (figure 3): Re2Pix and the Baseline scored at every kept checkpoint (jobs.evaluate
-  --every-checkpoint); the speed-up is the Baseline's final step over the first step at which Re2Pix
-  reaches the Baseline's final value ("not reached" when it never does);
+- convergence (figure 3): Re2Pix and the Baseline scored at every kept checkpoint, one every tenth of the
+  steps (jobs.evaluate --every-checkpoint); the speed-up is the Baseline's final step over the step at which
+  Re2Pix reaches the Baseline's final value, interpolated between the checkpoints around it ("at least" when
+  the first checkpoint already reaches it, "not reached" when none does);
 - table 3: nested dropout on / off (stage setting nested_dropout);
 - table 4: ground-truth-only / predicted-only / 90-10 mixed supervision (stage setting pred_p 0, 1, 0.1);
 - table 5: PCA channels Stage 2 reads at inference (jobs.evaluate --channels), 8 ... all;
-- tables 8, 9: representation guidance (eq. 10), c at a fixed w and w at a fixed c
-  (jobs.evaluate --guidance-channels c --guidance-weight w).
+- tables 8, 9: representation guidance (eq. 10) at settings fixed in advance, w 0.4 at c 8 / 16 / 32 and c 16
+  at w 0.2 / 0.8 (jobs.evaluate --guidance-channels c --guidance-weight w), each compared with no guidance;
+- halves: Re2Pix, the Baseline and copy-last-frame on each half of the val scenes (jobs.evaluate
+  --val-scenes), and whether their order flips between the halves;
+- forecasters: copy-last and each Stage 1 of inference/experiment_report.py's FORECASTERS (regression with
+  SmoothL1, the diffusion Stage 1), per future frame their feature MSE, cosine and sharpness, the head's mIoU
+  on their features, and seed 0's Re2Pix conditioned on each (jobs.evaluate --stage1 ... --no-decode).
 Values are mean ± std over sampling runs (the paper's appendix 6.1), pooled over seeds with --seeds N
 (Stage 2 arms trained with seeds 0..N-1; Stage 1 and the head are trained once). Every table says
 whether the paper's direction showed up here: "reproduced" or "not reproduced".
 
-The full run (2 seeds) took 29 minutes on 2 CPU cores here: the trainings and evaluations run two at a
-time, one torch thread each; --quick (under 3 minutes) runs every arm with a handful of steps on one clip:
-a smoke test of the harness, its numbers mean nothing.
+The trainings and evaluations run two at a time, one torch thread each (2 CPU cores). The run of 6 December
+2026 (4 val clips, 4 checkpoints per curve, no forecaster table) took 29 minutes here; these settings (12 val
+clips, 10 checkpoints) cost more. --quick runs every arm with a handful of steps on two clips: a smoke test of
+the harness, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference.experiment_report import ARMS, Settings, build_report, inference_rows
+from inference.experiment_report import ARMS, FORECASTERS, HALVES, Settings, build_report, inference_rows
 from jobs.cli import HelpFormatter, replace_run_folder, side_by_side
 from jobs.cli import run as run_main
 from jobs.cli import step as run_step
@@ -52,7 +60,11 @@ class Experiment:
         self.run, self.s, self.timings = run, s, {}
         self.store, self.val = run / "store.zarr", run / "val.zarr"
         self.labels, self.head = run / "labels", run / "heads" / "seg.safetensors"
-        self.stage1 = run / "stage1" / "stage1"
+        self.stage1 = self.forecaster(FORECASTERS[0][0])  # the Stage 1 every Stage 2 arm trains with
+
+    def forecaster(self, name: str) -> Path:
+        """The checkpoint folder of one Stage 1 forecaster."""
+        return self.run / "forecasters" / name / "stage1"
 
     def step(self, title: str, args: list[str]) -> None:
         run_step(title, args, self.timings)
@@ -89,14 +101,39 @@ class Experiment:
                 self.labels / f"{meta['clip_id']}.png"
             )
 
+    def write_halves(self) -> dict[str, Path]:
+        """Two disjoint halves of the evaluated val clips, split by scene, as jobs.evaluate --val-scenes reads
+        them: {half: path}."""
+        from pipeline.store.reader import Store
+
+        store = Store(str(self.val))
+        clips = list(range(min(len(store), self.s.eval_clips)))
+        scenes = sorted({store.clip_meta(i)["scene"] for i in clips})
+        if len(scenes) < 2:
+            raise ExperimentError(f"{self.val}: the evaluated clips come from {len(scenes)} scene(s); halves need 2")
+        paths = {}
+        for half, mine in zip(HALVES, (scenes[: len(scenes) // 2], scenes[len(scenes) // 2 :])):
+            held = [i for i in clips if store.clip_meta(i)["scene"] in mine]
+            record = {
+                "store": str(self.val),
+                "scenes": mine,
+                "clips": held,
+                "clip_ids": [store.clip_ids[i] for i in held],
+            }
+            paths[half] = self.run / "halves" / f"{half}.json"
+            paths[half].parent.mkdir(exist_ok=True)
+            paths[half].write_text(json.dumps(record, indent=1))
+        return paths
+
     def budget(self, which: str) -> dict:
-        """The stage settings every arm shares: steps, batch, lr (the preset's unless given) and checkpoints."""
+        """The stage settings every arm shares: steps, batch, lr (the preset's unless given), checkpoints, and
+        for Stage 2 the lr constant after the preset's warmup (figure 3's protocol)."""
         s = self.s
         steps = s.stage1_steps if which == "stage1" else s.steps
         out = {k: v for k, v in (("steps", steps), ("batch_size", s.batch_size), ("lr", s.lr)) if v is not None}
         if which == "stage2":  # every checkpoint kept for the curve; the trainer's own sampled check kept small
-            every = s.ckpt_every or max(1, (s.steps or preset_stage2(s.preset).get("steps", 100)) // 4)
-            out.update(ckpt_every=every, keep_checkpoints=0, eval_every=0, sample_clips=1)
+            every = s.ckpt_every or max(1, (s.steps or preset_stage2(s.preset).get("steps", 100)) // 10)
+            out.update(schedule="constant", ckpt_every=every, keep_checkpoints=0, eval_every=0, sample_clips=1)
             out.update(sample_steps=s.sample_steps)
         return out
 
@@ -119,11 +156,12 @@ class Experiment:
     def eval_path(self, seed: int, name: str) -> Path:
         return self.run / f"seed{seed}" / "eval" / f"{name}.json"
 
-    def evaluate(self, name: str, seed: int, stage2: Path, extra: list[str], baseline: Path | None = None):
-        """The step of jobs.evaluate of one Stage 2 checkpoint (and the Baseline when given) on the val store,
-        its results to eval_path(seed, name)."""
+    def evaluate(self, name: str, seed: int, stage2: Path, extra: list[str], baseline: Path | None = None, stage1=None):
+        """The step of jobs.evaluate of one Stage 2 checkpoint (and the Baseline when given; with Stage 1
+        `stage1`, else the regression one) on the val store, its results to eval_path(seed, name)."""
         out = self.eval_path(seed, name)
-        return f"evaluate seed {seed} {name}", self.evaluate_args(seed, stage2, baseline) + ["--out", str(out), *extra]
+        args = self.evaluate_args(seed, stage2, baseline, stage1)
+        return f"evaluate seed {seed} {name}", args + ["--out", str(out), *extra]
 
     def curve(self, seed: int, stage2: Path, baseline: Path) -> tuple[str, list[str]]:
         """jobs.evaluate --every-checkpoint: Re2Pix and the Baseline at every kept checkpoint (curve.json)."""
@@ -131,10 +169,10 @@ class Experiment:
         args = self.evaluate_args(seed, stage2, baseline) + ["--every-checkpoint", "--curve", str(path)]
         return f"evaluate seed {seed} every checkpoint", args
 
-    def evaluate_args(self, seed: int, stage2: Path, baseline: Path | None) -> list[str]:
+    def evaluate_args(self, seed: int, stage2: Path, baseline: Path | None, stage1: Path | None = None) -> list[str]:
         s = self.s
         return (
-            ["jobs.evaluate", "--preset", s.preset, "--store", str(self.val), "--stage1", str(self.stage1)]
+            ["jobs.evaluate", "--preset", s.preset, "--store", str(self.val), "--stage1", str(stage1 or self.stage1)]
             + ["--stage2", str(stage2), "--baseline", str(baseline) if baseline else "", "--seed", str(seed)]
             + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--sample-steps", str(s.sample_steps)]
             + ["--seg-head", str(self.head), "--labels", str(self.labels), "--annotated-frame", str(ANNOTATED_FRAME)]
@@ -145,7 +183,7 @@ class Experiment:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.experiment", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--run", default="runs/experiment", help="everything goes under this folder (replaced)")
-    p.add_argument("--quick", action="store_true", help="a few minutes: every arm, a handful of steps, one clip")
+    p.add_argument("--quick", action="store_true", help="a few minutes: every arm, a handful of steps, two clips")
     p.add_argument("--seeds", type=int, default=None, help="train every Stage 2 arm with seeds 0..N-1 (default 2)")
     p.add_argument("--steps", type=int, default=None, help="Stage 2 steps of every arm (default: the train preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="Stage 2 batch size (default: the train preset's)")
@@ -164,14 +202,14 @@ def main(argv=None) -> int:
     ex = Experiment(run, s)
     ex.cache()
     ex.write_labels()
+    halves = ex.write_halves()
     head = ["jobs.train_dpt", "--preset", s.preset, "--store", str(ex.store), "--tasks", "segmentation"]
     head += ["--labels", "source", "--epochs", str(s.head_epochs), "--out", str(run / "heads"), "--threads", "1"]
     rollout = ["jobs.rollout", "--preset", s.preset, "--checkpoint", str(ex.stage1), "--store", str(ex.store)]
-    side_by_side(
-        [[ex.train("1", run / "stage1", ex.budget("stage1"), 0), ("rollout", rollout)], [("train head", head)]],
-        run / "logs",
-        ex.timings,
-    )
+    stage1 = [
+        ex.train("1", ex.forecaster(name).parent, {**ex.budget("stage1"), **extra}, 0) for name, extra in FORECASTERS
+    ]
+    side_by_side([[stage1[0], ("rollout", rollout)], [("train head", head), *stage1[1:]]], run / "logs", ex.timings)
     evaluations = {}  # (seed, row) -> the evaluation (name) whose results hold the row
     steps, curve_steps = [], []
     for seed in range(s.seeds):
@@ -185,6 +223,9 @@ def main(argv=None) -> int:
         re2pix, base = arms / "re2pix" / "stage2", arms / "baseline" / "baseline"
         steps.append(ex.evaluate("re2pix", seed, re2pix, [], baseline=base))
         evaluations.update({(seed, row): "re2pix" for row in ("re2pix", "baseline", "copy_last")})
+        for half, path in halves.items():
+            steps.append(ex.evaluate(half, seed, re2pix, ["--val-scenes", str(path)], baseline=base))
+            evaluations[seed, half] = half
         for arm in ("no_nested", "gt_only", "pred_only"):
             steps.append(ex.evaluate(arm, seed, arms / arm / "stage2", []))
             evaluations[seed, arm] = arm
@@ -193,16 +234,28 @@ def main(argv=None) -> int:
                 steps.append(ex.evaluate(name, seed, re2pix, flags))
                 evaluations[seed, name] = name
         curve_steps.append(ex.curve(seed, re2pix, base))
+    for name, _ in FORECASTERS:  # seed 0's Re2Pix conditioned on each forecaster: latent and feature metrics
+        steps.append(
+            ex.evaluate(
+                f"forecaster_{name}",
+                0,
+                run / "seed0" / "re2pix" / "stage2",
+                ["--no-decode"],
+                stage1=ex.forecaster(name),
+            )
+        )
     ex.lanes(curve_steps + steps)  # the curves first: the longest evaluations
     loaded = {(seed, name): json.loads(ex.eval_path(seed, name).read_text()) for (seed, _), name in evaluations.items()}
     results = {(seed, row): loaded[seed, name] for (seed, row), name in evaluations.items()}
     curves = [json.loads(ex.eval_path(seed, "curve").read_text()) for seed in range(s.seeds)]
+    forecasts = {name: json.loads(ex.eval_path(0, f"forecaster_{name}").read_text()) for name, _ in FORECASTERS}
     report = build_report(
         run,
         s,
         results,
         curves,
         time.time() - t0,
+        forecasts=forecasts,
         store=ex.store,
         val=ex.val,
         timings=ex.timings,

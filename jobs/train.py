@@ -122,6 +122,7 @@ class Stage1Settings(StageConfig):
     diffusion: bool = False  # forecast by sampling a feature diffusion model (model/stage1_diffusion.py)
     sample_steps: int = DiffusionStage1Config.sample_steps  # with diffusion: its sampler
     sample_solver: str = DiffusionStage1Config.sample_solver
+    forecast_samples: int = DiffusionStage1Config.forecast_samples
 
     HELP = {
         **StageConfig.HELP,
@@ -129,11 +130,12 @@ class Stage1Settings(StageConfig):
         "diffusion": "forecast by sampling a feature diffusion model (model/stage1_diffusion.py)",
         "sample_steps": "with --stage1.diffusion: sampler steps",
         "sample_solver": "with --stage1.diffusion: heun or euler",
+        "forecast_samples": "with --stage1.diffusion: the forecast is the mean of this many samples",
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        at_least(self, 1, "sample_steps")
+        at_least(self, 1, "sample_steps", "forecast_samples")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Feature metrics for Stage 1: per future frame, MSE and cosine similarity of predicted PCA features
-against the cached ground truth, over all channels and over the first 8/64/256/1152 PCA channels.
+against the cached ground truth, over all channels and over the first 8/64/256/1152 PCA channels, and
+the forecast's sharpness: its spatial gradient energy over the truth's (below 1: smoother than the truth).
 
 PCA channels are ordered by explained variance, so a prefix score says how well the coarse structure
 is forecast. Means are accumulated as (sum, count) so that ranks can add theirs before dividing.
@@ -43,7 +44,17 @@ def feature_metrics(pred: torch.Tensor, target: torch.Tensor, first_frame: int =
             out[f"t{first_frame + f}/cos{name}"] = cos[:, f]
         out[f"mse{name}"] = mse.mean(dim=1)
         out[f"cos{name}"] = cos.mean(dim=1)
+    sharpness = gradient_energy(pred) / gradient_energy(target).clamp_min(1e-12)  # [B, F]
+    for f in range(pred.shape[1]):
+        out[f"t{first_frame + f}/sharpness"] = sharpness[:, f]
+    out["sharpness"] = sharpness.mean(dim=1)
     return out
+
+
+def gradient_energy(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared spatial gradient (finite differences along H and W) of x [B, F, H, W, C]: [B, F]."""
+    dy, dx = x[:, :, 1:] - x[:, :, :-1], x[:, :, :, 1:] - x[:, :, :, :-1]
+    return dy.pow(2).mean(dim=(2, 3, 4)) + dx.pow(2).mean(dim=(2, 3, 4))
 
 
 class Means:

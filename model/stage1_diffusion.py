@@ -26,6 +26,10 @@ Sampling noise is drawn per clip from a seed derived from the values of the wind
 in a rollout of up to 4 frames is always a ground-truth frame (a predicted one differs in its last bits
 with the batch size, and its hash with it): so a rollout is the same for a clip whatever the batching and
 whether or not the job was interrupted.
+
+Deterministic forecasts: with ``forecast_samples`` N > 1 the forecast is the mean of N samples (each clip's
+N noises drawn in turn from its seeded generator, the first being the one N = 1 samples from), an estimate
+of the conditional mean that a regression predicts; N = 1 (the default) forecasts one sample.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class DiffusionStage1Config(Stage1Config):
 
     sample_steps: int = 18
     sample_solver: str = "heun"
+    forecast_samples: int = 1  # the forecast is the mean of this many samples (1: one sample)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +64,8 @@ class DiffusionStage1Config(Stage1Config):
             raise ValueError("sample_steps must be >= 1 and sample_solver 'heun' or 'euler'")
         if (self.head, self.loss) != ("linear", "smooth_l1"):  # its denoiser and EDM loss are its own
             raise ValueError(f"head {self.head!r} and loss {self.loss!r} are the regression Stage 1's, not diffusion's")
+        if self.forecast_samples < 1:
+            raise ValueError(f"forecast_samples must be >= 1, got {self.forecast_samples}")
 
 
 class FeatureDenoiser(nn.Module):
@@ -117,6 +124,12 @@ def _clip_seed(context: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def _clip_noise(frame: torch.Tensor, shape: tuple, n: int) -> list[torch.Tensor]:
+    """n noises of `shape`, drawn in turn from the generator seeded by the values of `frame`."""
+    g = torch.Generator().manual_seed(_clip_seed(frame))
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
 class FeatureDiffusion(nn.Module):
     """The diffusion Stage 1: ``net`` (a ``FeatureDenoiser``) plus its sampler (module docstring)."""
 
@@ -130,26 +143,33 @@ class FeatureDiffusion(nn.Module):
             return self.net(x, c_noise, context_mask, features)
         return self.sample_next(x)
 
-    @torch.no_grad()
     def sample_next(self, context: torch.Tensor) -> torch.Tensor:
-        """Sample the frame after context [B, 4, H, W, C]: [B, H, W, C] float32."""
+        """The forecast of the frame after context [B, 4, H, W, C]: the mean of ``forecast_samples`` samples,
+        [B, H, W, C] float32."""
+        return self.samples(context, self.config.forecast_samples).mean(dim=1)
+
+    @torch.no_grad()
+    def samples(self, context: torch.Tensor, n: int) -> torch.Tensor:
+        """n samples of the frame after context [B, 4, H, W, C]: [B, n, H, W, C] float32."""
         cfg = self.config
         if context.ndim != 5 or context.shape[1] != cfg.context_frames:
             raise ValueError(f"expected context [B, {cfg.context_frames}, H, W, C], got {tuple(context.shape)}")
         scale = context_scale(context)
         ctx = _layout(context.float() / scale)  # [B, C, 4, H, W]
         noise = torch.stack(
-            [
-                torch.randn(
-                    ctx.shape[1:2] + (1,) + ctx.shape[3:], generator=torch.Generator().manual_seed(_clip_seed(clip[0]))
-                )
-                for clip in context
-            ]
-        ).to(ctx.device)  # [B, C, 1, H, W]
+            [draw for clip in context for draw in _clip_noise(clip[0], (ctx.shape[1], 1, *ctx.shape[3:]), n)]
+        ).to(ctx.device)  # [B * n, C, 1, H, W]
         out = diffusion.sample(
-            self.net, ctx, None, num_steps=cfg.sample_steps, solver=cfg.sample_solver, num_future=1, initial_noise=noise
-        )  # [B, C, 5, H, W]
-        return out[:, :, -1].permute(0, 2, 3, 1) * scale[:, 0]  # [B, H, W, C]
+            self.net,
+            ctx.repeat_interleave(n, dim=0),
+            None,
+            num_steps=cfg.sample_steps,
+            solver=cfg.sample_solver,
+            num_future=1,
+            initial_noise=noise,
+        )  # [B * n, C, 5, H, W]
+        out = einops.rearrange(out[:, :, -1], "(b n) c h w -> b n h w c", n=n)
+        return out * scale  # [B, n, H, W, C]
 
 
 def training_loss(model, context: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None):

@@ -288,7 +288,7 @@ def make_task(stage: str, sc, geometry, channels: int):
     (jobs/train.py's Stage1Settings / Stage2Settings) with the sizes the data fixes."""
     if stage == "stage1":
         if sc.diffusion:
-            sampler = {"sample_steps": sc.sample_steps, "sample_solver": sc.sample_solver}
+            sampler = {k: getattr(sc, k) for k in ("sample_steps", "sample_solver", "forecast_samples")}
             task = Stage1DiffusionTask(sc.model, geometry, channels, **sampler)
         else:
             task = Stage1Task(sc.model, geometry, channels)

@@ -222,29 +222,32 @@ def test_sampler_holds_context_and_guidance_is_off_by_default():
 
 
 def _blob_clips(n=4, t=7, h=8, w=12, seed=0):
-    """Latent clips of 16-channel Gaussian blobs moving at constant velocity, unit std."""
+    """Latent clips [n, 16, t, h, w] of two 16-channel Gaussian blobs each moving at constant velocity (unit
+    std), and their layout [n, 2, t, h, w]: where each blob is (one channel per blob), not what it carries."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    lat = torch.zeros(n, 16, t, h, w)
+    lat, layout = torch.zeros(n, 16, t, h, w), torch.zeros(n, 2, t, h, w)
     for i in range(n):
-        for _ in range(2):
+        for b in range(2):
             pattern = torch.randn(16, generator=g)
             start = torch.rand(2, generator=g) * torch.tensor([h - 1.0, w - 1.0])
             velocity = (torch.rand(2, generator=g) - 0.5) * torch.tensor([1.0, 2.0])
             for f in range(t):
                 cy, cx = start + velocity * f
-                lat[i, :, f] += pattern[:, None, None] * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.5)
-    return lat / lat.std(), g
+                layout[i, b, f] = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.5)
+                lat[i, :, f] += pattern[:, None, None] * layout[i, b, f]
+    return lat / lat.std(), layout, g
 
 
 @functools.cache
 def _overfit(semantic: bool):
     """Train the tiny DiT for 200 steps on 4 clips, sample their futures (12 Heun steps)."""
     torch.manual_seed(0)
-    lat, g = _blob_clips()
-    # features that see every frame (like ground-truth DINO features): a fixed projection of the latents
-    proj = torch.randn(16, 64, generator=g) / 4
-    feats = torch.einsum("ncthw,cf->nthwf", lat, proj)  # [4, 7, 8, 12, 64] -> resized to the 4 x 6 tokens
+    lat, layout, g = _blob_clips()
+    # features as a forecaster gives them: where each blob is, extrapolated at constant velocity (which the
+    # context frames show), never what the future latents hold (the blobs' patterns are not in them)
+    proj = torch.randn(2, 64, generator=g)
+    feats = torch.einsum("ncthw,cf->nthwf", layout, proj)  # [4, 7, 8, 12, 64] -> resized to the 4 x 6 tokens
     model = Re2PixDiT(DiTConfig.tiny(semantic=semantic))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.99))
     losses = []

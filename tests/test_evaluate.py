@@ -207,6 +207,9 @@ def test_evaluation_json_schema_and_mean_std_over_runs(setup):
         "copy_last/mse",
         "seg/miou_all",
         "depth/absrel",
+        "t6/sharpness",
+        "copy_last/sharpness",
+        "copy_last/seg/miou_all",  # the head on the last context frame's features, the forecast's row to beat
     } <= set(s1)
     assert {"seg/miou_all", "depth/delta1"} <= set(r["reference_metrics"])
     assert "1 of 2 clips have no label" in r["skipped"]["seg_labels"]
@@ -229,6 +232,23 @@ def test_copy_last_is_scored_as_a_model_from_the_stored_latents(setup):
     per_t = [((latents[:, :, 3] - latents[:, :, t]) ** 2).mean() for t in (4, 5, 6)]
     assert [got[f"latent_mse/t{t}"]["mean"] for t in (4, 5, 6)] == pytest.approx(per_t, rel=1e-5)
     assert got["latent_mse"]["mean"] != r["models"]["re2pix"]["latent_mse"]["mean"]
+
+
+def test_a_diffusion_stage1_is_evaluated_like_the_regression_one(setup, tmp_path):
+    # the experiment's forecaster table conditions Re2Pix on each Stage 1, the diffusion one included
+    from jobs.evaluate import run_evaluate
+    from model.checkpoint import save_checkpoint
+    from model.stage1_diffusion import DiffusionStage1Config, FeatureDiffusion
+    from tests.run_factory import perturb
+
+    model = perturb(FeatureDiffusion(DiffusionStage1Config.tiny(num_pca_channels=64, sample_steps=2)), 3)
+    meta = {"task": "stage1_diffusion", "model_config": model.config.to_dict()}
+    save_checkpoint(tmp_path / "stage1", 1, model=model, state={}, meta=meta)
+    r = run_evaluate(config(setup, decode=False, out=None, stage1=str(tmp_path / "stage1"), samples=1))
+    regression = run_evaluate(config(setup, decode=False, out=None, samples=1))
+    assert r["checkpoints"]["stage1"]["task"] == "stage1_diffusion"
+    assert r["stage1"]["t6/mse"] > 0 and r["stage1"]["t6/mse"] != regression["stage1"]["t6/mse"]
+    assert r["stage1"]["copy_last/mse"] == regression["stage1"]["copy_last/mse"]
 
 
 def test_refuses_fid_and_fvd_without_weights(setup):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.dpt import MOVING_CLASSES, miou
-from inference.experiment_report import ARMS, METRICS, speedup
+from inference.experiment_report import ARMS, FORECASTERS, METRICS, speedup
 from inference.sampling import Sampler
 from jobs.experiment import main
 from model.diffusion import truncate_features
@@ -56,13 +56,15 @@ def _point(step, re2pix, baseline):
     return {"step": step, "models": {"re2pix": {"psnr": {"mean": re2pix}}, "baseline": {"psnr": {"mean": baseline}}}}
 
 
-def test_speedup_is_the_final_step_over_the_first_step_re2pix_reaches_the_baselines_final_value():
+def test_speedup_is_the_final_step_over_the_interpolated_step_re2pix_reaches_the_baselines_final_value():
+    # reached between steps 10 (11.0) and 20 (13.0): at 15, the value 12.0 of the Baseline's last step (40)
     points = [[_point(10, 11.0, 9.0), _point(20, 13.0, 10.0), _point(40, 14.0, 12.0)]]
     assert speedup(points, "psnr") == {
         "metric": "psnr",
         "baseline_final": 12.0,
-        "reached_at": 20,
-        "ratio": 2.0,
+        "reached_at": 15.0,
+        "ratio": 40 / 15,
+        "at_least": False,
         "verdict": "reproduced",
     }
     worse = [[_point(10, 5.0, 9.0), _point(20, 6.0, 12.0)]]
@@ -76,6 +78,25 @@ def test_speedup_is_the_final_step_over_the_first_step_re2pix_reaches_the_baseli
     }
     late = [[_point(10, 5.0, 9.0), _point(20, 12.0, 12.0)]]  # reached only at the last step: no speed-up
     assert speedup(late, "psnr")["ratio"] == 1.0 and speedup(late, "psnr")["verdict"] == "not reproduced"
+    # reached by the first checkpoint: the grid bounds the ratio from below, and says so
+    first = speedup([[_point(10, 12.5, 9.0), _point(40, 14.0, 12.0)]], "psnr")
+    assert first["ratio"] == 4.0 and first["at_least"] and first["reached_at"] == 10.0
+
+
+def test_halves_verdict_says_whether_the_copy_last_ordering_flips():
+    from inference.experiment_report import Settings, halves_table
+
+    def evaluation(re2pix, copy_last):
+        models = {"re2pix": re2pix, "baseline": 0.7, "copy_last": copy_last}
+        return {"models": {k: {"latent_mse": {"runs": [v]}} for k, v in models.items()}}
+
+    same = {(0, "half_a"): evaluation(0.5, 0.6), (0, "half_b"): evaluation(0.4, 0.55)}
+    flipped = {(0, "half_a"): evaluation(0.5, 0.6), (0, "half_b"): evaluation(0.6, 0.5)}
+    s = Settings(seeds=1)
+    verdict = lambda results: halves_table(s, results)["checks"][0]  # noqa: E731  latent MSE
+    assert verdict(same)["verdict"] == "holds" and "re2pix > copy_last > baseline" in verdict(same)["claim"]
+    assert verdict(flipped)["verdict"] == "flips"
+    assert halves_table(s, flipped)["rows"]["copy_last (half_b)"]["latent_mse"]["mean"] == 0.5
 
 
 @pytest.mark.parametrize("job", ["experiment", "demo"])
@@ -94,28 +115,44 @@ def test_quick_experiment_reports_every_arm_with_numbers(tmp_path):
     assert main(["--quick", "--run", str(run)]) == 0
     data = json.loads((run / "experiment.json").read_text())
     tables = {t["name"]: t for t in data["tables"]}
-    assert set(tables) == {"main", "table3", "table4", "table5", "table8", "table9"}
+    assert set(tables) == {"main", "table3", "table4", "table5", "table8", "table9", "halves"}
     rows = {row for t in tables.values() for row in t["rows"]}
     assert {a for a in ARMS} <= rows and {"channels_8", "channels_all", "guidance_off", "guidance_c8_w0.4"} <= rows
+    assert {f"{r} ({h})" for r in ("re2pix", "baseline", "copy_last") for h in ("half_a", "half_b")} <= rows
     for t in tables.values():
-        assert "copy_last" in t["rows"] and t["rows"]["copy_last"]["latent_mse"]["mean"] > 0
+        copy = "copy_last" if t["name"] != "halves" else "copy_last (half_a)"
+        assert copy in t["rows"] and t["rows"][copy]["latent_mse"]["mean"] > 0
         for row, metrics in t["rows"].items():
-            if row != "copy_last":  # every trained arm has every metric, mIoU included
+            if not row.startswith("copy_last"):  # every trained arm has every metric, mIoU included
                 assert set(metrics) == set(METRICS), (t["name"], row)
                 assert all(m["n"] == 1 and m["mean"] == m["mean"] for m in metrics.values())
-        assert t["checks"] and all(c["verdict"] in ("reproduced", "not reproduced") for c in t["checks"])
+        verdicts = ("holds", "flips") if t["name"] == "halves" else ("reproduced", "not reproduced")
+        assert t["checks"] and all(c["verdict"] in verdicts for c in t["checks"])
         assert (run / f"{t['name']}.png").read_bytes()[:4] == b"\x89PNG"
+    # every guidance setting fixed in advance has its own verdict against no guidance
+    guided = [c["claim"] for name in ("table8", "table9") for c in tables[name]["checks"]]
+    assert {"guidance c8_w0.4 improves PSNR", "guidance c8_w0.8 improves mIoU"} <= set(guided)
     assert (run / "convergence.png").read_bytes()[:4] == b"\x89PNG"
     assert [s["metric"] for s in tables["main"]["speedup"]] == ["latent_mse", "psnr", "seg/miou_all"]
-    report = (run / "report.md").read_text()
+    # the forecaster table: copy-last and every forecaster, per future frame, Re2Pix conditioned on each
+    forecasters = data["forecasters"]["rows"]
+    assert list(forecasters) == ["copy_last"] + [name for name, _ in FORECASTERS]
+    for name, r in forecasters.items():
+        for t in ("t4", "t5", "t6"):
+            assert all(r[f"{t}/{m}"] > 0 for m in ("mse", "cos", "sharpness")), (name, t)
+            assert (r[f"latent_mse/{t}"] is None) == (name == "copy_last")
+        assert 0 <= r["seg/miou_all"] <= 1, name
+    report, forecaster_section = (run / "report.md").read_text().split("## Stage 1 forecasters")
     for t in tables.values():
         assert t["title"] in report and f"({t['name']}.png)" in report
     # every table row carries a number, and every check its verdict
     table_rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| row")]
     assert len(table_rows) == sum(len(t["rows"]) for t in tables.values())
     assert all(re.search(r"\d\.?\d* ± ", line) for line in table_rows)
-    assert report.count("**reproduced**") + report.count("**not reproduced**") >= len(tables)
-    assert "wall time" in report and data["seconds"] > 0
+    assert report.count("**reproduced**") + report.count("**not reproduced**") >= len(tables) - 1
+    assert report.count("**holds**") + report.count("**flips**") == len(METRICS)
+    assert sum(line.startswith(f"| {name} |") for line in forecaster_section.splitlines() for name in forecasters) == 3
+    assert "wall time" in forecaster_section and data["seconds"] > 0
 
 
 def test_miou_leaves_out_classes_beyond_the_heads():

@@ -70,6 +70,26 @@ def test_sampling_is_the_same_for_a_clip_whatever_the_batch():
     assert (together[0] - together[1]).abs().max() > 1e-3  # other clips, other noise
 
 
+def test_forecast_samples_makes_the_rollout_forecast_the_mean_of_that_many_samples():
+    torch.manual_seed(0)
+    one = FeatureDiffusion(_config()).eval()
+    with torch.no_grad():
+        for p in one.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mean4 = FeatureDiffusion(_config(forecast_samples=4)).eval()
+    mean4.load_state_dict(one.state_dict())
+    clips = _moving_clips(2)
+    draws = one.samples(clips[:, :4], 4)  # [2, 4, H, W, C]: each clip's 4 noises in turn
+    assert (draws[:, 0] - draws[:, 1]).abs().max() > 1e-3  # distinct samples: their mean is no single one
+    torch.testing.assert_close(draws[:, 0], rollout(one, clips[:, :4], steps=1)[:, 0], rtol=0, atol=0)
+    got = rollout(mean4, clips[:, :4], steps=2)  # [2, 2, H, W, C]
+    torch.testing.assert_close(got[:, 0], draws.mean(dim=1), rtol=1e-5, atol=1e-5)
+    window = torch.cat([clips[:, 1:4], got[:, :1]], dim=1)  # the next frame: from the mean forecast
+    torch.testing.assert_close(got[:, 1], one.samples(window, 4).mean(dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="forecast_samples"):
+        _config(forecast_samples=0)
+
+
 @pytest.mark.slow
 def test_the_loss_falls_and_the_sampled_forecast_beats_copying_the_last_frame():
     torch.manual_seed(0)

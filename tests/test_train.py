@@ -148,7 +148,11 @@ def test_feature_metrics_per_frame_and_channel_prefix():
         "cos@8",
         "mse@64",
         "cos@64",
+        "sharpness",
     }
+    assert torch.allclose(feature_metrics(target, target)["t5/sharpness"], torch.ones(2))
+    smooth = (target + target.roll(1, dims=2) + target.roll(1, dims=3) + target.roll((1, 1), dims=(2, 3))) / 4
+    assert torch.all(feature_metrics(smooth, target)["sharpness"] < 0.5)  # a blurred forecast scores below 1
     pred = target.clone()
     pred[:, 1, ..., 8:] += 1.0  # frame t5 wrong past the first 8 PCA channels
     m = feature_metrics(pred, target, first_frame=4)
