@@ -33,6 +33,8 @@ ARMS = {
 # The first is the Stage 1 every Stage 2 arm trains with (its rollout is the store's pred_features).
 FORECASTERS = [
     ("regression", {}),  # the masked feature transformer, SmoothL1
+    ("regression_l1_ssim", {"model": {"loss": "l1_ssim"}}),  # PDR's loss on the linear head
+    ("predgs", {"model": {"head": "gaussian", "loss": "l1_ssim"}}),  # PredGS: Gaussian head, L1 + SSIM
     ("diffusion", {"diffusion": True}),
 ]
 HALVES = ("half_a", "half_b")  # the main evaluation again on each half of the val scenes

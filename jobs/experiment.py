@@ -22,8 +22,9 @@ Tables (the paper's numbering; each has copy-last-frame as a row):
 - halves: Re2Pix, the Baseline and copy-last-frame on each half of the val scenes (jobs.evaluate
   --val-scenes), and whether their order flips between the halves;
 - forecasters: copy-last and each Stage 1 of inference/experiment_report.py's FORECASTERS (regression with
-  SmoothL1, the diffusion Stage 1), per future frame their feature MSE, cosine and sharpness, the head's mIoU
-  on their features, and seed 0's Re2Pix conditioned on each (jobs.evaluate --stage1 ... --no-decode).
+  SmoothL1, regression with L1 + SSIM, PredGS, the diffusion Stage 1), per future frame their feature MSE,
+  cosine and sharpness, the head's mIoU on their features, and seed 0's Re2Pix conditioned on each
+  (jobs.evaluate --stage1 ... --no-decode).
 Values are mean ± std over sampling runs (the paper's appendix 6.1), pooled over seeds with --seeds N
 (Stage 2 arms trained with seeds 0..N-1; Stage 1 and the head are trained once). Every table says
 whether the paper's direction showed up here: "reproduced" or "not reproduced".
