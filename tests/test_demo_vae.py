@@ -1,4 +1,5 @@
-"""The demo VAE preset (`--vae demo`): trained weights shipped in pipeline/encoders/weights/."""
+"""The demo VAE presets (`--vae demo`, `--vae demo-predictive`): trained weights shipped in
+pipeline/encoders/weights/."""
 
 import json
 import math
@@ -15,11 +16,20 @@ from pipeline.store.geometry import TINY
 PSNR_MARGIN_DB = 3.0
 
 
-@pytest.fixture(scope="module")
-def demo():
+SHIPPED = ("demo", "demo-predictive")
+
+
+def stem(spec: str):
+    from pipeline.encoders.vae import DEMO_VAES
+
+    return DEMO_VAES[spec][0]
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def demo(request):
     from pipeline.encoders import load_vae
 
-    return load_vae("demo")
+    return load_vae(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +43,11 @@ def val_clip():
     return frames, resize_frames(frames, TINY.vae_input_hw)
 
 
-def test_demo_vae_record():
-    from pipeline.encoders.vae import DEMO_WEIGHTS
-
-    weights = DEMO_WEIGHTS.with_suffix(".safetensors")
+@pytest.mark.parametrize("spec", SHIPPED)
+def test_demo_vae_record(spec):
+    weights = stem(spec).with_suffix(".safetensors")
     assert weights.stat().st_size < 5e6
-    meta = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    meta = json.loads(stem(spec).with_suffix(".json").read_text())
     cfg = meta["config"]
     assert cfg["z_dim"] == 16 and len(cfg["latents_mean"]) == len(cfg["latents_std"]) == 16
     assert meta["training"]["steps"] > 0 and meta["training"]["val"]["psnr_db"] > 20
@@ -46,12 +55,11 @@ def test_demo_vae_record():
 
 @pytest.mark.slow  # a whole evaluation / prediction run: 6-10 s alone
 def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
-    from pipeline.encoders.vae import DEMO_WEIGHTS
-
     frames, small = val_clip
     d = demo.describe()
-    assert d["weights_id"] == "demo" and d["input_size"] == [96, 160] and len(d["sha256"]) == 64
-    assert demo.latents_std == json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["config"]["latents_std"]
+    record = stem(d["weights_id"]).with_suffix(".json")
+    assert d["weights_id"] in SHIPPED and d["input_size"] == [96, 160] and len(d["sha256"]) == 64
+    assert demo.latents_std == json.loads(record.read_text())["config"]["latents_std"]
     z = demo(frames[None])  # native 144 x 256, resized inside as the cache job does
     assert tuple(z.shape) == (1, *TINY.latents_shape) == (1, 16, 7, 12, 20)
     per_channel = z.transpose(0, 1).reshape(16, -1)
@@ -61,7 +69,7 @@ def test_demo_vae_encodes_to_unit_scale_and_reconstructs(demo, val_clip):
     assert rec.shape == (25, 96, 160, 3)
     mse = np.mean((rec.astype(np.float64) - small.astype(np.float64)) ** 2)
     psnr = 10 * math.log10(255**2 / mse)
-    measured = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())["training"]["val"]["psnr_per_clip"][0]
+    measured = json.loads(record.read_text())["training"]["val"]["psnr_per_clip"][0]
     assert psnr > measured - PSNR_MARGIN_DB, (psnr, measured)
 
 

@@ -50,9 +50,10 @@ DEMO_VAES = {
     "demo": (DEMO_WEIGHTS, "scripts/train_demo_vae.py", "about 25 min on one CPU core"),
     "demo-predictive": (
         DEMO_WEIGHTS.with_name("demo_wan_vae_predictive"),
-        "scripts/train_demo_vae.py --predictive-drop 0.5 --motion-weight 0.5 --decoder-steps 150 "
-        "--out pipeline/encoders/weights/demo_wan_vae_predictive",
-        "as long as the demo VAE's training, plus the decoder phase",
+        "scripts/train_demo_vae.py --init pipeline/encoders/weights/demo_wan_vae.safetensors --steps 1500 "
+        "--lr 5e-4 --warmup 50 --long-steps 300 --long-lr 2e-4 --predictive-drop 0.5 --motion-weight 0.5 "
+        "--decoder-steps 150 --out pipeline/encoders/weights/demo_wan_vae_predictive",
+        "about an hour on one CPU core",
     ),
 }
 # input sizes from the geometry presets (pipeline/store/geometry.py), so that the two never disagree
