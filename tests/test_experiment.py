@@ -153,7 +153,7 @@ def test_quick_experiment_reports_every_arm_with_numbers(tmp_path):
     assert report.count("**holds**") + report.count("**flips**") == len(METRICS)
     lines = forecaster_section.splitlines()
     assert sum(line.startswith(f"| {name} |") for line in lines for name in forecasters) == len(forecasters)
-    assert "wall time" in forecaster_section and data["seconds"] > 0
+    assert "## Wall time per step" in forecaster_section and data["seconds"] > 0
 
 
 def test_miou_leaves_out_classes_beyond_the_heads():
