@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
+import pipeline.store.location
 from pipeline.clips import build_clip_index
 from pipeline.sources.base import FrameRef, Source
 from pipeline.store.basis import PCABasis
@@ -115,3 +118,23 @@ def synthetic_store(path, split="train", encoders=None):
     source = SyntheticSource(split=split, num_scenes=1, frames_per_scene=29, height=72, width=128)
     make_store(path, encoders=encoders, source=source)
     return path
+
+
+@contextlib.contextmanager
+def killed_at_second_write():
+    """A job killed mid-way: pipeline.store.location.write_atomic raises KeyboardInterrupt on its second call
+    (the second chunk's rows are written, its record is not); writes are real again after the block."""
+    real = pipeline.store.location.write_atomic
+    calls = {"n": 0}
+
+    def dying_write(fs, path, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(fs, path, data)
+
+    pipeline.store.location.write_atomic = dying_write
+    try:
+        yield
+    finally:
+        pipeline.store.location.write_atomic = real

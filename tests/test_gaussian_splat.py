@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import inference.rollout
-import pipeline.store.location
 from inference.stages import load_model
 from jobs.cli import run
 from jobs.rollout import main as rollout_main
@@ -19,7 +18,7 @@ from model.ssim import l1_ssim, ssim
 from model.stage1 import MaskedFeatureTransformer, Stage1Config, config_loss, rollout, stage1_batch
 from pipeline.config import ConfigError, to_dict
 from pipeline.store.reader import Store
-from tests.store_factory import make_store
+from tests.store_factory import killed_at_second_write, make_store
 from tests.test_stage1 import _translating_clips
 
 
@@ -154,19 +153,9 @@ def predgs_run(tmp_path_factory):
 
 def test_predgs_rollout_writes_pred_features_and_resumes(predgs_run, monkeypatch):
     store_path, ckpt = predgs_run
-    real = pipeline.store.location.write_atomic
-    calls = {"n": 0}
-
-    def dying_write(fs, path, data):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second chunk's rows are written, its record is not: killed
-            raise KeyboardInterrupt("killed")
-        return real(fs, path, data)
-
     argv = ["--checkpoint", str(ckpt), "--store", store_path, "--chunk-rows", "2", "--batch-size", "2", "--no-progress"]
-    monkeypatch.setattr(pipeline.store.location, "write_atomic", dying_write)
-    assert run(rollout_main, argv) == 130
-    monkeypatch.setattr(pipeline.store.location, "write_atomic", real)
+    with killed_at_second_write():
+        assert run(rollout_main, argv) == 130
     assert not Store(store_path).has_pred_features
     written = []
     real_store = inference.rollout.rollout_store

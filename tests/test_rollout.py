@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.store.location
 from inference.stages import load_model
 from jobs.cli import run
 from jobs.rollout import main as rollout_main
@@ -18,7 +17,7 @@ from model.checkpoint import latest_checkpoint, read_meta
 from model.stage1 import rollout
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
-from tests.store_factory import make_store
+from tests.store_factory import killed_at_second_write, make_store
 
 TINY1 = {"model": {"size": "tiny", "dim": 48, "num_heads": 4}, "batch_size": 2, "steps": 2, "log_every": 1}
 
@@ -76,18 +75,8 @@ def _rollout(store, ckpt, *extra):
 
 def test_rollout_writes_every_variant_resumably_and_the_reader_returns_it(trained, monkeypatch, capsys):
     store_path, ckpt = trained
-    real = pipeline.store.location.write_atomic
-    calls = {"n": 0}
-
-    def dying_write(fs, path, data):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second chunk's rows are written, its record is not: killed
-            raise KeyboardInterrupt("killed")
-        return real(fs, path, data)
-
-    monkeypatch.setattr(pipeline.store.location, "write_atomic", dying_write)
-    assert _rollout(store_path, ckpt) == 130  # interrupted
-    monkeypatch.setattr(pipeline.store.location, "write_atomic", real)
+    with killed_at_second_write():
+        assert _rollout(store_path, ckpt) == 130  # interrupted
     store = Store(store_path)
     assert not store.has_pred_features
     with pytest.raises(StoreError, match="rollout"):
