@@ -197,7 +197,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def held_out_clips(path: str) -> tuple[Store, list[int]]:
-    """The store and clips a training run held out (model.data.held_out_record), checked by clip id."""
+    """The store and clips a training run held out (pipeline.store.tables.held_out_record), checked by clip id."""
     import json
 
     try:

@@ -104,8 +104,9 @@ class Experiment:
 
     def write_halves(self) -> dict[str, Path]:
         """Two disjoint halves of the evaluated val clips, split by scene, as jobs.evaluate --val-scenes reads
-        them: {half: path}."""
+        them (the record a training run writes of its held-out scenes): {half: path}."""
         from pipeline.store.reader import Store
+        from pipeline.store.tables import held_out_record
 
         store = Store(str(self.val))
         clips = list(range(min(len(store), self.s.eval_clips)))
@@ -114,13 +115,7 @@ class Experiment:
             raise ExperimentError(f"{self.val}: the evaluated clips come from {len(scenes)} scene(s); halves need 2")
         paths = {}
         for half, mine in zip(HALVES, (scenes[: len(scenes) // 2], scenes[len(scenes) // 2 :])):
-            held = [i for i in clips if store.clip_meta(i)["scene"] in mine]
-            record = {
-                "store": str(self.val),
-                "scenes": mine,
-                "clips": held,
-                "clip_ids": [store.clip_ids[i] for i in held],
-            }
+            record = held_out_record(store, [i for i in clips if store.clip_meta(i)["scene"] in mine])
             paths[half] = self.run / "halves" / f"{half}.json"
             paths[half].parent.mkdir(exist_ok=True)
             paths[half].write_text(json.dumps(record, indent=1))

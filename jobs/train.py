@@ -243,9 +243,10 @@ def stage_config(cfg: TrainConfig, which: str) -> StageConfig:
 def _split(cfg: TrainConfig, probe, stream_kwargs: dict):
     """(train clip indices or None for all, val sources, val clip indices: None for all, "first" for a
     few training batches of a WebDataset, the held-out scenes' record or None)."""
-    from model.data import held_out_record, open_stream, split_by_scene
+    from model.data import open_stream, split_by_scene
     from pipeline.store.format import check_compatible
     from pipeline.store.reader import Store
+    from pipeline.store.tables import held_out_record
 
     if cfg.val_store:
         val_sources, weights = parse_store_list(cfg.val_store)

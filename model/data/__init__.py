@@ -15,7 +15,7 @@ Example:
 from .buffers import SHM, ShmError, shm_free
 from .mixing import apportion, parse_store_list
 from .order import REMAINDERS
-from .sources import VAL_SCENES, has_pred_features, held_out_record, open_stream, split_by_scene
+from .sources import VAL_SCENES, has_pred_features, open_stream, split_by_scene
 from .stream import MISSING_PRED, ON_BAD_CLIP, ClipStream, make_loader, rank_and_world
 from .wds_stream import WebDatasetStream
 from .zarr_stream import ZarrStream
@@ -32,7 +32,6 @@ __all__ = [
     "ZarrStream",
     "apportion",
     "has_pred_features",
-    "held_out_record",
     "make_loader",
     "open_stream",
     "parse_store_list",

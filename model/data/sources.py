@@ -1,6 +1,7 @@
 """Opening a stream on sources: `open_stream` picks the reader for their format (pipeline/store/open.py),
 `has_pred_features` says whether they hold Stage 1 rollouts, `split_by_scene` splits one store's clips
-into training and held-out ones, `held_out_record` names the held-out ones.
+into training and held-out ones (pipeline/store/tables.py's `held_out_record` names the held-out
+ones).
 """
 
 from __future__ import annotations
@@ -58,14 +59,3 @@ def split_by_scene(store: Store, holdout: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 VAL_SCENES = "val_scenes.json"  # in the run dir: the scenes held out without --val-store, for jobs.evaluate
-
-
-def held_out_record(store, held) -> dict:
-    """The held-out scenes and clips of `store`, as RUN_DIR/val_scenes.json names them."""
-    metas = [store.clip_meta(int(i)) for i in held]
-    return {
-        "store": store.location,
-        "scenes": sorted({m["scene"] for m in metas}),
-        "clips": [int(i) for i in held],
-        "clip_ids": [store.clip_ids[int(i)] for i in held],
-    }

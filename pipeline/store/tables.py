@@ -3,7 +3,8 @@
 One row per clip row (clip x variants + variant), usable or not: row, id, scene, variant, start, timestamps
 (seconds), valid, feature_rows (into frames/) and source_path (the clip's first frame, under the manifest's
 source_root). The Zarr arrays stay the source of truth: `publish` rewrites the table from them and `verify`
-checks that the two agree.
+checks that the two agree. Beside it, records of some of a store's clips: `held_out_record` (a run's
+held-out scenes) and `clip_forecastability` (the synthetic source's forecastable share per clip).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def clip_table(store) -> dict[str, list]:
         "valid": store.group["clips/valid"][...].astype(bool).tolist(),
         "feature_rows": store._feature_rows.astype(np.int64).tolist(),
         "source_path": [str(paths[r[0]]) for r in store._feature_rows],
+    }
+
+
+def held_out_record(store, held) -> dict:
+    """The clips `held` of `store` and their scenes, checked by clip id when read back: what a training run
+    writes of the scenes it held out (RUN_DIR/val_scenes.json) and `jobs.evaluate --val-scenes` reads."""
+    metas = [store.clip_meta(int(i)) for i in held]
+    return {
+        "store": store.location,
+        "scenes": sorted({m["scene"] for m in metas}),
+        "clips": [int(i) for i in held],
+        "clip_ids": [store.clip_ids[int(i)] for i in held],
     }
 
 
