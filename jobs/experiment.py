@@ -67,6 +67,11 @@ class Experiment:
         """The checkpoint folder of one Stage 1 forecaster."""
         return self.run / "forecasters" / name / "stage1"
 
+    def forecaster_evaluation(self, name: str) -> str:
+        """The evaluation holding seed 0's Re2Pix conditioned on forecaster `name`: the first forecaster is the
+        Stage 1 of every evaluation, so seed 0's main one ("re2pix") serves; the others get their own."""
+        return "re2pix" if name == FORECASTERS[0][0] else f"forecaster_{name}"
+
     def step(self, title: str, args: list[str]) -> None:
         run_step(title, args, self.timings)
 
@@ -230,10 +235,11 @@ def main(argv=None) -> int:
                 steps.append(ex.evaluate(name, seed, re2pix, flags))
                 evaluations[seed, name] = name
         curve_steps.append(ex.curve(seed, re2pix, base))
-    for name, _ in FORECASTERS:  # seed 0's Re2Pix conditioned on each forecaster: latent and feature metrics
+    # seed 0's Re2Pix conditioned on each other forecaster (the first's is seed 0's own evaluation)
+    for name, _ in FORECASTERS[1:]:
         steps.append(
             ex.evaluate(
-                f"forecaster_{name}",
+                ex.forecaster_evaluation(name),
                 0,
                 run / "seed0" / "re2pix" / "stage2",
                 ["--no-decode"],
@@ -244,7 +250,9 @@ def main(argv=None) -> int:
     loaded = {(seed, name): json.loads(ex.eval_path(seed, name).read_text()) for (seed, _), name in evaluations.items()}
     results = {(seed, row): loaded[seed, name] for (seed, row), name in evaluations.items()}
     curves = [json.loads(ex.eval_path(seed, "curve").read_text()) for seed in range(s.seeds)]
-    forecasts = {name: json.loads(ex.eval_path(0, f"forecaster_{name}").read_text()) for name, _ in FORECASTERS}
+    forecasts = {
+        name: json.loads(ex.eval_path(0, ex.forecaster_evaluation(name)).read_text()) for name, _ in FORECASTERS
+    }
     report = build_report(
         run,
         s,
