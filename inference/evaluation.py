@@ -28,6 +28,8 @@ from .semantic import Semantic
 from .stages import Models
 
 COPY_LAST = "copy_last"
+# what Re2Pix reads for the future frames: Stage 1's rollout, or the store's own features (a perfect forecaster)
+FEATURES = ("forecast", "truth")
 VS_FRAMES = "_vs_frames"  # the key suffix of a metric against the source's frames (bare keys: the reconstruction)
 
 
@@ -107,6 +109,7 @@ def evaluate_store(
     seed: int,
     batch_size: int,
     device,
+    features: str = "forecast",
     fid_net=None,
     fvd_net=None,
     ssim_channels: str = "rgb",
@@ -115,7 +118,8 @@ def evaluate_store(
     """The metrics of the first `clips` clips (or of these clip indices): {"clip_ids", "stage1",
     "models": {name: {metric: summary}},
     "reference_metrics", "missing_labels": {head: clip ids}, "frames_reference": {"pixels", "why"} or None}.
-    `codec` None: no decoding (feature and latent metrics only)."""
+    `codec` None: no decoding (feature and latent metrics only). `features` "truth": Re2Pix reads the store's
+    future features instead of the forecast (the Stage 1 metrics still score the forecast)."""
     from tqdm.auto import tqdm
 
     from model.metrics import Means, feature_metrics
@@ -155,7 +159,8 @@ def evaluate_store(
         if semantic.active and a % g.temporal_downsample == 0 and a // g.temporal_downsample >= m:
             semantic.score(stage1_acc, semantic.pca_features(forecast[:, a // g.temporal_downsample - m]), ids, metas)
             semantic.score(copy_acc, semantic.pca_features(copy[:, 0]), ids, metas)
-        conditioning = stage2_features(feats[:, :m], forecast, models.stage2.model.cfg.num_pca_channels)
+        future = forecast if features == "forecast" else feats[:, m:]  # "truth": the upper bound
+        conditioning = stage2_features(feats[:, :m], future, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
             bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
             reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction

@@ -37,6 +37,7 @@ FORECASTERS = [
     ("predgs", {"model": {"head": "gaussian", "loss": "l1_ssim"}}),  # PredGS: Gaussian head, L1 + SSIM
     ("diffusion", {"diffusion": True}),
 ]
+TRUTH = "truth_features"  # seed 0's Re2Pix reading the ground-truth future features: a perfect forecaster
 HALVES = ("half_a", "half_b")  # the main evaluation again on each half of the val scenes
 
 
@@ -235,11 +236,14 @@ def halves_table(s: Settings, results: dict) -> dict:
     }
 
 
-def forecaster_table(forecasts: dict) -> dict:
+def forecaster_table(forecasts: dict, truth: dict | None = None) -> dict:
     """Copy-last and every Stage 1 forecaster (`forecasts`: name -> jobs.evaluate's results with that Stage 1
     and seed 0's Re2Pix): per future frame its feature MSE, cosine and sharpness against the truth, the
     segmentation head's mIoU on its features of the annotated frame, and Re2Pix's future-latent MSE when
-    conditioned on it (copy-last: Re2Pix is not sampled with it, "-")."""
+    conditioned on it (copy-last: Re2Pix is not sampled with it, "-"); `truth`: seed 0's Re2Pix conditioned
+    on the ground-truth future features (jobs.evaluate --features truth), the row a perfect forecaster would
+    reach. Its checks: the best forecaster (lowest feature MSE at the last future frame) against copy-last,
+    and how much of Re2Pix's gap between the first forecaster and the truth it closes."""
     rows = {}
     for name, res in [("copy_last", next(iter(forecasts.values())))] + list(forecasts.items()):
         prefix = "copy_last/" if name == "copy_last" else ""
@@ -247,11 +251,51 @@ def forecaster_table(forecasts: dict) -> dict:
         frames = sorted({k.split("/")[-2] for k in s1 if k.startswith(prefix + "t") and k.endswith("/mse")})
         row = {f"{t}/{m}": s1.get(f"{prefix}{t}/{m}") for t in frames for m in ("mse", "cos", "sharpness")}
         row["seg/miou_all"] = s1.get(prefix + "seg/miou_all")
-        re2pix = res["models"].get("re2pix", {})
-        for key in [f"latent_mse/{t}" for t in frames] + ["latent_mse"]:
-            row[key] = None if prefix else (re2pix.get(key) or {}).get("mean")
+        row.update(re2pix_latent_mse(res, frames) if not prefix else dict.fromkeys(re2pix_latent_mse({}, frames)))
         rows[name] = row
-    return {"name": "forecasters", "title": "Stage 1 forecasters", "rows": rows}
+    if truth is not None:
+        rows[TRUTH] = re2pix_latent_mse(truth, frames)
+    table = {"name": "forecasters", "title": "Stage 1 forecasters", "rows": rows}
+    table.update(forecaster_checks(rows, f"{frames[-1]}/mse", first=next(iter(forecasts))))
+    return table
+
+
+def re2pix_latent_mse(res: dict, frames: list[str]) -> dict:
+    """{latent_mse/t..., latent_mse: the mean over sampling runs} of the evaluation's Re2Pix (None: not there)."""
+    re2pix = res.get("models", {}).get("re2pix", {})
+    return {key: (re2pix.get(key) or {}).get("mean") for key in [f"latent_mse/{t}" for t in frames] + ["latent_mse"]}
+
+
+def forecaster_checks(rows: dict, last: str, first: str) -> dict:
+    """{"best", "checks"}: the forecaster with the lowest feature MSE at the last future frame (`last`), its
+    MSE over copy-last's (goal <= 0.85), and the share of Re2Pix's latent-MSE gap between the `first`
+    forecaster and the ground-truth features that conditioning on it closes (goal >= 0.5)."""
+    trained = {n: r for n, r in rows.items() if n not in ("copy_last", TRUTH) and r.get(last) is not None}
+    if not trained:
+        return {"best": None, "checks": []}
+    best = min(trained, key=lambda n: trained[n][last])
+    ratio = trained[best][last] / rows["copy_last"][last] if rows["copy_last"].get(last) else None
+    checks = [
+        {
+            "claim": f"the best forecaster ({best}) has at most 0.85x copy-last's feature MSE at {last.split('/')[0]}",
+            "value": ratio,
+            "verdict": "not measured" if ratio is None else "met" if ratio <= 0.85 else "NOT met",
+        }
+    ]
+    lat = {n: (rows.get(n) or {}).get("latent_mse") for n in (first, best, TRUTH)}
+    closed = None
+    if None not in lat.values() and lat[first] > lat[TRUTH]:
+        closed = (lat[first] - lat[best]) / (lat[first] - lat[TRUTH])
+    checks.append(
+        {
+            "claim": f"Re2Pix conditioned on {best} closes at least half of its latent-MSE gap between {first} "
+            "and the ground-truth features",
+            "value": closed,
+            "verdict": "not measured" if closed is None else "met" if closed >= 0.5 else "NOT met",
+            **({} if closed is not None or None in lat.values() else {"why": f"{first} is not behind the truth"}),
+        }
+    )
+    return {"best": best, "checks": checks}
 
 
 def tables(s: Settings, results: dict, curves: list) -> list[dict]:
@@ -350,6 +394,7 @@ def build_report(
     seconds: float,
     *,
     forecasts: dict,
+    truth: dict | None = None,
     store: Path,
     val: Path,
     timings: dict,
@@ -360,7 +405,7 @@ def build_report(
     the forecasters' evaluations (`forecasts`: forecaster_table); `store` / `val` are the stores the arms
     trained and were scored on, `timings` the wall time per step."""
     tabs = tables(s, results, curves)
-    forecasters = forecaster_table(forecasts)
+    forecasters = forecaster_table(forecasts, truth)
     ceiling = results[0, "re2pix"].get("reference_metrics", {}).get("seg/miou_all")
     plots = [plot_convergence(curves, run / "convergence.png")] + [
         plot_table(t, run / f"{t['name']}.png") for t in tabs
@@ -447,7 +492,12 @@ def forecaster_lines(table: dict, s: Settings) -> list[str]:
     for name, r in rows.items():
         cells = [" / ".join(num(r.get(f"{t}/{m}")) for m in ("mse", "cos", "sharpness")) for t in frames]
         cells += [num(r.get("seg/miou_all"))] + [num(r.get(f"latent_mse/{t}")) for t in frames]
-        lines.append(f"| {name} | " + " | ".join(cells + [num(r.get("latent_mse"))]) + " |")
+        label = "ground-truth features (Re2Pix's upper bound)" if name == TRUTH else name
+        lines.append(f"| {label} | " + " | ".join(cells + [num(r.get("latent_mse"))]) + " |")
+    lines += ["", f"Best forecaster (lowest feature MSE at the last future frame): **{table.get('best')}**", ""]
+    for c in table.get("checks", []):
+        value = "" if c["value"] is None else f" ({c['value']:.3g})"
+        lines.append(f"- {c['claim']}: **{c['verdict']}**{value}" + (f" ({c['why']})" if c.get("why") else ""))
     return lines + [""]
 
 

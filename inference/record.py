@@ -33,7 +33,7 @@ REFERENCE_NOTE = (
 
 def evaluation_record(store: str, manifest: dict, measured: dict, *, decoded: bool, **run) -> dict:
     """The record of one evaluation: `measured` as inference.evaluation.evaluate_store returns it; `run`
-    holds clips, samples, annotated_frame, sampler, checkpoints, skipped and seconds."""
+    holds clips, samples, annotated_frame, sampler, features, checkpoints, skipped and seconds."""
     return {
         "schema": SCHEMA,
         "store": store,
@@ -49,6 +49,7 @@ def evaluation_record(store: str, manifest: dict, measured: dict, *, decoded: bo
             "frames": measured["frames_reference"],
         },
         "sampler": run["sampler"],
+        "features": run.get("features", "forecast"),  # what Re2Pix read for the future frames
         "checkpoints": run["checkpoints"],
         "stage1": measured["stage1"],
         "models": measured["models"],

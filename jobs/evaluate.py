@@ -45,7 +45,7 @@ from inference import InferenceError
 from inference.codec import LatentCodec
 from inference.curve import format_curve, score_checkpoints
 from inference.encoders import load_dinov2_for, load_vae_for
-from inference.evaluation import evaluate_store, format_table
+from inference.evaluation import FEATURES, evaluate_store, format_table
 from inference.inputs import DataSpace
 from inference.labels import Labels
 from inference.record import evaluation_record, write_json
@@ -94,6 +94,13 @@ class EvaluateConfig:
     channels: int | None = field(
         default=None, metadata={"help": "Stage 2 reads only the first c PCA channels (paper table 5); default all"}
     )
+    features: str = field(
+        default="forecast",
+        metadata={
+            "help": "what Re2Pix reads for the future frames: forecast (Stage 1's rollout) or truth (the store's own "
+            "future features: a perfect forecaster, the upper bound a better Stage 1 can reach)"
+        },
+    )
     decode: bool = field(default=True, metadata={"help": "--no-decode: feature and latent metrics only"})
     ssim_channels: str = field(default="rgb", metadata={"help": "rgb (mean of channels) or luma"})
     fid: bool = field(default=False, metadata={"help": "require FID (on by itself when --fid-weights is given)"})
@@ -126,6 +133,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     t0 = time.time()
     if cfg.samples < 1:
         raise InferenceError("--samples must be at least 1")
+    if cfg.features not in FEATURES:
+        raise InferenceError(f"--features {cfg.features!r}: use one of {', '.join(FEATURES)}")
     device = resolve_device(cfg.device, cfg.threads)
     skipped: dict[str, str] = {}
     fid_net, fvd_net = load_feature_networks(
@@ -165,6 +174,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         samples=cfg.samples,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
+        features=cfg.features,
         device=device,
         fid_net=fid_net,
         fvd_net=fvd_net,
@@ -187,6 +197,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         samples=cfg.samples,
         annotated_frame=cfg.annotated_frame,
         sampler={**asdict(sampler), "seed": cfg.seed},
+        features=cfg.features,
         checkpoints=models.describe(),
         skipped=skipped,
         seconds=round(time.time() - t0, 1),

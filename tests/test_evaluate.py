@@ -251,6 +251,39 @@ def test_a_diffusion_stage1_is_evaluated_like_the_regression_one(setup, tmp_path
     assert r["stage1"]["copy_last/mse"] == regression["stage1"]["copy_last/mse"]
 
 
+def test_truth_features_condition_re2pix_on_the_stores_future_features_whatever_stage1_forecasts(setup, tmp_path):
+    # the experiment's upper-bound row: a perfect forecaster; the Stage 1 metrics still score the forecast
+    from jobs.evaluate import run_evaluate
+    from model.checkpoint import save_checkpoint
+    from model.stage1_diffusion import DiffusionStage1Config, FeatureDiffusion
+    from tests.run_factory import perturb
+
+    model = perturb(FeatureDiffusion(DiffusionStage1Config.tiny(num_pca_channels=64, sample_steps=2)), 3)
+    save_checkpoint(
+        tmp_path / "stage1",
+        1,
+        model=model,
+        state={},
+        meta={"task": "stage1_diffusion", "model_config": model.config.to_dict()},
+    )
+    other = {"stage1": str(tmp_path / "stage1")}
+    run = lambda features, **kw: run_evaluate(  # noqa: E731
+        config(setup, decode=False, out=None, samples=1, baseline="", features=features, **kw)
+    )
+    truth, truth_other, forecast, forecast_other = (
+        run("truth"),
+        run("truth", **other),
+        run("forecast"),
+        run("forecast", **other),
+    )
+    mse = lambda r: r["models"]["re2pix"]["latent_mse"]["mean"]  # noqa: E731
+    assert mse(truth) == mse(truth_other) and mse(forecast) != mse(forecast_other) and mse(truth) != mse(forecast)
+    assert truth["features"] == "truth" and forecast["features"] == "forecast"
+    assert truth_other["stage1"]["t6/mse"] == forecast_other["stage1"]["t6/mse"] != truth["stage1"]["t6/mse"]
+    with pytest.raises(InferenceError, match="--features 'oracle'"):
+        run("oracle")
+
+
 def test_refuses_fid_and_fvd_without_weights(setup):
     from jobs.evaluate import main, run_evaluate
 

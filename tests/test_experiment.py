@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.dpt import MOVING_CLASSES, miou
-from inference.experiment_report import ARMS, FORECASTERS, METRICS, speedup
+from inference.experiment_report import ARMS, FORECASTERS, METRICS, TRUTH, forecaster_table, speedup
 from inference.sampling import Sampler
 from jobs.experiment import main
 from model.diffusion import truncate_features
@@ -136,7 +136,11 @@ def test_quick_experiment_reports_every_arm_with_numbers(tmp_path):
     assert [s["metric"] for s in tables["main"]["speedup"]] == ["latent_mse", "psnr", "seg/miou_all"]
     # the forecaster table: copy-last and every forecaster, per future frame, Re2Pix conditioned on each
     forecasters = data["forecasters"]["rows"]
-    assert list(forecasters) == ["copy_last"] + [name for name, _ in FORECASTERS]
+    assert list(forecasters) == ["copy_last"] + [name for name, _ in FORECASTERS] + [TRUTH]
+    assert all(forecasters[TRUTH][f"latent_mse/{t}"] > 0 for t in ("t4", "t5", "t6"))  # Re2Pix on the truth
+    assert data["forecasters"]["best"] in dict(FORECASTERS)
+    assert [c["verdict"] in ("met", "NOT met", "not measured") for c in data["forecasters"]["checks"]] == [True] * 2
+    forecasters.pop(TRUTH)
     for name, r in forecasters.items():
         for t in ("t4", "t5", "t6"):
             assert r[f"{t}/mse"] > 0 and r[f"{t}/sharpness"] > 0 and -1 <= r[f"{t}/cos"] <= 1, (name, t)
@@ -153,7 +157,35 @@ def test_quick_experiment_reports_every_arm_with_numbers(tmp_path):
     assert report.count("**holds**") + report.count("**flips**") == len(METRICS)
     lines = forecaster_section.splitlines()
     assert sum(line.startswith(f"| {name} |") for line in lines for name in forecasters) == len(forecasters)
+    assert sum(line.startswith("| ground-truth features") for line in lines) == 1
+    assert "Best forecaster" in forecaster_section
     assert "## Wall time per step" in forecaster_section and data["seconds"] > 0
+
+
+def test_forecaster_checks_name_the_best_and_the_share_of_the_gap_to_the_truth_it_closes():
+    def evaluation(t6_mse, latent_mse, copy_t6=1.0):
+        stage1 = {f"t{t}/{m}": 0.5 for t in (4, 5) for m in ("mse", "cos", "sharpness")}
+        stage1 |= {"t6/mse": t6_mse, "t6/cos": 0.8, "t6/sharpness": 0.9, "copy_last/t6/mse": copy_t6}
+        re2pix = {"latent_mse": {"mean": latent_mse}} | {f"latent_mse/t{t}": {"mean": latent_mse} for t in (4, 5, 6)}
+        return {"stage1": stage1, "models": {"re2pix": re2pix}}
+
+    # regression 0.50 -> truth 0.40; predgs at 0.44 closes 60 % of it and is 0.7x copy-last at frame 6
+    forecasts = {
+        "regression": evaluation(0.8, 0.50),
+        "predgs": evaluation(0.7, 0.44),
+        "diffusion": evaluation(0.9, 0.7),
+    }
+    table = forecaster_table(forecasts, truth=evaluation(0.0, 0.40))
+    assert table["best"] == "predgs" and table["rows"][TRUTH]["latent_mse"] == 0.40
+    (ratio, closed) = table["checks"]
+    assert ratio["value"] == pytest.approx(0.7) and ratio["verdict"] == "met"
+    assert closed["value"] == pytest.approx(0.6) and closed["verdict"] == "met"
+    # a best forecaster that is 0.9x copy-last and closes a fifth of the gap misses both goals
+    forecasts.update(regression=evaluation(0.95, 0.50), predgs=evaluation(0.9, 0.48))
+    ratio, closed = forecaster_table(forecasts, truth=evaluation(0.0, 0.40))["checks"]
+    assert ratio["verdict"] == closed["verdict"] == "NOT met" and closed["value"] == pytest.approx(0.2)
+    # without the truth's evaluation the gap is not measured, and says so
+    assert forecaster_table(forecasts)["checks"][1]["verdict"] == "not measured"
 
 
 def test_miou_leaves_out_classes_beyond_the_heads():
