@@ -110,6 +110,7 @@ def evaluate_store(
     batch_size: int,
     device,
     features: str = "forecast",
+    decode_cache=None,
     fid_net=None,
     fvd_net=None,
     ssim_channels: str = "rgb",
@@ -119,13 +120,16 @@ def evaluate_store(
     "models": {name: {metric: summary}},
     "reference_metrics", "missing_labels": {head: clip ids}, "frames_reference": {"pixels", "why"} or None}.
     `codec` None: no decoding (feature and latent metrics only). `features` "truth": Re2Pix reads the store's
-    future features instead of the forecast (the Stage 1 metrics still score the forecast)."""
+    future features instead of the forecast (the Stage 1 metrics still score the forecast). `decode_cache`
+    (inference.decode_cache.DecodeCache): the reconstruction and copy-last decodes kept between evaluations."""
     from tqdm.auto import tqdm
 
     from model.metrics import Means, feature_metrics
 
     from .video_metrics import gaussian_stats
 
+    # what does not change between evaluations of the store: kept on disk when a decode_cache is given
+    decode_fixed = decode_cache.decode if decode_cache is not None else (codec.decode if codec else None)
     g = store.geometry
     m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
     names = ["re2pix"] + (["baseline"] if models.baseline else [])
@@ -163,7 +167,7 @@ def evaluate_store(
         conditioning = stage2_features(feats[:, :m], future, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
             bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
-            reference = codec.decode(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
+            reference = decode_fixed(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
             future_ref = reference[:, ctx_frames:]
             real_future = None if real_missing else _source_futures(store.manifest, metas, g, real_missing)
             if real_future is not None:  # the VAE's ceiling: the reconstruction against the frames
@@ -197,7 +201,7 @@ def evaluate_store(
                 if codec is None:
                     continue
                 bar.set_postfix_str(f"{doing}, run {run + 1}/{samples}: decoding {name}")
-                frames = codec.decode(z)  # [B, 25, H, W, 3]
+                frames = decode_fixed(z) if name == COPY_LAST else codec.decode(z)  # [B, 25, H, W, 3]
                 pred = frames[:, ctx_frames:]
                 acc.add_pixels(pred, future_ref, ctx_frames, "", ssim_channels)
                 if real_future is not None:

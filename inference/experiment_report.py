@@ -56,8 +56,9 @@ class Settings:
     lr: float | None = None
     ckpt_every: int | None = None  # the convergence curve's spacing; None: a tenth of the steps
     seeds: int = 2
-    eval_clips: int = 12  # every evaluation decodes each clip 1 + samples x models times: the run's main cost
-    samples: int = 3
+    eval_clips: int = 12  # every evaluation decodes each clip samples x models times: the run's main cost
+    samples: int = 2  # sampling runs per clip of every evaluation (x 2 seeds: 4 per row)
+    curve_samples: int = 1  # per checkpoint of the convergence curves (10 checkpoints x 2 models x 2 seeds)
     sample_steps: int = 20  # the demo's Heun steps (10 scored 0.046 worse latent MSE there: docs/demo_tuning.md)
     channels: tuple = (8, 16, 32, 0)  # table 5; 0: all the model reads
     # guidance settings fixed before the run, each compared with no guidance on its own
@@ -80,6 +81,7 @@ class Settings:
             ckpt_every=2,
             eval_clips=2,
             samples=1,
+            curve_samples=1,
             sample_steps=2,
             channels=(8, 0),
             guidance_cs=(8,),

@@ -44,6 +44,7 @@ from pathlib import Path
 from inference import InferenceError
 from inference.codec import LatentCodec
 from inference.curve import format_curve, score_checkpoints
+from inference.decode_cache import DecodeCache
 from inference.encoders import load_dinov2_for, load_vae_for
 from inference.evaluation import FEATURES, evaluate_store, format_table
 from inference.inputs import DataSpace
@@ -102,6 +103,13 @@ class EvaluateConfig:
         },
     )
     decode: bool = field(default=True, metadata={"help": "--no-decode: feature and latent metrics only"})
+    decode_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder that keeps the decodes every evaluation of this store repeats (the VAE reconstruction "
+            "and copy-last), named by the latents' and the VAE's sha256: the next evaluation reads them"
+        },
+    )
     ssim_channels: str = field(default="rgb", metadata={"help": "rgb (mean of channels) or luma"})
     fid: bool = field(default=False, metadata={"help": "require FID (on by itself when --fid-weights is given)"})
     fid_weights: str | None = field(default=None, metadata={"help": "pytorch-fid Inception .pth or TorchScript"})
@@ -152,6 +160,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     weights = (cfg.allow_download, cfg.allow_weights_mismatch)
     vae = load_vae_for(cfg.vae, store.manifest, store.geometry, device, *weights) if cfg.decode else None
     codec = LatentCodec(vae, space.latent_norm) if vae else None
+    decode_cache = DecodeCache(cfg.decode_cache, codec) if codec and cfg.decode_cache else None
     labels = Labels(store.manifest, cfg.annotated_frame, cfg.labels, cfg.depth_labels, store)
     heads = load_heads(cfg.seg_head, cfg.depth_head, labels, space, device, skipped)
     dinov2 = heads and cfg.decode
@@ -175,6 +184,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         features=cfg.features,
+        decode_cache=decode_cache,
         device=device,
         fid_net=fid_net,
         fvd_net=fvd_net,

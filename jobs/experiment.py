@@ -30,10 +30,10 @@ Values are mean ± std over sampling runs (the paper's appendix 6.1), pooled ove
 (Stage 2 arms trained with seeds 0..N-1; Stage 1 and the head are trained once). Every table says
 whether the paper's direction showed up here: "reproduced" or "not reproduced".
 
-The trainings and evaluations run two at a time, one torch thread each (2 CPU cores). The run of 6 December
-2026 (4 val clips, 4 checkpoints per curve, no forecaster table) took 29 minutes here; these settings (12 val
-clips, 10 checkpoints) cost more. --quick runs every arm with a handful of steps on two clips: a smoke test of
-the harness, its numbers mean nothing.
+The trainings and evaluations run two at a time, one torch thread each (2 CPU cores). Decoding is most of an
+evaluation's time on a CPU: the decodes every evaluation repeats (the VAE reconstruction, copy-last) are kept
+in --run/decoded (jobs.evaluate --decode-cache), the rows take 2 sampling runs per seed and the curves 1.
+--quick runs every arm with a handful of steps on two clips: a smoke test of the harness, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -168,15 +168,18 @@ class Experiment:
     def curve(self, seed: int, stage2: Path, baseline: Path) -> tuple[str, list[str]]:
         """jobs.evaluate --every-checkpoint: Re2Pix and the Baseline at every kept checkpoint (curve.json)."""
         path = self.eval_path(seed, "curve")
-        args = self.evaluate_args(seed, stage2, baseline) + ["--every-checkpoint", "--curve", str(path)]
+        args = self.evaluate_args(seed, stage2, baseline, samples=self.s.curve_samples)
+        args += ["--every-checkpoint", "--curve", str(path)]
         return f"evaluate seed {seed} every checkpoint", args
 
-    def evaluate_args(self, seed: int, stage2: Path, baseline: Path | None, stage1: Path | None = None) -> list[str]:
+    def evaluate_args(self, seed: int, stage2: Path, baseline: Path | None, stage1=None, samples=None) -> list[str]:
+        """The reconstruction and copy-last decodes, the same in every evaluation, are kept in run/decoded."""
         s = self.s
         return (
             ["jobs.evaluate", "--preset", s.preset, "--store", str(self.val), "--stage1", str(stage1 or self.stage1)]
             + ["--stage2", str(stage2), "--baseline", str(baseline) if baseline else "", "--seed", str(seed)]
-            + ["--samples", str(s.samples), "--max-clips", str(s.eval_clips), "--sample-steps", str(s.sample_steps)]
+            + ["--samples", str(samples or s.samples), "--max-clips", str(s.eval_clips)]
+            + ["--sample-steps", str(s.sample_steps), "--decode-cache", str(self.run / "decoded")]
             + ["--seg-head", str(self.head), "--labels", str(self.labels), "--annotated-frame", str(ANNOTATED_FRAME)]
             + ["--no-progress", "--threads", "1"]
         )

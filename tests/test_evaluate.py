@@ -284,6 +284,28 @@ def test_truth_features_condition_re2pix_on_the_stores_future_features_whatever_
         run("oracle")
 
 
+@pytest.mark.slow  # four whole evaluations with decoding: about 25 s
+def test_decode_cache_keeps_the_repeated_decodes_and_changes_no_number(setup, tmp_path):
+    # the experiment's evaluations share the reconstruction and copy-last decodes through --decode-cache
+    from jobs.evaluate import run_evaluate
+
+    cache = tmp_path / "decoded"
+    run = lambda **kw: run_evaluate(config(setup, out=None, samples=1, baseline="", **kw))  # noqa: E731
+    plain, first = run(), run(decode_cache=str(cache))
+    kept = sorted(cache.glob("*.npy"))
+    assert len(kept) == 2 * plain["clips"]  # per clip: the reconstruction and copy-last
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    again = run(decode_cache=str(cache))
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # read, not decoded again
+    kept[0].write_bytes(b"not an array")  # a damaged file is decoded again, not trusted
+    damaged = run(decode_cache=str(cache))
+    for r in (first, again):
+        assert r["models"] == plain["models"] and r["reference_metrics"] == plain["reference_metrics"]
+    # the damaged clip decoded alone, not in its batch: the same frames up to the convolutions' rounding
+    assert damaged["models"]["re2pix"]["psnr"]["mean"] == pytest.approx(plain["models"]["re2pix"]["psnr"]["mean"])
+    assert kept[0].stat().st_size > 1000 and not list(cache.glob(".*.tmp"))
+
+
 def test_refuses_fid_and_fvd_without_weights(setup):
     from jobs.evaluate import main, run_evaluate
 
