@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     stage1 = [
         ex.train("1", ex.forecaster(name).parent, {**ex.budget("stage1"), **extra}, 0) for name, extra in FORECASTERS
     ]
-    side_by_side([[stage1[0], ("rollout", rollout)], [("train head", head), *stage1[1:]]], run / "logs", ex.timings)
+    # the first forecaster and its rollout beside the head, the others dealt to the two lanes in turn
+    lanes = [[stage1[0], ("rollout", rollout), *stage1[2::2]], [("train head", head), *stage1[1::2]]]
+    side_by_side(lanes, run / "logs", ex.timings)
     evaluations = {}  # (seed, row) -> the evaluation (name) whose results hold the row
     steps, curve_steps = [], []
     for seed in range(s.seeds):
