@@ -152,10 +152,28 @@ def step(title: str, args: list[str], timings: dict, log: Path | None = None) ->
     timings[title] = timings.get(title, 0.0) + time.time() - t0
 
 
-def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: dict) -> None:
+class Shared:
+    """One queue of independent steps for n lanes (side_by_side): iterating it takes the next step, so a lane
+    that ends its step early takes another instead of idling behind a pre-dealt list."""
+
+    def __init__(self, steps: list[tuple[str, list[str]]], n: int = 2):
+        self.steps, self.n, self.lock = list(steps), n, threading.Lock()
+
+    def __iter__(self):
+        while True:
+            with self.lock:
+                if not self.steps:
+                    return
+                item = self.steps.pop(0)
+            yield item
+
+
+def side_by_side(lanes, logs: Path, timings: dict) -> None:
     """Run lanes of steps at once (each step after the one before it in its lane): the tiny trainers use one
-    thread each, so two lanes keep both cores of a small machine busy. The first lane prints here, the
-    others write to logs/; the first failure is raised once every lane has stopped."""
+    thread each, so two lanes keep both cores of a small machine busy. `lanes`: a list of step lists, or
+    shared(steps, n): n lanes that each take the next step of one queue when their last one ends (independent
+    steps of uneven length). The first lane prints here, the others write to logs/; the first failure is
+    raised once every lane has stopped."""
     logs.mkdir(parents=True, exist_ok=True)
     errors: list[Exception] = []
 
@@ -167,6 +185,8 @@ def side_by_side(lanes: list[list[tuple[str, list[str]]]], logs: Path, timings: 
         except StepError as e:
             errors.append(e)
 
+    if isinstance(lanes, Shared):
+        lanes = [lanes] * lanes.n  # every lane draws from the one queue
     threads = [threading.Thread(target=lane, args=(i, steps)) for i, steps in enumerate(lanes)]
     for t in threads:
         t.start()

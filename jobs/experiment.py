@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from inference.experiment_report import ARMS, FORECASTERS, HALVES, TRUTH, Settings, build_report, inference_rows
-from jobs.cli import HelpFormatter, replace_run_folder, side_by_side
+from jobs.cli import HelpFormatter, Shared, replace_run_folder, side_by_side
 from jobs.cli import run as run_main
 from jobs.cli import step as run_step
 from pipeline.errors import Re2pixError
@@ -140,10 +140,9 @@ class Experiment:
         return out
 
     def lanes(self, steps: list[tuple[str, list[str]]]) -> None:
-        """Run independent steps in two lanes at once (one torch thread each: both cores busy), in the order
-        given, dealt to the lanes in turn."""
-        lanes = [steps[0::2], steps[1::2]]
-        side_by_side([lane for lane in lanes if lane], self.run / "logs", self.timings)
+        """Run independent steps two at a time (one torch thread each: both cores busy), started in the order
+        given, each lane taking the next step when its last one ends."""
+        side_by_side(Shared(steps, 2), self.run / "logs", self.timings)
 
     def train(self, stage: str, run_dir: Path, settings: dict, seed: int) -> tuple[str, list[str]]:
         """The step that trains one stage (one torch thread)."""
@@ -219,14 +218,15 @@ def main(argv=None) -> int:
     side_by_side(lanes, run / "logs", ex.timings)
     evaluations = {}  # (seed, row) -> the evaluation (name) whose results hold the row
     steps, curve_steps = [], []
+    ex.lanes(  # every seed's arms in one queue: 10 trainings keep both lanes busy to the end
+        [
+            ex.train(stage, run / f"seed{seed}" / arm, {**ex.budget("stage2"), **extra}, seed)
+            for seed in range(s.seeds)
+            for arm, (stage, extra) in ARMS.items()
+        ]
+    )
     for seed in range(s.seeds):
         arms = run / f"seed{seed}"
-        ex.lanes(
-            [
-                ex.train(stage, arms / arm, {**ex.budget("stage2"), **extra}, seed)
-                for arm, (stage, extra) in ARMS.items()
-            ]
-        )
         re2pix, base = arms / "re2pix" / "stage2", arms / "baseline" / "baseline"
         steps.append(ex.evaluate("re2pix", seed, re2pix, [], baseline=base))
         evaluations.update({(seed, row): "re2pix" for row in ("re2pix", "baseline", "copy_last")})

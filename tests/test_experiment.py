@@ -188,6 +188,31 @@ def test_forecaster_checks_name_the_best_and_the_share_of_the_gap_to_the_truth_i
     assert forecaster_table(forecasts)["checks"][1]["verdict"] == "not measured"
 
 
+def test_shared_lanes_take_every_step_once_each_when_their_last_one_ends():
+    # the experiment's queue: a lane that ends early takes the next step instead of idling
+    import threading
+    import time
+
+    from jobs.cli import Shared
+
+    queue = Shared([(f"step {i}", [str(0.05 if i == 0 else 0.001)]) for i in range(12)], n=2)
+    taken = {0: [], 1: []}
+
+    def lane(i):
+        for title, (seconds,) in queue:
+            taken[i].append(title)
+            time.sleep(float(seconds))
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken[0] + taken[1], key=lambda t: int(t.split()[1])) == [f"step {i}" for i in range(12)]
+    long_lane = 0 if "step 0" in taken[0] else 1
+    assert len(taken[1 - long_lane]) >= 9  # the other lane took the short steps while step 0 ran
+
+
 def test_miou_leaves_out_classes_beyond_the_heads():
     # the synthetic head has 10 classes; Cityscapes' moving trainIds (11-18) have no IoU there
     confusion = torch.tensor([[4, 1, 0], [1, 2, 0], [0, 0, 0]])
