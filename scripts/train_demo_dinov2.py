@@ -19,6 +19,11 @@ random horizontal flips. Val (reported): the val split at seed 0, the demo's own
 mIoU of the probe's argmax against each patch's majority class, and the depth error |d̂ - d| / d on
 patches with no sky. The same probe trained on the frozen random tiny preset's features, for the same
 steps, is reported beside it: what the training added.
+
+The defaults are the recipe measured on 7 December 2026 on this project's 2-core machine: 800 steps at
+batch 32 on 32 train scenes, 132 s in all on one thread; val patch mIoU 0.66, car IoU 0.70 (pedestrian
+0.00: too few pixels). The weights shipped today predate it: 46 steps of a 150-step schedule, stopped by
+a 6-minute budget on a busy machine (mIoU 0.42, car IoU 0.21); replacing them changes every demo number.
 """
 
 from __future__ import annotations
@@ -171,13 +176,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python scripts/train_demo_dinov2.py", description=__doc__, formatter_class=HelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=150, help="training steps")
-    ap.add_argument("--probe-steps", type=int, default=40, help="steps of the random-preset comparison probe")
-    ap.add_argument("--batch", type=int, default=12, help="frames per step")
+    ap.add_argument("--steps", type=int, default=800, help="training steps")
+    ap.add_argument("--probe-steps", type=int, default=50, help="steps of the random-preset comparison probe")
+    ap.add_argument("--batch", type=int, default=32, help="frames per step")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     ap.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth loss beside segmentation")
-    ap.add_argument("--train-scenes", type=int, default=16, help="synthetic training scenes")
+    ap.add_argument("--train-scenes", type=int, default=32, help="synthetic training scenes")
     ap.add_argument("--frames-per-scene", type=int, default=49, help="frames of each scene")
     ap.add_argument("--frame-stride", type=int, default=2, help="every Nth frame is used")
     ap.add_argument("--data-seed", type=int, default=1, help="synthetic generator seed of the training scenes")
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--max-minutes",
         type=float,
-        default=6.0,
+        default=0.0,
         help="stop the encoder's training when it has run this long (the machine is shared); 0: no limit",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of initialization and data order")
