@@ -171,7 +171,7 @@ class Shared:
 def side_by_side(lanes, logs: Path, timings: dict) -> None:
     """Run lanes of steps at once (each step after the one before it in its lane): the tiny trainers use one
     thread each, so two lanes keep both cores of a small machine busy. `lanes`: a list of step lists, or
-    shared(steps, n): n lanes that each take the next step of one queue when their last one ends (independent
+    Shared(steps, n): n lanes that each take the next step of one queue when their last one ends (independent
     steps of uneven length). The first lane prints here, the others write to logs/; the first failure is
     raised once every lane has stopped."""
     logs.mkdir(parents=True, exist_ok=True)

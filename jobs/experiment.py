@@ -241,19 +241,12 @@ def main(argv=None) -> int:
                 steps.append(ex.evaluate(name, seed, re2pix, flags))
                 evaluations[seed, name] = name
         curve_steps.append(ex.curve(seed, re2pix, base))
-    # seed 0's Re2Pix conditioned on each other forecaster (the first's is seed 0's own evaluation)
+    # seed 0's Re2Pix conditioned on each other forecaster (the first's is seed 0's own evaluation), and on
+    # the ground-truth future features: what a perfect forecaster would give it
+    seed0 = run / "seed0" / "re2pix" / "stage2"
     for name, _ in FORECASTERS[1:]:
-        steps.append(
-            ex.evaluate(
-                ex.forecaster_evaluation(name),
-                0,
-                run / "seed0" / "re2pix" / "stage2",
-                ["--no-decode"],
-                stage1=ex.forecaster(name),
-            )
-        )
-    # and on the ground-truth future features: what a perfect forecaster would give it
-    steps.append(ex.evaluate(TRUTH, 0, run / "seed0" / "re2pix" / "stage2", ["--no-decode", "--features", "truth"]))
+        steps.append(ex.evaluate(ex.forecaster_evaluation(name), 0, seed0, ["--no-decode"], stage1=ex.forecaster(name)))
+    steps.append(ex.evaluate(TRUTH, 0, seed0, ["--no-decode", "--features", "truth"]))
     ex.lanes(curve_steps + steps)  # the curves first: the longest evaluations
     loaded = {(seed, name): json.loads(ex.eval_path(seed, name).read_text()) for (seed, _), name in evaluations.items()}
     results = {(seed, row): loaded[seed, name] for (seed, row), name in evaluations.items()}
