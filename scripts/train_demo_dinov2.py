@@ -20,11 +20,9 @@ mIoU of the probe's argmax against each patch's majority class, and the depth er
 patches with no sky. The same probe trained on the frozen random tiny preset's features, for the same
 steps, is reported beside it: what the training added.
 
-The defaults are the recipe measured on 7 December 2026 on this project's 2-core machine: 800 steps
-at batch 32 on 32 train scenes, 131 s in all on one thread beside a running demo; val patch mIoU 0.66,
-car IoU 0.70 (pedestrian 0.00: too few pixels). The weights shipped today predate it: 46 steps of a
-150-step schedule, stopped by a 6-minute budget on a busy machine (mIoU 0.42, car IoU 0.21); replacing
-them changes every demo number.
+The defaults are the recipe of the shipped weights (7 December 2026, this project's 2-core machine): 800
+steps at batch 32 on 32 train scenes, 133 s in all on one thread; val patch mIoU 0.66, car IoU 0.70
+(pedestrian 0.00: too few pixels). tests/test_demo_dinov2.py recomputes those val numbers from the weights.
 """
 
 from __future__ import annotations
