@@ -1,7 +1,8 @@
 """The whole product in one command (`make demo`), on the built-in synthetic driving set, tiny models, CPU:
 
 cache a train and a val store (Ray, the demo DINOv2 and the demo WAN VAE: small, trained on the synthetic
-set, `--encoder`, `--vae`) -> train Stage 1 -> roll it out into the stores -> train Stage 2 (Re2Pix) and
+set, `--encoder`, `--vae`) -> train Stage 1 (`--forecaster`: PredGS, the best of `make experiment`'s
+forecaster table) -> roll it out into the stores -> train Stage 2 (Re2Pix) and
 the Baseline -> train a small segmentation head on the train store's features against the synthetic
 class maps -> evaluate Re2Pix, the Baseline and copy-last-frame on val (latent MSE, PSNR, SSIM, and the
 head's mIoU on the demo DINOv2's features of each decoded prediction, all classes and the moving ones)
@@ -17,8 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from inference.experiment_report import FORECASTERS as EXPERIMENT_FORECASTERS
 from jobs.cli import HelpFormatter, replace_run_folder, side_by_side, step
 from jobs.cli import run as run_main
+
+# Stage 1's settings over the tiny preset's, as make experiment's forecaster table trains them
+FORECASTERS = {name: dict(EXPERIMENT_FORECASTERS)[name] for name in ("predgs", "regression")}
 
 
 def main(argv=None) -> int:
@@ -49,6 +54,13 @@ def main(argv=None) -> int:
         help="VAE spec for both stores: 'demo' (small, trained on the "
         "synthetic set: `python scripts/train_demo_vae.py`), 'tiny' (random weights) or as jobs.cache",
     )
+    p.add_argument(
+        "--forecaster",
+        choices=sorted(FORECASTERS),
+        default="predgs",
+        help="Stage 1's output head and loss: predgs (Gaussian head, L1 + SSIM: the lowest feature MSE of "
+        "make experiment's forecaster table) or regression (linear head, SmoothL1: the tiny preset's)",
+    )
     args = p.parse_args(argv)
     run = Path(args.run)
     replace_run_folder(run, "demo")
@@ -69,7 +81,7 @@ def main(argv=None) -> int:
     side_by_side(
         [
             [
-                ("train Stage 1", [*train, "--stage", "1"]),
+                ("train Stage 1", [*train, "--stage", "1", "--stage1", json.dumps(FORECASTERS[args.forecaster])]),
                 (
                     "rollout Stage 1",
                     ["jobs.rollout", "--checkpoint", str(run / "train/stage1"), "--store", f"{store},{val}"],
@@ -135,7 +147,11 @@ def summary(run: Path, results: Path, timings: dict, total: float) -> str:
             f"ssim {ceiling['ssim_vs_frames']:.4f}"
         )
     s1 = r.get("stage1", {})
-    if s1:
+    frames = sorted(k.split("/")[0] for k in s1 if k.startswith("t") and k.endswith("/mse"))
+    if frames and all(f"copy_last/{t}/mse" in s1 for t in frames):  # the forecast against copying the last frame
+        mse = ", ".join(f"{t} {s1[f'{t}/mse']:.3f} ({s1[f'copy_last/{t}/mse']:.3f})" for t in frames)
+        lines.append(f"  stage 1      feature MSE per future frame, copy-last in brackets: {mse}")
+    elif s1:
         keys = [k for k in s1 if k.endswith("mse") and "/" not in k][:1] or list(s1)[:1]
         lines.append(f"  stage 1      {', '.join(f'{k} {s1[k]:.4f}' for k in keys)}")
     pictures = sorted((run / "predict").glob("*.png"))

@@ -47,3 +47,31 @@ def test_summary_shows_scores_vs_the_frames_and_the_vae_ceiling_only_when_measur
     recon_only = results({"re2pix": {"psnr": score}}, {})  # the source was not readable
     assert "psnr_vs_frames" not in recon_only and "VAE ceiling" not in recon_only
     assert any(line.split()[:1] == ["psnr"] for line in recon_only.splitlines())
+
+
+def test_summary_puts_stage1s_forecast_beside_copy_last_per_future_frame(tmp_path):
+    from jobs.demo import summary
+
+    stage1 = {"mse": 0.6, "t4/mse": 0.41, "t6/mse": 0.77, "copy_last/t4/mse": 0.63, "copy_last/t6/mse": 1.04}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"clips": 2, "samples": 1, "models": {}, "stage1": stage1}))
+    (tmp_path / "predict").mkdir()
+    line = next(ln for ln in summary(tmp_path, results, {}, 60.0).splitlines() if "stage 1" in ln)
+    assert line.endswith("copy-last in brackets: t4 0.410 (0.630), t6 0.770 (1.040)")
+
+
+def test_the_demo_trains_the_predgs_forecaster_unless_told_otherwise(tmp_path, monkeypatch):
+    import jobs.demo as demo
+    from model.stage1 import Stage1Config
+
+    ran = []
+    monkeypatch.setattr(demo, "step", lambda title, args, timings, log=None: ran.append((title, args)))
+    monkeypatch.setattr(demo, "side_by_side", lambda lanes, logs, timings: ran.extend(sum(lanes, [])))
+    monkeypatch.setattr(demo, "summary", lambda *a: "")
+    for flags, head, loss in (([], "gaussian", "l1_ssim"), (["--forecaster", "regression"], "linear", "smooth_l1")):
+        ran.clear()
+        demo.main(["--run", str(tmp_path / head), *flags])
+        args = dict(ran)["train Stage 1"]
+        model = json.loads(args[args.index("--stage1") + 1])["model"]
+        assert (model["head"], model["loss"]) == (head, loss)
+        Stage1Config(**model)  # fields Stage 1's model knows
