@@ -3,7 +3,7 @@
 On the built-in synthetic driving set (tiny models, the demo encoders): cache a train and a val store
 -> write the val clips' class maps (the source's ground truth) and train a DPT segmentation head on
 the train store's features (the mIoU of every table) -> train every Stage 1 forecaster with the same budget
-and roll the first (regression) out into the train store -> train every Stage 2 arm from that store with the
+and roll the first (PredGS) out into the train store -> train every Stage 2 arm from that store with the
 same budget (steps, batch, lr, seed; the lr constant after its warmup, as the paper's figure 3) -> evaluate
 each arm on the val store -> report.md, experiment.json and PNG plots in --run.
 Each step is the same job a user runs by hand (jobs.cache, jobs.train_dpt, jobs.train, jobs.rollout,
@@ -21,11 +21,12 @@ Tables (the paper's numbering; each has copy-last-frame as a row):
   at w 0.2 / 0.8 (jobs.evaluate --guidance-channels c --guidance-weight w), each compared with no guidance;
 - halves: Re2Pix, the Baseline and copy-last-frame on each half of the val scenes (jobs.evaluate
   --val-scenes), and whether their order flips between the halves;
-- forecasters: copy-last and each Stage 1 of inference/experiment_report.py's FORECASTERS (regression with
-  SmoothL1, regression with L1 + SSIM, PredGS, the diffusion Stage 1), per future frame their feature MSE,
+- forecasters: copy-last and each Stage 1 of inference/experiment_report.py's FORECASTERS (PredGS, regression
+  with SmoothL1, regression with L1 + SSIM, the diffusion Stage 1), per future frame their feature MSE,
   cosine and sharpness, the head's mIoU on their features, and seed 0's Re2Pix conditioned on each
   (jobs.evaluate --stage1 ... --no-decode), and on the ground-truth future features (--features truth: a perfect
-  forecaster); the best forecaster's MSE against copy-last's and the share of that gap it closes are checked.
+  forecaster); the best forecaster's MSE against copy-last's and the share of Re2Pix's gap between regression and
+  the truth it closes are checked.
 Values are mean ± std over sampling runs (the paper's appendix 6.1), pooled over seeds with --seeds N
 (Stage 2 arms trained with seeds 0..N-1; Stage 1 and the head are trained once). Every table says
 whether the paper's direction showed up here: "reproduced" or "not reproduced".
@@ -159,7 +160,7 @@ class Experiment:
 
     def evaluate(self, name: str, seed: int, stage2: Path, extra: list[str], baseline: Path | None = None, stage1=None):
         """The step of jobs.evaluate of one Stage 2 checkpoint (and the Baseline when given; with Stage 1
-        `stage1`, else the regression one) on the val store, its results to eval_path(seed, name)."""
+        `stage1`, else the first forecaster's) on the val store, its results to eval_path(seed, name)."""
         out = self.eval_path(seed, name)
         args = self.evaluate_args(seed, stage2, baseline, stage1)
         return f"evaluate seed {seed} {name}", args + ["--out", str(out), *extra]

@@ -184,6 +184,10 @@ def test_forecaster_checks_name_the_best_and_the_share_of_the_gap_to_the_truth_i
     forecasts.update(regression=evaluation(0.95, 0.50), predgs=evaluation(0.9, 0.48))
     ratio, closed = forecaster_table(forecasts, truth=evaluation(0.0, 0.40))["checks"]
     assert ratio["verdict"] == closed["verdict"] == "NOT met" and closed["value"] == pytest.approx(0.2)
+    # the gap is measured from the regression forecaster wherever it sits in the table (PredGS comes first)
+    forecasts = {"predgs": evaluation(0.7, 0.44), "regression": evaluation(0.8, 0.50)}
+    _, closed = forecaster_table(forecasts, truth=evaluation(0.0, 0.40))["checks"]
+    assert closed["value"] == pytest.approx(0.6) and "between regression and" in closed["claim"]
     # without the truth's evaluation the gap is not measured, and says so
     assert forecaster_table(forecasts)["checks"][1]["verdict"] == "not measured"
 
