@@ -128,8 +128,6 @@ def evaluate_store(
 
     from .video_metrics import gaussian_stats
 
-    # what does not change between evaluations of the store: kept on disk when a decode_cache is given
-    decode_fixed = decode_cache.decode if decode_cache is not None else (codec.decode if codec else None)
     g = store.geometry
     m, fut, ctx_frames, a = g.context_latents, g.future_latents, g.context_frames, semantic.frame
     names = ["re2pix"] + (["baseline"] if models.baseline else [])
@@ -167,7 +165,10 @@ def evaluate_store(
         conditioning = stage2_features(feats[:, :m], future, models.stage2.model.cfg.num_pca_channels)
         if codec is not None:
             bar.set_postfix_str(f"{doing}: VAE reconstruction of the stored latents")
-            reference = decode_fixed(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
+            decode = codec.decode_after(latents[:, :, :m])  # the context decoded once for every future of the batch
+            # what does not change between evaluations of the store (the reconstruction, copy-last): kept on disk
+            fixed = decode_cache.decode if decode_cache is not None else (lambda z, d=decode: d(z[:, :, m:]))
+            reference = fixed(latents)  # [B, 25, H, W, 3]: the VAE reconstruction
             future_ref = reference[:, ctx_frames:]
             real_future = None if real_missing else _source_futures(store.manifest, metas, g, real_missing)
             if real_future is not None:  # the VAE's ceiling: the reconstruction against the frames
@@ -201,7 +202,7 @@ def evaluate_store(
                 if codec is None:
                     continue
                 bar.set_postfix_str(f"{doing}, run {run + 1}/{samples}: decoding {name}")
-                frames = decode_fixed(z) if name == COPY_LAST else codec.decode(z)  # [B, 25, H, W, 3]
+                frames = fixed(z) if name == COPY_LAST else decode(z[:, :, m:])  # [B, 25, H, W, 3]
                 pred = frames[:, ctx_frames:]
                 acc.add_pixels(pred, future_ref, ctx_frames, "", ssim_channels)
                 if real_future is not None:

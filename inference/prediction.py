@@ -40,8 +40,9 @@ def predict_clip(
     noise = torch.randn((1, z_ctx.shape[1], fut, *z_ctx.shape[3:]), generator=gen).to(device)
     sampled = sample_models(models, sampler, z_ctx, features, noise)
     frames, gt, recon = {}, None, None
+    decode = codec.decode_after(z_ctx)  # the context decoded once for the reconstruction and both models
     if clip.latents.shape[1] == geometry.latent_frames:  # a whole clip's latents (a store's, a 25-frame video's)
-        recon = codec.decode(torch.from_numpy(clip.latents[None]))[0]
+        recon = decode(torch.from_numpy(clip.latents[None, :, m:]))[0]
     if clip.frames is not None:
         frames["ground truth"], gt = clip.frames, clip.frames_kind
     elif recon is not None:
@@ -49,7 +50,7 @@ def predict_clip(
     names = {"baseline": "Baseline", "re2pix": "Re2Pix"}
     for key in ("baseline", "re2pix"):
         if key in sampled:
-            frames[names[key]] = codec.decode(sampled[key])[0]
+            frames[names[key]] = decode(sampled[key][:, :, m:])[0]
     return Prediction(
         clip, forecast[0].cpu().numpy(), {k: v[0].cpu().numpy() for k, v in sampled.items()}, frames, gt, recon
     )

@@ -141,6 +141,26 @@ def test_vae_decode_unnormalizes_and_returns_uint8_frames(vae):
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("spec", ["tiny", "tiny-wan2.2"])
+def test_futures_after_one_context_decode_to_the_whole_clips_frames(spec):
+    """An evaluation decodes the shared context once and each prediction's future from the decoder's kept state:
+    the frames are exactly those of decoding the whole clip, for every future, in any order."""
+    vae = load_vae(spec)
+    g = torch.Generator().manual_seed(5)
+    h, w = TINY.vae_input_hw[0] // vae.spatial_downsample, TINY.vae_input_hw[1] // vae.spatial_downsample
+    context = torch.randn(2, vae.latent_channels, 2, h, w, generator=g)
+    futures = [torch.randn(2, vae.latent_channels, 2, h, w, generator=g) for _ in range(3)]
+    decode = vae.decode_after(context)
+    for future in [futures[1], futures[0], futures[2], futures[1]]:
+        assert torch.equal(decode(future), vae.decode(torch.cat([context, future], 2)))  # [2, 9, H, W, 3]
+    vae.vae.enable_tiling()  # a decode that cannot resume decodes the whole clip instead, with the same result
+    try:
+        tiled = vae.decode_after(context)
+        assert tiled.state is None and torch.equal(tiled(futures[0]), vae.decode(torch.cat([context, futures[0]], 2)))
+    finally:
+        vae.vae.disable_tiling()
+
+
 def test_vae_describe_deterministic_tiny_and_local_folder(vae, tmp_path):
     d = vae.describe()
     assert d["sha256"] == load_vae("tiny").describe()["sha256"]

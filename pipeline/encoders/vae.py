@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from ..frames import resize
 from ..store.geometry import PAPER, TINY
@@ -141,6 +142,17 @@ class WanVAEEncoder(HashedWeights):
         x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
         return x.permute(0, 2, 3, 4, 1).contiguous()
 
+    def decode_after(self, context) -> FutureDecoder:
+        """A decoder of futures that follow the normalized context latents [B, 16, m, h, w]: see FutureDecoder."""
+        return FutureDecoder(self, context)
+
+    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's output [B, 3, T, H, W] in [-1, 1] (before any unpatchify) -> uint8 [B, T, H, W, 3]."""
+        if self.vae.config.patch_size is not None:
+            x = unpatchify(x, patch_size=self.vae.config.patch_size)
+        x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 4, 1).contiguous()
+
     def describe(self) -> dict:
         """What the store manifest records about this encoder."""
         d = {
@@ -164,6 +176,56 @@ class WanVAEEncoder(HashedWeights):
                 for k in ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
             }
         return d
+
+
+class FutureDecoder:
+    """Pixels of clips that share one context, the context decoded once: `decoder(future)` is
+    decode(cat(context, future)), normalized latents in, uint8 frames [B, 1 + 4(m + f - 1), H, W, 3] out.
+
+    The WAN decoder is causal: it decodes one latent frame at a time, carrying a cache of each causal
+    convolution's last input frames (AutoencoderKLWan._decode). A future's frames depend on the context only
+    through that cache, so it is kept after the context and restored for every future: an evaluation decodes
+    each prediction (every model, every sampling run) as its 3 future latent frames, not the clip's 7, and
+    gets the same frames. A decode that cannot be resumed this way (tiled decoding, another diffusers VAE
+    class) decodes the whole clip for each future instead."""
+
+    def __init__(self, encoder: WanVAEEncoder, context):
+        self.encoder, self.context = encoder, torch.as_tensor(context)
+        vae = encoder.vae
+        self.state = self.context_pixels = None
+        if isinstance(vae, AutoencoderKLWan) and not vae.use_tiling:
+            vae.clear_cache()
+            try:
+                with torch.inference_mode(), encoder._autocast():
+                    self.context_pixels = encoder._to_pixels(self._run(self.context, first=True))
+                self.state = list(vae._feat_map)
+            finally:
+                vae.clear_cache()
+
+    def _run(self, latents, first: bool = False) -> torch.Tensor:
+        """Decode normalized latents frame by frame on the decoder's current cache: [B, 3, T, H, W] in [-1, 1]."""
+        enc, vae = self.encoder, self.encoder.vae
+        x = vae.post_quant_conv(latents.to(enc.device, torch.float32) * enc._std + enc._mean)  # per frame (1x1x1)
+        out = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            one = x[:, :, i : i + 1]
+            out.append(vae.decoder(one, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
+        return torch.cat(out, 2)
+
+    @torch.inference_mode()
+    def __call__(self, future) -> torch.Tensor:
+        """Normalized future latents [B, 16, f, h, w] -> the whole clip's uint8 frames, context first."""
+        future = torch.as_tensor(future)
+        if self.state is None:
+            return self.encoder.decode(torch.cat([self.context, future], 2))
+        vae = self.encoder.vae
+        vae._feat_map = [t.clone() if torch.is_tensor(t) else t for t in self.state]  # the decoder writes into it
+        try:
+            with self.encoder._autocast():
+                return torch.cat([self.context_pixels, self.encoder._to_pixels(self._run(future))], 1)
+        finally:
+            vae.clear_cache()
 
 
 def tiny_vae_model(preset: str = "tiny") -> AutoencoderKLWan:
