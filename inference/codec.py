@@ -28,9 +28,7 @@ class LatentCodec:
     def decode_after(self, context: torch.Tensor):
         """A function of future latents [B, 16, f, h, w] -> decode(cat(context, future)) for the context latents
         [B, 16, m, h, w] (store-normalized): the context is decoded once for all the futures given to it
-        (pipeline.encoders.vae.FutureDecoder), or with the whole clip each time by a VAE that cannot resume."""
-        if not hasattr(self.vae, "decode_after"):
-            return lambda future: self.decode(torch.cat([context, future], 2))
+        (pipeline.encoders.vae.FutureDecoder, which decodes the whole clip where its VAE cannot resume)."""
         decoder = self.vae.decode_after(context.float().cpu() * self.a + self.b)
         return lambda future: decoder(future.float().cpu() * self.a + self.b).cpu().numpy()
 

@@ -139,19 +139,11 @@ class WanVAEEncoder(HashedWeights):
         z = torch.as_tensor(latents).to(self.device, torch.float32) * self._std + self._mean
         with self._autocast():
             x = self.vae.decode(z).sample  # [B, 3, T, H, W] in [-1, 1]
-        x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 4, 1).contiguous()
+        return _to_uint8(x)
 
     def decode_after(self, context) -> FutureDecoder:
         """A decoder of futures that follow the normalized context latents [B, 16, m, h, w]: see FutureDecoder."""
         return FutureDecoder(self, context)
-
-    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """The decoder's output [B, 3, T, H, W] in [-1, 1] (before any unpatchify) -> uint8 [B, T, H, W, 3]."""
-        if self.vae.config.patch_size is not None:
-            x = unpatchify(x, patch_size=self.vae.config.patch_size)
-        x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 4, 1).contiguous()
 
     def describe(self) -> dict:
         """What the store manifest records about this encoder."""
@@ -178,6 +170,12 @@ class WanVAEEncoder(HashedWeights):
         return d
 
 
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoded frames [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
+    x = ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).contiguous()
+
+
 class FutureDecoder:
     """Pixels of clips that share one context, the context decoded once: `decoder(future)` is
     decode(cat(context, future)), normalized latents in, uint8 frames [B, 1 + 4(m + f - 1), H, W, 3] out.
@@ -197,13 +195,14 @@ class FutureDecoder:
             vae.clear_cache()
             try:
                 with torch.inference_mode(), encoder._autocast():
-                    self.context_pixels = encoder._to_pixels(self._run(self.context, first=True))
+                    self.context_pixels = _to_uint8(self._run(self.context, first=True))
                 self.state = list(vae._feat_map)
             finally:
                 vae.clear_cache()
 
     def _run(self, latents, first: bool = False) -> torch.Tensor:
-        """Decode normalized latents frame by frame on the decoder's current cache: [B, 3, T, H, W] in [-1, 1]."""
+        """Decode normalized latents frame by frame on the decoder's current cache: [B, 3, T, H, W] in [-1, 1]
+        (unpatchified where the VAE patchifies, as AutoencoderKLWan._decode does)."""
         enc, vae = self.encoder, self.encoder.vae
         x = vae.post_quant_conv(latents.to(enc.device, torch.float32) * enc._std + enc._mean)  # per frame (1x1x1)
         out = []
@@ -211,7 +210,8 @@ class FutureDecoder:
             vae._conv_idx = [0]
             one = x[:, :, i : i + 1]
             out.append(vae.decoder(one, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
-        return torch.cat(out, 2)
+        x = torch.cat(out, 2)
+        return x if vae.config.patch_size is None else unpatchify(x, patch_size=vae.config.patch_size)
 
     @torch.inference_mode()
     def __call__(self, future) -> torch.Tensor:
@@ -223,7 +223,7 @@ class FutureDecoder:
         vae._feat_map = [t.clone() if torch.is_tensor(t) else t for t in self.state]  # the decoder writes into it
         try:
             with self.encoder._autocast():
-                return torch.cat([self.context_pixels, self.encoder._to_pixels(self._run(future))], 1)
+                return torch.cat([self.context_pixels, _to_uint8(self._run(future))], 1)
         finally:
             vae.clear_cache()
 
