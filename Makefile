@@ -50,10 +50,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # what CI runs: every test not marked slow, one pytest-xdist worker per core (its tests share no
-# session state), a few minutes with the install done; a test still running after 300 s (the slowest take
-# ~20 s) fails with its stack (a signal in the test's own thread: the run goes on) instead of hanging it
+# session state), a few minutes with the install done; a test still running after 240 s (the slowest take
+# ~20 s) has every thread's stack printed (faulthandler: even one stuck outside Python), and fails at 300 s
+# (a signal in the test's own thread: the run goes on) instead of hanging it
 test: install
-	$(PY) -m pytest -m "not slow" -n auto --timeout 300
+	$(PY) -m pytest -m "not slow" -n auto --timeout 300 -o faulthandler_timeout=240
 
 # the slow lane alone (Ray clusters, S3 round trips, torchrun, kills, overfitting runs), serially:
 # one Ray start for the session; run it before merging work that touches those paths (about an hour here)

@@ -3,6 +3,7 @@ variants, pred_features, refusal of incompatible stores, WebDataset exports."""
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model.data import make_loader, open_stream, split_by_scene
+from model.data.stream import worker_context
 from model.runtime import to_device
 from pipeline.store.format import DamagedStoreError, IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
@@ -59,8 +61,9 @@ def _ddp_worker(rank, root, out_dir, remainder):
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_path, remainder):
     # 10 clips over 2 ranks x batches of 2: uneven (10 = 2 * 2 * 2 + 2)
+    worker_context()  # the fork server the ranks start from preloads what their DataLoader workers import
     torch.multiprocessing.start_processes(
-        _ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2, start_method="fork"
+        _ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2, start_method="forkserver"
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["batches_per_epoch"] == ranks[1]["batches_per_epoch"] == (2 if remainder == "drop" else 3)
@@ -181,25 +184,23 @@ def test_webdataset_export_streams_equal_counts_per_rank_and_reseeds(stores, tmp
         open_stream(str(tmp_path / "wds"), batch_size=1, channels=64)
 
 
-def _damage_clip(monkeypatch, bad_clip: int):
-    """Store.read_latents raises DamagedStoreError for one clip, as the reader does for a missing chunk."""
-    real = Store.read_latents
-
-    def read_latents(self, i, variant=0, **kwargs):
-        if i == bad_clip:
-            raise DamagedStoreError(self.location, "clips/latents", self.row(i, variant), "chunk missing")
-        return real(self, i, variant, **kwargs)
-
-    monkeypatch.setattr(Store, "read_latents", read_latents)
+def _damage_clip(stores, tmp_path, bad_clip: int) -> str:
+    """A copy of a.zarr whose clip `bad_clip` lost its latents' chunks (every variant's row) from disk."""
+    damaged = tmp_path / "a.zarr"
+    shutil.copytree(stores / "a.zarr", damaged)
+    store = Store(str(damaged))
+    for variant in range(store.num_variants):
+        shutil.rmtree(damaged / "clips" / "latents" / "c" / str(store.row(bad_clip, variant)))
+    return str(damaged)
 
 
-def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, monkeypatch):
-    _damage_clip(monkeypatch, bad_clip=3)
+def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, tmp_path):
+    damaged = _damage_clip(stores, tmp_path, bad_clip=3)
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[\d+\] is damaged"):
-        for _ in open_stream(str(stores / "a.zarr"), batch_size=7, remainder="pad"):
+        for _ in open_stream(damaged, batch_size=7, remainder="pad"):
             pass
-    for workers in (0, 1):
-        stream = open_stream(str(stores / "a.zarr"), batch_size=2, seed=7, on_bad_clip="skip")
+    for workers in (0, 1):  # read here, and in a worker process
+        stream = open_stream(damaged, batch_size=2, seed=7, on_bad_clip="skip")
         batches = stream.batches(workers=workers)
         seen = [next(batches) for _ in range(3 * stream.batches_per_epoch)]  # three epochs
         batches.close()
@@ -208,9 +209,7 @@ def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, monke
         # clip 3 is in 2 of every epoch's 3 batches of 2 (7 clips, one dropped) at least once over 3 epochs
         assert stream.skipped == sum(b["skipped"] for b in seen) >= 1
         assert stream.state_dict()["skipped"] == stream.skipped and stream.position == (3, 0)
-    evaluation = open_stream(
-        str(stores / "a.zarr"), batch_size=3, shuffle=False, remainder="keep", loop=False, on_bad_clip="skip"
-    )
+    evaluation = open_stream(damaged, batch_size=3, shuffle=False, remainder="keep", loop=False, on_bad_clip="skip")
     clips = [c for b in evaluation for c in b["clip"].tolist()]
     assert clips == [0, 1, 2, 4, 5, 6] and evaluation.skipped == 1  # evaluation leaves it out
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from jobs.train import main as train_main
 from model.checkpoint import latest_checkpoint, load_state, read_meta
 from model.data import apportion, open_stream, parse_store_list
+from model.data.stream import worker_context
 from pipeline.errors import ConfigError
 from pipeline.store.format import StoreError
 from pipeline.store.reader import Store
@@ -185,7 +186,8 @@ def _rank_worker(rank, world, paths, out_dir, phase, per_rank, stop_after, weigh
 
 
 def _ranks(world, *args):
-    torch.multiprocessing.start_processes(_rank_worker, args=(world, *args), nprocs=world, start_method="fork")
+    worker_context()  # the fork server the ranks start from preloads what their DataLoader workers import
+    torch.multiprocessing.start_processes(_rank_worker, args=(world, *args), nprocs=world, start_method="forkserver")
 
 
 @pytest.mark.slow

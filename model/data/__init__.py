@@ -7,7 +7,8 @@ many DataLoader workers read them. `open_stream` (sources.py) picks the reader f
 world size, order.py) or `WebDatasetStream` (wds_stream.py: shards drawn with replacement). mixing.py
 mixes several sources by weight; buffers.py holds the tensors batches are decoded into and reuses them.
 
-Example:
+Example (in a script, under `if __name__ == "__main__":`: the workers start from a fork server, which
+runs the script's top level again in each of them, as Python's spawn does):
     stream = open_stream(["a.zarr", "b.zarr"], batch_size=8, channels=256, seed=0, weights=[0.7, 0.3])
     for batch in stream.batches(workers=4, pin_memory=True): ...
 """

@@ -3,10 +3,10 @@
 Arrays are decoded straight into the batch's tensors: in shared memory inside a DataLoader worker
 (handed over without a copy), pinned for an asynchronous copy to the GPU when asked. Reusing them saves
 the kernel's zeroing of fresh pages, about a quarter of a clip's read: in the training process one pool
-of tensors; with DataLoader workers, sets of them in /dev/shm made before the workers start, so that a
-batch in one crosses over as the set's number and sizes only (no file descriptor to pass, nothing to
-map, no copy), with a flag per set in shared memory (set by the worker that fills it, cleared in the
-training process once it has moved past the batch in it).
+of tensors; with DataLoader workers, sets of them in /dev/shm made before the workers start (each worker
+maps them once, as it starts), so that a batch in one crosses over as the set's number and sizes only
+(nothing to pass, map or copy per batch), with a flag per set in shared memory (set by the worker that
+fills it, cleared in the training process once it has moved past the batch in it).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ position `epoch`, `batch` (ints). Arrays are decoded straight into the batch's t
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -248,8 +249,8 @@ class ClipStream(IterableDataset):
         sets in shared memory and reuses one once this process has moved past the batch in it (a flag
         per set, in shared memory: set by the worker, cleared here); with none free it takes fresh ones.
         Where /dev/shm cannot hold them all, workers prefetch fewer batches (buffers.fit_prefetch).
-        The sets are made here before the workers start, so a batch in one crosses over as the set's
-        number and sizes only (no file descriptor to pass, nothing to map, no copy)."""
+        The sets are made here before the workers start and reach each worker with the stream, so a
+        batch in one crosses over as the set's number and sizes only (nothing to pass, map or copy)."""
         self._buffers.pin_memory = pin_memory
         if workers == 0:
             self._buffers.reuse_here(reuse)
@@ -316,7 +317,8 @@ class ClipStream(IterableDataset):
 
 def make_loader(stream: ClipStream, workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a stream's batches: `workers` processes read ahead `prefetch_factor` batches
-    each (the loop uses stream.batches(), which keeps the stream's position)."""
+    each (the loop uses stream.batches(), which keeps the stream's position). The workers start from a
+    fork server (worker_context), not by forking this process."""
     return DataLoader(
         stream,
         batch_size=None,
@@ -325,7 +327,28 @@ def make_loader(stream: ClipStream, workers: int = 0, prefetch_factor: int = 2, 
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
         collate_fn=_as_is,  # not default_convert: batches() turns a reused set's numpy arrays into tensors
+        multiprocessing_context=worker_context() if workers > 0 else None,
     )
+
+
+# what the fork server imports once, so that each worker starts with them in place
+WORKER_PRELOAD = ["torch", "model.data.stream", "model.data.zarr_stream", "model.data.wds_stream"]
+
+
+def worker_context():
+    """The start method of the DataLoader workers: "forkserver" where there is one (Linux, macOS).
+
+    A plain fork copies this process with its threads' locks as they stand (zarr's and fsspec's event
+    loops, tensorstore's and OpenMP's pools, a codec's), so a worker could start holding a lock
+    no thread will ever release and wait forever, its parent waiting for its batches; and it would
+    inherit the job's SIGTERM handler and every open file of the job. A worker forked from the fork
+    server (a single-threaded process with these modules imported) starts clean; the stream reaches it
+    pickled, its shared-memory batch sets as file descriptors."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None  # Windows: spawn, the default there
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts (once per process)
+    return context
 
 
 def _as_is(batch: dict) -> dict:
