@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,12 @@ ENCODERS = {
     "dinov2": {"name": "dinov2", "weights_id": "tiny", "sha256": "a" * 64, "layers": [1, 2, 3, 4]},
     "vae": {"name": "wan2.1-vae", "weights_id": "tiny", "sha256": "b" * 64},
 }
+
+
+def chunk_path(store: Path, array: str, row: int) -> Path:
+    """The object on disk holding `row` of frames/features (its shard) or clips/latents (its chunk)."""
+    parts = {"frames/features": 3, "clips/latents": 4, "clips/pred_features": 4}[array]
+    return store.joinpath(*array.split("/"), "c", str(row), *["0"] * parts)
 
 
 def make_store(

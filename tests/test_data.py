@@ -16,7 +16,7 @@ from model.runtime import to_device
 from pipeline.store.format import DamagedStoreError, IncompatibleStoresError, StoreError
 from pipeline.store.reader import Store
 from pipeline.store.wds import export_webdataset
-from tests.store_factory import ENCODERS, make_store
+from tests.store_factory import ENCODERS, chunk_path, make_store
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def _ddp_worker(rank, root, out_dir, remainder):
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_two_ddp_ranks_see_disjoint_clips_and_equal_batch_counts(stores, tmp_path, remainder):
     # 10 clips over 2 ranks x batches of 2: uneven (10 = 2 * 2 * 2 + 2)
-    worker_context()  # the fork server the ranks start from preloads what their DataLoader workers import
+    worker_context()  # the ranks start from the fork server with torch and the readers already imported
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(str(stores), tmp_path, remainder), nprocs=2, start_method="forkserver"
     )
@@ -190,7 +190,7 @@ def _damage_clip(stores, tmp_path, bad_clip: int) -> str:
     shutil.copytree(stores / "a.zarr", damaged)
     store = Store(str(damaged))
     for variant in range(store.num_variants):
-        shutil.rmtree(damaged / "clips" / "latents" / "c" / str(store.row(bad_clip, variant)))
+        chunk_path(damaged, "clips/latents", store.row(bad_clip, variant)).unlink()
     return str(damaged)
 
 
@@ -217,7 +217,7 @@ def test_a_damaged_clip_stops_the_stream_or_is_skipped_and_counted(stores, tmp_p
 def test_a_deleted_chunk_file_reaches_the_stream_as_a_damaged_store_error(tmp_path):
     make_store(tmp_path / "s.zarr", scenes=1, frames=33)
     row = Store(str(tmp_path / "s.zarr")).row(1)
-    chunk = tmp_path / "s.zarr" / "clips" / "latents" / "c" / str(row) / "0" / "0" / "0" / "0"
+    chunk = chunk_path(tmp_path / "s.zarr", "clips/latents", row)
     assert chunk.is_file()
     chunk.unlink()
     with pytest.raises(DamagedStoreError):

@@ -18,7 +18,7 @@ import zarr
 
 from pipeline.store.format import DamagedStoreError, StoreError
 from pipeline.store.reader import Store
-from tests.store_factory import make_store
+from tests.store_factory import chunk_path, make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,6 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
-
-
-def _chunk(store: Path, array: str, row: int) -> Path:
-    """The object on disk holding `row` of frames/features (its shard) or clips/latents (its chunk)."""
-    parts = {"frames/features": 3, "clips/latents": 4, "clips/pred_features": 4}[array]
-    return store.joinpath(*array.split("/"), "c", str(row), *["0"] * parts)
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -120,7 +114,7 @@ def store(tmp_path):
 def test_a_deleted_feature_shard_is_an_error_naming_array_and_row(store):
     path, index, _ = store
     row = int(index.clips[1].feature_rows[-1])  # the last frame of clip 1 (clip 0 does not use it)
-    _chunk(path, "frames/features", row).unlink()
+    chunk_path(path, "frames/features", row).unlink()
     s = Store(str(path))
     s.read_features(0)
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged .*missing") as e:
@@ -145,7 +139,7 @@ def test_a_missing_inner_chunk_of_a_shard_is_an_error_not_zeros(store):
 
 def test_a_deleted_latents_chunk_is_an_error(store):
     path, _, _ = store
-    _chunk(path, "clips/latents", 2).unlink()
+    chunk_path(path, "clips/latents", 2).unlink()
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[2\] is damaged .*missing"):
         Store(str(path)).read_clip(2)
 
@@ -154,7 +148,7 @@ def test_a_deleted_latents_chunk_is_an_error(store):
 def test_a_flipped_byte_inside_a_chunk_fails_its_checksum(store, array):
     path, index, _ = store
     row = int(index.clips[3].feature_rows[0]) if array == "frames/features" else 3
-    _flip(_chunk(path, array, row), 40)
+    _flip(chunk_path(path, array, row), 40)
     with pytest.raises(DamagedStoreError, match=rf"{array}\[{row}\] is damaged \(crc32c checksum mismatch"):
         Store(str(path)).read_clip(3)
 
@@ -165,14 +159,14 @@ def test_uncompressed_reads_check_each_chunk_they_read_and_only_those(store):
     path, index, written = store
     row = int(index.clips[0].feature_rows[3])
     chunk_bytes = 8 * 14 * 16 * 2  # TINY geometry: [8, 14] patches, channel chunks of 16
-    _flip(_chunk(path, "frames/features", row), 2 * (chunk_bytes + 4) + 7)
+    _flip(chunk_path(path, "frames/features", row), 2 * (chunk_bytes + 4) + 7)
     s = Store(str(path))
     assert s._direct, "uncompressed local stores are read directly"
     np.testing.assert_array_equal(s.read_features(0, channels=32)[3], written[("features", row)][..., :32])
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged \(crc32c checksum mismatch"):
         s.read_features(0)
     forged = int(index.clips[1].feature_rows[-1])  # not a frame of clip 0
-    p = _chunk(path, "frames/features", forged)
+    p = chunk_path(path, "frames/features", forged)
     data = bytearray(p.read_bytes())
     entries = np.frombuffer(bytes(data[-(16 * 4 + 4) : -4]), np.uint64).copy()
     entries[0] = len(data)  # the first chunk's offset: the end of the file
@@ -188,7 +182,7 @@ def test_a_shard_with_its_chunks_out_of_order_reads_right_after_an_in_order_one(
     chunk by chunk, and must read right after an in-order shard was read a block of rows at a time."""
     path, index, written = store
     rows = [int(r) for r in index.clips[0].feature_rows]
-    p = _chunk(path, "frames/features", rows[1])
+    p = chunk_path(path, "frames/features", rows[1])
     data = p.read_bytes()
     n = len(data) // (8 * 14 * 16 * 2 + 4)  # TINY geometry: [8, 14] patches, channel chunks of 16
     size, body = (len(data) - (16 * n + 4)) // n, data[: -(16 * n + 4)]
@@ -218,10 +212,10 @@ def test_compressed_stores_read_through_zarr_detect_the_same_damage(tmp_path, co
     a[row] = frame
     with pytest.raises(DamagedStoreError, match=r"channels 32..47 is missing"):
         s.read_features(0)
-    _flip(_chunk(path, "clips/latents", 1), 30)
+    _flip(chunk_path(path, "clips/latents", 1), 30)
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[1\] is damaged"):
         s.read_latents(1)
-    _chunk(path, "frames/features", row).unlink()
+    chunk_path(path, "frames/features", row).unlink()
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\] is damaged .*missing"):
         s.read_features(0)
 
@@ -229,7 +223,7 @@ def test_compressed_stores_read_through_zarr_detect_the_same_damage(tmp_path, co
 def test_a_truncated_shard_is_damage_naming_its_row(store):
     path, index, _ = store
     row = int(index.clips[0].feature_rows[0])
-    p = _chunk(path, "frames/features", row)
+    p = chunk_path(path, "frames/features", row)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{row}\]"):
         Store(str(path)).read_features(0)
@@ -351,10 +345,10 @@ def test_verify_checks_every_row_without_markers_and_lists_decode_errors_as_bad_
     path, index, _ = store
     (path / "progress" / "unit-000000.json").unlink()  # no marker: rows are still checked
     f_missing, f_truncated = int(index.clips[0].feature_rows[1]), int(index.clips[3].feature_rows[-1])
-    _chunk(path, "frames/features", f_missing).unlink()
-    p = _chunk(path, "frames/features", f_truncated)
+    chunk_path(path, "frames/features", f_missing).unlink()
+    p = chunk_path(path, "frames/features", f_truncated)
     p.write_bytes(p.read_bytes()[:100])
-    _flip(_chunk(path, "clips/latents", 2), 50)
+    _flip(chunk_path(path, "clips/latents", 2), 50)
     a = zarr.open_array(str(path / "clips" / "latents"), mode="r+")
     z = a[1]
     z[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
@@ -460,7 +454,7 @@ def test_a_failed_export_is_never_taken_for_finished(store, tmp_path):
     from pipeline.store.wds import export_webdataset, shard_urls
 
     path, index, _ = store
-    _chunk(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
+    chunk_path(path, "clips/latents", 3).unlink()  # the last clip: shards before it were written
     with pytest.raises(DamagedStoreError, match=r"clips/latents\[3\]"):
         export_webdataset(Store(str(path)), str(tmp_path / "wds"), shard_size_mb=0.05, progress=False)
     assert not (tmp_path / "wds" / "manifest.json").exists()  # its finished shards stay, for a rerun to resume
@@ -608,7 +602,7 @@ def test_the_trainer_stops_on_a_damaged_chunk_in_one_line_instead_of_training_on
     make_store(path, scenes=2, frames=29, channel_chunk=16)
     store = Store(str(path))
     row = int(store._feature_rows[store.row(0)][3])  # Stage 1 reads no latents; every window holds frame 3
-    _chunk(path, "frames/features", row).unlink()
+    chunk_path(path, "frames/features", row).unlink()
     proc = _job("jobs.train", *_train_args(str(path), tmp_path / "run", "--workers", workers))  # the last one counts
     _one_line_error(proc, str(path), f"frames/features[{row}] is damaged (its shard file c/{row}/0/0/0 is missing")
 
@@ -625,7 +619,7 @@ def test_channel_blocked_reads_refuse_each_kind_of_damage_they_meet(store):
     for k, r in enumerate(rows):
         np.testing.assert_array_equal(out[k].transpose(1, 2, 0, 3).reshape(8, 14, 64), written[("features", r)])
     chunk_bytes = 8 * 14 * 16 * 2
-    _flip(_chunk(path, "frames/features", rows[2]), 3 * (chunk_bytes + 4) + 9)  # inside channels 48..63
+    _flip(chunk_path(path, "frames/features", rows[2]), 3 * (chunk_bytes + 4) + 9)  # inside channels 48..63
     s.read_feature_blocks(0, out[:, :3])  # channels 0..47 only: the damaged chunk is not read
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{rows[2]}\] is damaged \(crc32c checksum"):
         s.read_feature_blocks(0, out)
@@ -635,7 +629,7 @@ def test_channel_blocked_reads_refuse_each_kind_of_damage_they_meet(store):
     a[rows[4]] = frame
     with pytest.raises(DamagedStoreError, match=r"channels 16..31 is missing from its shard"):
         s.read_feature_blocks(0, out[4:5, :2], frames=slice(4, 5))
-    _chunk(path, "frames/features", rows[5]).unlink()
+    chunk_path(path, "frames/features", rows[5]).unlink()
     with pytest.raises(DamagedStoreError, match=rf"frames/features\[{rows[5]}\] is damaged \(its shard file"):
         s.read_feature_blocks(0, out[5:6, :2], frames=slice(5, 6))
 

@@ -186,7 +186,7 @@ def _rank_worker(rank, world, paths, out_dir, phase, per_rank, stop_after, weigh
 
 
 def _ranks(world, *args):
-    worker_context()  # the fork server the ranks start from preloads what their DataLoader workers import
+    worker_context()  # the ranks start from the fork server with torch and the readers already imported
     torch.multiprocessing.start_processes(_rank_worker, args=(world, *args), nprocs=world, start_method="forkserver")
 
 
